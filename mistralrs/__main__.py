@@ -1,0 +1,5 @@
+"""`python -m mistralrs` is the `mistralrs` command."""
+
+from mistralrs.cli import main
+
+main()

@@ -1,0 +1,77 @@
+"""Public data types of the Python API: model selector, enums, requests and responses.
+
+`Runner` lives in `mistralrs.api.runner` and is re-exported by `mistralrs` itself.
+"""
+
+from .enums import (
+    AnyMoeConfig,
+    AnyMoeExpertType,
+    Architecture,
+    DiffusionArchitecture,
+    ImageGenerationResponseFormat,
+    IsqOrganization,
+    ModelDType,
+    TextAutoMapParams,
+    ToolCallType,
+    ToolChoice,
+    VisionArchitecture,
+    VisionAutoMapParams,
+)
+from .requests import ChatCompletionRequest, CompletionRequest
+from .responses import (
+    CalledFunction,
+    ChatCompletionChunkResponse,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionChunkChoice,
+    CompletionChunkResponse,
+    CompletionResponse,
+    Delta,
+    ImageChoice,
+    ImageGenerationResponse,
+    Logprobs,
+    ResponseLogprob,
+    ResponseMessage,
+    ToolCallResponse,
+    TopLogprob,
+    Usage,
+)
+from .which import Which
+
+__all__ = [
+    "AnyMoeConfig",
+    "AnyMoeExpertType",
+    "Architecture",
+    "CalledFunction",
+    "ChatCompletionChunkResponse",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "Choice",
+    "ChunkChoice",
+    "CompletionChoice",
+    "CompletionChunkChoice",
+    "CompletionChunkResponse",
+    "CompletionRequest",
+    "CompletionResponse",
+    "Delta",
+    "DiffusionArchitecture",
+    "ImageChoice",
+    "ImageGenerationResponse",
+    "ImageGenerationResponseFormat",
+    "IsqOrganization",
+    "Logprobs",
+    "ModelDType",
+    "ResponseLogprob",
+    "ResponseMessage",
+    "TextAutoMapParams",
+    "ToolCallResponse",
+    "ToolCallType",
+    "ToolChoice",
+    "TopLogprob",
+    "Usage",
+    "VisionArchitecture",
+    "VisionAutoMapParams",
+    "Which",
+]

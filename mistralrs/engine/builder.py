@@ -1,0 +1,105 @@
+"""Puts a loaded model, a sized KV cache, the scheduler and the engine thread together."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mistralrs.core import Scheduler, SchedulerConfig
+from mistralrs.engine.engine import Engine
+from mistralrs.engine.input_processor import InputProcessor
+from mistralrs.loader.pipeline import LoadedModel
+from mistralrs.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 256 * 2**20      # KV cache on the CPU when nothing sizes it
+DEFAULT_CPU_KV_MIN_TOKENS = 4096
+DEFAULT_GPU_MEM_USAGE = 0.85            # fraction of the free GPU memory (after loading) for the KV cache
+VALID_BLOCK_SIZES = (8, 16, 32)
+
+
+@dataclass
+class EngineConfig:
+    """Engine sizing, from the Runner / CLI arguments of the same names."""
+
+    max_seqs: int = 16                   # most sequences running at once
+    no_kv_cache: bool = False            # recompute the whole sequence every step
+    prefix_cache_n: int = 16             # 0 turns prefix caching off (blocks are the unit of reuse here)
+    prompt_chunksize: int = 512          # most prompt tokens of one sequence per step
+    block_size: int = 32                 # pa_blk_size
+    pa_ctxt_len: int | None = None       # KV capacity in tokens (all sequences together)
+    pa_gpu_mem: int | None = None        # KV capacity in MB
+    pa_gpu_mem_usage: float | None = None  # KV capacity as a fraction of the device memory
+    seed: int | None = None              # seeds the RNG of sequences that have no seed of their own
+
+    def __post_init__(self) -> None:
+        if self.max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {self.max_seqs}")
+        if self.prompt_chunksize < 1:
+            raise ValueError(f"prompt_chunksize must be >= 1, got {self.prompt_chunksize}")
+        if self.block_size not in VALID_BLOCK_SIZES:
+            raise ValueError(f"pa_blk_size must be one of {VALID_BLOCK_SIZES}, got {self.block_size}")
+        if self.prefix_cache_n < 0:
+            raise ValueError(f"prefix_cache_n must be >= 0, got {self.prefix_cache_n}")
+        if self.pa_ctxt_len is not None and self.pa_ctxt_len < 1:
+            raise ValueError(f"pa_ctxt_len must be >= 1, got {self.pa_ctxt_len}")
+        if self.pa_gpu_mem is not None and self.pa_gpu_mem < 1:
+            raise ValueError(f"pa_gpu_mem must be >= 1 (MB), got {self.pa_gpu_mem}")
+        if self.pa_gpu_mem_usage is not None and not 0 < self.pa_gpu_mem_usage <= 1:
+            raise ValueError(f"pa_gpu_mem_usage must be in (0, 1], got {self.pa_gpu_mem_usage}")
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, bytes_per_block: int) -> int:
+    """KV capacity in blocks, by priority pa_ctxt_len > pa_gpu_mem_usage > pa_gpu_mem > default (REFERENCE §8.12)."""
+    if config.pa_ctxt_len is not None:
+        return math.ceil(config.pa_ctxt_len / config.block_size)
+    if config.pa_gpu_mem_usage is not None:
+        return int(_available_bytes(loaded.device) * config.pa_gpu_mem_usage) // bytes_per_block
+    if config.pa_gpu_mem is not None:
+        return config.pa_gpu_mem * 2**20 // bytes_per_block
+    most_useful = math.ceil(config.max_seqs * loaded.max_model_len / config.block_size)
+    if loaded.device.type == "cuda":
+        budget = int(_available_bytes(loaded.device) * DEFAULT_GPU_MEM_USAGE)
+        return min(most_useful, budget // bytes_per_block)
+    blocks = max(DEFAULT_CPU_KV_BYTES // bytes_per_block,
+                 math.ceil(DEFAULT_CPU_KV_MIN_TOKENS / config.block_size))
+    return min(most_useful, blocks)
+
+
+def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, InputProcessor]:
+    """Size the KV cache, start the engine thread, and return it with its input processor."""
+    spec = loaded.model.kv_cache_spec()
+    num_blocks = num_kv_blocks(config, loaded, spec.bytes_per_block(config.block_size, loaded.dtype))
+    if num_blocks < 1:
+        raise ValueError("the KV cache sizing leaves no room for a single block; raise pa_ctxt_len / pa_gpu_mem")
+    capacity = num_blocks * config.block_size
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size, capacity)
+    scheduler = Scheduler(SchedulerConfig(
+        max_num_seqs=config.max_seqs,
+        max_num_batched_tokens=config.prompt_chunksize + config.max_seqs,
+        prompt_chunksize=config.prompt_chunksize,
+        block_size=config.block_size,
+        num_blocks=num_blocks,
+        enable_prefix_caching=config.prefix_cache_n > 0 and not config.no_kv_cache,
+        no_kv_cache=config.no_kv_cache,
+    ))
+    runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
+                         kv_dtype=loaded.dtype, device=loaded.device)
+    engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed)
+    max_len = min(loaded.max_model_len, capacity)
+    if config.no_kv_cache:
+        # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length
+        max_len = min(max_len, config.prompt_chunksize)
+    return engine, InputProcessor(loaded.tokenizer, max_len)

@@ -1,0 +1,210 @@
+"""The engine loop: one background thread that schedules, runs the model and streams results."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mistralrs.core import Scheduler, Sequence, SequenceStatus
+from mistralrs.engine.output_processor import SeqOutputState
+from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta
+from mistralrs.worker.model_runner import ModelRunner, SeqSampling
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH,
+                  "canceled": SequenceStatus.FINISHED_ABORTED}
+
+
+@dataclass
+class _RequestState:
+    """Engine-side state of one request and its sequences."""
+
+    request: EngineRequest
+    outputs: dict[int, SeqOutputState]            # seq_id → output state
+    seq_ids: list[int]
+    first_token_time: float | None = None
+    num_cached_prompt_tokens: int = 0
+    finished: set[int] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == len(self.seq_ids)
+
+
+class Engine:
+    """Owns the scheduler and the model runner; serves requests from any thread.
+
+    `submit` and `abort` are thread-safe: they only enqueue commands for the engine thread, which is the
+    single owner of all scheduling and model state.
+    """
+
+    def __init__(self, scheduler: Scheduler, model_runner: ModelRunner, tokenizer, *,
+                 seed: int | None = None) -> None:
+        self.scheduler = scheduler
+        self.model_runner = model_runner
+        self.tokenizer = tokenizer
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_owner: dict[int, _RequestState] = {}
+        self._seq_sampling: dict[int, SeqSampling] = {}
+        self._next_seq_id = 0
+        self._rng = random.Random(0 if seed is None else seed)   # seeds sequences that have no seed of their own
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="mistralrs-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side -------------------------------------------------------------------------
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; its results arrive on `request.outputs`."""
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        self._commands.put(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it stops within one engine step and frees its KV blocks."""
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        """Cancel everything in flight and stop the thread."""
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            block = not self.scheduler.has_unfinished()
+            if not self._drain_commands(block):
+                return
+            output = None
+            try:
+                output = self.scheduler.schedule()
+                self._step(output)
+            except Exception as exc:   # a failing step must not kill the engine: fail the requests it touched
+                logger.exception("engine step failed")
+                self._fail_requests(exc, output)
+
+    def _drain_commands(self, block: bool) -> bool:
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                self._cancel(payload)
+            else:
+                for request_id in list(self._requests):
+                    self._cancel(request_id)
+                self._stopped = True
+                return False
+
+    def _add(self, request: EngineRequest) -> None:
+        state = _RequestState(request, {}, [])
+        for index in range(request.num_seqs):
+            seq_id = self._next_seq_id
+            self._next_seq_id += 1
+            seq = Sequence(seq_id, list(request.prompt_token_ids), arrival_time=request.arrival_time)
+            state.seq_ids.append(seq_id)
+            state.outputs[seq_id] = SeqOutputState(
+                index, self.tokenizer, request.prompt_token_ids, request.stop,
+                want_logprobs=request.sampling.logprobs, skip_special_tokens=request.skip_special_tokens)
+            self._seq_owner[seq_id] = state
+            self._seq_sampling[seq_id] = SeqSampling(request.sampling, self._generator(request, index))
+            self.scheduler.add_sequence(seq)
+        self._requests[request.request_id] = state
+
+    def _generator(self, request: EngineRequest, index: int) -> torch.Generator | None:
+        if request.sampling.is_greedy:
+            return None
+        seed = request.sampling.seed
+        generator = torch.Generator(device=self.model_runner.device)
+        generator.manual_seed(self._rng.getrandbits(63) if seed is None else seed * 1_000_003 + index)
+        return generator
+
+    def _cancel(self, request_id: str) -> None:
+        state = self._requests.get(request_id)
+        if state is None:
+            return
+        deltas = []
+        for seq_id in state.seq_ids:
+            if seq_id not in state.finished:
+                self.scheduler.abort_sequence(seq_id)
+                deltas.append(state.outputs[seq_id].cancel())
+                state.finished.add(seq_id)
+        state.request.outputs.put(deltas)
+        self._complete(state)
+
+    def _step(self, output) -> None:
+        if output.is_empty:
+            if self.scheduler.has_unfinished():
+                time.sleep(0.001)   # only waiting on blocks another sequence will release
+            return
+        sampled = self.model_runner.execute(output, self._seq_sampling)
+        self.scheduler.update_from_output(output, {sid: tok.token_id for sid, tok in sampled.items()})
+        now = time.monotonic()
+        per_request: dict[str, list[SeqDelta]] = {}
+        for scheduled in output.scheduled:
+            seq = scheduled.seq
+            state = self._seq_owner[seq.seq_id]
+            state.num_cached_prompt_tokens = max(state.num_cached_prompt_tokens, seq.num_cached_prompt_tokens)
+            if seq.seq_id not in sampled:
+                continue
+            if state.first_token_time is None:
+                state.first_token_time = now
+            delta = state.outputs[seq.seq_id].process(sampled[seq.seq_id])
+            per_request.setdefault(state.request.request_id, []).append(delta)
+            if delta.finish_reason is not None:
+                self.scheduler.finish_sequence(seq.seq_id, _FINISH_STATUS[delta.finish_reason])
+                state.finished.add(seq.seq_id)
+        for request_id, deltas in per_request.items():
+            state = self._requests[request_id]
+            state.request.outputs.put(deltas)
+            if state.done:
+                self._complete(state)
+
+    def _complete(self, state: _RequestState) -> None:
+        request = state.request
+        now = time.monotonic()
+        first = state.first_token_time or now
+        results = sorted((out.result() for out in state.outputs.values()), key=lambda r: r.index)
+        request.outputs.put(RequestFinished(
+            results=results,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_prompt_tokens=state.num_cached_prompt_tokens,
+            num_completion_tokens=sum(len(r.token_ids) for r in results),
+            prompt_time_sec=first - request.arrival_time,
+            completion_time_sec=now - first,
+            total_time_sec=now - request.arrival_time,
+        ))
+        for seq_id in state.seq_ids:
+            self._seq_owner.pop(seq_id, None)
+            self._seq_sampling.pop(seq_id, None)
+        self._requests.pop(request.request_id, None)
+
+    def _fail_requests(self, exc: Exception, output) -> None:
+        """Fail the requests of the step that raised (all of them when scheduling itself raised)."""
+        if output is None:
+            touched = set(self._requests)
+        else:
+            touched = {owner.request.request_id for s in output.scheduled
+                       if (owner := self._seq_owner.get(s.seq.seq_id)) is not None}
+        for request_id in touched:
+            state = self._requests.get(request_id)
+            if state is None:
+                continue
+            for seq_id in state.seq_ids:
+                self.scheduler.abort_sequence(seq_id)
+            state.request.outputs.put(exc)
+            for seq_id in state.seq_ids:
+                self._seq_owner.pop(seq_id, None)
+                self._seq_sampling.pop(seq_id, None)
+            self._requests.pop(request_id, None)

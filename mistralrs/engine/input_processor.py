@@ -1,0 +1,123 @@
+"""Turns API-level prompts and options into engine requests: chat template, tokenization, limits."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from mistralrs.engine.request import EngineRequest, StopConditions
+from mistralrs.loader.chat_template import ChatTemplate
+from mistralrs.loader.tokenizer import TokenizerBundle
+from mistralrs.sample import SamplingParams
+
+DEFAULT_DRY_BREAKERS = ("\n", ":", "\"", "*")
+
+
+@dataclass
+class GenerationOptions:
+    """The generation controls shared by chat and completion requests (API names, None = default)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    stop_seqs: list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    seed: int | None = None
+
+
+class InputProcessor:
+    """Validates and tokenizes prompts against one loaded model's tokenizer and limits."""
+
+    def __init__(self, bundle: TokenizerBundle, max_model_len: int) -> None:
+        self.bundle = bundle
+        self.tokenizer = bundle.tokenizer
+        self.max_model_len = max_model_len       # context limit: model length capped by the KV capacity
+        self.chat_template = None
+        if bundle.chat_template is not None:
+            self.chat_template = ChatTemplate(bundle.chat_template, bos_token=bundle.bos_token,
+                                              eos_token=bundle.eos_token, unk_token=bundle.unk_token)
+
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render the chat template and tokenize the prompt."""
+        if self.chat_template is None:
+            raise ValueError("Received messages for a model which does not have a chat template. Either use a "
+                             "different model or pass a chat template (chat_template= or jinja_explicit=), or "
+                             "send a CompletionRequest.")
+        if not messages:
+            raise ValueError("Received an empty prompt.")
+        text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+        # As in transformers' apply_chat_template: the template writes BOS itself when the model wants one
+        # (the reference adds special tokens again, which can double the BOS).
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def completion_prompt_ids(self, prompt: str) -> list[int]:
+        if not prompt:
+            raise ValueError("Received an empty prompt.")
+        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    @functools.cached_property
+    def _token_texts(self) -> list[str]:
+        vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return self.tokenizer.decode_batch([[i] for i in range(vocab_size)], skip_special_tokens=False)
+
+    @functools.lru_cache(maxsize=32)
+    def breaker_token_ids(self, breakers: tuple[str, ...]) -> frozenset[int]:
+        """Every token whose text contains a DRY sequence breaker."""
+        return frozenset(i for i, text in enumerate(self._token_texts) if any(b in text for b in breakers))
+
+    def _stop_conditions(self, opts: GenerationOptions, num_prompt_tokens: int) -> StopConditions:
+        room = self.max_model_len - num_prompt_tokens
+        max_tokens = room if opts.max_tokens is None else min(opts.max_tokens, room)
+        stop_strings = tuple(s for s in (opts.stop_seqs or []) if s)
+        stop_token_ids = set()
+        for text in stop_strings:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if len(ids) == 1:
+                stop_token_ids.add(ids[0])
+        return StopConditions(max_tokens=max_tokens, eos_token_ids=frozenset(self.bundle.eos_token_ids),
+                              stop_token_ids=frozenset(stop_token_ids), stop_strings=stop_strings)
+
+    def sampling_params(self, opts: GenerationOptions) -> SamplingParams:
+        breakers = ()
+        if opts.dry_multiplier:
+            words = DEFAULT_DRY_BREAKERS if opts.dry_sequence_breakers is None else opts.dry_sequence_breakers
+            breakers = self.breaker_token_ids(tuple(words))
+        return SamplingParams(
+            temperature=1.0 if opts.temperature is None else opts.temperature,
+            top_k=opts.top_k or 0,
+            top_p=1.0 if opts.top_p is None else opts.top_p,
+            min_p=opts.min_p or 0.0,
+            presence_penalty=opts.presence_penalty or 0.0,
+            frequency_penalty=opts.frequency_penalty or 0.0,
+            logit_bias=dict(opts.logit_bias) if opts.logit_bias else None,
+            dry_multiplier=opts.dry_multiplier or 0.0,
+            dry_base=1.75 if opts.dry_base is None else opts.dry_base,
+            dry_allowed_length=2 if opts.dry_allowed_length is None else opts.dry_allowed_length,
+            dry_sequence_breaker_ids=breakers,
+            logprobs=opts.logprobs,
+            top_logprobs=(opts.top_logprobs or 0) if opts.logprobs else 0,
+            seed=opts.seed,
+        )
+
+    def build(self, request_id: str, prompt_ids: list[int], opts: GenerationOptions,
+              num_seqs: int) -> EngineRequest:
+        """Check the prompt against the context and make the engine request."""
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"Prompt sequence length is greater than {self.max_model_len - 1}, perhaps consider "
+                             f"using `truncate_sequence`? (prompt has {len(prompt_ids)} tokens)")
+        vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        for token_id in (opts.logit_bias or {}):
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})")
+        return EngineRequest(request_id, prompt_ids, self.sampling_params(opts),
+                             self._stop_conditions(opts, len(prompt_ids)), num_seqs=num_seqs)

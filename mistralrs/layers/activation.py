@@ -1,0 +1,47 @@
+"""Activation functions by their Hugging Face `hidden_act` names, and the gated `act(gate) * up` form."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ActFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# HF `hidden_act` name -> function. Add a name here to support it everywhere.
+_ACTIVATIONS: dict[str, ActFn] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": F.relu,
+}
+
+
+def supported_activations() -> list[str]:
+    """The `hidden_act` names this package understands, sorted."""
+    return sorted(_ACTIVATIONS)
+
+
+def get_act_fn(name: str) -> ActFn:
+    """The activation function for an HF `hidden_act` name; ValueError listing the accepted names."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"hidden_act={name!r} is not supported; accepted values: {supported_activations()}"
+        ) from None
+
+
+def act_and_mul(gate_up: torch.Tensor, act_fn: ActFn) -> torch.Tensor:
+    """Gated MLP activation: `gate_up` is `[..., 2 * d]` = cat(gate, up); returns `act(gate) * up` `[..., d]`."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate) * up

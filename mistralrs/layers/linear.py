@@ -1,0 +1,201 @@
+"""The linear layer: storage and math delegated to a quant method, adapters added after the base product.
+
+Quantization (GGUF blocks, ISQ) enters by giving a `Linear` another `LinearMethodBase`; LoRA and X-LoRA
+enter through `Linear.adapters`. A fused projection (qkv_proj, gate_up_proj) is one `Linear` whose output
+rows are the concatenation of `output_partition_sizes`; each checkpoint tensor is loaded into its shard.
+
+The helpers at the bottom route `(hf_name, tensor)` checkpoint pairs into a module tree through a
+declarative `StackedParam` table, so checkpoint names stay the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Adapter = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LinearMethodBase:
+    """How a `Linear` stores its weights, loads checkpoint tensors into them, and computes `x @ W^T + b`."""
+
+    def create_weights(self, layer: "Linear", dtype: torch.dtype, device: torch.device | str) -> None:
+        """Registers the layer's parameters or buffers."""
+        raise NotImplementedError
+
+    def load_weight(self, layer: "Linear", param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
+        """Stores checkpoint tensor `loaded` as `param_name` ("weight" or "bias"), into shard `shard_index` if fused."""
+        raise NotImplementedError
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        """`x` `[..., in_features]` -> `[..., out_features]`."""
+        raise NotImplementedError
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    """Copies `loaded` into `param` (casting dtype); ValueError naming `name` when the shapes differ."""
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    """Dense weights in the model dtype; one `F.linear` call."""
+
+    def create_weights(self, layer: "Linear", dtype: torch.dtype, device: torch.device | str) -> None:
+        weight = torch.empty(layer.out_features, layer.in_features, dtype=dtype, device=device)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def load_weight(self, layer: "Linear", param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
+        param = getattr(layer, param_name)
+        if param is None:
+            raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a {param_name!r} the layer was built without")
+        if shard_index is not None:
+            offset, size = layer.shard_range(shard_index)
+            param = param.narrow(0, offset, size)
+        copy_checked(param, loaded, f"{layer.prefix}.{param_name}[shard {shard_index}]" if shard_index is not None
+                     else f"{layer.prefix}.{param_name}")
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    """`y = quant_method(x) + sum(adapter(x) for adapter in adapters)`.
+
+    Args:
+        in_features: input width.
+        output_partition_sizes: output widths of the fused shards (one entry for an unfused layer);
+            out_features is their sum and shard i occupies rows `[sum(sizes[:i]), sum(sizes[:i+1]))`.
+        bias: whether the layer has a bias vector.
+        quant_method: storage and math; `UnquantizedLinearMethod()` when None.
+        prefix: the layer's module path (for error messages and quantization rules).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        output_partition_sizes: int | Sequence[int],
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        quant_method: LinearMethodBase | None = None,
+        prefix: str = "",
+    ):
+        super().__init__()
+        sizes = [output_partition_sizes] if isinstance(output_partition_sizes, int) else list(output_partition_sizes)
+        self.in_features = in_features
+        self.output_partition_sizes = sizes
+        self.out_features = sum(sizes)
+        self.has_bias = bias
+        self.prefix = prefix
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.adapters: list[Adapter] = []  # each called as y = y + adapter(x); LoRA / X-LoRA hook
+        self.quant_method.create_weights(self, dtype, device)
+
+    def shard_range(self, shard_index: int) -> tuple[int, int]:
+        """(row offset, row count) of fused shard `shard_index`."""
+        if not 0 <= shard_index < len(self.output_partition_sizes):
+            raise ValueError(f"{self.prefix}: shard_index {shard_index} out of range "
+                             f"(layer has {len(self.output_partition_sizes)} shards)")
+        return sum(self.output_partition_sizes[:shard_index]), self.output_partition_sizes[shard_index]
+
+    def checkpoint_param_names(self) -> list[str]:
+        """Local names the checkpoint provides for this layer, whatever the quant method stores."""
+        return ["weight", "bias"] if self.has_bias else ["weight"]
+
+    def load_weight(self, param_name: str, loaded: torch.Tensor, shard_index: int | None = None) -> None:
+        """Loads a checkpoint tensor through the quant method."""
+        self.quant_method.load_weight(self, param_name, loaded, shard_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x)
+        for adapter in self.adapters:
+            y = y + adapter(x)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, output_partition_sizes={self.output_partition_sizes}, "
+                f"bias={self.has_bias}, quant_method={type(self.quant_method).__name__}")
+
+
+@dataclass(frozen=True)
+class StackedParam:
+    """One row of a fused-projection table: checkpoint module `shard_name` is shard `shard_index` of `fused_name`."""
+
+    fused_name: str  # module name in our tree, e.g. "qkv_proj"
+    shard_name: str  # module name in the checkpoint, e.g. "k_proj"
+    shard_index: int  # position of the shard in the fused layer's output_partition_sizes
+
+
+def _resolve(name: str, stacked: Sequence[StackedParam]) -> tuple[str, int | None]:
+    """Checkpoint name -> (our parameter path, shard index or None)."""
+    parts = name.split(".")
+    for entry in stacked:
+        if entry.shard_name in parts[:-1]:
+            parts[parts.index(entry.shard_name)] = entry.fused_name
+            return ".".join(parts), entry.shard_index
+    return name, None
+
+
+def load_checkpoint_weights(
+    root: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked: Sequence[StackedParam],
+    ignored: Callable[[str], bool],
+) -> set[str]:
+    """Loads `(checkpoint_name, tensor)` pairs into `root`; returns the names consumed.
+
+    Names for which `ignored(name)` is true are consumed and dropped. Names that match nothing in `root`
+    are not consumed (the caller reports them). Linear layers load through their quant method.
+    """
+    modules = dict(root.named_modules())
+    consumed: set[str] = set()
+    for name, tensor in weights:
+        if ignored(name):
+            consumed.add(name)
+            continue
+        target, shard_index = _resolve(name, stacked)
+        module_path, _, attr = target.rpartition(".")
+        owner = modules.get(module_path)
+        if isinstance(owner, Linear):
+            if attr not in owner.checkpoint_param_names():
+                continue
+            owner.load_weight(attr, tensor, shard_index)
+        elif owner is not None and shard_index is None and isinstance(getattr(owner, attr, None), nn.Parameter):
+            copy_checked(getattr(owner, attr), tensor, name)
+        else:
+            continue
+        consumed.add(name)
+    return consumed
+
+
+def expected_checkpoint_names(root: nn.Module, stacked: Sequence[StackedParam], skip: Callable[[str], bool]) -> set[str]:
+    """The checkpoint names `root` needs: fused layers expand to their shards; names where `skip` holds are left out."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    for module_path, module in root.named_modules():
+        prefix = f"{module_path}." if module_path else ""
+        if isinstance(module, Linear):
+            local = module.checkpoint_param_names()
+            shard_names = [e.shard_name for e in stacked if module_path.rpartition(".")[2] == e.fused_name]
+            for attr in local:
+                if shard_names:
+                    parent = module_path.rpartition(".")[0]
+                    names.update(f"{parent}.{s}.{attr}" if parent else f"{s}.{attr}" for s in shard_names)
+                else:
+                    names.add(prefix + attr)
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                names.add(prefix + attr)
+    return {n for n in names if not skip(n)}

@@ -1,0 +1,71 @@
+"""Reading `.safetensors` checkpoints and building a model from a config dict plus `(hf_name, tensor)` pairs."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.registry import model_class_for
+
+_MAX_LISTED_NAMES = 20  # names quoted in a missing/unexpected-weights error before it is cut short
+
+
+def iter_safetensors(paths: list[str], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields `(name, tensor)` for every tensor of `paths` in file order; floating tensors cast to `dtype` if given.
+
+    Tensors are read one at a time (memory-mapped), so a model loads without holding two full copies.
+    """
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                yield name, tensor
+
+
+def _listed(names: set[str]) -> str:
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:_MAX_LISTED_NAMES])
+    more = len(ordered) - _MAX_LISTED_NAMES
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def load_model(
+    config_dict: dict[str, Any],
+    weights: Iterable[tuple[str, torch.Tensor]],
+    *,
+    arch_name: Any = None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> nn.Module:
+    """Builds the registered model class for `config_dict` (or the forced `arch_name`) and loads `weights`.
+
+    Raises ValueError listing the checkpoint names that are missing or that the model does not use
+    (a tied LM head may be absent; rotary `inv_freq` buffers are ignored). Returns the model in eval mode.
+    """
+    config = TextModelConfig.from_hf_dict(config_dict)
+    cls = model_class_for(config.architectures, arch_name)
+    model = cls(config, dtype=dtype, device=device)
+    provided: set[str] = set()
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            provided.add(name)
+            yield name, tensor
+
+    consumed = model.load_weights(recorded())
+    missing = model.expected_weight_names() - consumed
+    unexpected = provided - consumed
+    problems = []
+    if missing:
+        problems.append(f"missing weights: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights: {_listed(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint does not match {cls.__name__}: " + "; ".join(problems))
+    return model.eval()

@@ -1,0 +1,106 @@
+"""`TextModelConfig`: the decoder hyper-parameters read from a Hugging Face `config.json` dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mistralrs.layers.activation import get_act_fn
+from mistralrs.layers.rotary import rope_type_of, validate_rope_scaling
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class TextModelConfig:
+    """Decoder-only text model configuration (HF field names; validated on construction).
+
+    Keys of the HF dict that are not fields here are kept in `extra` for the model families that need them.
+    """
+
+    hidden_size: int  # residual stream width
+    intermediate_size: int  # MLP inner width
+    num_hidden_layers: int  # decoder layers
+    num_attention_heads: int  # query heads
+    vocab_size: int  # rows of the embedding and LM head
+    num_key_value_heads: int | None = None  # K/V heads (GQA); None -> num_attention_heads
+    head_dim: int | None = None  # features per head; None -> hidden_size // num_attention_heads
+    hidden_act: str = "silu"  # MLP activation, HF name
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: dict[str, Any] | None = None  # HF rope_scaling dict (rope_type/type + parameters) or None
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated
+    max_position_embeddings: int = 4096  # trained context length
+    tie_word_embeddings: bool = False  # LM head shares the embedding matrix
+    attention_bias: bool = False  # q/k/v/o projections have biases (Llama-style flag)
+    mlp_bias: bool = False  # MLP projections have biases
+    sliding_window: int | None = None  # attention window in tokens for sliding layers; None: full attention
+    use_sliding_window: bool | None = None  # Qwen2-style switch for sliding_window (None: not given)
+    max_window_layers: int | None = None  # Qwen2-style: layers below this index use full attention
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention" (newer HF configs)
+    architectures: list[str] | None = None  # HF class names, e.g. ["LlamaForCausalLM"]
+    model_type: str | None = None  # HF model_type, e.g. "llama"
+    bos_token_id: int | list[int] | None = None  # beginning-of-sequence id(s)
+    eos_token_id: int | list[int] | None = None  # end-of-sequence id(s)
+    extra: dict[str, Any] = field(default_factory=dict)  # every other key of the HF dict, untouched
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config field 'num_key_value_heads' ({self.num_key_value_heads}) must divide "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"config field 'rms_norm_eps' must be positive, got {self.rms_norm_eps!r}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"config field 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"config field 'sliding_window' must be a positive integer or null, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"config field 'layer_types' must list num_hidden_layers ({self.num_hidden_layers}) "
+                                 f"entries from {list(LAYER_TYPES)}, got {self.layer_types!r}")
+        get_act_fn(self.hidden_act)
+        validate_rope_scaling(self.rope_scaling)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Features per head that RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def rope_type(self) -> str:
+        """"default" or the rope_scaling type."""
+        return rope_type_of(self.rope_scaling)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "TextModelConfig":
+        """Reads an HF `config.json` dict; ValueError naming a missing or invalid field.
+
+        Accepts both the classic `rope_theta` + `rope_scaling` keys and the newer `rope_parameters` dict.
+        """
+        d = dict(d)
+        rope_parameters = d.pop("rope_parameters", None)
+        if isinstance(rope_parameters, dict):
+            d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            if rope_type_of(rope_parameters) != "default" and d.get("rope_scaling") is None:
+                d["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+            if "partial_rotary_factor" in rope_parameters:
+                d.setdefault("partial_rotary_factor", rope_parameters["partial_rotary_factor"])
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if d.get(n) is None]
+        if missing:
+            raise ValueError(f"config.json is missing required field(s) {missing}")
+        known = {k: v for k, v in d.items() if k in names and v is not None}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if rope_type_of(known.get("rope_scaling")) == "default":
+            known.pop("rope_scaling", None)
+        return cls(**known, extra=extra)

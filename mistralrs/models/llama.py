@@ -1,0 +1,217 @@
+"""The Llama family: Llama, Mistral (sliding window) and Qwen2 (q/k/v bias), over packed tokens and paged KV.
+
+One decoder for the three; a subclass only says where biases sit and which layers use a sliding window.
+Checkpoint names are the Hugging Face ones (`model.layers.N.self_attn.q_proj.weight`, ...); q/k/v and
+gate/up are fused on load through `STACKED_PARAMS`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from mistralrs.layers.activation import act_and_mul, get_act_fn
+from mistralrs.layers.attention import PagedAttention
+from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.norm import RMSNorm
+from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.registry import register
+from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+
+# Checkpoint module name -> (our fused module, shard index).
+STACKED_PARAMS = (
+    StackedParam("qkv_proj", "q_proj", 0),
+    StackedParam("qkv_proj", "k_proj", 1),
+    StackedParam("qkv_proj", "v_proj", 2),
+    StackedParam("gate_up_proj", "gate_proj", 0),
+    StackedParam("gate_up_proj", "up_proj", 1),
+)
+
+
+class LlamaMLP(nn.Module):
+    """Gated MLP: `down(act(gate(x)) * up(x))` with gate and up fused into one projection."""
+
+    def __init__(self, config: TextModelConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=config.mlp_bias, dtype=dtype,
+                                   device=device, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(inter, config.hidden_size, bias=config.mlp_bias, dtype=dtype, device=device,
+                                prefix=f"{prefix}.down_proj")
+        self.act_fn = get_act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention: fused qkv projection, RoPE on q and k together, paged attention, output projection."""
+
+    def __init__(
+        self,
+        config: TextModelConfig,
+        layer_idx: int,
+        *,
+        qkv_bias: bool,
+        o_bias: bool,
+        sliding_window: int | None,
+        prefix: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias, dtype=dtype,
+                               device=device, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype, device=device,
+                             prefix=f"{prefix}.o_proj")
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx=layer_idx,
+                                   scale=self.head_dim**-0.5, sliding_window=sliding_window)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
+        return self.o_proj(self.attn(q, k, v, fb))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, *, qkv_bias: bool, o_bias: bool,
+                 sliding_window: int | None, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias,
+                                        sliding_window=sliding_window, prefix=f"{prefix}.self_attn",
+                                        dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (the `model.` prefix of the checkpoint)."""
+
+    def __init__(self, config: TextModelConfig, layer_options: list[dict], *, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, **options, dtype=dtype, device=device)
+            for i, options in enumerate(layer_options)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
+                                          config.max_position_embeddings, device=device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, fb)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama decoder with LM head over packed tokens.
+
+    `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
+    `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
+    """
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        qkv_bias, o_bias = self.projection_biases(config)
+        layer_options = [dict(qkv_bias=qkv_bias, o_bias=o_bias, sliding_window=window)
+                         for window in self.layer_sliding_windows(config)]
+        self.model = LlamaModel(config, layer_options, dtype=dtype, device=device)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
+                              prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def projection_biases(cls, config: TextModelConfig) -> tuple[bool, bool]:
+        """(q/k/v projections have bias, o_proj has bias)."""
+        return config.attention_bias, config.attention_bias
+
+    @classmethod
+    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+        """Sliding window of each layer (None: full attention). Llama: windows only where layer_types say so."""
+        if config.layer_types is None or config.sliding_window is None:
+            return [None] * config.num_hidden_layers
+        return [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
+        return self.lm_head(hidden).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape of the paged KV cache this model reads."""
+        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _not_in_checkpoint(self, name: str) -> bool:
+        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (fusing q/k/v and gate/up); returns the names consumed."""
+        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs (the tied LM head is not needed)."""
+        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama with a sliding window on every layer when `sliding_window` is set."""
+
+    @classmethod
+    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+        if config.layer_types is not None:
+            return super().layer_sliding_windows(config)
+        return [config.sliding_window] * config.num_hidden_layers
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: biases on q/k/v (never on o_proj); sliding window only with `use_sliding_window`, from layer
+    `max_window_layers` on (or as `layer_types` say)."""
+
+    @classmethod
+    def projection_biases(cls, config: TextModelConfig) -> tuple[bool, bool]:
+        return True, False
+
+    @classmethod
+    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+        if not config.use_sliding_window or config.sliding_window is None:
+            return [None] * config.num_hidden_layers
+        if config.layer_types is not None:
+            return super().layer_sliding_windows(config)
+        first_sliding = config.max_window_layers if config.max_window_layers is not None else 0
+        return [config.sliding_window if i >= first_sliding else None for i in range(config.num_hidden_layers)]
+
+
+register(LlamaForCausalLM, hf_architectures=("LlamaForCausalLM",), arch_names=("Llama",),
+         gguf_architectures=("llama",))
+register(MistralForCausalLM, hf_architectures=("MistralForCausalLM",), arch_names=("Mistral",))
+register(Qwen2ForCausalLM, hf_architectures=("Qwen2ForCausalLM",), arch_names=("Qwen2",),
+         gguf_architectures=("qwen2",))

@@ -1,0 +1,203 @@
+"""The per-step context the model's attention layers read: packed token tensors plus paged-KV metadata.
+
+The model runner describes one step as a list of `SeqChunk`s (one per scheduled sequence) and calls
+`ForwardBatch.build`. Everything that attention needs (flat KV slots for the new tokens, gather indices that
+read each sequence's context back through its block table, masks) is computed there once per step, so the
+layers run no Python loops and no host syncs.
+
+Layout conventions:
+- The packed token axis concatenates the chunks in order: token `t` of chunk `s` is at `query_start_locs[s] + t`.
+- The KV cache of a layer is a pair `(k, v)`, each `[num_blocks * block_size, num_kv_heads, head_dim]`; the K/V of
+  position `p` of a sequence lives at flat slot `block_ids[p // block_size] * block_size + p % block_size`.
+- The "padded" layout used by the batched attention path is `[num_seqs, max_query_len]` (queries) by
+  `[num_seqs, max_context_len]` (keys); padding query rows are given position 0 so they attend to one valid key
+  and never produce NaN; their output is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ATTENTION_BACKENDS = ("sdpa", "reference")
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step."""
+
+    token_ids: list[int]  # the new tokens computed this step (at least one)
+    start_pos: int  # position of token_ids[0] (== tokens of this sequence already in the KV cache)
+    block_ids: list[int]  # the sequence's block table, covering at least start_pos + len(token_ids) tokens
+
+
+@dataclass
+class KVCacheSpec:
+    """Shape of a model's paged KV cache (one K and one V tensor per layer)."""
+
+    num_layers: int  # decoder layers that own a KV cache
+    num_kv_heads: int  # key/value heads per layer
+    head_dim: int  # features per head
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes that one block of `block_size` tokens takes across all layers, K and V."""
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element_size
+
+
+def allocate_kv_caches(
+    spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero-filled `(k, v)` per layer, each `[num_blocks * block_size, num_kv_heads, head_dim]`.
+
+    Zero filling matters: masked-out cache slots are still read by the batched path and must hold finite values.
+    """
+    if num_blocks <= 0 or block_size <= 0:
+        raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
+    shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(spec.num_layers)
+    ]
+
+
+@dataclass
+class ForwardBatch:
+    """One step's packed inputs and the paged-attention metadata derived from them (see module docstring)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64, packed, no padding axis
+    positions: torch.Tensor  # [num_tokens] int64, absolute position of each token in its sequence
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat KV slot each new token's K/V is written to
+    last_token_indices: torch.Tensor  # [num_seqs] int64, packed index of each chunk's last token
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), [num_blocks * block_size, kv_heads, dim]
+    block_size: int  # tokens per KV block
+    query_start_locs: list[int]  # [num_seqs + 1] packed offset of each chunk; the last entry is num_tokens
+    context_lens: list[int]  # [num_seqs] tokens of each sequence visible after this step (start_pos + query len)
+    block_tables: list[list[int]]  # [num_seqs] block ids covering each sequence's context (trimmed to need)
+    max_query_len: int  # longest chunk this step
+    max_context_len: int  # longest context this step
+    gather_indices: torch.Tensor  # [num_seqs * max_context_len] int64, flat slot of context position j of seq s
+    query_pad_indices: torch.Tensor | None  # [num_tokens] int64 index into num_seqs * max_query_len; None: no padding
+    attention_backend: str = "sdpa"  # "sdpa" (batched fast path) or "reference" (per-sequence plain twin)
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)  # per sliding window
+
+    @property
+    def num_seqs(self) -> int:
+        """Chunks (sequences) in this step."""
+        return len(self.context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens on the packed axis."""
+        return self.query_start_locs[-1]
+
+    @property
+    def query_lens(self) -> list[int]:
+        """[num_seqs] new tokens of each chunk."""
+        locs = self.query_start_locs
+        return [locs[i + 1] - locs[i] for i in range(self.num_seqs)]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: list[SeqChunk],
+        block_size: int,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device | str,
+        attention_backend: str = "sdpa",
+    ) -> "ForwardBatch":
+        """Packs `chunks` and precomputes slots, gather indices and padding indices on `device`."""
+        _validate(chunks, block_size, attention_backend)
+        query_lens = [len(c.token_ids) for c in chunks]
+        context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
+        num_seqs, max_query_len, max_context_len = len(chunks), max(query_lens), max(context_lens)
+        blocks_needed = [-(-n // block_size) for n in context_lens]
+        block_tables = [list(c.block_ids[:n]) for c, n in zip(chunks, blocks_needed)]
+        max_blocks = max(blocks_needed)
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        flat_context_index: list[int] = []  # s * max_context_len + position, per token
+        query_starts = [0]
+        for s, chunk in enumerate(chunks):
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start_pos, context_lens[s]))
+            flat_context_index.extend(range(s * max_context_len + chunk.start_pos, s * max_context_len + context_lens[s]))
+            query_starts.append(query_starts[-1] + query_lens[s])
+        num_tokens = query_starts[-1]
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        padded_tables = as_tensor([t + [0] * (max_blocks - len(t)) for t in block_tables])  # [num_seqs, max_blocks]
+        offsets = torch.arange(block_size, dtype=torch.int64, device=device)
+        gather = (padded_tables.unsqueeze(-1) * block_size + offsets).view(num_seqs, max_blocks * block_size)
+        gather_indices = gather[:, :max_context_len].reshape(-1)
+        slot_mapping = gather_indices[as_tensor(flat_context_index)]
+        query_pad_indices = None
+        if num_tokens != num_seqs * max_query_len:
+            pad_index = [s * max_query_len + i for s, n in enumerate(query_lens) for i in range(n)]
+            query_pad_indices = as_tensor(pad_index)
+        return cls(
+            input_ids=as_tensor(input_ids),
+            positions=as_tensor(positions),
+            slot_mapping=slot_mapping,
+            last_token_indices=as_tensor([q - 1 for q in query_starts[1:]]),
+            kv_caches=kv_caches,
+            block_size=block_size,
+            query_start_locs=query_starts,
+            context_lens=context_lens,
+            block_tables=block_tables,
+            max_query_len=max_query_len,
+            max_context_len=max_context_len,
+            gather_indices=gather_indices,
+            query_pad_indices=query_pad_indices,
+            attention_backend=attention_backend,
+        )
+
+    def attention_mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean mask `[num_seqs, 1, max_query_len, max_context_len]` (True = attend), cached per window.
+
+        Key j is visible to a query at position p when j <= p and, with a window W, j > p - W. Context
+        validity follows from causality (p < context_len). None when every query sees every key.
+        """
+        if sliding_window in self._masks:
+            return self._masks[sliding_window]
+        mask = None
+        sees_everything = self.num_seqs == 1 and self.max_query_len == 1
+        if not (sees_everything and (sliding_window is None or self.max_context_len <= sliding_window)):
+            query_pos = self.padded_query_positions().unsqueeze(-1)  # [num_seqs, max_query_len, 1]
+            key_pos = torch.arange(self.max_context_len, device=query_pos.device)
+            mask = key_pos <= query_pos
+            if sliding_window is not None:
+                mask &= key_pos > query_pos - sliding_window
+            mask = mask.unsqueeze(1)
+        self._masks[sliding_window] = mask
+        return mask
+
+    def padded_query_positions(self) -> torch.Tensor:
+        """`[num_seqs, max_query_len]` positions of the padded query layout; padding slots hold 0."""
+        if self.query_pad_indices is None:
+            return self.positions.view(self.num_seqs, self.max_query_len)
+        padded = self.positions.new_zeros(self.num_seqs * self.max_query_len)
+        return padded.index_copy_(0, self.query_pad_indices, self.positions).view(self.num_seqs, self.max_query_len)
+
+
+def _validate(chunks: list[SeqChunk], block_size: int, attention_backend: str) -> None:
+    if not chunks:
+        raise ValueError("chunks must hold at least one SeqChunk")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={attention_backend!r}; accepted values: {list(ATTENTION_BACKENDS)}")
+    for i, chunk in enumerate(chunks):
+        if not chunk.token_ids:
+            raise ValueError(f"chunks[{i}].token_ids is empty; each chunk needs at least one token")
+        if chunk.start_pos < 0:
+            raise ValueError(f"chunks[{i}].start_pos must be >= 0, got {chunk.start_pos}")
+        needed = chunk.start_pos + len(chunk.token_ids)
+        if len(chunk.block_ids) * block_size < needed:
+            raise ValueError(
+                f"chunks[{i}].block_ids covers {len(chunk.block_ids) * block_size} tokens, needs {needed}"
+            )

@@ -1,0 +1,57 @@
+"""Runs one scheduled step: packed tensors in, one sampled token per finished chunk out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mistralrs.core import SchedulerOutput
+from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
+from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+
+
+@dataclass
+class SeqSampling:
+    """How one sequence samples: its request's parameters and its own RNG (None when greedy)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    """Owns the model, its paged KV cache and the sampler."""
+
+    def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, kv_dtype, device)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
+        """Compute the scheduled chunks and sample for those that reached their sequence's end."""
+        chunks = []
+        for scheduled in output.scheduled:
+            seq = scheduled.seq
+            start = seq.num_computed_tokens
+            tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
+            chunks.append(SeqChunk(tokens, start, seq.block_ids))
+        batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
+        if not sample_rows:
+            return {}
+        rows_index = batch.last_token_indices[torch.tensor(sample_rows, device=batch.last_token_indices.device)]
+        logits = self.model.compute_logits(hidden[rows_index])
+        rows = []
+        for i in sample_rows:
+            seq = output.scheduled[i].seq
+            seq_sampling = sampling[seq.seq_id]
+            rows.append(SamplingRow(seq_sampling.params, seq.all_token_ids, seq.num_prompt_tokens,
+                                    seq_sampling.generator))
+        tokens = self.sampler(logits, rows)
+        return {output.scheduled[i].seq.seq_id: tok for i, tok in zip(sample_rows, tokens)}
