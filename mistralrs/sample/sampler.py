@@ -99,7 +99,7 @@ def apply_logit_adjustments(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
     penalised = [i for i, row in enumerate(rows) if row.params.has_count_penalties]
     if penalised:
         penalties = _count_penalties([rows[i] for i in penalised], vocab_size, logits.device)
-        logits.index_add_(0, _long_tensor(penalised, logits.device), -penalties)
+        logits.index_put_((_long_tensor(penalised, logits.device),), -penalties, accumulate=True)
     return logits
 
 

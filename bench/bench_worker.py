@@ -1,0 +1,116 @@
+"""One engine's measurements for bench_smollm2.py; prints one JSON line. Run by bench_smollm2.py."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+
+SEED_TEXT = ("The history of computing is a story of people, machines and ideas. It begins with counting "
+             "boards and mechanical calculators, continues through punched cards and vacuum tubes, and arrives "
+             "at the microprocessors and networks that shape daily life. ")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_of(tokenize, n_tokens: int) -> str:
+    text = SEED_TEXT
+    while len(tokenize(text)) < n_tokens:
+        text += SEED_TEXT
+    while len(tokenize(text)) > n_tokens:
+        text = text[:-8]
+    return text
+
+
+def bench_ours(model: str, threads: int, dtype: str, n_prompt: int, n_decode: int, n_conc: int) -> dict:
+    import os
+
+    import torch
+
+    from mistralrs import CompletionRequest, ModelDType, Runner, Which
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    runner = Runner(Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
+                               dtype=ModelDType.from_str(dtype)), prefix_cache_n=0, show_progress=False)
+    load_s = time.perf_counter() - start
+    eos = sorted(runner._inputs.bundle.eos_token_ids)
+    no_eos = {t: -100.0 for t in eos}
+    prompt = prompt_of(lambda t: runner.tokenize_text(t, False), n_prompt)
+
+    def complete(text: str, max_tokens: int):
+        return runner.send_completion_request(CompletionRequest(
+            prompt=text, model="m", max_tokens=max_tokens, temperature=0.0, logit_bias=no_eos))
+
+    complete("Warm up the engine.", 4)
+    usage = complete(prompt, 1).usage
+    prompt_tps = usage.prompt_tokens / usage.total_prompt_time_sec
+    usage = complete("Once upon a time", n_decode).usage
+    decode_tps = usage.completion_tokens / usage.total_completion_time_sec
+    counts = []
+
+    def worker(i: int) -> None:
+        counts.append(complete(f"Story number {i}: once upon a time", n_decode).usage.completion_tokens)
+
+    threads_ = [threading.Thread(target=worker, args=(i,)) for i in range(n_conc)]
+    start = time.perf_counter()
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    aggregate_tps = sum(counts) / (time.perf_counter() - start)
+    runner.close()
+    return dict(load_s=load_s, prompt_tps=prompt_tps, decode_tps=decode_tps, aggregate_tps=aggregate_tps,
+                peak_rss_mb=peak_rss_mb())
+
+
+def bench_llama_cpp(model: str, threads: int, n_prompt: int, n_decode: int, n_conc: int) -> dict:
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - start
+    no_eos = {llm.token_eos(): -100.0}
+    prompt = prompt_of(lambda t: llm.tokenize(t.encode(), add_bos=False), n_prompt)
+    tokens = llm.tokenize(prompt.encode(), add_bos=False)
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    prompt_tps = len(tokens) / (time.perf_counter() - start)
+    llm.reset()
+    short = llm.tokenize(b"Once upon a time", add_bos=False)
+    llm.eval(short)
+    start = time.perf_counter()
+    out = llm.create_completion("Once upon a time", max_tokens=n_decode, temperature=0.0, logit_bias=no_eos)
+    decode_tps = out["usage"]["completion_tokens"] / (time.perf_counter() - start)
+    # llama-cpp-python's high-level API serves one sequence at a time: 8 requests run back to back.
+    start = time.perf_counter()
+    total = 0
+    for i in range(n_conc):
+        out = llm.create_completion(f"Story number {i}: once upon a time", max_tokens=n_decode, temperature=0.0,
+                                    logit_bias=no_eos)
+        total += out["usage"]["completion_tokens"]
+    aggregate_tps = total / (time.perf_counter() - start)
+    return dict(load_s=load_s, prompt_tps=prompt_tps, decode_tps=decode_tps, aggregate_tps=aggregate_tps,
+                peak_rss_mb=peak_rss_mb())
+
+
+def main() -> None:
+    engine, model, threads, dtype, n_prompt, n_decode, n_conc = sys.argv[1:8]
+    threads, n_prompt, n_decode, n_conc = int(threads), int(n_prompt), int(n_decode), int(n_conc)
+    if engine == "ours":
+        result = bench_ours(model, threads, dtype, n_prompt, n_decode, n_conc)
+    elif engine == "llama.cpp":
+        result = bench_llama_cpp(model, threads, n_prompt, n_decode, n_conc)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
