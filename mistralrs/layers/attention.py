@@ -6,7 +6,9 @@
 Two implementations of the same math, chosen by `fb.attention_backend`:
 - "sdpa": one gather of all contexts into `[num_seqs, kv_heads, max_context_len, head_dim]`, queries scattered
   into `[num_seqs, heads, max_query_len, head_dim]`, one `scaled_dot_product_attention` call with a boolean
-  mask cached per sliding window on the ForwardBatch, and a gather back to the packed axis.
+  mask cached per sliding window on the ForwardBatch, and a gather back to the packed axis. When no padding is
+  needed (all chunks equally long: a pure decode step, or a single sequence) the scatter/gather are plain
+  views, and a single decoding sequence outside any window runs without a mask.
 - "reference": a loop over sequences with explicit float32 math and slots computed from the block tables
   (the plain twin that tests compare the fast path against).
 """
@@ -61,7 +63,11 @@ class PagedAttention(nn.Module):
         self.logit_softcap = logit_softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """q `[num_tokens, num_heads, head_dim]`, k/v `[num_tokens, num_kv_heads, head_dim]` -> `[num_tokens, num_heads * head_dim]`."""
+        """Writes k/v to the cache, then attends.
+
+        q `[num_tokens, num_heads, head_dim]`, k/v `[num_tokens, num_kv_heads, head_dim]`
+        -> `[num_tokens, num_heads * head_dim]`.
+        """
         k_cache, v_cache = fb.kv_caches[self.layer_idx]
         if fb.attention_backend == "reference":
             return paged_attention_reference(q, k, v, k_cache, v_cache, fb, self.scale, self.sliding_window,
@@ -70,7 +76,8 @@ class PagedAttention(nn.Module):
         v_cache.index_copy_(0, fb.slot_mapping, v)
         return self._batched(q, k_cache, v_cache, fb)
 
-    def _batched(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def _batched(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 fb: ForwardBatch) -> torch.Tensor:
         num_seqs, max_q, max_ctx = fb.num_seqs, fb.max_query_len, fb.max_context_len
         kv_shape = (num_seqs, max_ctx, self.num_kv_heads, self.head_dim)
         keys = k_cache.index_select(0, fb.gather_indices).view(kv_shape).transpose(1, 2)

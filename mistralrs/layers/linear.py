@@ -10,8 +10,8 @@ declarative `StackedParam` table, so checkpoint names stay the truth.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +23,15 @@ Adapter = Callable[[torch.Tensor], torch.Tensor]
 class LinearMethodBase:
     """How a `Linear` stores its weights, loads checkpoint tensors into them, and computes `x @ W^T + b`."""
 
-    def create_weights(self, layer: "Linear", dtype: torch.dtype, device: torch.device | str) -> None:
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device | str) -> None:
         """Registers the layer's parameters or buffers."""
         raise NotImplementedError
 
-    def load_weight(self, layer: "Linear", param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
+    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
         """Stores checkpoint tensor `loaded` as `param_name` ("weight" or "bias"), into shard `shard_index` if fused."""
         raise NotImplementedError
 
-    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """`x` `[..., in_features]` -> `[..., out_features]`."""
         raise NotImplementedError
 
@@ -47,13 +47,13 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 class UnquantizedLinearMethod(LinearMethodBase):
     """Dense weights in the model dtype; one `F.linear` call."""
 
-    def create_weights(self, layer: "Linear", dtype: torch.dtype, device: torch.device | str) -> None:
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device | str) -> None:
         weight = torch.empty(layer.out_features, layer.in_features, dtype=dtype, device=device)
         layer.weight = nn.Parameter(weight, requires_grad=False)
         bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def load_weight(self, layer: "Linear", param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
+    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
         param = getattr(layer, param_name)
         if param is None:
             raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a {param_name!r} the layer was built without")
@@ -63,7 +63,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
         copy_checked(param, loaded, f"{layer.prefix}.{param_name}[shard {shard_index}]" if shard_index is not None
                      else f"{layer.prefix}.{param_name}")
 
-    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
 
 
@@ -178,22 +178,20 @@ def load_checkpoint_weights(
     return consumed
 
 
-def expected_checkpoint_names(root: nn.Module, stacked: Sequence[StackedParam], skip: Callable[[str], bool]) -> set[str]:
+def expected_checkpoint_names(
+    root: nn.Module, stacked: Sequence[StackedParam], skip: Callable[[str], bool]
+) -> set[str]:
     """The checkpoint names `root` needs: fused layers expand to their shards; names where `skip` holds are left out."""
     names: set[str] = set()
     seen: set[int] = set()
     for module_path, module in root.named_modules():
-        prefix = f"{module_path}." if module_path else ""
         if isinstance(module, Linear):
-            local = module.checkpoint_param_names()
-            shard_names = [e.shard_name for e in stacked if module_path.rpartition(".")[2] == e.fused_name]
-            for attr in local:
-                if shard_names:
-                    parent = module_path.rpartition(".")[0]
-                    names.update(f"{parent}.{s}.{attr}" if parent else f"{s}.{attr}" for s in shard_names)
-                else:
-                    names.add(prefix + attr)
+            parent, _, local_name = module_path.rpartition(".")
+            shard_names = [e.shard_name for e in stacked if e.fused_name == local_name] or [local_name]
+            base = f"{parent}." if parent else ""
+            names.update(f"{base}{shard}.{attr}" for shard in shard_names for attr in module.checkpoint_param_names())
             continue
+        prefix = f"{module_path}." if module_path else ""
         for attr, param in module.named_parameters(recurse=False):
             if id(param) not in seen:
                 seen.add(id(param))

@@ -2,35 +2,57 @@
 
 `RotaryEmbedding.cos_sin(positions)` is computed once per step by the model and shared by every layer;
 `apply_rotary(x, cos, sin)` rotates the first `rotary_dim` features of each head.
-A new scaling variant is one function `(base inv_freq, scaling dict, ...) -> (inv_freq, attention_factor)`
+A new scaling variant is one function `(rope_scaling dict, RopeBasis) -> (inv_freq, attention_factor)`
 added to `_INV_FREQ_SCALERS`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-# (inv_freq [rotary_dim // 2] float32, rope_scaling dict, max_position_embeddings) -> (inv_freq, attention_factor)
-InvFreqScaler = Callable[[torch.Tensor, dict[str, Any], int], tuple[torch.Tensor, float]]
+# A scaling variant: (rope_scaling dict, RopeBasis) -> (inv_freq [rotary_dim // 2] float32, attention_factor).
+InvFreqScaler = Callable[[dict[str, Any], "RopeBasis"], tuple[torch.Tensor, float]]
+
+
+@dataclass(frozen=True)
+class RopeBasis:
+    """What every scaling variant may read besides its own `rope_scaling` parameters."""
+
+    base: float  # rope_theta
+    rotary_dim: int  # rotated features per head
+    max_position_embeddings: int  # the model's (extended) context length
+
+    def pos_freqs(self) -> torch.Tensor:
+        """`base ** (2i / rotary_dim)`, float32 `[rotary_dim // 2]`; the default inv_freq is its reciprocal."""
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).to(torch.float32) / self.rotary_dim
+        return self.base**exponents
 
 
 def _scaling_param(scaling: dict[str, Any], key: str) -> Any:
-    if key not in scaling:
+    if scaling.get(key) is None:
         raise ValueError(f"rope_scaling.{key} is required for rope_type {rope_type_of(scaling)!r}")
     return scaling[key]
 
 
-def _linear_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any], _max_pos: int) -> tuple[torch.Tensor, float]:
+def _default_rope(_scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor, float]:
+    """Plain RoPE."""
+    return 1.0 / basis.pos_freqs(), 1.0
+
+
+def _linear_rope(scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor, float]:
     """Position interpolation: positions are divided by `factor`."""
-    return inv_freq / float(_scaling_param(scaling, "factor")), 1.0
+    return 1.0 / basis.pos_freqs() / float(_scaling_param(scaling, "factor")), 1.0
 
 
-def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any], _max_pos: int) -> tuple[torch.Tensor, float]:
-    """Llama 3.1 frequency-dependent scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between."""
+def _llama3_rope(scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor, float]:
+    """Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between."""
+    inv_freq = 1.0 / basis.pos_freqs()
     factor = float(_scaling_param(scaling, "factor"))
     low_freq_factor = float(_scaling_param(scaling, "low_freq_factor"))
     high_freq_factor = float(_scaling_param(scaling, "high_freq_factor"))
@@ -45,9 +67,44 @@ def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any], _max_pos: i
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_rope(scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): interpolate low frequencies, extrapolate high ones, scale cos/sin by mscale."""
+    original = float(scaling.get("original_max_position_embeddings") or basis.max_position_embeddings)
+    factor = scaling.get("factor") or basis.max_position_embeddings / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    dim = basis.rotary_dim
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(basis.base))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = basis.pos_freqs()
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
 _INV_FREQ_SCALERS: dict[str, InvFreqScaler] = {
-    "linear": _linear_scaling,
-    "llama3": _llama3_scaling,
+    "default": _default_rope,
+    "linear": _linear_rope,
+    "llama3": _llama3_rope,
+    "yarn": _yarn_rope,
 }
 
 
@@ -60,13 +117,13 @@ def rope_type_of(scaling: dict[str, Any] | None) -> str:
 
 def supported_rope_types() -> list[str]:
     """The `rope_scaling.rope_type` values this package implements."""
-    return ["default", *sorted(_INV_FREQ_SCALERS)]
+    return sorted(_INV_FREQ_SCALERS)
 
 
 def validate_rope_scaling(scaling: dict[str, Any] | None) -> None:
     """ValueError naming `rope_scaling` when its type is not implemented."""
     rope_type = rope_type_of(scaling)
-    if rope_type != "default" and rope_type not in _INV_FREQ_SCALERS:
+    if rope_type not in _INV_FREQ_SCALERS:
         raise ValueError(
             f"rope_scaling.rope_type={rope_type!r} is not supported; accepted values: {supported_rope_types()}"
         )
@@ -96,13 +153,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
         validate_rope_scaling(scaling)
         self.rotary_dim = rotary_dim
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
-        inv_freq = 1.0 / (base**exponents)
-        rope_type = rope_type_of(scaling)
-        attention_factor = 1.0
-        if rope_type != "default":
-            inv_freq, attention_factor = _INV_FREQ_SCALERS[rope_type](inv_freq, scaling, max_position_embeddings)
-        self.attention_factor = attention_factor
+        basis = RopeBasis(float(base), rotary_dim, max_position_embeddings)
+        inv_freq, self.attention_factor = _INV_FREQ_SCALERS[rope_type_of(scaling)](scaling or {}, basis)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # [rotary_dim // 2] float32
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,7 +22,7 @@ def iter_safetensors(paths: list[str], dtype: torch.dtype | None) -> Iterator[tu
     """
     for path in paths:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
                 tensor = f.get_tensor(name)
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)

@@ -127,41 +127,54 @@ class ModelSource:
         if hub_offline():
             return _walk_files(self._cached_snapshot_dir())
         from huggingface_hub import list_repo_files
-        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
         try:
-            return sorted(list_repo_files(self.model_id, revision=self.revision, token=self.token))
-        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-            raise ValueError(f"model {self.model_id!r} is neither a local directory nor a hub repository "
-                             f"(revision {self.revision or 'main'}): {err}") from err
-        except HfHubHTTPError as err:
-            raise ValueError(f"could not list the files of hub model {self.model_id!r}: {err}") from err
+            return sorted(list_repo_files(self.model_id, revision=self.revision, token=self.token or False))
+        except (HfHubHTTPError, HFValidationError) as err:
+            raise self._hub_error(err, "list the files") from err
 
     def _hub_download(self, filename: str) -> str | None:
         """Download (or find in the cache) one hub file; None when the repository lacks it."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
+                                            LocalEntryNotFoundError)
 
         offline = hub_offline()
         try:
-            return hf_hub_download(self.model_id, filename, revision=self.revision, token=self.token,
+            return hf_hub_download(self.model_id, filename, revision=self.revision, token=self.token or False,
                                    cache_dir=hub_cache_dir(), local_files_only=offline)
+        except LocalEntryNotFoundError as err:
+            if offline and self._cached_file_is_absent(filename):
+                return None
+            raise self._hub_error(err, f"get {filename!r}") from err
         except EntryNotFoundError:
             return None
-        except LocalEntryNotFoundError as err:
-            if offline:
-                if self._cached_file_is_absent(filename):
-                    return None
-                raise ValueError(f"HF_HUB_OFFLINE is set and model {self.model_id!r} is not in the hub cache "
-                                 f"{hub_cache_dir()} (revision {self.revision or 'main'})") from err
-            raise ValueError(f"could not download {filename!r} of model {self.model_id!r} and it is not in "
-                             f"the hub cache {hub_cache_dir()}: {err}") from err
-        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-            raise ValueError(f"model {self.model_id!r} is neither a local directory nor a hub repository "
-                             f"(revision {self.revision or 'main'}): {err}") from err
-        except HfHubHTTPError as err:
-            raise ValueError(f"could not download {filename!r} of hub model {self.model_id!r}: {err}") from err
+        except (HfHubHTTPError, HFValidationError) as err:
+            raise self._hub_error(err, f"get {filename!r}") from err
+
+    def _hub_error(self, err: Exception, action: str) -> ValueError:
+        """A ValueError that says why the hub could not serve this model."""
+        from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+
+        revision = self.revision or "main"
+        if isinstance(err, HFValidationError):
+            return ValueError(f"model {self.model_id!r} is neither a local directory nor a valid hub repo id: {err}")
+        if isinstance(err, GatedRepoError):
+            return ValueError(f"model {self.model_id!r} is gated: accept its terms on the hub and pass a token "
+                              f"(token_source): {err}")
+        if isinstance(err, RepositoryNotFoundError):
+            return ValueError(f"model {self.model_id!r} is neither a local directory nor a hub repository "
+                              f"you can access: {err}")
+        if isinstance(err, RevisionNotFoundError):
+            return ValueError(f"model {self.model_id!r} has no revision {revision!r}: {err}")
+        if isinstance(err, LocalEntryNotFoundError) and hub_offline():
+            return ValueError(f"model {self.model_id!r} is not a local directory, HF_HUB_OFFLINE is set and the "
+                              f"hub cache {hub_cache_dir()} does not have it (revision {revision}); could not "
+                              f"{action}")
+        return ValueError(f"could not {action} of model {self.model_id!r} (revision {revision}) from the hub "
+                          f"or the hub cache {hub_cache_dir()}: {err}")
 
     def _cached_file_is_absent(self, filename: str) -> bool:
         """Offline: True when the model's cached snapshot exists but has no `filename` (the file is missing,
@@ -175,14 +188,13 @@ class ModelSource:
     def _cached_snapshot_dir(self) -> str:
         """The folder of the cached snapshot for this model and revision (offline listing)."""
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
         try:
-            return snapshot_download(self.model_id, revision=self.revision, token=self.token,
+            return snapshot_download(self.model_id, revision=self.revision, token=self.token or False,
                                      cache_dir=hub_cache_dir(), local_files_only=True)
-        except LocalEntryNotFoundError as err:
-            raise ValueError(f"HF_HUB_OFFLINE is set and model {self.model_id!r} is not in the hub cache "
-                             f"{hub_cache_dir()} (revision {self.revision or 'main'})") from err
+        except (LocalEntryNotFoundError, HFValidationError) as err:
+            raise self._hub_error(err, "list the files") from err
 
 
 def _walk_files(root: str) -> list[str]:

@@ -49,6 +49,12 @@ class TextModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        self._validate_sizes()
+        self._validate_attention()
+        get_act_fn(self.hidden_act)
+        validate_rope_scaling(self.rope_scaling)
+
+    def _validate_sizes(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -59,16 +65,18 @@ class TextModelConfig:
                              f"num_attention_heads ({self.num_attention_heads})")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"config field 'rms_norm_eps' must be positive, got {self.rms_norm_eps!r}")
+
+    def _validate_attention(self) -> None:
         if not 0 < self.partial_rotary_factor <= 1:
-            raise ValueError(f"config field 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise ValueError(f"config field 'sliding_window' must be a positive integer or null, got {self.sliding_window!r}")
-        if self.layer_types is not None:
-            if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
-                raise ValueError(f"config field 'layer_types' must list num_hidden_layers ({self.num_hidden_layers}) "
-                                 f"entries from {list(LAYER_TYPES)}, got {self.layer_types!r}")
-        get_act_fn(self.hidden_act)
-        validate_rope_scaling(self.rope_scaling)
+            raise ValueError(
+                f"config field 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor!r}")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ValueError(f"config field 'sliding_window' must be a positive integer or null, got {window!r}")
+        types = self.layer_types
+        if types is not None and (len(types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in types)):
+            raise ValueError(f"config field 'layer_types' must list num_hidden_layers ({self.num_hidden_layers}) "
+                             f"entries from {list(LAYER_TYPES)}, got {types!r}")
 
     @property
     def rotary_dim(self) -> int:
@@ -81,15 +89,15 @@ class TextModelConfig:
         return rope_type_of(self.rope_scaling)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "TextModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> TextModelConfig:
         """Reads an HF `config.json` dict; ValueError naming a missing or invalid field.
 
         Accepts both the classic `rope_theta` + `rope_scaling` keys and the newer `rope_parameters` dict.
         """
         d = dict(d)
-        rope_parameters = d.pop("rope_parameters", None)
-        if isinstance(rope_parameters, dict):
-            d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+        rope_parameters = d.get("rope_parameters")
+        if isinstance(rope_parameters, dict) and "rope_theta" in rope_parameters:  # flat form, one rope for all
+            d.setdefault("rope_theta", rope_parameters["rope_theta"])
             if rope_type_of(rope_parameters) != "default" and d.get("rope_scaling") is None:
                 d["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
             if "partial_rotary_factor" in rope_parameters:

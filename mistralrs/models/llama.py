@@ -7,7 +7,7 @@ gate/up are fused on load through `STACKED_PARAMS`.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -80,7 +80,7 @@ class ForwardBatch:
     gather_indices: torch.Tensor  # [num_seqs * max_context_len] int64, flat slot of context position j of seq s
     query_pad_indices: torch.Tensor | None  # [num_tokens] int64 index into num_seqs * max_query_len; None: no padding
     attention_backend: str = "sdpa"  # "sdpa" (batched fast path) or "reference" (per-sequence plain twin)
-    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)  # per sliding window
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
 
     @property
     def num_seqs(self) -> int:
@@ -106,7 +106,7 @@ class ForwardBatch:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         device: torch.device | str,
         attention_backend: str = "sdpa",
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """Packs `chunks` and precomputes slots, gather indices and padding indices on `device`."""
         _validate(chunks, block_size, attention_backend)
         query_lens = [len(c.token_ids) for c in chunks]
@@ -118,12 +118,15 @@ class ForwardBatch:
 
         input_ids: list[int] = []
         positions: list[int] = []
-        flat_context_index: list[int] = []  # s * max_context_len + position, per token
+        flat_context_index: list[int] = []  # per token: s * max_context_len + position
+        pad_index: list[int] = []  # per token: s * max_query_len + index within its chunk
         query_starts = [0]
         for s, chunk in enumerate(chunks):
             input_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start_pos, context_lens[s]))
-            flat_context_index.extend(range(s * max_context_len + chunk.start_pos, s * max_context_len + context_lens[s]))
+            row = s * max_context_len
+            flat_context_index.extend(range(row + chunk.start_pos, row + context_lens[s]))
+            pad_index.extend(range(s * max_query_len, s * max_query_len + query_lens[s]))
             query_starts.append(query_starts[-1] + query_lens[s])
         num_tokens = query_starts[-1]
 
@@ -135,10 +138,7 @@ class ForwardBatch:
         gather = (padded_tables.unsqueeze(-1) * block_size + offsets).view(num_seqs, max_blocks * block_size)
         gather_indices = gather[:, :max_context_len].reshape(-1)
         slot_mapping = gather_indices[as_tensor(flat_context_index)]
-        query_pad_indices = None
-        if num_tokens != num_seqs * max_query_len:
-            pad_index = [s * max_query_len + i for s, n in enumerate(query_lens) for i in range(n)]
-            query_pad_indices = as_tensor(pad_index)
+        query_pad_indices = as_tensor(pad_index) if num_tokens != num_seqs * max_query_len else None
         return cls(
             input_ids=as_tensor(input_ids),
             positions=as_tensor(positions),

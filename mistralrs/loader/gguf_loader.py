@@ -1,0 +1,480 @@
+"""GGUF files read into the engine's canonical form: a Hugging Face config dict plus `(hf_name, tensor)` pairs.
+
+Checkpoint (Hugging Face) names are the truth. Each GGUF `general.architecture` has one declarative
+`GGUFArchitecture` entry in `GGUF_ARCHITECTURES`: the tensor-name table (GGUF stem → HF module path), the
+per-tensor transforms that undo llama.cpp's conversion (the Q/K row permutation of llama-family models), and
+the metadata → config table. Adding an architecture means adding an entry, not a code path.
+
+Tensors are dequantized with the `gguf` package one at a time while `GGUFModel.iter_weights` is consumed, so
+peak memory stays near the size of the finished model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# GGML tensor types this loader dequantizes: the reference's list (F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K)
+# restricted to what `gguf.quants.dequantize` implements (Q8_1 and Q8_K are activation-only types).
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor transforms: each undoes one step of llama.cpp's convert_hf_to_gguf.py for one HF tensor.
+
+def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (HF rotate-half layout → llama.cpp interleaved pairs).
+
+    llama.cpp stores, inside each head of `head_dim` rows, HF row `i * head_dim/2 + j` (i ∈ {0, 1}) at row
+    `j * 2 + i`. Here the rows are viewed as `[num_heads, head_dim/2, 2]` and the last two axes swapped back.
+    Works for a weight `[num_heads * head_dim, in_features]` and a bias `[num_heads * head_dim]`.
+    """
+    num_rows = weight.shape[0]
+    if num_rows % (2 * num_heads) != 0:
+        raise ValueError(f"cannot undo the Q/K permutation: {num_rows} rows are not a multiple of "
+                         f"2 * num_heads ({num_heads})")
+    half_head_dim = num_rows // num_heads // 2
+    rest = tuple(weight.shape[1:])
+    return weight.reshape(num_heads, half_head_dim, 2, *rest).transpose(1, 2).reshape(num_rows, *rest)
+
+
+def _unpermute_q(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    return unpermute_rows(weight, config["num_attention_heads"])
+
+
+def _unpermute_k(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    return unpermute_rows(weight, config["num_key_value_heads"])
+
+
+# Transform name (used in the architecture tables) → function (tensor, HF config) → tensor.
+TENSOR_TRANSFORMS: dict[str, Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]] = {
+    "unpermute_q": _unpermute_q,
+    "unpermute_k": _unpermute_k,
+}
+
+
+def _sliding_window_flag(config: dict[str, Any]) -> None:
+    """Qwen2-style configs switch the window on with `use_sliding_window` (all layers when set)."""
+    config["use_sliding_window"] = config["sliding_window"] is not None
+    config["max_window_layers"] = config["num_hidden_layers"]
+
+
+# Config rule name (used in the architecture tables) → function that completes the HF config in place.
+CONFIG_RULES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "sliding_window_flag": _sliding_window_flag,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The declarative tables.
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one GGUF `general.architecture` maps onto a Hugging Face checkpoint (names, config, transforms)."""
+
+    hf_architecture: str  # config["architectures"][0], e.g. "LlamaForCausalLM"
+    model_type: str  # config["model_type"], e.g. "llama"
+    tensor_names: Mapping[str, str]  # GGUF tensor stem → HF module path; "{bid}" is the block index
+    tensor_transforms: Mapping[str, str]  # HF name suffix (e.g. "q_proj.weight") → TENSOR_TRANSFORMS key
+    config_keys: Mapping[str, str]  # metadata key after "<arch>." → HF config key
+    config_defaults: Mapping[str, Any]  # HF config entries used when the metadata has none
+    config_tensors: Mapping[str, str] = field(default_factory=dict)  # GGUF tensor → config key holding its values
+    unsupported_metadata: Mapping[str, str] = field(default_factory=dict)  # "<arch>." key → feature named when > 0
+    required_keys: tuple[str, ...] = ("embedding_length", "block_count", "feed_forward_length",
+                                      "attention.head_count")  # "<arch>." keys that must be present
+    config_rules: tuple[str, ...] = ()  # CONFIG_RULES keys applied last, in order
+
+
+# llama.cpp's names for the llama-family decoder (llama, mistral, qwen2, ...); biases reuse the stems.
+LLAMA_FAMILY_TENSOR_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{bid}.attn_norm": "model.layers.{bid}.input_layernorm",
+    "blk.{bid}.attn_q": "model.layers.{bid}.self_attn.q_proj",
+    "blk.{bid}.attn_k": "model.layers.{bid}.self_attn.k_proj",
+    "blk.{bid}.attn_v": "model.layers.{bid}.self_attn.v_proj",
+    "blk.{bid}.attn_output": "model.layers.{bid}.self_attn.o_proj",
+    "blk.{bid}.ffn_norm": "model.layers.{bid}.post_attention_layernorm",
+    "blk.{bid}.ffn_gate": "model.layers.{bid}.mlp.gate_proj",
+    "blk.{bid}.ffn_up": "model.layers.{bid}.mlp.up_proj",
+    "blk.{bid}.ffn_down": "model.layers.{bid}.mlp.down_proj",
+}
+
+# Metadata (after "<arch>.") → HF config key, shared by the llama family.
+LLAMA_FAMILY_CONFIG_KEYS: dict[str, str] = {
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.sliding_window": "sliding_window",
+    "rope.freq_base": "rope_theta",
+}
+
+GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
+    "llama": GGUFArchitecture(
+        hf_architecture="LlamaForCausalLM",
+        model_type="llama",
+        tensor_names=LLAMA_FAMILY_TENSOR_NAMES,
+        tensor_transforms={"self_attn.q_proj.weight": "unpermute_q", "self_attn.q_proj.bias": "unpermute_q",
+                           "self_attn.k_proj.weight": "unpermute_k", "self_attn.k_proj.bias": "unpermute_k"},
+        config_keys=LLAMA_FAMILY_CONFIG_KEYS,
+        config_defaults={"hidden_act": "silu", "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+                         "max_position_embeddings": 4096, "mlp_bias": False, "sliding_window": None},
+        # Llama 3.x GGUFs carry the llama3 RoPE frequency factors as a tensor: inv_freq[i] /= factors[i].
+        config_tensors={"rope_freqs.weight": "rope_freq_factors"},
+        unsupported_metadata={"expert_count": "mixture-of-experts llama GGUF (Mixtral-style)"},
+    ),
+    "qwen2": GGUFArchitecture(
+        hf_architecture="Qwen2ForCausalLM",
+        model_type="qwen2",
+        tensor_names=LLAMA_FAMILY_TENSOR_NAMES,
+        tensor_transforms={},
+        config_keys=LLAMA_FAMILY_CONFIG_KEYS,
+        config_defaults={"hidden_act": "silu", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                         "max_position_embeddings": 32768, "attention_bias": True, "sliding_window": None},
+        config_rules=("sliding_window_flag",),
+    ),
+}
+
+# Optional tokenizer metadata → HF config key.
+TOKEN_ID_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
+                 "tokenizer.ggml.padding_token_id": "pad_token_id"}
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def map_tensor_name(arch: GGUFArchitecture, gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor name (e.g. "blk.3.attn_q.weight" → "model.layers.3.self_attn.q_proj.weight"),
+    or None when the architecture's table has no entry for it."""
+    stem, dot, suffix = gguf_name.rpartition(".")
+    if not dot:
+        return None
+    match = _BLOCK_RE.match(stem)
+    key, block_index = (f"blk.{{bid}}.{match.group(2)}", match.group(1)) if match else (stem, None)
+    hf_stem = arch.tensor_names.get(key)
+    if hf_stem is None:
+        return None
+    return f"{hf_stem.format(bid=block_index)}.{suffix}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files. The header is parsed here (gguf-py's GGUFReader builds a numpy view per string and takes
+# seconds on a 49k-token vocabulary); tensor data stays memory-mapped until `iter_weights` reaches it.
+
+_GGUF_MAGIC = b"GGUF"
+_STRING, _ARRAY = 8, 9  # GGUF value type ids with variable size
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                   10: "<Q", 11: "<q", 12: "<d"}  # GGUF value type id → struct format (also a numpy dtype)
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor as its GGUF file describes it."""
+
+    name: str  # GGUF tensor name, e.g. "blk.0.attn_q.weight"
+    ggml_type: str  # GGML type name, e.g. "Q4_1" ("type<N>" for an id the gguf package does not know)
+    shape: tuple[int, ...]  # PyTorch order (GGML lists the fastest-varying dimension first)
+    offset: int  # absolute byte offset of the data in the file
+    num_bytes: int  # size of the data in bytes
+
+
+class _HeaderParser:
+    """Sequential little-endian reads over a memory-mapped GGUF file; running off the end raises EOFError."""
+
+    def __init__(self, buffer: Any):
+        self.buffer = buffer  # the file's bytes (mmap or bytes)
+        self.pos = 0  # next byte to read
+
+    def take(self, num_bytes: int) -> Any:
+        if self.pos + num_bytes > len(self.buffer):
+            raise EOFError(f"needs byte {self.pos + num_bytes}, file ends at {len(self.buffer)}")
+        view = self.buffer[self.pos:self.pos + num_bytes]
+        self.pos += num_bytes
+        return view
+
+    def scalar(self, type_id: int) -> Any:
+        fmt = _SCALAR_FORMATS[type_id]
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.scalar(10))).decode("utf-8", errors="replace")
+
+    def value(self, type_id: int) -> Any:
+        if type_id == _STRING:
+            return self.string()
+        if type_id == _ARRAY:
+            item_type, count = self.scalar(4), self.scalar(10)
+            if item_type == _STRING:
+                return [self.string() for _ in range(count)]
+            if item_type in _SCALAR_FORMATS:
+                dtype = np.dtype(_SCALAR_FORMATS[item_type])
+                return np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype).tolist()
+            return [self.value(item_type) for _ in range(count)]
+        if type_id not in _SCALAR_FORMATS:
+            raise ValueError(f"unknown GGUF value type {type_id}")
+        return self.scalar(type_id)
+
+
+def _tensor_info(parser: _HeaderParser) -> tuple[str, tuple[int, ...], int, int]:
+    """(name, PyTorch-order shape, type id, data offset relative to the data section)."""
+    name = parser.string()
+    num_dims = parser.scalar(4)
+    ggml_dims = [parser.scalar(10) for _ in range(num_dims)]
+    return name, tuple(reversed(ggml_dims)), parser.scalar(4), parser.scalar(10)
+
+
+def _ggml_type(type_id: int, shape: tuple[int, ...], name: str, path: str) -> tuple[str, int]:
+    """(GGML type name, byte size) of a tensor; ValueError for a shape the type's blocks do not tile."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qtype = GGMLQuantizationType(type_id)
+    except ValueError:
+        return f"type{type_id}", 0
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    row = shape[-1] if shape else 1
+    if row % block_size != 0:
+        raise ValueError(f"GGUF tensor {name!r} in {path!r}: row length {row} is not a multiple of the "
+                         f"{qtype.name} block size {block_size}")
+    return qtype.name, int(np.prod(shape, dtype=np.int64)) // block_size * type_size
+
+
+def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.ndarray]:
+    """Parse one GGUF file: (metadata as plain Python values, tensor infos, read-only memmap of the file).
+
+    ValueError names the file when it is missing, not GGUF, or truncated (header or tensor data).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file {path!r} does not exist")
+    data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) > 0 else np.zeros(0, np.uint8)
+    parser = _HeaderParser(memoryview(data))
+    try:
+        if bytes(parser.take(4)) != _GGUF_MAGIC:
+            raise ValueError(f"GGUF file {path!r} does not start with the GGUF magic")
+        version = parser.scalar(4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF file {path!r} has version {version}; supported versions: 2, 3")
+        num_tensors, num_keys = parser.scalar(10), parser.scalar(10)
+        metadata = {}
+        for _ in range(num_keys):
+            key = parser.string()
+            metadata[key] = parser.value(parser.scalar(4))
+        raw_infos = [_tensor_info(parser) for _ in range(num_tensors)]
+    except EOFError as err:
+        raise ValueError(f"GGUF file {path!r} is truncated: {err}") from err
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-parser.pos // alignment) * alignment
+    infos = []
+    for name, shape, type_id, offset in raw_infos:
+        type_name, num_bytes = _ggml_type(type_id, shape, name, path)
+        info = GGUFTensorInfo(name, type_name, shape, data_start + offset, num_bytes)
+        if info.offset + num_bytes > len(data):
+            raise ValueError(f"GGUF file {path!r} is truncated: tensor {name!r} needs bytes up to "
+                             f"{info.offset + num_bytes}, the file has {len(data)}")
+        infos.append(info)
+    return metadata, infos, data
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    """One GGUF tensor and where it goes."""
+
+    hf_name: str  # Hugging Face checkpoint name
+    path: str  # file holding it
+    info: GGUFTensorInfo  # where its bytes are and how they are encoded
+    data: np.ndarray  # read-only memmap of the whole file
+    transform: str | None  # TENSOR_TRANSFORMS key or None
+
+
+def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
+    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the memmap for F32)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = data[info.offset:info.offset + info.num_bytes]
+    row_bytes = info.num_bytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
+    values = dequantize(raw.reshape(-1, row_bytes), GGMLQuantizationType[info.ggml_type])
+    return np.asarray(values, dtype=np.float32).reshape(info.shape)
+
+
+def _architecture(metadata: Mapping[str, Any], paths: list[str]) -> tuple[str, GGUFArchitecture]:
+    """The lowercased `general.architecture` and its table entry; ValueError listing the supported ones."""
+    name = metadata.get("general.architecture")
+    if not isinstance(name, str):
+        raise ValueError(f"GGUF file(s) {paths} have no general.architecture; supported architectures: "
+                         f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
+    arch = GGUF_ARCHITECTURES.get(name.lower())
+    if arch is None:
+        raise ValueError(f"Unsupported architecture: general.architecture={name!r} in {paths}; supported "
+                         f"architectures: {', '.join(sorted(GGUF_ARCHITECTURES))}")
+    return name.lower(), arch
+
+
+def _read_files(paths: list[str]) -> tuple[dict[str, Any], list[tuple[str, GGUFTensorInfo, np.ndarray]]]:
+    """Merged metadata (the first file's value wins) and every tensor as (path, info, file memmap)."""
+    metadata: dict[str, Any] = {}
+    tensors = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        file_metadata, infos, data = read_gguf_file(path)
+        for key, value in file_metadata.items():
+            metadata.setdefault(key, value)
+        for info in infos:
+            if info.name in seen:
+                raise ValueError(f"GGUF tensor {info.name!r} appears in both {seen[info.name]!r} and {path!r}")
+            seen[info.name] = path
+            tensors.append((path, info, data))
+    return metadata, tensors
+
+
+def _collect_tensors(arch_name: str, arch: GGUFArchitecture, tensors: list[tuple[str, GGUFTensorInfo, np.ndarray]]
+                     ) -> tuple[list[_TensorEntry], dict[str, np.ndarray]]:
+    """Map every tensor to its HF name; also returns the values of the tensors that feed the config."""
+    entries: list[_TensorEntry] = []
+    config_values: dict[str, np.ndarray] = {}
+    for path, info, data in tensors:
+        if info.ggml_type not in SUPPORTED_TENSOR_TYPES:
+            raise ValueError(f"GGUF tensor {info.name!r} in {path!r} has unsupported type {info.ggml_type}; "
+                             f"supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}")
+        if info.name in arch.config_tensors:
+            config_values[info.name] = _dequantize(info, data)
+            continue
+        hf_name = map_tensor_name(arch, info.name)
+        if hf_name is None:
+            raise ValueError(f"GGUF tensor {info.name!r} in {path!r} has no mapping for architecture {arch_name!r}")
+        transform = next((name for suffix, name in arch.tensor_transforms.items() if hf_name.endswith(suffix)), None)
+        entries.append(_TensorEntry(hf_name, path, info, data, transform))
+    return entries, config_values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config.
+
+def _rope_scaling(prefix: str, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """HF `rope_scaling` from `<arch>.rope.scaling.*` (and the older `<arch>.rope.scale_linear`)."""
+    kind = metadata.get(prefix + "rope.scaling.type")
+    factor = metadata.get(prefix + "rope.scaling.factor")
+    if kind is None and metadata.get(prefix + "rope.scale_linear") is not None:
+        kind, factor = "linear", metadata[prefix + "rope.scale_linear"]
+    if kind is None or kind == "none":
+        return None
+    if kind in ("linear", "yarn") and not factor:
+        raise ValueError(f"GGUF metadata {prefix}rope.scaling.type={kind!r} needs {prefix}rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        original = metadata.get(prefix + "rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        for key, hf_key in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if metadata.get(prefix + key) is not None:
+                scaling[hf_key] = float(metadata[prefix + key])
+        return scaling
+    raise ValueError(f"GGUF metadata {prefix}rope.scaling.type={kind!r} is not supported; supported: "
+                     f"'none', 'linear', 'yarn'")
+
+
+def _check_metadata(arch_name: str, arch: GGUFArchitecture, metadata: Mapping[str, Any], paths: list[str]) -> None:
+    """Fail on missing required keys and on features this loader does not support yet."""
+    prefix = arch_name + "."
+    for key in arch.required_keys:
+        if prefix + key not in metadata:
+            raise ValueError(f"GGUF metadata key {prefix + key!r} is missing in {paths}")
+    for key, feature in arch.unsupported_metadata.items():
+        value = metadata.get(prefix + key) or 0
+        if value > 0:
+            raise ValueError(f"{feature} is not supported yet: {prefix + key}={value} in {paths}")
+
+
+def build_config(arch_name: str, arch: GGUFArchitecture, metadata: Mapping[str, Any],
+                 tensor_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A Hugging Face style config.json dict from GGUF metadata and the (HF-named) tensor shapes."""
+    prefix = arch_name + "."
+    config: dict[str, Any] = {"architectures": [arch.hf_architecture], "model_type": arch.model_type,
+                              **arch.config_defaults}
+    for key, hf_key in arch.config_keys.items():
+        if metadata.get(prefix + key) is not None:
+            config[hf_key] = metadata[prefix + key]
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    rope_dim = metadata.get(prefix + "rope.dimension_count")
+    if rope_dim is not None and rope_dim != config["head_dim"]:
+        config["partial_rotary_factor"] = rope_dim / config["head_dim"]
+    embed_shape = tensor_shapes.get("model.embed_tokens.weight")
+    if embed_shape is not None:
+        config["vocab_size"] = embed_shape[0]
+    else:
+        config["vocab_size"] = metadata.get(prefix + "vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))
+    config["tie_word_embeddings"] = "lm_head.weight" not in tensor_shapes
+    config.setdefault("attention_bias", "model.layers.0.self_attn.q_proj.bias" in tensor_shapes)
+    config["rope_scaling"] = _rope_scaling(prefix, metadata)
+    for key, hf_key in TOKEN_ID_KEYS.items():
+        if metadata.get(key) is not None:
+            config[hf_key] = int(metadata[key])
+    for rule in arch.config_rules:
+        CONFIG_RULES[rule](config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public entry points.
+
+@dataclass
+class GGUFModel:
+    """One GGUF model (one or several files) in the engine's canonical form: HF config and HF-named weights."""
+
+    config: dict[str, Any]  # Hugging Face style config.json dict
+    metadata: dict[str, Any]  # every GGUF metadata key → plain Python value (for the tokenizer builder)
+    tensor_types: dict[str, str]  # HF tensor name → GGML type name, e.g. "Q4_1"
+    paths: list[str]  # the GGUF files, in the order given
+    _entries: list[_TensorEntry] = field(repr=False, default_factory=list)  # tensors in file order
+
+    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hf_name, tensor)` for every weight, dequantized to `dtype` one tensor at a time."""
+        for entry in self._entries:
+            values = _dequantize(entry.info, entry.data)
+            if not values.flags.writeable:
+                values = values.copy()
+            weight = torch.from_numpy(values).to(dtype)
+            if entry.transform is not None:
+                weight = TENSOR_TRANSFORMS[entry.transform](weight, self.config)
+            yield entry.hf_name, weight
+
+
+def open_gguf(paths: list[str] | str) -> GGUFModel:
+    """Open one GGUF model (several files: metadata and tensors merged) and map it onto HF names and config.
+
+    Raises ValueError for a missing or truncated file (naming it), an unknown `general.architecture` (listing
+    the supported ones), an unsupported tensor type (naming the tensor and type) and unsupported features.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("open_gguf needs at least one GGUF file path")
+    paths = [os.fspath(path) for path in paths]
+    metadata, tensors = _read_files(paths)
+    arch_name, arch = _architecture(metadata, paths)
+    _check_metadata(arch_name, arch, metadata, paths)
+    entries, config_values = _collect_tensors(arch_name, arch, tensors)
+    config = build_config(arch_name, arch, metadata, {entry.hf_name: entry.info.shape for entry in entries})
+    for gguf_name, values in config_values.items():
+        config[arch.config_tensors[gguf_name]] = values.reshape(-1).tolist()
+    tensor_types = {entry.hf_name: entry.info.ggml_type for entry in entries}
+    logger.debug("opened GGUF %s: architecture %s, %d tensors", paths, arch_name, len(entries))
+    return GGUFModel(config=config, metadata=metadata, tensor_types=tensor_types, paths=paths, _entries=entries)

