@@ -32,6 +32,9 @@ class IncrementalDetokenizer:
     for the last few prompt tokens `ctx`. For byte-level BPE and for SentencePiece tokenizers whose decoder
     does not strip a leading space (Gemma) this is exactly `tokenizer.decode(output_ids)`; for a decoder that
     strips the first token's leading space (Llama 2) the first word keeps its space, as it continues the prompt.
+    (One exception: when a model emits byte tokens that are not valid UTF-8 right after a complete byte-encoded
+    character, tokenizers' ByteFallback turns that whole run into U+FFFDs in a full decode, while the stream has
+    already emitted the complete character.)
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:

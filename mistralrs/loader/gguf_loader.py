@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from mistralrs.loader.gguf_metadata import GGUFTensorInfo, read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -174,121 +175,36 @@ def map_tensor_name(arch: GGUFArchitecture, gguf_name: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading files. The header is parsed here (gguf-py's GGUFReader builds a numpy view per string and takes
-# seconds on a 49k-token vocabulary); tensor data stays memory-mapped until `iter_weights` reaches it.
+# Reading files: the header through gguf_metadata.read_gguf_header; tensor data stays memory-mapped until
+# `iter_weights` reaches it.
 
-_GGUF_MAGIC = b"GGUF"
-_STRING, _ARRAY = 8, 9  # GGUF value type ids with variable size
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                   10: "<Q", 11: "<q", 12: "<d"}  # GGUF value type id → struct format (also a numpy dtype)
+def ggml_type_name(info: GGUFTensorInfo) -> str:
+    """The GGML type name of a tensor, e.g. "Q4_1"."""
+    from gguf import GGMLQuantizationType
 
-
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """One tensor as its GGUF file describes it."""
-
-    name: str  # GGUF tensor name, e.g. "blk.0.attn_q.weight"
-    ggml_type: str  # GGML type name, e.g. "Q4_1" ("type<N>" for an id the gguf package does not know)
-    shape: tuple[int, ...]  # PyTorch order (GGML lists the fastest-varying dimension first)
-    offset: int  # absolute byte offset of the data in the file
-    num_bytes: int  # size of the data in bytes
-
-
-class _HeaderParser:
-    """Sequential little-endian reads over a memory-mapped GGUF file; running off the end raises EOFError."""
-
-    def __init__(self, buffer: Any):
-        self.buffer = buffer  # the file's bytes (mmap or bytes)
-        self.pos = 0  # next byte to read
-
-    def take(self, num_bytes: int) -> Any:
-        if self.pos + num_bytes > len(self.buffer):
-            raise EOFError(f"needs byte {self.pos + num_bytes}, file ends at {len(self.buffer)}")
-        view = self.buffer[self.pos:self.pos + num_bytes]
-        self.pos += num_bytes
-        return view
-
-    def scalar(self, type_id: int) -> Any:
-        fmt = _SCALAR_FORMATS[type_id]
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return bytes(self.take(self.scalar(10))).decode("utf-8", errors="replace")
-
-    def value(self, type_id: int) -> Any:
-        if type_id == _STRING:
-            return self.string()
-        if type_id == _ARRAY:
-            item_type, count = self.scalar(4), self.scalar(10)
-            if item_type == _STRING:
-                return [self.string() for _ in range(count)]
-            if item_type in _SCALAR_FORMATS:
-                dtype = np.dtype(_SCALAR_FORMATS[item_type])
-                return np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype).tolist()
-            return [self.value(item_type) for _ in range(count)]
-        if type_id not in _SCALAR_FORMATS:
-            raise ValueError(f"unknown GGUF value type {type_id}")
-        return self.scalar(type_id)
-
-
-def _tensor_info(parser: _HeaderParser) -> tuple[str, tuple[int, ...], int, int]:
-    """(name, PyTorch-order shape, type id, data offset relative to the data section)."""
-    name = parser.string()
-    num_dims = parser.scalar(4)
-    ggml_dims = [parser.scalar(10) for _ in range(num_dims)]
-    return name, tuple(reversed(ggml_dims)), parser.scalar(4), parser.scalar(10)
-
-
-def _ggml_type(type_id: int, shape: tuple[int, ...], name: str, path: str) -> tuple[str, int]:
-    """(GGML type name, byte size) of a tensor; ValueError for a shape the type's blocks do not tile."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        qtype = GGMLQuantizationType(type_id)
-    except ValueError:
-        return f"type{type_id}", 0
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    row = shape[-1] if shape else 1
-    if row % block_size != 0:
-        raise ValueError(f"GGUF tensor {name!r} in {path!r}: row length {row} is not a multiple of the "
-                         f"{qtype.name} block size {block_size}")
-    return qtype.name, int(np.prod(shape, dtype=np.int64)) // block_size * type_size
+    return GGMLQuantizationType(info.ggml_type).name
 
 
 def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.ndarray]:
-    """Parse one GGUF file: (metadata as plain Python values, tensor infos, read-only memmap of the file).
+    """One GGUF file: (metadata as plain Python values, tensor infos, read-only memmap of the file).
 
     ValueError names the file when it is missing, not GGUF, or truncated (header or tensor data).
     """
+    from gguf import GGML_QUANT_SIZES
+
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {path!r} does not exist")
-    data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) > 0 else np.zeros(0, np.uint8)
-    parser = _HeaderParser(memoryview(data))
-    try:
-        if bytes(parser.take(4)) != _GGUF_MAGIC:
-            raise ValueError(f"GGUF file {path!r} does not start with the GGUF magic")
-        version = parser.scalar(4)
-        if version not in (2, 3):
-            raise ValueError(f"GGUF file {path!r} has version {version}; supported versions: 2, 3")
-        num_tensors, num_keys = parser.scalar(10), parser.scalar(10)
-        metadata = {}
-        for _ in range(num_keys):
-            key = parser.string()
-            metadata[key] = parser.value(parser.scalar(4))
-        raw_infos = [_tensor_info(parser) for _ in range(num_tensors)]
-    except EOFError as err:
-        raise ValueError(f"GGUF file {path!r} is truncated: {err}") from err
-    alignment = int(metadata.get("general.alignment", 32))
-    data_start = -(-parser.pos // alignment) * alignment
-    infos = []
-    for name, shape, type_id, offset in raw_infos:
-        type_name, num_bytes = _ggml_type(type_id, shape, name, path)
-        info = GGUFTensorInfo(name, type_name, shape, data_start + offset, num_bytes)
-        if info.offset + num_bytes > len(data):
-            raise ValueError(f"GGUF file {path!r} is truncated: tensor {name!r} needs bytes up to "
-                             f"{info.offset + num_bytes}, the file has {len(data)}")
-        infos.append(info)
-    return metadata, infos, data
+    header = read_gguf_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for info in header.tensors:
+        if info.offset + info.nbytes > len(data):
+            raise ValueError(f"GGUF file {path!r} is truncated: tensor {info.name!r} needs bytes up to "
+                             f"{info.offset + info.nbytes}, the file has {len(data)}")
+        block_size = GGML_QUANT_SIZES[info.ggml_type][0]
+        if info.shape and info.shape[-1] % block_size != 0:
+            raise ValueError(f"GGUF tensor {info.name!r} in {path!r}: row length {info.shape[-1]} is not a "
+                             f"multiple of the {ggml_type_name(info)} block size {block_size}")
+    return header.metadata, header.tensors, data
 
 
 @dataclass(frozen=True)
@@ -304,12 +220,11 @@ class _TensorEntry:
 
 def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
     """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the memmap for F32)."""
-    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    raw = data[info.offset:info.offset + info.num_bytes]
-    row_bytes = info.num_bytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
-    values = dequantize(raw.reshape(-1, row_bytes), GGMLQuantizationType[info.ggml_type])
+    raw = data[info.offset:info.offset + info.nbytes]
+    row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
+    values = dequantize(raw.reshape(-1, row_bytes), info.ggml_type)
     return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 
@@ -349,8 +264,8 @@ def _collect_tensors(arch_name: str, arch: GGUFArchitecture, tensors: list[tuple
     entries: list[_TensorEntry] = []
     config_values: dict[str, np.ndarray] = {}
     for path, info, data in tensors:
-        if info.ggml_type not in SUPPORTED_TENSOR_TYPES:
-            raise ValueError(f"GGUF tensor {info.name!r} in {path!r} has unsupported type {info.ggml_type}; "
+        if ggml_type_name(info) not in SUPPORTED_TENSOR_TYPES:
+            raise ValueError(f"GGUF tensor {info.name!r} in {path!r} has unsupported type {ggml_type_name(info)}; "
                              f"supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}")
         if info.name in arch.config_tensors:
             config_values[info.name] = _dequantize(info, data)
@@ -475,6 +390,6 @@ def open_gguf(paths: list[str] | str) -> GGUFModel:
     config = build_config(arch_name, arch, metadata, {entry.hf_name: entry.info.shape for entry in entries})
     for gguf_name, values in config_values.items():
         config[arch.config_tensors[gguf_name]] = values.reshape(-1).tolist()
-    tensor_types = {entry.hf_name: entry.info.ggml_type for entry in entries}
+    tensor_types = {entry.hf_name: ggml_type_name(entry.info) for entry in entries}
     logger.debug("opened GGUF %s: architecture %s, %d tensors", paths, arch_name, len(entries))
     return GGUFModel(config=config, metadata=metadata, tensor_types=tensor_types, paths=paths, _entries=entries)

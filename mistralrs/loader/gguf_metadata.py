@@ -79,6 +79,8 @@ class _Cursor:
     def string_array(self, count: int) -> list[str]:
         """`count` length-prefixed strings; the hot loop for vocabularies and merge tables."""
         buf, unpack, pos = self.buf, self._u64, self.pos
+        if count * 8 > len(buf) - pos:  # each string needs at least its 8-byte length
+            raise ValueError(f"{self.path}: truncated GGUF header (a string array runs past the end of the file)")
         out = [""] * count
         for i in range(count):
             (length,) = unpack(buf, pos)

@@ -143,18 +143,21 @@ def _add_gguf_added_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[
 def _template_processor(tokens: list[str], metadata: dict, add_bos: bool,
                         add_eos: bool) -> processors.TemplateProcessing | None:
     """`<bos> $A <eos>` with each end only when the metadata asks for it; None when neither is added."""
-    bos = _token_at(tokens, metadata, "tokenizer.ggml.bos_token_id") if add_bos else None
-    eos = _token_at(tokens, metadata, "tokenizer.ggml.eos_token_id") if add_eos else None
-    if bos is None and eos is None:
+    ends = {}
+    for name, wanted in (("bos", add_bos), ("eos", add_eos)):
+        token = _token_at(tokens, metadata, f"tokenizer.ggml.{name}_token_id") if wanted else None
+        if token is not None:
+            ends[name] = (token, int(metadata[f"tokenizer.ggml.{name}_token_id"]))
+    if not ends:
         return None
-    prefix = f"{bos}:0 " if bos is not None else ""
-    suffix = f" {eos}:0" if eos is not None else ""
-    pair_prefix = f"{bos}:1 " if bos is not None else ""
-    pair_suffix = f" {eos}:1" if eos is not None else ""
-    special_tokens = [(t, tokens.index(t)) for t in dict.fromkeys(x for x in (bos, eos) if x is not None)]
-    return processors.TemplateProcessing(single=f"{prefix}$A:0{suffix}",
-                                         pair=f"{prefix}$A:0{suffix} {pair_prefix}$B:1{pair_suffix}",
-                                         special_tokens=special_tokens)
+
+    def sequence(piece: str, type_id: int) -> str:
+        bos = f"{ends['bos'][0]}:{type_id} " if "bos" in ends else ""
+        eos = f" {ends['eos'][0]}:{type_id}" if "eos" in ends else ""
+        return f"{bos}{piece}:{type_id}{eos}"
+
+    return processors.TemplateProcessing(single=sequence("$A", 0), pair=f"{sequence('$A', 0)} {sequence('$B', 1)}",
+                                         special_tokens=list(dict.fromkeys(ends.values())))
 
 
 def _byte_level_bpe(metadata: dict, tokens: list[str]) -> tuple[Tokenizer, bool]:
@@ -187,7 +190,8 @@ def _byte_level_bpe(metadata: dict, tokens: list[str]) -> tuple[Tokenizer, bool]
 def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """Every split of every normal token into two normal tokens, best merged-token score first.
 
-    Ties in score keep vocabulary order, as the llama.cpp SPM tokenizer's priority queue does in practice.
+    Ties in score keep vocabulary order (llama.cpp breaks them by position in the text instead; the two can
+    differ only when two equal-score merges compete inside one piece of text).
     """
     mergeable = [i for i, kind in enumerate(types) if kind == TOKEN_TYPE_NORMAL]
     pieces = {tokens[i] for i in mergeable}
@@ -249,7 +253,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     template = _template_processor(tokens, metadata, add_bos, add_eos)
     if kind == "gpt2":
-        byte_level = processors.ByteLevel(trim_offsets=False)
+        byte_level = processors.ByteLevel(add_prefix_space=False, trim_offsets=False)
         tokenizer.post_processor = byte_level if template is None else processors.Sequence([byte_level, template])
     elif template is not None:
         tokenizer.post_processor = template

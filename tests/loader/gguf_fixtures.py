@@ -151,8 +151,10 @@ def _add_metadata(writer: Any, key: str, value: Any) -> None:
         writer.add_float32(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and not value:
+        return  # GGUF has no empty arrays: an empty list (e.g. no merges) leaves the key out
     elif isinstance(value, (list, tuple)):
-        if value and isinstance(value[0], int):  # token types are INT32 in llama.cpp
+        if isinstance(value[0], int):  # token types are INT32 in llama.cpp
             writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
         else:
             writer.add_array(key, list(value))

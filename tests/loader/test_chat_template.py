@@ -82,7 +82,8 @@ def render(source: str, messages=(), **kwargs) -> str:
 
 
 def test_raise_exception_is_a_value_error():
-    source = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}"
+    source = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}"
+              "{% endif %}")
     with pytest.raises(ValueError, match="chat template error: Conversation must start with user"):
         render(source, [{"role": "assistant", "content": "hi"}])
     assert render(source, [{"role": "user", "content": "hi"}]) == ""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mistralrs.loader import gguf_loader
-from mistralrs.loader.gguf_loader import GGUF_ARCHITECTURES, open_gguf, read_gguf_file, unpermute_rows
+from mistralrs.loader.gguf_loader import GGUF_ARCHITECTURES, open_gguf, unpermute_rows
 from tests.loader.gguf_fixtures import gguf_tensor_name, llama_cpp_permute, write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -108,6 +108,17 @@ def test_llama_file_really_holds_permuted_q_k(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
     for name, want in model.state_dict().items():
         assert torch.equal(reference.state_dict()[name], want), name
+
+
+def test_fixture_tokenizer_metadata_loads_in_transformers(tmp_path):
+    """The fixture's gpt2 vocab (exactly vocab_size tokens, with merges) is a valid GGUF tokenizer."""
+    model, config = tiny_model("qwen2")
+    write_tiny_gguf(model, config, tmp_path / "tiny.gguf", arch="qwen2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert len(tokenizer) == COMMON["vocab_size"]
+    ids = tokenizer("<|im_start|>user\nthe tea is hot<|im_end|>")["input_ids"]
+    assert ids[0] == 1 and ids[-1] == 2 and len(ids) < 20  # specials kept whole, merges applied
+    assert tokenizer.decode(ids) == "<|im_start|>user\nthe tea is hot<|im_end|>"
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 3])
@@ -298,17 +309,3 @@ def test_smollm2_matches_transformers(tmp_path, monkeypatch):
         seen.add(hf_name)
     # transformers also lists the tied lm_head; everything else must have been produced by us.
     assert set(reference) - seen == {"lm_head.weight"}
-
-
-def test_header_parser_agrees_with_gguf_reader(tmp_path):
-    from gguf import GGUFReader
-
-    model, config = tiny_model("qwen2")
-    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf", arch="qwen2", ggml_type="Q8_0",
-                           extra_metadata={"general.tags": ["a", "b"], "qwen2.some_float64": 0.5})[0]
-    metadata, infos, _ = read_gguf_file(path)
-    reader = GGUFReader(path)
-    assert metadata == {key: value.contents() for key, value in reader.fields.items() if not key.startswith("GGUF.")}
-    assert [(i.name, i.ggml_type, i.shape, i.offset, i.num_bytes) for i in infos] == [
-        (t.name, t.tensor_type.name, tuple(reversed(t.shape.tolist())), t.data_offset, t.n_bytes)
-        for t in reader.tensors]

