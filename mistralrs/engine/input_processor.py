@@ -42,10 +42,14 @@ class InputProcessor:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.max_model_len = max_model_len       # context limit: model length capped by the KV capacity
-        self.chat_template = None
-        if bundle.chat_template is not None:
-            self.chat_template = ChatTemplate(bundle.chat_template, bos_token=bundle.bos_token,
-                                              eos_token=bundle.eos_token, unk_token=bundle.unk_token)
+        self.chat_template = self._compile(bundle.chat_template)
+        self.tool_chat_template = self._compile(bundle.tool_chat_template) or self.chat_template
+
+    def _compile(self, source: str | None) -> ChatTemplate | None:
+        if source is None:
+            return None
+        return ChatTemplate(source, bos_token=self.bundle.bos_token, eos_token=self.bundle.eos_token,
+                            unk_token=self.bundle.unk_token)
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Render the chat template and tokenize the prompt."""
@@ -55,7 +59,8 @@ class InputProcessor:
                              "send a CompletionRequest.")
         if not messages:
             raise ValueError("Received an empty prompt.")
-        text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+        template = self.tool_chat_template if tools else self.chat_template
+        text = template.render(messages, add_generation_prompt=True, tools=tools)
         # As in transformers' apply_chat_template: the template writes BOS itself when the model wants one
         # (the reference adds special tokens again, which can double the BOS).
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -39,6 +39,7 @@ class SeqOutputState:
         self.logprobs: list[TokenLogprob] = []
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
+        self.cut_at_stop_string = False    # the text ends where a stop string started
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -64,6 +65,8 @@ class SeqOutputState:
             self._cut_at_stop_string()
         if self.finish_reason is None and len(self.token_ids) >= self.stop.max_tokens:
             self.finish_reason = "length"
+        if self.finish_reason is not None and not self.cut_at_stop_string:
+            self.text += self.detokenizer.flush()   # bytes of an unfinished character, held back until now
         visible_end = len(self.text)
         if self.finish_reason is None:
             visible_end -= _held_back_length(self.text, self.stop.stop_strings)
@@ -80,6 +83,7 @@ class SeqOutputState:
         if hits:
             self.text = self.text[:min(hits)]
             self.finish_reason = "stop"
+            self.cut_at_stop_string = True
 
     def cancel(self) -> SeqDelta:
         """Finish as canceled; nothing more is streamed."""
