@@ -45,11 +45,18 @@ def which_from_args(args: argparse.Namespace):
     return default_model_which()
 
 
-def _chat_loop(runner: Runner, args: argparse.Namespace) -> None:
+def _label(which) -> str:
+    if isinstance(which, Which.GGUF):
+        names = which.quantized_filename
+        return names if isinstance(names, str) else ", ".join(names)
+    return which.model_id
+
+
+def _chat_loop(runner: Runner, label: str, args: argparse.Namespace) -> None:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print("Chatting with", runner.model_id, "- type /exit or Ctrl-D to quit, /clear to start over.")
+    print(f"Chatting with {label} - type /exit or Ctrl-D to quit, /clear to start over.")
     while True:
         try:
             line = input("> ")
@@ -109,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         args = build_parser().parse_args([*argv, "chat"])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
-        runner = Runner(which_from_args(args), max_seqs=args.max_seqs, token_source=args.token_source,
+        which = which_from_args(args)
+        runner = Runner(which, max_seqs=args.max_seqs, token_source=args.token_source,
                         chat_template=args.chat_template, jinja_explicit=args.jinja_explicit, seed=args.seed)
     except (ValueError, TypeError) as exc:
         sys.exit(f"mistralrs: {exc}")
-    _chat_loop(runner, args)
+    _chat_loop(runner, _label(which), args)
     runner.close()
