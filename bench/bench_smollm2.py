@@ -44,8 +44,10 @@ def main() -> None:
             python = args.reference_python
         cmd = [python, os.path.join(HERE, "bench_worker.py"), engine, model, str(args.threads), args.dtype,
                str(PROMPT_TOKENS), str(DECODE_TOKENS), str(CONCURRENT)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MISTRALRS_NO_PROGRESS="1",
-                   PYTHONPATH=os.path.dirname(HERE))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads),
+                   MISTRALRS_NO_PROGRESS="1")
+        if engine != "reference":
+            env["PYTHONPATH"] = os.path.dirname(HERE)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"{engine} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)

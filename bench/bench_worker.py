@@ -26,20 +26,24 @@ def prompt_of(tokenize, n_tokens: int) -> str:
     return text
 
 
-def bench_ours(model: str, threads: int, dtype: str, n_prompt: int, n_decode: int, n_conc: int) -> dict:
+def bench_mistralrs_api(model: str, threads: int, dtype: str, n_prompt: int, n_decode: int, n_conc: int,
+                        reference: bool) -> dict:
+    """This engine, or the reference `mistralrs` wheel: both are driven through the same 0.5.0 Python API."""
     import os
-
-    import torch
 
     from mistralrs import CompletionRequest, ModelDType, Runner, Which
 
-    torch.set_num_threads(threads)
+    if not reference:
+        import torch
+
+        torch.set_num_threads(threads)
+    which = Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
+                       dtype=ModelDType.Auto if reference else ModelDType.from_str(dtype))
     start = time.perf_counter()
-    runner = Runner(Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
-                               dtype=ModelDType.from_str(dtype)), prefix_cache_n=0, show_progress=False)
+    runner = Runner(which, prefix_cache_n=0) if reference else Runner(which, prefix_cache_n=0, show_progress=False)
     load_s = time.perf_counter() - start
-    eos = sorted(runner._inputs.bundle.eos_token_ids)
-    no_eos = {t: -100.0 for t in eos}
+    eos = runner.tokenize_text("<|im_end|>", False) + runner.tokenize_text("<|endoftext|>", False)
+    no_eos = {t: -100.0 for t in eos}   # the reference ignores logit_bias, so its runs may stop early
     prompt = prompt_of(lambda t: runner.tokenize_text(t, False), n_prompt)
 
     def complete(text: str, max_tokens: int):
@@ -63,7 +67,6 @@ def bench_ours(model: str, threads: int, dtype: str, n_prompt: int, n_decode: in
     for t in threads_:
         t.join()
     aggregate_tps = sum(counts) / (time.perf_counter() - start)
-    runner.close()
     return dict(load_s=load_s, prompt_tps=prompt_tps, decode_tps=decode_tps, aggregate_tps=aggregate_tps,
                 peak_rss_mb=peak_rss_mb())
 
@@ -103,8 +106,8 @@ def bench_llama_cpp(model: str, threads: int, n_prompt: int, n_decode: int, n_co
 def main() -> None:
     engine, model, threads, dtype, n_prompt, n_decode, n_conc = sys.argv[1:8]
     threads, n_prompt, n_decode, n_conc = int(threads), int(n_prompt), int(n_decode), int(n_conc)
-    if engine == "ours":
-        result = bench_ours(model, threads, dtype, n_prompt, n_decode, n_conc)
+    if engine in ("ours", "reference"):
+        result = bench_mistralrs_api(model, threads, dtype, n_prompt, n_decode, n_conc, engine == "reference")
     elif engine == "llama.cpp":
         result = bench_llama_cpp(model, threads, n_prompt, n_decode, n_conc)
     else:

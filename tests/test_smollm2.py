@@ -100,3 +100,21 @@ def test_completion_and_tokenizer_round_trip(runner):
     res = runner.send_completion_request(CompletionRequest(
         prompt="The capital of France is", model="smollm2", max_tokens=4, temperature=0.0))
     assert "Paris" in res.choices[0].text
+
+
+def test_gguf_with_tok_model_id_directory(hf_model_and_tokenizer, tmp_path):
+    """`tok_model_id` pointing at a directory with tokenizer.json / tokenizer_config.json (saved by transformers)."""
+    _model, tokenizer = hf_model_and_tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    path = default_model_path()
+    runner = Runner(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+                               tok_model_id=str(tmp_path)), show_progress=False)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(expected, list):
+        expected = expected["input_ids"]
+    assert runner._inputs.chat_prompt_ids(messages) == list(expected)
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="smollm2", max_tokens=8, temperature=0.0))
+    assert "Paris" in res.choices[0].message.content
+    runner.close()
