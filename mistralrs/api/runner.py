@@ -1,11 +1,17 @@
-"""`Runner`: the entry point of the Python API (REFERENCE §1.4, §1.5)."""
+"""`Runner`: the entry point of the Python API (REFERENCE §1.4, §1.5).
+
+A request goes through `submit_chat_completion` / `submit_completion`, which hand it to the engine and return a
+`Submission`: the engine request (whose `outputs` queue receives the engine's messages) and an assembler that
+turns those messages into response objects. The blocking `send_*` methods wait on the queue; the HTTP server
+passes its own non-blocking `outputs` sink and uses the same assemblers.
+"""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.api.responses import (
@@ -21,6 +27,9 @@ from mistralrs.loader.pipeline import load_pipeline
 logger = logging.getLogger(__name__)
 
 _request_ids = itertools.count()
+TRUNCATION_RESERVE = 10  # tokens left for generation when a truncated prompt's request has no max_tokens
+
+EngineMessage = list[SeqDelta] | RequestFinished  # what the engine puts on a request's `outputs` queue
 
 
 def _not_built(name: str, value, default, what: str) -> None:
@@ -52,12 +61,12 @@ def _response_logprob(entry: TokenLogprob) -> ResponseLogprob:
         top_logprobs=[TopLogprob(token=tid, logprob=lp, bytes=text) for tid, text, lp in entry.top])
 
 
-def _options(request) -> GenerationOptions:
+def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOptions:
     return GenerationOptions(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         min_p=request.min_p, presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty, logit_bias=request.logit_bias, stop_seqs=request.stop_seqs,
-        logprobs=getattr(request, "logprobs", False), top_logprobs=getattr(request, "top_logprobs", None),
+        logprobs=logprobs, top_logprobs=top_logprobs,
         dry_multiplier=request.dry_multiplier, dry_base=request.dry_base,
         dry_allowed_length=request.dry_allowed_length, dry_sequence_breakers=request.dry_sequence_breakers,
         seed=request.seed)
@@ -78,10 +87,110 @@ class _LeadingSpaceTrimmer:
         return text
 
 
+class ChatAssembler:
+    """Turns the engine messages of one chat request into chunks (streaming) or the final response."""
+
+    def __init__(self, request_id: str, model_id: str, want_logprobs: bool) -> None:
+        self.request_id = request_id  # the response `id`
+        self.model_id = model_id  # the response `model`
+        self.want_logprobs = want_logprobs  # the request asked for logprobs
+        self._trim = _LeadingSpaceTrimmer()  # leading whitespace of each choice's stream
+
+    def chunks(self, message: EngineMessage) -> list[ChatCompletionChunkResponse]:
+        """The chunks one engine message gives: deltas of text (and logprobs), or the final usage chunk."""
+        if isinstance(message, RequestFinished):
+            return [ChatCompletionChunkResponse(id=self.request_id, choices=[], model=self.model_id,
+                                                usage=_usage(message))]
+        choices = []
+        for delta in message:
+            text = self._trim(delta.index, delta.text)
+            # a token whose text is held back (stop-string prefix, leading space) still reports its logprob
+            logprob = _response_logprob(delta.logprobs[0]) if self.want_logprobs and delta.logprobs else None
+            if not text and delta.finish_reason is None and logprob is None:
+                continue
+            choices.append(ChunkChoice(finish_reason=delta.finish_reason, index=delta.index,
+                                       delta=Delta(content=text), logprobs=logprob))
+        if not choices:
+            return []
+        return [ChatCompletionChunkResponse(id=self.request_id, choices=choices, model=self.model_id)]
+
+    def response(self, done: RequestFinished) -> ChatCompletionResponse:
+        """The non-streaming response once every choice finished."""
+        trim = _LeadingSpaceTrimmer()
+        choices = [Choice(finish_reason=r.finish_reason, index=r.index,
+                          message=ResponseMessage(content=trim(r.index, r.text)), logprobs=self._logprobs(r))
+                   for r in done.results]
+        return ChatCompletionResponse(id=self.request_id, choices=choices, model=self.model_id,
+                                      usage=_usage(done))
+
+    def _logprobs(self, result: SeqResult) -> Logprobs | None:
+        if not self.want_logprobs:
+            return None
+        return Logprobs(content=[_response_logprob(e) for e in result.logprobs])
+
+
+class CompletionAssembler:
+    """Turns the engine messages of one completion request into chunks (streaming) or the final response."""
+
+    def __init__(self, request_id: str, model_id: str, request: CompletionRequest, want_logprobs: bool) -> None:
+        self.request_id = request_id  # the response `id`
+        self.model_id = model_id  # the response `model`
+        self.request = request  # for n_choices, echo_prompt and suffix
+        self.want_logprobs = want_logprobs  # fill `logprobs` (an addition: the Python API never asks)
+
+    def chunks(self, message: EngineMessage) -> list[CompletionChunkResponse]:
+        """The chunks one engine message gives: deltas of text (and logprobs), or the final usage chunk."""
+        if isinstance(message, RequestFinished):
+            return [CompletionChunkResponse(id=self.request_id, choices=[], model=self.model_id,
+                                            usage=_usage(message))]
+        choices = []
+        for delta in message:
+            logprobs = None
+            if self.want_logprobs and delta.logprobs:
+                logprobs = Logprobs(content=[_response_logprob(e) for e in delta.logprobs])
+            if delta.text or delta.finish_reason is not None or logprobs is not None:
+                choices.append(CompletionChunkChoice(finish_reason=delta.finish_reason, index=delta.index,
+                                                     text=delta.text, logprobs=logprobs))
+        if not choices:
+            return []
+        return [CompletionChunkResponse(id=self.request_id, choices=choices, model=self.model_id)]
+
+    def response(self, done: RequestFinished) -> CompletionResponse:
+        """The non-streaming response: the `n_choices` most likely of the generated sequences."""
+        request = self.request
+        # OpenAI best_of: generate best_of sequences, return the n_choices most likely (the reference reverses it)
+        best = sorted(done.results, key=lambda r: r.cumulative_logprob, reverse=True)[:request.n_choices]
+        prefix = request.prompt if request.echo_prompt else ""
+        choices = []
+        for i, result in enumerate(sorted(best, key=lambda r: r.index)):
+            logprobs = None
+            if self.want_logprobs:
+                logprobs = Logprobs(content=[_response_logprob(e) for e in result.logprobs])
+            choices.append(CompletionChoice(finish_reason=result.finish_reason, index=i,
+                                            text=prefix + result.text + (request.suffix or ""), logprobs=logprobs))
+        return CompletionResponse(id=self.request_id, choices=choices, model=self.model_id, usage=_usage(done))
+
+
+@dataclass
+class Submission:
+    """A request handed to the engine: its engine request and the assembler of its responses."""
+
+    engine_request: EngineRequest  # its `outputs` receives SeqDelta lists, then RequestFinished (or an exception)
+    assembler: ChatAssembler | CompletionAssembler  # engine messages -> response objects
+
+    @property
+    def request_id(self) -> str:
+        """The engine's id of the request (also the response `id`)."""
+        return self.engine_request.request_id
+
+
 class Runner:
     """Loads a model selected by `Which` and serves requests on a background engine thread.
 
     Thread-safe: several threads may send requests at once; they are batched together by the engine.
+    Additions to the reference signature (keyword-only): `prompt_batchsize` (the stub's name of
+    `prompt_chunksize`), `show_progress`, and `truncate_sequence` (keep the tail of a prompt that does not fit
+    the context instead of rejecting it, as the reference server's `--truncate-sequence`).
     """
 
     def __init__(self, which, max_seqs: int = 16, no_kv_cache: bool = False, prefix_cache_n: int = 16,
@@ -91,7 +200,8 @@ class Runner:
                  anymoe_config=None, pa_gpu_mem: int | None = None, pa_gpu_mem_usage: float | None = None,
                  pa_ctxt_len: int | None = None, pa_blk_size: int | None = None, no_paged_attn: bool = False,
                  paged_attn: bool = False, prompt_chunksize: int | None = None, seed: int | None = None,
-                 *, prompt_batchsize: int | None = None, show_progress: bool | None = None) -> None:
+                 *, prompt_batchsize: int | None = None, show_progress: bool | None = None,
+                 truncate_sequence: bool = False) -> None:
         _not_built("which_draft", which_draft, None, "speculative decoding")
         _not_built("in_situ_quant", in_situ_quant, None, "in-situ quantization (ISQ)")
         _not_built("anymoe_config", anymoe_config, None, "AnyMoE")
@@ -106,18 +216,39 @@ class Runner:
             max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
             prompt_chunksize=chunksize or 512, block_size=pa_blk_size or 32, pa_ctxt_len=pa_ctxt_len,
             pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, seed=seed)
+        self.truncate_sequence = bool(truncate_sequence)
         self._loaded = load_pipeline(which, token_source=token_source, chat_template=chat_template,
                                      jinja_explicit=jinja_explicit, show_progress=show_progress)
         self._engine, self._inputs = build_engine(self._loaded, config)
         self.model_id = self._loaded.model_id
 
-    # ---- requests ----------------------------------------------------------------------------
-    def _submit(self, prompt_ids: list[int], request, num_seqs: int) -> EngineRequest:
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + generated) of one sequence: the model's context capped by the KV capacity."""
+        return self._inputs.max_model_len
+
+    # ---- submitting ---------------------------------------------------------------------------
+    def _fit_prompt(self, prompt_ids: list[int], max_tokens: int | None) -> list[int]:
+        """With `truncate_sequence`, keep the tail of a prompt that does not fit, leaving room to generate."""
+        limit = self._inputs.max_model_len
+        if not self.truncate_sequence or len(prompt_ids) < limit:
+            return prompt_ids
+        reserve = min(max_tokens or TRUNCATION_RESERVE, limit - 1)
+        keep = limit - reserve
+        logger.info("truncate_sequence: prompt of %d tokens cut to its last %d", len(prompt_ids), keep)
+        return prompt_ids[len(prompt_ids) - keep:]
+
+    def _submit(self, prompt_ids: list[int], request, num_seqs: int, logprobs: bool, top_logprobs: int | None,
+                outputs) -> EngineRequest:
         if request.grammar is not None:
             raise ValueError("grammar: constrained decoding is not supported yet")
         if request.adapters:
             raise ValueError("adapters: this model has no LoRA adapters")
-        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, _options(request), num_seqs)
+        prompt_ids = self._fit_prompt(prompt_ids, request.max_tokens)
+        options = _options(request, logprobs, top_logprobs)
+        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs)
+        if outputs is not None:
+            engine_request.outputs = outputs
         self._engine.submit(engine_request)
         return engine_request
 
@@ -126,12 +257,45 @@ class Runner:
             return [{"role": "user", "content": request.messages}]
         return request.messages
 
-    def _tools(self, request) -> list[dict] | None:
-        if not request.tool_schemas:
-            return None
-        return [json.loads(t) if isinstance(t, str) else t for t in request.tool_schemas]
+    @staticmethod
+    def _tools(request) -> list[dict] | None:
+        return list(request.tool_schemas) if request.tool_schemas else None
 
-    def _events(self, engine_request: EngineRequest) -> Iterator[list[SeqDelta] | RequestFinished]:
+    def submit_chat_completion(self, request: ChatCompletionRequest, *, outputs=None) -> Submission:
+        """Render, tokenize and queue a chat request without waiting for it.
+
+        `outputs` (anything with a thread-safe `put(message)`) replaces the request's queue; the engine thread
+        puts `SeqDelta` lists, then a `RequestFinished` (or an exception) on it. Raises ValueError for a bad
+        request (prompt too long, no chat template, unsupported option).
+        """
+        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request))
+        engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
+                                      request.top_logprobs, outputs)
+        return Submission(engine_request, ChatAssembler(engine_request.request_id, self.model_id, request.logprobs))
+
+    def submit_completion(self, request: CompletionRequest, *, logprobs: int | None = None,
+                          outputs=None) -> Submission:
+        """Tokenize and queue a completion request without waiting for it (see `submit_chat_completion`).
+
+        `logprobs` (an addition; 0..20) reports the chosen token's logprob and that many alternatives.
+        """
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 20):
+            raise ValueError(f"logprobs must be an int in [0, 20] or None, got {logprobs!r}")
+        prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
+        num_seqs = max(request.n_choices, request.best_of)
+        if request.stream and num_seqs != request.n_choices:
+            raise ValueError("best_of: cannot be larger than n_choices when streaming")
+        engine_request = self._submit(prompt_ids, request, num_seqs, logprobs is not None, logprobs, outputs)
+        assembler = CompletionAssembler(engine_request.request_id, self.model_id, request, logprobs is not None)
+        return Submission(engine_request, assembler)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a submitted request: it stops within one engine step and frees its KV blocks."""
+        self._engine.abort(request_id)
+
+    # ---- waiting ------------------------------------------------------------------------------
+    def _events(self, engine_request: EngineRequest) -> Iterator[EngineMessage]:
         """Messages of one request until it finishes; closing early cancels it in the engine."""
         finished = False
         try:
@@ -149,80 +313,25 @@ class Runner:
             if not finished:
                 self._engine.abort(engine_request.request_id)
 
-    def _wait(self, engine_request: EngineRequest) -> RequestFinished:
-        for message in self._events(engine_request):
+    def _wait(self, submission: Submission):
+        for message in self._events(submission.engine_request):
             if isinstance(message, RequestFinished):
-                return message
+                return submission.assembler.response(message)
         raise RuntimeError("engine stream ended without a result")
+
+    def _stream(self, submission: Submission) -> Iterator:
+        for message in self._events(submission.engine_request):
+            yield from submission.assembler.chunks(message)
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         """Generate a chat reply: a `ChatCompletionResponse`, or an iterator of chunks when `request.stream`."""
-        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request))
-        engine_request = self._submit(prompt_ids, request, request.n_choices)
-        if request.stream:
-            return self._stream_chat(engine_request)
-        done = self._wait(engine_request)
-        trim = _LeadingSpaceTrimmer()
-        choices = [Choice(finish_reason=r.finish_reason, index=r.index,
-                          message=ResponseMessage(content=trim(r.index, r.text)),
-                          logprobs=self._logprobs(request, r)) for r in done.results]
-        return ChatCompletionResponse(id=engine_request.request_id, choices=choices, model=self.model_id,
-                                      usage=_usage(done))
-
-    @staticmethod
-    def _logprobs(request, result: SeqResult) -> Logprobs | None:
-        if not request.logprobs:
-            return None
-        return Logprobs(content=[_response_logprob(e) for e in result.logprobs])
-
-    def _stream_chat(self, engine_request: EngineRequest) -> Iterator[ChatCompletionChunkResponse]:
-        trim = _LeadingSpaceTrimmer()
-        for message in self._events(engine_request):
-            if isinstance(message, RequestFinished):
-                yield ChatCompletionChunkResponse(id=engine_request.request_id, choices=[], model=self.model_id,
-                                                  usage=_usage(message))
-                continue
-            choices = []
-            for delta in message:
-                text = trim(delta.index, delta.text)
-                if not text and delta.finish_reason is None:
-                    continue
-                logprob = _response_logprob(delta.logprobs[0]) if delta.logprobs else None
-                choices.append(ChunkChoice(finish_reason=delta.finish_reason, index=delta.index,
-                                           delta=Delta(content=text), logprobs=logprob))
-            if choices:
-                yield ChatCompletionChunkResponse(id=engine_request.request_id, choices=choices,
-                                                  model=self.model_id)
+        submission = self.submit_chat_completion(request)
+        return self._stream(submission) if request.stream else self._wait(submission)
 
     def send_completion_request(self, request: CompletionRequest):
         """Continue a raw prompt: a `CompletionResponse`, or an iterator of chunks when `request.stream`."""
-        prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
-        num_seqs = max(request.n_choices, request.best_of)
-        if request.stream and num_seqs != request.n_choices:
-            raise ValueError("best_of: cannot be larger than n_choices when streaming")
-        engine_request = self._submit(prompt_ids, request, num_seqs)
-        if request.stream:
-            return self._stream_completion(engine_request)
-        done = self._wait(engine_request)
-        # OpenAI best_of: generate best_of sequences, return the n_choices most likely (the reference reverses it)
-        best = sorted(done.results, key=lambda r: r.cumulative_logprob, reverse=True)[:request.n_choices]
-        prefix = request.prompt if request.echo_prompt else ""
-        choices = [CompletionChoice(finish_reason=r.finish_reason, index=i,
-                                    text=prefix + r.text + (request.suffix or ""))
-                   for i, r in enumerate(sorted(best, key=lambda r: r.index))]
-        return CompletionResponse(id=engine_request.request_id, choices=choices, model=self.model_id,
-                                  usage=_usage(done))
-
-    def _stream_completion(self, engine_request: EngineRequest) -> Iterator[CompletionChunkResponse]:
-        for message in self._events(engine_request):
-            if isinstance(message, RequestFinished):
-                yield CompletionChunkResponse(id=engine_request.request_id, choices=[], model=self.model_id,
-                                              usage=_usage(message))
-                continue
-            choices = [CompletionChunkChoice(finish_reason=d.finish_reason, index=d.index, text=d.text)
-                       for d in message if d.text or d.finish_reason is not None]
-            if choices:
-                yield CompletionChunkResponse(id=engine_request.request_id, choices=choices, model=self.model_id)
+        submission = self.submit_completion(request)
+        return self._stream(submission) if request.stream else self._wait(submission)
 
     # ---- other methods -----------------------------------------------------------------------
     def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:

@@ -4,6 +4,14 @@
 `apply_rotary(x, cos, sin)` rotates the first `rotary_dim` features of each head.
 A new scaling variant is one function `(rope_scaling dict, RopeBasis) -> (inv_freq, attention_factor)`
 added to `_INV_FREQ_SCALERS`.
+
+LongRoPE ("longrope", legacy "su"; Phi-3) has two frequency sets: the short factors while a sequence is within
+`original_max_position_embeddings`, the long factors beyond it. `transformers` picks one set per forward call by
+`max(position_ids) + 1`. Our positions are per token, so the model passes each token's sequence length after
+this step (`context_lens_per_token`): all tokens of a sequence's chunk use the long set exactly when that
+sequence's context passes the original length this step. That equals `transformers` fed the same chunks one
+sequence at a time (a whole prompt in one call; then one decode step per call) and does not depend on what else
+is packed into the step. Keys already cached keep the rotation they were written with, as in `transformers`.
 """
 
 from __future__ import annotations
@@ -11,10 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mistralrs.worker.forward_batch import ForwardBatch
 
 # A scaling variant: (rope_scaling dict, RopeBasis) -> (inv_freq [rotary_dim // 2] float32, attention_factor).
 InvFreqScaler = Callable[[dict[str, Any], "RopeBasis"], tuple[torch.Tensor, float]]
@@ -100,12 +111,41 @@ def _yarn_rope(scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor,
     return inv_freq, float(attention_factor)
 
 
+def _longrope_attention_factor(scaling: dict[str, Any], basis: RopeBasis) -> float:
+    """LongRoPE's cos/sin scale: `attention_factor`, else sqrt(1 + ln(factor) / ln(original length)), where
+    `factor` defaults to max_position_embeddings / original_max_position_embeddings (as Phi-3 configs imply)."""
+    original = float(_scaling_param(scaling, "original_max_position_embeddings"))
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling.get("factor") or basis.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_inv_freq(scaling: dict[str, Any], basis: RopeBasis, which: str) -> torch.Tensor:
+    """LongRoPE inverse frequencies `1 / (factor_i * base ** (2i / rotary_dim))` for `which` in
+    ("short_factor", "long_factor"); ValueError naming the field when its length is not rotary_dim // 2."""
+    factors = _scaling_param(scaling, which)
+    if not isinstance(factors, (list, tuple)) or len(factors) != basis.rotary_dim // 2:
+        length = len(factors) if isinstance(factors, (list, tuple)) else type(factors).__name__
+        raise ValueError(f"rope_scaling.{which} must list rotary_dim // 2 = {basis.rotary_dim // 2} numbers, "
+                         f"got {length}")
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * basis.pos_freqs())
+
+
+def _longrope(scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor, float]:
+    """LongRoPE's short set (the long set is added by `RotaryEmbedding`, see the module docstring)."""
+    return longrope_inv_freq(scaling, basis, "short_factor"), _longrope_attention_factor(scaling, basis)
+
+
 _INV_FREQ_SCALERS: dict[str, InvFreqScaler] = {
     "default": _default_rope,
     "linear": _linear_rope,
     "llama3": _llama3_rope,
     "yarn": _yarn_rope,
+    "longrope": _longrope,
+    "su": _longrope,  # the name Phi-3 configs used before "longrope"
 }
+LONGROPE_TYPES = ("longrope", "su")
 
 
 def rope_type_of(scaling: dict[str, Any] | None) -> str:
@@ -156,14 +196,35 @@ class RotaryEmbedding(nn.Module):
         basis = RopeBasis(float(base), rotary_dim, max_position_embeddings)
         inv_freq, self.attention_factor = _INV_FREQ_SCALERS[rope_type_of(scaling)](scaling or {}, basis)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # [rotary_dim // 2] float32
+        self.long_context_start: int | None = None  # LongRoPE: sequences longer than this use long_inv_freq
+        self.long_inv_freq: torch.Tensor | None  # LongRoPE's long set [rotary_dim // 2] float32, else None
+        long_inv_freq = None
+        if rope_type_of(scaling) in LONGROPE_TYPES:
+            long_inv_freq = longrope_inv_freq(scaling, basis, "long_factor").to(device)
+            self.long_context_start = int(scaling["original_max_position_embeddings"])
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def is_longrope(self) -> bool:
+        """Whether the frequencies depend on the sequence length (LongRoPE)."""
+        return self.long_inv_freq is not None
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, context_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin tables, each `[num_tokens, 1, rotary_dim]` in `dtype`.
 
         The sin table's first half is negated so that `apply_rotary` needs no negation:
         rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin).
+        `context_lens` (`[num_tokens]`, each token's sequence length after this step) chooses LongRoPE's short or
+        long set; without it a token decides by its own position (`position + 1`). Other types ignore it.
         """
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [num_tokens, rotary_dim // 2]
+        inv_freq = self.inv_freq[None, :]
+        if self.long_inv_freq is not None:
+            lengths = positions + 1 if context_lens is None else context_lens
+            use_long = (lengths > self.long_context_start)[:, None]
+            inv_freq = torch.where(use_long, self.long_inv_freq[None, :], inv_freq)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq  # [num_tokens, rotary_dim // 2]
         cos = freqs.cos()
         sin = freqs.sin()
         if self.attention_factor != 1.0:
@@ -172,6 +233,12 @@ class RotaryEmbedding(nn.Module):
         cos = torch.cat((cos, cos), dim=-1).to(dtype)
         sin = torch.cat((-sin, sin), dim=-1).to(dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def context_lens_per_token(fb: ForwardBatch) -> torch.Tensor:
+    """`[num_tokens]` int64: for each packed token, its sequence's context length after this step."""
+    lengths = [n for n, q in zip(fb.context_lens, fb.query_lens) for _ in range(q)]
+    return torch.tensor(lengths, dtype=torch.int64, device=fb.positions.device)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mistralrs.layers.activation import get_act_fn
@@ -43,6 +43,7 @@ class TextModelConfig:
     bos_token_id: int | list[int] | None = None  # beginning-of-sequence id(s)
     eos_token_id: int | list[int] | None = None  # end-of-sequence id(s)
     extra: dict[str, Any] = field(default_factory=dict)  # every other key of the HF dict, untouched
+    hf_keys: frozenset[str] | None = None  # field names the HF dict set; None: built in code (all count as set)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -78,6 +79,20 @@ class TextModelConfig:
             raise ValueError(f"config field 'layer_types' must list num_hidden_layers ({self.num_hidden_layers}) "
                              f"entries from {list(LAYER_TYPES)}, got {types!r}")
 
+    def with_family_defaults(self, **defaults: Any) -> TextModelConfig:
+        """A copy where each field named in `defaults` that the HF dict did not set takes the family's default.
+
+        Families whose `transformers` defaults differ from this class's (Gemma ties embeddings, Phi-2 rotates
+        half of each head, ...) call this first, so a sparse `config.json` means what it means to `transformers`.
+        """
+        unknown = sorted(set(defaults) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"with_family_defaults: {unknown} are not TextModelConfig fields")
+        given = self.hf_keys
+        if given is None:
+            return self
+        return replace(self, **{k: v for k, v in defaults.items() if k not in given})
+
     @property
     def rotary_dim(self) -> int:
         """Features per head that RoPE rotates."""
@@ -102,7 +117,8 @@ class TextModelConfig:
                 d["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
             if "partial_rotary_factor" in rope_parameters:
                 d.setdefault("partial_rotary_factor", rope_parameters["partial_rotary_factor"])
-        names = {f.name for f in fields(cls)} - {"extra"}
+        _move_original_max_position_into_rope_scaling(d)
+        names = {f.name for f in fields(cls)} - {"extra", "hf_keys"}
         missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size") if d.get(n) is None]
         if missing:
@@ -111,4 +127,18 @@ class TextModelConfig:
         extra = {k: v for k, v in d.items() if k not in names}
         if rope_type_of(known.get("rope_scaling")) == "default":
             known.pop("rope_scaling", None)
-        return cls(**known, extra=extra)
+        return cls(**known, extra=extra, hf_keys=frozenset(k for k in d if k in names))
+
+
+def _move_original_max_position_into_rope_scaling(d: dict[str, Any]) -> None:
+    """As `transformers` does: scaled rope types that read the pre-training length take the top-level
+    `original_max_position_embeddings` (Phi-3 keeps it there) over their own, else `max_position_embeddings`."""
+    scaling = d.get("rope_scaling")
+    if rope_type_of(scaling) not in ("llama3", "yarn", "longrope", "su"):
+        return
+    scaling = dict(scaling)
+    if d.get("original_max_position_embeddings") is not None:
+        scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    elif d.get("max_position_embeddings") is not None:
+        scaling.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+    d["rope_scaling"] = scaling

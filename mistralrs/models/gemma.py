@@ -1,0 +1,335 @@
+"""The Gemma family: Gemma, Gemma 2 and Gemma 3 (text), over packed tokens and paged KV.
+
+What the three share: embeddings scaled by sqrt(hidden_size) (rounded to the model dtype, as `transformers`
+does), `(1 + w)` RMSNorms (`GemmaRMSNorm`), a GeGLU MLP (tanh gelu), a head_dim independent of the hidden size,
+and a tied LM head by default. What each adds:
+
+- Gemma 2: "sandwich" norms (a norm after attention and around the MLP), attention scale
+  `query_pre_attn_scalar ** -0.5`, tanh soft-capping of attention scores and of the final logits, and sliding
+  window layers alternating with global ones (layer 0 slides).
+- Gemma 3: Gemma 2's layout with RMS-normalised queries and keys per head, no attention soft-capping, a
+  sliding-window pattern (`layer_types`, or every `sliding_window_pattern`-th layer global), and two RoPE
+  tables: `rope_local_base_freq` for sliding layers, `rope_theta` (+ `rope_scaling`) for global ones.
+
+Checkpoint names are the Hugging Face ones; q/k/v and gate/up are fused on load through `STACKED_PARAMS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from mistralrs.layers.attention import PagedAttention
+from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.linear import Linear, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.norm import GemmaRMSNorm
+from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import STACKED_PARAMS, LlamaMLP
+from mistralrs.models.registry import register
+from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+
+_GEMMA3_DEFAULT_LOCAL_THETA = 10000.0  # transformers' default rope_local_base_freq
+_GEMMA3_DEFAULT_PATTERN = 6  # transformers' default sliding_window_pattern: every 6th layer is global
+
+
+@dataclass(frozen=True)
+class GemmaLayerOptions:
+    """How one decoder layer of the family differs from plain Gemma."""
+
+    sliding_window: int | None  # attention window in tokens; None: global attention
+    scale: float  # softmax scale of the attention scores
+    logit_softcap: float | None  # tanh cap on attention scores (Gemma 2); None: no cap
+    qk_norm: bool  # RMS-normalise each query and key head before RoPE (Gemma 3)
+    sandwich_norms: bool  # norms after attention and before/after the MLP (Gemma 2 and 3)
+    local_rope: bool  # use the model's local (sliding-layer) RoPE table (Gemma 3 sliding layers)
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """One RoPE table's parameters."""
+
+    theta: float  # RoPE base
+    scaling: dict[str, Any] | None  # HF rope_scaling dict, None for plain RoPE
+
+
+class GemmaAttention(nn.Module):
+    """Self-attention: fused qkv projection, optional per-head q/k norms, RoPE, paged attention, output."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, options: GemmaLayerOptions, *, prefix: str,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias, dtype=dtype,
+                               device=device, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias, dtype=dtype, device=device,
+                             prefix=f"{prefix}.o_proj")
+        self.q_norm = self.k_norm = None
+        if options.qk_norm:
+            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx=layer_idx,
+                                   scale=options.scale, sliding_window=options.sliding_window,
+                                   logit_softcap=options.logit_softcap)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rotated = apply_rotary(torch.cat((q, k), dim=1), cos, sin)
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
+        return self.o_proj(self.attn(q, k, v, fb))
+
+
+class GemmaDecoderLayer(nn.Module):
+    """Gemma: `h += attn(norm(h)); h += mlp(norm(h))`. With sandwich norms (Gemma 2/3):
+    `h += post_attn_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h)))`."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, options: GemmaLayerOptions, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.local_rope = options.local_rope
+
+        def norm() -> GemmaRMSNorm:
+            return GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+        self.input_layernorm = norm()
+        self.self_attn = GemmaAttention(config, layer_idx, options, prefix=f"{prefix}.self_attn", dtype=dtype,
+                                        device=device)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        if options.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        attn_out = self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
+        if self.pre_feedforward_layernorm is None:
+            hidden = hidden + attn_out
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.post_attention_layernorm(attn_out)
+        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+
+
+class GemmaModel(nn.Module):
+    """Scaled embedding, decoder layers, final norm and the RoPE table(s) (the `model.` checkpoint prefix)."""
+
+    def __init__(self, config: TextModelConfig, layer_options: list[GemmaLayerOptions], rope_global: RopeTable,
+                 rope_local: RopeTable | None, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        # sqrt(hidden) rounded to the model dtype first (bf16: sqrt(3072) = 55.5), as transformers does.
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5, dtype=dtype, device=device),
+                             persistent=False)
+        self.layers = nn.ModuleList(
+            GemmaDecoderLayer(config, i, options, dtype=dtype, device=device) for i, options in enumerate(layer_options)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+        def rotary(table: RopeTable) -> RotaryEmbedding:
+            return RotaryEmbedding(config.rotary_dim, table.theta, table.scaling, config.max_position_embeddings,
+                                   device=device)
+
+        self.rotary_emb = rotary(rope_global)
+        self.rotary_emb_local = None if rope_local is None else rotary(rope_local)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) * self.embed_scale
+        tables = {False: self.rotary_emb.cos_sin(positions, hidden.dtype)}  # by layer.local_rope
+        if self.rotary_emb_local is not None:
+            tables[True] = self.rotary_emb_local.cos_sin(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, *tables[layer.local_rope], fb)
+        return self.norm(hidden)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Gemma decoder with LM head over packed tokens.
+
+    `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
+    `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32 (soft-capped where the config says so).
+    Subclasses change the class-level switches and the classmethods below, nothing else.
+    """
+
+    # transformers' defaults for this family where they differ from TextModelConfig's.
+    FAMILY_DEFAULTS: dict[str, Any] = dict(hidden_act="gelu_pytorch_tanh", head_dim=256, tie_word_embeddings=True)
+    SANDWICH_NORMS = False  # Gemma 2/3 layer layout
+    QK_NORM = False  # Gemma 3 per-head q/k norms
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
+        if config.extra.get("use_bidirectional_attention"):
+            raise ValueError("config field 'use_bidirectional_attention' must be false or absent for a causal LM")
+        config = replace(config, hidden_act=self.activation_name(config), mlp_bias=False)
+        self.config = config
+        self.dtype = dtype
+        self.final_logit_softcap = self.final_logit_softcapping(config)
+        rope_global, rope_local = self.rope_tables(config)
+        options = [
+            GemmaLayerOptions(sliding_window=window, scale=self.attention_scale(config),
+                              logit_softcap=self.attention_softcapping(config), qk_norm=self.QK_NORM,
+                              sandwich_norms=self.SANDWICH_NORMS,
+                              local_rope=rope_local is not None and window is not None)
+            for window in self.layer_sliding_windows(config)
+        ]
+        self.model = GemmaModel(config, options, rope_global, rope_local, dtype=dtype, device=device)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
+                              prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def activation_name(cls, config: TextModelConfig) -> str:
+        """The MLP activation. Gemma reads `hidden_act`, whose legacy value "gelu" means the tanh form."""
+        return "gelu_pytorch_tanh" if config.hidden_act == "gelu" else config.hidden_act
+
+    @classmethod
+    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+        """Sliding window of each layer (None: global attention). Gemma: none."""
+        return [None] * config.num_hidden_layers
+
+    @classmethod
+    def attention_scale(cls, config: TextModelConfig) -> float:
+        """Softmax scale of the attention scores."""
+        return config.head_dim**-0.5
+
+    @classmethod
+    def attention_softcapping(cls, config: TextModelConfig) -> float | None:
+        """tanh cap on the attention scores, None for none."""
+        return None
+
+    @classmethod
+    def final_logit_softcapping(cls, config: TextModelConfig) -> float | None:
+        """tanh cap on the output logits, None for none."""
+        return None
+
+    @classmethod
+    def rope_tables(cls, config: TextModelConfig) -> tuple[RopeTable, RopeTable | None]:
+        """(global RoPE table, local table for sliding layers or None when they share the global one)."""
+        return RopeTable(config.rope_theta, config.rope_scaling), None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32, `cap * tanh(logits / cap)` when capped."""
+        logits = self.lm_head(hidden).float()
+        if self.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape of the paged KV cache this model reads."""
+        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _not_in_checkpoint(self, name: str) -> bool:
+        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (fusing q/k/v and gate/up); returns the names consumed."""
+        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs (the tied LM head is not needed)."""
+        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    """Gemma 2: sandwich norms, soft-capping, query_pre_attn_scalar, alternating sliding/global layers."""
+
+    FAMILY_DEFAULTS = dict(GemmaForCausalLM.FAMILY_DEFAULTS, sliding_window=4096)
+    SANDWICH_NORMS = True
+    DEFAULT_SOFTCAPS = (50.0, 30.0)  # transformers' (attn_logit_softcapping, final_logit_softcapping)
+
+    @classmethod
+    def activation_name(cls, config: TextModelConfig) -> str:
+        """Gemma 2 and 3 read `hidden_activation` (default: tanh gelu), not `hidden_act`."""
+        return config.extra.get("hidden_activation") or "gelu_pytorch_tanh"
+
+    @classmethod
+    def layer_types(cls, config: TextModelConfig) -> list[str]:
+        """"sliding_attention" / "full_attention" per layer: `layer_types`, else even layers slide."""
+        if config.layer_types is not None:
+            return config.layer_types
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+
+    @classmethod
+    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+        return [config.sliding_window if t == "sliding_attention" else None for t in cls.layer_types(config)]
+
+    @classmethod
+    def attention_scale(cls, config: TextModelConfig) -> float:
+        return float(config.extra.get("query_pre_attn_scalar", 256)) ** -0.5
+
+    @classmethod
+    def attention_softcapping(cls, config: TextModelConfig) -> float | None:
+        return config.extra.get("attn_logit_softcapping", cls.DEFAULT_SOFTCAPS[0])
+
+    @classmethod
+    def final_logit_softcapping(cls, config: TextModelConfig) -> float | None:
+        return config.extra.get("final_logit_softcapping", cls.DEFAULT_SOFTCAPS[1])
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 text: q/k norms, a sliding-window pattern, local and global RoPE bases, no attention soft-cap
+    (`transformers` ignores `attn_logit_softcapping` for Gemma 3; the final cap applies when set)."""
+
+    FAMILY_DEFAULTS = dict(Gemma2ForCausalLM.FAMILY_DEFAULTS, rope_theta=1_000_000.0)
+    QK_NORM = True
+    DEFAULT_SOFTCAPS = (None, None)
+
+    @classmethod
+    def layer_types(cls, config: TextModelConfig) -> list[str]:
+        """`layer_types`, else every `sliding_window_pattern`-th layer is global (the rest slide)."""
+        if config.layer_types is not None:
+            return config.layer_types
+        pattern = config.extra.get("sliding_window_pattern") or config.extra.get("_sliding_window_pattern")
+        pattern = int(pattern or _GEMMA3_DEFAULT_PATTERN)
+        if pattern <= 0:
+            raise ValueError(f"config field 'sliding_window_pattern' must be a positive integer, got {pattern}")
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(config.num_hidden_layers)]
+
+    @classmethod
+    def attention_softcapping(cls, config: TextModelConfig) -> float | None:
+        return None
+
+    @classmethod
+    def rope_tables(cls, config: TextModelConfig) -> tuple[RopeTable, RopeTable | None]:
+        """Global: `rope_theta` + `rope_scaling`; local: `rope_local_base_freq`, plain. The nested
+        `rope_parameters` form ({"full_attention": {...}, "sliding_attention": {...}}) overrides both."""
+        global_table = RopeTable(config.rope_theta, config.rope_scaling)
+        local_table = RopeTable(float(config.extra.get("rope_local_base_freq") or _GEMMA3_DEFAULT_LOCAL_THETA), None)
+        nested = config.extra.get("rope_parameters")
+        if isinstance(nested, dict):
+            global_table = _nested_rope_table(nested.get("full_attention"), global_table)
+            local_table = _nested_rope_table(nested.get("sliding_attention"), local_table)
+        return global_table, local_table
+
+
+def _nested_rope_table(params: dict[str, Any] | None, fallback: RopeTable) -> RopeTable:
+    """A RopeTable from one layer type's entry of a nested `rope_parameters` dict."""
+    if not params:
+        return fallback
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = float(params.get("rope_theta", fallback.theta))
+    return RopeTable(theta, scaling if rope_type_of(scaling) != "default" else None)
+
+
+register(GemmaForCausalLM, hf_architectures=("GemmaForCausalLM",), arch_names=("Gemma",))
+register(Gemma2ForCausalLM, hf_architectures=("Gemma2ForCausalLM",), arch_names=("Gemma2",))
+# No `Architecture` enum name: the 0.5.0 text enum has no Gemma 3 (VisionArchitecture.Gemma3 is the vision model).
+register(Gemma3ForCausalLM, hf_architectures=("Gemma3ForCausalLM",), gguf_architectures=("gemma3",))

@@ -1,0 +1,160 @@
+"""Phi-2 (`PhiForCausalLM`): parallel attention and MLP over packed tokens and paged KV.
+
+One LayerNorm (with bias) feeds both branches: `h = h + attn(ln(h)) + mlp(ln(h))`. Every projection has a bias,
+the LM head too; RoPE rotates only the first `partial_rotary_factor` of each head (0.4 on Phi-2; 0.5 is the
+`transformers` default); the MLP is `fc2(gelu_new(fc1(x)))`. q/k/v are fused on load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mistralrs.layers.activation import get_act_fn
+from mistralrs.layers.attention import PagedAttention
+from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.norm import LayerNorm
+from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.registry import register
+from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+
+# Checkpoint module name -> (our fused module, shard index).
+STACKED_PARAMS = (
+    StackedParam("qkv_proj", "q_proj", 0),
+    StackedParam("qkv_proj", "k_proj", 1),
+    StackedParam("qkv_proj", "v_proj", 2),
+)
+_DEFAULT_LAYER_NORM_EPS = 1e-5  # transformers' PhiConfig.layer_norm_eps
+
+
+class PhiAttention(nn.Module):
+    """Self-attention with biased q/k/v (fused) and output (`dense`) projections and partial RoPE."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, *, prefix: str, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=True, dtype=dtype,
+                               device=device, prefix=f"{prefix}.qkv_proj")
+        self.dense = Linear(q_size, config.hidden_size, bias=True, dtype=dtype, device=device,
+                            prefix=f"{prefix}.dense")
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx=layer_idx,
+                                   scale=self.head_dim**-0.5)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)  # first rotary_dim only
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
+        return self.dense(self.attn(q, k, v, fb))
+
+
+class PhiMLP(nn.Module):
+    """`fc2(act(fc1(x)))` with biases."""
+
+    def __init__(self, config: TextModelConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=True, dtype=dtype, device=device,
+                          prefix=f"{prefix}.fc1")
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=True, dtype=dtype, device=device,
+                          prefix=f"{prefix}.fc2")
+        self.act_fn = get_act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act_fn(self.fc1(x)))
+
+
+class PhiDecoderLayer(nn.Module):
+    """Parallel block: `h + attn(ln(h)) + mlp(ln(h))` with one shared LayerNorm."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, eps: float, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.self_attn = PhiAttention(config, layer_idx, prefix=f"{prefix}.self_attn", dtype=dtype, device=device)
+        self.mlp = PhiMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        normed = self.input_layernorm(hidden)
+        return hidden + self.self_attn(normed, cos, sin, fb) + self.mlp(normed)
+
+
+class PhiModel(nn.Module):
+    """Embedding, decoder layers and final LayerNorm (the `model.` checkpoint prefix)."""
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        eps = float(config.extra.get("layer_norm_eps") or _DEFAULT_LAYER_NORM_EPS)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            PhiDecoderLayer(config, i, eps, dtype=dtype, device=device) for i in range(config.num_hidden_layers)
+        )
+        self.final_layernorm = LayerNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
+                                          config.max_position_embeddings, device=device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # [num_tokens, 1, rotary_dim]
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, fb)
+        return self.final_layernorm(hidden)
+
+
+class PhiForCausalLM(nn.Module):
+    """Phi-2 decoder with a biased LM head over packed tokens.
+
+    `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
+    `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
+    """
+
+    # transformers' PhiConfig defaults where they differ from TextModelConfig's.
+    FAMILY_DEFAULTS = dict(hidden_act="gelu_new", partial_rotary_factor=0.5)
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
+        if config.extra.get("qk_layernorm"):
+            raise ValueError("config field 'qk_layernorm' must be false: Phi q/k LayerNorms are not supported")
+        self.config = config
+        self.dtype = dtype
+        self.model = PhiModel(config, dtype=dtype, device=device)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True, dtype=dtype, device=device,
+                              prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
+        return self.lm_head(hidden).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape of the paged KV cache this model reads."""
+        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _not_in_checkpoint(self, name: str) -> bool:
+        """Checkpoint names that are accepted and dropped (rotary buffers; the tied LM head weight)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (fusing q/k/v); returns the names consumed."""
+        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs."""
+        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
+
+
+register(PhiForCausalLM, hf_architectures=("PhiForCausalLM",), arch_names=("Phi2",))

@@ -1,0 +1,61 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini (`Phi3ForCausalLM`): the Llama decoder with three differences.
+
+- The checkpoint already stores the fused `self_attn.qkv_proj` and `mlp.gate_up_proj` (q, k, v and gate, up
+  rows in that order); they load directly into our fused layers, with no stacking table.
+- LongRoPE (`rope_scaling` type "longrope", legacy "su"): short factors while a sequence is within
+  `original_max_position_embeddings`, long factors beyond, chosen per sequence and step (see
+  `mistralrs/layers/rotary.py`); partial rotary where configured (Phi-4-mini rotates 3/4 of each head).
+- `sliding_window`, when set, applies to every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from mistralrs.layers.linear import expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.rotary import context_lens_per_token
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import LlamaForCausalLM
+from mistralrs.models.registry import register
+from mistralrs.worker.forward_batch import ForwardBatch
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3 decoder with LM head over packed tokens (interface of `LlamaForCausalLM`)."""
+
+    # transformers' Phi3Config defaults where they differ from TextModelConfig's.
+    FAMILY_DEFAULTS = dict(rms_norm_eps=1e-5)
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__(config.with_family_defaults(**self.FAMILY_DEFAULTS), dtype=dtype, device=device)
+
+    @classmethod
+    def projection_biases(cls, config: TextModelConfig) -> tuple[bool, bool]:
+        return False, False
+
+    @classmethod
+    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+        """Phi-3: `sliding_window` (when set) on every layer."""
+        return [config.sliding_window] * config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        model = self.model
+        hidden = model.embed_tokens(input_ids)
+        context_lens = context_lens_per_token(fb) if model.rotary_emb.is_longrope else None
+        cos, sin = model.rotary_emb.cos_sin(positions, hidden.dtype, context_lens)  # shared by all layers
+        for layer in model.layers:
+            hidden = layer(hidden, cos, sin, fb)
+        return model.norm(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (qkv_proj and gate_up_proj are fused in the checkpoint); returns the names consumed."""
+        return load_checkpoint_weights(self, weights, (), self._not_in_checkpoint)
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs (the tied LM head is not needed)."""
+        return expected_checkpoint_names(self, (), self._not_in_checkpoint)
+
+
+register(Phi3ForCausalLM, hf_architectures=("Phi3ForCausalLM",), arch_names=("Phi3",))

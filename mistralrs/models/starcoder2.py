@@ -1,0 +1,139 @@
+"""Starcoder2 (`Starcoder2ForCausalLM`) over packed tokens and paged KV.
+
+A pre-norm decoder like Llama's but with LayerNorms that have a bias (`norm_epsilon`), biases on every
+projection (`use_bias`, default true), a plain GELU MLP `c_proj(gelu_tanh(c_fc(x)))`, a sliding window on
+every layer when `sliding_window` is set, and an LM head tied to the embedding by default. The attention is
+`LlamaAttention` (q/k/v fused on load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mistralrs.layers.activation import get_act_fn
+from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.norm import LayerNorm
+from mistralrs.layers.rotary import RotaryEmbedding
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import LlamaAttention
+from mistralrs.models.registry import register
+from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+
+# Checkpoint module name -> (our fused module, shard index).
+STACKED_PARAMS = (
+    StackedParam("qkv_proj", "q_proj", 0),
+    StackedParam("qkv_proj", "k_proj", 1),
+    StackedParam("qkv_proj", "v_proj", 2),
+)
+_DEFAULT_NORM_EPSILON = 1e-5  # transformers' Starcoder2Config.norm_epsilon
+
+
+class Starcoder2MLP(nn.Module):
+    """`c_proj(act(c_fc(x)))`, biases when `use_bias`."""
+
+    def __init__(self, config: TextModelConfig, bias: bool, *, prefix: str, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.c_fc = Linear(config.hidden_size, config.intermediate_size, bias=bias, dtype=dtype, device=device,
+                           prefix=f"{prefix}.c_fc")
+        self.c_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype, device=device,
+                             prefix=f"{prefix}.c_proj")
+        self.act_fn = get_act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act_fn(self.c_fc(x)))
+
+
+class Starcoder2DecoderLayer(nn.Module):
+    """Pre-norm block with LayerNorms: `h += attn(ln1(h)); h += mlp(ln2(h))`."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, *, bias: bool, eps: float, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias=bias, o_bias=bias,
+                                        sliding_window=config.sliding_window, prefix=f"{prefix}.self_attn",
+                                        dtype=dtype, device=device)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.mlp = Starcoder2MLP(config, bias, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Starcoder2Model(nn.Module):
+    """Embedding, decoder layers and final LayerNorm (the `model.` checkpoint prefix)."""
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        bias = bool(config.extra.get("use_bias", True))
+        eps = float(config.extra.get("norm_epsilon") or _DEFAULT_NORM_EPSILON)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            Starcoder2DecoderLayer(config, i, bias=bias, eps=eps, dtype=dtype, device=device)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = LayerNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
+                                          config.max_position_embeddings, device=device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, fb)
+        return self.norm(hidden)
+
+
+class Starcoder2ForCausalLM(nn.Module):
+    """Starcoder2 decoder with LM head over packed tokens.
+
+    `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
+    `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
+    """
+
+    # transformers' Starcoder2Config defaults where they differ from TextModelConfig's.
+    FAMILY_DEFAULTS = dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
+        self.config = config
+        self.dtype = dtype
+        self.model = Starcoder2Model(config, dtype=dtype, device=device)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
+                              prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
+        return self.lm_head(hidden).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape of the paged KV cache this model reads."""
+        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _not_in_checkpoint(self, name: str) -> bool:
+        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (fusing q/k/v); returns the names consumed."""
+        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs (the tied LM head is not needed)."""
+        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
+
+
+register(Starcoder2ForCausalLM, hf_architectures=("Starcoder2ForCausalLM",), arch_names=("Starcoder2",))
