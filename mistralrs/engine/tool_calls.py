@@ -1,0 +1,84 @@
+"""Tool calls parsed out of generated text (REFERENCE §8.6).
+
+Models announce calls in a few wrappers: Llama 3.x `<|python_tag|>{...}` (or a bare JSON object), Hermes / Qwen
+`<tool_call>{...}</tool_call>` (one block per call), Mistral `[TOOL_CALLS][{...}, ...]`. Inside, a call is
+`{"name": str, "parameters" | "arguments": {...}}` (`function` is accepted for `name`), alone or in a list.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+PYTHON_TAG = "<|python_tag|>"
+MISTRAL_TAG = "[TOOL_CALLS]"
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_BLOCK = re.compile(re.escape(HERMES_OPEN) + r"(.*?)" + re.escape(HERMES_CLOSE), re.DOTALL)
+_OPENERS = (PYTHON_TAG, MISTRAL_TAG, HERMES_OPEN, "{", "[")
+
+
+@dataclass
+class ParsedToolCall:
+    """One call found in the text."""
+
+    name: str        # function name
+    arguments: str   # its arguments as a JSON object string
+
+
+def _call_from(obj: object) -> ParsedToolCall | None:
+    if not isinstance(obj, dict):
+        return None
+    name = obj.get("name", obj.get("function"))
+    if isinstance(name, dict):          # OpenAI-shaped {"function": {"name", "arguments"}}
+        obj, name = name, name.get("name")
+    args = obj.get("parameters", obj.get("arguments", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(name, str) or not name or not isinstance(args, dict):
+        return None
+    return ParsedToolCall(name, json.dumps(args, ensure_ascii=False))
+
+
+def _calls_from_json(text: str) -> list[ParsedToolCall] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = [_call_from(item) for item in items]
+    if not calls or any(c is None for c in calls):
+        return None
+    return calls
+
+
+def parse_tool_calls(text: str) -> list[ParsedToolCall] | None:
+    """The calls in `text` when the whole text is tool calls in a known wrapper; None when it is plain text."""
+    body = text.strip()
+    if body.startswith(HERMES_OPEN):
+        blocks = _HERMES_BLOCK.findall(body)
+        if not blocks or _HERMES_BLOCK.sub("", body).strip():
+            return None
+        calls: list[ParsedToolCall] = []
+        for block in blocks:
+            found = _calls_from_json(block.strip())
+            if found is None:
+                return None
+            calls.extend(found)
+        return calls
+    for tag in (PYTHON_TAG, MISTRAL_TAG):
+        if body.startswith(tag):
+            body = body[len(tag):].strip()
+            break
+    return _calls_from_json(body)
+
+
+def may_become_tool_call(text: str) -> bool:
+    """While streaming: True when the text so far could still turn out to be a tool call (hold it back)."""
+    body = text.lstrip()
+    if not body:
+        return True
+    return any(body.startswith(o) or o.startswith(body) for o in _OPENERS)
