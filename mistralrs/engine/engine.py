@@ -98,7 +98,7 @@ class Engine:
                 return True
             block = False
             if kind == "add":
-                self._add(payload)
+                self._add_safely(payload)
             elif kind == "abort":
                 self._cancel(payload)
             else:
@@ -107,8 +107,22 @@ class Engine:
                 self._stopped = True
                 return False
 
+    def _add_safely(self, request: EngineRequest) -> None:
+        """Add a request; one that cannot be set up fails alone instead of stopping the engine."""
+        try:
+            self._add(request)
+        except Exception as exc:
+            logger.exception("request %s could not be added", request.request_id)
+            state = self._requests.pop(request.request_id, None)
+            for seq_id in state.seq_ids if state else []:
+                self.scheduler.abort_sequence(seq_id)
+                self._seq_owner.pop(seq_id, None)
+                self._seq_sampling.pop(seq_id, None)
+            request.outputs.put(exc)
+
     def _add(self, request: EngineRequest) -> None:
         state = _RequestState(request, {}, [])
+        self._requests[request.request_id] = state
         for index in range(request.num_seqs):
             seq_id = self._next_seq_id
             self._next_seq_id += 1
@@ -120,14 +134,13 @@ class Engine:
             self._seq_owner[seq_id] = state
             self._seq_sampling[seq_id] = SeqSampling(request.sampling, self._generator(request, index))
             self.scheduler.add_sequence(seq)
-        self._requests[request.request_id] = state
 
     def _generator(self, request: EngineRequest, index: int) -> torch.Generator | None:
         if request.sampling.is_greedy:
             return None
         seed = request.sampling.seed
         generator = torch.Generator(device=self.model_runner.device)
-        generator.manual_seed(self._rng.getrandbits(63) if seed is None else seed * 1_000_003 + index)
+        generator.manual_seed(self._rng.getrandbits(63) if seed is None else (seed * 1_000_003 + index) % 2**63)
         return generator
 
     def _cancel(self, request_id: str) -> None:

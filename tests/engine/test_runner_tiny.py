@@ -174,5 +174,7 @@ def test_bad_requests_fail_alone(tiny):
         greedy(runner, "x" * 600, 4)
     with pytest.raises(ValueError, match="logit_bias"):
         greedy(runner, "ok", 4, logit_bias={10_000: 1.0})
+    huge_seed = runner.send_completion_request(CompletionRequest(prompt="ok", model="t", max_tokens=2, seed=2**70))
+    assert huge_seed.usage.completion_tokens >= 1
     assert greedy(runner, "still serving", 4).usage.completion_tokens >= 1
     runner.close()
