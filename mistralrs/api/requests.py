@@ -136,9 +136,13 @@ def _check_tool_schema(owner: str, schema: Any) -> dict[str, Any]:
 
 
 def _check_tool_choice(owner: str, value: Any, tools: list[dict[str, Any]] | None) -> Any:
-    """ToolChoice, "none"/"auto", or the OpenAI forced form naming one of the tools."""
+    """ToolChoice, "none"/"auto"/"required", or the OpenAI forced form naming one of the tools."""
     if value is None:
         return ToolChoice.Auto if tools else None
+    if value == "required":   # OpenAI: the model must call one of the tools (constrained generation)
+        if not tools:
+            raise ValueError(f"{owner} is 'required' but no tool_schemas were given.")
+        return value
     if isinstance(value, (ToolChoice, str)):
         try:
             return ToolChoice.from_str(value)

@@ -9,6 +9,7 @@ passes its own non-blocking `outputs` sink and uses the same assemblers.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.api.responses import (
     ChatCompletionChunkResponse, ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
     CompletionChunkChoice, CompletionChunkResponse, CompletionResponse, Delta, Logprobs, ResponseLogprob,
-    ResponseMessage, TopLogprob, Usage,
+    CalledFunction, ResponseMessage, ToolCallResponse, TopLogprob, Usage,
 )
+from mistralrs.api.enums import ToolChoice
 from mistralrs.engine.builder import EngineConfig, build_engine
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta, SeqResult, TokenLogprob
+from mistralrs.engine.tool_calls import ParsedToolCall, ToolCallStream, forced_call_schema, parse_tool_calls
 from mistralrs.loader.pipeline import load_pipeline
+from mistralrs.sample.grammar import json_schema_source
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,23 @@ def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOpt
         seed=request.seed)
 
 
+def _template_message(message: dict) -> dict:
+    """An assistant message's OpenAI tool calls with their JSON `arguments` as dicts, as chat templates expect."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    converted = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                pass   # templates that print the arguments get the string as it was sent
+        converted.append({**call, "type": call.get("type", "function"), "function": function})
+    return {**message, "tool_calls": converted}
+
+
 class _LeadingSpaceTrimmer:
     """Chat output starts at its first non-whitespace character (REFERENCE §1.8), per choice."""
 
@@ -87,14 +108,25 @@ class _LeadingSpaceTrimmer:
         return text
 
 
-class ChatAssembler:
-    """Turns the engine messages of one chat request into chunks (streaming) or the final response."""
+def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCallResponse]:
+    return [ToolCallResponse(function=CalledFunction(name=c.name, arguments=c.arguments)) for c in calls]
 
-    def __init__(self, request_id: str, model_id: str, want_logprobs: bool) -> None:
+
+class ChatAssembler:
+    """Turns the engine messages of one chat request into chunks (streaming) or the final response.
+
+    With `parse_tools`, a choice whose whole text is tool calls (engine/tool_calls.py) gets `tool_calls`,
+    content None and finish_reason "tool_calls"; while streaming, its text is held back as long as it may
+    still become a call.
+    """
+
+    def __init__(self, request_id: str, model_id: str, want_logprobs: bool, parse_tools: bool = False) -> None:
         self.request_id = request_id  # the response `id`
         self.model_id = model_id  # the response `model`
         self.want_logprobs = want_logprobs  # the request asked for logprobs
+        self.parse_tools = parse_tools  # tools were given and tool_choice is not "none"
         self._trim = _LeadingSpaceTrimmer()  # leading whitespace of each choice's stream
+        self._tool_streams: dict[int, ToolCallStream] = {}  # choice index -> held-back text
 
     def chunks(self, message: EngineMessage) -> list[ChatCompletionChunkResponse]:
         """The chunks one engine message gives: deltas of text (and logprobs), or the final usage chunk."""
@@ -104,9 +136,17 @@ class ChatAssembler:
         choices = []
         for delta in message:
             text = self._trim(delta.index, delta.text)
+            calls = None
+            if self.parse_tools:
+                stream = self._tool_streams.setdefault(delta.index, ToolCallStream())
+                text, calls = stream.feed(text, delta.finish_reason is not None)
             # a token whose text is held back (stop-string prefix, leading space) still reports its logprob
             logprob = _response_logprob(delta.logprobs[0]) if self.want_logprobs and delta.logprobs else None
             if not text and delta.finish_reason is None and logprob is None:
+                continue
+            if calls:
+                choices.append(ChunkChoice(finish_reason="tool_calls", index=delta.index, logprobs=logprob,
+                                           delta=Delta(content=None, tool_calls=_tool_calls(calls))))
                 continue
             choices.append(ChunkChoice(finish_reason=delta.finish_reason, index=delta.index,
                                        delta=Delta(content=text), logprobs=logprob))
@@ -117,9 +157,14 @@ class ChatAssembler:
     def response(self, done: RequestFinished) -> ChatCompletionResponse:
         """The non-streaming response once every choice finished."""
         trim = _LeadingSpaceTrimmer()
-        choices = [Choice(finish_reason=r.finish_reason, index=r.index,
-                          message=ResponseMessage(content=trim(r.index, r.text)), logprobs=self._logprobs(r))
-                   for r in done.results]
+        choices = []
+        for result in done.results:
+            content = trim(result.index, result.text)
+            calls = parse_tool_calls(content) if self.parse_tools else None
+            message = ResponseMessage(content=None, tool_calls=_tool_calls(calls)) if calls else \
+                ResponseMessage(content=content)
+            choices.append(Choice(finish_reason="tool_calls" if calls else result.finish_reason, index=result.index,
+                                  message=message, logprobs=self._logprobs(result)))
         return ChatCompletionResponse(id=self.request_id, choices=choices, model=self.model_id,
                                       usage=_usage(done))
 
@@ -238,15 +283,28 @@ class Runner:
         logger.info("truncate_sequence: prompt of %d tokens cut to its last %d", len(prompt_ids), keep)
         return prompt_ids[len(prompt_ids) - keep:]
 
+    def _grammar(self, request):
+        """The compiled grammar of a request: its own, or the JSON of a forced tool call; None when free."""
+        forced = None
+        if request.tool_schemas and request.tool_choice is not None:
+            forced = forced_call_schema(request.tool_schemas, request.tool_choice)
+        if forced is not None:
+            if request.grammar is not None:
+                raise ValueError("grammar: cannot be combined with a forced tool_choice (it constrains the output "
+                                 "to the tool call already)")
+            return self._inputs.grammars.compile_source(json_schema_source(forced))
+        if request.grammar is None:
+            return None
+        return self._inputs.grammars.compile(request.grammar_type, request.grammar)
+
     def _submit(self, prompt_ids: list[int], request, num_seqs: int, logprobs: bool, top_logprobs: int | None,
                 outputs) -> EngineRequest:
-        if request.grammar is not None:
-            raise ValueError("grammar: constrained decoding is not supported yet")
+        grammar = self._grammar(request)
         if request.adapters:
             raise ValueError("adapters: this model has no LoRA adapters")
         prompt_ids = self._fit_prompt(prompt_ids, request.max_tokens)
         options = _options(request, logprobs, top_logprobs)
-        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs)
+        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs, grammar)
         if outputs is not None:
             engine_request.outputs = outputs
         self._engine.submit(engine_request)
@@ -255,7 +313,7 @@ class Runner:
     def _messages(self, request: ChatCompletionRequest) -> list[dict]:
         if isinstance(request.messages, str):
             return [{"role": "user", "content": request.messages}]
-        return request.messages
+        return [_template_message(message) for message in request.messages]
 
     @staticmethod
     def _tools(request) -> list[dict] | None:
@@ -271,7 +329,9 @@ class Runner:
         prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request))
         engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
                                       request.top_logprobs, outputs)
-        return Submission(engine_request, ChatAssembler(engine_request.request_id, self.model_id, request.logprobs))
+        parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
+        assembler = ChatAssembler(engine_request.request_id, self.model_id, request.logprobs, parse_tools)
+        return Submission(engine_request, assembler)
 
     def submit_completion(self, request: CompletionRequest, *, logprobs: int | None = None,
                           outputs=None) -> Submission:
@@ -281,7 +341,7 @@ class Runner:
         """
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 20):
-            raise ValueError(f"logprobs must be an int in [0, 20] or None, got {logprobs!r}")
+            raise ValueError(f"logprobs: must be an int in [0, 20] or None, got {logprobs!r}")
         prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
         num_seqs = max(request.n_choices, request.best_of)
         if request.stream and num_seqs != request.n_choices:

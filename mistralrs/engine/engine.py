@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -132,7 +133,10 @@ class Engine:
                 index, self.tokenizer, request.prompt_token_ids, request.stop,
                 want_logprobs=request.sampling.logprobs, skip_special_tokens=request.skip_special_tokens)
             self._seq_owner[seq_id] = state
-            self._seq_sampling[seq_id] = SeqSampling(request.sampling, self._generator(request, index))
+            params = request.sampling
+            if request.grammar is not None:   # a per-sequence copy carries the sequence's own matcher
+                params = dataclasses.replace(params, grammar=request.grammar.new_state())
+            self._seq_sampling[seq_id] = SeqSampling(params, self._generator(request, index))
             self.scheduler.add_sequence(seq)
 
     def _generator(self, request: EngineRequest, index: int) -> torch.Generator | None:
@@ -173,6 +177,10 @@ class Engine:
                 continue
             if state.first_token_time is None:
                 state.first_token_time = now
+            grammar = self._seq_sampling[seq.seq_id].params.grammar
+            if grammar is not None and not grammar.advance(sampled[seq.seq_id].token_id):
+                logger.warning("sequence %d: sampled token rejected by its grammar: %s", seq.seq_id,
+                               grammar.matcher.get_error())
             delta = state.outputs[seq.seq_id].process(sampled[seq.seq_id])
             per_request.setdefault(state.request.request_id, []).append(delta)
             if delta.finish_reason is not None:

@@ -9,6 +9,7 @@ from mistralrs.engine.request import EngineRequest, StopConditions
 from mistralrs.loader.chat_template import ChatTemplate
 from mistralrs.loader.tokenizer import TokenizerBundle
 from mistralrs.sample import SamplingParams
+from mistralrs.sample.grammar import CompiledGrammar, GrammarCompiler
 
 DEFAULT_DRY_BREAKERS = ("\n", ":", "\"", "*")
 
@@ -44,6 +45,7 @@ class InputProcessor:
         self.max_model_len = max_model_len       # context limit: model length capped by the KV capacity
         self.chat_template = self._compile(bundle.chat_template)
         self.tool_chat_template = self._compile(bundle.tool_chat_template) or self.chat_template
+        self.grammars = GrammarCompiler(bundle.tokenizer, sorted(bundle.eos_token_ids))  # request grammars → matchers
 
     def _compile(self, source: str | None) -> ChatTemplate | None:
         if source is None:
@@ -115,7 +117,7 @@ class InputProcessor:
         )
 
     def build(self, request_id: str, prompt_ids: list[int], opts: GenerationOptions,
-              num_seqs: int) -> EngineRequest:
+              num_seqs: int, grammar: CompiledGrammar | None = None) -> EngineRequest:
         """Check the prompt against the context and make the engine request."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"Prompt sequence length is greater than {self.max_model_len - 1}, perhaps consider "
@@ -125,4 +127,4 @@ class InputProcessor:
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})")
         return EngineRequest(request_id, prompt_ids, self.sampling_params(opts),
-                             self._stop_conditions(opts, len(prompt_ids)), num_seqs=num_seqs)
+                             self._stop_conditions(opts, len(prompt_ids)), num_seqs=num_seqs, grammar=grammar)

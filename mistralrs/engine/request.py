@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from mistralrs.sample import SamplingParams
+from mistralrs.sample.grammar import CompiledGrammar
 
 
 @dataclass
@@ -37,6 +38,7 @@ class EngineRequest:
     stop: StopConditions
     num_seqs: int = 1                                   # sequences generated (n_choices, or best_of for completions)
     skip_special_tokens: bool = True                    # when detokenizing the output
+    grammar: CompiledGrammar | None = None              # constrains every sequence (one matcher each)
     arrival_time: float = field(default_factory=time.monotonic)  # when it was queued (Usage timings start here)
     outputs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # engine → caller messages
 

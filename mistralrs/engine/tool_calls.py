@@ -82,3 +82,54 @@ def may_become_tool_call(text: str) -> bool:
     if not body:
         return True
     return any(body.startswith(o) or o.startswith(body) for o in _OPENERS)
+
+
+def _call_schema(tool: dict) -> dict:
+    """JSON schema of one call of an OpenAI-shaped tool: {"name": const, "arguments": its parameters}."""
+    function = tool["function"]
+    parameters = function.get("parameters") or {"type": "object"}
+    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def forced_call_schema(tools: list[dict], tool_choice: object) -> dict | None:
+    """The JSON schema generation is held to for a forced tool choice; None when the choice forces nothing.
+
+    `tool_choice` is "required" (a call of any tool) or `{"type": "function", "function": {"name": ...}}`
+    (a call of that tool); anything else (auto, none) leaves generation free. The output is plain JSON,
+    which `parse_tool_calls` accepts whatever the model's own wrapper is.
+    """
+    if tool_choice == "required":
+        schemas = [_call_schema(tool) for tool in tools]
+        return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    if isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        return _call_schema(next(tool for tool in tools if tool["function"]["name"] == name))
+    return None
+
+
+class ToolCallStream:
+    """Streaming: holds a choice's text back while it may still become a tool call.
+
+    `feed(text, finished)` returns (text to show now, parsed calls or None). Once the text can no longer be a
+    call, everything held is released and later text passes straight through.
+    """
+
+    def __init__(self) -> None:
+        self.held = ""  # text kept back so far
+        self.released = False  # the text turned out to be plain content
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[ParsedToolCall] | None]:
+        if self.released:
+            return text, None
+        self.held += text
+        if finished:
+            calls = parse_tool_calls(self.held)
+            if calls:
+                return "", calls
+            self.released = True
+            return self.held, None
+        if may_become_tool_call(self.held):
+            return "", None
+        self.released = True
+        return self.held, None

@@ -1,7 +1,8 @@
 """The linear layer: storage and math delegated to a quant method, adapters added after the base product.
 
-Quantization (GGUF blocks, ISQ) enters by giving a `Linear` another `LinearMethodBase`; LoRA and X-LoRA
-enter through `Linear.adapters`. A fused projection (qkv_proj, gate_up_proj) is one `Linear` whose output
+Quantization (GGUF blocks, ISQ) enters by giving a `Linear` another `LinearMethodBase` (a `QuantConfig`
+does so for a whole model through `Linear.set_quant_method` before loading); LoRA and X-LoRA enter through
+`Linear.adapters`. A fused projection (qkv_proj, gate_up_proj) is one `Linear` whose output
 rows are the concatenation of `output_partition_sizes`; each checkpoint tensor is loaded into its shard.
 
 The helpers at the bottom route `(hf_name, tensor)` checkpoint pairs into a module tree through a
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralrs.quant.ggml_tensor import GGMLTensor
+
 Adapter = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -27,19 +30,29 @@ class LinearMethodBase:
         """Registers the layer's parameters or buffers."""
         raise NotImplementedError
 
-    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
-        """Stores checkpoint tensor `loaded` as `param_name` ("weight" or "bias"), into shard `shard_index` if fused."""
+    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor | GGMLTensor,
+                    shard_index: int | None) -> None:
+        """Stores checkpoint tensor `loaded` (dense, or GGML blocks from a GGUF file) as `param_name` ("weight"
+        or "bias"), into shard `shard_index` if fused."""
         raise NotImplementedError
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """`x` `[..., in_features]` -> `[..., out_features]`."""
         raise NotImplementedError
 
+    def dense_weight(self, layer: Linear) -> torch.Tensor | None:
+        """The layer's whole weight as one dense `[out_features, in_features]` tensor, if that is how it is stored
+        (a tied embedding then shares it); None otherwise."""
+        return None
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
-    """Copies `loaded` into `param` (casting dtype); ValueError naming `name` when the shapes differ."""
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor | GGMLTensor, name: str) -> None:
+    """Copies `loaded` into `param` (casting dtype; GGML blocks are dequantized); ValueError naming `name` when
+    the shapes differ."""
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"weight {name!r} has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+    if isinstance(loaded, GGMLTensor):
+        loaded = loaded.to(param.device).dequantize(param.dtype)
     with torch.no_grad():
         param.copy_(loaded)
 
@@ -53,7 +66,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
         bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor, shard_index: int | None) -> None:
+    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor | GGMLTensor,
+                    shard_index: int | None) -> None:
         param = getattr(layer, param_name)
         if param is None:
             raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a {param_name!r} the layer was built without")
@@ -66,8 +80,24 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
 
+    def dense_weight(self, layer: Linear) -> torch.Tensor | None:
+        return layer.weight
 
-class Linear(nn.Module):
+
+class CheckpointModule(nn.Module):
+    """A module that takes its checkpoint tensors through `load_weight` (they may be GGML blocks) rather than
+    exposing Parameters to copy into. `load_checkpoint_weights` routes its names to it."""
+
+    def checkpoint_param_names(self) -> list[str]:
+        """Local names the checkpoint provides for this module, whatever it stores."""
+        raise NotImplementedError
+
+    def load_weight(self, param_name: str, loaded: torch.Tensor | GGMLTensor, shard_index: int | None = None) -> None:
+        """Stores one checkpoint tensor (into fused shard `shard_index` when given)."""
+        raise NotImplementedError
+
+
+class Linear(CheckpointModule):
     """`y = quant_method(x) + sum(adapter(x) for adapter in adapters)`.
 
     Args:
@@ -97,9 +127,19 @@ class Linear(nn.Module):
         self.out_features = sum(sizes)
         self.has_bias = bias
         self.prefix = prefix
+        self.params_dtype = dtype  # the model dtype: activations, and weights a quant method keeps dense
+        self.params_device = torch.device(device)
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.adapters: list[Adapter] = []  # each called as y = y + adapter(x); LoRA / X-LoRA hook
         self.quant_method.create_weights(self, dtype, device)
+
+    def set_quant_method(self, quant_method: LinearMethodBase) -> None:
+        """Replaces the quant method before any weight is loaded; the old method's storage is dropped."""
+        for name in ("weight", "bias"):
+            if name in self._parameters:
+                del self._parameters[name]
+        self.quant_method = quant_method
+        quant_method.create_weights(self, self.params_dtype, self.params_device)
 
     def shard_range(self, shard_index: int) -> tuple[int, int]:
         """(row offset, row count) of fused shard `shard_index`."""
@@ -109,10 +149,9 @@ class Linear(nn.Module):
         return sum(self.output_partition_sizes[:shard_index]), self.output_partition_sizes[shard_index]
 
     def checkpoint_param_names(self) -> list[str]:
-        """Local names the checkpoint provides for this layer, whatever the quant method stores."""
         return ["weight", "bias"] if self.has_bias else ["weight"]
 
-    def load_weight(self, param_name: str, loaded: torch.Tensor, shard_index: int | None = None) -> None:
+    def load_weight(self, param_name: str, loaded: torch.Tensor | GGMLTensor, shard_index: int | None = None) -> None:
         """Loads a checkpoint tensor through the quant method."""
         self.quant_method.load_weight(self, param_name, loaded, shard_index)
 
@@ -148,14 +187,15 @@ def _resolve(name: str, stacked: Sequence[StackedParam]) -> tuple[str, int | Non
 
 def load_checkpoint_weights(
     root: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, torch.Tensor | GGMLTensor]],
     stacked: Sequence[StackedParam],
     ignored: Callable[[str], bool],
 ) -> set[str]:
     """Loads `(checkpoint_name, tensor)` pairs into `root`; returns the names consumed.
 
     Names for which `ignored(name)` is true are consumed and dropped. Names that match nothing in `root`
-    are not consumed (the caller reports them). Linear layers load through their quant method.
+    are not consumed (the caller reports them). Linear layers (and every `CheckpointModule`) load through
+    their own `load_weight`.
     """
     modules = dict(root.named_modules())
     consumed: set[str] = set()
@@ -166,7 +206,7 @@ def load_checkpoint_weights(
         target, shard_index = _resolve(name, stacked)
         module_path, _, attr = target.rpartition(".")
         owner = modules.get(module_path)
-        if isinstance(owner, Linear):
+        if isinstance(owner, CheckpointModule):
             if attr not in owner.checkpoint_param_names():
                 continue
             owner.load_weight(attr, tensor, shard_index)
@@ -185,7 +225,7 @@ def expected_checkpoint_names(
     names: set[str] = set()
     seen: set[int] = set()
     for module_path, module in root.named_modules():
-        if isinstance(module, Linear):
+        if isinstance(module, CheckpointModule):
             parent, _, local_name = module_path.rpartition(".")
             shard_names = [e.shard_name for e in stacked if e.fused_name == local_name] or [local_name]
             base = f"{parent}." if parent else ""

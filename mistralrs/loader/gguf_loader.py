@@ -5,13 +5,20 @@ Checkpoint (Hugging Face) names are the truth. Each GGUF `general.architecture` 
 per-tensor transforms that undo llama.cpp's conversion (the Q/K row permutation of llama-family models), and
 the metadata → config table. Adding an architecture means adding an entry, not a code path.
 
-Tensors are dequantized with the `gguf` package one at a time while `GGUFModel.iter_weights` is consumed, so
-peak memory stays near the size of the finished model.
+`GGUFModel.iter_weights` yields the tensors one at a time, in file order. With `keep_quantized`, 2-D tensors of
+a GGML block type that mistralrs.quant handles (Q4_0, Q4_1, Q8_0) come as `GGMLTensor`s over the memory-mapped
+file bytes, for the layers to pack; the others (F32/F16/BF16, other block types, and every 1-D tensor: norms,
+biases) are dequantized with the `gguf` package. The Q/K un-permutation moves whole rows, so it applies to the
+block rows of a quantized tensor as well. Once the consumer has taken a tensor, its file pages are dropped
+from the resident set, so peak memory stays near the size of the finished model.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +29,8 @@ import numpy as np
 import torch
 
 from mistralrs.loader.gguf_metadata import GGUFTensorInfo, read_gguf_header
+from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.quant.ggml_types import BLOCK_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +41,8 @@ SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tensor transforms: each undoes one step of llama.cpp's convert_hf_to_gguf.py for one HF tensor.
+# Tensor transforms: each undoes one step of llama.cpp's convert_hf_to_gguf.py for one HF tensor. They move
+# whole rows only, so they apply unchanged to the block rows of a quantized tensor.
 
 def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (HF rotate-half layout → llama.cpp interleaved pairs).
@@ -186,7 +196,8 @@ def ggml_type_name(info: GGUFTensorInfo) -> str:
 
 
 def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.ndarray]:
-    """One GGUF file: (metadata as plain Python values, tensor infos, read-only memmap of the file).
+    """One GGUF file: (metadata as plain Python values, tensor infos, uint8 array over a copy-on-write map of
+    the file: views of it are writable arrays and tensors, and nothing is ever written back to the file).
 
     ValueError names the file when it is missing, not GGUF, or truncated (header or tensor data).
     """
@@ -195,7 +206,8 @@ def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {path!r} does not exist")
     header = read_gguf_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
     for info in header.tensors:
         if info.offset + info.nbytes > len(data):
             raise ValueError(f"GGUF file {path!r} is truncated: tensor {info.name!r} needs bytes up to "
@@ -214,18 +226,36 @@ class _TensorEntry:
     hf_name: str  # Hugging Face checkpoint name
     path: str  # file holding it
     info: GGUFTensorInfo  # where its bytes are and how they are encoded
-    data: np.ndarray  # read-only memmap of the whole file
+    data: np.ndarray  # uint8 array over the memory-mapped file (np.frombuffer of an mmap)
     transform: str | None  # TENSOR_TRANSFORMS key or None
 
 
 def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
-    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the memmap for F32)."""
+    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the file map for F32)."""
     from gguf.quants import dequantize
 
     raw = data[info.offset:info.offset + info.nbytes]
     row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
     values = dequantize(raw.reshape(-1, row_bytes), info.ggml_type)
     return np.asarray(values, dtype=np.float32).reshape(info.shape)
+
+
+def _block_tensor(info: GGUFTensorInfo, data: np.ndarray) -> GGMLTensor:
+    """One block-quantized tensor as a `GGMLTensor` over the file bytes (no copy)."""
+    raw = torch.from_numpy(data[info.offset:info.offset + info.nbytes])
+    return GGMLTensor(raw.reshape(math.prod(info.shape[:-1]), -1), ggml_type_name(info), tuple(info.shape))
+
+
+def _release_pages(data: np.ndarray, offset: int, nbytes: int) -> None:
+    """Drops the pages of file bytes `[offset, offset + nbytes)` from the resident set (they are read from the
+    file again if a kept view touches them later). Pages are never written, so nothing is lost."""
+    mapping = data.base.obj if isinstance(data.base, memoryview) else data.base  # np.frombuffer(mmap) -> memoryview
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    stop = min(len(mapping), -(-(offset + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if stop > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def _architecture(metadata: Mapping[str, Any], paths: list[str]) -> tuple[str, GGUFArchitecture]:
@@ -242,7 +272,7 @@ def _architecture(metadata: Mapping[str, Any], paths: list[str]) -> tuple[str, G
 
 
 def _read_files(paths: list[str]) -> tuple[dict[str, Any], list[tuple[str, GGUFTensorInfo, np.ndarray]]]:
-    """Merged metadata (the first file's value wins) and every tensor as (path, info, file memmap)."""
+    """Merged metadata (the first file's value wins) and every tensor as (path, info, file map)."""
     metadata: dict[str, Any] = {}
     tensors = []
     seen: dict[str, str] = {}
@@ -361,16 +391,24 @@ class GGUFModel:
     paths: list[str]  # the GGUF files, in the order given
     _entries: list[_TensorEntry] = field(repr=False, default_factory=list)  # tensors in file order
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield `(hf_name, tensor)` for every weight, dequantized to `dtype` one tensor at a time."""
+    def iter_weights(self, dtype: torch.dtype, keep_quantized: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
+        """Yield `(hf_name, tensor)` for every weight, one at a time, dequantized to `dtype`; with `keep_quantized`,
+        2-D tensors of a type in mistralrs.quant's `BLOCK_TYPES` come as `GGMLTensor`s over the file bytes."""
         for entry in self._entries:
-            values = _dequantize(entry.info, entry.data)
-            if not values.flags.writeable:
-                values = values.copy()
-            weight = torch.from_numpy(values).to(dtype)
+            weight: torch.Tensor | GGMLTensor
+            if keep_quantized and len(entry.info.shape) >= 2 and ggml_type_name(entry.info) in BLOCK_TYPES:
+                weight = _block_tensor(entry.info, entry.data)
+            else:
+                values = _dequantize(entry.info, entry.data)
+                if np.may_share_memory(values, entry.data):  # F32: never hand out the file map as a dense tensor
+                    values = values.copy()
+                weight = torch.from_numpy(values).to(dtype)
             if entry.transform is not None:
-                weight = TENSOR_TRANSFORMS[entry.transform](weight, self.config)
+                transform = functools.partial(TENSOR_TRANSFORMS[entry.transform], config=self.config)
+                weight = weight.map_rows(transform) if isinstance(weight, GGMLTensor) else transform(weight)
             yield entry.hf_name, weight
+            _release_pages(entry.data, entry.info.offset, entry.info.nbytes)
 
 
 def open_gguf(paths: list[str] | str) -> GGUFModel:

@@ -18,6 +18,7 @@ from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource, resolve_token
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
+from mistralrs.quant.gguf_linear import GGUFQuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,10 @@ def _load_gguf(which, token, device, show_progress, chat_template, jinja_explici
     filenames = [which.quantized_filename] if isinstance(which.quantized_filename, str) else which.quantized_filename
     gguf = open_gguf([source.get(name) for name in filenames])
     dtype = resolve_dtype(which.dtype, device)
-    weights = _progress(gguf.iter_weights(dtype), len(gguf.tensor_types), show_progress, "loading")
-    model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device)
+    weights = _progress(gguf.iter_weights(dtype, keep_quantized=True), len(gguf.tensor_types), show_progress,
+                        "loading")
+    model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device,
+                       quant_config=GGUFQuantConfig())
     if which.tok_model_id is not None:
         tok_source = ModelSource(which.tok_model_id, token=token)
         tokenizer = _tokenizer_from_repo(tok_source, None, gguf.metadata, chat_template, jinja_explicit)

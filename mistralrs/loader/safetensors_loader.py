@@ -11,6 +11,8 @@ from torch import nn
 
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.registry import model_class_for
+from mistralrs.quant.config import QuantConfig
+from mistralrs.quant.ggml_tensor import GGMLTensor
 
 _MAX_LISTED_NAMES = 20  # names quoted in a missing/unexpected-weights error before it is cut short
 
@@ -38,13 +40,17 @@ def _listed(names: set[str]) -> str:
 
 def load_model(
     config_dict: dict[str, Any],
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, torch.Tensor | GGMLTensor]],
     *,
     arch_name: Any = None,
     dtype: torch.dtype,
     device: torch.device | str,
+    quant_config: QuantConfig | None = None,
 ) -> nn.Module:
     """Builds the registered model class for `config_dict` (or the forced `arch_name`) and loads `weights`.
+
+    With `quant_config`, every Linear gets the config's quant method before loading (e.g. GGUF blocks kept
+    quantized); without, Linear weights are dense in `dtype` (GGML blocks given anyway are dequantized).
 
     Raises ValueError listing the checkpoint names that are missing or that the model does not use
     (a tied LM head may be absent; rotary `inv_freq` buffers are ignored). Returns the model in eval mode.
@@ -52,9 +58,11 @@ def load_model(
     config = TextModelConfig.from_hf_dict(config_dict)
     cls = model_class_for(config.architectures, arch_name)
     model = cls(config, dtype=dtype, device=device)
+    if quant_config is not None:
+        quant_config.prepare(model)
     provided: set[str] = set()
 
-    def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+    def recorded() -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
         for name, tensor in weights:
             provided.add(name)
             yield name, tensor

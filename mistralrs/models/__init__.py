@@ -1,3 +1,12 @@
 """Model families. Importing this package registers every family with `mistralrs.models.registry`."""
 
-from mistralrs.models import gemma, llama, phi2, phi3, starcoder2  # noqa: F401  (each registers its family)
+from mistralrs.models import (
+    deepseek,
+    gemma,
+    llama,
+    mixtral,
+    phi2,
+    phi3,
+    phimoe,
+    starcoder2,
+)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -164,7 +164,8 @@ class GemmaForCausalLM(nn.Module):
     """
 
     # transformers' defaults for this family where they differ from TextModelConfig's.
-    FAMILY_DEFAULTS: dict[str, Any] = dict(hidden_act="gelu_pytorch_tanh", head_dim=256, tie_word_embeddings=True)
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256,
+                                                 "tie_word_embeddings": True}
     SANDWICH_NORMS = False  # Gemma 2/3 layer layout
     QK_NORM = False  # Gemma 3 per-head q/k norms
 
@@ -251,7 +252,7 @@ class GemmaForCausalLM(nn.Module):
 class Gemma2ForCausalLM(GemmaForCausalLM):
     """Gemma 2: sandwich norms, soft-capping, query_pre_attn_scalar, alternating sliding/global layers."""
 
-    FAMILY_DEFAULTS = dict(GemmaForCausalLM.FAMILY_DEFAULTS, sliding_window=4096)
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {**GemmaForCausalLM.FAMILY_DEFAULTS, "sliding_window": 4096}
     SANDWICH_NORMS = True
     DEFAULT_SOFTCAPS = (50.0, 30.0)  # transformers' (attn_logit_softcapping, final_logit_softcapping)
 
@@ -288,7 +289,7 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 3 text: q/k norms, a sliding-window pattern, local and global RoPE bases, no attention soft-cap
     (`transformers` ignores `attn_logit_softcapping` for Gemma 3; the final cap applies when set)."""
 
-    FAMILY_DEFAULTS = dict(Gemma2ForCausalLM.FAMILY_DEFAULTS, rope_theta=1_000_000.0)
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {**Gemma2ForCausalLM.FAMILY_DEFAULTS, "rope_theta": 1_000_000.0}
     QK_NORM = True
     DEFAULT_SOFTCAPS = (None, None)
 

@@ -8,6 +8,7 @@ the LM head too; RoPE rotates only the first `partial_rotary_factor` of each hea
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -118,7 +119,7 @@ class PhiForCausalLM(nn.Module):
     """
 
     # transformers' PhiConfig defaults where they differ from TextModelConfig's.
-    FAMILY_DEFAULTS = dict(hidden_act="gelu_new", partial_rotary_factor=0.5)
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "gelu_new", "partial_rotary_factor": 0.5}
 
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()

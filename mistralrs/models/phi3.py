@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,7 +27,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 decoder with LM head over packed tokens (interface of `LlamaForCausalLM`)."""
 
     # transformers' Phi3Config defaults where they differ from TextModelConfig's.
-    FAMILY_DEFAULTS = dict(rms_norm_eps=1e-5)
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-5}
 
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__(config.with_family_defaults(**self.FAMILY_DEFAULTS), dtype=dtype, device=device)

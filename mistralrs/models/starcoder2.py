@@ -9,6 +9,7 @@ every layer when `sliding_window` is set, and an LM head tied to the embedding b
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ class Starcoder2ForCausalLM(nn.Module):
     """
 
     # transformers' Starcoder2Config defaults where they differ from TextModelConfig's.
-    FAMILY_DEFAULTS = dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True}
 
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class SamplingParams:
     logprobs: bool = False  # the caller wants the chosen token's log probability reported
     top_logprobs: int = 0  # number of most likely alternatives to report per token; 0..20
     seed: int | None = None  # per-request seed (the engine seeds the sequence's generator from it)
+    grammar: Any = None  # the sequence's GrammarState (sample/grammar.py); set on a per-sequence copy
 
     def __post_init__(self) -> None:
         self.temperature = _check_number("temperature", self.temperature)

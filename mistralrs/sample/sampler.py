@@ -3,7 +3,8 @@
 Pipeline per row (REFERENCE §8.1 with the reference's bugs fixed):
 
 1. logit bias is added, the DRY penalty and the presence/frequency penalties (over the whole context,
-   prompt + generated) are subtracted; all three are additive, so their order does not matter;
+   prompt + generated) are subtracted; all three are additive, so their order does not matter; a row with
+   a grammar then gets -inf on the tokens its grammar forbids (only those rows are computed);
 2. greedy rows (temperature < 1e-7) take the exact argmax of these logits;
 3. sampled rows divide by the temperature, keep the top-k tokens, then the top-p nucleus of what is left,
    then the tokens with p >= min_p * max_p, and draw from the renormalised rest with the row's own
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mistralrs.sample.grammar import apply_grammar_masks
 from mistralrs.sample.params import SampledToken, SamplingParams, SamplingRow
 
 DRY_MAX_MATCH_LENGTH = 50  # longest repeat DRY measures (keeps base ** length finite and the search short)
@@ -171,6 +173,8 @@ class Sampler:
         logits = logits.float()
         if any(row.params.modifies_logits for row in rows):
             logits = apply_logit_adjustments(logits, rows)
+        if any(row.params.grammar is not None for row in rows):
+            logits = apply_grammar_masks(logits, [row.params.grammar for row in rows])
         if all(row.params.is_greedy for row in rows):
             scaled = logits
             chosen_ids = logits.argmax(dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import fields
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,12 +19,17 @@ from pydantic_core import to_json
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
+
 logger = logging.getLogger(__name__)
 
 # Request dataclass field -> the HTTP body field it comes from (for `param`).
 _HTTP_NAMES = {"n_choices": "n", "stop_seqs": "stop", "echo_prompt": "echo", "tool_schemas": "tools"}
 _FIELD_IN_MESSAGE = re.compile(r"\b(?:ChatCompletionRequest|CompletionRequest)\.([a-z_]+)((?:\[\d+\])*(?:\.[a-z_]+)*)")
 _LEADING_FIELD = re.compile(r"^([a-z_]+): ")
+_REQUEST_FIELDS = frozenset(f.name for cls in (ChatCompletionRequest, CompletionRequest) for f in fields(cls))
+# pydantic puts the member of a union (`str`, `list[...]`, a model name) into an error's location: not a field
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|literal)\[.*\]|[A-Z]\w*)$")
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                  413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
@@ -58,31 +64,49 @@ def _param_of(message: str) -> str | None:
     if match:
         return _HTTP_NAMES.get(match.group(1), match.group(1)) + match.group(2)
     match = _LEADING_FIELD.match(message)
-    return _HTTP_NAMES.get(match.group(1), match.group(1)) if match else None
+    if match is None or match.group(1) not in _REQUEST_FIELDS:
+        return None
+    return _HTTP_NAMES.get(match.group(1), match.group(1))
 
 
-def client_error(exc: Exception) -> APIError:
-    """A ValueError/TypeError from building or submitting a request, as a 4xx APIError."""
+def client_error(exc: Exception, default_param: str | None = None) -> APIError:
+    """A ValueError/TypeError from building or submitting a request, as a 4xx APIError.
+
+    `default_param` names the field at fault when the message names none (the prompt, for submit errors).
+    """
     message = str(exc)
     status = getattr(exc, "http_status", 400)
     code = getattr(exc, "error_code", None)
     if code is None and message.startswith("Prompt sequence length is greater than"):
         code = "context_length_exceeded"
-    return APIError(status, message, param=getattr(exc, "param", None) or _param_of(message), code=code)
+    param = getattr(exc, "param", None) or _param_of(message) or default_param
+    return APIError(status, message, param=param, code=code)
+
+
+def _param_from_loc(loc: tuple) -> str | None:
+    """`("messages", "list[...]", 0, "role")` -> `"messages[0].role"`."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part != "body" and not _UNION_TAG.match(part):
+            param += f".{part}" if param else part
+    return param or None
 
 
 def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
     """A body that does not match its schema (malformed JSON, wrong types, missing fields) as a 400."""
-    problems = []
+    problems: list[str] = []
     first_param = None
     for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
         if error.get("type") == "json_invalid":
             reason = error.get("ctx", {}).get("error", "")
             return APIError(400, f"The request body is not valid JSON: {reason}".rstrip(": "), code="invalid_json")
-        param = ".".join(loc) or None
+        param = _param_from_loc(tuple(error.get("loc", ())))
         first_param = first_param or param
-        problems.append(f"{param}: {error.get('msg')}" if param else str(error.get("msg")))
+        problem = f"{param}: {error.get('msg')}" if param else str(error.get("msg"))
+        if problem not in problems:
+            problems.append(problem)
     return APIError(400, "Invalid request body: " + "; ".join(problems), param=first_param)
 
 

@@ -34,30 +34,48 @@ class SeqChunk:
 
 @dataclass
 class KVCacheSpec:
-    """Shape of a model's paged KV cache (one K and one V tensor per layer)."""
+    """Shape of a model's paged KV cache (one K and one V tensor per layer).
+
+    A model that caches something other than per-head K and V declares it through the widths: multi-head latent
+    attention (DeepSeek) caches one "head" of `kv_lora_rank + qk_rope_head_dim` features per token in K and
+    nothing in V (`v_head_dim=0`), so the runner, the block manager and the cache sizing stay generic.
+    """
 
     num_layers: int  # decoder layers that own a KV cache
     num_kv_heads: int  # key/value heads per layer
-    head_dim: int  # features per head
+    head_dim: int  # features per head of K (and of V unless v_head_dim says otherwise)
+    v_head_dim: int | None = None  # features per head of V; None: head_dim; 0: no V cache (K holds everything)
+
+    def __post_init__(self) -> None:
+        if self.v_head_dim is not None and self.v_head_dim < 0:
+            raise ValueError(f"KVCacheSpec.v_head_dim must be >= 0 or None, got {self.v_head_dim}")
+
+    @property
+    def value_dim(self) -> int:
+        """Features per head of V (`v_head_dim`, defaulting to `head_dim`)."""
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         """Bytes that one block of `block_size` tokens takes across all layers, K and V."""
         element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element_size
+        features = self.head_dim + self.value_dim
+        return self.num_layers * block_size * self.num_kv_heads * features * element_size
 
 
 def allocate_kv_caches(
     spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zero-filled `(k, v)` per layer, each `[num_blocks * block_size, num_kv_heads, head_dim]`.
+    """Zero-filled `(k, v)` per layer: k `[num_blocks * block_size, num_kv_heads, head_dim]`, v the same with
+    `spec.value_dim` features (an empty tensor when the spec has no V cache).
 
     Zero filling matters: masked-out cache slots are still read by the batched path and must hold finite values.
     """
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
-    shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+    k_shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+    v_shape = (num_blocks * block_size, spec.num_kv_heads, spec.value_dim)
     return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device))
         for _ in range(spec.num_layers)
     ]
 

@@ -208,6 +208,56 @@ def test_weights_are_dequantized_lazily(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q8_0", "F16"])
+def test_keep_quantized_yields_file_blocks_with_q_k_rows_unpermuted(tmp_path, ggml_type):
+    from gguf import GGUFReader
+
+    from mistralrs.quant.ggml_tensor import GGMLTensor
+
+    model, config = tiny_model("llama")
+    path = write_tiny_gguf(model, config, tmp_path / "tiny.gguf", ggml_type=ggml_type)[0]
+    gguf = open_gguf(path)
+    dense = dict(gguf.iter_weights(torch.float32))
+    kept = dict(gguf.iter_weights(torch.float32, keep_quantized=True))
+    assert set(kept) == set(dense)
+    file_bytes = {t.name: np.asarray(t.data).reshape(t.data.shape[0], -1) for t in GGUFReader(path).tensors}
+    for name, weight in kept.items():
+        if not isinstance(weight, GGMLTensor):  # F16 files and 1-D tensors (norms) stay dense
+            assert ggml_type == "F16" or weight.ndim == 1, name
+            assert torch.equal(weight, dense[name]), name
+            continue
+        assert weight.ggml_type == ggml_type, name
+        assert weight.shape == tuple(dense[name].shape), name
+        # the same values as the dequantized path, bit for bit (torch dequantizer; q/k rows un-permuted)
+        assert torch.equal(weight.dequantize(), dense[name]), name
+        raw = file_bytes[gguf_tensor_name(name)]
+        if ".q_proj." in name or ".k_proj." in name:
+            heads = 4 if ".q_proj." in name else 2
+            assert not np.array_equal(weight.data.numpy(), raw), name
+            raw = unpermute_rows(torch.from_numpy(raw.copy()), heads).numpy()
+        assert np.array_equal(weight.data.numpy(), raw), name
+    assert any(isinstance(w, GGMLTensor) for w in kept.values()) is (ggml_type != "F16")
+
+
+def test_kept_blocks_are_views_of_the_file_and_pages_are_released_after_use(tmp_path, monkeypatch):
+    model, config = tiny_model("llama")
+    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "tiny.gguf", ggml_type="Q4_0"))
+    released = []
+    real = gguf_loader._release_pages
+    monkeypatch.setattr(gguf_loader, "_release_pages",
+                        lambda data, offset, nbytes: released.append(offset) or real(data, offset, nbytes))
+    entries = {entry.hf_name: entry for entry in gguf._entries}
+    weights = gguf.iter_weights(torch.float32, keep_quantized=True)
+    name, first = next(weights)
+    assert released == []  # not before the consumer has taken the tensor
+    assert np.shares_memory(first.data.numpy(), entries[name].data)  # no copy of the file bytes
+    before = first.data.clone()
+    next(weights)
+    assert released == [entries[name].info.offset]
+    assert torch.equal(first.data, before)  # released pages read back from the file
+    assert len(list(weights)) == len(entries) - 2 and len(released) == len(entries)
+
+
 def test_unknown_architecture_lists_supported(tmp_path):
     from gguf import GGUFWriter
 

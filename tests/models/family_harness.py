@@ -6,11 +6,12 @@ through a trivial block allocator that hands out shuffled (non-contiguous) block
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import transformers
@@ -24,10 +25,23 @@ VOCAB_SIZE = 128
 NUM_GREEDY_TOKENS = 32
 
 
-def sharpen(model: torch.nn.Module, seed: int, norm_center: float = 1.0) -> None:
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Runs the block with `num_threads` intra-op threads (tiny models run fastest, and steadiest on a busy
+    machine, on one), then restores the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def sharpen(model: torch.nn.Module, seed: int, norm_center: float = 1.0, embed_std: float = 0.15) -> None:
     """Re-initialise with larger weights than HF's 0.02 so attention is peaked and masking errors show.
 
-    Norm weights become `norm_center + 0.1 * noise` (0 for Gemma's `1 + w` norms, 1 otherwise); biases 0.1 * noise.
+    Norm weights become `norm_center + 0.1 * noise` (0 for Gemma's `1 + w` norms, 1 otherwise); biases 0.1 * noise;
+    matrices 0.15 * noise, the embedding `embed_std` * noise (smaller where the model scales it up).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,16 +49,16 @@ def sharpen(model: torch.nn.Module, seed: int, norm_center: float = 1.0) -> None
             if "norm" in name and name.endswith("weight"):
                 param.copy_(norm_center + 0.1 * torch.randn(param.shape, generator=gen))
             else:
-                std = 0.15 if param.dim() == 2 else 0.1
+                std = (embed_std if "embed_tokens" in name else 0.15) if param.dim() == 2 else 0.1
                 param.copy_(std * torch.randn(param.shape, generator=gen))
 
 
 def build_pair(config: transformers.PretrainedConfig, model_cls: type, path: str, seed: int = 0,
-               norm_center: float = 1.0) -> tuple[torch.nn.Module, torch.nn.Module]:
+               norm_center: float = 1.0, embed_std: float = 0.15) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(HF reference model, our model loaded from the HF checkpoint saved under `path`)."""
     torch.manual_seed(seed)
     hf = model_cls(config).eval()
-    sharpen(hf, seed=seed + 1, norm_center=norm_center)
+    sharpen(hf, seed=seed + 1, norm_center=norm_center, embed_std=embed_std)
     hf.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as f:
         config_dict = json.load(f)
@@ -158,24 +172,48 @@ def check_reference_backend(ours) -> None:
     torch.testing.assert_close(outs["sdpa"], outs["reference"], atol=1e-5, rtol=0)
 
 
-def check_greedy_matches_generate(hf, ours) -> None:
-    """32 greedy tokens of two sequences decoded together equal `transformers.generate` run on each."""
-    prompts = [prompt(40, 9), prompt(41, 4)]
-    gen_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=NUM_GREEDY_TOKENS, eos_token_id=None,
-                                               pad_token_id=0)
-    hf.generation_config.eos_token_id = None
+def hf_greedy(hf, token_ids: list[int], num_tokens: int, use_generate: bool = True) -> list[int]:
+    """`num_tokens` greedy tokens from `transformers`: `generate`, or (`use_generate=False`) a plain loop of
+    forward calls over a cache, one token per call after the prompt."""
+    if use_generate:
+        gen_config = transformers.GenerationConfig(do_sample=False, max_new_tokens=num_tokens, eos_token_id=None,
+                                                   pad_token_id=0)
+        hf.generation_config.eos_token_id = None
+        with torch.inference_mode():
+            return hf.generate(torch.tensor([token_ids]), generation_config=gen_config)[0, len(token_ids):].tolist()
+    cache = transformers.DynamicCache(config=hf.config)
+    generated, step_ids = [], token_ids
     with torch.inference_mode():
-        expected = [hf.generate(torch.tensor([p]), generation_config=gen_config)[0, len(p):].tolist()
-                    for p in prompts]
+        for _ in range(num_tokens):
+            logits = hf(torch.tensor([step_ids]), cache=cache, use_cache=True).logits[0, -1]
+            generated.append(int(logits.argmax()))
+            step_ids = generated[-1:]
+    return generated
+
+
+def greedy_ours(ours, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
+    """Greedy tokens of all `prompts` prefilled in one step, then decoded together one token per step."""
     runner = TinyRunner(ours, seed=6)
-    generated: list[list[int]] = [[], []]
-    logits = runner.step([(i, p) for i, p in enumerate(prompts)])
-    for _ in range(NUM_GREEDY_TOKENS):
+    generated: list[list[int]] = [[] for _ in prompts]
+    logits = runner.step(list(enumerate(prompts)))
+    for _ in range(num_tokens):
         next_ids = [int(chunk[-1].argmax()) for chunk in logits]
         for out, token in zip(generated, next_ids):
             out.append(token)
         logits = runner.step([(i, [t]) for i, t in enumerate(next_ids)])
-    assert generated == expected
+    return generated
+
+
+def greedy_prompts() -> list[list[int]]:
+    """The two prompts (9 and 4 tokens) of the greedy checks."""
+    return [prompt(40, 9), prompt(41, 4)]
+
+
+def check_greedy_matches_generate(hf, ours, use_generate: bool = True) -> None:
+    """32 greedy tokens of two sequences decoded together equal `transformers` run on each (`hf_greedy`)."""
+    prompts = greedy_prompts()
+    expected = [hf_greedy(hf, p, NUM_GREEDY_TOKENS, use_generate) for p in prompts]
+    assert greedy_ours(ours, prompts, NUM_GREEDY_TOKENS) == expected
     assert len(set(expected[0])) > 1  # not a degenerate repetition of one token
 
 
@@ -194,7 +232,7 @@ def check_load_errors(hf, missing_name: str) -> None:
 
 
 def max_logit_change(ours, edit: Callable[[torch.nn.Module], None]) -> float:
-    """Largest change in one-chunk logits after `edit(ours)` (the edit is undone by the caller's copy)."""
+    """Largest change in one-chunk logits when `edit` is applied to a deep copy of `ours`."""
     import copy
 
     token_ids = prompt(1, 20)

@@ -1,0 +1,237 @@
+"""Sparse mixture-of-experts: routing functions and the `FusedMoE` layer (router logits in, output out).
+
+`FusedMoE` stores every expert's weights stacked, `w13 [num_experts, 2 * intermediate, hidden]` (gate rows, then
+up rows) and `w2 [num_experts, hidden, intermediate]`, through a `MoEMethodBase` quant method (the same seam as
+`layers/linear.py`: quantized experts enter by giving the layer another method). Checkpoints name each expert's
+projections separately (`experts.{e}.w1.weight`, ...); `load_moe_weights` routes those names into the stacks.
+
+The one switch `FusedMoE.backend` (`set_moe_backend`) chooses between
+- "fused": the (token, slot) assignments are sorted by expert id, and each expert that received tokens runs one
+  matmul over its contiguous rows (`index_select` in, weighted `index_add_` out). Experts without tokens are not
+  visited, each visited expert's weights are read once per step whatever its token count, and the Python loop
+  is bounded by `num_experts` (not by tokens). Gathering weights per token for a `bmm` was not chosen: on the
+  CPU it copies a full expert matrix per assignment, doubling the memory traffic that bounds decode speed.
+- "reference": the plain twin, a loop over tokens and their selected experts, one small MLP per pair.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistralrs.layers.activation import act_and_mul, get_act_fn
+from mistralrs.layers.linear import CheckpointModule, copy_checked
+
+MOE_BACKENDS = ("fused", "reference")
+
+
+def softmax_topk_routing(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing: softmax over experts (float32), top-k, optionally renormalised over the top-k.
+
+    Returns (`topk_weights [num_tokens, top_k]` float32, `topk_ids [num_tokens, top_k]` int64).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_ids
+
+
+def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sparsemixer stage at inference: the arg-max of `candidates`, weighted by its softmax among the
+    candidates within relative distance `2 * jitter_eps` of the maximum (distance measured against `scores`)."""
+    threshold, selected = candidates.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    outside = ((threshold - scores) / factor) > (2 * jitter_eps)
+    gates = torch.softmax(candidates.masked_fill(outside, float("-inf")), dim=-1)
+    return gates.gather(-1, selected), selected
+
+
+def sparsemixer_routing(router_logits: torch.Tensor, top_k: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's sparsemixer at inference (top-2 only): the first expert is the arg-max, weighted by its
+    softmax over the logits near the maximum; the second is the arg-max once the first is masked out, weighted
+    the same way among the remaining logits. Returns (`topk_weights`, `topk_ids`), each `[num_tokens, 2]`."""
+    if top_k != 2:
+        raise ValueError(f"num_experts_per_tok must be 2 for sparsemixer routing, got {top_k}")
+    scores = router_logits.float()
+    weight_1, expert_1 = _sparsemixer_pick(scores, scores, jitter_eps)
+    weight_2, expert_2 = _sparsemixer_pick(scores, scores.scatter(-1, expert_1, float("-inf")), jitter_eps)
+    return torch.cat((weight_1, weight_2), dim=-1), torch.cat((expert_1, expert_2), dim=-1)
+
+
+class MoEMethodBase:
+    """How a `FusedMoE` stores its expert weights, loads checkpoint tensors into them, and computes the experts."""
+
+    def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Registers the layer's expert parameters or buffers."""
+        raise NotImplementedError
+
+    def load_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str, loaded: torch.Tensor) -> None:
+        """Stores one expert's checkpoint matrix; `projection` is "gate", "up" or "down"."""
+        raise NotImplementedError
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        """`x [num_tokens, hidden]` and the routing -> `[num_tokens, hidden]`."""
+        raise NotImplementedError
+
+
+class UnquantizedMoEMethod(MoEMethodBase):
+    """Dense stacked expert weights in the model dtype; grouped matmuls ("fused") or the per-token twin."""
+
+    def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
+        e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        layer.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
+        layer.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device), requires_grad=False)
+
+    def load_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str, loaded: torch.Tensor) -> None:
+        i = layer.intermediate_size
+        targets = {"gate": lambda: layer.w13[expert_id, :i], "up": lambda: layer.w13[expert_id, i:],
+                   "down": lambda: layer.w2[expert_id]}
+        copy_checked(targets[projection](), loaded, f"{layer.prefix}.{expert_id}.{projection}")
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        if layer.backend == "reference":
+            return self._apply_reference(layer, x, topk_weights, topk_ids)
+        return self._apply_grouped(layer, x, topk_weights, topk_ids)
+
+    @staticmethod
+    def _apply_grouped(layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor) -> torch.Tensor:
+        top_k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k], assignment a belongs to token a // top_k
+        order = torch.argsort(flat_ids, stable=True)
+        token_ids = order // top_k  # assignments grouped by expert
+        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+        counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
+        out = torch.zeros_like(x)
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_ids[start:start + count]
+            expert_in = x.index_select(0, rows)  # [count, hidden]
+            inner = act_and_mul(F.linear(expert_in, layer.w13[expert_id]), layer.act_fn)
+            out.index_add_(0, rows, F.linear(inner, layer.w2[expert_id]) * weights[start:start + count])
+            start += count
+        return out
+
+    @staticmethod
+    def _apply_reference(layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
+                         topk_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        i = layer.intermediate_size
+        for token in range(x.shape[0]):
+            for slot in range(topk_ids.shape[1]):
+                expert_id = int(topk_ids[token, slot])
+                w13 = layer.w13[expert_id]
+                hidden = layer.act_fn(x[token] @ w13[:i].T) * (x[token] @ w13[i:].T)
+                out[token] += float(topk_weights[token, slot]) * (hidden @ layer.w2[expert_id].T)
+        return out
+
+
+class FusedMoE(CheckpointModule):
+    """The experts of one sparse MoE block: `forward(x [num_tokens, hidden], router_logits [num_tokens,
+    num_experts]) -> [num_tokens, hidden]`, each token the routing-weighted sum of its top-k experts' gated MLPs.
+
+    Args:
+        num_experts: experts in the block.
+        top_k: experts per token.
+        hidden_size / intermediate_size: expert MLP widths.
+        hidden_act: HF activation name of the gate.
+        routing: "softmax_renorm" (Mixtral), "softmax" (no renormalisation) or "sparsemixer" (Phi-3.5-MoE).
+        checkpoint_names: the checkpoint's (gate, up, down) projection names under `experts.{e}`.
+        jitter_eps: sparsemixer's `router_jitter_noise`.
+        backend: "fused" or "reference" (see the module docstring).
+        quant_method: storage and math; `UnquantizedMoEMethod()` when None.
+        prefix: the module path (for messages).
+    """
+
+    ROUTINGS = ("softmax_renorm", "softmax", "sparsemixer")
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *, hidden_act: str,
+                 routing: str, checkpoint_names: tuple[str, str, str], dtype: torch.dtype,
+                 device: torch.device | str, jitter_eps: float = 0.0, backend: str = "fused",
+                 quant_method: MoEMethodBase | None = None, prefix: str = ""):
+        super().__init__()
+        if routing not in self.ROUTINGS:
+            raise ValueError(f"routing must be one of {list(self.ROUTINGS)}, got {routing!r}")
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_local_experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.routing = routing
+        self.jitter_eps = jitter_eps
+        self.act_fn = get_act_fn(hidden_act)
+        self.prefix = prefix
+        self.backend = ""
+        self.set_backend(backend)
+        self._projection_of = dict(zip(checkpoint_names, ("gate", "up", "down")))  # checkpoint name -> role
+        self.quant_method = quant_method or UnquantizedMoEMethod()
+        self.quant_method.create_weights(self, dtype, device)
+
+    def set_backend(self, backend: str) -> None:
+        """Switches between the "fused" path and its "reference" twin."""
+        if backend not in MOE_BACKENDS:
+            raise ValueError(f"moe backend must be one of {list(MOE_BACKENDS)}, got {backend!r}")
+        self.backend = backend
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`topk_weights [num_tokens, top_k]` float32, `topk_ids [num_tokens, top_k]`)."""
+        if self.routing == "sparsemixer":
+            return sparsemixer_routing(router_logits, self.top_k, self.jitter_eps)
+        return softmax_topk_routing(router_logits, self.top_k, renormalize=self.routing == "softmax_renorm")
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.route(router_logits)
+        return self.quant_method.apply(self, x, topk_weights, topk_ids)
+
+    def checkpoint_param_names(self) -> list[str]:
+        return [f"{e}.{name}.weight" for e in range(self.num_experts) for name in self._projection_of]
+
+    def load_weight(self, param_name: str, loaded: torch.Tensor, shard_index: int | None = None) -> None:
+        """Loads `"{expert}.{projection}.weight"` (a name from `checkpoint_param_names`)."""
+        expert, name, _ = param_name.split(".")
+        self.quant_method.load_expert_weight(self, int(expert), self._projection_of[name], loaded)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, routing={self.routing}, backend={self.backend}")
+
+
+_EXPERT_NAME = re.compile(r"^(?P<module>.+)\.(?P<param>\d+\.[^.]+\.weight)$")
+
+
+def load_moe_weights(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                     load_rest: Callable[[Iterable[tuple[str, torch.Tensor]]], set[str]]) -> set[str]:
+    """Routes per-expert checkpoint tensors (`<moe>.{e}.{proj}.weight`) into the `FusedMoE` modules of `root` and
+    every other pair to `load_rest`; returns all names consumed."""
+    moe_modules = {name: m for name, m in root.named_modules() if isinstance(m, FusedMoE)}
+    consumed: set[str] = set()
+
+    def others() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            match = _EXPERT_NAME.match(name)
+            moe = moe_modules.get(match["module"]) if match else None
+            if moe is not None and match["param"] in moe.checkpoint_param_names():
+                moe.load_weight(match["param"], tensor)
+                consumed.add(name)
+            else:
+                yield name, tensor
+
+    consumed |= load_rest(others())
+    return consumed
+
+
+def set_moe_backend(model: nn.Module, backend: str) -> None:
+    """Sets the one MoE switch ("fused" or "reference") on every `FusedMoE` layer of `model`."""
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.set_backend(backend)

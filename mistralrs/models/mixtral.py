@@ -1,0 +1,177 @@
+"""Mixtral (`MixtralForCausalLM`): the Mistral decoder with a sparse mixture-of-experts block in place of the MLP.
+
+Each layer's `block_sparse_moe` has a router (`gate`, a `Linear` hidden -> num_local_experts) and the experts
+(`experts`, a `layers.moe.FusedMoE`): softmax over the router logits, top `num_experts_per_tok`, weights
+renormalised over the selected experts. The decoder here is shared with Phi-3.5-MoE (`models/phimoe.py`), which
+changes the norm, biases, routing and rope through the class attributes and hooks below.
+Checkpoint names are the Hugging Face ones; per-expert `experts.{e}.w1/w3/w2.weight` go into the stacked
+expert weights (`load_moe_weights`), q/k/v into the fused `qkv_proj`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.linear import (
+    Linear,
+    StackedParam,
+    expected_checkpoint_names,
+    load_checkpoint_weights,
+)
+from mistralrs.layers.moe import FusedMoE, load_moe_weights
+from mistralrs.layers.norm import RMSNorm
+from mistralrs.layers.rotary import RotaryEmbedding, context_lens_per_token
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import LlamaAttention
+from mistralrs.models.registry import register
+from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+
+STACKED_PARAMS = (
+    StackedParam("qkv_proj", "q_proj", 0),
+    StackedParam("qkv_proj", "k_proj", 1),
+    StackedParam("qkv_proj", "v_proj", 2),
+)
+
+
+def _positive_int(config: TextModelConfig, key: str, default: int) -> int:
+    value = config.extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`) then the experts: `[num_tokens, hidden] -> [num_tokens, hidden]`."""
+
+    def __init__(self, config: TextModelConfig, *, routing: str, jitter_eps: float, prefix: str,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        num_experts = _positive_int(config, "num_local_experts", 8)
+        top_k = _positive_int(config, "num_experts_per_tok", 2)
+        self.gate = Linear(config.hidden_size, num_experts, bias=False, dtype=dtype, device=device,
+                           prefix=f"{prefix}.gate")
+        self.experts = FusedMoE(num_experts, top_k, config.hidden_size, config.intermediate_size,
+                                hidden_act=config.hidden_act, routing=routing, checkpoint_names=("w1", "w3", "w2"),
+                                jitter_eps=jitter_eps, dtype=dtype, device=device, prefix=f"{prefix}.experts")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.experts(hidden, self.gate(hidden))
+
+
+class MoeDecoderLayer(nn.Module):
+    """Pre-norm block: `h += attn(norm(h)); h += moe(norm(h))`."""
+
+    def __init__(self, config: TextModelConfig, layer_idx: int, family: type[MixtralForCausalLM], *,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        bias = family.attention_has_bias(config)
+        self.input_layernorm = family.make_norm(config, dtype, device)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias=bias, o_bias=bias,
+                                        sliding_window=config.sliding_window, prefix=f"{prefix}.self_attn",
+                                        dtype=dtype, device=device)
+        self.post_attention_layernorm = family.make_norm(config, dtype, device)
+        self.block_sparse_moe = SparseMoeBlock(config, routing=family.ROUTING, jitter_eps=family.jitter_eps(config),
+                                               prefix=f"{prefix}.block_sparse_moe", dtype=dtype, device=device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
+        return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
+
+
+class MoeModel(nn.Module):
+    """Embedding, MoE decoder layers and final norm (the `model.` prefix of the checkpoint)."""
+
+    def __init__(self, config: TextModelConfig, family: type[MixtralForCausalLM], *, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(MoeDecoderLayer(config, i, family, dtype=dtype, device=device)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = family.make_norm(config, dtype, device)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
+                                          config.max_position_embeddings, device=device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        context_lens = context_lens_per_token(fb) if self.rotary_emb.is_longrope else None
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype, context_lens)  # shared by all layers
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, fb)
+        return self.norm(hidden)
+
+
+class MixtralForCausalLM(nn.Module):
+    """Mixtral decoder with LM head over packed tokens.
+
+    `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
+    `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
+    """
+
+    ROUTING: ClassVar[str] = "softmax_renorm"  # FusedMoE routing of the family
+    # transformers' MixtralConfig defaults where they differ from TextModelConfig's.
+    FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                                                 "max_position_embeddings": 4096 * 32}
+
+    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
+        self.config = config
+        self.dtype = dtype
+        self.model = MoeModel(config, type(self), dtype=dtype, device=device)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=self.lm_head_has_bias(config), dtype=dtype,
+                              device=device, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def make_norm(cls, config: TextModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+        """The family's norm layer."""
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+    @classmethod
+    def attention_has_bias(cls, config: TextModelConfig) -> bool:
+        """Whether q/k/v/o projections have biases."""
+        return False
+
+    @classmethod
+    def lm_head_has_bias(cls, config: TextModelConfig) -> bool:
+        """Whether the LM head has a bias."""
+        return False
+
+    @classmethod
+    def jitter_eps(cls, config: TextModelConfig) -> float:
+        """The routing's jitter epsilon (read by sparsemixer; unused by softmax routing)."""
+        return 0.0
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
+        return self.lm_head(hidden).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape of the paged KV cache this model reads."""
+        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _not_in_checkpoint(self, name: str) -> bool:
+        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (stacking the experts, fusing q/k/v); returns the names consumed."""
+        return load_moe_weights(self, weights, lambda rest: load_checkpoint_weights(
+            self, rest, STACKED_PARAMS, self._not_in_checkpoint))
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs (the tied LM head is not needed)."""
+        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
+
+
+register(MixtralForCausalLM, hf_architectures=("MixtralForCausalLM",), arch_names=("Mixtral",))

@@ -1,0 +1,131 @@
+"""Linear layers whose weights come from a GGUF file: GGML blocks kept quantized, one kernel chosen per layer.
+
+`GGUFQuantConfig` gives every `Linear` of a model a `GGUFLinearMethod` before the weights load. The method
+collects the layer's checkpoint tensors (one per fused shard: q/k/v or gate/up), and once all have arrived
+builds the layer's `PackedWeight`s from their types:
+
+- fast path (`use_fast_kernels`, CPU, bfloat16 activations): Q4_0, Q4_1 and Q8_0 blocks are repacked for torch's
+  CPU int4 kernel (`FAST_CPU_BF16_KERNELS`, see mistralrs/quant/cpu_int4.py);
+- plain path (everything else: the switch off, fp32/fp16 activations, CUDA, dense or other GGML types): the
+  tensor is dequantized once, at load, to the activation dtype on the layer's device, then `F.linear`.
+
+Fused shards of the same type are concatenated along the output rows and packed as one weight (one kernel
+call per fused projection: faster for decode than one call per shard); runs of shards with different types
+become separate weights whose outputs are concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mistralrs.layers.linear import Linear, LinearMethodBase, copy_checked
+from mistralrs.quant.config import QuantConfig
+from mistralrs.quant.cpu_int4 import int4_cpu_from_q4_0, int4_cpu_from_q4_1, int4_cpu_from_q8_0
+from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.quant.packed import DenseWeight, PackedWeight
+
+# GGML type → builder of its fast form on the CPU with bfloat16 activations.
+FAST_CPU_BF16_KERNELS: dict[str, Callable[[GGMLTensor, torch.dtype], PackedWeight]] = {
+    "Q4_0": int4_cpu_from_q4_0,
+    "Q4_1": int4_cpu_from_q4_1,
+    "Q8_0": int4_cpu_from_q8_0,
+}
+
+CheckpointTensor = torch.Tensor | GGMLTensor
+
+
+def _kind(tensor: CheckpointTensor) -> str:
+    """Shards of the same kind are concatenated before packing."""
+    return tensor.ggml_type if isinstance(tensor, GGMLTensor) else "dense"
+
+
+def build_packed_weight(tensor: CheckpointTensor, dtype: torch.dtype, device: torch.device,
+                        use_fast_kernels: bool) -> PackedWeight:
+    """The compute form of one weight: a fast kernel when one applies, else dense in `dtype` on `device`."""
+    if isinstance(tensor, GGMLTensor):
+        fast = FAST_CPU_BF16_KERNELS.get(tensor.ggml_type)
+        if use_fast_kernels and fast is not None and device.type == "cpu" and dtype == torch.bfloat16:
+            return fast(tensor, dtype)
+        return DenseWeight(tensor.to(device).dequantize(dtype))
+    return DenseWeight(tensor.to(device=device, dtype=dtype))
+
+
+def _cat_shards(shards: Sequence[CheckpointTensor]) -> CheckpointTensor:
+    if len(shards) == 1:
+        return shards[0]
+    if isinstance(shards[0], GGMLTensor):
+        return GGMLTensor.cat_rows(shards)
+    return torch.cat(list(shards))
+
+
+class GGUFLinearMethod(LinearMethodBase):
+    """One layer's weights from GGUF tensors (GGML blocks or dense), packed for a kernel once all shards arrive.
+
+    One instance per layer. After loading, `weights` lists the layer's `PackedWeight`s in output-row order.
+    """
+
+    def __init__(self, use_fast_kernels: bool = True):
+        self.use_fast_kernels = use_fast_kernels  # False: always the plain path (dequantize at load + F.linear)
+        self.weights: list[PackedWeight] = []  # compute forms over consecutive output rows, once loaded
+        self._pending: list[CheckpointTensor | None] = []  # per fused shard, until all have arrived
+        self._dtype = torch.float32
+        self._device = torch.device("cpu")
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._dtype, self._device = dtype, torch.device(device)
+        self._pending = [None] * len(layer.output_partition_sizes)
+        bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None
+        layer.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def load_weight(self, layer: Linear, param_name: str, loaded: CheckpointTensor, shard_index: int | None) -> None:
+        name = f"{layer.prefix}.{param_name}" + ("" if shard_index is None else f"[shard {shard_index}]")
+        offset, size = layer.shard_range(shard_index or 0)
+        if param_name == "bias":
+            if layer.bias is None:
+                raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a 'bias' the layer was built without")
+            copy_checked(layer.bias.narrow(0, offset, size), loaded, name)
+            return
+        if tuple(loaded.shape) != (size, layer.in_features):
+            raise ValueError(f"weight {name!r} has shape {tuple(loaded.shape)}, expected {(size, layer.in_features)}")
+        self._pending[shard_index or 0] = loaded
+        if all(shard is not None for shard in self._pending):
+            self.weights = self._pack(self._pending)
+            self._pending = []
+
+    def _pack(self, shards: list[CheckpointTensor]) -> list[PackedWeight]:
+        """Runs of consecutive shards of one kind, each concatenated and packed."""
+        runs: list[list[CheckpointTensor]] = []
+        for shard in shards:
+            if runs and _kind(runs[-1][0]) == _kind(shard):
+                runs[-1].append(shard)
+            else:
+                runs.append([shard])
+        return [build_packed_weight(_cat_shards(run), self._dtype, self._device, self.use_fast_kernels)
+                for run in runs]
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if not self.weights:
+            raise ValueError(f"{layer.prefix or 'linear'}: weights were not loaded (shards still missing)")
+        if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
+            return F.linear(x, self.weights[0].weight, layer.bias)
+        y = self.weights[0].matmul(x) if len(self.weights) == 1 else torch.cat([w.matmul(x) for w in self.weights], -1)
+        return y if layer.bias is None else y + layer.bias
+
+    def dense_weight(self, layer: Linear) -> torch.Tensor | None:
+        if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
+            return self.weights[0].weight
+        return None
+
+
+@dataclass(frozen=True)
+class GGUFQuantConfig(QuantConfig):
+    """Every Linear loads through a `GGUFLinearMethod`; the one switch between fast kernels and the plain path."""
+
+    use_fast_kernels: bool = True  # False: dequantize every weight at load and use F.linear (the reference)
+
+    def linear_method(self, layer: Linear) -> LinearMethodBase:
+        return GGUFLinearMethod(self.use_fast_kernels)

