@@ -13,11 +13,12 @@ from mistralrs.quant.ggml_tensor import GGMLTensor
 class VocabEmbedding(CheckpointModule):
     """Looks up `[num_tokens]` ids in a `[vocab_size, hidden_size]` table.
 
-    The table is a dense `weight` in the model dtype, or, when the checkpoint gives GGML blocks (GGUF), those
-    blocks (`quantized`), of which only the looked-up rows are dequantized. A tied LM head either shares the dense
-    `weight` Parameter (set by the model: `lm_head.weight = embed_tokens.weight`) or, once a quant config has given
-    the head its own method, is registered with `tie_head` and loaded from the same checkpoint tensor; the table
-    then reuses the head's dense weight when it keeps one.
+    The table is a dense `weight` in the model dtype, or, when a quant config has set `keep_quantized` and the
+    checkpoint gives GGML blocks (GGUF), those blocks (`quantized`), of which only the looked-up rows are
+    dequantized. A tied LM head either shares the dense `weight` Parameter (set by the model:
+    `lm_head.weight = embed_tokens.weight`) or, once a quant config has given the head its own method, is
+    registered with `tie_head` and loaded from the same checkpoint tensor; the table then reuses the head's
+    dense weight when it keeps one.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device | str):
@@ -28,7 +29,8 @@ class VocabEmbedding(CheckpointModule):
         self.params_device = torch.device(device)
         self.weight: nn.Parameter | torch.Tensor | None = nn.Parameter(
             torch.empty(vocab_size, hidden_size, dtype=dtype, device=device), requires_grad=False)
-        self.quantized: GGMLTensor | None = None  # the table as GGML blocks, when the checkpoint gave those
+        self.keep_quantized = False  # set by a QuantConfig: keep GGML blocks rather than a dense copy
+        self.quantized: GGMLTensor | None = None  # the table as GGML blocks, when kept
         self.tied_heads: list[Linear] = []  # LM heads loaded from this table's checkpoint tensor (not submodules)
 
     def tie_head(self, head: Linear) -> None:
@@ -47,7 +49,7 @@ class VocabEmbedding(CheckpointModule):
         if shared is not None and shared.dtype == self.dtype and tuple(shared.shape) == tuple(loaded.shape):
             self._drop_dense()
             self.weight = shared  # the head's dense weight, one copy for both
-        elif isinstance(loaded, GGMLTensor):
+        elif isinstance(loaded, GGMLTensor) and self.keep_quantized:
             if tuple(loaded.shape) != (self.vocab_size, self.hidden_size):
                 raise ValueError(f"embedding weight has shape {tuple(loaded.shape)}, "
                                  f"expected {(self.vocab_size, self.hidden_size)}")

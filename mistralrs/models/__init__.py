@@ -1,6 +1,6 @@
 """Model families. Importing this package registers every family with `mistralrs.models.registry`."""
 
-from mistralrs.models import (
+from mistralrs.models import (  # noqa: F401  (imported to register)
     deepseek,
     gemma,
     llama,

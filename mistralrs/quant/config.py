@@ -3,8 +3,8 @@
 `load_model` builds the model as written (every `Linear` with the dense `UnquantizedLinearMethod`, whose
 storage is allocated but not yet touched) and, when given a quant config, calls `prepare(model)` before any
 weight is loaded: each `Linear` gets the config's method, so model files need no quantization code (DESIGN
-rule 1). A `Linear` whose weight is a `VocabEmbedding`'s Parameter (the model tied its LM head) keeps the tie:
-the embedding loads its checkpoint tensor into the head as well.
+rule 1). Embeddings may then keep GGML blocks. A `Linear` whose weight is a `VocabEmbedding`'s Parameter (the
+model tied its LM head) keeps the tie: the embedding loads its checkpoint tensor into the head as well.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ class QuantConfig:
         raise NotImplementedError
 
     def prepare(self, model: nn.Module) -> None:
-        """Gives every `Linear` of `model` its method, keeping LM heads tied to their embeddings."""
+        """Gives every `Linear` of `model` its method, keeping LM heads tied to their embeddings, and lets the
+        embeddings keep GGML blocks."""
         embeddings = [m for m in model.modules() if isinstance(m, VocabEmbedding)]
+        for embedding in embeddings:
+            embedding.keep_quantized = True
         for module in model.modules():
             if not isinstance(module, Linear):
                 continue

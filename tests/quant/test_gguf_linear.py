@@ -96,6 +96,9 @@ def test_missing_shard_and_bad_shape_are_errors():
 def test_embedding_looks_up_quantized_rows():
     table = quantized("Q8_0", 48, 64, 7)
     embedding = VocabEmbedding(48, 64, dtype=torch.bfloat16, device="cpu")
+    embedding.load_weight("weight", table)  # without a quant config: dequantized into the dense table
+    assert embedding.quantized is None and torch.equal(embedding.weight, table.dequantize(torch.bfloat16))
+    embedding.keep_quantized = True
     embedding.load_weight("weight", table)
     assert embedding.weight is None and embedding.quantized is table
     ids = torch.tensor([5, 0, 47, 5])

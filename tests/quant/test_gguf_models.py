@@ -86,6 +86,17 @@ def test_tiny_model_float32_plain_path_is_exact(tmp_path, ggml_type):
     assert torch.equal(forward_logits(ours, token_ids, torch.float32), want)
 
 
+
+def test_blocks_given_to_a_model_without_quant_config_are_dequantized(tmp_path):
+    path = tiny_gguf(tmp_path, "qwen2", "Q4_0", tie=True)
+    gguf = open_gguf(path)
+    ours = load_model(gguf.config, gguf.iter_weights(torch.float32, keep_quantized=True), dtype=torch.float32,
+                      device="cpu")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the model's own dense tie, untouched
+    token_ids = list(range(3, 300, 7))
+    want = forward_logits(load(path, torch.float32, None), token_ids, torch.float32)
+    assert torch.equal(forward_logits(ours, token_ids, torch.float32), want)
+
 # ---------------------------------------------------------------------------------------------------------
 # The real default model.
 
