@@ -10,7 +10,6 @@ import mistralrs
 from mistralrs import Architecture, Runner, VisionArchitecture, Which
 
 UNBUILT = [
-    (Which.Lora(adapters_model_id="a", order="o.json", model_id="m"), "LoRA"),
     (Which.XLora(xlora_model_id="x", order="o.json", model_id="m"), "X-LoRA"),
     (Which.LoraGGUF(quantized_model_id="q", quantized_filename="f.gguf", adapters_model_id="a", order="o"), "LoRA"),
     (Which.XLoraGGUF(quantized_model_id="q", quantized_filename="f.gguf", xlora_model_id="x", order="o"), "X-LoRA"),

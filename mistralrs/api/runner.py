@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from mistralrs.adapters.lora import activate_adapters
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.api.responses import (
     ChatCompletionChunkResponse, ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
@@ -406,7 +407,9 @@ class Runner:
         raise ValueError(f"send_re_isq({dtype!r}): in-situ quantization (ISQ) is not built in this version")
 
     def activate_adapters(self, adapter_names: list[str]) -> None:
-        raise ValueError(f"activate_adapters({adapter_names!r}): this model has no LoRA adapters")
+        """Replaces the active set of preloaded LoRA adapters; ValueError naming an unknown adapter, or when the
+        model has no preloaded adapters."""
+        self._engine.call(lambda: activate_adapters(self._loaded.model, adapter_names))
 
     def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280):
         raise ValueError("generate_image: this is a text model; diffusion models are not built in this version")

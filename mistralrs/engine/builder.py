@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistralrs.adapters import lora_state_of
 from mistralrs.core import Scheduler, SchedulerConfig
 from mistralrs.engine.engine import Engine
 from mistralrs.engine.input_processor import InputProcessor
@@ -92,7 +93,9 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, Inp
         prompt_chunksize=config.prompt_chunksize,
         block_size=config.block_size,
         num_blocks=num_blocks,
-        enable_prefix_caching=config.prefix_cache_n > 0 and not config.no_kv_cache,
+        # Switchable LoRA adapters change the K/V of the same tokens, so cached blocks could be stale.
+        enable_prefix_caching=(config.prefix_cache_n > 0 and not config.no_kv_cache
+                               and lora_state_of(loaded.model) is None),
         no_kv_cache=config.no_kv_cache,
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,

@@ -72,6 +72,18 @@ class Engine:
         """Cancel a request; it stops within one engine step and frees its KV blocks."""
         self._commands.put(("abort", request_id))
 
+    def call(self, fn, timeout: float = 60.0):
+        """Run `fn()` on the engine thread between two steps and return its result (or raise its error).
+
+        Used for changes to the model that must not happen during a forward pass (switching adapters).
+        """
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands.put(("call", (fn, done)))
+        ok, value = done.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
     def shutdown(self) -> None:
         """Cancel everything in flight and stop the thread."""
         self._commands.put(("stop", None))
@@ -102,6 +114,12 @@ class Engine:
                 self._add_safely(payload)
             elif kind == "abort":
                 self._cancel(payload)
+            elif kind == "call":
+                fn, done = payload
+                try:
+                    done.put((True, fn()))
+                except Exception as exc:
+                    done.put((False, exc))
             else:
                 for request_id in list(self._requests):
                     self._cancel(request_id)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mistralrs.adapters.lora import apply_lora
+from mistralrs.adapters.ordering import read_ordering, same_model_id
 from mistralrs.api.enums import ModelDType
 from mistralrs.api.which import Which
 from mistralrs.loader.gguf_loader import open_gguf
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 # Which variants whose capability is not built yet, and what they need.
 _NOT_BUILT = {
-    "Lora": "LoRA adapters", "XLora": "X-LoRA adapters", "LoraGGUF": "LoRA adapters on GGUF models",
+    "XLora": "X-LoRA adapters", "LoraGGUF": "LoRA adapters on GGUF models",
     "XLoraGGUF": "X-LoRA adapters on GGUF models", "LoraGGML": "LoRA adapters on GGML models",
     "XLoraGGML": "X-LoRA adapters on GGML models", "GGML": "the legacy GGML (GGJT) file loader",
     "VisionPlain": "vision models", "DiffusionPlain": "FLUX diffusion models",
@@ -153,6 +155,22 @@ def _load_gguf(which, token, device, show_progress, chat_template, jinja_explici
     return LoadedModel(model, tokenizer, which.quantized_model_id, max_len, dtype, device)
 
 
+def _load_lora(which, token, device, show_progress, chat_template, jinja_explicit) -> LoadedModel:
+    """The base model (safetensors) with the ordering file's LoRA adapters merged or hooked in (REFERENCE §6)."""
+    if which.from_uqff is not None or which.write_uqff is not None or which.topology is not None:
+        raise ValueError("Which.Lora: from_uqff, write_uqff and topology are not supported yet")
+    ordering = read_ordering(which.order)
+    model_id = which.model_id if which.model_id is not None else ordering.base_model_id
+    if not same_model_id(model_id, ordering.base_model_id):
+        raise ValueError(f"Which.Lora: model_id {model_id!r} disagrees with the ordering file's base_model_id "
+                         f"{ordering.base_model_id!r}")
+    base = Which.Plain(model_id=model_id, arch=which.arch, tokenizer_json=which.tokenizer_json, dtype=which.dtype)
+    loaded = _load_plain(base, token, device, show_progress, chat_template, jinja_explicit)
+    apply_lora(loaded.model, ordering, ModelSource(which.adapters_model_id, token=token), token=token,
+               dtype=loaded.dtype, device=device)
+    return loaded
+
+
 def load_pipeline(which, *, token_source: str = "cache", chat_template: str | None = None,
                   jinja_explicit: str | None = None, show_progress: bool | None = None,
                   device: torch.device | None = None) -> LoadedModel:
@@ -160,7 +178,7 @@ def load_pipeline(which, *, token_source: str = "cache", chat_template: str | No
     variant = type(which).__name__
     if variant in _NOT_BUILT:
         raise ValueError(f"Which.{variant} is not supported yet: {_NOT_BUILT[variant]} are not built in this "
-                         "version (supported: Which.Plain, Which.GGUF)")
+                         "version (supported: Which.Plain, Which.GGUF, Which.Lora)")
     device = device or default_device()
     token = resolve_token(token_source)
     if isinstance(which, Which.Plain):
@@ -169,6 +187,8 @@ def load_pipeline(which, *, token_source: str = "cache", chat_template: str | No
         if which.topology is not None or which.imatrix is not None or which.calibration_file is not None:
             raise ValueError("Which.Plain: topology, imatrix and calibration_file need ISQ, which is not built yet")
         return _load_plain(which, token, device, show_progress, chat_template, jinja_explicit)
+    if isinstance(which, Which.Lora):
+        return _load_lora(which, token, device, show_progress, chat_template, jinja_explicit)
     if isinstance(which, Which.GGUF):
         if which.topology is not None:
             raise ValueError("Which.GGUF: topology is not supported yet")
