@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.torch
 import torch
 from tokenizers import Tokenizer
 
