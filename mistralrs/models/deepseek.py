@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mistralrs.models.base import CausalLM
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
@@ -34,7 +35,6 @@ from mistralrs.layers.linear import (
     Linear,
     StackedParam,
     copy_checked,
-    expected_checkpoint_names,
     load_checkpoint_weights,
 )
 from mistralrs.layers.mla import MultiHeadLatentAttention
@@ -350,12 +350,14 @@ class DeepseekModel(nn.Module):
         return self.norm(hidden)
 
 
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(CausalLM):
     """DeepSeek-V2 (and V2-Lite) with LM head over packed tokens.
 
     `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
     `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
     """
+
+    STACKED_PARAMS = STACKED_PARAMS
 
     SCORING = "softmax"  # router score function
     TOPK_METHODS = V2_TOPK_METHODS  # accepted topk_method values (the first is the default)
@@ -381,12 +383,6 @@ class DeepseekV2ForCausalLM(nn.Module):
         """The DeepSeek fields of `config`; V2 always rotates interleaved pairs."""
         return replace(DeepseekDims.from_config(config, cls.DEFAULTS, cls.TOPK_METHODS), rope_interleave=True)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, fb)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
-        return self.lm_head(hidden).float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One latent "head" of `kv_lora_rank + qk_rope_head_dim` per token and layer, no V cache."""
@@ -420,10 +416,6 @@ class DeepseekV2ForCausalLM(nn.Module):
 
         consumed = load_checkpoint_weights(self, non_expert(weights), STACKED_PARAMS, self._not_in_checkpoint)
         return consumed | expert_names
-
-    def expected_weight_names(self) -> set[str]:
-        """HF checkpoint names this model needs."""
-        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -16,22 +16,22 @@ Checkpoint names are the Hugging Face ones; q/k/v and gate/up are fused on load 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from mistralrs.models.base import CausalLM
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import Linear, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import GemmaRMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import STACKED_PARAMS, LlamaMLP
 from mistralrs.models.registry import register
-from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+from mistralrs.worker.forward_batch import ForwardBatch
 
 _GEMMA3_DEFAULT_LOCAL_THETA = 10000.0  # transformers' default rope_local_base_freq
 _GEMMA3_DEFAULT_PATTERN = 6  # transformers' default sliding_window_pattern: every 6th layer is global
@@ -155,13 +155,15 @@ class GemmaModel(nn.Module):
         return self.norm(hidden)
 
 
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(CausalLM):
     """Gemma decoder with LM head over packed tokens.
 
     `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
     `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32 (soft-capped where the config says so).
     Subclasses change the class-level switches and the classmethods below, nothing else.
     """
+
+    STACKED_PARAMS = STACKED_PARAMS
 
     # transformers' defaults for this family where they differ from TextModelConfig's.
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256,
@@ -222,8 +224,6 @@ class GemmaForCausalLM(nn.Module):
         """(global RoPE table, local table for sliding layers or None when they share the global one)."""
         return RopeTable(config.rope_theta, config.rope_scaling), None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, fb)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden_size]` -> `[rows, vocab_size]` float32, `cap * tanh(logits / cap)` when capped."""
@@ -231,22 +231,6 @@ class GemmaForCausalLM(nn.Module):
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        """Shape of the paged KV cache this model reads."""
-        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
-
-    def _not_in_checkpoint(self, name: str) -> bool:
-        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
-        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads HF-named tensors (fusing q/k/v and gate/up); returns the names consumed."""
-        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
-
-    def expected_weight_names(self) -> set[str]:
-        """HF checkpoint names this model needs (the tied LM head is not needed)."""
-        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

@@ -7,20 +7,20 @@ gate/up are fused on load through `STACKED_PARAMS`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from mistralrs.models.base import CausalLM
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.linear import Linear, StackedParam
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.registry import register
-from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+from mistralrs.worker.forward_batch import ForwardBatch
 
 # Checkpoint module name -> (our fused module, shard index).
 STACKED_PARAMS = (
@@ -126,12 +126,14 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama decoder with LM head over packed tokens.
 
     `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
     `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
     """
+
+    STACKED_PARAMS = STACKED_PARAMS
 
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
@@ -157,29 +159,6 @@ class LlamaForCausalLM(nn.Module):
         if config.layer_types is None or config.sliding_window is None:
             return [None] * config.num_hidden_layers
         return [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, fb)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
-        return self.lm_head(hidden).float()
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        """Shape of the paged KV cache this model reads."""
-        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
-
-    def _not_in_checkpoint(self, name: str) -> bool:
-        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
-        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads HF-named tensors (fusing q/k/v and gate/up); returns the names consumed."""
-        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
-
-    def expected_weight_names(self) -> set[str]:
-        """HF checkpoint names this model needs (the tied LM head is not needed)."""
-        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mistralrs.models.base import CausalLM
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
     Linear,
     StackedParam,
-    expected_checkpoint_names,
     load_checkpoint_weights,
 )
 from mistralrs.layers.moe import FusedMoE, load_moe_weights
@@ -29,7 +29,7 @@ from mistralrs.layers.rotary import RotaryEmbedding, context_lens_per_token
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaAttention
 from mistralrs.models.registry import register
-from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+from mistralrs.worker.forward_batch import ForwardBatch
 
 STACKED_PARAMS = (
     StackedParam("qkv_proj", "q_proj", 0),
@@ -106,12 +106,14 @@ class MoeModel(nn.Module):
         return self.norm(hidden)
 
 
-class MixtralForCausalLM(nn.Module):
+class MixtralForCausalLM(CausalLM):
     """Mixtral decoder with LM head over packed tokens.
 
     `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
     `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
     """
+
+    STACKED_PARAMS = STACKED_PARAMS
 
     ROUTING: ClassVar[str] = "softmax_renorm"  # FusedMoE routing of the family
     # transformers' MixtralConfig defaults where they differ from TextModelConfig's.
@@ -149,29 +151,11 @@ class MixtralForCausalLM(nn.Module):
         """The routing's jitter epsilon (read by sparsemixer; unused by softmax routing)."""
         return 0.0
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, fb)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
-        return self.lm_head(hidden).float()
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        """Shape of the paged KV cache this model reads."""
-        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
-
-    def _not_in_checkpoint(self, name: str) -> bool:
-        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
-        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors (stacking the experts, fusing q/k/v); returns the names consumed."""
         return load_moe_weights(self, weights, lambda rest: load_checkpoint_weights(
             self, rest, STACKED_PARAMS, self._not_in_checkpoint))
-
-    def expected_weight_names(self) -> set[str]:
-        """HF checkpoint names this model needs (the tied LM head is not needed)."""
-        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
 
 
 register(MixtralForCausalLM, hf_architectures=("MixtralForCausalLM",), arch_names=("Mixtral",))

@@ -10,12 +10,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
-from mistralrs.layers.linear import expected_checkpoint_names, load_checkpoint_weights
 from mistralrs.layers.rotary import context_lens_per_token
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaForCausalLM
@@ -25,6 +23,8 @@ from mistralrs.worker.forward_batch import ForwardBatch
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 decoder with LM head over packed tokens (interface of `LlamaForCausalLM`)."""
+
+    STACKED_PARAMS = ()  # qkv_proj and gate_up_proj are fused in the checkpoint already
 
     # transformers' Phi3Config defaults where they differ from TextModelConfig's.
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-5}
@@ -50,13 +50,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             hidden = layer(hidden, cos, sin, fb)
         return model.norm(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads HF-named tensors (qkv_proj and gate_up_proj are fused in the checkpoint); returns the names consumed."""
-        return load_checkpoint_weights(self, weights, (), self._not_in_checkpoint)
-
-    def expected_weight_names(self) -> set[str]:
-        """HF checkpoint names this model needs (the tied LM head is not needed)."""
-        return expected_checkpoint_names(self, (), self._not_in_checkpoint)
 
 
 register(Phi3ForCausalLM, hf_architectures=("Phi3ForCausalLM",), arch_names=("Phi3",))

@@ -8,21 +8,21 @@ every layer when `sliding_window` is set, and an LM head tied to the embedding b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from mistralrs.models.base import CausalLM
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.linear import Linear, StackedParam
 from mistralrs.layers.norm import LayerNorm
 from mistralrs.layers.rotary import RotaryEmbedding
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaAttention
 from mistralrs.models.registry import register
-from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+from mistralrs.worker.forward_batch import ForwardBatch
 
 # Checkpoint module name -> (our fused module, shard index).
 STACKED_PARAMS = (
@@ -92,12 +92,14 @@ class Starcoder2Model(nn.Module):
         return self.norm(hidden)
 
 
-class Starcoder2ForCausalLM(nn.Module):
+class Starcoder2ForCausalLM(CausalLM):
     """Starcoder2 decoder with LM head over packed tokens.
 
     `forward(input_ids [num_tokens], positions [num_tokens], fb) -> hidden [num_tokens, hidden_size]`;
     `compute_logits(hidden[rows]) -> [rows, vocab_size]` float32.
     """
+
+    STACKED_PARAMS = STACKED_PARAMS
 
     # transformers' Starcoder2Config defaults where they differ from TextModelConfig's.
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True}
@@ -112,29 +114,6 @@ class Starcoder2ForCausalLM(nn.Module):
                               prefix="lm_head")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, fb)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
-        return self.lm_head(hidden).float()
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        """Shape of the paged KV cache this model reads."""
-        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
-
-    def _not_in_checkpoint(self, name: str) -> bool:
-        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
-        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads HF-named tensors (fusing q/k/v); returns the names consumed."""
-        return load_checkpoint_weights(self, weights, STACKED_PARAMS, self._not_in_checkpoint)
-
-    def expected_weight_names(self) -> set[str]:
-        """HF checkpoint names this model needs (the tied LM head is not needed)."""
-        return expected_checkpoint_names(self, STACKED_PARAMS, self._not_in_checkpoint)
 
 
 register(Starcoder2ForCausalLM, hf_architectures=("Starcoder2ForCausalLM",), arch_names=("Starcoder2",))

@@ -1,0 +1,45 @@
+"""The part every decoder-only family shares: `self.model` (embeddings, layers, norm) under an LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mistralrs.layers.linear import StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
+
+
+class CausalLM(nn.Module):
+    """Base of the `*ForCausalLM` classes: packed forward, float32 logits, paged-KV shape and weight loading.
+
+    A family sets `self.config`, `self.model` and `self.lm_head`, and lists in `STACKED_PARAMS` how checkpoint
+    shards fuse into its projections; it overrides a method only where it really differs.
+    """
+
+    STACKED_PARAMS: ClassVar[tuple[StackedParam, ...]] = ()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, fb)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
+        return self.lm_head(hidden).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape of the paged KV cache this model reads."""
+        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _not_in_checkpoint(self, name: str) -> bool:
+        """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""
+        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (fusing shards per `STACKED_PARAMS`); returns the names consumed."""
+        return load_checkpoint_weights(self, weights, self.STACKED_PARAMS, self._not_in_checkpoint)
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names this model needs (the tied LM head is not needed)."""
+        return expected_checkpoint_names(self, self.STACKED_PARAMS, self._not_in_checkpoint)
