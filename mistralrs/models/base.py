@@ -43,3 +43,18 @@ class CausalLM(nn.Module):
     def expected_weight_names(self) -> set[str]:
         """HF checkpoint names this model needs (the tied LM head is not needed)."""
         return expected_checkpoint_names(self, self.STACKED_PARAMS, self._not_in_checkpoint)
+
+
+class DecoderModel(nn.Module):
+    """Base of the `*Model` stacks (the checkpoint's `model.` prefix): embeddings, decoder layers, final norm.
+
+    A family sets `embed_tokens`, `layers`, `norm` and `rotary_emb`; each layer is called as
+    `layer(hidden, cos, sin, fb)` with RoPE tables computed once per step.
+    """
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, fb)
+        return self.norm(hidden)

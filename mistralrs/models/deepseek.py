@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM
+from mistralrs.models.base import CausalLM, DecoderModel
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
@@ -327,7 +327,7 @@ class DeepseekDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class DeepseekModel(nn.Module):
+class DeepseekModel(DecoderModel):
     """Embedding, decoder layers and final norm (the `model.` prefix of the checkpoint)."""
 
     def __init__(self, config: TextModelConfig, dims: DeepseekDims, *, scoring: str, dtype: torch.dtype,
@@ -341,13 +341,6 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(dims.qk_rope_head_dim, config.rope_theta, config.rope_scaling,
                                           config.max_position_embeddings, device=device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, fb)
-        return self.norm(hidden)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM
+from mistralrs.models.base import CausalLM, DecoderModel
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
@@ -103,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderModel):
     """Embedding, decoder layers and final norm (the `model.` prefix of the checkpoint)."""
 
     def __init__(self, config: TextModelConfig, layer_options: list[dict], *, dtype: torch.dtype,
@@ -117,13 +117,6 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
                                           config.max_position_embeddings, device=device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, fb)
-        return self.norm(hidden)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM
+from mistralrs.models.base import CausalLM, DecoderModel
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import Linear, StackedParam
@@ -68,7 +68,7 @@ class Starcoder2DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class Starcoder2Model(nn.Module):
+class Starcoder2Model(DecoderModel):
     """Embedding, decoder layers and final LayerNorm (the `model.` checkpoint prefix)."""
 
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
@@ -83,13 +83,6 @@ class Starcoder2Model(nn.Module):
         self.norm = LayerNorm(config.hidden_size, eps, dtype=dtype, device=device)
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
                                           config.max_position_embeddings, device=device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, fb)
-        return self.norm(hidden)
 
 
 class Starcoder2ForCausalLM(CausalLM):
