@@ -68,10 +68,16 @@ def _unpermute_k(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tenso
     return unpermute_rows(weight, config["num_key_value_heads"])
 
 
+def _gemma_norm_unshift(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """Undo llama.cpp's Gemma norm shift: it stores `w + 1` so that its plain RMSNorm equals HF's `(1 + w)` one."""
+    return weight - 1
+
+
 # Transform name (used in the architecture tables) → function (tensor, HF config) → tensor.
 TENSOR_TRANSFORMS: dict[str, Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]] = {
     "unpermute_q": _unpermute_q,
     "unpermute_k": _unpermute_k,
+    "gemma_norm_unshift": _gemma_norm_unshift,
 }
 
 
@@ -81,9 +87,19 @@ def _sliding_window_flag(config: dict[str, Any]) -> None:
     config["max_window_layers"] = config["num_hidden_layers"]
 
 
+def _gemma3_attention_scalar(config: dict[str, Any]) -> None:
+    """Gemma 3's `query_pre_attn_scalar`, which GGUF does not store: head_dim, except the 27B model (62 layers),
+    which uses hidden_size / num_attention_heads (llama.cpp's rule; the HF configs agree)."""
+    if config["num_hidden_layers"] == 62:
+        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        config["query_pre_attn_scalar"] = config["head_dim"]
+
+
 # Config rule name (used in the architecture tables) → function that completes the HF config in place.
 CONFIG_RULES: dict[str, Callable[[dict[str, Any]], None]] = {
     "sliding_window_flag": _sliding_window_flag,
+    "gemma3_attention_scalar": _gemma3_attention_scalar,
 }
 
 
@@ -137,6 +153,16 @@ LLAMA_FAMILY_CONFIG_KEYS: dict[str, str] = {
     "rope.freq_base": "rope_theta",
 }
 
+# llama.cpp's names for Gemma 3 (text): sandwich norms around attention and MLP, per-head q/k norms.
+GEMMA3_TENSOR_NAMES: dict[str, str] = {
+    **{key: value for key, value in LLAMA_FAMILY_TENSOR_NAMES.items() if key != "blk.{bid}.ffn_norm"},
+    "blk.{bid}.attn_q_norm": "model.layers.{bid}.self_attn.q_norm",
+    "blk.{bid}.attn_k_norm": "model.layers.{bid}.self_attn.k_norm",
+    "blk.{bid}.post_attention_norm": "model.layers.{bid}.post_attention_layernorm",
+    "blk.{bid}.ffn_norm": "model.layers.{bid}.pre_feedforward_layernorm",
+    "blk.{bid}.post_ffw_norm": "model.layers.{bid}.post_feedforward_layernorm",
+}
+
 GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "llama": GGUFArchitecture(
         hf_architecture="LlamaForCausalLM",
@@ -160,6 +186,21 @@ GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
         config_defaults={"hidden_act": "silu", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                          "max_position_embeddings": 32768, "attention_bias": True, "sliding_window": None},
         config_rules=("sliding_window_flag",),
+    ),
+    # No Q/K permutation (llama.cpp permutes only llama-family Q/K); every norm weight (all HF names end in
+    # "norm.weight") carries llama.cpp's +1. Not in the metadata: the local RoPE base and the layer pattern
+    # (every 6th layer global), both fixed across Gemma 3 sizes; `rope.scaling.*` applies to global layers.
+    "gemma3": GGUFArchitecture(
+        hf_architecture="Gemma3ForCausalLM",
+        model_type="gemma3_text",
+        tensor_names=GEMMA3_TENSOR_NAMES,
+        tensor_transforms={"norm.weight": "gemma_norm_unshift"},
+        config_keys=LLAMA_FAMILY_CONFIG_KEYS,
+        config_defaults={"hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1000000.0,
+                         "rope_local_base_freq": 10000.0, "sliding_window_pattern": 6, "rms_norm_eps": 1e-6,
+                         "max_position_embeddings": 131072, "sliding_window": 4096,
+                         "final_logit_softcapping": None},
+        config_rules=("gemma3_attention_scalar",),
     ),
 }
 

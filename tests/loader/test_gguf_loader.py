@@ -359,3 +359,34 @@ def test_smollm2_matches_transformers(tmp_path, monkeypatch):
         seen.add(hf_name)
     # transformers also lists the tied lm_head; everything else must have been produced by us.
     assert set(reference) - seen == {"lm_head.weight"}
+
+
+@pytest.mark.parametrize(("gguf_name", "hf_name"), [
+    ("blk.2.attn_norm.weight", "model.layers.2.input_layernorm.weight"),
+    ("blk.2.attn_q_norm.weight", "model.layers.2.self_attn.q_norm.weight"),
+    ("blk.2.attn_k_norm.weight", "model.layers.2.self_attn.k_norm.weight"),
+    ("blk.2.post_attention_norm.weight", "model.layers.2.post_attention_layernorm.weight"),
+    ("blk.2.ffn_norm.weight", "model.layers.2.pre_feedforward_layernorm.weight"),
+    ("blk.2.post_ffw_norm.weight", "model.layers.2.post_feedforward_layernorm.weight"),
+    ("blk.2.attn_q.weight", "model.layers.2.self_attn.q_proj.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+])
+def test_gemma3_tensor_names(gguf_name, hf_name):
+    assert gguf_loader.map_tensor_name(GGUF_ARCHITECTURES["gemma3"], gguf_name) == hf_name
+
+
+def test_gemma3_norms_unshifted_and_config_completed():
+    arch = GGUF_ARCHITECTURES["gemma3"]
+    assert {s: t for s, t in arch.tensor_transforms.items()} == {"norm.weight": "gemma_norm_unshift"}
+    weight = torch.tensor([1.5, 0.25])
+    assert torch.equal(gguf_loader.TENSOR_TRANSFORMS["gemma_norm_unshift"](weight, {}), torch.tensor([0.5, -0.75]))
+    metadata = {"gemma3.embedding_length": 5376, "gemma3.block_count": 62, "gemma3.feed_forward_length": 64,
+                "gemma3.attention.head_count": 32, "gemma3.attention.head_count_kv": 16,
+                "gemma3.attention.key_length": 128, "gemma3.rope.scaling.type": "linear",
+                "gemma3.rope.scaling.factor": 8.0}
+    config = gguf_loader.build_config("gemma3", arch, metadata, {"model.embed_tokens.weight": (100, 5376)})
+    assert config["query_pre_attn_scalar"] == 168  # the 27B model: hidden_size / heads, not head_dim
+    assert config["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert (config["rope_theta"], config["rope_local_base_freq"], config["sliding_window_pattern"]) == (1e6, 1e4, 6)
+    config = gguf_loader.build_config("gemma3", arch, {**metadata, "gemma3.block_count": 18}, {})
+    assert config["query_pre_attn_scalar"] == 128 and config["tie_word_embeddings"] is True

