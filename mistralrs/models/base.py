@@ -12,6 +12,18 @@ from mistralrs.layers.linear import StackedParam, expected_checkpoint_names, loa
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
 
+# Checkpoint shards fused into one projection: (our fused module, checkpoint module, shard index).
+QKV_PARAMS = (
+    StackedParam("qkv_proj", "q_proj", 0),
+    StackedParam("qkv_proj", "k_proj", 1),
+    StackedParam("qkv_proj", "v_proj", 2),
+)
+GATE_UP_PARAMS = (
+    StackedParam("gate_up_proj", "gate_proj", 0),
+    StackedParam("gate_up_proj", "up_proj", 1),
+)
+
+
 class CausalLM(nn.Module):
     """Base of the `*ForCausalLM` classes: packed forward, float32 logits, paged-KV shape and weight loading.
 

@@ -27,13 +27,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM, DecoderModel
+from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
     CheckpointModule,
     Linear,
-    StackedParam,
     copy_checked,
     load_checkpoint_weights,
 )
@@ -44,10 +43,7 @@ from mistralrs.models.config import TextModelConfig
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
-STACKED_PARAMS = (
-    StackedParam("gate_up_proj", "gate_proj", 0),
-    StackedParam("gate_up_proj", "up_proj", 1),
-)
+STACKED_PARAMS = GATE_UP_PARAMS
 _EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM, DecoderModel
+from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS, QKV_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import Linear, StackedParam
+from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
 from mistralrs.models.config import TextModelConfig
@@ -23,13 +23,7 @@ from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
 
 # Checkpoint module name -> (our fused module, shard index).
-STACKED_PARAMS = (
-    StackedParam("qkv_proj", "q_proj", 0),
-    StackedParam("qkv_proj", "k_proj", 1),
-    StackedParam("qkv_proj", "v_proj", 2),
-    StackedParam("gate_up_proj", "gate_proj", 0),
-    StackedParam("gate_up_proj", "up_proj", 1),
-)
+STACKED_PARAMS = QKV_PARAMS + GATE_UP_PARAMS
 
 
 class LlamaMLP(nn.Module):

@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM
+from mistralrs.models.base import CausalLM, QKV_PARAMS
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
     Linear,
-    StackedParam,
     load_checkpoint_weights,
 )
 from mistralrs.layers.moe import FusedMoE, load_moe_weights
@@ -31,11 +30,7 @@ from mistralrs.models.llama import LlamaAttention
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
 
-STACKED_PARAMS = (
-    StackedParam("qkv_proj", "q_proj", 0),
-    StackedParam("qkv_proj", "k_proj", 1),
-    StackedParam("qkv_proj", "v_proj", 2),
-)
+STACKED_PARAMS = QKV_PARAMS
 
 
 def _positive_int(config: TextModelConfig, key: str, default: int) -> int:

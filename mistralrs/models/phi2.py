@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM
+from mistralrs.models.base import CausalLM, QKV_PARAMS
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import Linear, StackedParam
+from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import LayerNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
 from mistralrs.models.config import TextModelConfig
@@ -24,11 +24,7 @@ from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
 
 # Checkpoint module name -> (our fused module, shard index).
-STACKED_PARAMS = (
-    StackedParam("qkv_proj", "q_proj", 0),
-    StackedParam("qkv_proj", "k_proj", 1),
-    StackedParam("qkv_proj", "v_proj", 2),
-)
+STACKED_PARAMS = QKV_PARAMS
 _DEFAULT_LAYER_NORM_EPS = 1e-5  # transformers' PhiConfig.layer_norm_eps
 
 
