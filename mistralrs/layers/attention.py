@@ -80,8 +80,8 @@ class PagedAttention(nn.Module):
                  fb: ForwardBatch) -> torch.Tensor:
         num_seqs, max_q, max_ctx = fb.num_seqs, fb.max_query_len, fb.max_context_len
         kv_shape = (num_seqs, max_ctx, self.num_kv_heads, self.head_dim)
-        keys = k_cache.index_select(0, fb.gather_indices).view(kv_shape).transpose(1, 2)
-        values = v_cache.index_select(0, fb.gather_indices).view(kv_shape).transpose(1, 2)
+        keys = fb.gather_contexts(k_cache).view(kv_shape).transpose(1, 2)
+        values = fb.gather_contexts(v_cache).view(kv_shape).transpose(1, 2)
         if fb.query_pad_indices is not None:
             padded = q.new_zeros(num_seqs * max_q, self.num_heads, self.head_dim)
             q = padded.index_copy_(0, fb.query_pad_indices, q)

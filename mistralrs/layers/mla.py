@@ -67,7 +67,7 @@ class MultiHeadLatentAttention(nn.Module):
         if fb.attention_backend == "reference":
             return self._reference(q_nope, q_pe, entries, cache, kv_b_proj, fb)
         cache.index_copy_(0, fb.slot_mapping, entries.to(cache.dtype))
-        contexts = cache.index_select(0, fb.gather_indices).squeeze(1)  # [num_seqs * max_ctx, lora + rope]
+        contexts = fb.gather_contexts(cache).squeeze(1)  # [num_seqs * max_ctx, lora + rope]
         w_kv_b = kv_b_proj.quant_method.dense_weight(kv_b_proj)
         if self.absorb and w_kv_b is not None:
             return self._absorbed(q_nope, q_pe, contexts, w_kv_b, fb)

@@ -98,6 +98,7 @@ class ForwardBatch:
     gather_indices: torch.Tensor  # [num_seqs * max_context_len] int64, flat slot of context position j of seq s
     query_pad_indices: torch.Tensor | None  # [num_tokens] int64 index into num_seqs * max_query_len; None: no padding
     attention_backend: str = "sdpa"  # "sdpa" (batched fast path) or "reference" (per-sequence plain twin)
+    contiguous_start: int | None = None  # first flat slot when one sequence's context is consecutive slots, else None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
 
     @property
@@ -172,7 +173,18 @@ class ForwardBatch:
             gather_indices=gather_indices,
             query_pad_indices=query_pad_indices,
             attention_backend=attention_backend,
+            contiguous_start=_contiguous_start(block_tables, block_size),
         )
+
+    def gather_contexts(self, cache: torch.Tensor) -> torch.Tensor:
+        """Each sequence's context read from a flat cache: `[num_seqs * max_context_len, ...]`.
+
+        A view of the cache when the step has one sequence whose blocks are consecutive (the common
+        single-stream decode), an `index_select` copy otherwise.
+        """
+        if self.contiguous_start is not None:
+            return cache[self.contiguous_start:self.contiguous_start + self.max_context_len]
+        return cache.index_select(0, self.gather_indices)
 
     def attention_mask(self, sliding_window: int | None) -> torch.Tensor | None:
         """Boolean mask `[num_seqs, 1, max_query_len, max_context_len]` (True = attend), cached per window.
@@ -200,6 +212,16 @@ class ForwardBatch:
             return self.positions.view(self.num_seqs, self.max_query_len)
         padded = self.positions.new_zeros(self.num_seqs * self.max_query_len)
         return padded.index_copy_(0, self.query_pad_indices, self.positions).view(self.num_seqs, self.max_query_len)
+
+
+def _contiguous_start(block_tables: list[list[int]], block_size: int) -> int | None:
+    """First slot of the one sequence's context when its blocks are consecutive; None otherwise."""
+    if len(block_tables) != 1:
+        return None
+    table = block_tables[0]
+    if any(b != table[0] + i for i, b in enumerate(table)):
+        return None
+    return table[0] * block_size
 
 
 def _validate(chunks: list[SeqChunk], block_size: int, attention_backend: str) -> None:

@@ -20,6 +20,8 @@ CASES = {
     "decode_batch": [(5, 1), (22, 1), (9, 1)],
     "equal_chunks": [(3, 4), (10, 4)],
     "mixed": [(0, 9), (14, 1), (6, 5), (0, 2)],
+    "contiguous_prefill": [(0, 13)],   # consecutive blocks: the context is read as a view of the cache
+    "contiguous_decode": [(17, 1)],
 }
 
 
@@ -27,7 +29,11 @@ def _random_step(case: str, seed: int):
     """Random q/k/v plus chunks whose block tables are random, non-contiguous blocks; caches pre-filled."""
     gen = torch.Generator().manual_seed(seed)
     blocks = list(range(NUM_BLOCKS))
-    random.Random(seed).shuffle(blocks)
+    if case.startswith("contiguous"):
+        blocks.reverse()   # popped in order 3, 4, 5, ... after dropping the first three
+        del blocks[-3:]
+    else:
+        random.Random(seed).shuffle(blocks)
     chunks = []
     for start, n in CASES[case]:
         needed = -(-(start + n) // BLOCK_SIZE) + 1  # one spare block: tables may be longer than needed
@@ -62,6 +68,7 @@ def test_batched_equals_reference(case, options):
     for (fk, fv), (sk, sv) in zip(fast_caches, slow_caches):  # same slots written
         assert torch.equal(fk, sk) and torch.equal(fv, sv)
     assert fb.last_token_indices.tolist() == [loc - 1 for loc in fb.query_start_locs[1:]]
+    assert (fb.contiguous_start is not None) == case.startswith("contiguous")
 
 
 def test_reference_equals_plain_causal_attention():
