@@ -6,7 +6,6 @@ import copy
 import glob
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from mistralrs.models.registry import model_class_for, model_class_for_gguf, register
-from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.forward_batch import allocate_kv_caches
+from tests.models.family_harness import TinyRunner
 
 ATOL = 1e-4
 BLOCK_SIZE = 4
@@ -67,37 +67,6 @@ def family(request, tmp_path_factory):
     ours = load_model(config_dict, iter_safetensors(files, torch.float32), dtype=torch.float32, device="cpu")
     assert type(ours) is OUR_CLASSES[name]
     return name, hf, ours
-
-
-class TinyRunner:
-    """Test driver: a trivial block allocator handing out shuffled (non-contiguous) blocks, one step at a time."""
-
-    def __init__(self, model, num_blocks: int = 64, seed: int = 0, backend: str = "sdpa"):
-        self.model = model
-        self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, torch.float32, "cpu")
-        self.free_blocks = list(range(num_blocks))
-        random.Random(seed).shuffle(self.free_blocks)
-        self.block_tables: dict[int, list[int]] = {}
-        self.num_computed: dict[int, int] = {}
-        self.backend = backend
-
-    def step(self, work: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Runs one step over `(seq_id, new_token_ids)` pairs; returns each chunk's logits `[len, vocab]`."""
-        chunks = []
-        for seq_id, token_ids in work:
-            table = self.block_tables.setdefault(seq_id, [])
-            start = self.num_computed.get(seq_id, 0)
-            while len(table) * BLOCK_SIZE < start + len(token_ids):
-                table.append(self.free_blocks.pop())
-            chunks.append(SeqChunk(token_ids=list(token_ids), start_pos=start, block_ids=list(table)))
-            self.num_computed[seq_id] = start + len(token_ids)
-        fb = ForwardBatch.build(chunks, BLOCK_SIZE, self.kv_caches, "cpu", attention_backend=self.backend)
-        with torch.inference_mode():
-            hidden = self.model(fb.input_ids, fb.positions, fb)
-            logits = self.model.compute_logits(hidden)
-            last = self.model.compute_logits(hidden[fb.last_token_indices])
-        torch.testing.assert_close(last, logits[fb.last_token_indices], atol=1e-5, rtol=0)
-        return list(logits.split(fb.query_lens))
 
 
 def _prompt(seed: int, length: int) -> list[int]:
