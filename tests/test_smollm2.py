@@ -7,6 +7,7 @@ import torch
 
 from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, Which
 from mistralrs.loader.default_model import default_model_path
+from tests.hf_reference import hf_greedy_with_margin
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -35,19 +36,6 @@ def hf_model_and_tokenizer():
     return model, tokenizer
 
 
-def _hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], float]:
-    """Greedy continuation by full forward passes, and the smallest top-1/top-2 logit margin met on the way."""
-    ids = list(prompt_ids)
-    margin = float("inf")
-    with torch.no_grad():
-        for _ in range(num_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            top2 = logits.topk(2).values
-            margin = min(margin, float(top2[0] - top2[1]))
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt_ids):], margin
-
-
 @pytest.mark.parametrize("messages", PROMPTS)
 def test_greedy_chat_matches_transformers(runner, hf_model_and_tokenizer, messages):
     model, tokenizer = hf_model_and_tokenizer
@@ -55,7 +43,7 @@ def test_greedy_chat_matches_transformers(runner, hf_model_and_tokenizer, messag
     if not isinstance(prompt_ids, list):
         prompt_ids = prompt_ids["input_ids"]
     assert runner._inputs.chat_prompt_ids(messages) == list(prompt_ids)
-    expected, margin = _hf_greedy(model, prompt_ids, NUM_TOKENS)
+    expected, margin = hf_greedy_with_margin(model, prompt_ids, NUM_TOKENS)
     assert margin > 0.05, "pick prompts whose greedy choices are not near-ties"
     res = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=messages, model="smollm2", max_tokens=NUM_TOKENS, temperature=0.0, logprobs=True))

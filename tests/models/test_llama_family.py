@@ -17,7 +17,7 @@ from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from mistralrs.models.registry import model_class_for, model_class_for_gguf, register
 from mistralrs.worker.forward_batch import allocate_kv_caches
-from tests.models.family_harness import TinyRunner
+from tests.models.family_harness import TinyRunner, check_reference_backend
 
 ATOL = 1e-4
 BLOCK_SIZE = 4
@@ -116,14 +116,7 @@ def test_packed_sequences_and_mixed_steps(family):
 
 def test_reference_backend_matches_sdpa(family):
     _, _, ours = family
-    prompts = [_prompt(30 + i, n) for i, n in enumerate((18, 5))]
-    outs = {}
-    for backend in ("sdpa", "reference"):
-        runner = TinyRunner(ours, seed=5, backend=backend)
-        first = runner.step([(0, prompts[0][:11]), (1, prompts[1])])
-        second = runner.step([(0, prompts[0][11:]), (1, [3])])
-        outs[backend] = torch.cat(first + second)
-    torch.testing.assert_close(outs["sdpa"], outs["reference"], atol=1e-5, rtol=0)
+    check_reference_backend(ours)
 
 
 def test_greedy_decode_matches_generate(family):
