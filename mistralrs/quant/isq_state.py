@@ -38,7 +38,7 @@ class Fp8Params:
     dequant_w_scale: float      # 1 / quant_scale
     dequant_x_scale: float
     quant_scale: float          # 448 / absmax of the bf16 weight, clamped to the F8E4M3 range
-    layer_dtype: torch.dtype    # the activation dtype the layer computes in
+    layer_dtype: torch.dtype    # the blob's layer dtype: v0.5.0's ISQ records float8_e4m3fn; not used in the math
 
 
 @dataclass
