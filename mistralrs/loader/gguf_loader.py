@@ -1,16 +1,19 @@
 """GGUF files read into the engine's canonical form: a Hugging Face config dict plus `(hf_name, tensor)` pairs.
 
 Checkpoint (Hugging Face) names are the truth. Each GGUF `general.architecture` has one declarative
-`GGUFArchitecture` entry in `GGUF_ARCHITECTURES`: the tensor-name table (GGUF stem → HF module path), the
-per-tensor transforms that undo llama.cpp's conversion (the Q/K row permutation of llama-family models), and
-the metadata → config table. Adding an architecture means adding an entry, not a code path.
+`GGUFArchitecture` entry in `GGUF_ARCHITECTURES` (mistralrs/loader/gguf_tables.py): the tensor-name table
+(GGUF stem → HF module path), the tensors that hold several HF tensors (merged experts, fused qkv) or one part
+of an HF tensor, the per-tensor transforms that undo llama.cpp's conversion (the Q/K row permutation of llama
+models, Gemma's shifted norms), and the metadata → config table. Adding an architecture means adding an entry,
+not a code path.
 
-`GGUFModel.iter_weights` yields the tensors one at a time, in file order. With `keep_quantized`, 2-D tensors of
-a GGML block type that mistralrs.quant handles (Q4_0, Q4_1, Q8_0) come as `GGMLTensor`s over the memory-mapped
-file bytes, for the layers to pack; the others (F32/F16/BF16, other block types, and every 1-D tensor: norms,
-biases) are dequantized with the `gguf` package. The Q/K un-permutation moves whole rows, so it applies to the
-block rows of a quantized tensor as well. Once the consumer has taken a tensor, its file pages are dropped
-from the resident set, so peak memory stays near the size of the finished model.
+`GGUFModel.iter_weights` yields the tensors one at a time, in file order. With `keep_quantized`, tensors of 2
+or more dimensions of a GGML block type that mistralrs.quant handles (Q4_0, Q4_1, Q8_0) come as `GGMLTensor`s
+over the memory-mapped file bytes, for the layers to pack; the others (F32/F16/BF16, other block types, and
+every 1-D tensor: norms, biases) are dequantized with the `gguf` package. The Q/K un-permutation moves whole
+rows, and a split (one expert of `[n_expert, out, in]`, q of a fused qkv) is a run of whole rows, so both apply
+to the block rows of a quantized tensor as well. Once the consumer has taken a tensor, its file pages are
+dropped from the resident set, so peak memory stays near the size of the finished model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import mmap
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +32,17 @@ import numpy as np
 import torch
 
 from mistralrs.loader.gguf_metadata import GGUFTensorInfo, read_gguf_header
+from mistralrs.loader.gguf_tables import (  # noqa: F401  (unpermute_rows and TENSOR_TRANSFORMS are re-exported)
+    CONFIG_RULES,
+    GGUF_ARCHITECTURES,
+    MERGE_RULES,
+    TENSOR_TRANSFORMS,
+    GGUFArchitecture,
+    TensorMerge,
+    TensorSplit,
+    split_rows,
+    unpermute_rows,
+)
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import BLOCK_TYPES
 
@@ -39,190 +53,60 @@ logger = logging.getLogger(__name__)
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Tensor transforms: each undoes one step of llama.cpp's convert_hf_to_gguf.py for one HF tensor. They move
-# whole rows only, so they apply unchanged to the block rows of a quantized tensor.
-
-def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (HF rotate-half layout → llama.cpp interleaved pairs).
-
-    llama.cpp stores, inside each head of `head_dim` rows, HF row `i * head_dim/2 + j` (i ∈ {0, 1}) at row
-    `j * 2 + i`. Here the rows are viewed as `[num_heads, head_dim/2, 2]` and the last two axes swapped back.
-    Works for a weight `[num_heads * head_dim, in_features]` and a bias `[num_heads * head_dim]`.
-    """
-    num_rows = weight.shape[0]
-    if num_rows % (2 * num_heads) != 0:
-        raise ValueError(f"cannot undo the Q/K permutation: {num_rows} rows are not a multiple of "
-                         f"2 * num_heads ({num_heads})")
-    half_head_dim = num_rows // num_heads // 2
-    rest = tuple(weight.shape[1:])
-    return weight.reshape(num_heads, half_head_dim, 2, *rest).transpose(1, 2).reshape(num_rows, *rest)
-
-
-def _unpermute_q(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    return unpermute_rows(weight, config["num_attention_heads"])
-
-
-def _unpermute_k(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    return unpermute_rows(weight, config["num_key_value_heads"])
-
-
-def _gemma_norm_unshift(weight: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    """Undo llama.cpp's Gemma norm shift: it stores `w + 1` so that its plain RMSNorm equals HF's `(1 + w)` one."""
-    return weight - 1
-
-
-# Transform name (used in the architecture tables) → function (tensor, HF config) → tensor.
-TENSOR_TRANSFORMS: dict[str, Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]] = {
-    "unpermute_q": _unpermute_q,
-    "unpermute_k": _unpermute_k,
-    "gemma_norm_unshift": _gemma_norm_unshift,
-}
-
-
-def _sliding_window_flag(config: dict[str, Any]) -> None:
-    """Qwen2-style configs switch the window on with `use_sliding_window` (all layers when set)."""
-    config["use_sliding_window"] = config["sliding_window"] is not None
-    config["max_window_layers"] = config["num_hidden_layers"]
-
-
-def _gemma3_attention_scalar(config: dict[str, Any]) -> None:
-    """Gemma 3's `query_pre_attn_scalar`, which GGUF does not store: head_dim, except the 27B model (62 layers),
-    which uses hidden_size / num_attention_heads (llama.cpp's rule; the HF configs agree)."""
-    if config["num_hidden_layers"] == 62:
-        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
-    else:
-        config["query_pre_attn_scalar"] = config["head_dim"]
-
-
-# Config rule name (used in the architecture tables) → function that completes the HF config in place.
-CONFIG_RULES: dict[str, Callable[[dict[str, Any]], None]] = {
-    "sliding_window_flag": _sliding_window_flag,
-    "gemma3_attention_scalar": _gemma3_attention_scalar,
-}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The declarative tables.
-
-@dataclass(frozen=True)
-class GGUFArchitecture:
-    """How one GGUF `general.architecture` maps onto a Hugging Face checkpoint (names, config, transforms)."""
-
-    hf_architecture: str  # config["architectures"][0], e.g. "LlamaForCausalLM"
-    model_type: str  # config["model_type"], e.g. "llama"
-    tensor_names: Mapping[str, str]  # GGUF tensor stem → HF module path; "{bid}" is the block index
-    tensor_transforms: Mapping[str, str]  # HF name suffix (e.g. "q_proj.weight") → TENSOR_TRANSFORMS key
-    config_keys: Mapping[str, str]  # metadata key after "<arch>." → HF config key
-    config_defaults: Mapping[str, Any]  # HF config entries used when the metadata has none
-    config_tensors: Mapping[str, str] = field(default_factory=dict)  # GGUF tensor → config key holding its values
-    unsupported_metadata: Mapping[str, str] = field(default_factory=dict)  # "<arch>." key → feature named when > 0
-    required_keys: tuple[str, ...] = ("embedding_length", "block_count", "feed_forward_length",
-                                      "attention.head_count")  # "<arch>." keys that must be present
-    config_rules: tuple[str, ...] = ()  # CONFIG_RULES keys applied last, in order
-
-
-# llama.cpp's names for the llama-family decoder (llama, mistral, qwen2, ...); biases reuse the stems.
-LLAMA_FAMILY_TENSOR_NAMES: dict[str, str] = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{bid}.attn_norm": "model.layers.{bid}.input_layernorm",
-    "blk.{bid}.attn_q": "model.layers.{bid}.self_attn.q_proj",
-    "blk.{bid}.attn_k": "model.layers.{bid}.self_attn.k_proj",
-    "blk.{bid}.attn_v": "model.layers.{bid}.self_attn.v_proj",
-    "blk.{bid}.attn_output": "model.layers.{bid}.self_attn.o_proj",
-    "blk.{bid}.ffn_norm": "model.layers.{bid}.post_attention_layernorm",
-    "blk.{bid}.ffn_gate": "model.layers.{bid}.mlp.gate_proj",
-    "blk.{bid}.ffn_up": "model.layers.{bid}.mlp.up_proj",
-    "blk.{bid}.ffn_down": "model.layers.{bid}.mlp.down_proj",
-}
-
-# Metadata (after "<arch>.") → HF config key, shared by the llama family.
-LLAMA_FAMILY_CONFIG_KEYS: dict[str, str] = {
-    "context_length": "max_position_embeddings",
-    "embedding_length": "hidden_size",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.key_length": "head_dim",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "attention.sliding_window": "sliding_window",
-    "rope.freq_base": "rope_theta",
-}
-
-# llama.cpp's names for Gemma 3 (text): sandwich norms around attention and MLP, per-head q/k norms.
-GEMMA3_TENSOR_NAMES: dict[str, str] = {
-    **{key: value for key, value in LLAMA_FAMILY_TENSOR_NAMES.items() if key != "blk.{bid}.ffn_norm"},
-    "blk.{bid}.attn_q_norm": "model.layers.{bid}.self_attn.q_norm",
-    "blk.{bid}.attn_k_norm": "model.layers.{bid}.self_attn.k_norm",
-    "blk.{bid}.post_attention_norm": "model.layers.{bid}.post_attention_layernorm",
-    "blk.{bid}.ffn_norm": "model.layers.{bid}.pre_feedforward_layernorm",
-    "blk.{bid}.post_ffw_norm": "model.layers.{bid}.post_feedforward_layernorm",
-}
-
-GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
-    "llama": GGUFArchitecture(
-        hf_architecture="LlamaForCausalLM",
-        model_type="llama",
-        tensor_names=LLAMA_FAMILY_TENSOR_NAMES,
-        tensor_transforms={"self_attn.q_proj.weight": "unpermute_q", "self_attn.q_proj.bias": "unpermute_q",
-                           "self_attn.k_proj.weight": "unpermute_k", "self_attn.k_proj.bias": "unpermute_k"},
-        config_keys=LLAMA_FAMILY_CONFIG_KEYS,
-        config_defaults={"hidden_act": "silu", "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-                         "max_position_embeddings": 4096, "mlp_bias": False, "sliding_window": None},
-        # Llama 3.x GGUFs carry the llama3 RoPE frequency factors as a tensor: inv_freq[i] /= factors[i].
-        config_tensors={"rope_freqs.weight": "rope_freq_factors"},
-        unsupported_metadata={"expert_count": "mixture-of-experts llama GGUF (Mixtral-style)"},
-    ),
-    "qwen2": GGUFArchitecture(
-        hf_architecture="Qwen2ForCausalLM",
-        model_type="qwen2",
-        tensor_names=LLAMA_FAMILY_TENSOR_NAMES,
-        tensor_transforms={},
-        config_keys=LLAMA_FAMILY_CONFIG_KEYS,
-        config_defaults={"hidden_act": "silu", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                         "max_position_embeddings": 32768, "attention_bias": True, "sliding_window": None},
-        config_rules=("sliding_window_flag",),
-    ),
-    # No Q/K permutation (llama.cpp permutes only llama-family Q/K); every norm weight (all HF names end in
-    # "norm.weight") carries llama.cpp's +1. Not in the metadata: the local RoPE base and the layer pattern
-    # (every 6th layer global), both fixed across Gemma 3 sizes; `rope.scaling.*` applies to global layers.
-    "gemma3": GGUFArchitecture(
-        hf_architecture="Gemma3ForCausalLM",
-        model_type="gemma3_text",
-        tensor_names=GEMMA3_TENSOR_NAMES,
-        tensor_transforms={"norm.weight": "gemma_norm_unshift"},
-        config_keys=LLAMA_FAMILY_CONFIG_KEYS,
-        config_defaults={"hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1000000.0,
-                         "rope_local_base_freq": 10000.0, "sliding_window_pattern": 6, "rms_norm_eps": 1e-6,
-                         "max_position_embeddings": 131072, "sliding_window": 4096,
-                         "final_logit_softcapping": None},
-        config_rules=("gemma3_attention_scalar",),
-    ),
-}
-
 # Optional tokenizer metadata → HF config key.
 TOKEN_ID_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
                  "tokenizer.ggml.padding_token_id": "pad_token_id"}
 
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([^.]+)(?:\.(\d+))?$")  # blk.<bid>.<name>[.<expert id>]
+
+
+@dataclass(frozen=True)
+class TensorTarget:
+    """Where one GGUF tensor goes: its HF name(s), and how it is cut or combined on the way."""
+
+    hf_names: tuple[str, ...]  # one name, the parts of a split in order, or the merged tensor's name
+    split: TensorSplit | None = None  # set when the tensor stacks several HF tensors
+    merge: TensorMerge | None = None  # set when the tensor is one part of an HF tensor
+
+
+def _table_key(gguf_name: str) -> tuple[str, str, str | None, str | None]:
+    """(table key of the stem, suffix, block index, expert index) of a GGUF name."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    match = _BLOCK_RE.match(stem)
+    if match is None:
+        return stem, suffix, None, None
+    key = f"blk.{{bid}}.{match.group(2)}" + (".{xid}" if match.group(3) is not None else "")
+    return key, suffix, match.group(1), match.group(3)
+
+
+def resolve_tensor(arch: GGUFArchitecture, gguf_name: str, shape: tuple[int, ...]) -> TensorTarget | None:
+    """Where the GGUF tensor `gguf_name` of `shape` (PyTorch order) goes, or None when the table has no entry."""
+    key, suffix, block_index, expert_index = _table_key(gguf_name)
+    if not key or not suffix:
+        return None
+    whole = arch.tensor_names.get(f"{key}.{suffix}")  # a whole-name entry (its own suffix)
+    if whole is not None:
+        return TensorTarget((whole.format(bid=block_index, xid=expert_index),))
+    if key in arch.tensor_names:
+        return TensorTarget((f"{arch.tensor_names[key].format(bid=block_index, xid=expert_index)}.{suffix}",))
+    split = arch.tensor_splits.get(key)
+    if split is not None:
+        if split.rule == "experts":
+            names = tuple(f"{split.hf_stems[0].format(bid=block_index, xid=e)}.{suffix}" for e in range(shape[0]))
+        else:
+            names = tuple(f"{stem.format(bid=block_index)}.{suffix}" for stem in split.hf_stems)
+        return TensorTarget(names, split=split)
+    merge = arch.tensor_merges.get(key)
+    if merge is not None:
+        return TensorTarget((f"{merge.hf_stem.format(bid=block_index)}.{suffix}",), merge=merge)
+    return None
 
 
 def map_tensor_name(arch: GGUFArchitecture, gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor name (e.g. "blk.3.attn_q.weight" → "model.layers.3.self_attn.q_proj.weight"),
-    or None when the architecture's table has no entry for it."""
-    stem, dot, suffix = gguf_name.rpartition(".")
-    if not dot:
-        return None
-    match = _BLOCK_RE.match(stem)
-    key, block_index = (f"blk.{{bid}}.{match.group(2)}", match.group(1)) if match else (stem, None)
-    hf_stem = arch.tensor_names.get(key)
-    if hf_stem is None:
-        return None
-    return f"{hf_stem.format(bid=block_index)}.{suffix}"
+    """The HF name of a GGUF tensor that maps one to one (e.g. "blk.3.attn_q.weight" →
+    "model.layers.3.self_attn.q_proj.weight"), or None when the table has no such entry."""
+    target = resolve_tensor(arch, gguf_name, ())
+    return None if target is None or target.split or target.merge else target.hf_names[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,14 +145,13 @@ def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.
 
 
 @dataclass(frozen=True)
-class _TensorEntry:
-    """One GGUF tensor and where it goes."""
+class TensorEntry:
+    """One stored tensor (of a GGUF or legacy GGML file) and where it goes."""
 
-    hf_name: str  # Hugging Face checkpoint name
+    target: TensorTarget  # its Hugging Face name(s)
     path: str  # file holding it
     info: GGUFTensorInfo  # where its bytes are and how they are encoded
     data: np.ndarray  # uint8 array over the memory-mapped file (np.frombuffer of an mmap)
-    transform: str | None  # TENSOR_TRANSFORMS key or None
 
 
 def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
@@ -330,9 +213,9 @@ def _read_files(paths: list[str]) -> tuple[dict[str, Any], list[tuple[str, GGUFT
 
 
 def _collect_tensors(arch_name: str, arch: GGUFArchitecture, tensors: list[tuple[str, GGUFTensorInfo, np.ndarray]]
-                     ) -> tuple[list[_TensorEntry], dict[str, np.ndarray]]:
-    """Map every tensor to its HF name; also returns the values of the tensors that feed the config."""
-    entries: list[_TensorEntry] = []
+                     ) -> tuple[list[TensorEntry], dict[str, np.ndarray]]:
+    """Map every tensor to its HF name(s); also returns the values of the tensors that feed the config."""
+    entries: list[TensorEntry] = []
     config_values: dict[str, np.ndarray] = {}
     for path, info, data in tensors:
         if ggml_type_name(info) not in SUPPORTED_TENSOR_TYPES:
@@ -341,12 +224,37 @@ def _collect_tensors(arch_name: str, arch: GGUFArchitecture, tensors: list[tuple
         if info.name in arch.config_tensors:
             config_values[info.name] = _dequantize(info, data)
             continue
-        hf_name = map_tensor_name(arch, info.name)
-        if hf_name is None:
+        target = resolve_tensor(arch, info.name, tuple(info.shape))
+        if target is None:
             raise ValueError(f"GGUF tensor {info.name!r} in {path!r} has no mapping for architecture {arch_name!r}")
-        transform = next((name for suffix, name in arch.tensor_transforms.items() if hf_name.endswith(suffix)), None)
-        entries.append(_TensorEntry(hf_name, path, info, data, transform))
+        entries.append(TensorEntry(target, path, info, data))
+    _check_merges_complete(entries)
     return entries, config_values
+
+
+def _check_merges_complete(entries: list[TensorEntry]) -> None:
+    """Every HF tensor stored as several GGUF tensors must have all its parts."""
+    parts: dict[str, set[int]] = {}
+    for entry in entries:
+        if entry.target.merge is not None:
+            parts.setdefault(entry.target.hf_names[0], set()).add(entry.target.merge.part)
+    for entry in entries:
+        merge = entry.target.merge
+        if merge is not None and len(parts[entry.target.hf_names[0]]) != merge.num_parts:
+            raise ValueError(f"GGUF tensor {entry.info.name!r} is one of {merge.num_parts} parts of "
+                             f"{entry.target.hf_names[0]!r}, but the file(s) hold only "
+                             f"{len(parts[entry.target.hf_names[0]])}")
+
+
+def _hf_shapes(entries: list[TensorEntry]) -> dict[str, tuple[int, ...]]:
+    """HF name → shape where it is known before the config (the config reads the embedding's and presences)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for entry in entries:
+        shape = tuple(entry.info.shape)
+        part_shape = shape[1:] if entry.target.split is not None and entry.target.split.rule == "experts" else shape
+        for name in entry.target.hf_names:
+            shapes[name] = part_shape
+    return shapes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,20 +286,18 @@ def _rope_scaling(prefix: str, metadata: Mapping[str, Any]) -> dict[str, Any] | 
 
 
 def _check_metadata(arch_name: str, arch: GGUFArchitecture, metadata: Mapping[str, Any], paths: list[str]) -> None:
-    """Fail on missing required keys and on features this loader does not support yet."""
+    """Fail on missing required keys."""
     prefix = arch_name + "."
     for key in arch.required_keys:
         if prefix + key not in metadata:
             raise ValueError(f"GGUF metadata key {prefix + key!r} is missing in {paths}")
-    for key, feature in arch.unsupported_metadata.items():
-        value = metadata.get(prefix + key) or 0
-        if value > 0:
-            raise ValueError(f"{feature} is not supported yet: {prefix + key}={value} in {paths}")
 
 
 def build_config(arch_name: str, arch: GGUFArchitecture, metadata: Mapping[str, Any],
-                 tensor_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A Hugging Face style config.json dict from GGUF metadata and the (HF-named) tensor shapes."""
+                 tensor_shapes: Mapping[str, tuple[int, ...]],
+                 config_values: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """A Hugging Face style config.json dict from GGUF metadata, the (HF-named) tensor shapes and the values of
+    the architecture's `config_tensors` (GGUF name → values)."""
     prefix = arch_name + "."
     config: dict[str, Any] = {"architectures": [arch.hf_architecture], "model_type": arch.model_type,
                               **arch.config_defaults}
@@ -414,6 +320,8 @@ def build_config(arch_name: str, arch: GGUFArchitecture, metadata: Mapping[str, 
     for key, hf_key in TOKEN_ID_KEYS.items():
         if metadata.get(key) is not None:
             config[hf_key] = int(metadata[key])
+    for gguf_name, values in (config_values or {}).items():
+        config[arch.config_tensors[gguf_name]] = values.reshape(-1).tolist()
     for rule in arch.config_rules:
         CONFIG_RULES[rule](config)
     return config
@@ -430,33 +338,67 @@ class GGUFModel:
     metadata: dict[str, Any]  # every GGUF metadata key → plain Python value (for the tokenizer builder)
     tensor_types: dict[str, str]  # HF tensor name → GGML type name, e.g. "Q4_1"
     paths: list[str]  # the GGUF files, in the order given
-    _entries: list[_TensorEntry] = field(repr=False, default_factory=list)  # tensors in file order
+    _entries: list[TensorEntry] = field(repr=False, default_factory=list)  # tensors in file order
+    _arch: GGUFArchitecture | None = field(repr=False, default=None)  # the table entry (transforms)
 
     def iter_weights(self, dtype: torch.dtype, keep_quantized: bool = False
                      ) -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
         """Yield `(hf_name, tensor)` for every weight, one at a time, dequantized to `dtype`; with `keep_quantized`,
-        2-D tensors of a type in mistralrs.quant's `BLOCK_TYPES` come as `GGMLTensor`s over the file bytes."""
+        tensors (2-D or more) of a type in mistralrs.quant's `BLOCK_TYPES` come as `GGMLTensor`s over the file
+        bytes. A split tensor yields one pair per part; merged parts are dense and yield once all have arrived."""
+        pending: dict[str, dict[int, torch.Tensor]] = {}  # merged HF name → parts read so far
         for entry in self._entries:
-            weight: torch.Tensor | GGMLTensor
-            if keep_quantized and len(entry.info.shape) >= 2 and ggml_type_name(entry.info) in BLOCK_TYPES:
-                weight = _block_tensor(entry.info, entry.data)
+            weight = self._read(entry, dtype, keep_quantized and entry.target.merge is None)
+            merge = entry.target.merge
+            if merge is not None:
+                name = entry.target.hf_names[0]
+                parts = pending.setdefault(name, {})
+                parts[merge.part] = weight
+                if len(parts) == merge.num_parts:
+                    del pending[name]
+                    merged = MERGE_RULES[merge.rule]([parts[i] for i in range(merge.num_parts)], self.config)
+                    yield name, self._transform(name, merged)
             else:
-                values = _dequantize(entry.info, entry.data)
-                if np.may_share_memory(values, entry.data):  # F32: never hand out the file map as a dense tensor
-                    values = values.copy()
-                weight = torch.from_numpy(values).to(dtype)
-            if entry.transform is not None:
-                transform = functools.partial(TENSOR_TRANSFORMS[entry.transform], config=self.config)
-                weight = weight.map_rows(transform) if isinstance(weight, GGMLTensor) else transform(weight)
-            yield entry.hf_name, weight
+                for name, part in zip(entry.target.hf_names, self._split(entry, weight)):
+                    yield name, self._transform(name, part)
             _release_pages(entry.data, entry.info.offset, entry.info.nbytes)
+
+    @staticmethod
+    def _read(entry: TensorEntry, dtype: torch.dtype, keep_quantized: bool) -> torch.Tensor | GGMLTensor:
+        """The whole tensor: GGML blocks over the file, or dense in `dtype` (never a view of the file map)."""
+        if keep_quantized and len(entry.info.shape) >= 2 and ggml_type_name(entry.info) in BLOCK_TYPES:
+            return _block_tensor(entry.info, entry.data)
+        values = _dequantize(entry.info, entry.data)
+        if np.may_share_memory(values, entry.data):  # F32: never hand out the file map as a dense tensor
+            values = values.copy()
+        return torch.from_numpy(values).to(dtype)
+
+    def _split(self, entry: TensorEntry, weight: torch.Tensor | GGMLTensor) -> list[torch.Tensor | GGMLTensor]:
+        """The parts of a split tensor (runs of whole rows), or the tensor itself."""
+        split = entry.target.split
+        if split is None:
+            return [weight]
+        rows = split_rows(split, self.config, tuple(entry.info.shape))
+        if isinstance(weight, GGMLTensor):
+            return [weight.with_rows(part) for part in weight.data.split(rows)]
+        flat = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight
+        return list(flat.split(rows))
+
+    def _transform(self, hf_name: str, weight: torch.Tensor | GGMLTensor) -> torch.Tensor | GGMLTensor:
+        """The architecture's transform for `hf_name` (matched by suffix), if any."""
+        transform = next((t for suffix, t in self._arch.tensor_transforms.items() if hf_name.endswith(suffix)), None)
+        if transform is None:
+            return weight
+        fn = functools.partial(TENSOR_TRANSFORMS[transform], config=self.config)
+        return weight.map_rows(fn) if isinstance(weight, GGMLTensor) else fn(weight)
 
 
 def open_gguf(paths: list[str] | str) -> GGUFModel:
     """Open one GGUF model (several files: metadata and tensors merged) and map it onto HF names and config.
 
     Raises ValueError for a missing or truncated file (naming it), an unknown `general.architecture` (listing
-    the supported ones), an unsupported tensor type (naming the tensor and type) and unsupported features.
+    the supported ones), an unsupported tensor type (naming the tensor and type), a missing metadata key and a
+    tensor the architecture does not map.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
@@ -466,9 +408,8 @@ def open_gguf(paths: list[str] | str) -> GGUFModel:
     arch_name, arch = _architecture(metadata, paths)
     _check_metadata(arch_name, arch, metadata, paths)
     entries, config_values = _collect_tensors(arch_name, arch, tensors)
-    config = build_config(arch_name, arch, metadata, {entry.hf_name: entry.info.shape for entry in entries})
-    for gguf_name, values in config_values.items():
-        config[arch.config_tensors[gguf_name]] = values.reshape(-1).tolist()
-    tensor_types = {entry.hf_name: ggml_type_name(entry.info) for entry in entries}
+    config = build_config(arch_name, arch, metadata, _hf_shapes(entries), config_values)
+    tensor_types = {name: ggml_type_name(entry.info) for entry in entries for name in entry.target.hf_names}
     logger.debug("opened GGUF %s: architecture %s, %d tensors", paths, arch_name, len(entries))
-    return GGUFModel(config=config, metadata=metadata, tensor_types=tensor_types, paths=paths, _entries=entries)
+    return GGUFModel(config=config, metadata=metadata, tensor_types=tensor_types, paths=paths, _entries=entries,
+                     _arch=arch)

@@ -423,5 +423,6 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
         return DeepseekDims.from_config(config, cls.DEFAULTS, cls.TOPK_METHODS)
 
 
-register(DeepseekV2ForCausalLM, hf_architectures=("DeepseekV2ForCausalLM",), arch_names=("DeepseekV2",))
+register(DeepseekV2ForCausalLM, hf_architectures=("DeepseekV2ForCausalLM",), arch_names=("DeepseekV2",),
+         gguf_architectures=("deepseek2",))
 register(DeepseekV3ForCausalLM, hf_architectures=("DeepseekV3ForCausalLM",), arch_names=("DeepseekV3",))

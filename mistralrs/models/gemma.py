@@ -314,7 +314,9 @@ def _nested_rope_table(params: dict[str, Any] | None, fallback: RopeTable) -> Ro
     return RopeTable(theta, scaling if rope_type_of(scaling) != "default" else None)
 
 
-register(GemmaForCausalLM, hf_architectures=("GemmaForCausalLM",), arch_names=("Gemma",))
-register(Gemma2ForCausalLM, hf_architectures=("Gemma2ForCausalLM",), arch_names=("Gemma2",))
+register(GemmaForCausalLM, hf_architectures=("GemmaForCausalLM",), arch_names=("Gemma",),
+         gguf_architectures=("gemma",))
+register(Gemma2ForCausalLM, hf_architectures=("Gemma2ForCausalLM",), arch_names=("Gemma2",),
+         gguf_architectures=("gemma2",))
 # No `Architecture` enum name: the 0.5.0 text enum has no Gemma 3 (VisionArchitecture.Gemma3 is the vision model).
 register(Gemma3ForCausalLM, hf_architectures=("Gemma3ForCausalLM",), gguf_architectures=("gemma3",))

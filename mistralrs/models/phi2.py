@@ -133,4 +133,5 @@ class PhiForCausalLM(CausalLM):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
-register(PhiForCausalLM, hf_architectures=("PhiForCausalLM",), arch_names=("Phi2",))
+register(PhiForCausalLM, hf_architectures=("PhiForCausalLM",), arch_names=("Phi2",),
+         gguf_architectures=("phi2",))

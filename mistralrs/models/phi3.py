@@ -52,4 +52,5 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
 
 
-register(Phi3ForCausalLM, hf_architectures=("Phi3ForCausalLM",), arch_names=("Phi3",))
+register(Phi3ForCausalLM, hf_architectures=("Phi3ForCausalLM",), arch_names=("Phi3",),
+         gguf_architectures=("phi3",))

@@ -105,4 +105,5 @@ class Starcoder2ForCausalLM(CausalLM):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
-register(Starcoder2ForCausalLM, hf_architectures=("Starcoder2ForCausalLM",), arch_names=("Starcoder2",))
+register(Starcoder2ForCausalLM, hf_architectures=("Starcoder2ForCausalLM",), arch_names=("Starcoder2",),
+         gguf_architectures=("starcoder2",))

@@ -13,7 +13,11 @@ import torch
 
 from mistralrs.loader import gguf_loader
 from mistralrs.loader.gguf_loader import GGUF_ARCHITECTURES, open_gguf, unpermute_rows
-from tests.loader.gguf_fixtures import gguf_tensor_name, llama_cpp_permute, write_tiny_gguf
+from tests.loader.gguf_fixtures import (
+    gguf_tensor_name,
+    llama_cpp_permute,
+    write_tiny_gguf,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -220,10 +224,13 @@ def test_keep_quantized_yields_file_blocks_with_q_k_rows_unpermuted(tmp_path, gg
     dense = dict(gguf.iter_weights(torch.float32))
     kept = dict(gguf.iter_weights(torch.float32, keep_quantized=True))
     assert set(kept) == set(dense)
-    file_bytes = {t.name: np.asarray(t.data).reshape(t.data.shape[0], -1) for t in GGUFReader(path).tensors}
+    from mistralrs.quant.ggml_types import BLOCK_TYPES
+
+    file_bytes = {t.name: np.asarray(t.data).view(np.uint8).reshape(t.data.shape[0], -1)
+                  for t in GGUFReader(path).tensors}
     for name, weight in kept.items():
-        if not isinstance(weight, GGMLTensor):  # F16 files and 1-D tensors (norms) stay dense
-            assert ggml_type == "F16" or weight.ndim == 1, name
+        if not isinstance(weight, GGMLTensor):  # types mistralrs.quant does not pack and 1-D tensors stay dense
+            assert ggml_type not in BLOCK_TYPES or weight.ndim == 1, name
             assert torch.equal(weight, dense[name]), name
             continue
         assert weight.ggml_type == ggml_type, name
@@ -236,7 +243,7 @@ def test_keep_quantized_yields_file_blocks_with_q_k_rows_unpermuted(tmp_path, gg
             assert not np.array_equal(weight.data.numpy(), raw), name
             raw = unpermute_rows(torch.from_numpy(raw.copy()), heads).numpy()
         assert np.array_equal(weight.data.numpy(), raw), name
-    assert any(isinstance(w, GGMLTensor) for w in kept.values()) is (ggml_type != "F16")
+    assert any(isinstance(w, GGMLTensor) for w in kept.values()) is (ggml_type in BLOCK_TYPES)
 
 
 def test_kept_blocks_are_views_of_the_file_and_pages_are_released_after_use(tmp_path, monkeypatch):
@@ -246,7 +253,7 @@ def test_kept_blocks_are_views_of_the_file_and_pages_are_released_after_use(tmp_
     real = gguf_loader._release_pages
     monkeypatch.setattr(gguf_loader, "_release_pages",
                         lambda data, offset, nbytes: released.append(offset) or real(data, offset, nbytes))
-    entries = {entry.hf_name: entry for entry in gguf._entries}
+    entries = {entry.target.hf_names[0]: entry for entry in gguf._entries}
     weights = gguf.iter_weights(torch.float32, keep_quantized=True)
     name, first = next(weights)
     assert released == []  # not before the consumer has taken the tensor
@@ -269,11 +276,14 @@ def test_unknown_architecture_lists_supported(tmp_path):
         assert name in str(err.value)
 
 
-def test_moe_llama_is_rejected_clearly(tmp_path):
+def test_llama_expert_count_makes_a_mixtral_config(tmp_path):
     model, config = tiny_model("llama")
-    path = write_tiny_gguf(model, config, tmp_path / "moe.gguf", extra_metadata={"llama.expert_count": 8})
-    with pytest.raises(ValueError, match="expert_count=8"):
-        open_gguf(path)
+    metadata = {"llama.expert_count": 4, "llama.expert_used_count": 2}
+    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "moe.gguf", extra_metadata=metadata))
+    assert gguf.config["architectures"] == ["MixtralForCausalLM"] and gguf.config["model_type"] == "mixtral"
+    assert (gguf.config["num_local_experts"], gguf.config["num_experts_per_tok"]) == (4, 2)
+    dense = open_gguf(write_tiny_gguf(model, config, tmp_path / "dense.gguf"))
+    assert dense.config["architectures"] == ["LlamaForCausalLM"] and "num_local_experts" not in dense.config
 
 
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):

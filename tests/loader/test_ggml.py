@@ -1,0 +1,204 @@
+"""Legacy GGML (GGJT v3) files: a tiny llama written here by a writer that follows the format (not the loader),
+loaded with `open_ggml` and through `Which.GGML`, gives the logits of its safetensors twin."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from mistralrs.loader.ggml_loader import open_ggml, read_ggml_file
+from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
+from mistralrs.quant.gguf_linear import GGUFQuantConfig
+from tests.loader.gguf_fixtures import llama_cpp_permute
+from tests.models import family_harness as harness
+
+transformers = pytest.importorskip("transformers")
+
+N_MULT = 32  # llama.cpp's rule: ceil(2 * 4 * 64 / 3 / 32) * 32 = 192
+TINY = dict(vocab_size=harness.VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+            max_position_embeddings=4096, tie_word_embeddings=False)
+GQA = 2  # 4 heads / 2 KV heads
+PROMPT = harness.prompt(4, 20)
+GGJT_MAGIC = 0x67676A74
+TYPE_IDS = {"F32": 0, "F16": 1, "Q8_0": 8}  # GGML type ids
+# HF name (after "model.layers.N.") → GGML name (after "layers.N."), and the top-level names.
+LAYER_NAMES = {"input_layernorm": "attention_norm", "self_attn.q_proj": "attention.wq",
+               "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+               "self_attn.o_proj": "attention.wo", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3"}
+TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with harness.torch_threads(1):
+        yield
+
+
+def ggml_name(hf_name: str) -> str:
+    module, _, suffix = hf_name.rpartition(".")
+    if module in TOP_NAMES:
+        return f"{TOP_NAMES[module]}.{suffix}"
+    parts = module.split(".")
+    return f"layers.{parts[2]}.{LAYER_NAMES['.'.join(parts[3:])]}.{suffix}"
+
+
+def encode(values: np.ndarray, type_name: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if values.ndim == 1 or type_name == "F32":
+        return values.astype(np.float32)
+    if type_name == "F16":
+        return values.astype(np.float16)
+    return quantize(values, GGMLQuantizationType[type_name])
+
+
+def write_ggjt(path, checkpoint: dict, config: dict, type_name: str = "F32", version: int = 3,
+               magic: int = GGJT_MAGIC) -> str:
+    """A GGJT file as llama.cpp's old convert.py wrote it: hparams, vocab with scores, then per tensor its header,
+    name, padding to 32 bytes and data; q/k rows in llama.cpp's interleaved order."""
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    out = bytearray(struct.pack("<II", magic, version))
+    hidden = config["hidden_size"]
+    out += struct.pack("<7I", config["vocab_size"], hidden, N_MULT, heads, config["num_hidden_layers"],
+                       hidden // heads, 1 if type_name == "F16" else 7)
+    for token_id in range(config["vocab_size"]):
+        token = f"<t{token_id}>".encode()
+        out += struct.pack("<I", len(token)) + token + struct.pack("<f", -float(token_id))
+    for name, tensor in checkpoint.items():
+        values = tensor.float().numpy()
+        if ".self_attn.q_proj." in name:
+            values = llama_cpp_permute(values, heads)
+        elif ".self_attn.k_proj." in name:
+            values = llama_cpp_permute(values, kv_heads)
+        data = encode(values, type_name)
+        kind = "F32" if data.dtype == np.float32 else ("F16" if data.dtype == np.float16 else type_name)
+        encoded_name = ggml_name(name).encode()
+        out += struct.pack("<3I", values.ndim, len(encoded_name), TYPE_IDS[kind])
+        out += struct.pack(f"<{values.ndim}I", *reversed(values.shape)) + encoded_name
+        out += b"\0" * (-len(out) % 32)
+        out += data.tobytes()
+    with open(path, "wb") as f:
+        f.write(out)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(directory with the HF checkpoint, config.json dict, checkpoint tensors, twin logits)."""
+    path = str(tmp_path_factory.mktemp("llama"))
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    harness.sharpen(hf, seed=1)
+    hf.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    checkpoint = dict(iter_safetensors(sorted(glob.glob(os.path.join(path, "*.safetensors"))), None))
+    twin = load_model(config, checkpoint.items(), dtype=torch.float32, device="cpu")
+    (logits,) = harness.TinyRunner(twin).step([(0, PROMPT)])
+    return path, config, checkpoint, logits
+
+
+def _q8_0_round_trip(checkpoint: dict) -> dict:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    out = {}
+    for name, tensor in checkpoint.items():
+        values = tensor.float().numpy()
+        if values.ndim == 2:
+            values = dequantize(quantize(values, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+        out[name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return out
+
+
+@pytest.mark.parametrize("type_name", ["F32", "Q8_0"])
+def test_ggjt_matches_safetensors_twin(tiny, tmp_path, type_name):
+    _, config, checkpoint, expected = tiny
+    ggml = open_ggml(write_ggjt(tmp_path / "tiny.bin", checkpoint, config, type_name), gqa=GQA)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert ggml.config[key] == config[key], key
+    assert (ggml.config["rope_theta"], ggml.config["rms_norm_eps"]) == (10000.0, 1e-5)
+    assert ggml.tensor_types["model.layers.1.self_attn.k_proj.weight"] == type_name
+    model = load_model(ggml.config, ggml.iter_weights(torch.float32, keep_quantized=True), dtype=torch.float32,
+                       device="cpu", quant_config=GGUFQuantConfig(use_fast_kernels=False))
+    if type_name == "Q8_0":
+        rounded = load_model(config, _q8_0_round_trip(checkpoint).items(), dtype=torch.float32, device="cpu")
+        (expected,) = harness.TinyRunner(rounded).step([(0, PROMPT)])
+    (logits,) = harness.TinyRunner(model).step([(0, PROMPT)])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_header_and_vocabulary_are_read(tiny, tmp_path):
+    _, config, checkpoint, _ = tiny
+    ggml = read_ggml_file(write_ggjt(tmp_path / "tiny.bin", checkpoint, config, "F16"))
+    assert (ggml.format, ggml.version) == ("ggjt", 3)
+    assert (ggml.hparams.n_vocab, ggml.hparams.n_mult, ggml.hparams.n_rot) == (harness.VOCAB_SIZE, N_MULT, 16)
+    assert ggml.tokens[5] == b"<t5>" and ggml.scores[5] == -5.0
+    assert all(info.offset % 32 == 0 for info in ggml.tensors)
+    embed = next(info for info in ggml.tensors if info.name == "tok_embeddings.weight")
+    assert embed.shape == (harness.VOCAB_SIZE, 64) and embed.nbytes == harness.VOCAB_SIZE * 64 * 2
+
+
+def test_which_ggml_loads_with_the_tokenizer_of_tok_model_id(tiny, tmp_path):
+    from mistralrs import ModelDType, Which
+    from mistralrs.loader.pipeline import load_pipeline
+    from tests.tiny_models import char_tokenizer
+
+    _, config, checkpoint, expected = tiny
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    char_tokenizer().save(str(tok_dir / "tokenizer.json"))
+    write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    loaded = load_pipeline(Which.GGML(quantized_model_id=str(tmp_path), quantized_filename="tiny.bin",
+                                      tok_model_id=str(tok_dir), gqa=GQA, dtype=ModelDType.F32),
+                           show_progress=False, device=torch.device("cpu"))
+    assert loaded.max_model_len == 4096 and loaded.tokenizer is not None
+    (logits,) = harness.TinyRunner(loaded.model).step([(0, PROMPT)])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_wrong_gqa_is_a_value_error(tiny, tmp_path):
+    _, config, checkpoint, _ = tiny
+    path = write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    with pytest.raises(ValueError, match="gqa"):
+        open_ggml(path, gqa=3)
+    with pytest.raises(ValueError, match="has shape"):  # gqa=1 gives 4 KV heads, the file has 2
+        ggml = open_ggml(path, gqa=1)
+        load_model(ggml.config, ggml.iter_weights(torch.float32), dtype=torch.float32, device="cpu")
+
+
+def test_bad_magic_and_truncated_files_name_the_file(tiny, tmp_path):
+    _, config, checkpoint, _ = tiny
+    bad = write_ggjt(tmp_path / "bad.bin", checkpoint, config, magic=0x46554747)  # "GGUF"
+    with pytest.raises(ValueError, match=r"bad\.bin.*not a GGML file"):
+        open_ggml(bad)
+    good = write_ggjt(tmp_path / "good.bin", checkpoint, config)
+    with open(good, "rb") as f:
+        data = f.read()
+    for keep in (6, 100, len(data) - 10):  # in the version, the vocabulary, the last tensor's data
+        cut = tmp_path / f"cut{keep}.bin"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=rf"cut{keep}\.bin.*truncated"):
+            open_ggml(str(cut))
+    with pytest.raises(ValueError, match="does not exist"):
+        open_ggml(str(tmp_path / "missing.bin"))
+
+
+def test_old_versions_accept_only_unquantized_tensors(tiny, tmp_path):
+    """ggjt v1/v2 blocks predate today's GGML layouts: F32 files load, quantized ones are refused."""
+    _, config, checkpoint, _ = tiny
+    assert open_ggml(write_ggjt(tmp_path / "v1.bin", checkpoint, config, version=1), gqa=GQA).tensor_types
+    with pytest.raises(ValueError, match=r"Q8_0.*supported types: F32, F16"):
+        open_ggml(write_ggjt(tmp_path / "v2.bin", checkpoint, config, "Q8_0", version=2), gqa=GQA)
+    with pytest.raises(ValueError, match="version 4"):
+        open_ggml(write_ggjt(tmp_path / "v4.bin", checkpoint, config, version=4))
