@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,8 @@ def resolve_target(model: nn.Module, modules: dict[str, nn.Module], stacked, hf_
     raise ValueError(f"adapter {adapter!r}: module {hf_module!r} is not a linear layer of this model")
 
 
-def _check_targets(adapter: LoraAdapter, names: set[str]) -> None:
+def check_targets(adapter: LoraAdapter, names: set[str]) -> None:
+    """ValueError naming a `target_modules` entry that matches no module of the model."""
     for target in adapter.target_modules:
         if not any(n == target or n.endswith("." + target) for n in names):
             raise ValueError(f"adapter {adapter.name!r}: target module {target!r} matches no layer of the model")
@@ -157,56 +159,155 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> None:
 
 
 class LoraState:
-    """The adapters a model holds separately and the set that is active now; shared by all its `LoraHook`s."""
+    """The adapters a model holds separately (switchable LoRA or X-LoRA experts), shared by all its `LoraHook`s.
+
+    Column j of the per-token adapter weights (`ForwardBatch.adapter_weights`) belongs to `names[j]`. During an
+    engine step the `AdapterRuntime` puts the step's weights here (`stepping`); a model called outside a step
+    applies the Runner's active set to every token.
+    """
 
     def __init__(self, names: list[str]) -> None:
-        self.names = tuple(names)  # every adapter loaded separately
-        self.active: tuple[str, ...] = ()  # replaced whole, so a forward step sees one consistent set
+        self.names = tuple(names)  # every adapter loaded separately, in column order
+        self.active: tuple[str, ...] = ()  # the Runner's active set; replaced whole, so a step sees one set
+        self.xlora = None  # XLoraSpec (adapters/xlora.py) when the adapters are X-LoRA experts; None for LoRA
+        self._step_weights: torch.Tensor | None = None  # weights of the running step (None: no token uses any)
+        self._in_step = False  # True while a step's weights are set
+        self._active_row: torch.Tensor | None = None  # [1, num_adapters] row of `active` (None when empty)
+
+    def check(self, names: list[str], what: str) -> tuple[str, ...]:
+        """`names` without repeats; ValueError naming an unknown adapter and the loaded ones."""
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise ValueError(f"{what}: Cannot load adapter {unknown[0]!r}: not a loaded adapter "
+                             f"(loaded: {list(self.names)})")
+        return tuple(dict.fromkeys(names))
 
     def activate(self, names: list[str]) -> None:
         """Replaces the active set; ValueError naming any unknown adapter."""
-        unknown = [n for n in names if n not in self.names]
-        if unknown:
-            raise ValueError(f"Cannot load adapter {unknown[0]!r}: not a loaded adapter (loaded: {list(self.names)})")
-        self.active = tuple(dict.fromkeys(names))
+        self.active = self.check(list(names), "activate_adapters")
+        self._active_row = self.set_weights([self.active])
+
+    def set_weights(self, sets: list[tuple[str, ...]]) -> torch.Tensor | None:
+        """`[len(sets), num_adapters]` rows with 1 in the columns of each set's adapters; None when all are empty."""
+        if not any(sets):
+            return None
+        rows = torch.zeros(len(sets), len(self.names))
+        for i, names in enumerate(sets):
+            for name in names:
+                rows[i, self.names.index(name)] = 1.0
+        return rows
+
+    @contextmanager
+    def stepping(self, weights: torch.Tensor | None):
+        """Within the block, hooks use `weights` (`[num_tokens, num_adapters]` or
+        `[num_tokens, num_lora_layers, num_adapters]`; None: no adapter for any token)."""
+        self._step_weights, self._in_step = weights, True
+        try:
+            yield
+        finally:
+            self._step_weights, self._in_step = None, False
+
+    def weights_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-token weights the hooks apply to `x` `[num_tokens, in]`; None: skip the adapters."""
+        if self._in_step:
+            weights = self._step_weights
+            if weights is not None and weights.shape[0] != x.shape[0]:
+                raise ValueError(f"adapter weights cover {weights.shape[0]} tokens, the layer got {x.shape[0]} "
+                                 "(a separately held adapter on a layer outside the packed token axis)")
+            return weights
+        if self._active_row is None:
+            return None
+        if self._active_row.device != x.device:
+            self._active_row = self._active_row.to(x.device)
+        return self._active_row.expand(x.shape[0], -1)
 
 
 class LoraHook(nn.Module):
-    """A `Linear.adapters` entry: `sum over active adapters of scale * (x @ A^T) @ B^T` in each adapter's rows."""
+    """A `Linear.adapters` entry: `y += sum_j w[t, j] * scale_j * B_j(A_j(x[t]))` in each adapter's rows, with
+    `w` the per-token adapter weights of the state (per LoRA layer for layerwise X-LoRA).
+
+    Batched: the A's of every adapter (and fused shard) form one matrix and the B's one block matrix, so a step
+    is two matmuls whatever the adapter mix; it is skipped when no token uses an adapter.
+    """
 
     def __init__(self, state: LoraState, out_features: int) -> None:
         super().__init__()
         self.state = state
         self.out_features = out_features
-        # adapter name -> [(A, B, scale, first row, row count)]
-        self.entries: dict[str, list[tuple[torch.Tensor, torch.Tensor, float, int, int]]] = {}
+        # (adapter column, LoRA-layer index, A [r, in], B [size, r], scale, first row, row count)
+        self.entries: list[tuple[int, int, torch.Tensor, torch.Tensor, float, int, int]] = []
+        self._packed: tuple[torch.Tensor, ...] | None = None  # (A_cat, B_cat, column of each rank, layer of each)
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float, offset: int, size: int) -> None:
-        """Registers adapter `name`'s A/B for rows `[offset, offset + size)`."""
-        self.entries.setdefault(name, []).append((a, b, scale, offset, size))
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float, offset: int, size: int,
+            layer_index: int = 0) -> None:
+        """Registers adapter `name`'s A/B for rows `[offset, offset + size)`, as LoRA layer `layer_index`."""
+        self.entries.append((self.state.names.index(name), layer_index, a, b, scale, offset, size))
+        self._packed = None
+
+    def _pack(self) -> tuple[torch.Tensor, ...]:
+        if self._packed is None:
+            a_cat = torch.cat([a for _, _, a, _, _, _, _ in self.entries])  # [R, in]
+            b_cat = a_cat.new_zeros(self.out_features, a_cat.shape[0])  # [out, R], scale folded in
+            columns, layers, start = [], [], 0
+            for column, layer, a, b, scale, offset, size in self.entries:
+                rank = a.shape[0]
+                b_cat[offset:offset + size, start:start + rank] = b * scale
+                columns += [column] * rank
+                layers += [layer] * rank
+                start += rank
+            device = a_cat.device
+            self._packed = (a_cat, b_cat, torch.tensor(columns, device=device), torch.tensor(layers, device=device))
+        return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = None
-        for name in self.state.active:
-            for a, b, scale, offset, size in self.entries.get(name, ()):
-                part = (x @ a.t()) @ b.t() * scale
-                if delta is None:
-                    delta = x.new_zeros(*x.shape[:-1], self.out_features)
-                delta[..., offset:offset + size] += part
-        return x.new_zeros(()) if delta is None else delta
+        weights = self.state.weights_for(x)
+        if weights is None or not self.entries:
+            return x.new_zeros(())
+        a_cat, b_cat, columns, layers = self._pack()
+        if weights.dim() == 3:   # layerwise: pick each rank's own LoRA layer
+            columns = layers * weights.shape[2] + columns
+            weights = weights.reshape(weights.shape[0], -1)
+        rank_weights = weights.to(device=x.device, dtype=x.dtype).index_select(1, columns)  # [num_tokens, R]
+        return ((x @ a_cat.t()) * rank_weights) @ b_cat.t()
 
 
-def hook_adapter(model: nn.Module, adapter: LoraAdapter, state: LoraState) -> None:
-    """Keeps `adapter` separate: adds its A/B to the `LoraHook` of each layer it touches."""
+def lora_layer_indices(model: nn.Module, modules_used: set[str], layers: dict[str, int]) -> dict[str, int]:
+    """HF module name -> LoRA-layer index (the layer axis of X-LoRA scalings): the ordering file's `layers` when
+    given, otherwise the modules that carry an adapter numbered in the model's module order (shards in their
+    fused order), as peft numbers them."""
+    if layers:
+        missing = sorted(m for m in modules_used if m not in layers)
+        if missing:
+            raise ValueError(f"ordering file: layers has no index for adapter module {missing[0]!r}")
+        return {m: layers[m] for m in modules_used}
+    stacked, indices = stacked_params_of(model), {}
+    for path, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        parent, _, local = path.rpartition(".")
+        shards = sorted((e for e in stacked if e.fused_name == local), key=lambda e: e.shard_index)
+        for name in [f"{parent}.{e.shard_name}" if parent else e.shard_name for e in shards] or [path]:
+            if name in modules_used:
+                indices[name] = len(indices)
+    return indices
+
+
+def hook_adapter(model: nn.Module, adapter: LoraAdapter, state: LoraState,
+                 layer_indices: dict[str, int] | None = None) -> None:
+    """Keeps `adapter` separate: adds its A/B to the `LoraHook` of each layer it touches (as LoRA layer
+    `layer_indices[module]`, 0 when not given)."""
     modules, stacked = dict(model.named_modules()), stacked_params_of(model)
     for hf_module, (a, b) in adapter.weights.items():
         linear, offset, size = resolve_target(model, modules, stacked, hf_module, adapter.name)
         _check_shapes(adapter, hf_module, linear, size)
+        if linear is getattr(model, "lm_head", None):
+            raise ValueError(f"adapter {adapter.name!r}: module {hf_module!r}: an adapter on lm_head can only be "
+                             "merged (a LoRA without preload_adapters on a dense base)")
         hook = next((h for h in linear.adapters if isinstance(h, LoraHook)), None)
         if hook is None:
             hook = LoraHook(state, linear.out_features)
             linear.adapters.append(hook)
-        hook.add(adapter.name, a, b, adapter.scale, offset, size)
+        hook.add(adapter.name, a, b, adapter.scale, offset, size, (layer_indices or {}).get(hf_module, 0))
 
 
 def lora_state_of(model: nn.Module) -> LoraState | None:
@@ -222,20 +323,27 @@ def lora_state_of(model: nn.Module) -> LoraState | None:
 def activate_adapters(model: nn.Module, names: list[str]) -> None:
     """Replaces the active adapter set of `model`; ValueError when it has no separate adapters or a name is unknown."""
     state = lora_state_of(model)
-    if state is None:
+    if state is None or state.xlora is not None:
         raise ValueError(f"activate_adapters({names!r}): this model has no preloaded LoRA adapters (adapters in "
-                         "the ordering file's order are merged unless preload_adapters is given)")
+                         "the ordering file's order are merged unless preload_adapters is given; X-LoRA "
+                         "chooses its adapters itself)")
     state.activate(list(names))
 
 
-def apply_lora(model: nn.Module, ordering, adapters_source: ModelSource, *, token: str | None,
-               dtype: torch.dtype, device: torch.device) -> None:
-    """Applies the adapters of `ordering` to `model`: merged into the base without `preload_adapters`, otherwise all
-    kept separate with those in `order` active."""
+def check_ordering_layers(model: nn.Module, ordering) -> set[str]:
+    """The model's HF module names; ValueError when the ordering file's `layers` names a module it lacks."""
     names = model_module_names(model)
     for layer in ordering.layers:
         if layer not in names:
             raise ValueError(f"ordering file: layers names {layer!r}, which is not a layer of the model")
+    return names
+
+
+def apply_lora(model: nn.Module, ordering, adapters_source: ModelSource, *, token: str | None,
+               dtype: torch.dtype, device: torch.device, mergeable: bool = True) -> None:
+    """Applies the adapters of `ordering` to `model`: merged into the base without `preload_adapters` (when
+    `mergeable`, i.e. the base weights are dense), otherwise all kept separate with those in `order` active."""
+    names = check_ordering_layers(model, ordering)
     adapters = [load_lora_adapter(adapters_source, n, dtype=dtype, device=device) for n in ordering.order]
     if ordering.preload_adapters:
         for pre in ordering.preload_adapters:
@@ -243,8 +351,8 @@ def apply_lora(model: nn.Module, ordering, adapters_source: ModelSource, *, toke
                 source = ModelSource(pre.adapter_model_id, token=token)
                 adapters.append(load_lora_adapter(source, pre.name, dtype=dtype, device=device, allow_root=True))
     for adapter in adapters:
-        _check_targets(adapter, names)
-    if not ordering.preload_adapters:
+        check_targets(adapter, names)
+    if not ordering.preload_adapters and mergeable:
         for adapter in adapters:
             merge_adapter(model, adapter)
         return
