@@ -1,0 +1,159 @@
+"""ISQ for the stacked experts of a `FusedMoE` (the `MoEMethodBase` seam of `layers/moe.py`).
+
+Each expert's gate, up and down projections are separate checkpoint linears (`experts.{e}.w1/w3/w2`), so each
+is quantized on arrival into its own `IsqLayerState`, listed per expert in the reference's order: gate (w1),
+down (w2), up (w3). Once an expert's three states are in, gate and up are packed together (one product for
+both, as the dense `w13`) and down alone. The experts then run grouped as in `UnquantizedMoEMethod`: the
+(token, slot) assignments sorted by expert, one packed product pair per expert that received tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mistralrs.layers.activation import act_and_mul
+from mistralrs.layers.moe import FusedMoE, MoEMethodBase, UnquantizedMoEMethod
+from mistralrs.quant.isq import (
+    dequantize_state,
+    dequantized_shape,
+    pack_states,
+    quantize_state,
+)
+from mistralrs.quant.isq_state import IsqLayerState
+from mistralrs.quant.isq_types import IsqType
+from mistralrs.quant.packed import PackedWeight
+
+ROLES = ("gate", "down", "up")  # per-expert state order (the reference's w1, w2, w3)
+
+
+def _matmul(weights: list[PackedWeight], x: torch.Tensor) -> torch.Tensor:
+    return weights[0].matmul(x) if len(weights) == 1 else torch.cat([w.matmul(x) for w in weights], -1)
+
+
+class IsqMoEMethod(MoEMethodBase):
+    """A `FusedMoE`'s experts quantized per projection (`states`, three per expert) and packed per expert."""
+
+    def __init__(self, isq: IsqType | None, *, imatrix: Sequence[torch.Tensor | None] | None = None,
+                 use_fast_kernels: bool = True):
+        self.isq = isq                      # the type projections are quantized to (None: kept unquantized)
+        self.imatrix = imatrix              # per state (expert-major, ROLES order): `[in_features]` or None
+        self.use_fast_kernels = use_fast_kernels
+        self._states: list[dict[str, IsqLayerState]] = []  # per expert: role -> state
+        self._ready: list[IsqLayerState] | None = None  # states given to `from_states`, adopted at create_weights
+        self.packed: list[tuple[list[PackedWeight], list[PackedWeight]] | None] = []  # per expert: (w13, w2)
+        self._dtype = torch.float32
+        self._device = torch.device("cpu")
+
+    @classmethod
+    def from_states(cls, states: Sequence[IsqLayerState], use_fast_kernels: bool = True) -> IsqMoEMethod:
+        """A method holding ready states (`3 * num_experts`, expert-major in ROLES order)."""
+        method = cls(None, use_fast_kernels=use_fast_kernels)
+        method._ready = list(states)
+        return method
+
+    @property
+    def states(self) -> list[IsqLayerState]:
+        """Every projection's state, expert-major in ROLES order (the order of `isq_layer_names`)."""
+        if any(len(expert) != len(ROLES) for expert in self._states):
+            raise ValueError("IsqMoEMethod.states: expert weights are still missing")
+        return [expert[role] for expert in self._states for role in ROLES]
+
+    def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._dtype, self._device = dtype, torch.device(device)
+        self._states = [{} for _ in range(layer.num_experts)]
+        self.packed = [None] * layer.num_experts
+        if self._ready is None:
+            return
+        if len(self._ready) != len(ROLES) * layer.num_experts:
+            raise ValueError(f"{layer.prefix}: {len(self._ready)} ISQ states for {layer.num_experts} experts "
+                             f"(expected {len(ROLES) * layer.num_experts})")
+        for index, state in enumerate(self._ready):
+            self._store(layer, index // len(ROLES), ROLES[index % len(ROLES)], state)
+        self._ready = None
+
+    def _expected_shape(self, layer: FusedMoE, role: str) -> tuple[int, int]:
+        h, i = layer.hidden_size, layer.intermediate_size
+        return (h, i) if role == "down" else (i, h)
+
+    def _store(self, layer: FusedMoE, expert_id: int, role: str, state: IsqLayerState) -> None:
+        shape = dequantized_shape(state)
+        if shape != self._expected_shape(layer, role):
+            raise ValueError(f"{layer.prefix}.{expert_id}.{role}: ISQ state of shape {shape}, "
+                             f"expected {self._expected_shape(layer, role)}")
+        expert = self._states[expert_id]
+        expert[role] = state
+        if len(expert) == len(ROLES):
+            self.packed[expert_id] = self._pack(expert)
+
+    def _pack(self, expert: dict[str, IsqLayerState]) -> tuple[list[PackedWeight], list[PackedWeight]]:
+        w13 = pack_states([expert["gate"], expert["up"]], self._dtype, self._device, self.use_fast_kernels)
+        return w13, pack_states([expert["down"]], self._dtype, self._device, self.use_fast_kernels)
+
+    def load_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str, loaded: torch.Tensor) -> None:
+        if tuple(loaded.shape) != self._expected_shape(layer, projection):
+            raise ValueError(f"{layer.prefix}.{expert_id}.{projection}: weight has shape {tuple(loaded.shape)}, "
+                             f"expected {self._expected_shape(layer, projection)}")
+        imatrix = None
+        if self.imatrix is not None:
+            imatrix = self.imatrix[expert_id * len(ROLES) + ROLES.index(projection)]
+        self._store(layer, expert_id, projection, quantize_state(loaded, None, self.isq, self._dtype, imatrix))
+
+    def requantize(self, layer: FusedMoE, isq: IsqType | None,
+                   imatrix: Sequence[torch.Tensor | None] | None = None) -> None:
+        """Quantizes the experts' current weights again to `isq` (re-ISQ)."""
+        self.isq, self.imatrix = isq, imatrix
+        for index, state in enumerate(self.states):
+            vector = None if imatrix is None else imatrix[index]
+            fresh = quantize_state(dequantize_state(state), None, isq, self._dtype, vector)
+            self._states[index // len(ROLES)][ROLES[index % len(ROLES)]] = fresh
+        self.packed = [self._pack(expert) for expert in self._states]
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        top_k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k], assignment a belongs to token a // top_k
+        order = torch.argsort(flat_ids, stable=True)
+        token_ids = order // top_k  # assignments grouped by expert
+        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+        counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
+        out = torch.zeros_like(x)
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            if self.packed[expert_id] is None:
+                raise ValueError(f"{layer.prefix}: expert {expert_id} weights were not loaded")
+            w13, w2 = self.packed[expert_id]
+            rows = token_ids[start:start + count]
+            inner = act_and_mul(_matmul(w13, x.index_select(0, rows)), layer.act_fn)
+            out.index_add_(0, rows, _matmul(w2, inner) * weights[start:start + count])
+            start += count
+        return out
+
+
+def moe_states(layer: FusedMoE) -> list[IsqLayerState]:
+    """The experts' states in ROLES order (dense states when the layer is not ISQ-quantized)."""
+    method = layer.quant_method
+    if isinstance(method, IsqMoEMethod):
+        return method.states
+    if not isinstance(method, UnquantizedMoEMethod):
+        raise ValueError(f"{layer.prefix}: its {type(method).__name__} weights cannot be read back as ISQ states")
+    i = layer.intermediate_size
+    views = {"gate": lambda e: layer.w13[e, :i], "up": lambda e: layer.w13[e, i:], "down": lambda e: layer.w2[e]}
+    return [IsqLayerState(dense=views[role](e).detach().clone()) for e in range(layer.num_experts) for role in ROLES]
+
+
+def requantize_moe(layer: FusedMoE, isq: IsqType, imatrix: Sequence[torch.Tensor | None] | None,
+                   use_fast_kernels: bool) -> None:
+    """Quantizes a loaded `FusedMoE`'s experts to `isq` in place (dense or already ISQ-quantized)."""
+    method = layer.quant_method
+    if isinstance(method, IsqMoEMethod):
+        method.use_fast_kernels = use_fast_kernels
+        method.requantize(layer, isq, imatrix)
+        return
+    with torch.no_grad():
+        states = [quantize_state(s.dense, None, isq, layer.dtype, None if imatrix is None else imatrix[index])
+                  for index, s in enumerate(moe_states(layer))]
+    layer.set_quant_method(IsqMoEMethod.from_states(states, use_fast_kernels=use_fast_kernels))
