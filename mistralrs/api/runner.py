@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mistralrs.adapters.lora import activate_adapters
+from mistralrs.adapters.runtime import request_adapter_set
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.api.responses import (
     ChatCompletionChunkResponse, ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
@@ -27,6 +28,7 @@ from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta, SeqResult, TokenLogprob
 from mistralrs.engine.tool_calls import ParsedToolCall, ToolCallStream, forced_call_schema, parse_tool_calls
 from mistralrs.loader.pipeline import load_pipeline
+from mistralrs.quant.isq import re_isq_config
 from mistralrs.sample.grammar import json_schema_source
 
 logger = logging.getLogger(__name__)
@@ -249,7 +251,6 @@ class Runner:
                  *, prompt_batchsize: int | None = None, show_progress: bool | None = None,
                  truncate_sequence: bool = False) -> None:
         _not_built("which_draft", which_draft, None, "speculative decoding")
-        _not_built("in_situ_quant", in_situ_quant, None, "in-situ quantization (ISQ)")
         _not_built("anymoe_config", anymoe_config, None, "AnyMoE")
         _not_built("num_device_layers", num_device_layers, None, "device mapping")
         if prompt_chunksize is not None and prompt_batchsize is not None and prompt_chunksize != prompt_batchsize:
@@ -264,7 +265,8 @@ class Runner:
             pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, seed=seed)
         self.truncate_sequence = bool(truncate_sequence)
         self._loaded = load_pipeline(which, token_source=token_source, chat_template=chat_template,
-                                     jinja_explicit=jinja_explicit, show_progress=show_progress)
+                                     jinja_explicit=jinja_explicit, show_progress=show_progress,
+                                     in_situ_quant=in_situ_quant)
         self._engine, self._inputs = build_engine(self._loaded, config)
         self.model_id = self._loaded.model_id
 
@@ -301,11 +303,11 @@ class Runner:
     def _submit(self, prompt_ids: list[int], request, num_seqs: int, logprobs: bool, top_logprobs: int | None,
                 outputs) -> EngineRequest:
         grammar = self._grammar(request)
-        if request.adapters:
-            raise ValueError("adapters: this model has no LoRA adapters")
+        adapters = request_adapter_set(self._loaded.model, request.adapters)
         prompt_ids = self._fit_prompt(prompt_ids, request.max_tokens)
         options = _options(request, logprobs, top_logprobs)
         engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs, grammar)
+        engine_request.adapters = adapters
         if outputs is not None:
             engine_request.outputs = outputs
         self._engine.submit(engine_request)
@@ -404,7 +406,18 @@ class Runner:
         return self._inputs.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def send_re_isq(self, dtype: str) -> None:
-        raise ValueError(f"send_re_isq({dtype!r}): in-situ quantization (ISQ) is not built in this version")
+        """Re-quantizes the live model to ISQ type `dtype` between two engine steps and returns at once (requests
+        submitted afterwards see the new weights; a failure while quantizing is logged). ValueError for an
+        unknown type; ignored for GGUF/GGML models (REFERENCE §3)."""
+        if self._loaded.quantized_file:
+            logger.info("send_re_isq(%r): ignored, the model was loaded from quantized GGUF/GGML weights", dtype)
+            return
+        config = re_isq_config(self._loaded.isq, dtype)
+
+        def requantize() -> None:
+            config.quantize_loaded(self._loaded.model)
+            self._loaded.isq = config
+        self._engine.post(requantize)
 
     def activate_adapters(self, adapter_names: list[str]) -> None:
         """Replaces the active set of preloaded LoRA adapters; ValueError naming an unknown adapter, or when the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistralrs.adapters import lora_state_of
+from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.core import Scheduler, SchedulerConfig
 from mistralrs.engine.engine import Engine
 from mistralrs.engine.input_processor import InputProcessor
@@ -82,7 +83,13 @@ def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, bytes_per_block: in
 def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread, and return it with its input processor."""
     spec = loaded.model.kv_cache_spec()
-    num_blocks = num_kv_blocks(config, loaded, spec.bytes_per_block(config.block_size, loaded.dtype))
+    adapters = adapter_runtime_of(loaded.model)
+    xlora = adapters.state.xlora if adapters is not None else None
+    if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
+        logger.info("X-LoRA tgt_non_granular_index forces max_seqs = 1 (was %d)", config.max_seqs)
+        config = dataclasses.replace(config, max_seqs=1)
+    kv_factor = adapters.kv_cache_factor if adapters is not None else 1   # X-LoRA's scaling pass has its own
+    num_blocks = num_kv_blocks(config, loaded, spec.bytes_per_block(config.block_size, loaded.dtype) * kv_factor)
     if num_blocks < 1:
         raise ValueError("the KV cache sizing leaves no room for a single block; raise pa_ctxt_len / pa_gpu_mem")
     capacity = num_blocks * config.block_size
@@ -93,9 +100,9 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, Inp
         prompt_chunksize=config.prompt_chunksize,
         block_size=config.block_size,
         num_blocks=num_blocks,
-        # Switchable LoRA adapters change the K/V of the same tokens, so cached blocks could be stale.
+        # blocks are keyed by the adapter set (Sequence.cache_salt); frozen X-LoRA scalings are per sequence
         enable_prefix_caching=(config.prefix_cache_n > 0 and not config.no_kv_cache
-                               and lora_state_of(loaded.model) is None),
+                               and (xlora is None or xlora.non_granular_index is None)),
         no_kv_cache=config.no_kv_cache,
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mistralrs.adapters.runtime import adapter_cache_salt
 from mistralrs.core import Scheduler, Sequence, SequenceStatus
 from mistralrs.engine.output_processor import SeqOutputState
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta
@@ -84,6 +85,13 @@ class Engine:
             raise value
         return value
 
+    def post(self, fn) -> None:
+        """Run `fn()` on the engine thread between two steps without waiting (re-ISQ); an error is logged.
+
+        Commands run in the order they are queued, so a request submitted after `post` sees its effect.
+        """
+        self._commands.put(("post", fn))
+
     def shutdown(self) -> None:
         """Cancel everything in flight and stop the thread."""
         self._commands.put(("stop", None))
@@ -120,6 +128,11 @@ class Engine:
                     done.put((True, fn()))
                 except Exception as exc:
                     done.put((False, exc))
+            elif kind == "post":
+                try:
+                    payload()
+                except Exception:   # fire-and-forget: the caller is gone; the engine carries on
+                    logger.exception("engine command failed")
             else:
                 for request_id in list(self._requests):
                     self._cancel(request_id)
@@ -142,10 +155,13 @@ class Engine:
     def _add(self, request: EngineRequest) -> None:
         state = _RequestState(request, {}, [])
         self._requests[request.request_id] = state
+        runtime = getattr(self.model_runner, "adapters", None)   # adapter sets are fixed here, on the engine thread
+        adapters = runtime.resolve(request.adapters) if runtime is not None else None
         for index in range(request.num_seqs):
             seq_id = self._next_seq_id
             self._next_seq_id += 1
-            seq = Sequence(seq_id, list(request.prompt_token_ids), arrival_time=request.arrival_time)
+            seq = Sequence(seq_id, list(request.prompt_token_ids), arrival_time=request.arrival_time,
+                           cache_salt=adapter_cache_salt(adapters))
             state.seq_ids.append(seq_id)
             state.outputs[seq_id] = SeqOutputState(
                 index, self.tokenizer, request.prompt_token_ids, request.stop,
@@ -154,7 +170,7 @@ class Engine:
             params = request.sampling
             if request.grammar is not None:   # a per-sequence copy carries the sequence's own matcher
                 params = dataclasses.replace(params, grammar=request.grammar.new_state())
-            self._seq_sampling[seq_id] = SeqSampling(params, self._generator(request, index))
+            self._seq_sampling[seq_id] = SeqSampling(params, self._generator(request, index), adapters)
             self.scheduler.add_sequence(seq)
 
     def _generator(self, request: EngineRequest, index: int) -> torch.Generator | None:

@@ -39,6 +39,7 @@ class EngineRequest:
     num_seqs: int = 1                                   # sequences generated (n_choices, or best_of for completions)
     skip_special_tokens: bool = True                    # when detokenizing the output
     grammar: CompiledGrammar | None = None              # constrains every sequence (one matcher each)
+    adapters: tuple[str, ...] | None = None             # LoRA adapters of this request (None: the active set)
     arrival_time: float = field(default_factory=time.monotonic)  # when it was queued (Usage timings start here)
     outputs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # engine → caller messages
 

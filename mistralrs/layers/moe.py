@@ -171,11 +171,21 @@ class FusedMoE(CheckpointModule):
         self.jitter_eps = jitter_eps
         self.act_fn = get_act_fn(hidden_act)
         self.prefix = prefix
+        self.dtype = dtype  # the model dtype: activations, and expert weights a quant method keeps dense
+        self.params_device = torch.device(device)
         self.backend = ""
         self.set_backend(backend)
         self._projection_of = dict(zip(checkpoint_names, ("gate", "up", "down")))  # checkpoint name -> role
         self.quant_method = quant_method or UnquantizedMoEMethod()
         self.quant_method.create_weights(self, dtype, device)
+
+    def set_quant_method(self, quant_method: MoEMethodBase) -> None:
+        """Replaces the quant method before any expert weight is loaded; the old method's storage is dropped."""
+        for name in ("w13", "w2"):
+            if name in self._parameters:
+                del self._parameters[name]
+        self.quant_method = quant_method
+        quant_method.create_weights(self, self.dtype, self.params_device)
 
     def set_backend(self, backend: str) -> None:
         """Switches between the "fused" path and its "reference" twin."""

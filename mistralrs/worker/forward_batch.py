@@ -99,6 +99,10 @@ class ForwardBatch:
     query_pad_indices: torch.Tensor | None  # [num_tokens] int64 index into num_seqs * max_query_len; None: no padding
     attention_backend: str = "sdpa"  # "sdpa" (batched fast path) or "reference" (per-sequence plain twin)
     contiguous_start: int | None = None  # first flat slot when one sequence's context is consecutive slots, else None
+    # per packed token, a weight per separately loaded adapter: [num_tokens, num_adapters] (LoRA: 1 for each adapter
+    # of the token's request) or [num_tokens, num_lora_layers, num_adapters] (layerwise X-LoRA scalings); None: no
+    # adapter applies. Set by the adapter runtime (mistralrs/adapters/runtime.py), read by every LoraHook.
+    adapter_weights: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
 
     @property

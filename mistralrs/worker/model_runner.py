@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.core import SchedulerOutput
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
@@ -20,6 +21,7 @@ class SeqSampling:
 
     params: SamplingParams
     generator: torch.Generator | None
+    adapters: tuple[str, ...] | None = None  # the sequence's LoRA adapter set (None: the model's active set)
 
 
 class ModelRunner:
@@ -32,6 +34,7 @@ class ModelRunner:
         self.device = device
         self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, kv_dtype, device)
         self.sampler = Sampler()
+        self.adapters = adapter_runtime_of(model)  # per-token adapter weights; None without separate adapters
         self.max_threads = torch.get_num_threads()
         self._threads = self.max_threads
 
@@ -58,7 +61,11 @@ class ModelRunner:
             chunks.append(SeqChunk(tokens, start, seq.block_ids))
         batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device)
         self._set_threads_for(len(batch.input_ids))
-        hidden = self.model(batch.input_ids, batch.positions, batch)
+        if self.adapters is not None:
+            sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
+            hidden = self.adapters.forward(self.model, batch, output.scheduled, sets)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch)
         sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
         if not sample_rows:
             return {}
