@@ -16,6 +16,8 @@ Layout conventions:
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +64,20 @@ class KVCacheSpec:
         return self.num_layers * block_size * self.num_kv_heads * features * element_size
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU backed by an anonymous memory map, whose pages the kernel supplies already
+    zeroed on first touch, so that cache memory becomes resident only as sequences fill it (a zero fill would
+    make the whole cache resident at start-up)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)
+
+
 def allocate_kv_caches(
     spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,12 +88,10 @@ def allocate_kv_caches(
     """
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
+    device = torch.device(device)
     k_shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
     v_shape = (num_blocks * block_size, spec.num_kv_heads, spec.value_dim)
-    return [
-        (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device))
-        for _ in range(spec.num_layers)
-    ]
+    return [(_zeros(k_shape, dtype, device), _zeros(v_shape, dtype, device)) for _ in range(spec.num_layers)]
 
 
 @dataclass
