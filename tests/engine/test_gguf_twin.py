@@ -35,7 +35,7 @@ def _logits(loaded, token_ids: list[int]) -> torch.Tensor:
     batch = ForwardBatch.build([SeqChunk(token_ids, 0, [0, 1, 2, 3])], 32, kv, loaded.device)
     with torch.inference_mode():
         hidden = loaded.model(batch.input_ids, batch.positions, batch)
-        return loaded.model.compute_logits(hidden)
+        return loaded.model.compute_logits(hidden).cpu()   # on CUDA too: the oracle runs on the CPU
 
 
 @pytest.mark.parametrize("ggml_type", ["F32", "F16", "Q8_0"])
