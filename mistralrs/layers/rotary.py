@@ -7,11 +7,13 @@ added to `_INV_FREQ_SCALERS`.
 
 LongRoPE ("longrope", legacy "su"; Phi-3) has two frequency sets: the short factors while a sequence is within
 `original_max_position_embeddings`, the long factors beyond it. `transformers` picks one set per forward call by
-`max(position_ids) + 1`. Our positions are per token, so the model passes each token's sequence length after
-this step (`context_lens_per_token`): all tokens of a sequence's chunk use the long set exactly when that
-sequence's context passes the original length this step. That equals `transformers` fed the same chunks one
-sequence at a time (a whole prompt in one call; then one decode step per call) and does not depend on what else
-is packed into the step. Keys already cached keep the rotation they were written with, as in `transformers`.
+`max(position_ids) + 1`, so a prompt processed in one call uses the long set for all its tokens when it is longer
+than the original length. Our positions are per token and prompts may be chunked, so the model passes, per token,
+its sequence's length after this step or, while larger, the sequence's whole prompt length
+(`context_lens_per_token`): every chunk of a long prompt uses the long set, as `transformers` does for the whole
+prompt in one call, and a sequence that grows past the original length while decoding switches at that step. The
+choice does not depend on what else is packed into the step. Keys already cached keep the rotation they were
+written with, as in `transformers`' cached forward (its `generate` instead recomputes the sequence at the switch).
 """
 
 from __future__ import annotations
@@ -236,8 +238,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def context_lens_per_token(fb: ForwardBatch) -> torch.Tensor:
-    """`[num_tokens]` int64: for each packed token, its sequence's context length after this step."""
-    lengths = [n for n, q in zip(fb.context_lens, fb.query_lens) for _ in range(q)]
+    """`[num_tokens]` int64: for each packed token, the length LongRoPE decides by: its sequence's context length
+    after this step, or the sequence's whole prompt length while that is longer (a prompt's chunks all use the
+    factors of the whole prompt)."""
+    lengths = [max(n, p) for n, p, q in zip(fb.context_lens, fb.prompt_lens, fb.query_lens) for _ in range(q)]
     return torch.tensor(lengths, dtype=torch.int64, device=fb.positions.device)
 
 

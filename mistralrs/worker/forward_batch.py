@@ -32,6 +32,7 @@ class SeqChunk:
     token_ids: list[int]  # the new tokens computed this step (at least one)
     start_pos: int  # position of token_ids[0] (== tokens of this sequence already in the KV cache)
     block_ids: list[int]  # the sequence's block table, covering at least start_pos + len(token_ids) tokens
+    prompt_len: int = 0  # the sequence's prompt length (LongRoPE picks its factors by it, see layers/rotary.py)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ForwardBatch:
     block_size: int  # tokens per KV block
     query_start_locs: list[int]  # [num_seqs + 1] packed offset of each chunk; the last entry is num_tokens
     context_lens: list[int]  # [num_seqs] tokens of each sequence visible after this step (start_pos + query len)
+    prompt_lens: list[int]  # [num_seqs] each sequence's prompt length (0 when the caller did not give it)
     block_tables: list[list[int]]  # [num_seqs] block ids covering each sequence's context (trimmed to need)
     max_query_len: int  # longest chunk this step
     max_context_len: int  # longest context this step
@@ -185,6 +187,7 @@ class ForwardBatch:
             block_size=block_size,
             query_start_locs=query_starts,
             context_lens=context_lens,
+            prompt_lens=[c.prompt_len for c in chunks],
             block_tables=block_tables,
             max_query_len=max_query_len,
             max_context_len=max_context_len,

@@ -58,7 +58,7 @@ class ModelRunner:
             seq = scheduled.seq
             start = seq.num_computed_tokens
             tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
-            chunks.append(SeqChunk(tokens, start, seq.block_ids))
+            chunks.append(SeqChunk(tokens, start, seq.block_ids, seq.num_prompt_tokens))
         batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device)
         self._set_threads_for(len(batch.input_ids))
         if self.adapters is not None:

@@ -80,15 +80,17 @@ class TinyRunner:
         self.num_computed: dict[int, int] = {}
         self.backend = backend
 
-    def step(self, work: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Runs one step over `(seq_id, new_token_ids)` pairs; returns each chunk's logits `[len, vocab]`."""
+    def step(self, work: list[tuple[int, list[int]]], prompt_lens: dict[int, int] | None = None) -> list[torch.Tensor]:
+        """Runs one step over `(seq_id, new_token_ids)` pairs (`prompt_lens`: seq_id -> prompt length, as the engine
+        passes it); returns each chunk's logits `[len, vocab]`."""
         chunks = []
         for seq_id, token_ids in work:
             table = self.block_tables.setdefault(seq_id, [])
             start = self.num_computed.get(seq_id, 0)
             while len(table) * BLOCK_SIZE < start + len(token_ids):
                 table.append(self.free_blocks.pop())
-            chunks.append(SeqChunk(token_ids=list(token_ids), start_pos=start, block_ids=list(table)))
+            chunks.append(SeqChunk(token_ids=list(token_ids), start_pos=start, block_ids=list(table),
+                                   prompt_len=(prompt_lens or {}).get(seq_id, 0)))
             self.num_computed[seq_id] = start + len(token_ids)
         fb = ForwardBatch.build(chunks, BLOCK_SIZE, self.kv_caches, "cpu", attention_backend=self.backend)
         with torch.inference_mode():
@@ -133,12 +135,13 @@ def check_one_chunk(hf, ours, length: int = 20) -> None:
 
 
 def check_chunked_prefill_then_decode(hf, ours, chunk_sensitive: bool = False) -> None:
-    """Three prefill chunks then token-by-token decode; `chunk_sensitive`: HF is fed the same chunks."""
+    """A 19-token prompt in three chunks, then token-by-token decode: equal to `transformers` over the whole prompt
+    in one call, then one call per token (`chunk_sensitive`: the calls are made that way, over its cache)."""
     token_ids = prompt(2, 23)
     runner = TinyRunner(ours, seed=3)
     bounds = ((0, 7), (7, 12), (12, 19)) + tuple((i, i + 1) for i in range(19, 23))
-    parts = [runner.step([(0, token_ids[a:b])])[0] for a, b in bounds]
-    chunk_lens = [b - a for a, b in bounds] if chunk_sensitive else None
+    parts = [runner.step([(0, token_ids[a:b])], prompt_lens={0: 19})[0] for a, b in bounds]
+    chunk_lens = [19, 1, 1, 1, 1] if chunk_sensitive else None
     assert_close(torch.cat(parts), hf_logits(hf, token_ids, chunk_lens))
 
 
@@ -146,17 +149,19 @@ def check_packed_sequences(hf, ours, chunk_sensitive: bool = False) -> None:
     """Three sequences of different lengths in one step, then two decodes and a prefill chunk in the next."""
     prompts = [prompt(10 + i, n) for i, n in enumerate((20, 7, 13))]
     runner = TinyRunner(ours, seed=4)
-    first = runner.step([(0, prompts[0][:16]), (1, prompts[1]), (2, prompts[2][:9])])
-    second = runner.step([(1, [5]), (0, prompts[0][16:17]), (2, prompts[2][9:])])
+    prompt_lens = {s: len(p) for s, p in enumerate(prompts)}
+    first = runner.step([(0, prompts[0][:16]), (1, prompts[1]), (2, prompts[2][:9])], prompt_lens)
+    second = runner.step([(1, [5]), (0, prompts[0][16:17]), (2, prompts[2][9:])], prompt_lens)
 
     def ref(token_ids: list[int], chunk_lens: list[int]) -> torch.Tensor:
         return hf_logits(hf, token_ids, chunk_lens if chunk_sensitive else None)
 
-    assert_close(first[0], ref(prompts[0][:16], [16]))
+    whole_first = hf_logits(hf, prompts[0])  # a prompt's chunks all equal the prompt's one-call forward
+    assert_close(first[0], whole_first[:16])
     assert_close(first[1], ref(prompts[1], [7]))
     assert_close(first[2], ref(prompts[2][:9], [9]))
     assert_close(second[0], ref(prompts[1] + [5], [7, 1])[-1:])
-    assert_close(second[1], ref(prompts[0][:17], [16, 1])[-1:])
+    assert_close(second[1], whole_first[16:17])
     assert_close(second[2], ref(prompts[2], [9, 4])[9:])
 
 

@@ -1,9 +1,10 @@
 """Phi-3 / Phi-3.5 / Phi-4-mini (`Phi3ForCausalLM`) over packed tokens and a paged KV cache against `transformers`.
 
 fp32, tiny random configs; logits within `family_harness.ATOL` (1e-4) at every computed position.
-LongRoPE picks its short or long factors per sequence and step (see `mistralrs/layers/rotary.py`), so for the
-LongRoPE configs `transformers` is fed the same chunks over its cache; a one-chunk prompt of 20 tokens crosses
-`original_max_position_embeddings` = 16, so it runs on the long factors throughout. Greedy decoding across the
+LongRoPE picks its short or long factors per sequence by the larger of its prompt length and its length after
+the step (see `mistralrs/layers/rotary.py`): a prompt longer than `original_max_position_embeddings` = 16 uses the
+long factors in every chunk, equal to `transformers` over the whole prompt in one call, and decode steps equal
+`transformers`' cached forward one token per call. Greedy decoding across the
 switch is compared with `transformers`' cached forward (see `test_greedy_decode_matches_transformers`).
 """
 
