@@ -10,10 +10,6 @@ import mistralrs
 from mistralrs import Architecture, Runner, VisionArchitecture, Which
 
 UNBUILT = [
-    (Which.XLora(xlora_model_id="x", order="o.json", model_id="m"), "X-LoRA"),
-    (Which.LoraGGUF(quantized_model_id="q", quantized_filename="f.gguf", adapters_model_id="a", order="o"), "LoRA"),
-    (Which.XLoraGGUF(quantized_model_id="q", quantized_filename="f.gguf", xlora_model_id="x", order="o"), "X-LoRA"),
-    (Which.GGML(quantized_model_id="q", quantized_filename="f.bin", tok_model_id="t"), "GGML"),
     (Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi3V), "vision"),
     (Which.DiffusionPlain(model_id="m", arch=mistralrs.DiffusionArchitecture.Flux), "diffusion"),
 ]
@@ -26,7 +22,7 @@ def test_unbuilt_variants_name_what_is_missing(which, what):
 
 
 @pytest.mark.parametrize("kwargs,what", [
-    (dict(in_situ_quant="Q4K"), "in_situ_quant"),
+    (dict(in_situ_quant="Q9K"), "in_situ_quant"),
     (dict(which_draft=Which.Plain(model_id="d")), "which_draft"),
     (dict(num_device_layers=["8"]), "num_device_layers"),
     (dict(prompt_chunksize=0), "prompt_chunksize"),

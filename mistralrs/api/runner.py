@@ -417,6 +417,7 @@ class Runner:
         def requantize() -> None:
             config.quantize_loaded(self._loaded.model)
             self._loaded.isq = config
+            self._engine.scheduler.reset_prefix_cache()   # K/V cached under the old weights must not be reused
         self._engine.post(requantize)
 
     def activate_adapters(self, adapter_names: list[str]) -> None:

@@ -32,11 +32,12 @@ def hash_block_tokens(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
-def root_block_hash(cache_salt: str | None) -> bytes:
-    """The parent hash of a sequence's first block: empty, or a digest of the salt when one is given."""
-    if cache_salt is None:
+def root_block_hash(cache_salt: str | None, epoch: int = 0) -> bytes:
+    """The parent hash of a sequence's first block: empty, or a digest of the salt and the cache epoch (bumped
+    when the model's weights change, so that blocks computed before never match again)."""
+    if cache_salt is None and epoch == 0:
         return b""
-    return hashlib.sha256(b"salt:" + cache_salt.encode("utf-8")).digest()
+    return hashlib.sha256(b"salt:" + (cache_salt or "").encode("utf-8") + b"|epoch:%d" % epoch).digest()
 
 
 @dataclass

@@ -40,6 +40,12 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching  # look up and register full blocks
         self.pool = BlockPool(num_blocks)  # the blocks themselves
         self._states: dict[int, _SeqCacheState] = {}  # seq_id -> cache state, until forget()
+        self._epoch = 0  # mixed into every first-block hash; reset_prefix_cache() bumps it
+
+    def reset_prefix_cache(self) -> None:
+        """Blocks cached so far never match again (the model's weights changed): sequences that start hashing
+        from now on use a new epoch; cached blocks age out of the pool as usual."""
+        self._epoch += 1
 
     @property
     def num_free_blocks(self) -> int:
@@ -131,7 +137,7 @@ class KVCacheManager:
         hashes = self._state(seq).block_hashes
         if len(hashes) < num_blocks:
             token_ids = seq.all_token_ids
-            parent = hashes[-1] if hashes else root_block_hash(seq.cache_salt)
+            parent = hashes[-1] if hashes else root_block_hash(seq.cache_salt, self._epoch)
             for index in range(len(hashes), num_blocks):
                 start = index * self.block_size
                 parent = hash_block_tokens(parent, token_ids[start : start + self.block_size])

@@ -123,6 +123,10 @@ class Scheduler:
         if seq_id in self._unfinished:
             self.finish_sequence(seq_id, SequenceStatus.FINISHED_ABORTED)
 
+    def reset_prefix_cache(self) -> None:
+        """No block cached so far is reused by a later sequence (called when the model's weights change)."""
+        self.kv_cache_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         """True while any sequence is waiting or running."""
         return bool(self._unfinished)

@@ -15,8 +15,16 @@ from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.layers.linear import Linear, UnquantizedLinearMethod
 from mistralrs.loader.pipeline import load_pipeline
 from tests.adapters.adapter_fixtures import (
-    assert_close, hf_base, make_base_and_adapters, packed_logits, peft_logits, peft_lora_model, peft_xlora_model,
-    scheduled, write_ordering, write_xlora_repo,
+    assert_close,
+    hf_base,
+    make_base_and_adapters,
+    packed_logits,
+    peft_logits,
+    peft_lora_model,
+    peft_xlora_model,
+    scheduled,
+    write_ordering,
+    write_xlora_repo,
 )
 
 peft = pytest.importorskip("peft")
@@ -120,7 +128,7 @@ def test_gguf_adapter_errors_name_the_value(dirs, tmp_path):
 
 def test_lora_and_xlora_on_ggml(dirs, tmp_path):
     from mistralrs.loader.safetensors_loader import iter_safetensors
-    from tests.loader.test_ggml import write_ggjt
+    from tests.loader.ggml_fixtures import write_ggjt
 
     base, adapters, _ = dirs
     checkpoint = dict(iter_safetensors(sorted(str(p) for p in base.glob("*.safetensors")), None))

@@ -433,3 +433,21 @@ def _simulate(seed):
 def test_randomized_simulation_keeps_invariants(seed):
     finished = _simulate(seed)
     assert finished  # the simulation did run sequences to completion
+
+
+def test_reset_prefix_cache_stops_reuse_of_blocks_cached_before():
+    scheduler, fake_kv = make(block_size=4, num_blocks=32)
+    prefix = [11, 12, 13, 14, 21, 22, 23, 24, 31, 32, 33, 34]
+    scheduler.add_sequence(Sequence(1, list(prefix)))
+    step(scheduler, fake_kv)
+    scheduler.finish_sequence(1, SequenceStatus.FINISHED_STOPPED)
+    scheduler.reset_prefix_cache()   # e.g. the weights were re-quantized
+    stale = Sequence(2, prefix + [41])
+    scheduler.add_sequence(stale)
+    step(scheduler, fake_kv)
+    assert stale.num_cached_prompt_tokens == 0
+    scheduler.finish_sequence(2, SequenceStatus.FINISHED_STOPPED)
+    fresh = Sequence(3, prefix + [42])   # blocks cached after the reset are shared again
+    scheduler.add_sequence(fresh)
+    step(scheduler, fake_kv)
+    assert fresh.num_cached_prompt_tokens == 12

@@ -34,14 +34,14 @@ def test_reference_argument_order_selects_the_model():
 
 @pytest.mark.parametrize("argv, message", [
     (["lora", "-a", "ADAPTERS", "-o", "order.json"], "order.json"),
-    (["x-lora", "-x", "XLORA", "-o", "order.json"], "Which.XLora is not supported yet"),
-    (["ggml", "-t", "TOK", "-m", "DIR", "-f", "model.bin"], "Which.GGML is not supported yet"),
+    (["x-lora", "-x", "XLORA", "-o", "order.json"], "order.json"),
+    (["ggml", "-t", "TOK", "-m", "DIR", "-f", "model.bin"], "model.bin"),
     (["vision-plain", "-m", "ID", "-a", "idefics2"], "Which.VisionPlain is not supported yet"),
     (["diffusion-plain", "-m", "ID", "-a", "flux"], "Which.DiffusionPlain is not supported yet"),
     (["toml", "-f", "model.toml"], "toml model selectors are not supported yet"),
-    (["--isq", "Q4K", "plain", "-m", "ID"], "in_situ_quant='Q4K' is not supported yet"),
+    (["--isq", "Q9K", "plain", "-m", "ID"], "ISQ type Q9K unknown"),
 ])
-def test_unbuilt_variants_exit_with_a_clear_error(argv, message):
+def test_bad_or_unbuilt_selectors_exit_with_a_clear_error(argv, message):
     with pytest.raises(SystemExit) as caught:
         server_main(["--port", "1", *argv])
     assert message in str(caught.value.code)

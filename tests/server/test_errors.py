@@ -58,7 +58,7 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {"prompt": "a cat"}, 400, None, None),
     ("/v1/images/generations", {"prompt": "a cat", "size": "big"}, 400, "size", None),
     ("/activate_adapters", {"adapter_names": ["a"]}, 400, None, None),
-    ("/re_isq", {"ggml_type": "Q4K"}, 400, None, None),
+    ("/re_isq", {"ggml_type": "Q9"}, 400, None, None),
     ("/re_isq", {}, 400, "ggml_type", None),
     ("/v1/nothing-here", {}, 404, None, None),
 ]
