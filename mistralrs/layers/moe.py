@@ -144,7 +144,8 @@ class FusedMoE(CheckpointModule):
         top_k: experts per token.
         hidden_size / intermediate_size: expert MLP widths.
         hidden_act: HF activation name of the gate.
-        routing: "softmax_renorm" (Mixtral), "softmax" (no renormalisation) or "sparsemixer" (Phi-3.5-MoE).
+        routing: "softmax_renorm" (Mixtral), "softmax" (no renormalisation), "sparsemixer" (Phi-3.5-MoE), or
+            "external": the model routes (DeepSeek's grouped routers) and calls `forward_routed`.
         checkpoint_names: the checkpoint's (gate, up, down) projection names under `experts.{e}`.
         jitter_eps: sparsemixer's `router_jitter_noise`.
         backend: "fused" or "reference" (see the module docstring).
@@ -152,7 +153,7 @@ class FusedMoE(CheckpointModule):
         prefix: the module path (for messages).
     """
 
-    ROUTINGS = ("softmax_renorm", "softmax", "sparsemixer")
+    ROUTINGS = ("softmax_renorm", "softmax", "sparsemixer", "external")
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *, hidden_act: str,
                  routing: str, checkpoint_names: tuple[str, str, str], dtype: torch.dtype,
@@ -195,12 +196,17 @@ class FusedMoE(CheckpointModule):
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(`topk_weights [num_tokens, top_k]` float32, `topk_ids [num_tokens, top_k]`)."""
+        if self.routing == "external":
+            raise ValueError(f"{self.prefix or 'FusedMoE'}: routing is done by the model; call forward_routed")
         if self.routing == "sparsemixer":
             return sparsemixer_routing(router_logits, self.top_k, self.jitter_eps)
         return softmax_topk_routing(router_logits, self.top_k, renormalize=self.routing == "softmax_renorm")
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.route(router_logits)
+        return self.forward_routed(x, *self.route(router_logits))
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts for a routing already made: `topk_weights`/`topk_ids` `[num_tokens, top_k]`."""
         return self.quant_method.apply(self, x, topk_weights, topk_ids)
 
     def checkpoint_param_names(self) -> list[str]:

@@ -13,14 +13,15 @@
   groups with the best expert ("group_limited_greedy"), weights times `routed_scaling_factor`. V3 ("noaux_tc"):
   sigmoid scores; experts chosen by score + `e_score_correction_bias` within the `topk_group` groups whose two best
   biased scores sum highest; weights are the unbiased scores, normalized when `norm_topk_prob`, times the factor.
-  The experts run grouped by expert (`DeepseekExperts`), never looping over tokens.
+  The routed experts are a `FusedMoE` (grouped by expert, never looping over tokens; quantized through its method)
+  fed by the model's own routers (`forward_routed`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -31,12 +32,11 @@ from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
-    CheckpointModule,
     Linear,
-    copy_checked,
     load_checkpoint_weights,
 )
 from mistralrs.layers.mla import MultiHeadLatentAttention
+from mistralrs.layers.moe import FusedMoE, load_moe_weights
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
 from mistralrs.models.config import TextModelConfig
@@ -44,7 +44,6 @@ from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
 STACKED_PARAMS = GATE_UP_PARAMS
-_EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 V3_TOPK_METHODS = ("noaux_tc",)
@@ -183,56 +182,6 @@ class DeepseekRouter(nn.Module):
         return weights * dims.routed_scaling_factor, expert_ids
 
 
-class DeepseekExperts(CheckpointModule):
-    """The routed experts as stacked weights: `w13 [experts, 2 * inter, hidden]` (gate; up), `w2 [experts, hidden,
-    inter]`. Checkpoint names are per expert (`experts.N.gate_proj.weight`, ...).
-
-    `forward` sorts the (token, expert) pairs by expert and runs one matmul pair per expert that got tokens.
-    """
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, *,
-                 dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
-        self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype,
-                                            device=device), requires_grad=False)
-        self.w2 = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device),
-                               requires_grad=False)
-        self.act_fn = get_act_fn(act)
-
-    def checkpoint_param_names(self) -> list[str]:
-        return [f"{e}.{p}.weight" for e in range(self.num_experts) for p in ("gate_proj", "up_proj", "down_proj")]
-
-    def load_weight(self, param_name: str, loaded: torch.Tensor, shard_index: int | None = None) -> None:
-        expert, proj, _ = param_name.split(".")
-        e, inter = int(expert), self.intermediate_size
-        target = {"gate_proj": self.w13[e, :inter], "up_proj": self.w13[e, inter:], "down_proj": self.w2[e]}[proj]
-        copy_checked(target, loaded, param_name)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x `[tokens, hidden]`, weights/expert_ids `[tokens, k]` -> `sum_k weight * expert(x)` `[tokens, hidden]`."""
-        top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)  # pairs grouped by expert
-        token_of_pair = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync per layer
-        inputs = x.index_select(0, token_of_pair)
-        outputs = torch.empty_like(inputs)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                hidden = act_and_mul(inputs[rows] @ self.w13[expert].t(), self.act_fn)
-                outputs[rows] = hidden @ self.w2[expert].t()
-                start += count
-        outputs = outputs * weights.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_pair, outputs)
-
-    def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, intermediate_size={self.intermediate_size}"
-
-
 class DeepseekMoE(nn.Module):
     """Routed experts plus the shared experts (an MLP `n_shared_experts` experts wide)."""
 
@@ -240,15 +189,17 @@ class DeepseekMoE(nn.Module):
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.gate = DeepseekRouter(config.hidden_size, dims, scoring=scoring, device=device)
-        self.experts = DeepseekExperts(dims.n_routed_experts, config.hidden_size, dims.moe_intermediate_size,
-                                       config.hidden_act, dtype=dtype, device=device)
+        self.experts = FusedMoE(dims.n_routed_experts, dims.num_experts_per_tok, config.hidden_size,
+                                dims.moe_intermediate_size, hidden_act=config.hidden_act, routing="external",
+                                checkpoint_names=("gate_proj", "up_proj", "down_proj"), dtype=dtype, device=device,
+                                prefix=f"{prefix}.experts")
         self.shared_experts = None
         if dims.n_shared_experts:
             self.shared_experts = DeepseekMLP(config, dims.moe_intermediate_size * dims.n_shared_experts,
                                               prefix=f"{prefix}.shared_experts", dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, *self.gate(x))
+        out = self.experts.forward_routed(x, *self.gate(x))
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
@@ -388,23 +339,10 @@ class DeepseekV2ForCausalLM(CausalLM):
         return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads HF-named tensors (fusing gate/up, stacking the per-expert tensors); returns the names consumed."""
-        modules = dict(self.named_modules())
-        expert_names: set[str] = set()
-
-        def non_expert(pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in pairs:
-                match = _EXPERT_WEIGHT.match(name)
-                owner = modules.get(match.group(1)) if match else None
-                local = name[len(match.group(1)) + 1:] if match else ""
-                if isinstance(owner, DeepseekExperts) and local in owner.checkpoint_param_names():
-                    owner.load_weight(local, tensor)
-                    expert_names.add(name)
-                else:
-                    yield name, tensor
-
-        consumed = load_checkpoint_weights(self, non_expert(weights), STACKED_PARAMS, self._not_in_checkpoint)
-        return consumed | expert_names
+        """Loads HF-named tensors (fusing gate/up; per-expert tensors into the `FusedMoE` experts); returns the
+        names consumed."""
+        return load_moe_weights(self, weights, lambda rest: load_checkpoint_weights(
+            self, rest, STACKED_PARAMS, self._not_in_checkpoint))
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
