@@ -10,6 +10,7 @@ block sizes), so the two stay in step.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -115,11 +116,20 @@ class _Cursor:
         return [self.value(element_type) for _ in range(count)]
 
 
+GGML_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
+_MIN_KV_BYTES = 13  # key length (8) + value type (4) + the smallest value (1)
+_MIN_TENSOR_INFO_BYTES = 24  # name length (8) + dimension count (4) + type (4) + offset (8)
+
+
 def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...], path: str, name: str) -> int:
     try:
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     except KeyError:
-        raise ValueError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+        raise ValueError(f"{path}: tensor {name!r} has unknown ggml type id {ggml_type} "
+                         f"(known ids: {sorted(int(t) for t in GGML_QUANT_SIZES)})") from None
+    if shape and shape[-1] % block_size:
+        raise ValueError(f"{path}: tensor {name!r} has rows of {shape[-1]} values, not a multiple of its type's "
+                         f"block size {block_size}")
     num_elements = 1
     for dim in shape:
         num_elements *= dim
@@ -128,19 +138,77 @@ def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...], path: str, name: str)
 
 def _read_tensor_table(cur: _Cursor, count: int) -> list[tuple[str, tuple[int, ...], int, int]]:
     entries = []
-    for _ in range(count):
-        name = cur.string()
-        num_dims = cur.scalar("I")
-        ne = struct.unpack_from(f"{cur.byte_order}{num_dims}Q", cur.buf, cur.pos)
-        cur.pos += 8 * num_dims
-        ggml_type = cur.scalar("I")
-        relative_offset = cur.scalar("Q")
+    for index in range(count):
+        name = f"#{index}"
+        try:
+            name = cur.string()
+            num_dims = cur.scalar("I")
+            if num_dims > GGML_MAX_DIMS:
+                raise ValueError(f"{num_dims} dimensions (at most {GGML_MAX_DIMS})")
+            ne = struct.unpack_from(f"{cur.byte_order}{num_dims}Q", cur.buf, cur.pos)
+            cur.pos += 8 * num_dims
+            ggml_type = cur.scalar("I")
+            relative_offset = cur.scalar("Q")
+        except (struct.error, ValueError) as e:
+            raise ValueError(f"{cur.path}: truncated or corrupt GGUF tensor table at tensor {name!r} ({e})") from None
         entries.append((name, tuple(reversed(ne)), ggml_type, relative_offset))
     return entries
 
 
+def _read_metadata(cur: _Cursor, count: int) -> dict[str, Any]:
+    metadata: dict[str, Any] = {}
+    for index in range(count):
+        key = f"#{index}"
+        try:
+            key = cur.string()
+            metadata[key] = cur.value(cur.scalar("I"))
+        except (struct.error, ValueError) as e:
+            raise ValueError(f"{cur.path}: truncated or corrupt GGUF metadata at key {key!r} ({e})") from None
+    return metadata
+
+
+def _check_counts(buf: mmap.mmap, path: str, tensor_count: int, kv_count: int) -> None:
+    """Counts that could not fit in the file are corruption (and would otherwise loop for ages)."""
+    if kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_INFO_BYTES > len(buf):
+        raise ValueError(f"{path}: corrupt GGUF header: {kv_count} metadata keys and {tensor_count} tensors "
+                         f"cannot fit in a file of {len(buf)} bytes")
+
+
+def _alignment(metadata: dict[str, Any], path: str) -> int:
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: general.alignment must be a positive power of two, got {alignment!r}")
+    return alignment
+
+
+def _check_tensor_data(tensors: list[GGUFTensorInfo], path: str, file_size: int, alignment: int,
+                       data_offset: int) -> None:
+    """Every tensor's bytes are aligned, inside the file, and disjoint from the others'."""
+    seen: set[str] = set()
+    for info in tensors:
+        if info.name in seen:
+            raise ValueError(f"{path}: tensor {info.name!r} appears twice in the tensor table")
+        seen.add(info.name)
+        if (info.offset - data_offset) % alignment:
+            raise ValueError(f"{path}: tensor {info.name!r} starts at data offset {info.offset - data_offset}, "
+                             f"not a multiple of the alignment {alignment} (corrupt tensor table)")
+        if info.offset + info.nbytes > file_size:
+            raise ValueError(f"{path}: truncated GGUF file: tensor {info.name!r} needs bytes up to "
+                             f"{info.offset + info.nbytes}, the file has {file_size}")
+    ordered = sorted(tensors, key=lambda t: t.offset)
+    for first, second in itertools.pairwise(ordered):
+        if first.offset + first.nbytes > second.offset:
+            raise ValueError(f"{path}: tensors {first.name!r} and {second.name!r} overlap in the file "
+                             f"(corrupt tensor table: a wrong type or shape)")
+
+
 def read_gguf_header(path: str) -> GGUFHeader:
-    """Parse the metadata and tensor table of one GGUF file without touching its tensor data."""
+    """Parse the metadata and tensor table of one GGUF file without touching its tensor data.
+
+    ValueError names the file (and the key or tensor) for a file that is not GGUF, of an unsupported version,
+    truncated (the header, or any tensor's data running past the end), or corrupt (unknown tensor type id,
+    impossible counts or dimensions, misaligned or overlapping tensor data, bad alignment).
+    """
     with open(path, "rb") as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -148,7 +216,7 @@ def read_gguf_header(path: str) -> GGUFHeader:
             raise ValueError(f"{path}: empty file, not a GGUF file") from None
     with buf:
         if len(buf) < 24 or struct.unpack_from("<I", buf, 0)[0] != GGUF_MAGIC:
-            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+            raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r}, expected b'GGUF')")
         byte_order = "<"
         version = struct.unpack_from("<I", buf, 4)[0]
         if version & 0xFFFF == 0:  # written on a big-endian machine
@@ -160,18 +228,15 @@ def read_gguf_header(path: str) -> GGUFHeader:
         cur.pos = 8
         tensor_count = cur.scalar("Q")
         kv_count = cur.scalar("Q")
-        metadata: dict[str, Any] = {}
-        try:
-            for _ in range(kv_count):
-                key = cur.string()
-                metadata[key] = cur.value(cur.scalar("I"))
-            entries = _read_tensor_table(cur, tensor_count)
-        except struct.error as e:
-            raise ValueError(f"{path}: truncated or corrupt GGUF header ({e})") from None
-        alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+        _check_counts(buf, path, tensor_count, kv_count)
+        metadata = _read_metadata(cur, kv_count)
+        entries = _read_tensor_table(cur, tensor_count)
+        alignment = _alignment(metadata, path)
         data_offset = (cur.pos + alignment - 1) // alignment * alignment
+        file_size = len(buf)
     tensors = [GGUFTensorInfo(name, shape, ggml_type, data_offset + rel, _tensor_nbytes(ggml_type, shape, path, name))
                for name, shape, ggml_type, rel in entries]
+    _check_tensor_data(tensors, path, file_size, alignment, data_offset)
     return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors, data_offset=data_offset)
 
 

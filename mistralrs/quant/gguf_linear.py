@@ -2,15 +2,19 @@
 
 `GGUFQuantConfig` gives every `Linear` of a model a `GGUFLinearMethod` before the weights load. The method
 collects the layer's checkpoint tensors (one per fused shard: q/k/v or gate/up), and once all have arrived
-builds the layer's `PackedWeight`s from their types:
+builds the layer's `PackedWeight`s from their types (`build_packed_weight`):
 
-- fast path (`use_fast_kernels`, CPU, bfloat16 activations): Q4_0, Q4_1 and Q8_0 blocks are repacked for torch's
-  CPU int4 kernel (`FAST_CPU_BF16_KERNELS`, see mistralrs/quant/cpu_int4.py);
-- plain path (everything else: the switch off, fp32/fp16 activations, CUDA, dense or other GGML types): the
-  tensor is dequantized once, at load, to the activation dtype on the layer's device, then `F.linear`.
+- CPU, bfloat16 activations: every type with an int4 form (all quantized types but MXFP4/NVFP4) is repacked
+  for torch's CPU int4 kernel (`FAST_CPU_BF16_KERNELS`, see mistralrs/quant/cpu_int4.py);
+- every other quantized case (those two types, float32/float16 activations, CUDA): `BlockTiledWeight` keeps the
+  blocks and dequantizes them tile by tile inside the matmul (mistralrs/quant/packed.py);
+- float tensors (F32/F16/BF16, dense or GGML-typed): a dense weight in the activation dtype;
+- plain path (`use_fast_kernels=False`, the twin the others are tested against): every tensor dequantized
+  once, at load, to the activation dtype on the layer's device, then `F.linear`.
 
-Fused shards of the same type are concatenated along the output rows and packed as one weight; runs of shards
-with different types become separate weights whose outputs are concatenated.
+So no quantized weight is held dense unless the plain path is asked for. Fused shards of the same type are
+concatenated along the output rows and packed as one weight; runs of shards with different types become
+separate weights whose outputs are concatenated.
 
 Choices, measured on the 2-core development CPU (decode gemv, bfloat16, weights larger than the cache):
 - Q8_0 takes the exact two-plane int4 form rather than a bfloat16 copy: SmolLM2's tied 49152x576 LM head runs
@@ -18,8 +22,8 @@ Choices, measured on the 2-core development CPU (decode gemv, bfloat16, weights 
   stores 35 MB against 57 MB.
 - One packed weight per fused projection rather than one per shard: qkv 960x576 27 us against 37 us as three
   calls, gate_up 3072x576 66 us against 73-80 us as two.
-- The plain path dequantizes once at load: dequantizing per call would redo it for every weight at every
-  step (it costs more than the product on the CPU), and on CUDA the dense weight is the simple baseline.
+- The plain path dequantizes once at load and stays the reference; the tiled path dequantizes at every call
+  (slower than a dense product on the CPU, but it holds only the blocks).
 """
 
 from __future__ import annotations
@@ -32,15 +36,14 @@ import torch.nn.functional as F
 
 from mistralrs.layers.linear import Linear, LinearMethodBase, copy_checked
 from mistralrs.quant.config import QuantConfig
-from mistralrs.quant.cpu_int4 import int4_cpu_from_q4_0, int4_cpu_from_q4_1, int4_cpu_from_q8_0
+from mistralrs.quant.cpu_int4 import int4_cpu_form, int4_cpu_from_ggml
 from mistralrs.quant.ggml_tensor import GGMLTensor
-from mistralrs.quant.packed import DenseWeight, PackedWeight
+from mistralrs.quant.ggml_types import BLOCK_TYPES, FLOAT_TYPES
+from mistralrs.quant.packed import BlockTiledWeight, DenseWeight, PackedWeight
 
 # GGML type → builder of its fast form on the CPU with bfloat16 activations.
 FAST_CPU_BF16_KERNELS: dict[str, Callable[[GGMLTensor, torch.dtype], PackedWeight]] = {
-    "Q4_0": int4_cpu_from_q4_0,
-    "Q4_1": int4_cpu_from_q4_1,
-    "Q8_0": int4_cpu_from_q8_0,
+    name: int4_cpu_from_ggml for name in BLOCK_TYPES if int4_cpu_form(name) is not None
 }
 
 CheckpointTensor = torch.Tensor | GGMLTensor
@@ -53,13 +56,20 @@ def _kind(tensor: CheckpointTensor) -> str:
 
 def build_packed_weight(tensor: CheckpointTensor, dtype: torch.dtype, device: torch.device,
                         use_fast_kernels: bool) -> PackedWeight:
-    """The compute form of one weight: a fast kernel when one applies, else dense in `dtype` on `device`."""
-    if isinstance(tensor, GGMLTensor):
-        fast = FAST_CPU_BF16_KERNELS.get(tensor.ggml_type)
-        if use_fast_kernels and fast is not None and device.type == "cpu" and dtype == torch.bfloat16:
-            return fast(tensor, dtype)
+    """The compute form of one weight for `dtype` activations on `device` (see the module doc): an int4 form,
+    blocks dequantized per tile, or (float tensors, and everything when `use_fast_kernels` is False) dense."""
+    device = torch.device(device)
+    if not isinstance(tensor, GGMLTensor):
+        return DenseWeight(tensor.to(device=device, dtype=dtype))
+    if not use_fast_kernels or tensor.ggml_type in FLOAT_TYPES:
         return DenseWeight(tensor.to(device).dequantize(dtype))
-    return DenseWeight(tensor.to(device=device, dtype=dtype))
+    fast = FAST_CPU_BF16_KERNELS.get(tensor.ggml_type)
+    if fast is not None and device.type == "cpu" and dtype == torch.bfloat16:
+        return fast(tensor, dtype)
+    on_device = tensor.to(device)
+    if on_device is tensor:  # own the bytes: the loader's tensors are views of the memory-mapped file
+        on_device = tensor.with_rows(tensor.data.clone())
+    return BlockTiledWeight(on_device)
 
 
 def _cat_shards(shards: Sequence[CheckpointTensor]) -> CheckpointTensor:
@@ -91,7 +101,8 @@ class GGUFLinearMethod(LinearMethodBase):
 
     def load_weight(self, layer: Linear, param_name: str, loaded: CheckpointTensor, shard_index: int | None) -> None:
         name = f"{layer.prefix}.{param_name}" + ("" if shard_index is None else f"[shard {shard_index}]")
-        offset, size = layer.shard_range(shard_index or 0)
+        # shard_index None: the whole weight at once, a fused one included (Phi-3's qkv_proj, gate_up_proj)
+        offset, size = (0, layer.out_features) if shard_index is None else layer.shard_range(shard_index)
         if param_name == "bias":
             if layer.bias is None:
                 raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a 'bias' the layer was built without")
@@ -99,7 +110,10 @@ class GGUFLinearMethod(LinearMethodBase):
             return
         if tuple(loaded.shape) != (size, layer.in_features):
             raise ValueError(f"weight {name!r} has shape {tuple(loaded.shape)}, expected {(size, layer.in_features)}")
-        self._pending[shard_index or 0] = loaded
+        if shard_index is None:
+            self._pending = [loaded]
+        else:
+            self._pending[shard_index] = loaded
         if all(shard is not None for shard in self._pending):
             self.weights = self._pack(self._pending)
             self._pending = []

@@ -2,13 +2,22 @@
 
 A quantized linear method keeps, per layer, one or more `PackedWeight`s covering consecutive output rows
 (one for a plain layer or a fused projection whose shards share a type; several when fused shards differ).
-`DenseWeight` is the plain form every fast form is tested against (DESIGN rule 8).
+`DenseWeight` is the plain form every fast form is tested against (DESIGN rule 8). `BlockTiledWeight` keeps
+GGML blocks as they are and dequantizes them tile by tile inside `matmul`: the form of every GGML type on any
+device and activation dtype that has no dedicated kernel, so that no weight is ever held dense.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.quant.ggml_types import dequantize_rows
+
+# Weights dequantized per tile by `BlockTiledWeight`: 1 MiB of float32 on the CPU (the tile stays in cache while
+# it is multiplied); on CUDA large enough that most weights go in one piece.
+TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
 
 
 class PackedWeight:
@@ -37,3 +46,25 @@ class DenseWeight(PackedWeight):
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
+
+
+class BlockTiledWeight(PackedWeight):
+    """GGML blocks kept in memory; `matmul` dequantizes a tile of output rows at a time to the activation dtype,
+    multiplies it, and concatenates the tiles' outputs (float32 dequantization, as the plain path)."""
+
+    def __init__(self, tensor: GGMLTensor, tile_rows: int | None = None):
+        self.tensor = tensor  # the blocks, [out_features, in_features] logically, on the compute device
+        self.out_features = tensor.num_rows
+        tile_elements = TILE_ELEMENTS.get(tensor.device.type, TILE_ELEMENTS["cpu"])
+        self.tile_rows = tile_rows or max(1, tile_elements // tensor.num_cols)  # output rows per tile
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        data, ggml_type = self.tensor.data, self.tensor.ggml_type
+        if self.tile_rows >= self.out_features:
+            return F.linear(x, dequantize_rows(data, ggml_type).to(x.dtype))
+        tiles = [F.linear(x, dequantize_rows(data[start:start + self.tile_rows], ggml_type).to(x.dtype))
+                 for start in range(0, self.out_features, self.tile_rows)]
+        return torch.cat(tiles, dim=-1)
+
+    def nbytes(self) -> int:
+        return self.tensor.data.numel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
@@ -112,7 +114,7 @@ def test_bad_inputs_are_value_errors(tmp_path):
         read_gguf_metadata(str(empty))
     with pytest.raises(ValueError, match="paths is empty"):
         read_gguf_metadata([])
-    path = write_gguf(tmp_path / "full.gguf")
+    write_gguf(tmp_path / "full.gguf")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes((tmp_path / "full.gguf").read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated"):
@@ -129,3 +131,96 @@ def test_real_smollm2_tokenizer_fields_match_gguf_reader():
         assert metadata[key] == reference.fields[key].contents(), key
     assert len(metadata["tokenizer.ggml.tokens"]) == 49152
     assert metadata["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Truncated and corrupted files: always a ValueError naming the file (and the tensor), never another exception.
+
+def _tensor_type_position(data: bytes, name: str) -> int:
+    """Byte position of tensor `name`'s ggml type id in the tensor table."""
+    encoded = name.encode()
+    start = data.index(len(encoded).to_bytes(8, "little") + encoded) + 8 + len(encoded)
+    num_dims = int.from_bytes(data[start:start + 4], "little")
+    return start + 4 + 8 * num_dims
+
+
+def _patched(tmp_path, name: str, data: bytes, position: int, new: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data[:position] + new + data[position + len(new):])
+    return str(path)
+
+
+def test_truncated_tensor_data_names_the_file_and_the_tensor(tmp_path):
+    data = Path(write_gguf(tmp_path / "full.gguf")).read_bytes()
+    last = read_gguf_header(str(tmp_path / "full.gguf")).tensors[-1]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:last.offset + last.nbytes - 1])
+    with pytest.raises(ValueError, match=r"cut\.gguf: truncated GGUF file: tensor 'c\.bias' needs bytes up to"):
+        read_gguf_header(str(cut))
+
+
+def test_every_truncation_is_a_value_error(tmp_path):
+    data = Path(write_gguf(tmp_path / "full.gguf")).read_bytes()
+    last = read_gguf_header(str(tmp_path / "full.gguf")).tensors[-1]
+    path = tmp_path / "cut.gguf"  # only the padding after the last tensor may go
+    for size in list(range(0, 600, 5)) + list(range(600, last.offset + last.nbytes, 23)):
+        path.write_bytes(data[:size])
+        with pytest.raises(ValueError, match="cut.gguf"):
+            read_gguf_header(str(path))
+
+
+def test_corrupt_headers_are_value_errors_naming_the_file(tmp_path):
+    data = Path(write_gguf(tmp_path / "full.gguf")).read_bytes()
+    with pytest.raises(ValueError, match=r"magic\.gguf: not a GGUF file \(bad magic b'GGUX'"):
+        read_gguf_header(_patched(tmp_path, "magic.gguf", data, 0, b"GGUX"))
+    with pytest.raises(ValueError, match=r"version\.gguf: GGUF version 7 is not supported"):
+        read_gguf_header(_patched(tmp_path, "version.gguf", data, 4, (7).to_bytes(4, "little")))
+    with pytest.raises(ValueError, match=r"counts\.gguf: corrupt GGUF header: .* cannot fit"):
+        read_gguf_header(_patched(tmp_path, "counts.gguf", data, 8, (2**40).to_bytes(8, "little")))
+    type_at = _tensor_type_position(data, "b.weight")
+    with pytest.raises(ValueError, match=r"type\.gguf: tensor 'b\.weight' has unknown ggml type id 99"):
+        read_gguf_header(_patched(tmp_path, "type.gguf", data, type_at, (99).to_bytes(4, "little")))
+    with pytest.raises(ValueError, match=r"f32\.gguf: .*'b\.weight'"):  # Q8_0 relabelled F32: 4x the bytes
+        read_gguf_header(_patched(tmp_path, "f32.gguf", data, type_at, (0).to_bytes(4, "little")))
+    with pytest.raises(ValueError, match=r"offset\.gguf: tensor 'b\.weight' starts at data offset 3"):
+        read_gguf_header(_patched(tmp_path, "offset.gguf", data, type_at + 4, (3).to_bytes(8, "little")))
+    with pytest.raises(ValueError, match=r"overlap\.gguf: tensors 'a\.weight' and 'b\.weight' overlap"):
+        read_gguf_header(_patched(tmp_path, "overlap.gguf", data, type_at + 4, (0).to_bytes(8, "little")))
+    dims_at = data.index(b"a.weight") + len("a.weight")
+    with pytest.raises(ValueError, match=r"dims\.gguf: .*tensor 'a\.weight' \(9 dimensions"):
+        read_gguf_header(_patched(tmp_path, "dims.gguf", data, dims_at, (9).to_bytes(4, "little")))
+
+
+def test_bad_alignment_is_a_value_error(tmp_path):
+    path = write_gguf(tmp_path / "align.gguf", {"general.alignment": (0, V.UINT32, None)})
+    with pytest.raises(ValueError, match=r"align\.gguf: general\.alignment must be a positive power of two, got 0"):
+        read_gguf_header(path)
+
+
+def test_random_byte_corruption_never_escapes_as_another_exception(tmp_path):
+    data = bytearray(Path(write_gguf(tmp_path / "full.gguf")).read_bytes())
+    header_size = read_gguf_header(str(tmp_path / "full.gguf")).data_offset
+    rng = np.random.default_rng(0)
+    path = tmp_path / "fuzz.gguf"
+    for _ in range(300):
+        corrupt = bytearray(data)
+        for position in rng.integers(8, header_size, size=rng.integers(1, 4)):
+            corrupt[position] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(corrupt))
+        try:
+            read_gguf_header(str(path))
+        except ValueError as e:
+            assert "fuzz.gguf" in str(e)
+
+
+def test_loading_a_truncated_model_names_the_tensor(tmp_path):
+    from mistralrs.loader.gguf_loader import open_gguf
+
+    source = default_model_path()
+    header = read_gguf_header(str(source))
+    last = max(header.tensors, key=lambda t: t.offset)
+    cut = tmp_path / "smollm2-cut.gguf"
+    with open(source, "rb") as f:
+        cut.write_bytes(f.read(last.offset + last.nbytes // 2))
+    with pytest.raises(ValueError, match=rf"smollm2-cut\.gguf.*tensor '{last.name}'"):
+        open_gguf(str(cut))

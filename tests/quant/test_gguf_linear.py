@@ -1,8 +1,10 @@
 """`GGUFLinearMethod` and `GGUFQuantConfig`: fused shards, the fast/plain switch, tied embeddings, and tiny GGUF
 models whose logits match the same file loaded with everything dequantized (the reference path).
 
-Tolerances are relative to the output norm: 2**-7 between the fast and the plain bfloat16 path (derived in
-tests/quant/test_cpu_int4.py); the float32 and switched-off paths are exact.
+Tolerances are relative to the output norm: 2**-7 between the int4 and the plain bfloat16 path (derived in
+tests/quant/test_cpu_int4.py); the switched-off path is exact; the tiled path multiplies the same dequantized
+weights as the plain path, tile by tile, so it differs only by the matmul's summation order: 2**-20 in float32
+(observed <= 1e-7), 2**-10 in float16/bfloat16 (one output rounding, 2**-9 at most).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import torch
 
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import Linear
+from mistralrs.quant import packed
 from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
-from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig
-from mistralrs.quant.packed import DenseWeight
+from mistralrs.quant.ggml_types import BLOCK_TYPES, FLOAT_TYPES
+from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig, build_packed_weight
+from mistralrs.quant.packed import BlockTiledWeight, DenseWeight
 from tests.quant.test_cpu_int4 import PATHS_TOLERANCE, quantized, relative_error
+
+TILED_TOLERANCE = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-10}
 
 FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight}
 
@@ -66,20 +72,84 @@ def test_mixed_shard_types_keep_one_weight_per_run_and_add_the_bias():
     assert relative_error(layer(x), want) < PATHS_TOLERANCE
 
 
-@pytest.mark.parametrize("dtype, fast", [(torch.bfloat16, False), (torch.float32, True), (torch.float16, True)])
-def test_plain_path_is_dense_and_equals_unquantized_linear(dtype, fast):
-    """The switch off, or activations other than bfloat16: dequantized once at load, then F.linear."""
-    sizes = [32, 32]
-    shards = [quantized("Q4_1", 32, 64, 5), quantized("Q4_1", 32, 64, 6)]
-    bias = torch.randn(64)
-    layer = gguf_linear(sizes, 64, dtype=dtype, fast=fast, bias=True)
+def _loaded(sizes, shards, bias, dtype, fast) -> Linear:
+    layer = gguf_linear(sizes, shards[0].shape[1], dtype=dtype, fast=fast, bias=True)
     for index, shard in enumerate(shards):
         layer.load_weight("weight", shard, index)
         layer.load_weight("bias", bias.split(sizes)[index], index)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_switched_off_path_is_dense_and_equals_unquantized_linear(dtype):
+    """The switch off: dequantized once at load, then F.linear, whatever the dtype."""
+    sizes = [32, 32]
+    shards = [quantized("Q4_K", 32, 256, 5), quantized("Q4_K", 32, 256, 6)]
+    bias = torch.randn(64)
+    layer = _loaded(sizes, shards, bias, dtype, fast=False)
     assert [type(w) for w in layer.quant_method.weights] == [DenseWeight]
     assert layer.quant_method.dense_weight(layer).dtype == dtype
-    x = torch.randn(4, 64).to(dtype)
-    assert torch.equal(layer(x), dense_linear(sizes, 64, shards, dtype=dtype, bias=bias)(x))
+    x = torch.randn(4, 256).to(dtype)
+    assert torch.equal(layer(x), dense_linear(sizes, 256, shards, dtype=dtype, bias=bias)(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_activation_dtypes_keep_the_blocks_and_match_the_plain_path(dtype, monkeypatch):
+    monkeypatch.setitem(packed.TILE_ELEMENTS, "cpu", 256 * 24)  # tiles of 24 rows: two whole, one short
+    sizes = [32, 32]
+    shards = [quantized("Q4_1", 32, 256, 5), quantized("Q4_1", 32, 256, 6)]
+    bias = torch.randn(64)
+    layer = _loaded(sizes, shards, bias, dtype, fast=True)
+    [weight] = layer.quant_method.weights
+    assert isinstance(weight, BlockTiledWeight) and weight.tile_rows == 24
+    assert layer.quant_method.dense_weight(layer) is None
+    assert weight.tensor.data.data_ptr() != shards[0].data.data_ptr()  # owns its bytes, not the file's
+    x = torch.randn(4, 256).to(dtype)
+    want = dense_linear(sizes, 256, shards, dtype=dtype, bias=bias)(x)
+    assert relative_error(layer(x), want) < TILED_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("ggml_type", [name for name in BLOCK_TYPES if name not in FLOAT_TYPES])
+def test_tiled_path_matches_plain_path_for_every_type(ggml_type):
+    tensor = quantized(ggml_type, 40, 256, 9)
+    x = torch.randn(3, 256)
+    tiled = BlockTiledWeight(tensor, tile_rows=16)
+    assert tiled.nbytes() == tensor.data.numel()
+    assert relative_error(tiled.matmul(x), torch.nn.functional.linear(x, tensor.dequantize())) < 2.0**-20
+
+
+@pytest.mark.parametrize("ggml_type", ["MXFP4", "NVFP4"])
+def test_types_without_int4_form_are_tiled_on_bfloat16(ggml_type):
+    tensor = quantized(ggml_type, 40, 256, 10)
+    weight = build_packed_weight(tensor, torch.bfloat16, torch.device("cpu"), use_fast_kernels=True)
+    assert isinstance(weight, BlockTiledWeight)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x, tensor.dequantize(torch.bfloat16))
+    assert relative_error(weight.matmul(x), want) < TILED_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("ggml_type", ["F32", "F16", "BF16"])
+def test_float_ggml_tensors_are_dense(ggml_type):
+    tensor = quantized(ggml_type, 8, 32, 11)
+    for fast in (True, False):
+        weight = build_packed_weight(tensor, torch.float32, torch.device("cpu"), use_fast_kernels=fast)
+        assert isinstance(weight, DenseWeight) and torch.equal(weight.weight, tensor.dequantize())
+
+
+def test_a_whole_fused_weight_loads_in_one_piece():
+    """A checkpoint that stores a fused projection whole (Phi-3's qkv_proj) gives it with shard_index None."""
+    sizes = [64, 32, 32]
+    whole = quantized("Q4_K", 128, 256, 12)
+    bias = torch.randn(128)
+    layer = gguf_linear(sizes, 256, bias=True)
+    layer.load_weight("weight", whole, None)
+    layer.load_weight("bias", bias, None)
+    assert [type(w) for w in layer.quant_method.weights] == [Int4CpuWeight]
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x, whole.dequantize(torch.bfloat16), bias.to(torch.bfloat16))
+    assert relative_error(layer(x), want) < PATHS_TOLERANCE
+    with pytest.raises(ValueError, match=r"layer.weight'.*\(64, 256\).*\(128, 256\)"):
+        gguf_linear(sizes, 256).load_weight("weight", quantized("Q4_K", 64, 256, 13), None)
 
 
 def test_missing_shard_and_bad_shape_are_errors():

@@ -3,8 +3,8 @@
 
 The reference is the same file loaded with every tensor dequantized to the model dtype (no quant config).
 Logits tolerance, relative to the logits norm: 2**-6 in bfloat16 (the per-layer 2**-7 of
-tests/quant/test_cpu_int4.py compounded over a few layers; observed up to 0.005); float32 goes through the
-plain path and is exact.
+tests/quant/test_cpu_int4.py compounded over a few layers; observed up to 0.005); float32 with the switch off
+is exact, and float32 with it on (blocks dequantized per tile) within 2**-18 (summation order only).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import load_model
 from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
 from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig
-from mistralrs.quant.packed import DenseWeight
+from mistralrs.quant.packed import BlockTiledWeight, DenseWeight
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.loader.gguf_fixtures import write_tiny_gguf
 from tests.quant.test_cpu_int4 import relative_error
@@ -24,7 +24,11 @@ from tests.quant.test_cpu_int4 import relative_error
 transformers = pytest.importorskip("transformers")
 
 LOGITS_TOLERANCE = 2.0**-6
-FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight}
+FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight, "Q5_0": Int4CpuPairWeight,
+              "Q5_1": Int4CpuPairWeight}
+# (arch, tied LM head, type): every architecture/tie with the three main types, and the 5-bit types once
+TINY_CASES = [(arch, tie, ggml_type) for arch, tie in [("llama", False), ("llama", True), ("qwen2", False)]
+              for ggml_type in ["Q4_0", "Q4_1", "Q8_0"]] + [("llama", True, "Q5_0"), ("qwen2", False, "Q5_1")]
 VOCAB = 328  # not a multiple of 16: the packed LM head is padded
 
 
@@ -58,8 +62,7 @@ def forward_logits(model, token_ids: list[int], dtype: torch.dtype) -> torch.Ten
         return model.compute_logits(model(batch.input_ids, batch.positions, batch))
 
 
-@pytest.mark.parametrize("arch, tie", [("llama", False), ("llama", True), ("qwen2", False)])
-@pytest.mark.parametrize("ggml_type", list(FAST_TYPES))
+@pytest.mark.parametrize("arch, tie, ggml_type", TINY_CASES)
 def test_tiny_model_fast_path_matches_dequantized_reference(tmp_path, arch, tie, ggml_type):
     path = tiny_gguf(tmp_path, arch, ggml_type, tie)
     fast = load(path, torch.bfloat16, GGUFQuantConfig())
@@ -78,12 +81,24 @@ def test_tiny_model_fast_path_matches_dequantized_reference(tmp_path, arch, tie,
 @pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0"])
 def test_tiny_model_float32_plain_path_is_exact(tmp_path, ggml_type):
     path = tiny_gguf(tmp_path, "llama", ggml_type, tie=True)
-    ours = load(path, torch.float32, GGUFQuantConfig())
+    ours = load(path, torch.float32, GGUFQuantConfig(use_fast_kernels=False))
     assert isinstance(ours.lm_head.quant_method.weights[0], DenseWeight)
     assert ours.model.embed_tokens.weight is ours.lm_head.quant_method.dense_weight(ours.lm_head)  # one copy
     token_ids = list(range(3, 300, 7))
     want = forward_logits(load(path, torch.float32, None), token_ids, torch.float32)
     assert torch.equal(forward_logits(ours, token_ids, torch.float32), want)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q5_0"])
+def test_tiny_model_float32_keeps_blocks_and_matches_reference(tmp_path, ggml_type):
+    path = tiny_gguf(tmp_path, "llama", ggml_type, tie=True)
+    ours = load(path, torch.float32, GGUFQuantConfig())
+    linears = [m for m in ours.modules() if isinstance(getattr(m, "quant_method", None), GGUFLinearMethod)]
+    assert all([type(w) for w in m.quant_method.weights] == [BlockTiledWeight] for m in linears)
+    assert ours.model.embed_tokens.weight is None and ours.model.embed_tokens.quantized.ggml_type == ggml_type
+    token_ids = list(range(3, 300, 7))
+    want = forward_logits(load(path, torch.float32, None), token_ids, torch.float32)
+    assert relative_error(forward_logits(ours, token_ids, torch.float32), want) < 2.0**-18
 
 
 
@@ -138,7 +153,8 @@ def test_smollm2_linear_weights_stay_quantized_and_greedy_matches_plain_path():
             assert [type(w) for w in linear.quant_method.weights] == [Int4CpuWeight], linear.prefix  # Q4_1
     assert [type(w) for w in fast.lm_head.quant_method.weights] == [Int4CpuPairWeight]  # the tied Q8_0 table
     embedding = fast.model.embed_tokens
-    assert embedding.quantized.ggml_type == "Q8_0" and embedding.weight is None and embedding.tied_heads == [fast.lm_head]
+    assert embedding.quantized.ggml_type == "Q8_0" and embedding.weight is None
+    assert embedding.tied_heads == [fast.lm_head]
     gguf = open_gguf(str(path))
     plain = load_model(gguf.config, gguf.iter_weights(torch.bfloat16, keep_quantized=True), dtype=torch.bfloat16,
                        device="cpu", quant_config=GGUFQuantConfig(use_fast_kernels=False))
