@@ -8,9 +8,9 @@ models, Gemma's shifted norms), and the metadata → config table. Adding an arc
 not a code path.
 
 `GGUFModel.iter_weights` yields the tensors one at a time, in file order. With `keep_quantized`, tensors of 2
-or more dimensions of a GGML block type that mistralrs.quant handles (Q4_0, Q4_1, Q8_0) come as `GGMLTensor`s
-over the memory-mapped file bytes, for the layers to pack; the others (F32/F16/BF16, other block types, and
-every 1-D tensor: norms, biases) are dequantized with the `gguf` package. The Q/K un-permutation moves whole
+or more dimensions come as `GGMLTensor`s over the memory-mapped file bytes (every type in `SUPPORTED_TENSOR_TYPES`,
+float types included), for the layers to pack; 1-D tensors (norms, biases) and tensors that several file tensors
+merge into are dequantized here. The Q/K un-permutation moves whole
 rows, and a split (one expert of `[n_expert, out, in]`, q of a fused qkv) is a run of whole rows, so both apply
 to the block rows of a quantized tensor as well. Once the consumer has taken a tensor, its file pages are
 dropped from the resident set, so peak memory stays near the size of the finished model.
@@ -44,14 +44,15 @@ from mistralrs.loader.gguf_tables import (  # noqa: F401  (unpermute_rows and TE
     unpermute_rows,
 )
 from mistralrs.quant.ggml_tensor import GGMLTensor
-from mistralrs.quant.ggml_types import BLOCK_TYPES
+from mistralrs.quant.ggml_types import BLOCK_TYPES, dequantize_rows
 
 logger = logging.getLogger(__name__)
 
-# GGML tensor types this loader dequantizes: the reference's list (F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K)
-# restricted to what `gguf.quants.dequantize` implements (Q8_1 and Q8_K are activation-only types).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# GGML tensor types a GGUF file may hold: every block type of mistralrs.quant (the reference's list, plus the IQ
+# and TQ types it rejects) except Q8_1, which llama.cpp uses for activations only (gguf-py even disagrees with
+# ggml on its block size).
+SUPPORTED_TENSOR_TYPES = tuple(name for name in BLOCK_TYPES if name != "Q8_1")
+FLOAT_TENSOR_TYPES = ("F32", "F16", "BF16")
 
 # Optional tokenizer metadata → HF config key.
 TOKEN_ID_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
@@ -155,12 +156,18 @@ class TensorEntry:
 
 
 def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
-    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the file map for F32)."""
-    from gguf.quants import dequantize
-
+    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the file map for F32):
+    float types through `gguf`, block types through mistralrs.quant's dequantizers (bit-equal to gguf's, and
+    covering the types gguf cannot decode, such as Q8_K)."""
     raw = data[info.offset:info.offset + info.nbytes]
     row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
-    values = dequantize(raw.reshape(-1, row_bytes), info.ggml_type)
+    rows = raw.reshape(-1, row_bytes)
+    name = ggml_type_name(info)
+    if name in FLOAT_TENSOR_TYPES:
+        from gguf.quants import dequantize
+        values = dequantize(rows, info.ggml_type)
+    else:
+        values = dequantize_rows(torch.from_numpy(rows), name).numpy()
     return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 

@@ -20,6 +20,7 @@ from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.models.registry import model_class_for_gguf, supported_gguf_architectures
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig, GGUFMoEMethod
+from mistralrs.quant.packed import DenseWeight
 from tests.loader.gguf_fixtures import converted_tensors, write_converted_gguf
 from tests.models import family_harness as harness
 
@@ -113,12 +114,6 @@ def case(request, tmp_path_factory):
     return name, config, checkpoint, twin, logits
 
 
-# Phi-3's checkpoint holds qkv_proj and gate_up_proj fused; GGUFLinearMethod.load_weight does not yet take a
-# whole fused weight (shard_index None), so these cases load through the dense path (the loader's mapping and
-# config are what is tested) and `test_phi3_kept_quantized` records the missing piece.
-DENSE_ONLY = ("phi3_longrope", "phi3_sliding")
-
-
 def _load_gguf(path: str, dtype: torch.dtype = torch.float32, use_fast_kernels: bool = False,
                keep_quantized: bool = True):
     gguf = open_gguf(path)
@@ -151,7 +146,7 @@ def test_gguf_matches_safetensors_twin(case, ggml_type, tmp_path):
     so that any loader error, not quantization noise, is what shows."""
     name, config, checkpoint, twin, expected = case
     path = write_converted_gguf(checkpoint, config, tmp_path / f"{name}.gguf", ggml_type, **CASES[name][3])
-    gguf, model = _load_gguf(path, keep_quantized=name not in DENSE_ONLY)
+    gguf, model = _load_gguf(path)
     assert type(model) is type(twin)
     assert any(t == ggml_type for t in gguf.tensor_types.values())
     if ggml_type == "Q8_0":
@@ -174,7 +169,7 @@ def test_config_matches_the_checkpoint(case, tmp_path):
     """The config rebuilt from the metadata agrees with the HF config on every field the model reads."""
     name, config, checkpoint, twin, _ = case
     path = write_converted_gguf(checkpoint, config, tmp_path / f"{name}.gguf", **CASES[name][3])
-    _, model = _load_gguf(path, keep_quantized=name not in DENSE_ONLY)
+    _, model = _load_gguf(path)
     assert model.config.num_hidden_layers == twin.config.num_hidden_layers
     assert model.config.hidden_size == twin.config.hidden_size
     assert model.config.tie_word_embeddings == twin.config.tie_word_embeddings
@@ -233,11 +228,14 @@ def test_converter_writes_llama_cpp_layout(tmp_path):
     assert "blk.1.exp_probs_b.bias" in shapes and "blk.0.attn_kv_b.weight" not in shapes
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="GGUFLinearMethod.load_weight needs to accept a whole "
-                   "fused weight (shard_index None on a multi-shard Linear), as Phi-3's qkv_proj/gate_up_proj are")
 def test_phi3_kept_quantized(tmp_path):
+    """Phi-3 stores qkv_proj and gate_up_proj fused in the file: they arrive whole and stay quantized."""
     config, checkpoint = _checkpoint("phi3_sliding", str(tmp_path))
-    _load_gguf(write_converted_gguf(checkpoint, config, tmp_path / "phi3.gguf", "Q8_0"))
+    _, model = _load_gguf(write_converted_gguf(checkpoint, config, tmp_path / "phi3.gguf", "Q8_0"),
+                          use_fast_kernels=True)
+    layer = model.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+        assert linear.quant_method.weights and not any(isinstance(w, DenseWeight) for w in linear.quant_method.weights)
 
 
 def test_every_gguf_architecture_has_a_model_class():
