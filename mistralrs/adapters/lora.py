@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -61,6 +60,9 @@ def _read_config(path: str, name: str) -> tuple[int, float, list[str]]:
     for pattern in ("rank_pattern", "alpha_pattern"):
         if config.get(pattern):
             raise ValueError(f"adapter {name!r}: adapter_config.json {pattern} is not supported")
+    if config.get("target_parameters"):   # peft's LoRA on raw parameters (e.g. fused MoE experts), not on a Linear
+        raise ValueError(f"adapter {name!r}: adapter_config.json target_parameters "
+                         f"{config['target_parameters']!r} is not supported (only target_modules: linear layers)")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or rank < 0 or not isinstance(alpha, (int, float)):
         raise ValueError(f"adapter {name!r}: adapter_config.json needs integer r >= 0 and numeric lora_alpha, "
@@ -100,12 +102,9 @@ def load_lora_adapter(source: ModelSource, name: str, *, dtype: torch.dtype, dev
 
 
 def stacked_params_of(model: nn.Module) -> tuple[StackedParam, ...]:
-    """The fused-projection table of the model's family (`STACKED_PARAMS` of its module or a base class's)."""
-    for cls in type(model).__mro__:
-        table = getattr(sys.modules.get(cls.__module__), "STACKED_PARAMS", None)
-        if table is not None:
-            return tuple(table)
-    return ()
+    """The fused-projection table of the model's family: its class's `STACKED_PARAMS` (empty for a family whose
+    checkpoint is already fused, as Phi3's `qkv_proj` / `gate_up_proj`)."""
+    return tuple(getattr(type(model), "STACKED_PARAMS", ()))
 
 
 def model_module_names(model: nn.Module) -> set[str]:
@@ -286,7 +285,7 @@ def lora_layer_indices(model: nn.Module, modules_used: set[str], layers: dict[st
             continue
         parent, _, local = path.rpartition(".")
         shards = sorted((e for e in stacked if e.fused_name == local), key=lambda e: e.shard_index)
-        for name in [f"{parent}.{e.shard_name}" if parent else e.shard_name for e in shards] or [path]:
+        for name in [path] + [f"{parent}.{e.shard_name}" if parent else e.shard_name for e in shards]:
             if name in modules_used:
                 indices[name] = len(indices)
     return indices

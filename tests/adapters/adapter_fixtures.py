@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
-from tests.tiny_models import make_tiny_model_dir
+from tests.tiny_models import CHATML, char_tokenizer, make_tiny_model_dir
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SPECS = {  # name -> (seed, LoraConfig arguments); different targets so LoRA-layer numbering matters
@@ -31,19 +31,39 @@ def hf_base(path: Path, **config_overrides):
 
 def make_base_and_adapters(root: Path, names: list[str], arch: str = "llama") -> tuple[Path, Path]:
     """A tiny base in `root/base` and the named PEFT LoRA adapters in `root/adapters/<name>` (large deltas)."""
-    import peft
     base, adapters = root / "base", root / "adapters"
     make_tiny_model_dir(base, arch)
-    for name in names:
-        seed, kwargs = LORA_SPECS[name]
+    write_lora_adapters(base, adapters, {name: LORA_SPECS[name] for name in names})
+    return base, adapters
+
+
+def write_lora_adapters(base: Path, adapters: Path, specs: dict[str, tuple[int, dict]], scale_b: float = 20.0) -> None:
+    """Random PEFT LoRA adapters on the base in `adapters/<name>`, one per `specs` entry (name -> (seed,
+    LoraConfig arguments)); lora_B is multiplied by `scale_b` so that a missed or doubled adapter shows."""
+    import peft
+    for name, (seed, kwargs) in specs.items():
         torch.manual_seed(seed)
         model = peft.get_peft_model(hf_base(base), peft.LoraConfig(init_lora_weights=False, **kwargs))
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if "lora_B" in param_name:
-                    param.mul_(20.0)
+                    param.mul_(scale_b)
         model.save_pretrained(adapters / name)
-    return base, adapters
+
+
+def write_config_base(path: Path, config, seed: int = 0, prepare=None) -> None:
+    """A random transformers model of `config` (after `prepare(model)` when given) saved in `path` with the
+    character tokenizer of `tests.tiny_models` (the config's vocab_size must cover its ids)."""
+    import transformers
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if prepare is not None:
+        prepare(model)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    char_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>",
+                                                            "unk_token": None, "chat_template": CHATML}))
 
 
 def write_ordering(path: Path, base: Path, **fields) -> str:
@@ -144,3 +164,11 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 5e-4) -> No
     """fp32 logits equal up to kernel rounding (CPU or GPU): max difference within `rel` of the largest logit."""
     diff, scale = (got.float() - want.float()).abs().max().item(), want.abs().max().item()
     assert diff <= rel * max(scale, 1.0), f"max |difference| {diff:.3g} for logits up to {scale:.3g}"
+
+
+def peft_lora_layer_numbering(xlora) -> dict[str, int]:
+    """The ordering file's `layers` as the reference's `scripts/create_ordering.py` writes it: every peft LoRA
+    linear, numbered in the Hugging Face model's module order (the layer axis of peft's X-LoRA scalings)."""
+    from peft.tuners import lora
+    names = [name for name, module in xlora.named_modules() if isinstance(module, lora.Linear)]
+    return {name.split("base_model.lora_model.model.", 1)[-1]: i for i, name in enumerate(names)}
