@@ -16,17 +16,41 @@ from dataclasses import dataclass
 
 from mistralrs.adapters.lora import activate_adapters
 from mistralrs.adapters.runtime import request_adapter_set
+from mistralrs.api.enums import ToolChoice
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.api.responses import (
-    ChatCompletionChunkResponse, ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
-    CompletionChunkChoice, CompletionChunkResponse, CompletionResponse, Delta, Logprobs, ResponseLogprob,
-    CalledFunction, ResponseMessage, ToolCallResponse, TopLogprob, Usage,
+    CalledFunction,
+    ChatCompletionChunkResponse,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionChunkChoice,
+    CompletionChunkResponse,
+    CompletionResponse,
+    Delta,
+    Logprobs,
+    ResponseLogprob,
+    ResponseMessage,
+    ToolCallResponse,
+    TopLogprob,
+    Usage,
 )
-from mistralrs.api.enums import ToolChoice
-from mistralrs.engine.builder import EngineConfig, build_engine
+from mistralrs.engine.builder import EngineConfig, build_engine, on_short_lived_thread
 from mistralrs.engine.input_processor import GenerationOptions
-from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta, SeqResult, TokenLogprob
-from mistralrs.engine.tool_calls import ParsedToolCall, ToolCallStream, forced_call_schema, parse_tool_calls
+from mistralrs.engine.request import (
+    EngineRequest,
+    RequestFinished,
+    SeqDelta,
+    SeqResult,
+    TokenLogprob,
+)
+from mistralrs.engine.tool_calls import (
+    ParsedToolCall,
+    ToolCallStream,
+    forced_call_schema,
+    parse_tool_calls,
+)
 from mistralrs.loader.pipeline import load_pipeline
 from mistralrs.quant.isq import re_isq_config
 from mistralrs.sample.grammar import json_schema_source
@@ -264,9 +288,9 @@ class Runner:
             prompt_chunksize=chunksize or 512, block_size=pa_blk_size or 32, pa_ctxt_len=pa_ctxt_len,
             pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, seed=seed)
         self.truncate_sequence = bool(truncate_sequence)
-        self._loaded = load_pipeline(which, token_source=token_source, chat_template=chat_template,
-                                     jinja_explicit=jinja_explicit, show_progress=show_progress,
-                                     in_situ_quant=in_situ_quant)
+        self._loaded = on_short_lived_thread(lambda: load_pipeline(
+            which, token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
+            show_progress=show_progress, in_situ_quant=in_situ_quant))
         self._engine, self._inputs = build_engine(self._loaded, config)
         self.model_id = self._loaded.model_id
 

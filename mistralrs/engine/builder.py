@@ -6,7 +6,10 @@ import dataclasses
 import logging
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +19,8 @@ from mistralrs.engine.engine import Engine
 from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.loader.pipeline import LoadedModel
 from mistralrs.worker.model_runner import ModelRunner
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +118,28 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, Inp
         # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length
         max_len = min(max_len, config.prompt_chunksize)
     return engine, InputProcessor(loaded.tokenizer, max_len)
+
+
+def on_short_lived_thread(fn: Callable[[], T], name: str = "mistralrs-load") -> T:
+    """Runs `fn()` on a thread that ends when it returns, and returns its result (re-raising its error).
+
+    Model loading goes through this so that the engine thread is the process's only long-lived OpenMP master:
+    libgomp keeps a worker pool per thread that ever ran a parallel region, and while the main thread's pool is
+    alive, the engine thread's parallel regions (every matmul of a step) wait far longer for their workers. On the
+    2-core development machine SmolLM2 decoded 32 tok/s on two threads after loading on the main thread, 80 tok/s
+    after loading on a short-lived one (whose pool is freed with it); see docs/benchmarks.md.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:   # handed to the caller below, whatever it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -10,9 +10,8 @@ from torch import nn
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.core import SchedulerOutput
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
+from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
-
-SMALL_STEP_TOKENS = 16   # steps with fewer tokens than this run on one CPU thread (see ModelRunner._set_threads_for)
 
 
 @dataclass
@@ -35,20 +34,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, kv_dtype, device)
         self.sampler = Sampler()
         self.adapters = adapter_runtime_of(model)  # per-token adapter weights; None without separate adapters
-        self.max_threads = torch.get_num_threads()
-        self._threads = self.max_threads
-
-    def _set_threads_for(self, num_tokens: int) -> None:
-        """On the CPU, small (decode) steps run on one thread: at these sizes the weight-only int4/int8 kernels
-        lose more to thread synchronisation than they gain (measured on SmolLM2: 41.6 vs 26.7 tok/s on a
-        2-core machine); steps with many tokens use every thread. The setting is per thread, so it is made on
-        the engine thread itself."""
-        if self.device.type != "cpu":
-            return
-        threads = 1 if num_tokens < SMALL_STEP_TOKENS else self.max_threads
-        if threads != self._threads:
-            torch.set_num_threads(threads)
-            self._threads = threads
+        self.cpu_threads = CpuThreadChooser(device)  # thread count per step (see worker/cpu_threads.py)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
@@ -60,7 +46,11 @@ class ModelRunner:
             tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
             chunks.append(SeqChunk(tokens, start, seq.block_ids, seq.num_prompt_tokens))
         batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device)
-        self._set_threads_for(len(batch.input_ids))
+        with self.cpu_threads.step(batch.num_tokens):
+            return self._forward_and_sample(batch, output, sampling)
+
+    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
+                            sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
         if self.adapters is not None:
             sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
             hidden = self.adapters.forward(self.model, batch, output.scheduled, sets)

@@ -1,0 +1,72 @@
+"""How many CPU threads a step runs on: all of them for large steps, a measured choice for small (decode) steps.
+
+Small steps are a few hundred short kernels; whether the weight-only matmuls gain from a second thread depends on
+the process, not on the model. On the 2-core development machine SmolLM2 decodes at about 75 tok/s on two threads
+and 50 on one, but at 32 on two threads when another thread of the process (typically the main thread, after
+running PyTorch itself) keeps an OpenMP worker pool alive: libgomp then serves the engine thread's parallel regions
+far more slowly. The Runner loads models on a short-lived thread to avoid that (engine/builder.py), but user code
+can still create such a pool. So the chooser times the first small steps on one thread and on all threads,
+alternately, and keeps the faster setting. Thread counts do not change results: the kernels split work by output
+element, never a reduction.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMALL_STEP_TOKENS = 16  # steps with fewer tokens are "small" (decode); larger ones always use every thread
+TRIAL_STEPS = 12  # small steps timed before choosing (half on one thread, half on all, alternating)
+WARMUP_STEPS = 2  # small steps run first and not timed
+
+
+class CpuThreadChooser:
+    """Sets the thread count around each step (CPU only; a no-op elsewhere or with one thread)."""
+
+    def __init__(self, device: torch.device, max_threads: int | None = None) -> None:
+        self.max_threads = max_threads or torch.get_num_threads()  # the process's setting when the engine starts
+        self.enabled = device.type == "cpu" and self.max_threads > 1
+        self.small_step_threads: int | None = None if self.enabled else self.max_threads  # None: not chosen yet
+        self._small_steps = 0  # small steps seen while choosing
+        self._timings: dict[int, list[float]] = {1: [], self.max_threads: []}  # threads -> small-step seconds
+
+    def _threads_for(self, num_tokens: int) -> int:
+        if num_tokens >= SMALL_STEP_TOKENS:
+            return self.max_threads
+        if self.small_step_threads is not None:
+            return self.small_step_threads
+        trial = self._small_steps - WARMUP_STEPS
+        return self.max_threads if trial < 0 or trial % 2 else 1
+
+    @contextmanager
+    def step(self, num_tokens: int):
+        """Runs the body of one step of `num_tokens` packed tokens on the chosen number of threads."""
+        if not self.enabled:
+            yield
+            return
+        threads = self._threads_for(num_tokens)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        choosing = num_tokens < SMALL_STEP_TOKENS and self.small_step_threads is None
+        start = time.perf_counter()
+        yield
+        if choosing:
+            self._record(threads, time.perf_counter() - start)
+
+    def _record(self, threads: int, seconds: float) -> None:
+        self._small_steps += 1
+        if self._small_steps <= WARMUP_STEPS:
+            return
+        self._timings[threads].append(seconds)
+        if self._small_steps < WARMUP_STEPS + TRIAL_STEPS:
+            return
+        one, every = (statistics.median(self._timings[t]) for t in (1, self.max_threads))
+        self.small_step_threads = 1 if one < every else self.max_threads
+        logger.info("decode steps on %d CPU thread(s) (median step %.1f ms on 1, %.1f ms on %d)",
+                    self.small_step_threads, one * 1e3, every * 1e3, self.max_threads)

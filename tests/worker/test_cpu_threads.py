@@ -1,0 +1,49 @@
+"""The CPU thread chooser: large steps on every thread, small (decode) steps on whichever setting its timed trial
+found faster."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mistralrs.worker.cpu_threads import SMALL_STEP_TOKENS, TRIAL_STEPS, WARMUP_STEPS, CpuThreadChooser
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_trial(chooser: CpuThreadChooser, seconds_on: dict[int, float]) -> list[int]:
+    """Small steps until the choice is made; each step's body takes `seconds_on[threads in use]`."""
+    seen = []
+    for _ in range(WARMUP_STEPS + TRIAL_STEPS):
+        with chooser.step(1):
+            seen.append(torch.get_num_threads())
+            time.sleep(seconds_on[torch.get_num_threads()])
+    return seen
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_small_steps_keep_the_faster_setting(faster):
+    chooser = CpuThreadChooser(torch.device("cpu"), max_threads=2)
+    seen = _run_trial(chooser, {faster: 0.001, 3 - faster: 0.004})
+    assert seen[:WARMUP_STEPS] == [2] * WARMUP_STEPS and sorted(set(seen)) == [1, 2]
+    assert chooser.small_step_threads == faster
+    with chooser.step(1):
+        assert torch.get_num_threads() == faster
+    with chooser.step(SMALL_STEP_TOKENS):   # large steps always use every thread
+        assert torch.get_num_threads() == 2
+
+
+def test_disabled_off_the_cpu_and_with_one_thread():
+    for chooser in (CpuThreadChooser(torch.device("cuda"), max_threads=2),
+                    CpuThreadChooser(torch.device("cpu"), max_threads=1)):
+        torch.set_num_threads(1)
+        with chooser.step(1):
+            assert torch.get_num_threads() == 1
+        assert not chooser.enabled and chooser.small_step_threads == chooser.max_threads
