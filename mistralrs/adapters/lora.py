@@ -3,7 +3,8 @@
 An adapter folder holds `adapter_config.json` (`r`, `lora_alpha`, `target_modules`, `use_rslora`) and
 `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` `[r, in]` and `lora_B.weight`
 `[out, r]`. Module names are the Hugging Face ones; a module fused here (q/k/v -> qkv_proj, gate/up ->
-gate_up_proj) is reached through the model family's `STACKED_PARAMS` table and its shard's output rows.
+gate_up_proj) is reached through the model family's `STACKED_PARAMS` table and its shard's output rows; an
+expert projection of a `FusedMoE` (`experts.{e}.w1`, ...) through `adapters/moe_lora.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mistralrs.adapters.moe_lora import (
+    ExpertLoraHook,
+    expert_module_names,
+    hook_expert,
+    merge_expert,
+    resolve_expert_target,
+)
 from mistralrs.layers.linear import Linear, StackedParam
+from mistralrs.layers.moe import FusedMoE
 from mistralrs.loader.source import ModelSource
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -142,9 +151,13 @@ def _check_shapes(adapter: LoraAdapter, hf_module: str, linear: Linear, size: in
 
 
 def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> None:
-    """W += scale * B @ A for every module of `adapter`, into the fused shard's rows where fused."""
+    """W += scale * B @ A for every module of `adapter`, into the fused shard's (or stacked expert's) rows."""
     modules, stacked = dict(model.named_modules()), stacked_params_of(model)
     for hf_module, (a, b) in adapter.weights.items():
+        expert = resolve_expert_target(modules, hf_module)
+        if expert is not None:
+            merge_expert(adapter, hf_module, expert)
+            continue
         linear, offset, size = resolve_target(model, modules, stacked, hf_module, adapter.name)
         _check_shapes(adapter, hf_module, linear, size)
         weight = linear.quant_method.dense_weight(linear)
@@ -273,7 +286,8 @@ class LoraHook(nn.Module):
 def lora_layer_indices(model: nn.Module, modules_used: set[str], layers: dict[str, int]) -> dict[str, int]:
     """HF module name -> LoRA-layer index (the layer axis of X-LoRA scalings): the ordering file's `layers` when
     given, otherwise the modules that carry an adapter numbered in the model's module order (shards in their
-    fused order), as peft numbers them."""
+    fused order, a `FusedMoE`'s experts in expert order, each in checkpoint-name order: gate, up, down), as peft
+    numbers them where the Hugging Face model declares its modules in the same order."""
     if layers:
         missing = sorted(m for m in modules_used if m not in layers)
         if missing:
@@ -281,6 +295,11 @@ def lora_layer_indices(model: nn.Module, modules_used: set[str], layers: dict[st
         return {m: layers[m] for m in modules_used}
     stacked, indices = stacked_params_of(model), {}
     for path, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            for name in expert_module_names(module, path):
+                if name in modules_used:
+                    indices[name] = len(indices)
+            continue
         if not isinstance(module, Linear):
             continue
         parent, _, local = path.rpartition(".")
@@ -297,6 +316,10 @@ def hook_adapter(model: nn.Module, adapter: LoraAdapter, state: LoraState,
     `layer_indices[module]`, 0 when not given)."""
     modules, stacked = dict(model.named_modules()), stacked_params_of(model)
     for hf_module, (a, b) in adapter.weights.items():
+        expert = resolve_expert_target(modules, hf_module)
+        if expert is not None:
+            hook_expert(adapter, hf_module, expert, state, (layer_indices or {}).get(hf_module, 0))
+            continue
         linear, offset, size = resolve_target(model, modules, stacked, hf_module, adapter.name)
         _check_shapes(adapter, hf_module, linear, size)
         if linear is getattr(model, "lm_head", None):
@@ -312,9 +335,9 @@ def hook_adapter(model: nn.Module, adapter: LoraAdapter, state: LoraState,
 def lora_state_of(model: nn.Module) -> LoraState | None:
     """The model's `LoraState` (None when it holds no separate adapters)."""
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, (Linear, FusedMoE)):
             for hook in module.adapters:
-                if isinstance(hook, LoraHook):
+                if isinstance(hook, (LoraHook, ExpertLoraHook)):
                     return hook.state
     return None
 

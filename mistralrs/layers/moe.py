@@ -12,6 +12,11 @@ The one switch `FusedMoE.backend` (`set_moe_backend`) chooses between
   is bounded by `num_experts` (not by tokens). Gathering weights per token for a `bmm` was not chosen: on the
   CPU it copies a full expert matrix per assignment, doubling the memory traffic that bounds decode speed.
 - "reference": the plain twin, a loop over tokens and their selected experts, one small MLP per pair.
+
+Expert adapters (LoRA on `experts.{e}.{proj}`, `adapters/moe_lora.py`) sit in `FusedMoE.adapters`; each step
+`FusedMoE.bound_adapters` binds them to the step's per-token adapter weights, and both paths add each bound
+adapter's delta to a stack's product (`"w13"`: gate then up rows, `"w2"`: down) for exactly the tokens routed to
+that expert. Without adapters (the list is empty) nothing is bound and the paths run as before.
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.linear import CheckpointModule, copy_checked
 
 MOE_BACKENDS = ("fused", "reference")
+
+# a bound expert adapter: (stack "w13" or "w2", expert id, the rows' stack input, token indices of the rows) ->
+# the addition to the stack's output for those rows, or None when it has nothing on that (expert, stack)
+ExpertDelta = Callable[[str, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def add_expert_deltas(y: torch.Tensor, deltas: list[ExpertDelta], stack: str, expert_id: int,
+                      expert_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`y` (the stack's product for `rows`) plus every bound adapter's delta on (`expert_id`, `stack`)."""
+    for delta in deltas:
+        extra = delta(stack, expert_id, expert_in, rows)
+        if extra is not None:
+            y = y + extra
+    return y
 
 
 def softmax_topk_routing(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +85,12 @@ def sparsemixer_routing(router_logits: torch.Tensor, top_k: int, jitter_eps: flo
 class MoEMethodBase:
     """How a `FusedMoE` stores its expert weights, loads checkpoint tensors into them, and computes the experts."""
 
+    supports_adapters = False  # True when `apply` adds the layer's bound expert adapters (separately held LoRA)
+
+    def dense_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str) -> torch.Tensor | None:
+        """A writable view of one expert's dense `[out, in]` matrix (for merging adapters); None when not dense."""
+        return None
+
     def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
         """Registers the layer's expert parameters or buffers."""
         raise NotImplementedError
@@ -83,16 +108,22 @@ class MoEMethodBase:
 class UnquantizedMoEMethod(MoEMethodBase):
     """Dense stacked expert weights in the model dtype; grouped matmuls ("fused") or the per-token twin."""
 
+    supports_adapters = True
+
     def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
         e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
         layer.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
         layer.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device), requires_grad=False)
 
-    def load_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str, loaded: torch.Tensor) -> None:
+    def dense_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str) -> torch.Tensor:
         i = layer.intermediate_size
         targets = {"gate": lambda: layer.w13[expert_id, :i], "up": lambda: layer.w13[expert_id, i:],
                    "down": lambda: layer.w2[expert_id]}
-        copy_checked(targets[projection](), loaded, f"{layer.prefix}.{expert_id}.{projection}")
+        return targets[projection]()
+
+    def load_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str, loaded: torch.Tensor) -> None:
+        copy_checked(self.dense_expert_weight(layer, expert_id, projection), loaded,
+                     f"{layer.prefix}.{expert_id}.{projection}")
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
@@ -109,6 +140,7 @@ class UnquantizedMoEMethod(MoEMethodBase):
         token_ids = order // top_k  # assignments grouped by expert
         weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
         counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
+        deltas = layer.bound_adapters(x)
         out = torch.zeros_like(x)
         start = 0
         for expert_id, count in enumerate(counts):
@@ -116,8 +148,14 @@ class UnquantizedMoEMethod(MoEMethodBase):
                 continue
             rows = token_ids[start:start + count]
             expert_in = x.index_select(0, rows)  # [count, hidden]
-            inner = act_and_mul(F.linear(expert_in, layer.w13[expert_id]), layer.act_fn)
-            out.index_add_(0, rows, F.linear(inner, layer.w2[expert_id]) * weights[start:start + count])
+            gate_up = F.linear(expert_in, layer.w13[expert_id])
+            if deltas:
+                gate_up = add_expert_deltas(gate_up, deltas, "w13", expert_id, expert_in, rows)
+            inner = act_and_mul(gate_up, layer.act_fn)
+            down = F.linear(inner, layer.w2[expert_id])
+            if deltas:
+                down = add_expert_deltas(down, deltas, "w2", expert_id, inner, rows)
+            out.index_add_(0, rows, down * weights[start:start + count])
             start += count
         return out
 
@@ -126,12 +164,16 @@ class UnquantizedMoEMethod(MoEMethodBase):
                          topk_ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         i = layer.intermediate_size
+        deltas = layer.bound_adapters(x)
         for token in range(x.shape[0]):
+            row, x_row = torch.tensor([token], device=x.device), x[token:token + 1]
             for slot in range(topk_ids.shape[1]):
                 expert_id = int(topk_ids[token, slot])
                 w13 = layer.w13[expert_id]
-                hidden = layer.act_fn(x[token] @ w13[:i].T) * (x[token] @ w13[i:].T)
-                out[token] += float(topk_weights[token, slot]) * (hidden @ layer.w2[expert_id].T)
+                gate = add_expert_deltas(x_row @ w13.T, deltas, "w13", expert_id, x_row, row)  # [1, 2 * i]
+                hidden = layer.act_fn(gate[:, :i]) * gate[:, i:]
+                down = add_expert_deltas(hidden @ layer.w2[expert_id].T, deltas, "w2", expert_id, hidden, row)
+                out[token] += float(topk_weights[token, slot]) * down[0]
         return out
 
 
@@ -177,11 +219,16 @@ class FusedMoE(CheckpointModule):
         self.backend = ""
         self.set_backend(backend)
         self._projection_of = dict(zip(checkpoint_names, ("gate", "up", "down")))  # checkpoint name -> role
+        self.adapters: list = []  # expert adapters, each with `bind(x) -> ExpertDelta | None` (adapters/moe_lora.py)
         self.quant_method = quant_method or UnquantizedMoEMethod()
         self.quant_method.create_weights(self, dtype, device)
 
     def set_quant_method(self, quant_method: MoEMethodBase) -> None:
-        """Replaces the quant method before any expert weight is loaded; the old method's storage is dropped."""
+        """Replaces the quant method before any expert weight is loaded; the old method's storage is dropped.
+        ValueError when the layer holds expert adapters the new method cannot apply."""
+        if self.adapters and not quant_method.supports_adapters:
+            raise ValueError(f"{self.prefix or 'FusedMoE'}: holds separately loaded expert adapters, which "
+                             f"{type(quant_method).__name__} experts cannot apply (merge them or keep dense experts)")
         for name in ("w13", "w2"):
             if name in self._parameters:
                 del self._parameters[name]
@@ -208,6 +255,18 @@ class FusedMoE(CheckpointModule):
     def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts for a routing already made: `topk_weights`/`topk_ids` `[num_tokens, top_k]`."""
         return self.quant_method.apply(self, x, topk_weights, topk_ids)
+
+    def projection_of(self, checkpoint_name: str) -> str | None:
+        """The role ("gate", "up" or "down") of a checkpoint projection name (`w1`, ...); None for another name."""
+        return self._projection_of.get(checkpoint_name)
+
+    def bound_adapters(self, x: torch.Tensor) -> list[ExpertDelta]:
+        """The expert adapters that apply to this step's tokens `x`, bound to their per-token weights (empty when
+        none does: the paths then skip the adapter work)."""
+        if not self.adapters:
+            return []
+        bound = [adapter.bind(x) for adapter in self.adapters]
+        return [b for b in bound if b is not None]
 
     def checkpoint_param_names(self) -> list[str]:
         return [f"{e}.{name}.weight" for e in range(self.num_experts) for name in self._projection_of]
