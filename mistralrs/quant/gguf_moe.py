@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mistralrs.layers.activation import act_and_mul
-from mistralrs.layers.moe import FusedMoE, MoEMethodBase
+from mistralrs.layers.moe import ExpertDelta, FusedMoE, MoEMethodBase, add_expert_deltas
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.gguf_linear import GGUFQuantConfig, build_packed_weight
 from mistralrs.quant.packed import PackedWeight
@@ -37,6 +37,8 @@ class GGUFMoEMethod(MoEMethodBase):
 
     One instance per `FusedMoE` layer.
     """
+
+    supports_adapters = True  # separately held expert adapters add their deltas per routed row
 
     def __init__(self, use_fast_kernels: bool = True):
         self.use_fast_kernels = use_fast_kernels  # False: dequantize every expert at load (the plain path)
@@ -76,21 +78,28 @@ class GGUFMoEMethod(MoEMethodBase):
         else:
             self.w13[expert_id] = [self._pack(torch.cat([gate, up]))]
 
-    def _expert(self, layer: FusedMoE, expert_id: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's gated MLP over `x [rows, hidden]`."""
+    def _expert(self, layer: FusedMoE, expert_id: int, x: torch.Tensor, deltas: list[ExpertDelta],
+                rows: torch.Tensor) -> torch.Tensor:
+        """One expert's gated MLP over `x [rows, hidden]` (the tokens `rows`), plus its adapters' deltas."""
         w13, w2 = self.w13[expert_id], self.w2[expert_id]
         if not w13 or w2 is None:
             raise ValueError(f"{layer.prefix or 'moe'}: weights of expert {expert_id} were not loaded")
         gate_up = w13[0].matmul(x) if len(w13) == 1 else torch.cat([w.matmul(x) for w in w13], dim=-1)
-        return w2.matmul(act_and_mul(gate_up, layer.act_fn))
+        if deltas:
+            gate_up = add_expert_deltas(gate_up, deltas, "w13", expert_id, x, rows)
+        inner = act_and_mul(gate_up, layer.act_fn)
+        down = w2.matmul(inner)
+        return add_expert_deltas(down, deltas, "w2", expert_id, inner, rows) if deltas else down
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
+        deltas = layer.bound_adapters(x)
         if layer.backend == "reference":
             for token in range(x.shape[0]):
+                row = torch.tensor([token], device=x.device)
                 for slot in range(topk_ids.shape[1]):
-                    expert_out = self._expert(layer, int(topk_ids[token, slot]), x[token:token + 1])
+                    expert_out = self._expert(layer, int(topk_ids[token, slot]), x[token:token + 1], deltas, row)
                     out[token] += float(topk_weights[token, slot]) * expert_out[0]
             return out
         top_k = topk_ids.shape[1]
@@ -103,7 +112,7 @@ class GGUFMoEMethod(MoEMethodBase):
         for expert_id, count in enumerate(counts):
             if count:
                 rows = token_ids[start:start + count]
-                expert_out = self._expert(layer, expert_id, x.index_select(0, rows))
+                expert_out = self._expert(layer, expert_id, x.index_select(0, rows), deltas, rows)
                 out.index_add_(0, rows, expert_out * weights[start:start + count])
                 start += count
         return out

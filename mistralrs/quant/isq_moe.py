@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from mistralrs.layers.activation import act_and_mul
-from mistralrs.layers.moe import FusedMoE, MoEMethodBase, UnquantizedMoEMethod
+from mistralrs.layers.moe import FusedMoE, MoEMethodBase, UnquantizedMoEMethod, add_expert_deltas
 from mistralrs.quant.isq import (
     dequantize_state,
     dequantized_shape,
@@ -34,6 +34,8 @@ def _matmul(weights: list[PackedWeight], x: torch.Tensor) -> torch.Tensor:
 
 class IsqMoEMethod(MoEMethodBase):
     """A `FusedMoE`'s experts quantized per projection (`states`, three per expert) and packed per expert."""
+
+    supports_adapters = True  # separately held expert adapters add their deltas per routed row
 
     def __init__(self, isq: IsqType | None, *, imatrix: Sequence[torch.Tensor | None] | None = None,
                  use_fast_kernels: bool = True):
@@ -119,6 +121,7 @@ class IsqMoEMethod(MoEMethodBase):
         weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
         counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
         out = torch.zeros_like(x)
+        deltas = layer.bound_adapters(x)
         start = 0
         for expert_id, count in enumerate(counts):
             if count == 0:
@@ -127,8 +130,15 @@ class IsqMoEMethod(MoEMethodBase):
                 raise ValueError(f"{layer.prefix}: expert {expert_id} weights were not loaded")
             w13, w2 = self.packed[expert_id]
             rows = token_ids[start:start + count]
-            inner = act_and_mul(_matmul(w13, x.index_select(0, rows)), layer.act_fn)
-            out.index_add_(0, rows, _matmul(w2, inner) * weights[start:start + count])
+            expert_in = x.index_select(0, rows)
+            gate_up = _matmul(w13, expert_in)
+            if deltas:
+                gate_up = add_expert_deltas(gate_up, deltas, "w13", expert_id, expert_in, rows)
+            inner = act_and_mul(gate_up, layer.act_fn)
+            down = _matmul(w2, inner)
+            if deltas:
+                down = add_expert_deltas(down, deltas, "w2", expert_id, inner, rows)
+            out.index_add_(0, rows, down * weights[start:start + count])
             start += count
         return out
 

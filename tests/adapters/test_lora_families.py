@@ -3,8 +3,8 @@ Gemma, Gemma2, Phi2, Phi3, Starcoder2, Mixtral, each checked against `peft` on t
 
 Adapters reach our layers only through `Linear` (shards of fused-on-load projections via the family's
 `STACKED_PARAMS`, Phi3's checkpoint-fused `qkv_proj`/`gate_up_proj` directly). Mixtral: attention projections
-only; in transformers 5 its experts are fused 3-D parameters (`experts.gate_up_proj`), not linear modules, so
-`peft`'s `target_modules` cannot reach them.
+here (peft's oracle cannot reach transformers 5's fused experts); adapters on the experts are checked against a
+hand-merged oracle in `test_moe_adapters.py`.
 """
 
 from __future__ import annotations

@@ -279,3 +279,44 @@ def test_xlora_with_constant_layerwise_scalings_matches_oracle(setup, backend):
                          lambda b: runtime.forward(loaded.model, b, scheduled([0, 1]), [None, None]))
     for tokens, got in zip([TOKENS, OTHER], ours):
         assert_close(got, peft_logits(oracle, tokens))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_preloaded_adapters_on_isq_experts(setup, backend):
+    """Experts quantized in situ (Q8_0) keep their adapters separate: the adapters' effect is the oracle's, within
+    Q8_0's error (much smaller than the effect itself)."""
+    loaded = load_pipeline(_which(setup, "preloaded_isq.json", order=["a1"], preload_adapters=[
+        {"name": n, "adapter_model_id": str(setup[1])} for n in ("a1", "a2")]), in_situ_quant="Q8_0",
+        show_progress=False)
+    moe = next(m for m in loaded.model.modules() if isinstance(m, FusedMoE))
+    assert type(moe.quant_method).__name__ == "IsqMoEMethod" and moe.adapters
+    set_moe_backend(loaded.model, backend)
+    for active in (["a1", "a2"], ["a2"]):
+        activate_adapters(loaded.model, active)
+        got, want, without = _plain_logits(loaded), _expected(setup, active), _expected(setup, [])
+        assert float((got - want).norm() / want.norm()) < 0.05 < float((without - want).norm() / want.norm())
+
+
+def test_preloaded_adapters_on_gguf_experts(setup):
+    """A Mixtral GGUF (Q8_0 experts kept as blocks, `Which.LoraGGUF`) with expert adapters held separately."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.loader.gguf_fixtures import write_converted_gguf
+
+    base, adapters, root, _ = setup
+    checkpoint = {}
+    for path in sorted(base.glob("*.safetensors")):
+        checkpoint.update(load_file(str(path)))
+    config = json.loads((base / "config.json").read_text())
+    (root / "gguf").mkdir(exist_ok=True)
+    write_converted_gguf(checkpoint, config, root / "gguf" / "m.gguf", "Q8_0")
+    order = write_ordering(root / "gguf.json", base, order=["a1", "a2"])
+    loaded = load_pipeline(Which.LoraGGUF(quantized_model_id=str(root / "gguf"), quantized_filename="m.gguf",
+                                          tok_model_id=str(base), adapters_model_id=str(adapters), order=order,
+                                          dtype=ModelDType.F32), show_progress=False)
+    moe = next(m for m in loaded.model.modules() if isinstance(m, FusedMoE))
+    assert type(moe.quant_method).__name__ == "GGUFMoEMethod" and moe.adapters
+    got, want, without = _plain_logits(loaded), _expected(setup, ["a1", "a2"]), _expected(setup, [])
+    assert float((got - want).norm() / want.norm()) < 0.05 < float((without - want).norm() / want.norm())
