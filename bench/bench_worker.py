@@ -13,6 +13,9 @@ SEED_TEXT = ("The history of computing is a story of people, machines and ideas.
              "at the microprocessors and networks that shape daily life. ")
 
 
+EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<eos>", "<end_of_turn>")  # SmolLM2's and Gemma's end tokens
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -42,7 +45,7 @@ def bench_mistralrs_api(model: str, threads: int, dtype: str, n_prompt: int, n_d
     start = time.perf_counter()
     runner = Runner(which, prefix_cache_n=0) if reference else Runner(which, prefix_cache_n=0, show_progress=False)
     load_s = time.perf_counter() - start
-    eos = runner.tokenize_text("<|im_end|>", False) + runner.tokenize_text("<|endoftext|>", False)
+    eos = [ids[0] for ids in (runner.tokenize_text(t, False) for t in EOS_STRINGS) if len(ids) == 1]
     no_eos = {t: -100.0 for t in eos}   # the reference ignores logit_bias, so its runs may stop early
     prompt = prompt_of(lambda t: runner.tokenize_text(t, False), n_prompt)
 
