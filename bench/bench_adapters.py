@@ -60,25 +60,6 @@ def write_xlora(path: str, adapters_dir: str, names: list[str], base_model_id: s
         shutil.copytree(os.path.join(adapters_dir, name), os.path.join(path, name), dirs_exist_ok=True)
 
 
-def decode_tps(which, n_decode: int) -> float:
-    from mistralrs import CompletionRequest, Runner
-
-    runner = Runner(which, prefix_cache_n=0, show_progress=False)
-    try:
-        no_eos = {t: -100.0 for t in runner._loaded.tokenizer.eos_token_ids}
-
-        def complete(max_tokens: int):
-            return runner.send_completion_request(CompletionRequest(
-                prompt="Once upon a time", model="m", max_tokens=max_tokens, temperature=0.0,
-                logit_bias=no_eos)).usage
-
-        complete(8)
-        usage = complete(n_decode)
-        return usage.completion_tokens / usage.total_completion_time_sec
-    finally:
-        runner.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -87,7 +68,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench_gpu import make_tokenizer_dir   # this folder is on sys.path when run as a script
+    from bench_common import (
+        runner_decode_tps,  # this folder is on sys.path when run as a script
+    )
+    from bench_gpu import make_tokenizer_dir
+
     from mistralrs import Which
     from mistralrs.loader.default_model import default_model_path
 
@@ -119,7 +104,7 @@ def main() -> None:
     base = None
     for name, which in configs.items():
         start = time.perf_counter()
-        tps = decode_tps(which, args.n_decode)
+        tps = runner_decode_tps(which, args.n_decode)
         base = base or tps
         print(json.dumps(dict(config=name, decode_tps=round(tps, 1), ratio_to_base=round(tps / base, 3),
                               wall_s=round(time.perf_counter() - start, 1))), flush=True)

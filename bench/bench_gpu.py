@@ -24,10 +24,7 @@ import threading
 import time
 
 import torch
-
-SEED_TEXT = ("The history of computing is a story of people, machines and ideas. It begins with counting "
-             "boards and mechanical calculators, continues through punched cards and vacuum tubes, and arrives "
-             "at the microprocessors and networks that shape daily life. ")
+from bench_common import prompt_of  # this folder is on sys.path when run as a script
 
 # Llama-3.2-1B's shape with SmolLM2's vocabulary (about 1.1 B parameters).
 MODEL_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -65,15 +62,6 @@ def make_model_dir(model_dir: str, tokenizer_dir: str) -> None:
     model.save_pretrained(model_dir, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(model_dir, name))
-
-
-def prompt_of(tokenize, n_tokens: int) -> str:
-    text = SEED_TEXT
-    while len(tokenize(text)) < n_tokens:
-        text += SEED_TEXT
-    while len(tokenize(text)) > n_tokens:
-        text = text[:-8]
-    return text
 
 
 def bench_ours(model_dir: str, n_prompt: int, n_decode: int, n_conc: int) -> dict:
@@ -145,8 +133,6 @@ def bench_transformers(model_dir: str, n_prompt: int, n_decode: int, n_conc: int
                     padding=True, add_special_tokens=False).to("cuda")
         elapsed = _timed(lambda: model.generate(**batch, max_new_tokens=n_decode, min_new_tokens=n_decode, **gen))
         aggregate_tps = n_conc * n_decode / elapsed
-    del model
-    torch.cuda.empty_cache()
     return dict(engine="transformers", load_s=load_s, prompt_tps=prompt_tps, decode_tps=decode_tps,
                 aggregate_tps=aggregate_tps)
 

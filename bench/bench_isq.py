@@ -74,7 +74,11 @@ def export_full_precision(out_dir: str) -> None:
 
 def perplexity(loaded, token_ids: list[int]) -> float:
     """exp(mean NLL) of `token_ids[1:]` given their prefixes, in one forward pass over one sequence."""
-    from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+    from mistralrs.worker.forward_batch import (
+        ForwardBatch,
+        SeqChunk,
+        allocate_kv_caches,
+    )
 
     block_size = 32
     num_blocks = -(-len(token_ids) // block_size)
@@ -87,25 +91,6 @@ def perplexity(loaded, token_ids: list[int]) -> float:
     return math.exp(nll.item())
 
 
-def decode_tps(which, isq: str | None, n_decode: int) -> float:
-    from mistralrs import CompletionRequest, Runner
-
-    runner = Runner(which, in_situ_quant=isq, prefix_cache_n=0, show_progress=False)
-    try:
-        no_eos = {t: -100.0 for t in runner._loaded.tokenizer.eos_token_ids}
-
-        def complete(max_tokens: int):
-            return runner.send_completion_request(CompletionRequest(
-                prompt="Once upon a time", model="m", max_tokens=max_tokens, temperature=0.0,
-                logit_bias=no_eos)).usage
-
-        complete(8)
-        usage = complete(n_decode)
-        return usage.completion_tokens / usage.total_completion_time_sec
-    finally:
-        runner.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -115,6 +100,10 @@ def main() -> None:
     parser.add_argument("--n-decode", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
+    from bench_common import (
+        runner_decode_tps,  # this folder is on sys.path when run as a script
+    )
 
     from mistralrs import ModelDType, Which
     from mistralrs.loader.pipeline import load_pipeline
@@ -137,7 +126,7 @@ def main() -> None:
                       perplexity=round(perplexity(loaded, token_ids), 3))
         del loaded
         if name in decode_types or name == "BF16":
-            result["decode_tps"] = round(decode_tps(which, isq, args.n_decode), 1)
+            result["decode_tps"] = round(runner_decode_tps(which, args.n_decode, in_situ_quant=isq), 1)
         print(json.dumps(result), flush=True)
 
 

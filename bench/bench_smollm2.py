@@ -73,7 +73,7 @@ def model_path(name: str) -> str:
 def print_table(results: dict, threads: int, model_name: str) -> None:
     base = results.get("llama.cpp")
     cols = [("load_s", "load (s)"), ("prompt_tps", "prompt tok/s"), ("decode_tps", "decode tok/s"),
-            (f"aggregate_tps", f"{CONCURRENT}-stream tok/s"), ("peak_rss_mb", "peak RSS (MB)")]
+            ("aggregate_tps", f"{CONCURRENT}-stream tok/s"), ("peak_rss_mb", "peak RSS (MB)")]
     print(f"\n{model_name}, {threads} threads\n")
     print("| engine | " + " | ".join(c[1] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

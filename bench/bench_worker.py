@@ -8,25 +8,13 @@ import sys
 import threading
 import time
 
-SEED_TEXT = ("The history of computing is a story of people, machines and ideas. It begins with counting "
-             "boards and mechanical calculators, continues through punched cards and vacuum tubes, and arrives "
-             "at the microprocessors and networks that shape daily life. ")
-
+from bench_common import prompt_of  # this folder is on sys.path when run as a script
 
 EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<eos>", "<end_of_turn>")  # SmolLM2's and Gemma's end tokens
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def prompt_of(tokenize, n_tokens: int) -> str:
-    text = SEED_TEXT
-    while len(tokenize(text)) < n_tokens:
-        text += SEED_TEXT
-    while len(tokenize(text)) > n_tokens:
-        text = text[:-8]
-    return text
 
 
 def bench_mistralrs_api(model: str, threads: int, dtype: str, n_prompt: int, n_decode: int, n_conc: int,

@@ -48,6 +48,40 @@ def add_expert_deltas(y: torch.Tensor, deltas: list[ExpertDelta], stack: str, ex
     return y
 
 
+def experts_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                    expert_fn: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The routed sum over experts, tokens grouped by expert: `expert_fn(expert_id, expert_in, rows)` is one
+    expert's output for the rows (token indices) routed to it; each is weighted and added back to its tokens.
+    One host sync (the per-expert counts) per call; experts no token chose are skipped."""
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k], assignment a belongs to token a // top_k
+    order = torch.argsort(flat_ids, stable=True)
+    token_ids = order // top_k  # assignments grouped by expert
+    weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for expert_id, count in enumerate(counts):
+        if count:
+            rows = token_ids[start:start + count]
+            out.index_add_(0, rows, expert_fn(expert_id, x.index_select(0, rows), rows) * weights[start:start + count])
+            start += count
+    return out
+
+
+def gated_expert(layer: FusedMoE, expert_id: int, expert_in: torch.Tensor, rows: torch.Tensor,
+                 deltas: list[ExpertDelta], gate_up: Callable[[torch.Tensor], torch.Tensor],
+                 down: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One expert's gated MLP over its routed rows, with the products a quant method supplies (`gate_up`, `down`)
+    and the bound adapters' deltas added after each."""
+    hidden = gate_up(expert_in)
+    if deltas:
+        hidden = add_expert_deltas(hidden, deltas, "w13", expert_id, expert_in, rows)
+    inner = act_and_mul(hidden, layer.act_fn)
+    out = down(inner)
+    return add_expert_deltas(out, deltas, "w2", expert_id, inner, rows) if deltas else out
+
+
 def softmax_topk_routing(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral routing: softmax over experts (float32), top-k, optionally renormalised over the top-k.
 
@@ -134,30 +168,12 @@ class UnquantizedMoEMethod(MoEMethodBase):
     @staticmethod
     def _apply_grouped(layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor) -> torch.Tensor:
-        top_k = topk_ids.shape[1]
-        flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k], assignment a belongs to token a // top_k
-        order = torch.argsort(flat_ids, stable=True)
-        token_ids = order // top_k  # assignments grouped by expert
-        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-        counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
         deltas = layer.bound_adapters(x)
-        out = torch.zeros_like(x)
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token_ids[start:start + count]
-            expert_in = x.index_select(0, rows)  # [count, hidden]
-            gate_up = F.linear(expert_in, layer.w13[expert_id])
-            if deltas:
-                gate_up = add_expert_deltas(gate_up, deltas, "w13", expert_id, expert_in, rows)
-            inner = act_and_mul(gate_up, layer.act_fn)
-            down = F.linear(inner, layer.w2[expert_id])
-            if deltas:
-                down = add_expert_deltas(down, deltas, "w2", expert_id, inner, rows)
-            out.index_add_(0, rows, down * weights[start:start + count])
-            start += count
-        return out
+
+        def expert(expert_id: int, expert_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return gated_expert(layer, expert_id, expert_in, rows, deltas,
+                                lambda h: F.linear(h, layer.w13[expert_id]), lambda h: F.linear(h, layer.w2[expert_id]))
+        return experts_grouped(x, topk_weights, topk_ids, layer.num_experts, expert)
 
     @staticmethod
     def _apply_reference(layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,

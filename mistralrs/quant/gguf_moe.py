@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mistralrs.layers.activation import act_and_mul
-from mistralrs.layers.moe import ExpertDelta, FusedMoE, MoEMethodBase, add_expert_deltas
+from mistralrs.layers.moe import ExpertDelta, FusedMoE, MoEMethodBase, experts_grouped, gated_expert
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.gguf_linear import GGUFQuantConfig, build_packed_weight
 from mistralrs.quant.packed import PackedWeight
@@ -84,38 +83,24 @@ class GGUFMoEMethod(MoEMethodBase):
         w13, w2 = self.w13[expert_id], self.w2[expert_id]
         if not w13 or w2 is None:
             raise ValueError(f"{layer.prefix or 'moe'}: weights of expert {expert_id} were not loaded")
-        gate_up = w13[0].matmul(x) if len(w13) == 1 else torch.cat([w.matmul(x) for w in w13], dim=-1)
-        if deltas:
-            gate_up = add_expert_deltas(gate_up, deltas, "w13", expert_id, x, rows)
-        inner = act_and_mul(gate_up, layer.act_fn)
-        down = w2.matmul(inner)
-        return add_expert_deltas(down, deltas, "w2", expert_id, inner, rows) if deltas else down
+
+        def gate_up(h: torch.Tensor) -> torch.Tensor:
+            return w13[0].matmul(h) if len(w13) == 1 else torch.cat([w.matmul(h) for w in w13], dim=-1)
+        return gated_expert(layer, expert_id, x, rows, deltas, gate_up, w2.matmul)
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
         deltas = layer.bound_adapters(x)
         if layer.backend == "reference":
+            out = torch.zeros_like(x)
             for token in range(x.shape[0]):
                 row = torch.tensor([token], device=x.device)
                 for slot in range(topk_ids.shape[1]):
                     expert_out = self._expert(layer, int(topk_ids[token, slot]), x[token:token + 1], deltas, row)
                     out[token] += float(topk_weights[token, slot]) * expert_out[0]
             return out
-        top_k = topk_ids.shape[1]
-        flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k], assignment a belongs to token a // top_k
-        order = torch.argsort(flat_ids, stable=True)
-        token_ids = order // top_k  # assignments grouped by expert
-        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-        counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count:
-                rows = token_ids[start:start + count]
-                expert_out = self._expert(layer, expert_id, x.index_select(0, rows), deltas, rows)
-                out.index_add_(0, rows, expert_out * weights[start:start + count])
-                start += count
-        return out
+        return experts_grouped(x, topk_weights, topk_ids, layer.num_experts,
+                               lambda e, expert_in, rows: self._expert(layer, e, expert_in, deltas, rows))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from mistralrs.layers.activation import act_and_mul
-from mistralrs.layers.moe import FusedMoE, MoEMethodBase, UnquantizedMoEMethod, add_expert_deltas
+from mistralrs.layers.moe import (
+    FusedMoE,
+    MoEMethodBase,
+    UnquantizedMoEMethod,
+    experts_grouped,
+    gated_expert,
+)
 from mistralrs.quant.isq import (
     dequantize_state,
     dequantized_shape,
@@ -114,33 +119,15 @@ class IsqMoEMethod(MoEMethodBase):
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-        top_k = topk_ids.shape[1]
-        flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k], assignment a belongs to token a // top_k
-        order = torch.argsort(flat_ids, stable=True)
-        token_ids = order // top_k  # assignments grouped by expert
-        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-        counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()  # the one host sync per layer
-        out = torch.zeros_like(x)
         deltas = layer.bound_adapters(x)
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
+
+        def expert(expert_id: int, expert_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             if self.packed[expert_id] is None:
                 raise ValueError(f"{layer.prefix}: expert {expert_id} weights were not loaded")
             w13, w2 = self.packed[expert_id]
-            rows = token_ids[start:start + count]
-            expert_in = x.index_select(0, rows)
-            gate_up = _matmul(w13, expert_in)
-            if deltas:
-                gate_up = add_expert_deltas(gate_up, deltas, "w13", expert_id, expert_in, rows)
-            inner = act_and_mul(gate_up, layer.act_fn)
-            down = _matmul(w2, inner)
-            if deltas:
-                down = add_expert_deltas(down, deltas, "w2", expert_id, inner, rows)
-            out.index_add_(0, rows, down * weights[start:start + count])
-            start += count
-        return out
+            return gated_expert(layer, expert_id, expert_in, rows, deltas, lambda h: _matmul(w13, h),
+                                lambda h: _matmul(w2, h))
+        return experts_grouped(x, topk_weights, topk_ids, layer.num_experts, expert)
 
 
 def moe_states(layer: FusedMoE) -> list[IsqLayerState]:
