@@ -11,7 +11,9 @@ declarative `StackedParam` table, so checkpoint names stay the truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +59,31 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor | GGMLTensor, name: s
         param.copy_(loaded)
 
 
+_DENSE_ON_META: contextvars.ContextVar[bool] = contextvars.ContextVar("dense_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def dense_weights_on_meta() -> Iterator[None]:
+    """Models built inside allocate their dense (unquantized) linear and expert weights on the meta device: a quant
+    config is about to replace them, so no full-precision copy of the model is ever allocated (on CUDA `empty` is a
+    real allocation). `materialize_meta_weights` gives the layers the config left dense their real storage."""
+    token = _DENSE_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _DENSE_ON_META.reset(token)
+
+
+def dense_device(device: torch.device | str) -> torch.device | str:
+    """Where a dense method allocates: `device`, or the meta device inside `dense_weights_on_meta`."""
+    return "meta" if _DENSE_ON_META.get() else device
+
+
 class UnquantizedLinearMethod(LinearMethodBase):
     """Dense weights in the model dtype; one `F.linear` call."""
 
     def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device | str) -> None:
+        device = dense_device(device)
         weight = torch.empty(layer.out_features, layer.in_features, dtype=dtype, device=device)
         layer.weight = nn.Parameter(weight, requires_grad=False)
         bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None

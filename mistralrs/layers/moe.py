@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.layers.activation import act_and_mul, get_act_fn
-from mistralrs.layers.linear import CheckpointModule, copy_checked
+from mistralrs.layers.linear import CheckpointModule, copy_checked, dense_device
 
 MOE_BACKENDS = ("fused", "reference")
 
@@ -146,6 +146,7 @@ class UnquantizedMoEMethod(MoEMethodBase):
 
     def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
         e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        device = dense_device(device)
         layer.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
         layer.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device), requires_grad=False)
 

@@ -9,6 +9,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from mistralrs.layers.linear import (
+    Linear,
+    UnquantizedLinearMethod,
+    dense_weights_on_meta,
+)
+from mistralrs.layers.moe import FusedMoE, UnquantizedMoEMethod
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.registry import model_class_for
 from mistralrs.quant.config import QuantConfig
@@ -38,6 +44,18 @@ def _listed(names: set[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
+def materialize_meta_weights(model: nn.Module) -> None:
+    """Layers still holding dense weights on the meta device (a quant config left them unquantized, e.g. the
+    non-expert layers under MoQE) get real storage on their own device, before any weight is loaded."""
+    for module in model.modules():
+        if isinstance(module, Linear) and isinstance(module.quant_method, UnquantizedLinearMethod) \
+                and module.weight.is_meta:
+            module.set_quant_method(UnquantizedLinearMethod())
+        elif isinstance(module, FusedMoE) and isinstance(module.quant_method, UnquantizedMoEMethod) \
+                and module.w13.is_meta:
+            module.set_quant_method(UnquantizedMoEMethod())
+
+
 def load_model(
     config_dict: dict[str, Any],
     weights: Iterable[tuple[str, torch.Tensor | GGMLTensor]],
@@ -57,9 +75,13 @@ def load_model(
     """
     config = TextModelConfig.from_hf_dict(config_dict)
     cls = model_class_for(config.architectures, arch_name)
-    model = cls(config, dtype=dtype, device=device)
-    if quant_config is not None:
+    if quant_config is None:
+        model = cls(config, dtype=dtype, device=device)
+    else:
+        with dense_weights_on_meta():
+            model = cls(config, dtype=dtype, device=device)
         quant_config.prepare(model)
+        materialize_meta_weights(model)
     provided: set[str] = set()
 
     def recorded() -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:

@@ -107,3 +107,31 @@ def test_q8_0_isq_keeps_transformers_logits(name, tmp_path):
     reference = harness.hf_logits(hf, token_ids)
     tolerance = REL_TOLERANCE["moe" if experts else "dense"]
     assert float((ours - reference).norm() / reference.norm()) < tolerance
+
+
+def test_quantized_load_allocates_no_dense_copy_first(tmp_path, monkeypatch):
+    """With a quant config the model is built with its dense linear weights on the meta device (on CUDA an
+    `empty` weight is real memory); layers the config leaves dense (MoQE: everything but the experts and the
+    head) get their storage afterwards, before loading, and no parameter stays on meta."""
+    from mistralrs.layers.linear import UnquantizedLinearMethod
+
+    devices: list[str] = []
+    real = UnquantizedLinearMethod.create_weights
+
+    def spy(self, layer, dtype, device):
+        real(self, layer, dtype, device)
+        devices.append(layer.weight.device.type)
+
+    monkeypatch.setattr(UnquantizedLinearMethod, "create_weights", spy)
+    config, hf_cls, _ = FAMILIES["mixtral"]()
+    torch.manual_seed(0)
+    hf_cls(config).save_pretrained(tmp_path)
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        config_dict = json.load(f)
+    files = sorted(glob.glob(os.path.join(str(tmp_path), "*.safetensors")))
+    model = load_model(config_dict, iter_safetensors(files, torch.float32), dtype=torch.float32, device="cpu",
+                       quant_config=IsqQuantConfig(isq="Q8_0", moqe=True))
+    num_linears = sum(isinstance(m, Linear) for m in model.modules())
+    assert devices[:num_linears] == ["meta"] * num_linears   # built: nothing dense allocated
+    assert devices[num_linears:] and set(devices[num_linears:]) == {"cpu"}   # MoQE's dense layers, after prepare
+    assert not any(p.is_meta for p in model.parameters())
