@@ -96,15 +96,21 @@ def _q4_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([f16_bytes(d), _pack_nibbles(codes)], dim=1)
 
 
-def _q4_1(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def _affine_codes(x: torch.Tensor, importance: torch.Tensor | None,
+                  levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d, min, codes 0..levels) per 32-block of the Q4_1/Q5_1 kind: min/max without `importance`, llama.cpp's
+    weighted search with it."""
     blocks = _blocks(x)
     if importance is None:
         low = blocks.min(dim=-1, keepdim=True).values
-        d = (blocks.max(dim=-1, keepdim=True).values - low) / 15
-        codes = _trunc_codes((blocks - low) * _inverse(d), 0.5, 15)
-    else:
-        d, the_min, codes = make_qkx_quants(blocks, _row_weights(x, importance), 15, -0.9, 0.05, 36, use_mad=False)
-        low, codes = -the_min, codes.int()
+        d = (blocks.max(dim=-1, keepdim=True).values - low) / levels
+        return d, low, _trunc_codes((blocks - low) * _inverse(d), 0.5, levels)
+    d, the_min, codes = make_qkx_quants(blocks, _row_weights(x, importance), levels, -0.9, 0.05, 36, use_mad=False)
+    return d, -the_min, codes.int()
+
+
+def _q4_1(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    d, low, codes = _affine_codes(x, importance, 15)
     return torch.cat([f16_bytes(d), f16_bytes(low), _pack_nibbles(codes)], dim=1)
 
 
@@ -120,14 +126,7 @@ def _q5_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q5_1(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    blocks = _blocks(x)
-    if importance is None:
-        low = blocks.min(dim=-1, keepdim=True).values
-        d = (blocks.max(dim=-1, keepdim=True).values - low) / 31
-        codes = _trunc_codes((blocks - low) * _inverse(d), 0.5, 31)
-    else:
-        d, the_min, codes = make_qkx_quants(blocks, _row_weights(x, importance), 31, -0.9, 0.05, 36, use_mad=False)
-        low, codes = -the_min, codes.int()
+    d, low, codes = _affine_codes(x, importance, 31)
     return torch.cat([f16_bytes(d), f16_bytes(low), _fifth_bits(codes), _pack_nibbles(codes)], dim=1)
 
 
