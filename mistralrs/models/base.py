@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mistralrs.layers.linear import StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.rotary import context_lens_per_token
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
 
@@ -61,12 +62,13 @@ class DecoderModel(nn.Module):
     """Base of the `*Model` stacks (the checkpoint's `model.` prefix): embeddings, decoder layers, final norm.
 
     A family sets `embed_tokens`, `layers`, `norm` and `rotary_emb`; each layer is called as
-    `layer(hidden, cos, sin, fb)` with RoPE tables computed once per step.
+    `layer(hidden, cos, sin, fb)` with RoPE tables computed once per step (LongRoPE tables per sequence length).
     """
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # shared by all layers
+        context_lens = context_lens_per_token(fb) if self.rotary_emb.is_longrope else None
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype, context_lens)  # shared by all layers
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, fb)
         return self.norm(hidden)

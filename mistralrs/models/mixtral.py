@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mistralrs.models.base import CausalLM, QKV_PARAMS
+from mistralrs.models.base import QKV_PARAMS, CausalLM, DecoderModel
 from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import (
     Linear,
@@ -24,7 +24,7 @@ from mistralrs.layers.linear import (
 )
 from mistralrs.layers.moe import FusedMoE, load_moe_weights
 from mistralrs.layers.norm import RMSNorm
-from mistralrs.layers.rotary import RotaryEmbedding, context_lens_per_token
+from mistralrs.layers.rotary import RotaryEmbedding
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaAttention
 from mistralrs.models.registry import register
@@ -79,7 +79,7 @@ class MoeDecoderLayer(nn.Module):
         return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
 
 
-class MoeModel(nn.Module):
+class MoeModel(DecoderModel):
     """Embedding, MoE decoder layers and final norm (the `model.` prefix of the checkpoint)."""
 
     def __init__(self, config: TextModelConfig, family: type[MixtralForCausalLM], *, dtype: torch.dtype,
@@ -91,14 +91,6 @@ class MoeModel(nn.Module):
         self.norm = family.make_norm(config, dtype, device)
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
                                           config.max_position_embeddings, device=device)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        context_lens = context_lens_per_token(fb) if self.rotary_emb.is_longrope else None
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype, context_lens)  # shared by all layers
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, fb)
-        return self.norm(hidden)
 
 
 class MixtralForCausalLM(CausalLM):

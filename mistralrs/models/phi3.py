@@ -14,11 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from mistralrs.layers.rotary import context_lens_per_token
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaForCausalLM
 from mistralrs.models.registry import register
-from mistralrs.worker.forward_batch import ForwardBatch
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
@@ -40,15 +38,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
         """Phi-3: `sliding_window` (when set) on every layer."""
         return [config.sliding_window] * config.num_hidden_layers
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        model = self.model
-        hidden = model.embed_tokens(input_ids)
-        context_lens = context_lens_per_token(fb) if model.rotary_emb.is_longrope else None
-        cos, sin = model.rotary_emb.cos_sin(positions, hidden.dtype, context_lens)  # shared by all layers
-        for layer in model.layers:
-            hidden = layer(hidden, cos, sin, fb)
-        return model.norm(hidden)
 
 
 
