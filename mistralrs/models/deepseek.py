@@ -336,7 +336,7 @@ class DeepseekV2ForCausalLM(CausalLM):
         num_layers, num_mtp = self.config.num_hidden_layers, int(self.config.extra.get("num_nextn_predict_layers") or 0)
         if layer is not None and num_layers <= int(layer.group(1)) < num_layers + num_mtp:
             return True
-        return name.endswith("rotary_emb.inv_freq") or (self.config.tie_word_embeddings and name == "lm_head.weight")
+        return super()._not_in_checkpoint(name)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors (fusing gate/up; per-expert tensors into the `FusedMoE` experts); returns the

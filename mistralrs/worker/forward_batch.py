@@ -72,10 +72,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0:
+    if numel == 0:
         return torch.zeros(shape, dtype=dtype)
-    pages = mmap.mmap(-1, nbytes)
+    pages = mmap.mmap(-1, numel * dtype.itemsize)
     return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)
 
 
