@@ -165,6 +165,19 @@ def check_packed_sequences(hf, ours, chunk_sensitive: bool = False) -> None:
     assert_close(second[2], ref(prompts[2], [9, 4])[9:])
 
 
+def check_moe_backends_agree(ours) -> None:
+    """The one MoE switch: the grouped path and the per-token twin give the same logits (ends on "fused")."""
+    from mistralrs.layers.moe import set_moe_backend
+
+    token_ids = prompt(7, 21)
+    outs = []
+    for backend in ("reference", "fused"):
+        set_moe_backend(ours, backend)
+        (logits,) = TinyRunner(ours).step([(0, token_ids)])
+        outs.append(logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
 def check_reference_backend(ours) -> None:
     """The batched SDPA path equals the per-sequence float32 reference twin."""
     prompts = [prompt(30 + i, n) for i, n in enumerate((18, 5))]

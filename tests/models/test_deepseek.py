@@ -113,6 +113,11 @@ def test_absorbed_and_decompressed_match_reference(family):
             attn.absorb = True
 
 
+def test_fused_moe_equals_reference(family):
+    """The routed experts are a `FusedMoE`: its grouped path equals its per-token twin."""
+    harness.check_moe_backends_agree(family[2])
+
+
 def test_greedy_decode_matches_transformers(family):
     _, hf, ours = family
     harness.check_greedy_matches_generate(hf, ours)
