@@ -24,7 +24,8 @@ def test_unbuilt_variants_name_what_is_missing(which, what):
 @pytest.mark.parametrize("kwargs,what", [
     (dict(in_situ_quant="Q9K"), "in_situ_quant"),
     (dict(which_draft=Which.Plain(model_id="d")), "which_draft"),
-    (dict(num_device_layers=["8"]), "num_device_layers"),
+    (dict(num_device_layers=["8", "x"]), "num_device_layers"),
+    (dict(num_device_layers="8"), "num_device_layers"),
     (dict(prompt_chunksize=0), "prompt_chunksize"),
     (dict(prompt_chunksize=64, prompt_batchsize=32), "prompt_batchsize"),
     (dict(pa_blk_size=7), "pa_blk_size"),

@@ -276,7 +276,10 @@ class Runner:
                  truncate_sequence: bool = False) -> None:
         _not_built("which_draft", which_draft, None, "speculative decoding")
         _not_built("anymoe_config", anymoe_config, None, "AnyMoE")
-        _not_built("num_device_layers", num_device_layers, None, "device mapping")
+        if num_device_layers is not None and (isinstance(num_device_layers, str) or not all(
+                isinstance(v, str) for v in num_device_layers)):
+            raise ValueError(f"num_device_layers must be a list of strings such as ['16'] or ['0:16', '1:16'], "
+                             f"got {num_device_layers!r}")
         if prompt_chunksize is not None and prompt_batchsize is not None and prompt_chunksize != prompt_batchsize:
             raise ValueError("prompt_chunksize and prompt_batchsize are the same setting; give only one")
         chunksize = prompt_chunksize if prompt_chunksize is not None else prompt_batchsize
@@ -290,7 +293,7 @@ class Runner:
         self.truncate_sequence = bool(truncate_sequence)
         self._loaded = on_short_lived_thread(lambda: load_pipeline(
             which, token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
-            show_progress=show_progress, in_situ_quant=in_situ_quant))
+            show_progress=show_progress, in_situ_quant=in_situ_quant, num_device_layers=num_device_layers))
         self._engine, self._inputs = build_engine(self._loaded, config)
         self.model_id = self._loaded.model_id
 

@@ -26,9 +26,11 @@ from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
 from mistralrs.quant.isq import IsqQuantConfig, isq_config_from_options
 from mistralrs.quant.isq_types import parse_isq_type
+from mistralrs.quant.topology import Topology
 from mistralrs.quant.uqff import (
     COPIED_FILES, RESIDUAL_FILENAME, UqffQuantConfig, check_uqff_path, resolve_uqff_path, write_model_uqff,
 )
+from mistralrs.worker.device_map import DeviceMapSpec
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +132,10 @@ def _safetensors_paths(source: ModelSource) -> list[str]:
     return [source.get(name) for name in names]
 
 
-def _isq_config(which, in_situ_quant: str | None, device: torch.device) -> IsqQuantConfig | None:
+def _isq_config(which, in_situ_quant: str | None, device_map: DeviceMapSpec) -> IsqQuantConfig | None:
     """The ISQ of a Plain/Lora selection with the Runner's `in_situ_quant` (None: no quantization)."""
     return isq_config_from_options(
-        in_situ_quant, device=device, topology=which.topology,
+        in_situ_quant, topology=device_map.topology,
         moqe=getattr(which, "organization", None) == IsqOrganization.MoQE,
         imatrix=getattr(which, "imatrix", None), calibration_file=getattr(which, "calibration_file", None))
 
@@ -153,20 +155,21 @@ def _calibrate(model: nn.Module, tokenizer: TokenizerBundle, config: dict, isq: 
     return isq
 
 
-def _load_plain(which, token, device, show_progress, chat_template, jinja_explicit,
+def _load_plain(which, token, device_map: DeviceMapSpec, show_progress, chat_template, jinja_explicit,
                 in_situ_quant: str | None = None) -> LoadedModel:
     source = ModelSource(which.model_id, token=token)
     config = _read_json(source.get("config.json"))
+    device = device_map.main
     dtype = resolve_dtype(which.dtype, device)
     arch_name = which.arch.name if which.arch is not None else None
-    isq = _isq_config(which, in_situ_quant, device)
+    isq = _isq_config(which, in_situ_quant, device_map)
     uqff = _uqff_config(which, source, isq)
     if uqff is not None:
         isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
     calibration_file = getattr(which, "calibration_file", None)
     weights = _progress(iter_safetensors(_weight_paths(source, uqff), dtype), None, show_progress, "loading")
     model = load_model(config, uqff.checkpoint_weights(weights) if uqff is not None else weights,
-                       arch_name=arch_name, dtype=dtype, device=device,
+                       arch_name=arch_name, dtype=dtype, device=device, device_map=device_map,
                        quant_config=uqff or (isq if calibration_file is None else None))
     tokenizer = _tokenizer_from_repo(source, which.tokenizer_json, None, chat_template, jinja_explicit)
     if isq is not None and calibration_file is not None:
@@ -212,14 +215,15 @@ def _write_uqff(which, source: ModelSource, model: nn.Module, dtype: torch.dtype
     write_model_uqff(which.write_uqff, model, _safetensors_paths(source), dtype, files, moqe=isq.moqe)
 
 
-def _load_gguf(which, token, device, show_progress, chat_template, jinja_explicit) -> LoadedModel:
+def _load_gguf(which, token, device_map: DeviceMapSpec, show_progress, chat_template, jinja_explicit) -> LoadedModel:
     source = ModelSource(which.quantized_model_id, token=token)
+    device = device_map.main
     filenames = [which.quantized_filename] if isinstance(which.quantized_filename, str) else which.quantized_filename
     gguf = open_gguf([source.get(name) for name in filenames])
     dtype = resolve_dtype(which.dtype, device)
     weights = _progress(gguf.iter_weights(dtype, keep_quantized=True), len(gguf.tensor_types), show_progress,
                         "loading")
-    model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device,
+    model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device, device_map=device_map,
                        quant_config=GGUFModelQuantConfig())
     if which.tok_model_id is not None:
         tok_source = ModelSource(which.tok_model_id, token=token)
@@ -232,10 +236,12 @@ def _load_gguf(which, token, device, show_progress, chat_template, jinja_explici
     return LoadedModel(model, tokenizer, which.quantized_model_id, max_len, dtype, device, quantized_file=True)
 
 
-def _load_ggml(which, token, device, show_progress, chat_template, jinja_explicit) -> LoadedModel:
+def _load_ggml(which, token, device_map: DeviceMapSpec, show_progress, chat_template, jinja_explicit) -> LoadedModel:
     """A legacy GGML llama file (REFERENCE §7); the tokenizer always comes from `tok_model_id`."""
-    if which.topology is not None:
-        raise ValueError("Which.GGML: topology (a manual device map) is not supported for GGML models")
+    if which.topology is not None or device_map.num_device_layers is not None:
+        raise ValueError("Which.GGML: a manual device map (topology, num_device_layers) is not supported for GGML "
+                         "models")
+    device = device_map.main
     if not which.tok_model_id:
         raise ValueError("Which.GGML: tok_model_id is required (GGML files carry no usable tokenizer)")
     source = ModelSource(which.quantized_model_id, token=token)
@@ -251,22 +257,23 @@ def _load_ggml(which, token, device, show_progress, chat_template, jinja_explici
                        dtype, device, quantized_file=True)
 
 
-def _load_lora(which, token, device, show_progress, chat_template, jinja_explicit,
+def _load_lora(which, token, device_map: DeviceMapSpec, show_progress, chat_template, jinja_explicit,
                in_situ_quant: str | None = None) -> LoadedModel:
     """The base model (safetensors) with the ordering file's LoRA adapters merged or hooked in (REFERENCE §6);
     with ISQ, quantized after the merge."""
     if which.from_uqff is not None or which.write_uqff is not None:
         raise ValueError("Which.Lora: from_uqff and write_uqff are not supported yet")
-    isq = _isq_config(which, in_situ_quant, device)
+    isq = _isq_config(which, in_situ_quant, device_map)
     ordering = read_ordering(which.order)
     model_id = which.model_id if which.model_id is not None else ordering.base_model_id
     if not same_model_id(model_id, ordering.base_model_id):
         raise ValueError(f"Which.Lora: model_id {model_id!r} disagrees with the ordering file's base_model_id "
                          f"{ordering.base_model_id!r}")
     base = Which.Plain(model_id=model_id, arch=which.arch, tokenizer_json=which.tokenizer_json, dtype=which.dtype)
-    loaded = _load_plain(base, token, device, show_progress, chat_template, jinja_explicit)
+    loaded = _on_one_device(_load_plain(base, token, _without_topology(device_map, which), show_progress,
+                                        chat_template, jinja_explicit), which)
     apply_lora(loaded.model, ordering, ModelSource(which.adapters_model_id, token=token), token=token,
-               dtype=loaded.dtype, device=device)
+               dtype=loaded.dtype, device=loaded.device)
     if isq is not None:
         isq.quantize_loaded(loaded.model)
         loaded.isq = isq
@@ -285,19 +292,21 @@ def _ordering_and_base(which, model_id: str | None):
     return ordering, base_id
 
 
-def _load_xlora(which, token, device, show_progress, chat_template, jinja_explicit) -> LoadedModel:
+def _load_xlora(which, token, device_map: DeviceMapSpec, show_progress, chat_template, jinja_explicit) -> LoadedModel:
     """The base model (safetensors) with the X-LoRA experts hooked in and its classifier (REFERENCE §6.3)."""
     if which.from_uqff is not None or which.write_uqff is not None or which.topology is not None:
         raise ValueError("Which.XLora: from_uqff, write_uqff and topology are not supported yet")
     ordering, model_id = _ordering_and_base(which, which.model_id)
     base = Which.Plain(model_id=model_id, arch=which.arch, tokenizer_json=which.tokenizer_json, dtype=which.dtype)
-    loaded = _load_plain(base, token, device, show_progress, chat_template, jinja_explicit)
+    loaded = _on_one_device(_load_plain(base, token, device_map, show_progress, chat_template, jinja_explicit),
+                            which)
     apply_xlora(loaded.model, ordering, ModelSource(which.xlora_model_id, token=token), dtype=loaded.dtype,
-                device=device, non_granular_index=which.tgt_non_granular_index)
+                device=loaded.device, non_granular_index=which.tgt_non_granular_index)
     return loaded
 
 
-def _load_gguf_adapters(which, token, device, show_progress, chat_template, jinja_explicit) -> LoadedModel:
+def _load_gguf_adapters(which, token, device_map: DeviceMapSpec, show_progress, chat_template,
+                        jinja_explicit) -> LoadedModel:
     """A GGUF or GGML base that stays quantized, with LoRA (kept separate: quantized weights cannot be merged;
     those in `order` active) or X-LoRA adapters in the activation dtype. The tokenizer comes from `tok_model_id`,
     else the ordering file's `base_model_id` (REFERENCE §1.3)."""
@@ -310,11 +319,13 @@ def _load_gguf_adapters(which, token, device, show_progress, chat_template, jinj
         base = Which.GGML(quantized_model_id=which.quantized_model_id, quantized_filename=which.quantized_filename,
                           tok_model_id=tok_model_id, tokenizer_json=which.tokenizer_json, gqa=which.gqa,
                           dtype=which.dtype)
-        loaded = _load_ggml(base, token, device, show_progress, chat_template, jinja_explicit)
+        loaded = _load_ggml(base, token, device_map, show_progress, chat_template, jinja_explicit)
     else:
         base = Which.GGUF(quantized_model_id=which.quantized_model_id, quantized_filename=which.quantized_filename,
                           tok_model_id=tok_model_id, dtype=which.dtype)
-        loaded = _load_gguf(base, token, device, show_progress, chat_template, jinja_explicit)
+        loaded = _on_one_device(_load_gguf(base, token, device_map, show_progress, chat_template, jinja_explicit),
+                                which)
+    device = loaded.device
     if isinstance(which, (Which.XLoraGGUF, Which.XLoraGGML)):
         apply_xlora(loaded.model, ordering, ModelSource(which.xlora_model_id, token=token), dtype=loaded.dtype,
                     device=device, non_granular_index=which.tgt_non_granular_index)
@@ -326,8 +337,10 @@ def _load_gguf_adapters(which, token, device, show_progress, chat_template, jinj
 
 def load_pipeline(which, *, token_source: str = "cache", chat_template: str | None = None,
                   jinja_explicit: str | None = None, show_progress: bool | None = None,
-                  device: torch.device | None = None, in_situ_quant: str | None = None) -> LoadedModel:
-    """Load the model and tokenizer that `which` selects, quantized in situ to `in_situ_quant` if given."""
+                  device: torch.device | None = None, in_situ_quant: str | None = None,
+                  num_device_layers: list[str] | None = None) -> LoadedModel:
+    """Load the model and tokenizer that `which` selects, quantized in situ to `in_situ_quant` if given, its
+    decoder layers spread over devices as `num_device_layers` and the topology's `device` entries say."""
     variant = type(which).__name__
     if in_situ_quant is not None:
         try:
@@ -341,20 +354,50 @@ def load_pipeline(which, *, token_source: str = "cache", chat_template: str | No
         raise ValueError(f"Which.{variant} is not supported yet: {_NOT_BUILT[variant]} are not built in this "
                          "version (supported: Which.Plain, Which.GGUF, Which.Lora, Which.XLora, "
                          "Which.LoraGGUF, Which.XLoraGGUF, Which.GGML, Which.LoraGGML, Which.XLoraGGML)")
-    device = device or default_device()
+    device_map = _device_map_spec(which, device or default_device(), num_device_layers)
     token = resolve_token(token_source)
     if isinstance(which, Which.Plain):
-        return _load_plain(which, token, device, show_progress, chat_template, jinja_explicit, in_situ_quant)
+        return _load_plain(which, token, device_map, show_progress, chat_template, jinja_explicit, in_situ_quant)
     if isinstance(which, Which.Lora):
-        return _load_lora(which, token, device, show_progress, chat_template, jinja_explicit, in_situ_quant)
+        return _load_lora(which, token, device_map, show_progress, chat_template, jinja_explicit, in_situ_quant)
     if isinstance(which, Which.XLora):
-        return _load_xlora(which, token, device, show_progress, chat_template, jinja_explicit)
+        return _load_xlora(which, token, device_map, show_progress, chat_template, jinja_explicit)
     if isinstance(which, (Which.LoraGGUF, Which.XLoraGGUF, Which.LoraGGML, Which.XLoraGGML)):
-        return _load_gguf_adapters(which, token, device, show_progress, chat_template, jinja_explicit)
+        return _load_gguf_adapters(which, token, device_map, show_progress, chat_template, jinja_explicit)
     if isinstance(which, Which.GGUF):
-        if which.topology is not None:
-            raise ValueError("Which.GGUF: topology is not supported yet")
-        return _load_gguf(which, token, device, show_progress, chat_template, jinja_explicit)
+        return _load_gguf(which, token, device_map, show_progress, chat_template, jinja_explicit)
     if isinstance(which, Which.GGML):
-        return _load_ggml(which, token, device, show_progress, chat_template, jinja_explicit)
+        return _load_ggml(which, token, device_map, show_progress, chat_template, jinja_explicit)
     raise TypeError(f"which must be a Which variant, got {type(which).__name__}")
+
+
+def _device_map_spec(which, device: torch.device, num_device_layers: list[str] | None) -> DeviceMapSpec:
+    """The model's device with the selection's topology (parsed once: its `isq` entries drive ISQ, its `device`
+    entries the device map) and `num_device_layers`."""
+    path = getattr(which, "topology", None)
+    topology = Topology.from_yaml(path) if path is not None else None
+    if isinstance(which, Which.GGUF) and topology is not None and any(
+            entry is not None and entry.isq is not None for entry in topology.layers):
+        raise ValueError(f"Which.GGUF: topology {path!r} has `isq` entries; a GGUF model's weights are quantized "
+                         "already (only `device` entries apply)")
+    return DeviceMapSpec(device, topology, tuple(num_device_layers) if num_device_layers is not None else None)
+
+
+def _without_topology(device_map: DeviceMapSpec, which) -> DeviceMapSpec:
+    """The spec for the base of a Lora selection, whose topology ISQ applies after the merge: without the topology,
+    which may name no other device than the model's (see `_on_one_device`)."""
+    others = device_map.topology.devices() - {device_map.main} if device_map.topology is not None else set()
+    if others:
+        raise ValueError(f"Which.{type(which).__name__}: adapters need every decoder layer on the model's device "
+                         f"{device_map.main}, but the topology names {sorted(str(d) for d in others)}")
+    return replace(device_map, topology=None)
+
+
+def _on_one_device(loaded: LoadedModel, which) -> LoadedModel:
+    """`loaded` when its decoder layers all run on its device; ValueError for an adapter model, whose adapter
+    weights live on the model's device, when a device map spread them."""
+    device_map = getattr(loaded.model, "device_map", None)
+    if device_map is not None:
+        raise ValueError(f"Which.{type(which).__name__}: adapters need every decoder layer on the model's device "
+                         f"{loaded.device}, but the device map puts {device_map.describe()}")
+    return loaded

@@ -19,6 +19,7 @@ from mistralrs.models.config import TextModelConfig
 from mistralrs.models.registry import model_class_for
 from mistralrs.quant.config import QuantConfig
 from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.worker.device_map import DeviceMapSpec
 
 _MAX_LISTED_NAMES = 20  # names quoted in a missing/unexpected-weights error before it is cut short
 
@@ -64,23 +65,30 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     quant_config: QuantConfig | None = None,
+    device_map: DeviceMapSpec | None = None,
 ) -> nn.Module:
     """Builds the registered model class for `config_dict` (or the forced `arch_name`) and loads `weights`.
 
     With `quant_config`, every Linear gets the config's quant method before loading (e.g. GGUF blocks kept
     quantized); without, Linear weights are dense in `dtype` (GGML blocks given anyway are dequantized).
+    With a `device_map` that places decoder layers on other devices than `device`, each layer's weights are
+    created and loaded on its own device (mistralrs/worker/device_map.py).
 
     Raises ValueError listing the checkpoint names that are missing or that the model does not use
     (a tied LM head may be absent; rotary `inv_freq` buffers are ignored). Returns the model in eval mode.
     """
     config = TextModelConfig.from_hf_dict(config_dict)
     cls = model_class_for(config.architectures, arch_name)
-    if quant_config is None:
+    placement = device_map.resolve(config.num_hidden_layers) if device_map is not None else None
+    if quant_config is None and placement is None:
         model = cls(config, dtype=dtype, device=device)
     else:
         with dense_weights_on_meta():
             model = cls(config, dtype=dtype, device=device)
-        quant_config.prepare(model)
+        if placement is not None:
+            placement.place_layers(model)
+        if quant_config is not None:
+            quant_config.prepare(model)
         materialize_meta_weights(model)
     provided: set[str] = set()
 
@@ -99,4 +107,6 @@ def load_model(
         problems.append(f"unexpected weights: {_listed(unexpected)}")
     if problems:
         raise ValueError(f"checkpoint does not match {cls.__name__}: " + "; ".join(problems))
+    if placement is not None:
+        placement.install_hooks(model)
     return model.eval()

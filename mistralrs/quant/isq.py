@@ -462,26 +462,18 @@ def _requantize_linear(linear: Linear, isq: IsqType, imatrix, use_fast_kernels: 
     linear.set_quant_method(fresh)
 
 
-def isq_config_from_options(in_situ_quant: str | None, *, device: torch.device, topology: str | None = None,
-                            moqe: bool = False, imatrix: str | None = None,
-                            calibration_file: str | None = None) -> IsqQuantConfig | None:
+def isq_config_from_options(in_situ_quant: str | None, *, topology: Topology | None = None, moqe: bool = False,
+                            imatrix: str | None = None, calibration_file: str | None = None) -> IsqQuantConfig | None:
     """The ISQ config that the Runner/`Which` options ask for; None when they ask for no quantization.
 
-    ValueError for an unknown type, a bad topology, a topology device other than the model's (layers cannot
-    be spread over devices in this version), imatrix together with calibration_file, or either of them with no
-    ISQ type or with an HQQ/FP8 type.
+    ValueError for an unknown type, imatrix together with calibration_file, or either of them with no ISQ type or
+    with an HQQ/FP8 type. (The topology's `device` entries are the device map's: mistralrs/worker/device_map.py.)
     """
     isq = parse_isq_type(in_situ_quant) if in_situ_quant is not None else None
-    layout = Topology.from_yaml(topology) if topology is not None else None
-    if layout is not None:
-        others = sorted(str(d) for d in layout.devices() if d != device)
-        if others:
-            raise ValueError(f"topology {topology!r}: devices {others} differ from the model's device {device}; "
-                             "spreading layers over devices is not supported in this version")
     if imatrix is not None and calibration_file is not None:
         raise ValueError("imatrix and calibration_file cannot be combined: give one source of importance data")
-    types = ({isq} if isq is not None else set()) | ({e.isq for e in layout.layers if e is not None and e.isq}
-                                                     if layout is not None else set())
+    types = ({isq} if isq is not None else set()) | ({e.isq for e in topology.layers if e is not None and e.isq}
+                                                     if topology is not None else set())
     if not types:
         if imatrix is not None or calibration_file is not None:
             raise ValueError("imatrix/calibration_file need ISQ: give in_situ_quant or a topology with `isq` entries")
@@ -491,7 +483,7 @@ def isq_config_from_options(in_situ_quant: str | None, *, device: torch.device, 
             if not kind.supports_imatrix:
                 raise ValueError(f"ISQ type {kind.name} ({kind.kind.upper()}) does not support imatrix "
                                  "(calibration_file)")
-    return IsqQuantConfig(isq=isq, topology=layout, moqe=moqe, imatrix_path=imatrix)
+    return IsqQuantConfig(isq=isq, topology=topology, moqe=moqe, imatrix_path=imatrix)
 
 
 def re_isq_config(previous: IsqQuantConfig | None, isq: str | IsqType) -> IsqQuantConfig:

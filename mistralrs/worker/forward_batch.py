@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -79,19 +80,24 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def allocate_kv_caches(
-    spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+    spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+    device: torch.device | str | Sequence[torch.device],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zero-filled `(k, v)` per layer: k `[num_blocks * block_size, num_kv_heads, head_dim]`, v the same with
-    `spec.value_dim` features (an empty tensor when the spec has no V cache).
+    `spec.value_dim` features (an empty tensor when the spec has no V cache); on `device`, or on `device[i]` for
+    layer i when given one device per layer (a device-mapped model).
 
     Zero filling matters: masked-out cache slots are still read by the batched path and must hold finite values.
     """
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
-    device = torch.device(device)
+    devices = [torch.device(device)] * spec.num_layers if isinstance(device, (str, torch.device)) \
+        else [torch.device(d) for d in device]
+    if len(devices) != spec.num_layers:
+        raise ValueError(f"allocate_kv_caches: {len(devices)} devices given for {spec.num_layers} layers")
     k_shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
     v_shape = (num_blocks * block_size, spec.num_kv_heads, spec.value_dim)
-    return [(_zeros(k_shape, dtype, device), _zeros(v_shape, dtype, device)) for _ in range(spec.num_layers)]
+    return [(_zeros(k_shape, dtype, d), _zeros(v_shape, dtype, d)) for d in devices]
 
 
 @dataclass
@@ -119,6 +125,7 @@ class ForwardBatch:
     # adapter applies. Set by the adapter runtime (mistralrs/adapters/runtime.py), read by every LoraHook.
     adapter_weights: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
+    _placed: dict[torch.device, ForwardBatch] = field(default_factory=dict, init=False, repr=False)  # see `on`
 
     @property
     def num_seqs(self) -> int:
@@ -195,6 +202,20 @@ class ForwardBatch:
             attention_backend=attention_backend,
             contiguous_start=_contiguous_start(block_tables, block_size),
         )
+
+    def on(self, device: torch.device) -> ForwardBatch:
+        """This step's batch with its tensors on `device`, for decoder layers placed there by a device map
+        (mistralrs/loader/device_map.py): made once per device and step; the KV caches are the same list (each
+        layer's cache lives on its layer's device); itself when its tensors are on `device` already."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        placed = self._placed.get(device)
+        if placed is None:
+            moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                     if f.init and isinstance(getattr(self, f.name), torch.Tensor)}
+            placed = self._placed[device] = replace(self, **moved)
+        return placed
 
     def gather_contexts(self, cache: torch.Tensor) -> torch.Tensor:
         """Each sequence's context read from a flat cache: `[num_seqs * max_context_len, ...]`.

@@ -9,6 +9,7 @@ from torch import nn
 
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.core import SchedulerOutput
+from mistralrs.worker.device_map import layer_devices
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
@@ -31,7 +32,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, block_size, kv_dtype, device)
+        spec = model.kv_cache_spec()
+        self.kv_caches = allocate_kv_caches(spec, num_blocks, block_size, kv_dtype,
+                                            layer_devices(model, spec.num_layers, device))
         self.sampler = Sampler()
         self.adapters = adapter_runtime_of(model)  # per-token adapter weights; None without separate adapters
         self.cpu_threads = CpuThreadChooser(device)  # thread count per step (see worker/cpu_threads.py)

@@ -177,7 +177,7 @@ def test_topology_types_per_layer_uncovered_and_unindexed_layers(llama, tmp_path
     config_dict, files, _ = llama
     path = tmp_path / "topology.yml"
     path.write_text("0: {isq: Q8_0}\n1: {device: cpu}\n")  # layer 1 covered without isq: left unquantized
-    config = isq_config_from_options("Q4K", device=torch.device("cpu"), topology=str(path))
+    config = isq_config_from_options("Q4K", topology=Topology.from_yaml(str(path)))
     ours = _load(config_dict, files, config)
     states = dict(zip(isq_layer_names(ours), isq_layer_states(ours)))
     assert states["lm_head"].ggml.ggml_type == "Q4_K"  # no index: the global type
@@ -191,7 +191,7 @@ def test_topology_with_only_layer_types_quantizes_only_those(llama, tmp_path):
     config_dict, files, _ = llama
     path = tmp_path / "topology.yml"
     path.write_text("1-2: {isq: HQQ8}\n")
-    ours = _load(config_dict, files, isq_config_from_options(None, device=torch.device("cpu"), topology=str(path)))
+    ours = _load(config_dict, files, isq_config_from_options(None, topology=Topology.from_yaml(str(path))))
     assert isinstance(ours.lm_head.quant_method, UnquantizedLinearMethod)
     assert isinstance(ours.model.layers[0].self_attn.o_proj.quant_method, UnquantizedLinearMethod)
     assert ours.model.layers[1].self_attn.o_proj.quant_method.states[0].kind == "hqq"
@@ -338,17 +338,7 @@ def test_isq_with_a_gguf_model_is_refused_and_re_isq_ignored(tmp_path):
 def test_bad_options_raise(options, message):
     in_situ_quant = options.pop("in_situ_quant")
     with pytest.raises(ValueError, match=message):
-        isq_config_from_options(in_situ_quant, device=torch.device("cpu"), **options)
-
-
-def test_topology_device_other_than_the_model_is_refused(tmp_path):
-    path = tmp_path / "t.yml"
-    path.write_text("0-1: {isq: Q4K, device: cpu}\n")
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="differ from the model's device"):
-            isq_config_from_options(None, device=torch.device("cuda", 0), topology=str(path))
-    assert isq_config_from_options(None, device=torch.device("cpu"), topology=str(path)).topology == \
-        Topology.from_yaml(str(path))
+        isq_config_from_options(in_situ_quant, **options)
 
 
 def test_hqq_quantizing_with_an_imatrix_raises():
