@@ -18,6 +18,7 @@ from mistralrs.core import Scheduler, SchedulerConfig
 from mistralrs.engine.engine import Engine
 from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.loader.pipeline import LoadedModel
+from mistralrs.worker.device_map import layer_devices
 from mistralrs.worker.model_runner import ModelRunner
 
 T = TypeVar("T")
@@ -85,6 +86,15 @@ def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, bytes_per_block: in
     return min(most_useful, blocks)
 
 
+def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
+    """Bytes one KV block takes on the model's device: the layers a device map puts elsewhere keep their caches
+    there (on the CPU, memory maps committed only as they fill), so they do not spend the device's budget."""
+    spec = loaded.model.kv_cache_spec()
+    devices = layer_devices(loaded.model, spec.num_layers, loaded.device)
+    on_main = max(1, sum(device == loaded.device for device in devices))
+    return spec.bytes_per_block(block_size, loaded.dtype) * on_main // spec.num_layers
+
+
 def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread, and return it with its input processor."""
     spec = loaded.model.kv_cache_spec()
@@ -94,7 +104,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, Inp
         logger.info("X-LoRA tgt_non_granular_index forces max_seqs = 1 (was %d)", config.max_seqs)
         config = dataclasses.replace(config, max_seqs=1)
     kv_factor = adapters.kv_cache_factor if adapters is not None else 1   # X-LoRA's scaling pass has its own
-    num_blocks = num_kv_blocks(config, loaded, spec.bytes_per_block(config.block_size, loaded.dtype) * kv_factor)
+    num_blocks = num_kv_blocks(config, loaded, main_device_bytes_per_block(loaded, config.block_size) * kv_factor)
     if num_blocks < 1:
         raise ValueError("the KV cache sizing leaves no room for a single block; raise pa_ctxt_len / pa_gpu_mem")
     capacity = num_blocks * config.block_size

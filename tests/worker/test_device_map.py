@@ -164,6 +164,22 @@ def test_layer_hooks_hand_every_layer_its_inputs_and_leave_the_result_unchanged(
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
+def test_the_main_device_kv_budget_pays_only_for_its_own_layers(tiny_dir):
+    import json
+
+    from mistralrs.engine.builder import main_device_bytes_per_block
+    from mistralrs.loader.pipeline import LoadedModel
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    files = sorted(str(p) for p in tiny_dir.glob("*.safetensors"))
+    model = load_model(config, iter_safetensors(files, torch.float32), dtype=torch.float32, device=CPU)
+    loaded = LoadedModel(model, None, "tiny", 512, torch.float32, CPU)
+    whole = model.kv_cache_spec().bytes_per_block(8, torch.float32)
+    assert main_device_bytes_per_block(loaded, 8) == whole
+    model.device_map = DeviceMap(CPU, (CPU, META))
+    assert main_device_bytes_per_block(loaded, 8) == whole // 2
+
+
 def _greedy(runner: Runner) -> tuple[str, list[float]]:
     response = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=[{"role": "user", "content": "map my layers"}], model="tiny", max_tokens=8, temperature=0.0,
