@@ -3,8 +3,9 @@
 On the CPU: how the settings resolve to a device per layer (CUDA counts faked where a map needs them), that the
 placement step creates every weight of a placed layer on its device and nothing of it on the main device (a
 "device" the CPU can hold: meta), that a ForwardBatch moves all of its tensors, and that a CPU model accepts the
-settings that name only the CPU. The cross-device forward itself (hidden states handed between a CUDA and a CPU
-layer, each layer's KV cache on its device) runs where CUDA exists, against the same model on one device.
+settings that name only the CPU. The split forward runs under fake tensors with meta as the second device (every op
+that mixes devices raises there, as on CUDA), dense and GGUF. Where CUDA exists, a model split between CUDA and the
+CPU generates what the same model generates on one device.
 """
 
 from __future__ import annotations
@@ -162,6 +163,73 @@ def test_layer_hooks_hand_every_layer_its_inputs_and_leave_the_result_unchanged(
     (after,) = TinyRunner(model).step([(0, token_ids)])
     assert placed_batches == [CPU, CPU]          # one per decoder layer, each given its own device
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("placement", [(META, CPU), (CPU, META)], ids=["first-elsewhere", "last-elsewhere"])
+def test_a_split_forward_runs_every_op_on_one_device(tiny_dir, placement):
+    """The whole load and forward (prefill of two sequences, then a decode step) under fake tensors, with meta
+    standing in for a second device: a fake tensor op that mixes devices raises, as a CUDA op would. (Meta cannot
+    be the model's device here: quantized and dense weights are built on meta before placement.)"""
+    import json
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mistralrs.worker.device_map import layer_devices
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    files = sorted(str(p) for p in tiny_dir.glob("*.safetensors"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    weights = [(name, mode.from_tensor(t)) for name, t in iter_safetensors(files, torch.float32)]
+    with mode:
+        model = load_model(config, weights, dtype=torch.float32, device=CPU,
+                           device_map=_FixedMap(DeviceMap(CPU, placement)))
+        assert [next(layer.parameters()).device for layer in model.model.layers] == list(placement)
+        caches = allocate_kv_caches(model.kv_cache_spec(), 8, 4, torch.float32, layer_devices(model, 2, CPU))
+        assert [k.device for k, _ in caches] == list(placement)
+        prefill = ForwardBatch.build([SeqChunk(list(range(10)), 0, [0, 1, 2]), SeqChunk([3, 4], 0, [4])], 4,
+                                     caches, CPU)
+        hidden = model(prefill.input_ids, prefill.positions, prefill)
+        logits = model.compute_logits(hidden[prefill.last_token_indices])
+        decode = ForwardBatch.build([SeqChunk([5], 10, [0, 1, 2])], 4, caches, CPU)
+        decoded = model(decode.input_ids, decode.positions, decode)
+    assert (hidden.device, logits.device, decoded.device) == (CPU, CPU, CPU)
+    assert logits.shape == (2, config["vocab_size"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_split_gguf_forward_runs_every_op_on_one_device(tmp_path, dtype):
+    """As above for GGUF Q8_0 blocks: the stand-in device's layer is packed there; the CPU layer (bfloat16: int4
+    kernel form) on the CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mistralrs.loader.gguf_loader import open_gguf
+    from mistralrs.quant.ggml_tensor import GGMLTensor
+    from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
+    from mistralrs.worker.device_map import layer_devices
+    from tests.loader.gguf_fixtures import write_tiny_gguf
+    from tests.tiny_models import hf_config
+
+    config = hf_config("llama", 320)
+    torch.manual_seed(1)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    gguf = open_gguf(write_tiny_gguf(hf, config, tmp_path / "tiny.gguf", arch="llama", ggml_type="Q8_0"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(tensor):
+        if isinstance(tensor, GGMLTensor):
+            return tensor.with_rows(mode.from_tensor(tensor.data.clone()))
+        return mode.from_tensor(tensor)
+
+    weights = [(name, fake(t)) for name, t in gguf.iter_weights(dtype, keep_quantized=True)]
+    with mode:
+        model = load_model(gguf.config, weights, dtype=dtype, device=CPU,
+                           device_map=_FixedMap(DeviceMap(CPU, (META, CPU))), quant_config=GGUFModelQuantConfig())
+        caches = allocate_kv_caches(model.kv_cache_spec(), 8, 4, dtype, layer_devices(model, 2, CPU))
+        batch = ForwardBatch.build([SeqChunk(list(range(10)), 0, [0, 1, 2])], 4, caches, CPU)
+        logits = model.compute_logits(model(batch.input_ids, batch.positions, batch))
+    assert logits.device == CPU
+    assert all(t.device == META for t in _tensors(model.model.layers[0].self_attn.o_proj.quant_method))
+    assert all(t.device == CPU for t in _tensors(model.model.layers[1].self_attn.o_proj.quant_method))
 
 
 def test_the_main_device_kv_budget_pays_only_for_its_own_layers(tiny_dir):
