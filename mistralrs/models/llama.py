@@ -15,6 +15,7 @@ from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS, QKV_PA
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.fused_decode import FusedDecoderLayer
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
@@ -79,7 +80,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`."""
+    """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`.
+
+    `fused_decode` runs the same ATen calls from C++ when it can (bit-exact, mistralrs/layers/fused_decode.py);
+    the modules below are its plain twin and run otherwise.
+    """
 
     def __init__(self, config: TextModelConfig, layer_idx: int, *, qkv_bias: bool, o_bias: bool,
                  sliding_window: int | None, dtype: torch.dtype, device: torch.device | str):
@@ -91,8 +96,16 @@ class LlamaDecoderLayer(nn.Module):
                                         dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
+        # the same computation from one C++ call (mistralrs/layers/fused_decode.py); these modules are its twin
+        self.fused_decode = FusedDecoderLayer(
+            (self.input_layernorm, self.post_attention_layernorm),
+            (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj),
+            self.self_attn.attn, self.mlp.act_fn)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        fused = self.fused_decode.forward(hidden, cos, sin, fb)
+        if fused is not None:
+            return fused
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 

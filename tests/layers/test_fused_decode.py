@@ -1,0 +1,243 @@
+"""The fused decoder-layer path (mistralrs/layers/fused_decode.py) against its plain twin, the Python modules.
+
+The C++ side makes the same ATen calls in the same order as the modules, so the tolerance is zero: hidden states
+and logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) models
+with dense float32 and bfloat16 weights, tiny GGUF models in both CPU int4 forms (Q4_1: one plane, Q8_0: two
+planes), and the real SmolLM2-135M-Instruct GGUF. Every step pattern is covered: a padded prefill of two
+sequences, a batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
+Each test also checks that the fused path really ran (the plain attention module was never called).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExtension, LinearKind, linear_spec, \
+    set_fused_decode
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+
+BLOCK_SIZE = 4
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+FAMILIES = {
+    "llama": (LlamaForCausalLM, {}),
+    "mistral": (MistralForCausalLM, dict(sliding_window=5)),
+    "qwen2": (Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                                     tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The compiled extension (built once per machine, about half a minute); skips only where there is no C++
+    compiler: with one, a failed build is a test failure."""
+    module = EXTENSION.get(wait=True)
+    if module is None:
+        if shutil.which(os.environ.get("CXX", "c++")):
+            pytest.fail("a C++ compiler is installed but the fused decode extension did not build (see the log)")
+        pytest.skip("the fused decode extension cannot be built here: no C++ compiler")
+    return module
+
+
+def tiny_model(family: str, dtype: torch.dtype) -> torch.nn.Module:
+    cls, overrides = FAMILIES[family]
+    model = cls(TextModelConfig.from_hf_dict({**TINY, **overrides}), dtype=dtype, device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.1 if "norm" in name else 0.15
+            center = 1.0 if "norm" in name else 0.0
+            param.copy_(center + scale * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def steps(prompts: list[list[int]], num_decode: int, vocab: int) -> list[list[tuple[list[int], int]]]:
+    """Per step, per sequence (new tokens, start position): both prompts in one padded step, `num_decode` batched
+    decode steps, then `num_decode` steps of the first sequence alone."""
+    rng = random.Random(0)
+    plan = [[(p, 0) for p in prompts]]
+    lengths = [len(p) for p in prompts]
+    for _ in range(num_decode):
+        plan.append([([rng.randrange(vocab)], n) for n in lengths])
+        lengths = [n + 1 for n in lengths]
+    for _ in range(num_decode):
+        plan.append([([rng.randrange(vocab)], lengths[0])])
+        lengths[0] += 1
+    return plan
+
+
+def run(model, fused: bool, step_plan, block_tables: list[list[int]]) -> list[torch.Tensor]:
+    """Hidden states and logits of every step with the switch set to `fused`, on a fresh KV cache."""
+    set_fused_decode(model, fused)
+    num_blocks = 1 + max(max(t) for t in block_tables)
+    kv = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, model.dtype, "cpu")
+    outputs = []
+    with torch.inference_mode():
+        for step in step_plan:
+            chunks = [SeqChunk(tokens, start, block_tables[s]) for s, (tokens, start) in enumerate(step)]
+            batch = ForwardBatch.build(chunks, BLOCK_SIZE, kv, "cpu")
+            hidden = model(batch.input_ids, batch.positions, batch)
+            outputs += [hidden, model.compute_logits(hidden[batch.last_token_indices])]
+    return outputs
+
+
+@contextlib.contextmanager
+def counting_plain_attention_calls(model) -> Iterator[list[int]]:
+    """Counts calls of the plain attention modules (the fused path makes none) in `calls[0]`."""
+    calls = [0]
+    handles = [layer.self_attn.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+               for layer in model.model.layers]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_fused_equals_plain(model, *, num_blocks: int = 24, shuffle: bool = True) -> None:
+    vocab = model.config.vocab_size
+    gen = random.Random(1)
+    prompts = [[gen.randrange(vocab) for _ in range(n)] for n in (11, 6)]
+    blocks = list(range(num_blocks))
+    if shuffle:
+        gen.shuffle(blocks)
+    half = num_blocks // 2
+    tables = [blocks[:half], blocks[half:]]
+    step_plan = steps(prompts, 4, vocab)
+    with counting_plain_attention_calls(model) as calls:
+        plain = run(model, False, step_plan, tables)
+        assert calls[0] == len(step_plan) * model.config.num_hidden_layers
+        fused = run(model, True, step_plan, tables)
+        assert calls[0] == len(step_plan) * model.config.num_hidden_layers, "the fused path did not run"
+    for i, (a, b) in enumerate(zip(plain, fused)):
+        assert torch.equal(a, b), f"output {i}: max difference {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_dense_families_fused_equals_plain(extension, family, dtype):
+    model = tiny_model(family, dtype)
+    assert_fused_equals_plain(model)
+    assert_fused_equals_plain(model, num_blocks=16, shuffle=False)  # contiguous blocks: the cache-view path
+
+
+@pytest.mark.parametrize("arch, ggml_type, kind", [("llama", "Q4_1", LinearKind.INT4),
+                                                   ("qwen2", "Q8_0", LinearKind.INT4_PAIR)])
+def test_tiny_gguf_int4_forms_fused_equals_plain(extension, tmp_path, arch, ggml_type, kind):
+    from tests.quant.test_gguf_models import load, tiny_gguf
+    from mistralrs.quant.gguf_linear import GGUFQuantConfig
+
+    model = load(tiny_gguf(tmp_path, arch, ggml_type, tie=False), torch.bfloat16, GGUFQuantConfig()).eval()
+    layer = model.model.layers[0]
+    assert [linear_spec(linear)[0] for linear in layer.fused_decode.linears] == [kind] * 4
+    assert_fused_equals_plain(model)
+
+
+def test_smollm2_fused_equals_plain(extension):
+    from mistralrs import ModelDType, Which
+    from mistralrs.loader.default_model import default_model_path
+    from mistralrs.loader.pipeline import load_pipeline
+
+    path = default_model_path()
+    model = load_pipeline(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+                                     dtype=ModelDType.BF16), show_progress=False).model
+    assert all(spec[0] == LinearKind.INT4 for layer in model.model.layers
+               for spec in map(linear_spec, layer.fused_decode.linears))
+    assert_fused_equals_plain(model)
+
+
+def test_plain_path_when_the_layer_cannot_be_fused(extension):
+    model = tiny_model("llama", torch.float32)
+    hidden = []
+    with counting_plain_attention_calls(model) as calls:
+        for fused in (False, True):
+            set_fused_decode(model, fused)
+            kv = allocate_kv_caches(model.kv_cache_spec(), 4, BLOCK_SIZE, model.dtype, "cpu")
+            batch = ForwardBatch.build([SeqChunk([1, 2, 3], 0, [0, 1])], BLOCK_SIZE, kv, "cpu", "reference")
+            with torch.inference_mode():
+                hidden.append(model(batch.input_ids, batch.positions, batch))
+    assert calls[0] == 4  # the "reference" attention backend always takes the modules
+    torch.testing.assert_close(hidden[0], hidden[1], rtol=0, atol=0)
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj.adapters.append(lambda x: torch.zeros(*x.shape[:-1], mlp.down_proj.out_features))
+    assert linear_spec(mlp.down_proj) is None
+    assert model.model.layers[1].fused_decode._current_plan() is None  # rebuilt, and not fusable
+    assert model.model.layers[0].fused_decode._current_plan() is not None
+    mlp.down_proj.adapters.clear()
+    assert model.model.layers[1].fused_decode._current_plan() is not None
+
+
+def test_a_forward_hook_on_a_fused_module_gets_the_plain_path(extension):
+    """imatrix collection hooks the linear layers' inputs: the fused call would bypass them."""
+    model = tiny_model("llama", torch.float32)
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    kv = allocate_kv_caches(model.kv_cache_spec(), 4, BLOCK_SIZE, model.dtype, "cpu")
+    batch = ForwardBatch.build([SeqChunk([1, 2, 3], 0, [0, 1])], BLOCK_SIZE, kv, "cpu")
+    with counting_plain_attention_calls(model) as calls, torch.inference_mode():
+        model(batch.input_ids, batch.positions, batch)
+    assert calls[0] == 1 and len(seen) == 1  # layer 1 ran its modules; layer 0 (no hook) stayed fused
+    handle.remove()
+    assert not model.model.layers[1].fused_decode._observed()
+
+
+def test_plan_follows_in_place_norm_updates(extension):
+    model = tiny_model("llama", torch.bfloat16)
+    assert_fused_equals_plain(model)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(1.5)
+    assert_fused_equals_plain(model)
+
+
+def test_without_the_extension_the_plain_path_runs(monkeypatch):
+    model = tiny_model("qwen2", torch.float32)
+    monkeypatch.setattr(EXTENSION, "get", lambda wait=False: None)
+    layer = model.model.layers[0]
+    assert isinstance(layer.fused_decode, FusedDecoderLayer) and layer.fused_decode.enabled
+    kv = allocate_kv_caches(model.kv_cache_spec(), 4, BLOCK_SIZE, model.dtype, "cpu")
+    batch = ForwardBatch.build([SeqChunk([1, 2, 3], 0, [0, 1])], BLOCK_SIZE, kv, "cpu")
+    with counting_plain_attention_calls(model) as calls, torch.inference_mode():
+        model(batch.input_ids, batch.positions, batch)
+    assert calls[0] == 2
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
+    source = tmp_path / "broken.cpp"
+    source.write_text("this is not C++\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    broken = LazyExtension(source, "mistralrs_broken_test")
+    with caplog.at_level(logging.WARNING, logger="mistralrs.layers.fused_decode"):
+        assert broken.get(wait=True) is None
+        assert broken.get(wait=True) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "broken.cpp" in warnings[0].getMessage()
+
+
+def test_switch_validates_its_value():
+    with pytest.raises(ValueError, match="enabled"):
+        set_fused_decode(tiny_model("llama", torch.float32), "yes")
+
+
+def test_environment_turns_the_default_off(monkeypatch):
+    monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
+    assert not tiny_model("llama", torch.float32).model.layers[0].fused_decode.enabled
+
+
+def test_deep_copied_model_builds_its_own_plans(extension):
+    model = tiny_model("llama", torch.bfloat16)
+    assert_fused_equals_plain(model)
+    copied = copy.deepcopy(model)
+    fused = copied.model.layers[0].fused_decode
+    assert fused._plan is None and fused.linears[0] is copied.model.layers[0].self_attn.qkv_proj
+    assert_fused_equals_plain(copied)
