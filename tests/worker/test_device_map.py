@@ -85,6 +85,17 @@ def test_adapter_models_refuse_a_topology_naming_another_device(two_gpus):
     assert _without_topology(DeviceMapSpec(CPU, _topology("0: {isq: Q4K}"), None), None).topology is None
 
 
+def _tiny_llama_gguf(tmp_path) -> list[str]:
+    """A tiny random Llama written as a Q8_0 GGUF file under `tmp_path`; its path(s)."""
+    from tests.loader.gguf_fixtures import write_tiny_gguf
+    from tests.tiny_models import hf_config
+
+    config = hf_config("llama", 320)
+    torch.manual_seed(1)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return write_tiny_gguf(hf, config, tmp_path / "tiny.gguf", arch="llama", ggml_type="Q8_0")
+
+
 def _batch(device=CPU) -> ForwardBatch:
     spec = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=4)
     caches = allocate_kv_caches(spec, 4, 8, torch.float32, device)
@@ -206,13 +217,7 @@ def test_a_split_gguf_forward_runs_every_op_on_one_device(tmp_path, dtype):
     from mistralrs.quant.ggml_tensor import GGMLTensor
     from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
     from mistralrs.worker.device_map import layer_devices
-    from tests.loader.gguf_fixtures import write_tiny_gguf
-    from tests.tiny_models import hf_config
-
-    config = hf_config("llama", 320)
-    torch.manual_seed(1)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    gguf = open_gguf(write_tiny_gguf(hf, config, tmp_path / "tiny.gguf", arch="llama", ggml_type="Q8_0"))
+    gguf = open_gguf(_tiny_llama_gguf(tmp_path))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(tensor):
@@ -268,13 +273,7 @@ def test_a_cpu_model_runs_with_settings_that_name_only_the_cpu(tiny_dir, tmp_pat
 
 
 def test_gguf_topology_accepts_devices_and_refuses_isq(tmp_path):
-    from tests.loader.gguf_fixtures import write_tiny_gguf
-    from tests.tiny_models import hf_config
-
-    config = hf_config("llama", 320)
-    torch.manual_seed(1)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    files = write_tiny_gguf(hf, config, tmp_path / "tiny.gguf", arch="llama", ggml_type="Q8_0")
+    files = _tiny_llama_gguf(tmp_path)
     topology = tmp_path / "topology.yml"
     topology.write_text("0: {device: cpu, isq: Q4K}\n")
     which = Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename=os.path.basename(files[0]),
@@ -328,13 +327,7 @@ def _tensors(obj, depth: int = 0):
 
 @needs_cuda
 def test_a_gguf_model_keeps_its_cpu_layers_quantized_on_the_cpu(tmp_path):
-    from tests.loader.gguf_fixtures import write_tiny_gguf
-    from tests.tiny_models import hf_config
-
-    config = hf_config("llama", 320)
-    torch.manual_seed(1)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    files = write_tiny_gguf(hf, config, tmp_path / "tiny.gguf", arch="llama", ggml_type="Q8_0")
+    files = _tiny_llama_gguf(tmp_path)
     which = Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename=os.path.basename(files[0]),
                        dtype=ModelDType.F32)
     on_cuda = _greedy(Runner(which, show_progress=False))
