@@ -6,7 +6,9 @@ and 50 on one, but at 32 on two threads when another thread of the process (typi
 running PyTorch itself) keeps an OpenMP worker pool alive: libgomp then serves the engine thread's parallel regions
 far more slowly. The Runner loads models on a short-lived thread to avoid that (engine/builder.py), but user code
 can still create such a pool. So the chooser times the first small steps on one thread and on all threads,
-alternately, and keeps the faster setting. Thread counts do not change results: the kernels split work by output
+alternately, and keeps the faster setting; every `RECHECK_STEPS` small steps it runs the trial again, because a
+choice made while something else loaded the machine (the fused-decode extension compiling at first start, another
+process) can be the wrong one later. Thread counts do not change results: the kernels split work by output
 element, never a reduction.
 """
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 SMALL_STEP_TOKENS = 16  # steps with fewer tokens are "small" (decode); larger ones always use every thread
 TRIAL_STEPS = 12  # small steps timed before choosing (half on one thread, half on all, alternating)
 WARMUP_STEPS = 2  # small steps run first and not timed
+RECHECK_STEPS = 2048  # small steps on the chosen setting before the trial runs again (it costs ~6 slower steps)
 
 
 class CpuThreadChooser:
@@ -35,6 +38,7 @@ class CpuThreadChooser:
         self.small_step_threads: int | None = None if self.enabled else self.max_threads  # None: not chosen yet
         self._small_steps = 0  # small steps seen while choosing
         self._timings: dict[int, list[float]] = {1: [], self.max_threads: []}  # threads -> small-step seconds
+        self._steps_since_choice = 0  # small steps run on the chosen setting since the last trial
 
     def _threads_for(self, num_tokens: int) -> int:
         if num_tokens >= SMALL_STEP_TOKENS:
@@ -53,11 +57,22 @@ class CpuThreadChooser:
         threads = self._threads_for(num_tokens)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        choosing = num_tokens < SMALL_STEP_TOKENS and self.small_step_threads is None
+        small = num_tokens < SMALL_STEP_TOKENS
+        choosing = small and self.small_step_threads is None
         start = time.perf_counter()
         yield
         if choosing:
             self._record(threads, time.perf_counter() - start)
+        elif small:
+            self._steps_since_choice += 1
+            if self._steps_since_choice >= RECHECK_STEPS:
+                self._start_trial()
+
+    def _start_trial(self) -> None:
+        """Forgets the choice; the next small steps time both settings again."""
+        self.small_step_threads = None
+        self._small_steps = self._steps_since_choice = 0
+        self._timings = {1: [], self.max_threads: []}
 
     def _record(self, threads: int, seconds: float) -> None:
         self._small_steps += 1

@@ -47,3 +47,18 @@ def test_disabled_off_the_cpu_and_with_one_thread():
         with chooser.step(1):
             assert torch.get_num_threads() == 1
         assert not chooser.enabled and chooser.small_step_threads == chooser.max_threads
+
+
+def test_the_trial_runs_again_and_follows_a_changed_machine(monkeypatch):
+    import mistralrs.worker.cpu_threads as cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "RECHECK_STEPS", 5)
+    chooser = CpuThreadChooser(torch.device("cpu"), max_threads=2)
+    _run_trial(chooser, {1: 0.001, 2: 0.004})   # e.g. another job held the second core
+    assert chooser.small_step_threads == 1
+    for _ in range(5):
+        with chooser.step(1):
+            assert torch.get_num_threads() == 1
+    assert chooser.small_step_threads is None   # trial again
+    _run_trial(chooser, {1: 0.004, 2: 0.001})   # the machine is quiet now
+    assert chooser.small_step_threads == 2
