@@ -15,7 +15,8 @@ Results are printed as a Markdown table with ratios against llama.cpp (paste int
 instead measures the fused decoder-layer switch (mistralrs/layers/fused_decode.py) A/B in one process: one
 Runner, single-stream decode of 128 tokens alternately with the switch on and off, `ROUNDS` times each (order
 swapped every round), with a llama.cpp decode (in a subprocess, so that its thread pool stays out of this
-process) between rounds when llama-cpp-python is installed; it prints every run and the medians.
+process) between rounds when llama-cpp-python is installed; it prints how many layers run fused (Llama and
+Gemma families), every run and the medians.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     import torch
 
     from mistralrs import CompletionRequest, ModelDType, Runner, Which
-    from mistralrs.layers.fused_decode import EXTENSION, set_fused_decode
+    from mistralrs.layers.fused_decode import EXTENSION, fused_layer_counts, set_fused_decode
 
     torch.set_num_threads(threads)
     if EXTENSION.get(wait=True) is None:
@@ -107,6 +108,10 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
         return usage.completion_tokens / usage.total_completion_time_sec
 
     decode_tps(True)  # warm-up (the engine also picks its decode thread count here)
+    fused_layers, layers = fused_layer_counts(runner._loaded.model)
+    print(f"{os.path.basename(model)}: {fused_layers} of {layers} decoder layers run fused", file=sys.stderr)
+    if fused_layers == 0:
+        raise SystemExit("no decoder layer of this model runs fused: nothing to compare")
     runs: dict[str, list[float]] = {"fused": [], "plain": [], "llama.cpp": []}
     for i in range(rounds):
         for fused in ((True, False) if i % 2 == 0 else (False, True)):

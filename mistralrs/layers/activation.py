@@ -10,7 +10,8 @@ import torch.nn.functional as F
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (`gelu_pytorch_tanh`; the fused decode path recognises this function)."""
     return F.gelu(x, approximate="tanh")
 
 
@@ -19,9 +20,9 @@ _ACTIVATIONS: dict[str, ActFn] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "gelu_fast": gelu_tanh,
     "relu": F.relu,
 }
 

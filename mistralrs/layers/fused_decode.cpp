@@ -1,10 +1,13 @@
-// One Llama-family decoder layer (pre-norm attention + gated SiLU MLP) run from C++ as the same sequence of ATen
-// calls that the Python modules make (mistralrs/models/llama.py, layers/{norm,rotary,attention,activation}.py and
-// the linear methods), so that the results are bit for bit those of the plain path. Only the Python interpreter's
-// work between the calls goes away: at decode sizes each layer is ~40 small kernels and 4 weight-only matmuls,
-// and the interpreter costs about as much as the small kernels. Loaded by mistralrs/layers/fused_decode.py.
+// One Llama- or Gemma-family decoder layer (pre-norm attention + gated MLP; Gemma's (1 + w) norms, optional
+// sandwich norms, per-head q/k norms, tanh-gelu and soft-capped attention) run from C++ as the same sequence of
+// ATen calls that the Python modules make (mistralrs/models/{llama,gemma}.py,
+// layers/{norm,rotary,attention,activation}.py and the linear methods), so that the results are bit for bit those
+// of the plain path. Only the Python interpreter's work between the calls goes away: at decode sizes each layer
+// is ~40 small kernels and 4 weight-only matmuls, and the interpreter costs about as much as the small kernels.
+// Loaded by mistralrs/layers/fused_decode.py.
 #include <torch/extension.h>
 
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -12,22 +15,20 @@ using at::Tensor;
 
 namespace {
 
-// How a linear layer computes `x @ W^T + b` (the kinds of mistralrs/layers/fused_decode.py LinearKind).
+// How one weight of a linear layer computes `x @ W^T` (the kinds of mistralrs/layers/fused_decode.py LinearKind).
 enum LinearKind : int64_t { kDense = 0, kInt4 = 1, kInt4Pair = 2 };
 
-// One linear layer: a dense weight (at::linear, as F.linear) or torch's CPU int4 packing (mistralrs/quant/cpu_int4.py).
-struct LinearPlan {
+// One packed weight: a dense matrix (at::linear, as F.linear) or torch's CPU int4 packing
+// (mistralrs/quant/cpu_int4.py Int4CpuWeight.matmul).
+struct LinearPart {
   int64_t kind = kDense;
   int64_t group_size = 0;    // int4 kinds: inputs per (scale, zero) pair
   int64_t out_features = 0;  // int4 kinds: rows beyond it are padding and dropped
   Tensor weight;             // dense [out, in], or packed uint8 codes
   Tensor scales_and_zeros;   // int4 kinds: [K / group_size, padded_out, 2]
-  Tensor bias;               // undefined when the layer has none
 
-  Tensor operator()(const Tensor& x) const {
-    if (kind == kDense) {
-      return at::linear(x, weight, bias.defined() ? std::optional<Tensor>(bias) : std::nullopt);
-    }
+  Tensor operator()(const Tensor& x, const std::optional<Tensor>& bias) const {
+    if (kind == kDense) return at::linear(x, weight, bias);
     Tensor rows = x.reshape({-1, x.size(-1)});
     if (kind == kInt4Pair) {  // Int4CpuPairWeight.kernel_input: each sub-block fed as 16 x then x
       Tensor sub_blocks = rows.reshape({rows.size(0), -1, group_size / 2});
@@ -38,23 +39,49 @@ struct LinearPlan {
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = out_features;
     y = y.reshape(shape);
-    return bias.defined() ? y + bias : y;
+    return bias ? y + *bias : y;
   }
 };
 
-// RMSNorm as mistralrs/layers/norm.py computes it: rms_norm in float32, layer_norm over [x, -x] otherwise.
+// One linear layer as its quant method computes it: one dense weight with the bias fused into at::linear; one
+// int4 weight then `+ bias`; several weights (shards of different types) concatenated along the outputs, then
+// `+ bias` (GGUFLinearMethod.apply / IsqLinearMethod.apply).
+struct LinearPlan {
+  std::vector<LinearPart> parts;
+  std::optional<Tensor> bias;  // none when the layer has no bias
+
+  Tensor operator()(const Tensor& x) const {
+    if (parts.size() == 1) return parts[0](x, bias);
+    std::vector<Tensor> outputs;
+    outputs.reserve(parts.size());
+    for (const LinearPart& part : parts) outputs.push_back(part(x, std::nullopt));
+    Tensor y = at::cat(outputs, -1);
+    return bias ? y + *bias : y;
+  }
+};
+
+// Which norm module a NormPlan reproduces (the kinds of mistralrs/layers/fused_decode.py NormKind).
+enum NormKind : int64_t { kRms = 0, kGemmaRms = 1 };
+
+// RMSNorm as mistralrs/layers/norm.py computes it: rms_norm in float32, layer_norm over [x, -x] otherwise; or
+// GemmaRMSNorm: rms_norm of x in float32 with the float32 scale (1 + w), cast back to x's dtype.
 struct NormPlan {
-  Tensor weight;   // [hidden]
-  Tensor doubled;  // cat(weight, weight), for half-precision inputs
+  int64_t kind = kRms;
+  Tensor weight;   // [hidden]: RMSNorm's weight, or GemmaRMSNorm.scale_weight()
+  Tensor doubled;  // RMSNorm: cat(weight, weight), for half-precision inputs
   double eps = 0.0;
 
   Tensor operator()(const Tensor& x) const {
     const int64_t hidden = weight.size(0);
+    if (kind == kGemmaRms) return at::rms_norm(x.to(at::kFloat), {hidden}, weight, eps).to(x.scalar_type());
     if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {hidden}, weight, eps);
     Tensor mirrored = at::cat({x, x.neg()}, -1);
     return at::layer_norm(mirrored, {2 * hidden}, doubled, {}, eps).slice(-1, 0, hidden);
   }
 };
+
+// The gated MLP's activation (the kinds of mistralrs/layers/fused_decode.py Activation).
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
 
 // apply_rotary of mistralrs/layers/rotary.py: NeoX rotate-half with the sign folded into `sin`.
 Tensor apply_rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
@@ -78,11 +105,36 @@ struct AttentionStep {
   int64_t num_seqs, max_query_len, max_context_len;
 };
 
+// _softcapped_attention of mistralrs/layers/attention.py: explicit attention with tanh-capped float32 scores.
+Tensor softcapped_attention(const Tensor& queries, Tensor keys, Tensor values, const std::optional<Tensor>& mask,
+                            double scale, double softcap) {
+  const int64_t group = queries.size(1) / keys.size(1);
+  if (group > 1) {
+    keys = keys.repeat_interleave(group, 1);
+    values = values.repeat_interleave(group, 1);
+  }
+  Tensor scores = at::matmul(queries, keys.transpose(-1, -2)).to(at::kFloat) * scale;
+  scores = at::tanh(scores / softcap) * softcap;
+  if (mask) scores = scores.masked_fill(~*mask, -std::numeric_limits<double>::infinity());
+  Tensor probs = scores.softmax(-1).to(values.scalar_type());
+  return at::matmul(probs, values);
+}
+
+// The parts a layer may add to the Llama layout (Gemma 1/2/3); all absent for a Llama-family layer.
+struct LayerOptions {
+  std::optional<NormPlan> pre_feedforward_norm, post_feedforward_norm;  // sandwich norms (Gemma 2/3)
+  std::optional<NormPlan> q_norm, k_norm;                               // per-head q/k norms (Gemma 3)
+  bool concat_qk = false;          // RoPE over cat(q, k) (Gemma) instead of the q/k slice of qkv (Llama)
+  int64_t activation = kSilu;      // of the gate
+  std::optional<double> softcap;   // tanh cap on the attention scores (Gemma 2)
+};
+
 struct DecoderLayerPlan {
   NormPlan input_norm, post_attention_norm;
   LinearPlan qkv, o, gate_up, down;
   int64_t num_heads, num_kv_heads, head_dim;
   double scale;
+  LayerOptions options;
 
   // PagedAttention.forward with the "sdpa" backend: write the new K/V, then attend over each context.
   Tensor attend(Tensor q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
@@ -105,47 +157,81 @@ struct DecoderLayerPlan {
       q = padded.index_copy_(0, *step.query_pad_indices, q);
     }
     Tensor queries = q.view({num_seqs, max_q, num_heads, head_dim}).transpose(1, 2);
-    Tensor out = at::scaled_dot_product_attention(queries, keys, values, step.mask, 0.0, false, scale,
-                                                  num_kv_heads != num_heads);
+    Tensor out = options.softcap
+        ? softcapped_attention(queries, keys, values, step.mask, scale, *options.softcap)
+        : at::scaled_dot_product_attention(queries, keys, values, step.mask, 0.0, false, scale,
+                                           num_kv_heads != num_heads);
     out = out.transpose(1, 2).reshape({num_seqs * max_q, num_heads * head_dim});
     if (step.query_pad_indices) out = out.index_select(0, *step.query_pad_indices);
     return out;
   }
 
-  // LlamaDecoderLayer.forward: h += attn(norm(h)); h += mlp(norm(h)).
+  // The rotated [q; k] heads: LlamaAttention rotates the q/k slice of qkv, GemmaAttention cat(q, k) of the
+  // (per-head normalised) splits.
+  Tensor rotate(const Tensor& qkv_out, const Tensor& cos, const Tensor& sin) const {
+    const int64_t rotated_heads = num_heads + num_kv_heads;
+    if (!options.concat_qk) return apply_rotary(qkv_out.slice(1, 0, rotated_heads), cos, sin);
+    Tensor q = qkv_out.slice(1, 0, num_heads), k = qkv_out.slice(1, num_heads, rotated_heads);
+    if (options.q_norm) {
+      q = (*options.q_norm)(q);
+      k = (*options.k_norm)(k);
+    }
+    return apply_rotary(at::cat({q, k}, 1), cos, sin);
+  }
+
+  // LlamaMLP.forward: down(act(gate) * up).
+  Tensor mlp(const Tensor& x) const {
+    std::vector<Tensor> gate_and_up = gate_up(x).chunk(2, -1);
+    Tensor gate = options.activation == kSilu ? at::silu(gate_and_up[0]) : at::gelu(gate_and_up[0], "tanh");
+    return down(gate * gate_and_up[1]);
+  }
+
+  // LlamaDecoderLayer.forward / GemmaDecoderLayer.forward: h += attn(norm(h)); h += mlp(norm(h)), or with
+  // sandwich norms h += post_attn_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h))).
   Tensor forward(const Tensor& hidden, const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
                  const Tensor& slot_mapping, int64_t contiguous_start, const std::optional<Tensor>& gather_indices,
                  const std::optional<Tensor>& mask, const std::optional<Tensor>& query_pad_indices,
                  int64_t num_seqs, int64_t max_query_len, int64_t max_context_len) const {
     const int64_t num_tokens = hidden.size(0), rotated_heads = num_heads + num_kv_heads;
     Tensor qkv_out = qkv(input_norm(hidden)).view({num_tokens, rotated_heads + num_kv_heads, head_dim});
-    Tensor rotated = apply_rotary(qkv_out.slice(1, 0, rotated_heads), cos, sin);
+    Tensor rotated = rotate(qkv_out, cos, sin);
     Tensor v = qkv_out.slice(1, rotated_heads, rotated_heads + num_kv_heads);
     AttentionStep step{slot_mapping, contiguous_start, gather_indices, mask, query_pad_indices,
                        num_seqs, max_query_len, max_context_len};
-    Tensor attended = attend(rotated.slice(1, 0, num_heads), rotated.slice(1, num_heads, rotated_heads), v,
-                             k_cache, v_cache, step);
-    Tensor h = hidden + o(attended);
-    std::vector<Tensor> gate_and_up = gate_up(post_attention_norm(h)).chunk(2, -1);
-    return h + down(at::silu(gate_and_up[0]) * gate_and_up[1]);
+    Tensor attended = o(attend(rotated.slice(1, 0, num_heads), rotated.slice(1, num_heads, rotated_heads), v,
+                               k_cache, v_cache, step));
+    if (!options.pre_feedforward_norm) {
+      Tensor h = hidden + attended;
+      return h + mlp(post_attention_norm(h));
+    }
+    Tensor h = hidden + post_attention_norm(attended);
+    return h + (*options.post_feedforward_norm)(mlp((*options.pre_feedforward_norm)(h)));
   }
 };
 
-LinearPlan make_linear(int64_t kind, int64_t group_size, int64_t out_features, Tensor weight,
-                       std::optional<Tensor> scales_and_zeros, std::optional<Tensor> bias) {
+LinearPart make_linear_part(int64_t kind, int64_t group_size, int64_t out_features, Tensor weight,
+                            std::optional<Tensor> scales_and_zeros) {
   TORCH_CHECK(kind == kDense || kind == kInt4 || kind == kInt4Pair, "unknown linear kind ", kind);
-  LinearPlan plan;
-  plan.kind = kind;
-  plan.group_size = group_size;
-  plan.out_features = out_features;
-  plan.weight = std::move(weight);
-  if (scales_and_zeros) plan.scales_and_zeros = *scales_and_zeros;
-  if (bias) plan.bias = *bias;
-  return plan;
+  TORCH_CHECK(kind == kDense || scales_and_zeros, "an int4 weight needs its scales and zeros");
+  LinearPart part;
+  part.kind = kind;
+  part.group_size = group_size;
+  part.out_features = out_features;
+  part.weight = std::move(weight);
+  if (scales_and_zeros) part.scales_and_zeros = *scales_and_zeros;
+  return part;
 }
 
-NormPlan make_norm(Tensor weight, std::optional<Tensor> doubled, double eps) {
+LinearPlan make_linear(std::vector<LinearPart> parts, std::optional<Tensor> bias) {
+  TORCH_CHECK(!parts.empty(), "a linear layer needs at least one weight");
+  return LinearPlan{std::move(parts), std::move(bias)};
+}
+
+NormPlan make_norm(int64_t kind, Tensor weight, std::optional<Tensor> doubled, double eps) {
+  TORCH_CHECK(kind == kRms || kind == kGemmaRms, "unknown norm kind ", kind);
+  TORCH_CHECK(kind == kGemmaRms || doubled, "an RMSNorm plan needs its doubled weight");
   NormPlan plan;
+  plan.kind = kind;
   plan.weight = std::move(weight);
   if (doubled) plan.doubled = *doubled;
   plan.eps = eps;
@@ -155,16 +241,34 @@ NormPlan make_norm(Tensor weight, std::optional<Tensor> doubled, double eps) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<LinearPart>(m, "LinearPart");
   py::class_<LinearPlan>(m, "LinearPlan");
   py::class_<NormPlan>(m, "NormPlan");
+  m.def("make_linear_part", &make_linear_part);
   m.def("make_linear", &make_linear);
   m.def("make_norm", &make_norm);
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,
                        LinearPlan gate_up, LinearPlan down, int64_t num_heads, int64_t num_kv_heads,
-                       int64_t head_dim, double scale) {
-        return DecoderLayerPlan{input_norm, post_attention_norm, qkv, o, gate_up, down,
-                                num_heads, num_kv_heads, head_dim, scale};
-      }))
+                       int64_t head_dim, double scale, std::optional<NormPlan> pre_feedforward_norm,
+                       std::optional<NormPlan> post_feedforward_norm, std::optional<NormPlan> q_norm,
+                       std::optional<NormPlan> k_norm, bool concat_qk, int64_t activation,
+                       std::optional<double> softcap) {
+             TORCH_CHECK(pre_feedforward_norm.has_value() == post_feedforward_norm.has_value(),
+                         "sandwich norms come in pairs");
+             TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q/k norms come in pairs");
+             TORCH_CHECK(!q_norm || concat_qk, "q/k norms need concat_qk");
+             TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "unknown activation ", activation);
+             LayerOptions options{pre_feedforward_norm, post_feedforward_norm, q_norm, k_norm, concat_qk,
+                                  activation, softcap};
+             return DecoderLayerPlan{input_norm, post_attention_norm, qkv, o, gate_up, down,
+                                     num_heads, num_kv_heads, head_dim, scale, options};
+           }),
+           py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("qkv"), py::arg("o"),
+           py::arg("gate_up"), py::arg("down"), py::arg("num_heads"), py::arg("num_kv_heads"),
+           py::arg("head_dim"), py::arg("scale"), py::arg("pre_feedforward_norm") = py::none(),
+           py::arg("post_feedforward_norm") = py::none(), py::arg("q_norm") = py::none(),
+           py::arg("k_norm") = py::none(), py::arg("concat_qk") = false, py::arg("activation") = int64_t{kSilu},
+           py::arg("softcap") = py::none())
       .def("forward", &DecoderLayerPlan::forward, py::call_guard<py::gil_scoped_release>());
 }

