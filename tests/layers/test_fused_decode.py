@@ -1,12 +1,11 @@
 """The fused decoder-layer path (mistralrs/layers/fused_decode.py) against its plain twin, the Python modules.
 
 The C++ side makes the same ATen calls in the same order as the modules, so the tolerance is zero: hidden states
-and logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) and
-Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window) / Gemma 3 (q/k norms, local and global
+and logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) / Phi-3
+(Phi-4-mini's partial rotary, LongRoPE) and Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window) / Gemma 3 (q/k norms, local and global
 RoPE) models with dense float32 and bfloat16 weights, tiny GGUF models in both CPU int4 forms (Q4_1: one plane,
 Q8_0: two planes; a Gemma 2 file with mixed shard types), and the real SmolLM2-135M-Instruct and Gemma 3 270M
-GGUFs. Every step pattern is covered: a padded prefill of two
-sequences, a batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
+GGUFs. Every step pattern is covered: a padded prefill of two sequences, a batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
 Each test also checks that the fused path really ran (the plain attention module was never called).
 """
 
@@ -28,6 +27,7 @@ from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExte
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from mistralrs.models.phi3 import Phi3ForCausalLM
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 
 BLOCK_SIZE = 4
@@ -38,6 +38,10 @@ FAMILIES = {
     "mistral": (MistralForCausalLM, dict(sliding_window=5)),
     "qwen2": (Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                                      tie_word_embeddings=True)),
+    # Phi-4-mini's partial rotary (3/4 of each head) and LongRoPE tables picked per sequence length
+    "phi3": (Phi3ForCausalLM, dict(partial_rotary_factor=0.75, original_max_position_embeddings=8,
+                                   rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                                                 "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5]})),
     # the Gemma configs of tests/models/test_gemma.py (head_dim independent of hidden / heads)
     "gemma": (GemmaForCausalLM, dict(head_dim=24, hidden_act="gelu", tie_word_embeddings=False)),
     "gemma2": (Gemma2ForCausalLM, dict(head_dim=24, sliding_window=6, attn_logit_softcapping=5.0,
