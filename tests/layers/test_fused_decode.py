@@ -1,11 +1,12 @@
 """The fused decoder-layer path (mistralrs/layers/fused_decode.py) against its plain twin, the Python modules.
 
-The C++ side makes the same ATen calls in the same order as the modules, so the tolerance is zero: hidden states
-and logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) / Phi-3
-(Phi-4-mini's partial rotary, LongRoPE) and Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window) / Gemma 3 (q/k norms, local and global
-RoPE) models with dense float32 and bfloat16 weights, tiny GGUF models in both CPU int4 forms (Q4_1: one plane,
-Q8_0: two planes; a Gemma 2 file with mixed shard types), and the real SmolLM2-135M-Instruct and Gemma 3 270M
-GGUFs. Every step pattern is covered: a padded prefill of two sequences, a batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
+The C++ side makes the same ATen calls in the same order as the modules, so the tolerance is zero: hidden states and
+logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) / Phi-3
+(Phi-4-mini's partial rotary, LongRoPE) and Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window)
+/ Gemma 3 (q/k norms, local and global RoPE) models with dense float32 and bfloat16 weights, tiny GGUF models in
+both CPU int4 forms (Q4_1: one plane, Q8_0: two planes; a Gemma 2 file with mixed shard types), and the real
+SmolLM2-135M-Instruct and Gemma 3 270M GGUFs. Every step pattern is covered: a padded prefill of two sequences, a
+batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
 Each test also checks that the fused path really ran (the plain attention module was never called).
 """
 
