@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mistralrs.layers.linear import StackedParam, expected_checkpoint_names, load_checkpoint_weights
+from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
 from mistralrs.layers.rotary import context_lens_per_token
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
@@ -36,6 +36,14 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         return self.model(input_ids, positions, fb)
+
+    def tied_lm_head(self, config, *, dtype: torch.dtype, device: torch.device | str, bias: bool = False) -> Linear:
+        """The LM head `[hidden_size -> vocab_size]`, sharing `self.model.embed_tokens`' weight when the config ties
+        them (build `self.model` first)."""
+        head = Linear(config.hidden_size, config.vocab_size, bias=bias, dtype=dtype, device=device, prefix="lm_head")
+        if config.tie_word_embeddings:
+            head.weight = self.model.embed_tokens.weight
+        return head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""

@@ -313,10 +313,7 @@ class DeepseekV2ForCausalLM(CausalLM):
         self.dtype = dtype
         self.dims = self.read_dims(config)
         self.model = DeepseekModel(config, self.dims, scoring=self.SCORING, dtype=dtype, device=device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
-                              prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device)
 
     @classmethod
     def read_dims(cls, config: TextModelConfig) -> DeepseekDims:

@@ -208,10 +208,7 @@ class GemmaForCausalLM(CausalLM):
             for window in self.layer_sliding_windows(config)
         ]
         self.model = GemmaModel(config, options, rope_global, rope_local, dtype=dtype, device=device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
-                              prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device)
 
     @classmethod
     def activation_name(cls, config: TextModelConfig) -> str:

@@ -143,10 +143,7 @@ class LlamaForCausalLM(CausalLM):
         layer_options = [dict(qkv_bias=qkv_bias, o_bias=o_bias, sliding_window=window)
                          for window in self.layer_sliding_windows(config)]
         self.model = LlamaModel(config, layer_options, dtype=dtype, device=device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
-                              prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device)
 
     @classmethod
     def projection_biases(cls, config: TextModelConfig) -> tuple[bool, bool]:

@@ -113,10 +113,7 @@ class MixtralForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.model = MoeModel(config, type(self), dtype=dtype, device=device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=self.lm_head_has_bias(config), dtype=dtype,
-                              device=device, prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device, bias=self.lm_head_has_bias(config))
 
     @classmethod
     def make_norm(cls, config: TextModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:

@@ -127,10 +127,7 @@ class PhiForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.model = PhiModel(config, dtype=dtype, device=device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True, dtype=dtype, device=device,
-                              prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device, bias=True)
 
 
 register(PhiForCausalLM, hf_architectures=("PhiForCausalLM",), arch_names=("Phi2",),

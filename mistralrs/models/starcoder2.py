@@ -99,10 +99,7 @@ class Starcoder2ForCausalLM(CausalLM):
         self.config = config
         self.dtype = dtype
         self.model = Starcoder2Model(config, dtype=dtype, device=device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device,
-                              prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device)
 
 
 register(Starcoder2ForCausalLM, hf_architectures=("Starcoder2ForCausalLM",), arch_names=("Starcoder2",),
