@@ -97,7 +97,6 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
 
 def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread, and return it with its input processor."""
-    spec = loaded.model.kv_cache_spec()
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
