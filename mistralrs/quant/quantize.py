@@ -85,14 +85,20 @@ def _row_weights(x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     return _blocks(importance * torch.sqrt(sigma2 + x * x))
 
 
-def _q4_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def _symmetric_codes(x: torch.Tensor, importance: torch.Tensor | None,
+                     half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, codes 0..2*half-1) per 32-block of the Q4_0/Q5_0 kind: the largest-magnitude element maps to -half
+    without `importance`, llama.cpp's weighted search with it."""
     blocks = _blocks(x)
     if importance is None:
-        d = _symmetric_max(blocks) / -8
-        codes = _trunc_codes(blocks * _inverse(d), 8.5, 15)
-    else:
-        d, codes = make_qx_quants(blocks, 8, _row_weights(x, importance))
-        codes = codes.int()
+        d = _symmetric_max(blocks) / -half
+        return d, _trunc_codes(blocks * _inverse(d), half + 0.5, 2 * half - 1)
+    d, codes = make_qx_quants(blocks, half, _row_weights(x, importance))
+    return d, codes.int()
+
+
+def _q4_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    d, codes = _symmetric_codes(x, importance, 8)
     return torch.cat([f16_bytes(d), _pack_nibbles(codes)], dim=1)
 
 
@@ -115,13 +121,7 @@ def _q4_1(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q5_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    blocks = _blocks(x)
-    if importance is None:
-        d = _symmetric_max(blocks) / -16
-        codes = _trunc_codes(blocks * _inverse(d), 16.5, 31)
-    else:
-        d, codes = make_qx_quants(blocks, 16, _row_weights(x, importance))
-        codes = codes.int()
+    d, codes = _symmetric_codes(x, importance, 16)
     return torch.cat([f16_bytes(d), _fifth_bits(codes), _pack_nibbles(codes)], dim=1)
 
 
