@@ -70,11 +70,7 @@ def _specs(targets: list[str]) -> dict[str, tuple[int, dict]]:
             "a2": (2, {"r": 2, "lora_alpha": 6, "use_rslora": True, "target_modules": targets[1::2]})}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (much faster than two on a busy two-core machine)."""
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -52,11 +52,7 @@ SPECS = {  # name -> (seed, r, lora_alpha, use_rslora, module targets, experts a
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (much faster than two on a busy two-core machine)."""
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _shapes(config, proj: str) -> tuple[int, int]:

@@ -26,10 +26,7 @@ GQA = 2  # 4 heads / 2 KV heads
 PROMPT = harness.prompt(4, 20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,7 @@ CASES = {
 PROMPT = harness.prompt(3, 20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread."""
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _sharpen_routers(hf) -> None:

@@ -40,12 +40,8 @@ FAMILIES = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (much faster than two on a busy two-core machine)."""
-    with harness.torch_threads(1):
-        yield
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):

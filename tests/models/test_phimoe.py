@@ -24,11 +24,7 @@ TINY = dict(vocab_size=harness.VOCAB_SIZE, hidden_size=64, intermediate_size=96,
             bos_token_id=0, eos_token_id=1, pad_token_id=2, attn_implementation="eager")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (much faster than two on a busy two-core machine)."""
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module", params=["full", "window"])

@@ -48,10 +48,7 @@ REL_TOLERANCE = {"Q4_0": 0.25, "Q4_1": 0.22, "Q5_0": 0.12, "Q5_1": 0.11, "Q8_0":
 EXACT_ATOL = 1e-4  # ours against the dense model carrying the independently dequantized weights (fp32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _save(hf, path) -> tuple[dict, list[str]]:

@@ -74,10 +74,7 @@ FAMILIES = {  # name -> () -> (config, transformers class, harness.sharpen argum
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with harness.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
