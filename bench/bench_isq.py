@@ -106,7 +106,8 @@ def main() -> None:
     )
 
     from mistralrs import ModelDType, Which
-    from mistralrs.loader.pipeline import load_pipeline
+    from mistralrs.api.load_spec import load_spec
+    from mistralrs.loader.pipeline import load
 
     model_dir = os.path.join(args.work_dir, "smollm2-f32")
     if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
@@ -118,7 +119,7 @@ def main() -> None:
     for name, dtype, isq in rows:
         which = Which.Plain(model_id=model_dir, dtype=dtype)
         start = time.perf_counter()
-        loaded = load_pipeline(which, in_situ_quant=isq, show_progress=False)
+        loaded = load(load_spec(which, in_situ_quant=isq, show_progress=False))
         load_s = time.perf_counter() - start
         if token_ids is None:
             token_ids = loaded.tokenizer.tokenizer.encode(PASSAGE, add_special_tokens=False).ids

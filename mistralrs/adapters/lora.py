@@ -28,7 +28,6 @@ from mistralrs.adapters.moe_lora import (
 )
 from mistralrs.layers.linear import Linear, StackedParam
 from mistralrs.layers.moe import FusedMoE
-from mistralrs.loader.source import ModelSource
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_FLAGS = ("use_dora", "fan_in_fan_out", "lora_bias")
@@ -45,19 +44,13 @@ class LoraAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # HF module name -> (A, B)
 
 
-def _adapter_files(source: ModelSource, name: str, allow_root: bool) -> tuple[str, list[str]]:
-    """(adapter_config.json path, safetensors paths) of adapter `name`: files with `name` as a folder of their path
-    (or, when `allow_root`, the repo's own top-level files)."""
-    files = source.list_files()
-    mine = [f for f in files if name in f.split("/")[:-1]]
-    if not mine and allow_root:
-        mine = [f for f in files if "/" not in f]
-    configs = [f for f in mine if f.rsplit("/", 1)[-1] == "adapter_config.json"]
-    tensors = sorted(f for f in mine if f.endswith(".safetensors"))
-    if len(configs) != 1 or not tensors:
-        raise ValueError(f"Cannot load adapter {name!r}: {source.model_id!r} needs one adapter_config.json and "
-                         f"*.safetensors weights under {name}/ (found {len(configs)} configs, {len(tensors)} weights)")
-    return source.get(configs[0]), [source.get(f) for f in tensors]
+@dataclass(frozen=True)
+class AdapterFiles:
+    """The local files of one LoRA adapter (PEFT layout), as the loader resolved them."""
+
+    name: str  # the adapter's name (ordering file)
+    config_path: str  # its adapter_config.json
+    tensor_paths: tuple[str, ...]  # its *.safetensors weights
 
 
 def _read_config(path: str, name: str) -> tuple[int, float, list[str]]:
@@ -84,14 +77,12 @@ def _read_config(path: str, name: str) -> tuple[int, float, list[str]]:
     return rank, float(scale), sorted(targets) if isinstance(targets, list) else []
 
 
-def load_lora_adapter(source: ModelSource, name: str, *, dtype: torch.dtype, device: torch.device,
-                      allow_root: bool = False) -> LoraAdapter:
-    """Reads adapter `name` from `source` (PEFT layout); ValueError on a missing file, a foreign key or a rank that
-    disagrees with `r`."""
-    config_path, tensor_paths = _adapter_files(source, name, allow_root)
-    rank, scale, targets = _read_config(config_path, name)
+def load_lora_adapter(files: AdapterFiles, *, dtype: torch.dtype, device: torch.device) -> LoraAdapter:
+    """Reads the adapter in `files`; ValueError on a foreign key or a rank that disagrees with `r`."""
+    name = files.name
+    rank, scale, targets = _read_config(files.config_path, name)
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    for path in tensor_paths:
+    for path in files.tensor_paths:
         for key, tensor in load_file(path).items():
             match = _KEY.match(key)
             if match is None:
@@ -361,17 +352,13 @@ def check_ordering_layers(model: nn.Module, ordering) -> set[str]:
     return names
 
 
-def apply_lora(model: nn.Module, ordering, adapters_source: ModelSource, *, token: str | None,
-               dtype: torch.dtype, device: torch.device, mergeable: bool = True) -> None:
-    """Applies the adapters of `ordering` to `model`: merged into the base without `preload_adapters` (when
-    `mergeable`, i.e. the base weights are dense), otherwise all kept separate with those in `order` active."""
+def apply_lora(model: nn.Module, ordering, adapter_files: list[AdapterFiles], *, dtype: torch.dtype,
+               device: torch.device, mergeable: bool = True) -> None:
+    """Applies the adapters of `ordering` (their files: those of `order`, then the other preloaded ones) to `model`:
+    merged into the base without `preload_adapters` (when `mergeable`, i.e. the base weights are dense), otherwise
+    all kept separate with those in `order` active."""
     names = check_ordering_layers(model, ordering)
-    adapters = [load_lora_adapter(adapters_source, n, dtype=dtype, device=device) for n in ordering.order]
-    if ordering.preload_adapters:
-        for pre in ordering.preload_adapters:
-            if pre.name not in ordering.order:
-                source = ModelSource(pre.adapter_model_id, token=token)
-                adapters.append(load_lora_adapter(source, pre.name, dtype=dtype, device=device, allow_root=True))
+    adapters = [load_lora_adapter(files, dtype=dtype, device=device) for files in adapter_files]
     for adapter in adapters:
         check_targets(adapter, names)
     if not ordering.preload_adapters and mergeable:

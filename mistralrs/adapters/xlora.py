@@ -17,6 +17,7 @@ Where peft's `XLoraModel` differs (peft is the test oracle for a full-sequence f
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,10 +25,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mistralrs.adapters.lora import (
-    LoraState, check_ordering_layers, check_targets, hook_adapter, load_lora_adapter, lora_layer_indices,
+    AdapterFiles, LoraState, check_ordering_layers, check_targets, hook_adapter, load_lora_adapter,
+    lora_layer_indices,
 )
 from mistralrs.adapters.ordering import same_model_id
-from mistralrs.loader.source import ModelSource
 
 CONFIG_FILE = "xlora_config.json"
 CLASSIFIER_FILE = "xlora_classifier.safetensors"
@@ -142,22 +143,25 @@ class XLoraSpec:
         return self.finish(full)
 
 
-def read_xlora_config(source: ModelSource) -> XLoraConfig:
-    """`xlora_config.json` of an X-LoRA repo."""
-    path = source.maybe_get(CONFIG_FILE)
-    if path is None:
-        raise ValueError(f"xlora_model_id {source.model_id!r}: no {CONFIG_FILE}")
+@dataclass(frozen=True)
+class XLoraFiles:
+    """An X-LoRA repo as the loader resolved it: its config, the local files of its experts and its classifier."""
+
+    config: XLoraConfig  # xlora_config.json, parsed
+    experts: Mapping[str, AdapterFiles]  # the files of every adapter the config names, by name
+    classifier_path: str  # xlora_classifier.safetensors
+
+
+def read_xlora_config(path: str) -> XLoraConfig:
+    """`xlora_config.json` of an X-LoRA repo, at `path`."""
     with open(path, encoding="utf-8") as f:
         return parse_xlora_config(json.load(f))
 
 
-def load_classifier(source: ModelSource, config: XLoraConfig, num_lora_layers: int, *, dtype: torch.dtype,
+def load_classifier(path: str, config: XLoraConfig, num_lora_layers: int, *, dtype: torch.dtype,
                     device: torch.device) -> XLoraClassifier:
-    """Builds the classifier from `xlora_classifier.safetensors`; ValueError on a missing, extra or misshapen
-    tensor (naming it)."""
-    path = source.maybe_get(CLASSIFIER_FILE)
-    if path is None:
-        raise ValueError(f"xlora_model_id {source.model_id!r}: no {CLASSIFIER_FILE}")
+    """Builds the classifier from `xlora_classifier.safetensors` at `path`; ValueError on a missing, extra or
+    misshapen tensor (naming it)."""
     tensors = load_file(path)
     inner_size = config.xlora_size
     if inner_size is None and config.xlora_depth > 1:
@@ -193,16 +197,16 @@ def _check_consistency(config: XLoraConfig, ordering, model: nn.Module) -> None:
         raise ValueError(f"xlora_config.json: hidden_size {config.hidden_size} disagrees with the model's {hidden}")
 
 
-def apply_xlora(model: nn.Module, ordering, source: ModelSource, *, dtype: torch.dtype, device: torch.device,
+def apply_xlora(model: nn.Module, ordering, files: XLoraFiles, *, dtype: torch.dtype, device: torch.device,
                 non_granular_index: int | None = None) -> LoraState:
-    """Hooks the X-LoRA experts of `source` into `model` (adapter j = `ordering.order[j]`, the classifier's class
+    """Hooks the X-LoRA experts in `files` into `model` (adapter j = `ordering.order[j]`, the classifier's class
     j) and attaches the classifier to their `LoraState`."""
     if non_granular_index is not None and non_granular_index < 0:
         raise ValueError(f"tgt_non_granular_index must be >= 0 or None, got {non_granular_index!r}")
-    config = read_xlora_config(source)
+    config = files.config
     _check_consistency(config, ordering, model)
     names = check_ordering_layers(model, ordering)
-    adapters = [load_lora_adapter(source, n, dtype=dtype, device=device) for n in ordering.order]
+    adapters = [load_lora_adapter(files.experts[n], dtype=dtype, device=device) for n in ordering.order]
     for adapter in adapters:
         check_targets(adapter, names)
     used = {module for adapter in adapters for module in adapter.weights}
@@ -211,6 +215,6 @@ def apply_xlora(model: nn.Module, ordering, source: ModelSource, *, dtype: torch
     state = LoraState(list(ordering.order))
     for adapter in adapters:
         hook_adapter(model, adapter, state, indices)
-    classifier = load_classifier(source, config, num_lora_layers, dtype=dtype, device=device)
+    classifier = load_classifier(files.classifier_path, config, num_lora_layers, dtype=dtype, device=device)
     state.xlora = XLoraSpec(config, classifier, non_granular_index)
     return state

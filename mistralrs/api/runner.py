@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mistralrs.adapters.lora import activate_adapters
+from mistralrs.api.load_spec import load_spec
 from mistralrs.adapters.runtime import request_adapter_set
 from mistralrs.api.enums import ToolChoice
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
@@ -51,7 +52,7 @@ from mistralrs.engine.tool_calls import (
     forced_call_schema,
     parse_tool_calls,
 )
-from mistralrs.loader.pipeline import load_pipeline
+from mistralrs.loader.pipeline import load
 from mistralrs.quant.isq import re_isq_config
 from mistralrs.sample.grammar import json_schema_source
 
@@ -291,9 +292,9 @@ class Runner:
             prompt_chunksize=chunksize or 512, block_size=pa_blk_size or 32, pa_ctxt_len=pa_ctxt_len,
             pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, seed=seed)
         self.truncate_sequence = bool(truncate_sequence)
-        self._loaded = on_short_lived_thread(lambda: load_pipeline(
-            which, token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
-            show_progress=show_progress, in_situ_quant=in_situ_quant, num_device_layers=num_device_layers))
+        spec = load_spec(which, token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
+                         show_progress=show_progress, in_situ_quant=in_situ_quant, num_device_layers=num_device_layers)
+        self._loaded = on_short_lived_thread(lambda: load(spec))
         self._engine, self._inputs = build_engine(self._loaded, config)
         self.model_id = self._loaded.model_id
 

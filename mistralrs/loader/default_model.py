@@ -20,10 +20,3 @@ def default_model_path() -> Path:
         raise ValueError(f"`{DEFAULT_MODEL_PACKAGE}` is installed but {path} is missing; reinstall it")
     return path
 
-
-def default_model_which():
-    """`Which.GGUF` selecting the default model."""
-    from mistralrs.api.which import Which
-
-    path = default_model_path()
-    return Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name)

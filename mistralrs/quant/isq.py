@@ -462,14 +462,14 @@ def _requantize_linear(linear: Linear, isq: IsqType, imatrix, use_fast_kernels: 
     linear.set_quant_method(fresh)
 
 
-def isq_config_from_options(in_situ_quant: str | None, *, topology: Topology | None = None, moqe: bool = False,
+def isq_config_from_options(isq: IsqType | None, *, topology: Topology | None = None, moqe: bool = False,
                             imatrix: str | None = None, calibration_file: str | None = None) -> IsqQuantConfig | None:
-    """The ISQ config that the Runner/`Which` options ask for; None when they ask for no quantization.
+    """The ISQ config that the load options ask for (`isq`: the parsed `in_situ_quant`); None when they ask for no
+    quantization.
 
-    ValueError for an unknown type, imatrix together with calibration_file, or either of them with no ISQ type or
-    with an HQQ/FP8 type. (The topology's `device` entries are the device map's: mistralrs/worker/device_map.py.)
+    ValueError for imatrix together with calibration_file, or either of them with no ISQ type or with an HQQ/FP8
+    type. (The topology's `device` entries are the device map's: mistralrs/worker/device_map.py.)
     """
-    isq = parse_isq_type(in_situ_quant) if in_situ_quant is not None else None
     if imatrix is not None and calibration_file is not None:
         raise ValueError("imatrix and calibration_file cannot be combined: give one source of importance data")
     types = ({isq} if isq is not None else set()) | ({e.isq for e in topology.layers if e is not None and e.isq}

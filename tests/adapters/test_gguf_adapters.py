@@ -13,7 +13,6 @@ import tests.loader.gguf_fixtures as gguf_fixtures
 from mistralrs import ModelDType, Which
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.layers.linear import Linear, UnquantizedLinearMethod
-from mistralrs.loader.pipeline import load_pipeline
 from tests.adapters.adapter_fixtures import (
     assert_close,
     hf_base,
@@ -26,6 +25,7 @@ from tests.adapters.adapter_fixtures import (
     write_ordering,
     write_xlora_repo,
 )
+from tests.loading import load_which
 
 peft = pytest.importorskip("peft")
 
@@ -71,7 +71,7 @@ def _runtime_logits(loaded, chunks, sets):
 def test_lora_gguf_keeps_the_base_quantized_and_matches_peft(dirs, tmp_path):
     base, adapters, gguf_dir = dirs
     preload = [{"name": "a2", "adapter_model_id": str(adapters)}]
-    loaded = load_pipeline(_lora_gguf(dirs, tmp_path, order=["a1"], preload_adapters=preload), show_progress=False)
+    loaded = load_which(_lora_gguf(dirs, tmp_path, order=["a1"], preload_adapters=preload), show_progress=False)
     assert loaded.tokenizer.tokenizer.get_vocab_size() == 99   # from base_model_id (tok_model_id=None)
     linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
     assert all(not isinstance(m.quant_method, UnquantizedLinearMethod) for m in linears)
@@ -89,7 +89,7 @@ def test_lora_gguf_keeps_the_base_quantized_and_matches_peft(dirs, tmp_path):
 
 def test_lora_gguf_without_preload_applies_order(dirs, tmp_path):
     base, adapters, gguf_dir = dirs
-    loaded = load_pipeline(_lora_gguf(dirs, tmp_path, order=["a1", "a2"]), show_progress=False)
+    loaded = load_which(_lora_gguf(dirs, tmp_path, order=["a1", "a2"]), show_progress=False)
     runtime = adapter_runtime_of(loaded.model)   # quantized weights cannot be merged: hooked, all active
     got = packed_logits(loaded, [TOKENS], lambda b: runtime.forward(loaded.model, b, [None], [None]))[0]
     want = peft_logits(peft_lora_model(base, adapters, ["a1", "a2"], _dequantized(gguf_dir)), TOKENS)
@@ -104,26 +104,26 @@ def test_xlora_gguf_matches_peft(dirs, tmp_path):
     which = Which.XLoraGGUF(quantized_model_id=str(gguf_dir), quantized_filename="m.gguf", dtype=ModelDType.F32,
                             xlora_model_id=str(tmp_path / "xlora"),
                             order=write_ordering(tmp_path / "ordering.json", base, order=["a1", "a2"]))
-    loaded = load_pipeline(which, show_progress=False)
+    loaded = load_which(which, show_progress=False)
     runtime = adapter_runtime_of(loaded.model)
     got = packed_logits(loaded, [TOKENS], lambda b: runtime.forward(loaded.model, b, scheduled([0]), [None]))
     assert_close(got[0], peft_logits(oracle, TOKENS), TOLERANCE)
     config = json.loads((tmp_path / "xlora" / "xlora_config.json").read_text())
     (tmp_path / "xlora" / "xlora_config.json").write_text(json.dumps({**config, "base_model_id": "other/base"}))
     with pytest.raises(ValueError, match="base_model_id 'other/base' disagrees"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
 
 
 def test_gguf_adapter_errors_name_the_value(dirs, tmp_path):
     adapters = dirs[1]
     with pytest.raises(ValueError, match="'model.layers.0.mlp.w_nope'"):
-        load_pipeline(_lora_gguf(dirs, tmp_path, order=["a1"], layers={"model.layers.0.mlp.w_nope": 0}),
+        load_which(_lora_gguf(dirs, tmp_path, order=["a1"], layers={"model.layers.0.mlp.w_nope": 0}),
                       show_progress=False)
     shutil.copytree(adapters / "a1", adapters / "bad_rank", dirs_exist_ok=True)
     config = json.loads((adapters / "bad_rank" / "adapter_config.json").read_text())
     (adapters / "bad_rank" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
     with pytest.raises(ValueError, match="rank mismatch"):
-        load_pipeline(_lora_gguf(dirs, tmp_path, order=["bad_rank"]), show_progress=False)
+        load_which(_lora_gguf(dirs, tmp_path, order=["bad_rank"]), show_progress=False)
 
 
 def test_lora_and_xlora_on_ggml(dirs, tmp_path):
@@ -136,7 +136,7 @@ def test_lora_and_xlora_on_ggml(dirs, tmp_path):
     hf_twin = lambda: hf_base(base, rms_norm_eps=1e-5)   # GGML files carry no epsilon; llama.cpp's is 1e-5
     common = dict(quantized_model_id=str(tmp_path), quantized_filename="m.bin", gqa=2, dtype=ModelDType.F32)
     order = write_ordering(tmp_path / "ordering.json", base, order=["a2"])
-    loaded = load_pipeline(Which.LoraGGML(adapters_model_id=str(adapters), order=order, **common),
+    loaded = load_which(Which.LoraGGML(adapters_model_id=str(adapters), order=order, **common),
                            show_progress=False)
     got = packed_logits(loaded, [TOKENS], lambda b: adapter_runtime_of(loaded.model).forward(
         loaded.model, b, [None], [None]))[0]
@@ -144,7 +144,7 @@ def test_lora_and_xlora_on_ggml(dirs, tmp_path):
     oracle = peft_xlora_model(base, adapters, ["a1", "a2"], {}, hf_model=hf_twin())
     write_xlora_repo(tmp_path / "xlora", oracle, adapters, ["a1", "a2"], str(base))
     order = write_ordering(tmp_path / "ordering.json", base, order=["a1", "a2"])
-    loaded = load_pipeline(Which.XLoraGGML(xlora_model_id=str(tmp_path / "xlora"), order=order, **common),
+    loaded = load_which(Which.XLoraGGML(xlora_model_id=str(tmp_path / "xlora"), order=order, **common),
                            show_progress=False)
     got = packed_logits(loaded, [TOKENS], lambda b: adapter_runtime_of(loaded.model).forward(
         loaded.model, b, scheduled([0]), [None]))[0]

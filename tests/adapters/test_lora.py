@@ -10,9 +10,9 @@ import torch
 
 from mistralrs import ModelDType, Runner, Which
 from mistralrs.adapters import activate_adapters
-from mistralrs.loader.pipeline import load_pipeline
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.adapters.adapter_fixtures import assert_close
+from tests.loading import load_which
 from tests.tiny_models import make_tiny_model_dir
 
 peft = pytest.importorskip("peft")
@@ -80,7 +80,7 @@ def _which(dirs, tmp_path, ordering: dict, *, model_id="same") -> Which.Lora:
 
 
 def _load(dirs, tmp_path, ordering: dict, **kwargs):
-    return load_pipeline(_which(dirs, tmp_path, ordering, **kwargs), show_progress=False)
+    return load_which(_which(dirs, tmp_path, ordering, **kwargs), show_progress=False)
 
 
 def _close(ours: torch.Tensor, expected: torch.Tensor) -> None:

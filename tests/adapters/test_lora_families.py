@@ -16,7 +16,6 @@ from mistralrs import ModelDType, Which
 from mistralrs.adapters import activate_adapters
 from mistralrs.adapters.lora import lora_layer_indices
 from mistralrs.adapters.runtime import adapter_runtime_of
-from mistralrs.loader.pipeline import load_pipeline
 from tests.adapters.adapter_fixtures import (
     assert_close,
     hf_base,
@@ -31,6 +30,7 @@ from tests.adapters.adapter_fixtures import (
     write_ordering,
     write_xlora_repo,
 )
+from tests.loading import load_which
 from tests.models import family_harness as harness
 
 peft = pytest.importorskip("peft")
@@ -100,7 +100,7 @@ def _lora_which(family, file: str, **ordering) -> Which.Lora:
 
 
 def test_merged_at_load_matches_peft(family):
-    loaded = load_pipeline(_lora_which(family, "merged.json", order=["a1", "a2"]), show_progress=False)
+    loaded = load_which(_lora_which(family, "merged.json", order=["a1", "a2"]), show_progress=False)
     expected = _expected(family, ["a1", "a2"])
     assert (expected - _expected(family, [])).abs().max().item() > 1e-1   # the adapters matter
     assert_close(_plain_logits(loaded), expected)
@@ -108,7 +108,7 @@ def test_merged_at_load_matches_peft(family):
 
 def _preloaded(family):
     preload = [{"name": n, "adapter_model_id": str(family[2])} for n in ("a1", "a2")]
-    return load_pipeline(_lora_which(family, "preloaded.json", order=["a1"], preload_adapters=preload),
+    return load_which(_lora_which(family, "preloaded.json", order=["a1"], preload_adapters=preload),
                          show_progress=False)
 
 
@@ -143,7 +143,7 @@ def test_xlora_matches_peft(family, numbering, request):
     write_xlora_repo(root / "xlora", oracle, adapters, names, str(base))
     layers = peft_lora_layer_numbering(oracle) if numbering == "layers" else {}
     order = write_ordering(root / "xlora_ordering.json", base, order=names, layers=layers)
-    loaded = load_pipeline(Which.XLora(xlora_model_id=str(root / "xlora"), order=order, dtype=ModelDType.F32),
+    loaded = load_which(Which.XLora(xlora_model_id=str(root / "xlora"), order=order, dtype=ModelDType.F32),
                            show_progress=False)
     runtime = adapter_runtime_of(loaded.model)
     if layers:   # without `layers` our numbering covers the same modules (for Phi3 in another order)
@@ -168,5 +168,5 @@ def test_mixtral_experts_through_target_parameters_are_rejected(tmp_path):
     model.save_pretrained(adapters / "experts")
     order = write_ordering(tmp_path / "ordering.json", base, order=["experts"])
     with pytest.raises(ValueError, match=r"'experts'.*target_parameters \['experts.gate_up_proj'\]"):
-        load_pipeline(Which.Lora(adapters_model_id=str(adapters), order=order, dtype=ModelDType.F32),
+        load_which(Which.Lora(adapters_model_id=str(adapters), order=order, dtype=ModelDType.F32),
                       show_progress=False)

@@ -26,7 +26,6 @@ from mistralrs.adapters import LoraState, activate_adapters
 from mistralrs.adapters.moe_lora import ExpertTarget, hook_expert
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.layers.moe import FusedMoE, MoEMethodBase, set_moe_backend
-from mistralrs.loader.pipeline import load_pipeline
 from tests.adapters.adapter_fixtures import (
     assert_close,
     hf_base,
@@ -36,6 +35,7 @@ from tests.adapters.adapter_fixtures import (
     write_config_base,
     write_ordering,
 )
+from tests.loading import load_which
 from tests.models import family_harness as harness
 
 transformers = pytest.importorskip("transformers")
@@ -148,7 +148,7 @@ def _which(setup, file: str, **ordering) -> Which.Lora:
 
 def _preloaded(setup):
     preload = [{"name": n, "adapter_model_id": str(setup[1])} for n in ("a1", "a2")]
-    return load_pipeline(_which(setup, "preloaded.json", order=["a1"], preload_adapters=preload),
+    return load_which(_which(setup, "preloaded.json", order=["a1"], preload_adapters=preload),
                          show_progress=False)
 
 
@@ -160,7 +160,7 @@ def test_oracle_expert_deltas_matter(setup):
 
 
 def test_merged_at_load_matches_oracle(setup):
-    loaded = load_pipeline(_which(setup, "merged.json", order=["a1", "a2"]), show_progress=False)
+    loaded = load_which(_which(setup, "merged.json", order=["a1", "a2"]), show_progress=False)
     assert all(not m.adapters for m in loaded.model.modules() if isinstance(m, FusedMoE))   # merged, not hooked
     assert_close(_plain_logits(loaded), _expected(setup, ["a1", "a2"]))
 
@@ -189,7 +189,7 @@ def test_per_request_sets_in_one_packed_step_match_oracle(setup, backend):
 def test_expert_only_adapter_is_switchable(setup):
     """An adapter set touching no Linear (a2: experts only) still gives the model a LoRA state."""
     preload = [{"name": "a2", "adapter_model_id": str(setup[1])}]
-    loaded = load_pipeline(_which(setup, "a2.json", order=["a2"], preload_adapters=preload), show_progress=False)
+    loaded = load_which(_which(setup, "a2.json", order=["a2"], preload_adapters=preload), show_progress=False)
     assert_close(_plain_logits(loaded), _expected(setup, ["a2"]))
     activate_adapters(loaded.model, [])
     assert_close(_plain_logits(loaded), _expected(setup, []))
@@ -213,7 +213,7 @@ def test_bad_expert_adapters_are_refused_by_name(setup, case, pattern):
         b = torch.randn(96, 3)
     which = _bad_adapter(setup, f"bad_{case}", a, b, module, 2)
     with pytest.raises(ValueError, match=pattern):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
 
 
 class _OpaqueExperts(MoEMethodBase):
@@ -266,7 +266,7 @@ def test_xlora_with_constant_layerwise_scalings_matches_oracle(setup, backend):
         for file in ("adapter_config.json", "adapter_model.safetensors"):
             (repo / name / file).write_bytes((adapters / name / file).read_bytes())
     order = write_ordering(root / f"xlora_{backend}.json", base, order=names, layers=layers)
-    loaded = load_pipeline(Which.XLora(xlora_model_id=str(repo), order=order, dtype=ModelDType.F32),
+    loaded = load_which(Which.XLora(xlora_model_id=str(repo), order=order, dtype=ModelDType.F32),
                            show_progress=False)
     set_moe_backend(loaded.model, backend)
     runtime = adapter_runtime_of(loaded.model)
@@ -281,7 +281,7 @@ def test_xlora_with_constant_layerwise_scalings_matches_oracle(setup, backend):
 def test_preloaded_adapters_on_isq_experts(setup, backend):
     """Experts quantized in situ (Q8_0) keep their adapters separate: the adapters' effect is the oracle's, within
     Q8_0's error (much smaller than the effect itself)."""
-    loaded = load_pipeline(_which(setup, "preloaded_isq.json", order=["a1"], preload_adapters=[
+    loaded = load_which(_which(setup, "preloaded_isq.json", order=["a1"], preload_adapters=[
         {"name": n, "adapter_model_id": str(setup[1])} for n in ("a1", "a2")]), in_situ_quant="Q8_0",
         show_progress=False)
     moe = next(m for m in loaded.model.modules() if isinstance(m, FusedMoE))
@@ -309,7 +309,7 @@ def test_preloaded_adapters_on_gguf_experts(setup):
     (root / "gguf").mkdir(exist_ok=True)
     write_converted_gguf(checkpoint, config, root / "gguf" / "m.gguf", "Q8_0")
     order = write_ordering(root / "gguf.json", base, order=["a1", "a2"])
-    loaded = load_pipeline(Which.LoraGGUF(quantized_model_id=str(root / "gguf"), quantized_filename="m.gguf",
+    loaded = load_which(Which.LoraGGUF(quantized_model_id=str(root / "gguf"), quantized_filename="m.gguf",
                                           tok_model_id=str(base), adapters_model_id=str(adapters), order=order,
                                           dtype=ModelDType.F32), show_progress=False)
     moe = next(m for m in loaded.model.modules() if isinstance(m, FusedMoE))

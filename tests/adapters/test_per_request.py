@@ -9,10 +9,10 @@ import pytest
 
 from mistralrs import CompletionRequest, ModelDType, Runner, Which
 from mistralrs.adapters.runtime import adapter_runtime_of
-from mistralrs.loader.pipeline import load_pipeline
 from tests.adapters.adapter_fixtures import (
     assert_close, make_base_and_adapters, packed_logits, peft_greedy, peft_logits, peft_lora_model, write_ordering,
 )
+from tests.loading import load_which
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS
 
 peft = pytest.importorskip("peft")
@@ -32,7 +32,7 @@ def dirs(tmp_path_factory):
 
 def test_packed_batch_gives_each_sequence_its_own_adapters(dirs):
     base, adapters, which = dirs
-    loaded = load_pipeline(which, show_progress=False)
+    loaded = load_which(which, show_progress=False)
     runtime = adapter_runtime_of(loaded.model)
     chunks = [list(range(3, 40, 3)), list(range(5, 30, 2)), list(range(60, 20, -3)), list(range(9, 21))]
     ours = packed_logits(loaded, chunks, lambda b: runtime.forward(loaded.model, b, [None] * 4, SETS))

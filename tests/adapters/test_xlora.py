@@ -9,12 +9,12 @@ import torch
 
 from mistralrs import CompletionRequest, ModelDType, Runner, Which
 from mistralrs.adapters.runtime import adapter_runtime_of
-from mistralrs.loader.pipeline import load_pipeline
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.adapters.adapter_fixtures import (
     assert_close, hf_base, make_base_and_adapters, packed_logits, peft_greedy, peft_logits, peft_xlora_model, scheduled,
     write_ordering, write_xlora_repo,
 )
+from tests.loading import load_which
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS
 
 peft = pytest.importorskip("peft")
@@ -62,7 +62,7 @@ def _chunked_logits(loaded, runtime, tokens: list[int], splits: list[int]) -> to
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_peft_packed_and_chunked(dirs, tmp_path, case):
     oracle, which = _setup(dirs, tmp_path, case)
-    loaded = load_pipeline(which, show_progress=False)
+    loaded = load_which(which, show_progress=False)
     runtime = adapter_runtime_of(loaded.model)
     expected = [peft_logits(oracle, TOKENS), peft_logits(oracle, OTHER)]
     assert (expected[0] - peft_logits(hf_base(dirs[0]), TOKENS)).abs().max() > 1e-2   # the experts matter
@@ -98,7 +98,7 @@ def test_runner_greedy_matches_peft(dirs, tmp_path):
 
 def test_non_granular_scalings_freeze(dirs, tmp_path):
     _, which = _setup(dirs, tmp_path, "depth1")
-    loaded = load_pipeline(dataclasses.replace(which, tgt_non_granular_index=2), show_progress=False)
+    loaded = load_which(dataclasses.replace(which, tgt_non_granular_index=2), show_progress=False)
     runtime = adapter_runtime_of(loaded.model)
     kv = allocate_kv_caches(loaded.model.kv_cache_spec(), 8, 8, loaded.dtype, loaded.device)
     weights, pos = [], 0
@@ -122,31 +122,31 @@ def test_bad_repos_name_the_offending_value(dirs, tmp_path):
     base = dirs[0]
     _, which = _setup(dirs, tmp_path, "depth1", base_model_id="someone/else")
     with pytest.raises(ValueError, match="base_model_id 'someone/else'"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     _, which = _setup(dirs, tmp_path, "depth1", enable_softmax_topk=True)
     with pytest.raises(ValueError, match="enable_softmax_topk"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     _, which = _setup(dirs, tmp_path, "depth1", hidden_size=32)
     with pytest.raises(ValueError, match="hidden_size 32"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     _, which = _setup(dirs, tmp_path, "depth1", layerwise_scalings=True)   # classifier has 2 outputs, not 2 x 12
     with pytest.raises(ValueError, match=r"'last.bias' has shape \(2,\), expected \(24,\)"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     _, which = _setup(dirs, tmp_path, "depth1")
     write_ordering(tmp_path / "ordering.json", base, order=["a2", "a3"])
     with pytest.raises(ValueError, match="does not name the adapters"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     write_ordering(tmp_path / "ordering.json", base, order=["a1", "a2"], layers={"model.layers.0.mlp.w9": 0})
     with pytest.raises(ValueError, match="'model.layers.0.mlp.w9'"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     write_ordering(tmp_path / "ordering.json", base, order=["a1", "a2"],
                    layers={"model.layers.0.self_attn.q_proj": 0})
     with pytest.raises(ValueError, match="no index for adapter module"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
     (tmp_path / "xlora" / "xlora_classifier.safetensors").unlink()
     write_ordering(tmp_path / "ordering.json", base, order=["a1", "a2"])
     with pytest.raises(ValueError, match="xlora_classifier.safetensors"):
-        load_pipeline(which, show_progress=False)
+        load_which(which, show_progress=False)
 
 
 def test_config_defaults_follow_the_reference():
@@ -165,7 +165,7 @@ def test_config_defaults_follow_the_reference():
 def test_other_families_match_peft(tmp_path, arch):
     family = make_base_and_adapters(tmp_path / "dirs", ["a1", "a2"], arch)
     oracle, which = _setup(family, tmp_path, "layerwise_depth2")
-    loaded = load_pipeline(which, show_progress=False)
+    loaded = load_which(which, show_progress=False)
     runtime = adapter_runtime_of(loaded.model)
     got = packed_logits(loaded, [TOKENS], lambda b: runtime.forward(loaded.model, b, scheduled([0]), [None]))[0]
     assert_close(got, peft_logits(oracle, TOKENS))

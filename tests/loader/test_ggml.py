@@ -89,7 +89,7 @@ def test_header_and_vocabulary_are_read(tiny, tmp_path):
 
 def test_which_ggml_loads_with_the_tokenizer_of_tok_model_id(tiny, tmp_path):
     from mistralrs import ModelDType, Which
-    from mistralrs.loader.pipeline import load_pipeline
+    from tests.loading import load_which
     from tests.tiny_models import char_tokenizer
 
     _, config, checkpoint, expected = tiny
@@ -97,7 +97,7 @@ def test_which_ggml_loads_with_the_tokenizer_of_tok_model_id(tiny, tmp_path):
     tok_dir.mkdir()
     char_tokenizer().save(str(tok_dir / "tokenizer.json"))
     write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
-    loaded = load_pipeline(Which.GGML(quantized_model_id=str(tmp_path), quantized_filename="tiny.bin",
+    loaded = load_which(Which.GGML(quantized_model_id=str(tmp_path), quantized_filename="tiny.bin",
                                       tok_model_id=str(tok_dir), gqa=GQA, dtype=ModelDType.F32),
                            show_progress=False, device=torch.device("cpu"))
     assert loaded.max_model_len == 4096 and loaded.tokenizer is not None

@@ -141,10 +141,10 @@ def test_smollm2_linear_weights_stay_quantized_and_greedy_matches_plain_path():
     from mistralrs import ModelDType, Which
     from mistralrs.loader.chat_template import ChatTemplate
     from mistralrs.loader.default_model import default_model_path
-    from mistralrs.loader.pipeline import load_pipeline
+    from tests.loading import load_which
 
     path = default_model_path()
-    loaded = load_pipeline(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
+    loaded = load_which(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                       dtype=ModelDType.BF16), show_progress=False)
     fast = loaded.model
     for layer in fast.model.layers:

@@ -174,7 +174,7 @@ def test_topology_types_per_layer_uncovered_and_unindexed_layers(llama, tmp_path
     config_dict, files, _ = llama
     path = tmp_path / "topology.yml"
     path.write_text("0: {isq: Q8_0}\n1: {device: cpu}\n")  # layer 1 covered without isq: left unquantized
-    config = isq_config_from_options("Q4K", topology=Topology.from_yaml(str(path)))
+    config = isq_config_from_options(parse_isq_type("Q4K"), topology=Topology.from_yaml(str(path)))
     ours = _load(config_dict, files, config)
     states = dict(zip(isq_layer_names(ours), isq_layer_states(ours)))
     assert states["lm_head"].ggml.ggml_type == "Q4_K"  # no index: the global type
@@ -335,7 +335,7 @@ def test_isq_with_a_gguf_model_is_refused_and_re_isq_ignored(tmp_path):
 def test_bad_options_raise(options, message):
     in_situ_quant = options.pop("in_situ_quant")
     with pytest.raises(ValueError, match=message):
-        isq_config_from_options(in_situ_quant, **options)
+        isq_config_from_options(parse_isq_type(in_situ_quant) if in_situ_quant else None, **options)
 
 
 def test_hqq_quantizing_with_an_imatrix_raises():
@@ -345,7 +345,7 @@ def test_hqq_quantizing_with_an_imatrix_raises():
 
 def test_lora_adapters_are_merged_before_quantizing(tmp_path):
     pytest.importorskip("peft")
-    from mistralrs.loader.pipeline import load_pipeline
+    from tests.loading import load_which
     from tests.adapters.test_lora import _make_dirs
 
     base, adapters = _make_dirs(tmp_path, "llama")
@@ -353,13 +353,13 @@ def test_lora_adapters_are_merged_before_quantizing(tmp_path):
     ordering.write_text(json.dumps({"base_model_id": str(base), "order": ["a1"]}))
     which = Which.Lora(adapters_model_id=str(adapters), order=str(ordering), model_id=str(base), dtype=ModelDType.F32)
     tokens = list(range(3, 60, 2))
-    dense = load_pipeline(which, show_progress=False).model  # adapters merged, full precision
+    dense = load_which(which, show_progress=False).model  # adapters merged, full precision
     merged = _logits(dense, token_ids=tokens)
-    quantized = load_pipeline(which, show_progress=False, in_situ_quant="Q8_0").model
+    quantized = load_which(which, show_progress=False, in_situ_quant="Q8_0").model
     assert quantized.lm_head.quant_method.states[0].ggml.ggml_type == "Q8_0"
     IsqQuantConfig(isq="Q8_0").quantize_loaded(dense)  # the merged weights quantized afterwards: the same model
     torch.testing.assert_close(_logits(quantized, token_ids=tokens), _logits(dense, token_ids=tokens), atol=0, rtol=0)
-    plain = _logits(load_pipeline(Which.Plain(model_id=str(base), dtype=ModelDType.F32), show_progress=False).model,
+    plain = _logits(load_which(Which.Plain(model_id=str(base), dtype=ModelDType.F32), show_progress=False).model,
                     token_ids=tokens)
     error = _rel_error(_logits(quantized, token_ids=tokens), merged)  # 0.085: the x20 LoRA deltas make big weights
     assert error < 0.15 and _rel_error(_logits(quantized, token_ids=tokens), plain) > 3 * error

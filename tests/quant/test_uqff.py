@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from mistralrs.api.enums import IsqOrganization, ModelDType
 from mistralrs.api.which import Which
-from mistralrs.loader.pipeline import load_pipeline
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.isq import isq_layer_names, isq_layer_states
 from mistralrs.quant.isq_state import Fp8Params, HqqParams, IsqLayerState
@@ -37,6 +36,7 @@ from mistralrs.quant.uqff import (
 )
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.fixtures.uqff import make_reference_uqff as ref
+from tests.loading import load_which
 from tests.tiny_models import make_tiny_model_dir
 
 FIXTURES = os.path.dirname(os.path.abspath(ref.__file__))
@@ -83,7 +83,7 @@ def _load(model_id: str, **kwargs):
     in_situ_quant = kwargs.pop("in_situ_quant", None)
     kwargs.setdefault("dtype", ModelDType.F32)
     which = Which.Plain(model_id=model_id, **kwargs)
-    return load_pipeline(which, device=CPU, show_progress=False, in_situ_quant=in_situ_quant)
+    return load_which(which, device=CPU, show_progress=False, in_situ_quant=in_situ_quant)
 
 
 def _logits(loaded) -> torch.Tensor:
