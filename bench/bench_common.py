@@ -28,7 +28,7 @@ def runner_decode_tps(which, n_decode: int, **runner_args) -> float:
 
     runner = Runner(which, prefix_cache_n=0, show_progress=False, **runner_args)
     try:
-        no_eos = {t: -100.0 for t in runner._loaded.tokenizer.eos_token_ids}
+        no_eos = {t: -100.0 for t in runner.llm_engine._loaded.tokenizer.eos_token_ids}
 
         def complete(max_tokens: int):
             return runner.send_completion_request(CompletionRequest(

@@ -71,7 +71,7 @@ def bench_ours(model_dir: str, n_prompt: int, n_decode: int, n_conc: int) -> dic
     runner = Runner(Which.Plain(model_id=model_dir, dtype=ModelDType.BF16), max_seqs=max(16, n_conc),
                     prefix_cache_n=0, show_progress=False)
     load_s = time.perf_counter() - start
-    eos = runner._loaded.tokenizer.eos_token_ids
+    eos = runner.llm_engine._loaded.tokenizer.eos_token_ids
     no_eos = {t: -100.0 for t in eos}
     prompt = prompt_of(lambda t: runner.tokenize_text(t, False), n_prompt)
 

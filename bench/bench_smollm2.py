@@ -98,17 +98,17 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     which = Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
                        dtype=ModelDType.from_str(dtype))
     runner = Runner(which, prefix_cache_n=0, show_progress=False)
-    no_eos = {t: -100.0 for t in runner._loaded.tokenizer.eos_token_ids}
+    no_eos = {t: -100.0 for t in runner.llm_engine._loaded.tokenizer.eos_token_ids}
 
     def decode_tps(fused: bool) -> float:
-        set_fused_decode(runner._loaded.model, fused)
+        set_fused_decode(runner.llm_engine._loaded.model, fused)
         usage = runner.send_completion_request(CompletionRequest(
             prompt="Once upon a time", model="m", max_tokens=DECODE_TOKENS, temperature=0.0,
             logit_bias=no_eos)).usage
         return usage.completion_tokens / usage.total_completion_time_sec
 
     decode_tps(True)  # warm-up (the engine also picks its decode thread count here)
-    fused_layers, layers = fused_layer_counts(runner._loaded.model)
+    fused_layers, layers = fused_layer_counts(runner.llm_engine._loaded.model)
     print(f"{os.path.basename(model)}: {fused_layers} of {layers} decoder layers run fused", file=sys.stderr)
     if fused_layers == 0:
         raise SystemExit("no decoder layer of this model runs fused: nothing to compare")

@@ -42,7 +42,7 @@ def test_greedy_chat_matches_transformers(runner, hf_model_and_tokenizer, messag
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if not isinstance(prompt_ids, list):
         prompt_ids = prompt_ids["input_ids"]
-    assert runner._inputs.chat_prompt_ids(messages) == list(prompt_ids)
+    assert runner.llm_engine._inputs.chat_prompt_ids(messages) == list(prompt_ids)
     expected, margin = hf_greedy_with_margin(model, prompt_ids, NUM_TOKENS)
     assert margin > 0.05, "pick prompts whose greedy choices are not near-ties"
     res = runner.send_chat_completion_request(ChatCompletionRequest(
@@ -102,7 +102,7 @@ def test_gguf_with_tok_model_id_directory(hf_model_and_tokenizer, tmp_path):
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if not isinstance(expected, list):
         expected = expected["input_ids"]
-    assert runner._inputs.chat_prompt_ids(messages) == list(expected)
+    assert runner.llm_engine._inputs.chat_prompt_ids(messages) == list(expected)
     res = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=messages, model="smollm2", max_tokens=8, temperature=0.0))
     assert "Paris" in res.choices[0].message.content

@@ -15,6 +15,7 @@ import torch
 
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.core import Scheduler, SchedulerConfig
+from mistralrs.engine.commands import CommandHandlers
 from mistralrs.engine.engine import Engine
 from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.loader.pipeline import LoadedModel
@@ -95,8 +96,10 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
     return spec.bytes_per_block(block_size, loaded.dtype) * on_main // spec.num_layers
 
 
-def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, InputProcessor]:
-    """Size the KV cache, start the engine thread, and return it with its input processor."""
+def build_engine(loaded: LoadedModel, config: EngineConfig,
+                 handlers: CommandHandlers | None = None) -> tuple[Engine, InputProcessor]:
+    """Size the KV cache, start the engine thread (running control commands with `handlers`), and return it with
+    its input processor."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
@@ -121,7 +124,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, Inp
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
                          kv_dtype=loaded.dtype, device=loaded.device)
-    engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed)
+    engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed, handlers=handlers)
     max_len = min(loaded.max_model_len, capacity)
     if config.no_kv_cache:
         # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length

@@ -14,6 +14,7 @@ import torch
 
 from mistralrs.adapters.runtime import adapter_cache_salt
 from mistralrs.core import Scheduler, Sequence, SequenceStatus
+from mistralrs.engine.commands import Command, CommandHandlers, unknown_command
 from mistralrs.engine.output_processor import SeqOutputState
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta
 from mistralrs.worker.model_runner import ModelRunner, SeqSampling
@@ -43,16 +44,18 @@ class _RequestState:
 class Engine:
     """Owns the scheduler and the model runner; serves requests from any thread.
 
-    `submit` and `abort` are thread-safe: they only enqueue commands for the engine thread, which is the
-    single owner of all scheduling and model state.
+    `submit`, `abort`, `call` and `post` are thread-safe: they only enqueue work for the engine thread, which is
+    the single owner of all scheduling and model state. Control commands (engine/commands.py) run between two
+    steps with the handler registered for their type.
     """
 
     def __init__(self, scheduler: Scheduler, model_runner: ModelRunner, tokenizer, *,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, handlers: CommandHandlers | None = None) -> None:
         self.scheduler = scheduler
         self.model_runner = model_runner
         self.tokenizer = tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._handlers = dict(handlers or {})   # control command type -> its handler (run on the engine thread)
         self._requests: dict[str, _RequestState] = {}
         self._seq_owner: dict[int, _RequestState] = {}
         self._seq_sampling: dict[int, SeqSampling] = {}
@@ -73,24 +76,27 @@ class Engine:
         """Cancel a request; it stops within one engine step and frees its KV blocks."""
         self._commands.put(("abort", request_id))
 
-    def call(self, fn, timeout: float = 60.0):
-        """Run `fn()` on the engine thread between two steps and return its result (or raise its error).
-
-        Used for changes to the model that must not happen during a forward pass (switching adapters).
-        """
+    def call(self, command: Command, timeout: float = 60.0):
+        """Run a control command on the engine thread between two steps and return its handler's result (or raise
+        its error). TypeError, at once, for a command type the engine has no handler for."""
         done: queue.SimpleQueue = queue.SimpleQueue()
-        self._commands.put(("call", (fn, done)))
+        self._put_command(command, done)
         ok, value = done.get(timeout=timeout)
         if not ok:
             raise value
         return value
 
-    def post(self, fn) -> None:
-        """Run `fn()` on the engine thread between two steps without waiting (re-ISQ); an error is logged.
+    def post(self, command: Command) -> None:
+        """Run a control command on the engine thread between two steps without waiting; an error is logged.
 
         Commands run in the order they are queued, so a request submitted after `post` sees its effect.
         """
-        self._commands.put(("post", fn))
+        self._put_command(command, None)
+
+    def _put_command(self, command: Command, done: queue.SimpleQueue | None) -> None:
+        if type(command) not in self._handlers:
+            raise unknown_command(command, self._handlers)
+        self._commands.put(("command", (command, done)))
 
     def shutdown(self) -> None:
         """Cancel everything in flight and stop the thread."""
@@ -122,22 +128,26 @@ class Engine:
                 self._add_safely(payload)
             elif kind == "abort":
                 self._cancel(payload)
-            elif kind == "call":
-                fn, done = payload
-                try:
-                    done.put((True, fn()))
-                except Exception as exc:
-                    done.put((False, exc))
-            elif kind == "post":
-                try:
-                    payload()
-                except Exception:   # fire-and-forget: the caller is gone; the engine carries on
-                    logger.exception("engine command failed")
+            elif kind == "command":
+                self._run_command(*payload)
             else:
                 for request_id in list(self._requests):
                     self._cancel(request_id)
                 self._stopped = True
                 return False
+
+    def _run_command(self, command: Command, done: queue.SimpleQueue | None) -> None:
+        """Run `command` with the handler of its type; its result or error goes to `done` (None: errors logged)."""
+        try:
+            result = self._handlers[type(command)](command)
+        except Exception as exc:
+            if done is None:   # posted: the caller is gone; the engine carries on
+                logger.exception("engine command %s failed", type(command).__name__)
+            else:
+                done.put((False, exc))
+            return
+        if done is not None:
+            done.put((True, result))
 
     def _add_safely(self, request: EngineRequest) -> None:
         """Add a request; one that cannot be set up fails alone instead of stopping the engine."""

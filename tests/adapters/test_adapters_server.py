@@ -27,7 +27,7 @@ def served(tmp_path_factory):
     order = write_ordering(root / "ordering.json", base, order=["a1"], preload_adapters=preload)
     runner = Runner(Which.Lora(adapters_model_id=str(adapters), order=order, dtype=ModelDType.F32),
                     show_progress=False)
-    prompt_ids = runner._inputs.completion_prompt_ids(PROMPT)
+    prompt_ids = runner.llm_engine._inputs.completion_prompt_ids(PROMPT)
     banned = [int(i) for i in NO_SPECIAL]
     expected = {name: runner.detokenize_text(
         peft_greedy(peft_lora_model(base, adapters, [name]), prompt_ids, 4, banned), True) for name in ("a1", "a2")}

@@ -52,7 +52,7 @@ def test_runner_batches_mixed_sets_like_each_alone(dirs):
     runner = Runner(which, show_progress=False, pa_blk_size=8)
     try:
         prompt = "Adapters per request, isolated."
-        prompt_ids = runner._inputs.completion_prompt_ids(prompt)
+        prompt_ids = runner.llm_engine._inputs.completion_prompt_ids(prompt)
         # None: the Runner's active set (order = ["a1"]); the last two repeat a set and hit the prefix cache
         sets = [None, [], ["a2"], ["a1", "a2"], ["a2"], ["a1"]]
         expected = {}

@@ -80,7 +80,7 @@ def test_runner_greedy_matches_peft(dirs, tmp_path):
     runner = Runner(which, show_progress=False, pa_blk_size=8)
     try:
         prompt = "X-LoRA picks experts per token."
-        prompt_ids = runner._inputs.completion_prompt_ids(prompt)
+        prompt_ids = runner.llm_engine._inputs.completion_prompt_ids(prompt)
         expected = peft_greedy(oracle, prompt_ids, 6, BANNED)
         bias = {i: -100.0 for i in BANNED}
         for _ in range(2):   # the second run is served from the prefix cache
@@ -111,8 +111,8 @@ def test_non_granular_scalings_freeze(dirs, tmp_path):
     assert torch.equal(weights[2], weights[3]) and torch.equal(weights[2], weights[4])
     runner = Runner(dataclasses.replace(which, tgt_non_granular_index=2), show_progress=False)
     try:
-        assert runner._engine.scheduler.config.max_num_seqs == 1
-        assert not runner._engine.scheduler.config.enable_prefix_caching
+        assert runner.llm_engine._engine.scheduler.config.max_num_seqs == 1
+        assert not runner.llm_engine._engine.scheduler.config.enable_prefix_caching
         assert runner.send_completion_request(CompletionRequest(prompt="abc", model="x", max_tokens=4)).choices
     finally:
         runner.close()

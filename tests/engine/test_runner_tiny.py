@@ -131,11 +131,11 @@ def test_streaming_equals_whole_response_and_cancel(tiny):
     next(stream)
     stream.close()    # cancels the request within one engine step and frees its blocks
     deadline = time.monotonic() + 10
-    while runner._engine.scheduler.has_unfinished() and time.monotonic() < deadline:
+    while runner.llm_engine._engine.scheduler.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not runner._engine.scheduler.has_unfinished()
-    manager = runner._engine.scheduler.kv_cache_manager
-    assert manager.num_free_blocks == runner._engine.scheduler.config.num_blocks
+    assert not runner.llm_engine._engine.scheduler.has_unfinished()
+    manager = runner.llm_engine._engine.scheduler.kv_cache_manager
+    assert manager.num_free_blocks == runner.llm_engine._engine.scheduler.config.num_blocks
     again = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=messages, model="tiny", max_tokens=20, temperature=0.0, logit_bias=bias))
     assert again.choices[0].message.content == whole.choices[0].message.content

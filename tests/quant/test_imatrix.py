@@ -178,7 +178,7 @@ def test_calibration_file_collects_saves_and_quantizes(tiny, tmp_path, monkeypat
                        entries[names.index("model.layers.1.self_attn.q_proj")])  # fused shards share their input
     reloaded = Runner(Which.Plain(model_id=str(path), dtype=ModelDType.F32, imatrix=str(saved)),
                       in_situ_quant="Q4_0", show_progress=False)
-    for ours, again in zip(isq_layer_states(runner._loaded.model), isq_layer_states(reloaded._loaded.model)):
+    for ours, again in zip(isq_layer_states(runner.llm_engine._loaded.model), isq_layer_states(reloaded.llm_engine._loaded.model)):
         assert torch.equal(ours.ggml.data, again.ggml.data)
     runner.close()
     reloaded.close()

@@ -295,7 +295,7 @@ def test_re_isq_mid_run_equals_loading_with_that_type(tmp_path):
     before = _chat(runner)
     assert runner.send_re_isq("q4_0") is None
     after = _chat(runner)
-    model = runner._loaded.model
+    model = runner.llm_engine._loaded.model
     assert model.lm_head.quant_method.states[0].ggml.ggml_type == "Q4_0"
     runner.close()
     fresh = Runner(which, in_situ_quant="Q4_0", show_progress=False)
@@ -319,9 +319,9 @@ def test_isq_with_a_gguf_model_is_refused_and_re_isq_ignored(tmp_path):
     with pytest.raises(ValueError, match="in_situ_quant.*Which.GGUF"):
         Runner(which, in_situ_quant="Q4K", show_progress=False)
     runner = Runner(which, show_progress=False)
-    method = runner._loaded.model.lm_head.quant_method
+    method = runner.llm_engine._loaded.model.lm_head.quant_method
     runner.send_re_isq("Q4K")
-    assert runner._loaded.model.lm_head.quant_method is method
+    assert runner.llm_engine._loaded.model.lm_head.quant_method is method
     runner.close()
 
 

@@ -90,7 +90,7 @@ def read_events(response: http.client.HTTPResponse, limit: int | None = None) ->
 
 def engine_is_idle(runner: Runner) -> bool:
     """No sequence waiting or running, and every KV block free (cached prefixes count as free)."""
-    scheduler = runner._engine.scheduler
+    scheduler = runner.llm_engine._engine.scheduler
     manager = scheduler.kv_cache_manager
     return not scheduler.has_unfinished() and manager.num_free_blocks == manager.pool.num_blocks
 

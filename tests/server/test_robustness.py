@@ -94,7 +94,7 @@ def test_keep_alive_comments_while_waiting(slow_prefill):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_engine_failure_fails_only_that_request(runner, client, server, monkeypatch, stream):
-    model_runner = runner._engine.model_runner
+    model_runner = runner.llm_engine._engine.model_runner
     real_execute = model_runner.execute
     calls = []
 

@@ -302,10 +302,10 @@ def test_layers_split_between_cuda_and_cpu_generate_as_on_one_device(tiny_dir, t
     else:
         kwargs["num_device_layers"] = settings["num_device_layers"]
     runner = Runner(which, show_progress=False, **kwargs)
-    model = runner._loaded.model
+    model = runner.llm_engine._loaded.model
     expected = [CPU, CUDA[0]] if "topology" in settings else [CUDA[0], CPU]
     assert [next(layer.parameters()).device for layer in model.model.layers] == expected
-    assert [k.device.type for k, _ in runner._engine.model_runner.kv_caches] == [d.type for d in expected]
+    assert [k.device.type for k, _ in runner.llm_engine._engine.model_runner.kv_caches] == [d.type for d in expected]
     assert model.lm_head.weight.device.type == "cuda"
     text, logprobs = _greedy(runner)
     assert text == on_cuda[0]
@@ -332,10 +332,10 @@ def test_a_gguf_model_keeps_its_cpu_layers_quantized_on_the_cpu(tmp_path):
                        dtype=ModelDType.F32)
     on_cuda = _greedy(Runner(which, show_progress=False))
     runner = Runner(which, num_device_layers=["1"], show_progress=False)
-    layer = runner._loaded.model.model.layers[1]
+    layer = runner.llm_engine._loaded.model.model.layers[1]
     held = list(_tensors([m.quant_method for m in layer.modules() if hasattr(m, "quant_method")]))
     assert held and all(t.device == CPU for t in held)
-    assert all(t.device.type == "cuda" for t in _tensors(runner._loaded.model.model.layers[0].self_attn.o_proj))
+    assert all(t.device.type == "cuda" for t in _tensors(runner.llm_engine._loaded.model.model.layers[0].self_attn.o_proj))
     text, logprobs = _greedy(runner)
     assert text == on_cuda[0]
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(on_cuda[1]), atol=1e-3, rtol=0)

@@ -1,0 +1,257 @@
+"""`LLMEngine`: the engine's front door, the one owner of a served model.
+
+It loads the model a `LoadSpec` describes (on a short-lived thread: see `builder.on_short_lived_thread`), sizes
+the KV cache and starts the engine thread (`builder.build_engine`). A request goes through
+`submit_chat_completion` / `submit_completion`, which render and tokenize it (the input processor), queue it and
+return a `Submission`: the engine request (whose `outputs` queue receives the engine's messages) and an assembler
+that turns those messages into response objects (engine/assembly.py). `wait` and `stream` consume a submission
+on the caller's thread; the HTTP server passes its own non-blocking `outputs` sink and uses the same assemblers.
+Changes to the model (re-ISQ, adapter activation) are typed commands (engine/commands.py) run on the engine
+thread between two steps. `Runner`, the HTTP server and the CLI are clients of this class.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from mistralrs.adapters.lora import activate_adapters
+from mistralrs.adapters.runtime import request_adapter_set
+from mistralrs.api.enums import ToolChoice
+from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
+from mistralrs.engine.assembly import ChatAssembler, CompletionAssembler, EngineMessage
+from mistralrs.engine.builder import EngineConfig, build_engine, on_short_lived_thread
+from mistralrs.engine.commands import ActivateAdapters, ReIsq
+from mistralrs.engine.input_processor import GenerationOptions
+from mistralrs.engine.request import EngineRequest, RequestFinished
+from mistralrs.engine.tool_calls import forced_call_schema
+from mistralrs.loader.pipeline import load
+from mistralrs.loader.spec import LoadSpec
+from mistralrs.quant.isq import re_isq_config
+from mistralrs.quant.isq_types import parse_isq_type
+from mistralrs.sample.grammar import json_schema_source
+
+logger = logging.getLogger(__name__)
+
+_request_ids = itertools.count()
+TRUNCATION_RESERVE = 10  # tokens left for generation when a truncated prompt's request has no max_tokens
+
+
+@dataclass
+class Submission:
+    """A request handed to the engine: its engine request and the assembler of its responses."""
+
+    engine_request: EngineRequest  # its `outputs` receives SeqDelta lists, then RequestFinished (or an exception)
+    assembler: ChatAssembler | CompletionAssembler  # engine messages -> response objects
+
+    @property
+    def request_id(self) -> str:
+        """The engine's id of the request (also the response `id`)."""
+        return self.engine_request.request_id
+
+
+def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOptions:
+    return GenerationOptions(
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        min_p=request.min_p, presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty, logit_bias=request.logit_bias, stop_seqs=request.stop_seqs,
+        logprobs=logprobs, top_logprobs=top_logprobs,
+        dry_multiplier=request.dry_multiplier, dry_base=request.dry_base,
+        dry_allowed_length=request.dry_allowed_length, dry_sequence_breakers=request.dry_sequence_breakers,
+        seed=request.seed)
+
+
+def _template_message(message: dict) -> dict:
+    """An assistant message's OpenAI tool calls with their JSON `arguments` as dicts, as chat templates expect."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    converted = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                pass   # templates that print the arguments get the string as it was sent
+        converted.append({**call, "type": call.get("type", "function"), "function": function})
+    return {**message, "tool_calls": converted}
+
+
+class LLMEngine:
+    """Loads one text model and serves it: requests in, response objects out, control commands between steps.
+
+    Thread-safe: several threads may submit at once; their requests are batched together by the engine thread.
+    With `truncate_sequence`, a prompt that does not fit the context keeps its tail instead of being rejected.
+    """
+
+    def __init__(self, spec: LoadSpec, config: EngineConfig, *, truncate_sequence: bool = False) -> None:
+        self.truncate_sequence = truncate_sequence  # keep the tail of a prompt that does not fit the context
+        self._loaded = on_short_lived_thread(lambda: load(spec))
+        handlers = {ReIsq: self._re_isq, ActivateAdapters: self._activate_adapters}
+        self._engine, self._inputs = build_engine(self._loaded, config, handlers)
+        self.model_id = self._loaded.model_id  # the `model` of every response
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + generated) of one sequence: the model's context capped by the KV capacity."""
+        return self._inputs.max_model_len
+
+    # ---- submitting ---------------------------------------------------------------------------
+    def _fit_prompt(self, prompt_ids: list[int], max_tokens: int | None) -> list[int]:
+        """With `truncate_sequence`, keep the tail of a prompt that does not fit, leaving room to generate."""
+        limit = self._inputs.max_model_len
+        if not self.truncate_sequence or len(prompt_ids) < limit:
+            return prompt_ids
+        reserve = min(max_tokens or TRUNCATION_RESERVE, limit - 1)
+        keep = limit - reserve
+        logger.info("truncate_sequence: prompt of %d tokens cut to its last %d", len(prompt_ids), keep)
+        return prompt_ids[len(prompt_ids) - keep:]
+
+    def _grammar(self, request):
+        """The compiled grammar of a request: its own, or the JSON of a forced tool call; None when free."""
+        forced = None
+        if request.tool_schemas and request.tool_choice is not None:
+            forced = forced_call_schema(request.tool_schemas, request.tool_choice)
+        if forced is not None:
+            if request.grammar is not None:
+                raise ValueError("grammar: cannot be combined with a forced tool_choice (it constrains the output "
+                                 "to the tool call already)")
+            return self._inputs.grammars.compile_source(json_schema_source(forced))
+        if request.grammar is None:
+            return None
+        return self._inputs.grammars.compile(request.grammar_type, request.grammar)
+
+    def _submit(self, prompt_ids: list[int], request, num_seqs: int, logprobs: bool, top_logprobs: int | None,
+                outputs) -> EngineRequest:
+        grammar = self._grammar(request)
+        adapters = request_adapter_set(self._loaded.model, request.adapters)
+        prompt_ids = self._fit_prompt(prompt_ids, request.max_tokens)
+        options = _options(request, logprobs, top_logprobs)
+        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs, grammar)
+        engine_request.adapters = adapters
+        if outputs is not None:
+            engine_request.outputs = outputs
+        self._engine.submit(engine_request)
+        return engine_request
+
+    @staticmethod
+    def _messages(request: ChatCompletionRequest) -> list[dict]:
+        if isinstance(request.messages, str):
+            return [{"role": "user", "content": request.messages}]
+        return [_template_message(message) for message in request.messages]
+
+    @staticmethod
+    def _tools(request) -> list[dict] | None:
+        return list(request.tool_schemas) if request.tool_schemas else None
+
+    def submit_chat_completion(self, request: ChatCompletionRequest, *, outputs=None) -> Submission:
+        """Render, tokenize and queue a chat request without waiting for it.
+
+        `outputs` (anything with a thread-safe `put(message)`) replaces the request's queue; the engine thread
+        puts `SeqDelta` lists, then a `RequestFinished` (or an exception) on it. Raises ValueError for a bad
+        request (prompt too long, no chat template, unsupported option).
+        """
+        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request))
+        engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
+                                      request.top_logprobs, outputs)
+        parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
+        assembler = ChatAssembler(engine_request.request_id, self.model_id, request.logprobs, parse_tools)
+        return Submission(engine_request, assembler)
+
+    def submit_completion(self, request: CompletionRequest, *, logprobs: int | None = None,
+                          outputs=None) -> Submission:
+        """Tokenize and queue a completion request without waiting for it (see `submit_chat_completion`).
+
+        `logprobs` (0..20) reports the chosen token's logprob and that many alternatives.
+        """
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 20):
+            raise ValueError(f"logprobs: must be an int in [0, 20] or None, got {logprobs!r}")
+        prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
+        num_seqs = max(request.n_choices, request.best_of)
+        if request.stream and num_seqs != request.n_choices:
+            raise ValueError("best_of: cannot be larger than n_choices when streaming")
+        engine_request = self._submit(prompt_ids, request, num_seqs, logprobs is not None, logprobs, outputs)
+        assembler = CompletionAssembler(engine_request.request_id, self.model_id, request, logprobs is not None)
+        return Submission(engine_request, assembler)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a submitted request: it stops within one engine step and frees its KV blocks."""
+        self._engine.abort(request_id)
+
+    # ---- waiting ------------------------------------------------------------------------------
+    def _events(self, engine_request: EngineRequest) -> Iterator[EngineMessage]:
+        """Messages of one request until it finishes; closing early cancels it in the engine."""
+        finished = False
+        try:
+            while True:
+                message = engine_request.outputs.get()
+                if isinstance(message, Exception):
+                    finished = True
+                    raise ValueError(str(message)) from message
+                if isinstance(message, RequestFinished):
+                    finished = True
+                    yield message
+                    return
+                yield message
+        finally:
+            if not finished:
+                self._engine.abort(engine_request.request_id)
+
+    def wait(self, submission: Submission):
+        """The response of a submission made without `outputs`, once it finished (ValueError if it failed)."""
+        for message in self._events(submission.engine_request):
+            if isinstance(message, RequestFinished):
+                return submission.assembler.response(message)
+        raise RuntimeError("engine stream ended without a result")
+
+    def stream(self, submission: Submission) -> Iterator:
+        """The chunks of a submission made without `outputs`; closing the iterator early cancels the request."""
+        for message in self._events(submission.engine_request):
+            yield from submission.assembler.chunks(message)
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Tokenize raw text (no chat template)."""
+        return self._inputs.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def detokenize_text(self, tokens: list[int], skip_special_tokens: bool) -> str:
+        """Turn token ids back into text."""
+        return self._inputs.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ---- control commands ---------------------------------------------------------------------
+    def send_re_isq(self, isq_type: str) -> None:
+        """Re-quantizes the live model to ISQ type `isq_type` between two engine steps and returns at once
+        (requests submitted afterwards see the new weights; a failure while quantizing is logged). ValueError for
+        an unknown type; ignored for GGUF/GGML models (REFERENCE §3)."""
+        if self._loaded.quantized_file:
+            logger.info("send_re_isq(%r): ignored, the model was loaded from quantized GGUF/GGML weights", isq_type)
+            return
+        self._engine.post(ReIsq(parse_isq_type(isq_type)))
+
+    def _re_isq(self, command: ReIsq) -> None:
+        """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""
+        config = re_isq_config(self._loaded.isq, command.isq_type)
+        config.quantize_loaded(self._loaded.model)
+        self._loaded.isq = config
+        self._engine.scheduler.reset_prefix_cache()   # K/V cached under the old weights must not be reused
+
+    def activate_adapters(self, adapter_names: list[str]) -> None:
+        """Replaces the active set of preloaded LoRA adapters; ValueError naming an unknown adapter, or when the
+        model has no preloaded adapters."""
+        self._engine.call(ActivateAdapters(tuple(adapter_names)))
+
+    def _activate_adapters(self, command: ActivateAdapters) -> None:
+        activate_adapters(self._loaded.model, list(command.names))
+
+    def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280):
+        """Image generation: a text model has none (ValueError)."""
+        raise ValueError("generate_image: this is a text model; diffusion models are not built in this version")
+
+    def close(self) -> None:
+        """Stop the engine thread (in-flight requests are canceled)."""
+        self._engine.shutdown()
