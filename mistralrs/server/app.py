@@ -1,4 +1,4 @@
-"""The OpenAI-compatible ASGI app over one `Runner` (REFERENCE §2.2).
+"""The OpenAI-compatible ASGI app over one `Runner`'s front door (`LLMEngine`, REFERENCE §2.2).
 
 `create_app(runner, config)` returns a FastAPI app with the endpoints `POST /v1/chat/completions`,
 `POST /v1/completions`, `GET /v1/models`, `GET /health` (and `/`), `POST /v1/images/generations`,
@@ -25,7 +25,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import PlainTextResponse, Response
 
 from mistralrs.api.enums import ImageGenerationResponseFormat
-from mistralrs.api.runner import Runner, Submission
+from mistralrs.api.runner import Runner
+from mistralrs.engine.llm_engine import LLMEngine, Submission
 from mistralrs.server import encode, schemas
 from mistralrs.server.errors import APIError, client_error, install_error_handlers, validation_error
 from mistralrs.server.middleware import GuardMiddleware
@@ -65,21 +66,21 @@ class ServerConfig:
 
 
 class _AppState:
-    """What the routes share: the runner, the settings, the in-flight requests."""
+    """What the routes share: the front door, the settings, the in-flight requests."""
 
-    def __init__(self, runner: Runner, config: ServerConfig) -> None:
-        self.runner = runner
+    def __init__(self, engine: LLMEngine, config: ServerConfig) -> None:
+        self.engine = engine  # the served model's front door
         self.config = config
-        self.tracker = RequestTracker(runner)
+        self.tracker = RequestTracker(engine)
         self.created = int(time.time())
-        model_id = runner.model_id
+        model_id = engine.model_id
         self.accepted_models = {"default", model_id, os.path.basename(model_id.rstrip("/")),
                                 *config.model_aliases}
 
     def check_model(self, name: str | None) -> None:
         if name is None or name in self.accepted_models:
             return
-        raise APIError(404, f"The model {name!r} does not exist: this server serves {self.runner.model_id!r} "
+        raise APIError(404, f"The model {name!r} does not exist: this server serves {self.engine.model_id!r} "
                             "(also accepted: 'default')", param="model", code="model_not_found")
 
     def check_open(self) -> None:
@@ -152,9 +153,9 @@ def _install_openapi(app: FastAPI) -> None:
 
 
 def create_app(runner: Runner, config: ServerConfig | None = None) -> FastAPI:
-    """The OpenAI-compatible app serving `runner` (the caller keeps ownership of the runner)."""
+    """The OpenAI-compatible app serving `runner`'s front door (the caller keeps ownership of the runner)."""
     config = config or ServerConfig()
-    state = _AppState(runner, config)
+    state = _AppState(runner.llm_engine, config)
     app = FastAPI(title="mistralrs", version="0.1.0", docs_url="/docs", redoc_url=None,
                   openapi_url="/api-doc/openapi.json",
                   description="OpenAI-compatible server of the mistralrs Python engine")
@@ -171,15 +172,15 @@ def create_app(runner: Runner, config: ServerConfig | None = None) -> FastAPI:
 
 
 def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
-    runner = state.runner
+    engine = state.engine
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc(schemas.ChatCompletionBody))
     async def chat_completions(request: Request) -> Response:
         """Chat completion (OpenAI shape); `stream: true` answers with server-sent events."""
         body = await _parse(request, schemas.ChatCompletionBody)
         state.check_model(body.model)
-        chat = _build(schemas.chat_request, body, runner.model_id)
-        submission, outputs = await _submit(state, lambda out: runner.submit_chat_completion(chat, outputs=out),
+        chat = _build(schemas.chat_request, body, engine.model_id)
+        submission, outputs = await _submit(state, lambda out: engine.submit_chat_completion(chat, outputs=out),
                                             "messages")
         if body.stream:
             return EventStreamResponse(sse_events(state.tracker, submission, outputs, request.receive,
@@ -197,7 +198,7 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
         state.check_model(body.model)
         completion = _build(schemas.completion_request, body)
         submission, outputs = await _submit(
-            state, lambda out: runner.submit_completion(completion, logprobs=body.logprobs, outputs=out), "prompt")
+            state, lambda out: engine.submit_completion(completion, logprobs=body.logprobs, outputs=out), "prompt")
         if body.stream:
             return EventStreamResponse(sse_events(state.tracker, submission, outputs, request.receive,
                                                   encode.CompletionChunkEncoder(), body.include_usage(),
@@ -221,7 +222,7 @@ def _image_size(body: schemas.ImageGenerationBody) -> tuple[int, int]:
 
 
 def _add_other_routes(app: FastAPI, state: _AppState) -> None:
-    runner = state.runner
+    engine = state.engine
 
     @app.get("/health")
     @app.get("/")
@@ -230,7 +231,7 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         return PlainTextResponse("OK")
 
     def model_card() -> dict:
-        return {"id": runner.model_id, "object": "model", "created": state.created, "owned_by": "local"}
+        return {"id": engine.model_id, "object": "model", "created": state.created, "owned_by": "local"}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -251,7 +252,7 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         height, width = _image_size(body)
         response_format = ImageGenerationResponseFormat.from_str(body.response_format or "url")
         try:
-            result = await run_in_threadpool(runner.generate_image, body.prompt, response_format, height, width)
+            result = await run_in_threadpool(engine.generate_image, body.prompt, response_format, height, width)
         except (ValueError, TypeError) as exc:
             raise client_error(exc) from None
         return _json(result.to_dict())
@@ -261,7 +262,7 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         """Swap the active LoRA adapters (models loaded with adapters only)."""
         body = await _parse(request, schemas.AdaptersBody)
         try:
-            await run_in_threadpool(runner.activate_adapters, body.adapter_names)
+            await run_in_threadpool(engine.activate_adapters, body.adapter_names)
         except (ValueError, TypeError) as exc:
             raise client_error(exc) from None
         return PlainTextResponse(f"Successfully activated adapters: {', '.join(body.adapter_names)}")
@@ -271,7 +272,7 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         """Re-quantize the model in place with another ISQ type."""
         body = await _parse(request, schemas.ReIsqBody)
         try:
-            await run_in_threadpool(runner.send_re_isq, body.ggml_type)
+            await run_in_threadpool(engine.send_re_isq, body.ggml_type)
         except (ValueError, TypeError) as exc:
             raise client_error(exc) from None
         return PlainTextResponse(f"Successfully re-quantized the model to {body.ggml_type}")

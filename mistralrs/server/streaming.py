@@ -18,7 +18,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from mistralrs.api.runner import Runner, Submission
+from mistralrs.engine.llm_engine import LLMEngine, Submission
 from mistralrs.engine.request import RequestFinished
 from mistralrs.server.encode import json_bytes
 from mistralrs.server.errors import APIError
@@ -97,8 +97,8 @@ async def _watch_disconnect(receive: Receive, outputs: AsyncOutputs) -> None:
 class RequestTracker:
     """The app's in-flight engine requests, so that a shutdown can cancel them; counts client disconnects."""
 
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner  # the one runner the app serves
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine  # the front door the app serves
         self.active: set[str] = set()  # engine request ids being served
         self.shutting_down = False  # set once shutdown began: new requests get a 503
         self.num_client_disconnects = 0  # requests canceled because their client went away
@@ -107,7 +107,7 @@ class RequestTracker:
         """Cancel every in-flight request (they end with finish_reason "canceled") and refuse new ones."""
         self.shutting_down = True
         for request_id in list(self.active):
-            self.runner.abort(request_id)
+            self.engine.abort(request_id)
 
 
 class _Serving:
@@ -134,7 +134,7 @@ class _Serving:
             self.tracker.num_client_disconnects += 1
             logger.info("client of request %s disconnected; request canceled", self.request_id)
         if not self.finished:
-            self.tracker.runner.abort(self.request_id)
+            self.tracker.engine.abort(self.request_id)
 
 
 def _engine_error(exc: Exception) -> APIError:
