@@ -105,17 +105,26 @@ def which_from_args(args: argparse.Namespace):
     return variant(**kwargs)
 
 
-def _label(which) -> str:
-    names = getattr(which, "quantized_filename", None)
-    if names is not None:
-        return names if isinstance(names, str) else ", ".join(names)
-    return which.model_id
+# The Which variants that read GGUF/GGML files (named by `quantized_filename`).
+_QUANTIZED_FILE_VARIANTS = (Which.GGUF, Which.XLoraGGUF, Which.LoraGGUF, Which.GGML, Which.XLoraGGML, Which.LoraGGML)
+
+
+def _quantized_files(which) -> list[str]:
+    """The GGUF/GGML file names of the selection; none for a safetensors model."""
+    if not isinstance(which, _QUANTIZED_FILE_VARIANTS):
+        return []
+    names = which.quantized_filename
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _label(which, runner: Runner) -> str:
+    """How the terminal names the served model: its GGUF/GGML file names, else its model id."""
+    return ", ".join(_quantized_files(which)) or runner.model_id
 
 
 def _model_aliases(which) -> tuple[str, ...]:
     """Names the server accepts in a request's `model` for this selection (GGUF file names and stems)."""
-    names = getattr(which, "quantized_filename", None) or []
-    names = [names] if isinstance(names, str) else list(names)
+    names = _quantized_files(which)
     return tuple(names) + tuple(os.path.splitext(name)[0] for name in names)
 
 
@@ -276,11 +285,12 @@ def _serve(args: argparse.Namespace) -> None:
         sys.exit(f"mistralrs: {exc}")
     which, runner = _load(args)
     if args.interactive_mode:
-        _chat_loop(runner, _label(which), INTERACTIVE_SAMPLING, None)
+        _chat_loop(runner, _label(which, runner), INTERACTIVE_SAMPLING, None)
         runner.close()
         return
     config.model_aliases = _model_aliases(which)
-    print(f"Serving {_label(which)} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)", flush=True)
+    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)",
+          flush=True)
     serve(runner, config, host=args.host, port=args.port)
 
 
@@ -298,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     which, runner = _load(args)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-    _chat_loop(runner, _label(which), sampling, args.system)
+    _chat_loop(runner, _label(which, runner), sampling, args.system)
     runner.close()
 
 
