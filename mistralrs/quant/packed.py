@@ -9,6 +9,8 @@ device and activation dtype that has no dedicated kernel, so that no weight is e
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,22 @@ class PackedWeight:
     def nbytes(self) -> int:
         """Bytes of weight storage."""
         raise NotImplementedError
+
+
+def matmul_all(weights: Sequence[PackedWeight], x: torch.Tensor) -> torch.Tensor:
+    """`x @ W^T` for the weight whose consecutive output rows `weights` cover: each one's product, concatenated."""
+    return weights[0].matmul(x) if len(weights) == 1 else torch.cat([w.matmul(x) for w in weights], dim=-1)
+
+
+def runs_by_key(items: Sequence, keys: Sequence[Hashable]) -> list[list]:
+    """`items` cut into runs of consecutive items with equal `keys` (the shards that are packed together)."""
+    runs: list[list] = []
+    for index, (item, key) in enumerate(zip(items, keys, strict=True)):
+        if index and keys[index - 1] == key:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 class DenseWeight(PackedWeight):
