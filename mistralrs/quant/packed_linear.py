@@ -2,7 +2,8 @@
 
 A `PackedLinearMethod` registers the layer's bias, checks each checkpoint tensor against its shard, and once the
 layer's shards have arrived holds its `weights`: `PackedWeight`s over consecutive output rows. `apply` is each
-weight's product, concatenated along the output rows, plus the bias (one `F.linear` for a single dense weight).
+weight's product, concatenated along the output rows, plus the bias (one `F.linear` for a single dense weight);
+`fused_parts` hands the fused C++ decoder layer each weight's own fused form for the same product.
 A subclass says only how its shards arrive and are packed (`store_weight`): `GGUFLinearMethod` keeps the
 checkpoint's GGML blocks or dense tensors, `IsqLinearMethod` quantizes each shard on arrival.
 """
@@ -15,7 +16,7 @@ from torch import nn
 
 from mistralrs.layers.linear import Linear, LinearMethodBase, copy_checked
 from mistralrs.quant.ggml_tensor import GGMLTensor
-from mistralrs.quant.packed import DenseWeight, PackedWeight, matmul_all
+from mistralrs.quant.packed import DenseWeight, FusedLinearPart, PackedWeight, matmul_all
 
 
 class PackedLinearMethod(LinearMethodBase):
@@ -73,3 +74,8 @@ class PackedLinearMethod(LinearMethodBase):
         if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
             return self.weights[0].weight
         return None
+
+    def fused_parts(self, layer: Linear) -> list[FusedLinearPart] | None:
+        """Each packed weight's own fused form (`PackedWeight.fused_part`); None when one has none."""
+        parts = [weight.fused_part() for weight in self.weights]
+        return None if not parts or any(part is None for part in parts) else parts
