@@ -15,7 +15,7 @@ using at::Tensor;
 
 namespace {
 
-// How one weight of a linear layer computes `x @ W^T` (the kinds of mistralrs/layers/fused_decode.py LinearKind).
+// How one weight of a linear layer computes `x @ W^T` (the kinds of mistralrs/quant/packed.py LinearKind).
 enum LinearKind : int64_t { kDense = 0, kInt4 = 1, kInt4Pair = 2 };
 
 // One packed weight: a dense matrix (at::linear, as F.linear) or torch's CPU int4 packing

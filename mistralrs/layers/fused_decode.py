@@ -58,19 +58,12 @@ from torch import nn
 if TYPE_CHECKING:
     from mistralrs.layers.attention import PagedAttention
     from mistralrs.layers.linear import Linear
+    from mistralrs.quant.packed import FusedLinearPart
     from mistralrs.worker.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
-
-
-class LinearKind(enum.IntEnum):
-    """How the C++ side computes one weight of a linear layer (`LinearKind` of fused_decode.cpp)."""
-
-    DENSE = 0  # at::linear(x, weight, bias)
-    INT4 = 1  # torch's CPU int4 kernel, one plane (Int4CpuWeight)
-    INT4_PAIR = 2  # the same kernel over two planes fed 16 x then x (Int4CpuPairWeight)
 
 
 class NormKind(enum.IntEnum):
@@ -202,33 +195,13 @@ def _compile_command(source: Path, name: str, output: Path) -> list[str]:
 EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode")  # the process's one copy of the compiled module
 
 
-def linear_spec(linear: Linear) -> tuple[list[tuple], torch.Tensor | None] | None:
-    """`(parts, bias)` of a linear layer the C++ side computes exactly as its quant method does, each part
-    `(kind, group_size, out_features, weight, scales_and_zeros)`; or None (adapters, or another weight form)."""
-    from mistralrs.layers.linear import UnquantizedLinearMethod
-    from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
-    from mistralrs.quant.gguf_linear import GGUFLinearMethod
-    from mistralrs.quant.isq import IsqLinearMethod
-    from mistralrs.quant.packed import DenseWeight
-
+def linear_spec(linear: Linear) -> tuple[list[FusedLinearPart], torch.Tensor | None] | None:
+    """`(parts, bias)` of a linear layer the C++ side computes exactly as its quant method does (the method's
+    `fused_parts`); or None (adapters, or a weight form the C++ side does not compute)."""
     if linear.adapters:
         return None
-    method = linear.quant_method
-    if type(method) is UnquantizedLinearMethod:
-        return [(LinearKind.DENSE, 0, linear.out_features, linear.weight, None)], linear.bias
-    # both apply `weights[0].matmul(x) (+ bias)`, F.linear for one dense weight, or cat of the weights' matmuls
-    if type(method).apply not in (GGUFLinearMethod.apply, IsqLinearMethod.apply) or not method.weights:
-        return None
-    parts = []
-    for weight in method.weights:
-        if type(weight) is DenseWeight:
-            parts.append((LinearKind.DENSE, 0, weight.weight.shape[0], weight.weight, None))
-            continue
-        kind = {Int4CpuWeight: LinearKind.INT4, Int4CpuPairWeight: LinearKind.INT4_PAIR}.get(type(weight))
-        if kind is None:
-            return None
-        parts.append((kind, weight.group_size, weight.out_features, weight.packed, weight.scales_and_zeros))
-    return parts, linear.bias
+    parts = linear.quant_method.fused_parts(linear)
+    return None if parts is None else (parts, linear.bias)
 
 
 def norm_spec(norm: nn.Module) -> tuple[NormKind, torch.Tensor, torch.Tensor | None, float] | None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.quant.packed import FusedLinearPart, LinearKind
 
 Adapter = Callable[[torch.Tensor], torch.Tensor]
 
@@ -45,6 +46,12 @@ class LinearMethodBase:
     def dense_weight(self, layer: Linear) -> torch.Tensor | None:
         """The layer's whole weight as one dense `[out_features, in_features]` tensor, if that is how it is stored
         (a tied embedding then shares it); None otherwise."""
+        return None
+
+    def fused_parts(self, layer: Linear) -> list[FusedLinearPart] | None:
+        """What `apply` computes before the bias, as the weights the fused C++ decoder layer multiplies in turn
+        (their outputs concatenated, then the bias added), bit for bit the same; None (the default) when the C++
+        side cannot compute it (layers/fused_decode.py then runs the plain modules)."""
         return None
 
 
@@ -105,6 +112,9 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
     def dense_weight(self, layer: Linear) -> torch.Tensor | None:
         return layer.weight
+
+    def fused_parts(self, layer: Linear) -> list[FusedLinearPart]:
+        return [FusedLinearPart(LinearKind.DENSE, 0, layer.out_features, layer.weight, None)]
 
 
 class CheckpointModule(nn.Module):

@@ -32,7 +32,7 @@ import torch
 from mistralrs.quant.block_types import AffineBlocks, GGMLBlockType
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import block_type
-from mistralrs.quant.packed import PackedWeight
+from mistralrs.quant.packed import FusedLinearPart, LinearKind, PackedWeight
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 _ROW_MULTIPLE = 16  # torch's packer needs the output rows to be a multiple of this
@@ -47,6 +47,8 @@ GroupSource = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 class Int4CpuWeight(PackedWeight):
     """4-bit codes with a bfloat16 scale and zero per group of inputs, in torch's CPU int4 kernel layout."""
+
+    fused_kind = LinearKind.INT4  # how the fused C++ decoder layer computes this form
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, group_size: int = 32):
         self.packed = packed  # uint8 [padded_out, K / 2], torch's tiled layout; padded_out % 16 == 0
@@ -68,6 +70,9 @@ class Int4CpuWeight(PackedWeight):
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+
+    def fused_part(self) -> FusedLinearPart:
+        return FusedLinearPart(self.fused_kind, self.group_size, self.out_features, self.packed, self.scales_and_zeros)
 
     @classmethod
     def pack(cls, num_rows: int, source: GroupSource, dtype: torch.dtype, group_size: int = 32) -> Int4CpuWeight:
@@ -101,6 +106,8 @@ class Int4CpuWeight(PackedWeight):
 
 class Int4CpuPairWeight(Int4CpuWeight):
     """Two 4-bit planes per sub-block of `group_size / 2` inputs, fed 16 x then x (see module doc)."""
+
+    fused_kind = LinearKind.INT4_PAIR
 
     def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
         sub_blocks = x.reshape(x.shape[0], -1, self.group_size // 2)

@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mistralrs.layers.linear import Linear, LinearMethodBase, copy_checked
+from mistralrs.layers.linear import Linear, LinearMethodBase
 from mistralrs.quant.config import QuantConfig
 from mistralrs.quant.cpu_int4 import int4_cpu_form, int4_cpu_from_ggml
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import BLOCK_TYPES, FLOAT_TYPES
-from mistralrs.quant.packed import BlockTiledWeight, DenseWeight, PackedWeight
+from mistralrs.quant.packed import BlockTiledWeight, DenseWeight, PackedWeight, runs_by_key
+from mistralrs.quant.packed_linear import PackedLinearMethod
 
 # GGML type → builder of its fast form on the CPU with bfloat16 activations.
 FAST_CPU_BF16_KERNELS: dict[str, Callable[[GGMLTensor, torch.dtype], PackedWeight]] = {
@@ -80,67 +80,35 @@ def _cat_shards(shards: Sequence[CheckpointTensor]) -> CheckpointTensor:
     return torch.cat(list(shards))
 
 
-class GGUFLinearMethod(LinearMethodBase):
+def pack_checkpoint_tensors(shards: Sequence[CheckpointTensor], dtype: torch.dtype, device: torch.device,
+                            use_fast_kernels: bool) -> list[PackedWeight]:
+    """The compute forms of a weight's consecutive shards: runs of one kind, each concatenated and packed."""
+    return [build_packed_weight(_cat_shards(run), dtype, device, use_fast_kernels)
+            for run in runs_by_key(shards, [_kind(shard) for shard in shards])]
+
+
+class GGUFLinearMethod(PackedLinearMethod):
     """One layer's weights from GGUF tensors (GGML blocks or dense), packed for a kernel once all shards arrive.
 
     One instance per layer. After loading, `weights` lists the layer's `PackedWeight`s in output-row order.
     """
 
     def __init__(self, use_fast_kernels: bool = True):
-        self.use_fast_kernels = use_fast_kernels  # False: always the plain path (dequantize at load + F.linear)
-        self.weights: list[PackedWeight] = []  # compute forms over consecutive output rows, once loaded
+        super().__init__(use_fast_kernels)
         self._pending: list[CheckpointTensor | None] = []  # per fused shard, until all have arrived
-        self._dtype = torch.float32
-        self._device = torch.device("cpu")
 
     def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._dtype, self._device = dtype, torch.device(device)
+        super().create_weights(layer, dtype, device)
         self._pending = [None] * len(layer.output_partition_sizes)
-        bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None
-        layer.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
-    def load_weight(self, layer: Linear, param_name: str, loaded: CheckpointTensor, shard_index: int | None) -> None:
-        name = f"{layer.prefix}.{param_name}" + ("" if shard_index is None else f"[shard {shard_index}]")
-        # shard_index None: the whole weight at once, a fused one included (Phi-3's qkv_proj, gate_up_proj)
-        offset, size = (0, layer.out_features) if shard_index is None else layer.shard_range(shard_index)
-        if param_name == "bias":
-            if layer.bias is None:
-                raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a 'bias' the layer was built without")
-            copy_checked(layer.bias.narrow(0, offset, size), loaded, name)
-            return
-        if tuple(loaded.shape) != (size, layer.in_features):
-            raise ValueError(f"weight {name!r} has shape {tuple(loaded.shape)}, expected {(size, layer.in_features)}")
+    def store_weight(self, layer: Linear, shard_index: int | None, loaded: CheckpointTensor) -> None:
         if shard_index is None:
             self._pending = [loaded]
         else:
             self._pending[shard_index] = loaded
         if all(shard is not None for shard in self._pending):
-            self.weights = self._pack(self._pending)
+            self.weights = pack_checkpoint_tensors(self._pending, self._dtype, self._device, self.use_fast_kernels)
             self._pending = []
-
-    def _pack(self, shards: list[CheckpointTensor]) -> list[PackedWeight]:
-        """Runs of consecutive shards of one kind, each concatenated and packed."""
-        runs: list[list[CheckpointTensor]] = []
-        for shard in shards:
-            if runs and _kind(runs[-1][0]) == _kind(shard):
-                runs[-1].append(shard)
-            else:
-                runs.append([shard])
-        return [build_packed_weight(_cat_shards(run), self._dtype, self._device, self.use_fast_kernels)
-                for run in runs]
-
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if not self.weights:
-            raise ValueError(f"{layer.prefix or 'linear'}: weights were not loaded (shards still missing)")
-        if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
-            return F.linear(x, self.weights[0].weight, layer.bias)
-        y = self.weights[0].matmul(x) if len(self.weights) == 1 else torch.cat([w.matmul(x) for w in self.weights], -1)
-        return y if layer.bias is None else y + layer.bias
-
-    def dense_weight(self, layer: Linear) -> torch.Tensor | None:
-        if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
-            return self.weights[0].weight
-        return None
 
 
 @dataclass(frozen=True)

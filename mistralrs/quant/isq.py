@@ -32,19 +32,15 @@ import torch
 from torch import nn
 
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import (
-    Linear,
-    LinearMethodBase,
-    UnquantizedLinearMethod,
-    copy_checked,
-)
+from mistralrs.layers.linear import Linear, UnquantizedLinearMethod
 from mistralrs.layers.moe import FusedMoE
 from mistralrs.quant.config import QuantConfig
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.gguf_linear import build_packed_weight
 from mistralrs.quant.isq_state import IsqLayerState
 from mistralrs.quant.isq_types import IsqType, ggml_type_for_width, parse_isq_type
-from mistralrs.quant.packed import DenseWeight, PackedWeight
+from mistralrs.quant.packed import DenseWeight, PackedWeight, runs_by_key
+from mistralrs.quant.packed_linear import PackedLinearMethod
 from mistralrs.quant.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -132,16 +128,8 @@ def _pack_one(run: list[IsqLayerState], dtype: torch.dtype, device: torch.device
 def pack_states(states: Sequence[IsqLayerState], dtype: torch.dtype, device: torch.device,
                 use_fast_kernels: bool = True) -> list[PackedWeight]:
     """The compute forms of a layer's shards in output-row order (runs of one GGML type, or dense, as one)."""
-    runs: list[list[IsqLayerState]] = []
-    keys: list[str] = []
-    for index, state in enumerate(states):
-        key = _pack_key(index, state)
-        if keys and keys[-1] == key:
-            runs[-1].append(state)
-        else:
-            runs.append([state])
-            keys.append(key)
-    return [_pack_one(run, dtype, device, use_fast_kernels) for run in runs]
+    keys = [_pack_key(index, state) for index, state in enumerate(states)]
+    return [_pack_one(run, dtype, device, use_fast_kernels) for run in runs_by_key(states, keys)]
 
 
 def _shard_bias(states: Sequence[IsqLayerState], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -154,7 +142,7 @@ def _shard_bias(states: Sequence[IsqLayerState], dtype: torch.dtype, device: tor
 
 # ---- the linear method ---------------------------------------------------------------------------------------
 
-class IsqLinearMethod(LinearMethodBase):
+class IsqLinearMethod(PackedLinearMethod):
     """One `Linear`'s weights quantized per checkpoint shard (`states`, one `IsqLayerState` each) and packed.
 
     Built with an ISQ type (shards quantized as they load) or from ready states (`from_states`, for UQFF).
@@ -164,15 +152,12 @@ class IsqLinearMethod(LinearMethodBase):
 
     def __init__(self, isq: IsqType | None, *, imatrix: Sequence[torch.Tensor | None] | None = None,
                  use_fast_kernels: bool = True, num_shards: int | None = None):
+        super().__init__(use_fast_kernels)
         self.isq = isq                          # the type shards are quantized to (None: kept unquantized)
         self.num_shards = num_shards            # checkpoint tensors (None: one per output partition)
         self.imatrix = imatrix                  # per shard: importance `[in_features]` or None
-        self.use_fast_kernels = use_fast_kernels
         self.states: list[IsqLayerState | None] = []  # per shard, in shard order; complete once loaded
-        self.weights: list[PackedWeight] = []  # compute forms over consecutive output rows
         self._biases: list[torch.Tensor | None] = []  # checkpoint biases of shards whose weight has not arrived
-        self._dtype = torch.float32
-        self._device = torch.device("cpu")
 
     @classmethod
     def from_states(cls, states: Sequence[IsqLayerState], use_fast_kernels: bool = True) -> IsqLinearMethod:
@@ -182,8 +167,8 @@ class IsqLinearMethod(LinearMethodBase):
         return method
 
     def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._dtype, self._device = dtype, torch.device(device)
         if self.states:
+            self._dtype, self._device = dtype, torch.device(device)
             self.num_shards = len(self.states)
             self._adopt(layer)
             return
@@ -194,12 +179,11 @@ class IsqLinearMethod(LinearMethodBase):
         self.num_shards = num_shards
         self.states = [None] * num_shards
         self._biases = [None] * num_shards
-        bias = torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.has_bias else None
-        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        super().create_weights(layer, dtype, device)
 
-    def _shard_range(self, layer: Linear, index: int) -> tuple[int, int]:
-        """(row offset, rows) of checkpoint shard `index`."""
-        return (0, layer.out_features) if self.num_shards == 1 else layer.shard_range(index)
+    def shard_range(self, layer: Linear, shard_index: int | None) -> tuple[int, int]:
+        """(row offset, rows) of checkpoint shard `shard_index` (the whole layer when it has one shard)."""
+        return (0, layer.out_features) if self.num_shards == 1 else layer.shard_range(shard_index or 0)
 
     def _adopt(self, layer: Linear) -> None:
         """Checks the ready states against the layer and packs them."""
@@ -207,7 +191,7 @@ class IsqLinearMethod(LinearMethodBase):
             raise ValueError(f"{layer.prefix}: {len(self.states)} ISQ states for a layer of "
                              f"{len(layer.output_partition_sizes)} partitions")
         for index, state in enumerate(self.states):
-            shape, size = tuple(dequantized_shape(state)), self._shard_range(layer, index)[1]
+            shape, size = tuple(dequantized_shape(state)), self.shard_range(layer, index)[1]
             if shape != (size, layer.in_features):
                 raise ValueError(f"{layer.prefix}: ISQ state of shape {shape}, expected {(size, layer.in_features)}")
         bias = _shard_bias(self.states, self._dtype, self._device)
@@ -217,22 +201,15 @@ class IsqLinearMethod(LinearMethodBase):
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.weights = pack_states(self.states, self._dtype, self._device, self.use_fast_kernels)
 
-    def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor | GGMLTensor,
-                    shard_index: int | None) -> None:
+    def bias_loaded(self, shard_index: int | None, bias: torch.Tensor) -> None:
         index = shard_index or 0
-        offset, size = self._shard_range(layer, index)
-        name = f"{layer.prefix}.{param_name}" + ("" if shard_index is None else f"[shard {shard_index}]")
-        if param_name == "bias":
-            if layer.bias is None:
-                raise ValueError(f"{layer.prefix or 'linear'}: checkpoint has a 'bias' the layer was built without")
-            copy_checked(layer.bias.narrow(0, offset, size), loaded, name)
-            if self.states[index] is not None:
-                self.states[index].bias = layer.bias.narrow(0, offset, size).float().clone()
-            else:
-                self._biases[index] = layer.bias.narrow(0, offset, size).float().clone()
-            return
-        if tuple(loaded.shape) != (size, layer.in_features):
-            raise ValueError(f"weight {name!r} has shape {tuple(loaded.shape)}, expected {(size, layer.in_features)}")
+        if self.states[index] is not None:
+            self.states[index].bias = bias.float().clone()
+        else:
+            self._biases[index] = bias.float().clone()
+
+    def store_weight(self, layer: Linear, shard_index: int | None, loaded: torch.Tensor | GGMLTensor) -> None:
+        index = shard_index or 0
         imatrix = self.imatrix[index] if self.imatrix is not None else None
         self.states[index] = quantize_state(loaded, self._biases[index], self.isq, self._dtype, imatrix)
         if all(state is not None for state in self.states):
@@ -246,19 +223,10 @@ class IsqLinearMethod(LinearMethodBase):
                                       None if imatrix is None else imatrix[i]) for i, s in enumerate(self.states)]
         self.weights = pack_states(self.states, self._dtype, self._device, self.use_fast_kernels)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if not self.weights:
-            raise ValueError(f"{layer.prefix or 'linear'}: weights were not loaded (shards still missing)")
-        if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
-            return torch.nn.functional.linear(x, self.weights[0].weight, layer.bias)
-        y = self.weights[0].matmul(x) if len(self.weights) == 1 else torch.cat([w.matmul(x) for w in self.weights], -1)
-        return y if layer.bias is None else y + layer.bias
-
     def dense_weight(self, layer: Linear) -> torch.Tensor | None:
+        """The dense weight only while no shard is quantized (the plain twin's dequantized copy is not one)."""
         unquantized = self.states and all(s is not None and s.dense is not None for s in self.states)
-        if unquantized and len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
-            return self.weights[0].weight
-        return None
+        return super().dense_weight(layer) if unquantized else None
 
 
 def dequantized_shape(state: IsqLayerState) -> tuple[int, ...]:

@@ -2,9 +2,10 @@
 
 Each expert's gate, up and down projections are separate checkpoint linears (`experts.{e}.w1/w3/w2`), so each
 is quantized on arrival into its own `IsqLayerState`, listed per expert in the reference's order: gate (w1),
-down (w2), up (w3). Once an expert's three states are in, gate and up are packed together (one product for
-both, as the dense `w13`) and down alone. The experts then run grouped as in `UnquantizedMoEMethod`: the
-(token, slot) assignments sorted by expert, one packed product pair per expert that received tokens.
+down (w2), up (w3). Down is packed alone as soon as it is in, gate and up together once both are (one product
+for both, as the dense `w13`). The experts then run grouped as in `UnquantizedMoEMethod`: the
+(token, slot) assignments sorted by expert, one packed product pair per expert that received tokens, or per
+token with the "reference" backend (`PackedMoEMethod`, mistralrs/quant/packed_moe.py).
 """
 
 from __future__ import annotations
@@ -13,45 +14,26 @@ from collections.abc import Sequence
 
 import torch
 
-from mistralrs.layers.moe import (
-    FusedMoE,
-    MoEMethodBase,
-    UnquantizedMoEMethod,
-    experts_grouped,
-    gated_expert,
-)
-from mistralrs.quant.isq import (
-    dequantize_state,
-    dequantized_shape,
-    pack_states,
-    quantize_state,
-)
+from mistralrs.layers.moe import FusedMoE, UnquantizedMoEMethod
+from mistralrs.quant.isq import dequantize_state, dequantized_shape, pack_states, quantize_state
 from mistralrs.quant.isq_state import IsqLayerState
 from mistralrs.quant.isq_types import IsqType
 from mistralrs.quant.packed import PackedWeight
+from mistralrs.quant.packed_moe import PackedMoEMethod
 
 ROLES = ("gate", "down", "up")  # per-expert state order (the reference's w1, w2, w3)
 
 
-def _matmul(weights: list[PackedWeight], x: torch.Tensor) -> torch.Tensor:
-    return weights[0].matmul(x) if len(weights) == 1 else torch.cat([w.matmul(x) for w in weights], -1)
-
-
-class IsqMoEMethod(MoEMethodBase):
+class IsqMoEMethod(PackedMoEMethod):
     """A `FusedMoE`'s experts quantized per projection (`states`, three per expert) and packed per expert."""
-
-    supports_adapters = True  # separately held expert adapters add their deltas per routed row
 
     def __init__(self, isq: IsqType | None, *, imatrix: Sequence[torch.Tensor | None] | None = None,
                  use_fast_kernels: bool = True):
+        super().__init__(use_fast_kernels)
         self.isq = isq                      # the type projections are quantized to (None: kept unquantized)
         self.imatrix = imatrix              # per state (expert-major, ROLES order): `[in_features]` or None
-        self.use_fast_kernels = use_fast_kernels
         self._states: list[dict[str, IsqLayerState]] = []  # per expert: role -> state
         self._ready: list[IsqLayerState] | None = None  # states given to `from_states`, adopted at create_weights
-        self.packed: list[tuple[list[PackedWeight], list[PackedWeight]] | None] = []  # per expert: (w13, w2)
-        self._dtype = torch.float32
-        self._device = torch.device("cpu")
 
     @classmethod
     def from_states(cls, states: Sequence[IsqLayerState], use_fast_kernels: bool = True) -> IsqMoEMethod:
@@ -68,9 +50,8 @@ class IsqMoEMethod(MoEMethodBase):
         return [expert[role] for expert in self._states for role in ROLES]
 
     def create_weights(self, layer: FusedMoE, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._dtype, self._device = dtype, torch.device(device)
+        super().create_weights(layer, dtype, device)
         self._states = [{} for _ in range(layer.num_experts)]
-        self.packed = [None] * layer.num_experts
         if self._ready is None:
             return
         if len(self._ready) != len(ROLES) * layer.num_experts:
@@ -80,28 +61,16 @@ class IsqMoEMethod(MoEMethodBase):
             self._store(layer, index // len(ROLES), ROLES[index % len(ROLES)], state)
         self._ready = None
 
-    def _expected_shape(self, layer: FusedMoE, role: str) -> tuple[int, int]:
-        h, i = layer.hidden_size, layer.intermediate_size
-        return (h, i) if role == "down" else (i, h)
+    def pack_shards(self, shards: list[IsqLayerState]) -> list[PackedWeight]:
+        return pack_states(shards, self._dtype, self._device, self.use_fast_kernels)
 
     def _store(self, layer: FusedMoE, expert_id: int, role: str, state: IsqLayerState) -> None:
-        shape = dequantized_shape(state)
-        if shape != self._expected_shape(layer, role):
-            raise ValueError(f"{layer.prefix}.{expert_id}.{role}: ISQ state of shape {shape}, "
-                             f"expected {self._expected_shape(layer, role)}")
-        expert = self._states[expert_id]
-        expert[role] = state
-        if len(expert) == len(ROLES):
-            self.packed[expert_id] = self._pack(expert)
-
-    def _pack(self, expert: dict[str, IsqLayerState]) -> tuple[list[PackedWeight], list[PackedWeight]]:
-        w13 = pack_states([expert["gate"], expert["up"]], self._dtype, self._device, self.use_fast_kernels)
-        return w13, pack_states([expert["down"]], self._dtype, self._device, self.use_fast_kernels)
+        self.check_shape(layer, expert_id, role, dequantized_shape(state), "ISQ state")
+        self._states[expert_id][role] = state
+        self.pack_arrival(expert_id, self._states[expert_id], role)
 
     def load_expert_weight(self, layer: FusedMoE, expert_id: int, projection: str, loaded: torch.Tensor) -> None:
-        if tuple(loaded.shape) != self._expected_shape(layer, projection):
-            raise ValueError(f"{layer.prefix}.{expert_id}.{projection}: weight has shape {tuple(loaded.shape)}, "
-                             f"expected {self._expected_shape(layer, projection)}")
+        self.check_shape(layer, expert_id, projection, tuple(loaded.shape), "weight")
         imatrix = None
         if self.imatrix is not None:
             imatrix = self.imatrix[expert_id * len(ROLES) + ROLES.index(projection)]
@@ -115,19 +84,9 @@ class IsqMoEMethod(MoEMethodBase):
             vector = None if imatrix is None else imatrix[index]
             fresh = quantize_state(dequantize_state(state), None, isq, self._dtype, vector)
             self._states[index // len(ROLES)][ROLES[index % len(ROLES)]] = fresh
-        self.packed = [self._pack(expert) for expert in self._states]
-
-    def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        deltas = layer.bound_adapters(x)
-
-        def expert(expert_id: int, expert_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            if self.packed[expert_id] is None:
-                raise ValueError(f"{layer.prefix}: expert {expert_id} weights were not loaded")
-            w13, w2 = self.packed[expert_id]
-            return gated_expert(layer, expert_id, expert_in, rows, deltas, lambda h: _matmul(w13, h),
-                                lambda h: _matmul(w2, h))
-        return experts_grouped(x, topk_weights, topk_ids, layer.num_experts, expert)
+        for expert_id, expert in enumerate(self._states):
+            for role in ("up", "down"):  # repacks both stacks (gate and up together)
+                self.pack_arrival(expert_id, expert, role)
 
 
 def moe_states(layer: FusedMoE) -> list[IsqLayerState]:

@@ -5,9 +5,17 @@ A quantized linear method keeps, per layer, one or more `PackedWeight`s covering
 `DenseWeight` is the plain form every fast form is tested against (DESIGN rule 8). `BlockTiledWeight` keeps
 GGML blocks as they are and dequantizes them tile by tile inside `matmul`: the form of every GGML type on any
 device and activation dtype that has no dedicated kernel, so that no weight is ever held dense.
+
+Each form also tells the fused C++ decoder layer (mistralrs/layers/fused_decode.py) how it packs:
+`fused_part()` is its `FusedLinearPart` (a `LinearKind` and its tensors), or None for a form the C++ side does
+not compute (the layer then runs its plain modules).
 """
 
 from __future__ import annotations
+
+import enum
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +26,24 @@ from mistralrs.quant.ggml_types import dequantize_rows
 # Weights dequantized per tile by `BlockTiledWeight`: 1 MiB of float32 on the CPU (the tile stays in cache while
 # it is multiplied); on CUDA large enough that most weights go in one piece.
 TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
+
+
+class LinearKind(enum.IntEnum):
+    """How the fused C++ decoder layer computes one packed weight (`LinearKind` of layers/fused_decode.cpp)."""
+
+    DENSE = 0  # at::linear(x, weight, bias)
+    INT4 = 1  # torch's CPU int4 kernel, one plane (Int4CpuWeight)
+    INT4_PAIR = 2  # the same kernel over two planes fed 16 x then x (Int4CpuPairWeight)
+
+
+class FusedLinearPart(NamedTuple):
+    """One packed weight as the fused C++ decoder layer takes it (the arguments of its `make_linear_part`)."""
+
+    kind: LinearKind  # how the C++ side computes it
+    group_size: int  # int4 kinds: inputs per (scale, zero) pair; 0 for a dense weight
+    out_features: int  # output rows (int4 kinds: rows of `weight` beyond it are padding, dropped)
+    weight: torch.Tensor  # the dense weight, or the int4 codes in torch's packed layout
+    scales_and_zeros: torch.Tensor | None  # int4 kinds: [K / group_size, padded_out, 2]; None for dense
 
 
 class PackedWeight:
@@ -33,6 +59,27 @@ class PackedWeight:
         """Bytes of weight storage."""
         raise NotImplementedError
 
+    def fused_part(self) -> FusedLinearPart | None:
+        """This weight as the fused C++ decoder layer computes it, bit for bit as `matmul` does; None (the
+        default) when the C++ side has no such kernel."""
+        return None
+
+
+def matmul_all(weights: Sequence[PackedWeight], x: torch.Tensor) -> torch.Tensor:
+    """`x @ W^T` for the weight whose consecutive output rows `weights` cover: each one's product, concatenated."""
+    return weights[0].matmul(x) if len(weights) == 1 else torch.cat([w.matmul(x) for w in weights], dim=-1)
+
+
+def runs_by_key(items: Sequence, keys: Sequence[Hashable]) -> list[list]:
+    """`items` cut into runs of consecutive items with equal `keys` (the shards that are packed together)."""
+    runs: list[list] = []
+    for index, (item, key) in enumerate(zip(items, keys, strict=True)):
+        if index and keys[index - 1] == key:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
 
 class DenseWeight(PackedWeight):
     """A dense weight in the activation dtype; `F.linear`."""
@@ -46,6 +93,9 @@ class DenseWeight(PackedWeight):
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
+
+    def fused_part(self) -> FusedLinearPart:
+        return FusedLinearPart(LinearKind.DENSE, 0, self.out_features, self.weight, None)
 
 
 class BlockTiledWeight(PackedWeight):

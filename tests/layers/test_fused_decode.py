@@ -23,12 +23,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExtension, LinearKind, \
-    NormKind, fused_layer_counts, linear_spec, norm_spec, set_fused_decode
+from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExtension, NormKind, \
+    fused_layer_counts, linear_spec, norm_spec, set_fused_decode
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from mistralrs.models.phi3 import Phi3ForCausalLM
+from mistralrs.quant.packed import LinearKind
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 
 BLOCK_SIZE = 4

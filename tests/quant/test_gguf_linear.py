@@ -18,7 +18,7 @@ from mistralrs.quant import packed
 from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
 from mistralrs.quant.ggml_types import BLOCK_TYPES, FLOAT_TYPES
 from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig, build_packed_weight
-from mistralrs.quant.packed import BlockTiledWeight, DenseWeight
+from mistralrs.quant.packed import BlockTiledWeight, DenseWeight, LinearKind
 from tests.quant.test_cpu_int4 import PATHS_TOLERANCE, quantized, relative_error
 
 TILED_TOLERANCE = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-10}
@@ -66,6 +66,9 @@ def test_mixed_shard_types_keep_one_weight_per_run_and_add_the_bias():
     for index, part in enumerate(bias.split(sizes)):
         layer.load_weight("bias", part, index)
     assert [type(w) for w in layer.quant_method.weights] == [Int4CpuWeight, Int4CpuPairWeight, DenseWeight]
+    parts = layer.quant_method.fused_parts(layer)  # each form's own description for the fused decoder layer
+    assert [(p.kind, p.out_features) for p in parts] == [(LinearKind.INT4, 64), (LinearKind.INT4_PAIR, 64),
+                                                         (LinearKind.DENSE, 16)]
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
     want = dense_linear(sizes, 64, shards, bias=bias)(x)
     assert layer(x).shape == (2, 3, 144)
@@ -103,6 +106,7 @@ def test_other_activation_dtypes_keep_the_blocks_and_match_the_plain_path(dtype,
     [weight] = layer.quant_method.weights
     assert isinstance(weight, BlockTiledWeight) and weight.tile_rows == 24
     assert layer.quant_method.dense_weight(layer) is None
+    assert layer.quant_method.fused_parts(layer) is None  # the fused decoder layer has no tiled kernel
     assert weight.tensor.data.data_ptr() != shards[0].data.data_ptr()  # owns its bytes, not the file's
     x = torch.randn(4, 256).to(dtype)
     want = dense_linear(sizes, 256, shards, dtype=dtype, bias=bias)(x)
