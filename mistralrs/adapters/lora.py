@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from mistralrs.adapters.moe_lora import (
 )
 from mistralrs.layers.linear import Linear, StackedParam
 from mistralrs.layers.moe import FusedMoE
+from mistralrs.worker.forward_batch import ForwardBatch
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_FLAGS = ("use_dora", "fan_in_fan_out", "lora_bias")
@@ -165,16 +165,14 @@ class LoraState:
     """The adapters a model holds separately (switchable LoRA or X-LoRA experts), shared by all its `LoraHook`s.
 
     Column j of the per-token adapter weights (`ForwardBatch.adapter_weights`) belongs to `names[j]`. During an
-    engine step the `AdapterRuntime` puts the step's weights here (`stepping`); a model called outside a step
-    applies the Runner's active set to every token.
+    engine step the hooks apply the weights of the running step's batch (`ForwardBatch.current()`, set by the
+    `AdapterRuntime`); a model called outside a step applies the Runner's active set to every token.
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = tuple(names)  # every adapter loaded separately, in column order
         self.active: tuple[str, ...] = ()  # the Runner's active set; replaced whole, so a step sees one set
         self.xlora = None  # XLoraSpec (adapters/xlora.py) when the adapters are X-LoRA experts; None for LoRA
-        self._step_weights: torch.Tensor | None = None  # weights of the running step (None: no token uses any)
-        self._in_step = False  # True while a step's weights are set
         self._active_row: torch.Tensor | None = None  # [1, num_adapters] row of `active` (None when empty)
 
     def check(self, names: list[str], what: str) -> tuple[str, ...]:
@@ -200,20 +198,13 @@ class LoraState:
                 rows[i, self.names.index(name)] = 1.0
         return rows
 
-    @contextmanager
-    def stepping(self, weights: torch.Tensor | None):
-        """Within the block, hooks use `weights` (`[num_tokens, num_adapters]` or
-        `[num_tokens, num_lora_layers, num_adapters]`; None: no adapter for any token)."""
-        self._step_weights, self._in_step = weights, True
-        try:
-            yield
-        finally:
-            self._step_weights, self._in_step = None, False
-
     def weights_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The per-token weights the hooks apply to `x` `[num_tokens, in]`; None: skip the adapters."""
-        if self._in_step:
-            weights = self._step_weights
+        """The per-token weights the hooks apply to `x` `[num_tokens, in]`: within a step its batch's
+        `adapter_weights` (`[num_tokens, num_adapters]` or `[num_tokens, num_lora_layers, num_adapters]`, from the
+        batch's copy on `x`'s device), else the active set's row for every token; None: skip the adapters."""
+        batch = ForwardBatch.current()
+        if batch is not None:
+            weights = batch.on(x.device).adapter_weights
             if weights is not None and weights.shape[0] != x.shape[0]:
                 raise ValueError(f"adapter weights cover {weights.shape[0]} tokens, the layer got {x.shape[0]} "
                                  "(a separately held adapter on a layer outside the packed token axis)")

@@ -82,13 +82,14 @@ class AdapterRuntime:
 
     def forward(self, model: nn.Module, batch, scheduled: list, sets: list[tuple[str, ...] | None]) -> torch.Tensor:
         """Runs `model` on `batch` (a ForwardBatch) with each sequence's adapters: `sets[i]` for `scheduled[i]`
-        (a ScheduledSequence; None: the active set). Sets `batch.adapter_weights`; returns the hidden states."""
+        (a ScheduledSequence; None: the active set). Sets `batch.adapter_weights` and runs the model with `batch`
+        active (`ForwardBatch.active`), where the hooks read them; returns the hidden states."""
         if self.is_xlora:
             weights = self._xlora_weights(model, batch, scheduled)
         else:
             weights = self._lora_weights(batch, [self.resolve(s) for s in sets])
         batch.adapter_weights = weights
-        with self.state.stepping(weights):
+        with batch.active():
             return model(batch.input_ids, batch.positions, batch)
 
     def _lora_weights(self, batch, sets: list[tuple[str, ...]]) -> torch.Tensor | None:
@@ -115,8 +116,9 @@ class AdapterRuntime:
         if all(sid in self._frozen for sid in seq_ids):
             scalings = torch.stack([self._frozen[sid] for sid in seq_ids]).repeat_interleave(lens, dim=0)
             return spec.finish(scalings)
-        scratch = dataclasses.replace(batch, kv_caches=self._scratch_caches(batch.kv_caches))
-        with self.state.stepping(spec.pass_weights(batch.num_tokens, batch.input_ids.device)):
+        scratch = dataclasses.replace(batch, kv_caches=self._scratch_caches(batch.kv_caches),
+                                      adapter_weights=spec.pass_weights(batch.num_tokens, batch.input_ids.device))
+        with scratch.active():
             hidden = model(batch.input_ids, batch.positions, scratch)  # after the final norm
         scalings = spec.classifier(hidden.to(spec.classifier.last.weight.dtype))
         if spec.non_granular_index is not None:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from typing import Any, TypeVar
 
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.rotary import rope_type_of, validate_rope_scaling
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+ExtrasT = TypeVar("ExtrasT")
 
 
 @dataclass
 class TextModelConfig:
     """Decoder-only text model configuration (HF field names; validated on construction).
 
-    Keys of the HF dict that are not fields here are kept in `extra` for the model families that need them.
+    Keys of the HF dict that are not fields here are kept in `extra`; a family that needs some reads them once into
+    its own typed extras dataclass (`read_family_extras`), never from `extra` directly.
     """
 
     hidden_size: int  # residual stream width
@@ -142,3 +145,37 @@ def _move_original_max_position_into_rope_scaling(d: dict[str, Any]) -> None:
     elif d.get("max_position_embeddings") is not None:
         scaling.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
     d["rope_scaling"] = scaling
+
+
+def extra_key(default: Any, *, aliases: tuple[str, ...] = (), falsy_is_default: bool = False) -> Any:
+    """A field of a family's extras dataclass (see `read_family_extras`) with a default and reading options:
+    `aliases`, other config.json spellings of the key; `falsy_is_default`, a null, 0, false or empty value (of the
+    key, then of each alias) counts as absent, so the field takes its default."""
+    return field(default=default, metadata={"aliases": aliases, "falsy_is_default": falsy_is_default})
+
+
+def read_family_extras(cls: type[ExtrasT], config: TextModelConfig,
+                       defaults: Mapping[str, Any] | None = None) -> ExtrasT:
+    """A family's typed extras: `cls`, a dataclass whose fields are config.json keys that `TextModelConfig` does
+    not have, built from `config.extra`. A field takes the value of its key as given (a null included, unless the
+    field is `extra_key(..., falsy_is_default=True)`); a missing key takes `defaults[name]` (a family variant's
+    defaults), else the field's default. `cls` validates in `__post_init__` (ValueError naming the field)."""
+    defaults = defaults or {}
+    values = {}
+    for f in fields(cls):
+        found, value = _extra_value(config.extra, f)
+        if found:
+            values[f.name] = value
+        elif f.name in defaults:
+            values[f.name] = defaults[f.name]
+    return cls(**values)
+
+
+def _extra_value(extra: Mapping[str, Any], f: Field) -> tuple[bool, Any]:
+    """(whether the HF dict gives field `f`, its value) under the field's `extra_key` options."""
+    keys = (f.name, *f.metadata.get("aliases", ()))
+    if f.metadata.get("falsy_is_default"):
+        value = next((extra[k] for k in keys if extra.get(k)), MISSING)
+    else:
+        value = next((extra[k] for k in keys if k in extra), MISSING)
+    return value is not MISSING, value

@@ -39,7 +39,7 @@ from mistralrs.layers.mla import MultiHeadLatentAttention
 from mistralrs.layers.moe import FusedMoE, load_moe_weights
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
-from mistralrs.models.config import TextModelConfig
+from mistralrs.models.config import TextModelConfig, extra_key, read_family_extras
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
@@ -70,6 +70,20 @@ class DeepseekDims:
     norm_topk_prob: bool  # renormalize the chosen weights to sum to one
     routed_scaling_factor: float  # multiplies the routed experts' weights
     rope_interleave: bool  # rotary features come in interleaved pairs
+    # V3's multi-token-prediction layers after the decoder (null: none); next-token inference drops their weights
+    num_nextn_predict_layers: int = extra_key(0, falsy_is_default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
+                     "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"config field 'qk_rope_head_dim' must be even, got {self.qk_rope_head_dim}")
+        mtp = self.num_nextn_predict_layers
+        if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
+            raise ValueError(f"config field 'num_nextn_predict_layers' must be an integer >= 0, got {mtp!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -84,20 +98,14 @@ class DeepseekDims:
     @classmethod
     def from_config(cls, config: TextModelConfig, defaults: dict[str, Any], topk_methods: tuple[str, ...]
                     ) -> DeepseekDims:
-        """Reads the fields from `config.extra` (missing ones take `defaults`); ValueError naming a bad field."""
-        values = {name: config.extra.get(name, defaults.get(name)) for name in cls.__dataclass_fields__}
-        if values["topk_method"] is None:
-            values["topk_method"] = topk_methods[0]
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
-                     "moe_layer_freq"):
-            if not isinstance(values[name], int) or values[name] <= 0:
-                raise ValueError(f"config field {name!r} must be a positive integer, got {values[name]!r}")
-        if values["qk_rope_head_dim"] % 2:
-            raise ValueError(f"config field 'qk_rope_head_dim' must be even, got {values['qk_rope_head_dim']}")
-        if values["topk_method"] not in topk_methods:
-            raise ValueError(f"config field 'topk_method' is {values['topk_method']!r}; accepted values: "
+        """Reads the fields from `config.extra` (missing ones take `defaults`, a missing or null `topk_method` the
+        first of `topk_methods`); ValueError naming a bad field."""
+        dims = read_family_extras(cls, config, {**defaults, "topk_method": topk_methods[0]})
+        if dims.topk_method is None:
+            dims = replace(dims, topk_method=topk_methods[0])
+        if dims.topk_method not in topk_methods:
+            raise ValueError(f"config field 'topk_method' is {dims.topk_method!r}; accepted values: "
                              f"{list(topk_methods)}")
-        dims = cls(**values)
         dims._validate_groups()
         return dims
 
@@ -330,7 +338,7 @@ class DeepseekV2ForCausalLM(CausalLM):
         """Dropped names: rotary buffers, a tied LM head, and V3's multi-token-prediction layers (indices
         `num_hidden_layers` .. + `num_nextn_predict_layers`), which next-token inference does not run."""
         layer = _LAYER_INDEX.match(name)
-        num_layers, num_mtp = self.config.num_hidden_layers, int(self.config.extra.get("num_nextn_predict_layers") or 0)
+        num_layers, num_mtp = self.config.num_hidden_layers, self.dims.num_nextn_predict_layers
         if layer is not None and num_layers <= int(layer.group(1)) < num_layers + num_mtp:
             return True
         return super()._not_in_checkpoint(name)

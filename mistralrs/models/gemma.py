@@ -29,13 +29,10 @@ from mistralrs.layers.fused_decode import FusedDecoderLayer, LayerParts
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import GemmaRMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
-from mistralrs.models.config import TextModelConfig
+from mistralrs.models.config import TextModelConfig, extra_key, read_family_extras
 from mistralrs.models.llama import STACKED_PARAMS, LlamaMLP
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
-
-_GEMMA3_DEFAULT_LOCAL_THETA = 10000.0  # transformers' default rope_local_base_freq
-_GEMMA3_DEFAULT_PATTERN = 6  # transformers' default sliding_window_pattern: every 6th layer is global
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,32 @@ class GemmaLayerOptions:
     qk_norm: bool  # RMS-normalise each query and key head before RoPE (Gemma 3)
     sandwich_norms: bool  # norms after attention and before/after the MLP (Gemma 2 and 3)
     local_rope: bool  # use the model's local (sliding-layer) RoPE table (Gemma 3 sliding layers)
+
+
+@dataclass(frozen=True)
+class GemmaExtras:
+    """The family's config.json fields beyond `TextModelConfig` (defaults: transformers' Gemma 2/3 configs; the
+    soft-caps' defaults differ by version and come from the class, `EXTRA_DEFAULTS`). Gemma reads only
+    `use_bidirectional_attention`, Gemma 2 the activation, scalar and soft-caps, Gemma 3 the rest."""
+
+    use_bidirectional_attention: bool | None = None  # must be false or absent for a causal LM
+    hidden_activation: str = extra_key("gelu_pytorch_tanh", falsy_is_default=True)  # MLP activation (Gemma 2/3)
+    query_pre_attn_scalar: float = 256  # attention scale is its inverse square root
+    attn_logit_softcapping: float | None = None  # tanh cap on attention scores; None: no cap
+    final_logit_softcapping: float | None = None  # tanh cap on the output logits; None: no cap
+    # every n-th layer is global, the rest slide, when `layer_types` is not given (older spelling with a "_")
+    sliding_window_pattern: int = extra_key(6, aliases=("_sliding_window_pattern",), falsy_is_default=True)
+    rope_local_base_freq: float = extra_key(10000.0, falsy_is_default=True)  # RoPE base of the sliding layers
+    # newer configs: RoPE per layer type, {"full_attention": {...}, "sliding_attention": {...}} (a flat dict, one
+    # RoPE for all layers, is read by TextModelConfig and has no effect here)
+    rope_parameters: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.use_bidirectional_attention:
+            raise ValueError("config field 'use_bidirectional_attention' must be false or absent for a causal LM")
+        pattern = int(self.sliding_window_pattern)
+        if pattern <= 0:
+            raise ValueError(f"config field 'sliding_window_pattern' must be a positive integer, got {pattern}")
 
 
 @dataclass(frozen=True)
@@ -189,54 +212,54 @@ class GemmaForCausalLM(CausalLM):
                                                  "tie_word_embeddings": True}
     SANDWICH_NORMS = False  # Gemma 2/3 layer layout
     QK_NORM = False  # Gemma 3 per-head q/k norms
+    EXTRA_DEFAULTS: ClassVar[dict[str, Any]] = {}  # this version's GemmaExtras defaults where they differ
 
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
-        if config.extra.get("use_bidirectional_attention"):
-            raise ValueError("config field 'use_bidirectional_attention' must be false or absent for a causal LM")
-        config = replace(config, hidden_act=self.activation_name(config), mlp_bias=False)
+        self.extras = extras = read_family_extras(GemmaExtras, config, self.EXTRA_DEFAULTS)
+        config = replace(config, hidden_act=self.activation_name(config, extras), mlp_bias=False)
         self.config = config
         self.dtype = dtype
-        self.final_logit_softcap = self.final_logit_softcapping(config)
-        rope_global, rope_local = self.rope_tables(config)
+        self.final_logit_softcap = self.final_logit_softcapping(extras)
+        rope_global, rope_local = self.rope_tables(config, extras)
         options = [
-            GemmaLayerOptions(sliding_window=window, scale=self.attention_scale(config),
-                              logit_softcap=self.attention_softcapping(config), qk_norm=self.QK_NORM,
+            GemmaLayerOptions(sliding_window=window, scale=self.attention_scale(config, extras),
+                              logit_softcap=self.attention_softcapping(extras), qk_norm=self.QK_NORM,
                               sandwich_norms=self.SANDWICH_NORMS,
                               local_rope=rope_local is not None and window is not None)
-            for window in self.layer_sliding_windows(config)
+            for window in self.layer_sliding_windows(config, extras)
         ]
         self.model = GemmaModel(config, options, rope_global, rope_local, dtype=dtype, device=device)
         self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device)
 
     @classmethod
-    def activation_name(cls, config: TextModelConfig) -> str:
+    def activation_name(cls, config: TextModelConfig, extras: GemmaExtras) -> str:
         """The MLP activation. Gemma reads `hidden_act`, whose legacy value "gelu" means the tanh form."""
         return "gelu_pytorch_tanh" if config.hidden_act == "gelu" else config.hidden_act
 
     @classmethod
-    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
+    def layer_sliding_windows(cls, config: TextModelConfig, extras: GemmaExtras) -> list[int | None]:
         """Sliding window of each layer (None: global attention). Gemma: none."""
         return [None] * config.num_hidden_layers
 
     @classmethod
-    def attention_scale(cls, config: TextModelConfig) -> float:
+    def attention_scale(cls, config: TextModelConfig, extras: GemmaExtras) -> float:
         """Softmax scale of the attention scores."""
         return config.head_dim**-0.5
 
     @classmethod
-    def attention_softcapping(cls, config: TextModelConfig) -> float | None:
+    def attention_softcapping(cls, extras: GemmaExtras) -> float | None:
         """tanh cap on the attention scores, None for none."""
         return None
 
     @classmethod
-    def final_logit_softcapping(cls, config: TextModelConfig) -> float | None:
+    def final_logit_softcapping(cls, extras: GemmaExtras) -> float | None:
         """tanh cap on the output logits, None for none."""
         return None
 
     @classmethod
-    def rope_tables(cls, config: TextModelConfig) -> tuple[RopeTable, RopeTable | None]:
+    def rope_tables(cls, config: TextModelConfig, extras: GemmaExtras) -> tuple[RopeTable, RopeTable | None]:
         """(global RoPE table, local table for sliding layers or None when they share the global one)."""
         return RopeTable(config.rope_theta, config.rope_scaling), None
 
@@ -254,35 +277,36 @@ class Gemma2ForCausalLM(GemmaForCausalLM):
 
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {**GemmaForCausalLM.FAMILY_DEFAULTS, "sliding_window": 4096}
     SANDWICH_NORMS = True
-    DEFAULT_SOFTCAPS = (50.0, 30.0)  # transformers' (attn_logit_softcapping, final_logit_softcapping)
+    # transformers' Gemma2Config soft-caps
+    EXTRA_DEFAULTS: ClassVar[dict[str, Any]] = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
     @classmethod
-    def activation_name(cls, config: TextModelConfig) -> str:
+    def activation_name(cls, config: TextModelConfig, extras: GemmaExtras) -> str:
         """Gemma 2 and 3 read `hidden_activation` (default: tanh gelu), not `hidden_act`."""
-        return config.extra.get("hidden_activation") or "gelu_pytorch_tanh"
+        return extras.hidden_activation
 
     @classmethod
-    def layer_types(cls, config: TextModelConfig) -> list[str]:
+    def layer_types(cls, config: TextModelConfig, extras: GemmaExtras) -> list[str]:
         """"sliding_attention" / "full_attention" per layer: `layer_types`, else even layers slide."""
         if config.layer_types is not None:
             return config.layer_types
         return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
 
     @classmethod
-    def layer_sliding_windows(cls, config: TextModelConfig) -> list[int | None]:
-        return [config.sliding_window if t == "sliding_attention" else None for t in cls.layer_types(config)]
+    def layer_sliding_windows(cls, config: TextModelConfig, extras: GemmaExtras) -> list[int | None]:
+        return [config.sliding_window if t == "sliding_attention" else None for t in cls.layer_types(config, extras)]
 
     @classmethod
-    def attention_scale(cls, config: TextModelConfig) -> float:
-        return float(config.extra.get("query_pre_attn_scalar", 256)) ** -0.5
+    def attention_scale(cls, config: TextModelConfig, extras: GemmaExtras) -> float:
+        return float(extras.query_pre_attn_scalar) ** -0.5
 
     @classmethod
-    def attention_softcapping(cls, config: TextModelConfig) -> float | None:
-        return config.extra.get("attn_logit_softcapping", cls.DEFAULT_SOFTCAPS[0])
+    def attention_softcapping(cls, extras: GemmaExtras) -> float | None:
+        return extras.attn_logit_softcapping
 
     @classmethod
-    def final_logit_softcapping(cls, config: TextModelConfig) -> float | None:
-        return config.extra.get("final_logit_softcapping", cls.DEFAULT_SOFTCAPS[1])
+    def final_logit_softcapping(cls, extras: GemmaExtras) -> float | None:
+        return extras.final_logit_softcapping
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
@@ -291,30 +315,27 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
 
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {**Gemma2ForCausalLM.FAMILY_DEFAULTS, "rope_theta": 1_000_000.0}
     QK_NORM = True
-    DEFAULT_SOFTCAPS = (None, None)
+    EXTRA_DEFAULTS: ClassVar[dict[str, Any]] = {}  # no soft-caps unless the config sets them
 
     @classmethod
-    def layer_types(cls, config: TextModelConfig) -> list[str]:
+    def layer_types(cls, config: TextModelConfig, extras: GemmaExtras) -> list[str]:
         """`layer_types`, else every `sliding_window_pattern`-th layer is global (the rest slide)."""
         if config.layer_types is not None:
             return config.layer_types
-        pattern = config.extra.get("sliding_window_pattern") or config.extra.get("_sliding_window_pattern")
-        pattern = int(pattern or _GEMMA3_DEFAULT_PATTERN)
-        if pattern <= 0:
-            raise ValueError(f"config field 'sliding_window_pattern' must be a positive integer, got {pattern}")
+        pattern = int(extras.sliding_window_pattern)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(config.num_hidden_layers)]
 
     @classmethod
-    def attention_softcapping(cls, config: TextModelConfig) -> float | None:
+    def attention_softcapping(cls, extras: GemmaExtras) -> float | None:
         return None
 
     @classmethod
-    def rope_tables(cls, config: TextModelConfig) -> tuple[RopeTable, RopeTable | None]:
+    def rope_tables(cls, config: TextModelConfig, extras: GemmaExtras) -> tuple[RopeTable, RopeTable | None]:
         """Global: `rope_theta` + `rope_scaling`; local: `rope_local_base_freq`, plain. The nested
         `rope_parameters` form ({"full_attention": {...}, "sliding_attention": {...}}) overrides both."""
         global_table = RopeTable(config.rope_theta, config.rope_scaling)
-        local_table = RopeTable(float(config.extra.get("rope_local_base_freq") or _GEMMA3_DEFAULT_LOCAL_THETA), None)
-        nested = config.extra.get("rope_parameters")
+        local_table = RopeTable(float(extras.rope_local_base_freq), None)
+        nested = extras.rope_parameters
         if isinstance(nested, dict):
             global_table = _nested_rope_table(nested.get("full_attention"), global_table)
             local_table = _nested_rope_table(nested.get("sliding_attention"), local_table)

@@ -11,6 +11,7 @@ expert weights (`load_moe_weights`), q/k/v into the fused `qkv_proj`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,7 +26,7 @@ from mistralrs.layers.linear import (
 from mistralrs.layers.moe import FusedMoE, load_moe_weights
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding
-from mistralrs.models.config import TextModelConfig
+from mistralrs.models.config import TextModelConfig, read_family_extras
 from mistralrs.models.llama import LlamaAttention
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
@@ -33,21 +34,27 @@ from mistralrs.worker.forward_batch import ForwardBatch
 STACKED_PARAMS = QKV_PARAMS
 
 
-def _positive_int(config: TextModelConfig, key: str, default: int) -> int:
-    value = config.extra.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"config field {key!r} must be a positive integer, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class MixtralExtras:
+    """Mixtral's config.json fields beyond `TextModelConfig` (defaults: transformers' MixtralConfig)."""
+
+    num_local_experts: int = 8  # experts per MoE layer
+    num_experts_per_tok: int = 2  # experts each token is routed to
+
+    def __post_init__(self) -> None:
+        for name in ("num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
 
 
 class SparseMoeBlock(nn.Module):
     """Router (`gate`) then the experts: `[num_tokens, hidden] -> [num_tokens, hidden]`."""
 
-    def __init__(self, config: TextModelConfig, *, routing: str, jitter_eps: float, prefix: str,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: TextModelConfig, extras: MixtralExtras, *, routing: str, jitter_eps: float,
+                 prefix: str, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        num_experts = _positive_int(config, "num_local_experts", 8)
-        top_k = _positive_int(config, "num_experts_per_tok", 2)
+        num_experts, top_k = extras.num_local_experts, extras.num_experts_per_tok
         self.gate = Linear(config.hidden_size, num_experts, bias=False, dtype=dtype, device=device,
                            prefix=f"{prefix}.gate")
         self.experts = FusedMoE(num_experts, top_k, config.hidden_size, config.intermediate_size,
@@ -61,8 +68,8 @@ class SparseMoeBlock(nn.Module):
 class MoeDecoderLayer(nn.Module):
     """Pre-norm block: `h += attn(norm(h)); h += moe(norm(h))`."""
 
-    def __init__(self, config: TextModelConfig, layer_idx: int, family: type[MixtralForCausalLM], *,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: TextModelConfig, extras: MixtralExtras, layer_idx: int,
+                 family: type[MixtralForCausalLM], *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
         bias = family.attention_has_bias(config)
@@ -71,7 +78,8 @@ class MoeDecoderLayer(nn.Module):
                                         sliding_window=config.sliding_window, prefix=f"{prefix}.self_attn",
                                         dtype=dtype, device=device)
         self.post_attention_layernorm = family.make_norm(config, dtype, device)
-        self.block_sparse_moe = SparseMoeBlock(config, routing=family.ROUTING, jitter_eps=family.jitter_eps(config),
+        self.block_sparse_moe = SparseMoeBlock(config, extras, routing=family.ROUTING,
+                                               jitter_eps=family.jitter_eps(extras),
                                                prefix=f"{prefix}.block_sparse_moe", dtype=dtype, device=device)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
@@ -82,11 +90,11 @@ class MoeDecoderLayer(nn.Module):
 class MoeModel(DecoderModel):
     """Embedding, MoE decoder layers and final norm (the `model.` prefix of the checkpoint)."""
 
-    def __init__(self, config: TextModelConfig, family: type[MixtralForCausalLM], *, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(self, config: TextModelConfig, extras: MixtralExtras, family: type[MixtralForCausalLM], *,
+                 dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(MoeDecoderLayer(config, i, family, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(MoeDecoderLayer(config, extras, i, family, dtype=dtype, device=device)
                                     for i in range(config.num_hidden_layers))
         self.norm = family.make_norm(config, dtype, device)
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling,
@@ -103,6 +111,7 @@ class MixtralForCausalLM(CausalLM):
     STACKED_PARAMS = STACKED_PARAMS
 
     ROUTING: ClassVar[str] = "softmax_renorm"  # FusedMoE routing of the family
+    EXTRAS: ClassVar[type[MixtralExtras]] = MixtralExtras  # the family's config.json fields beyond TextModelConfig
     # transformers' MixtralConfig defaults where they differ from TextModelConfig's.
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-5, "rope_theta": 1e6,
                                                  "max_position_embeddings": 4096 * 32}
@@ -111,9 +120,10 @@ class MixtralForCausalLM(CausalLM):
         super().__init__()
         config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
         self.config = config
+        self.extras = read_family_extras(self.EXTRAS, config)
         self.dtype = dtype
-        self.model = MoeModel(config, type(self), dtype=dtype, device=device)
-        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device, bias=self.lm_head_has_bias(config))
+        self.model = MoeModel(config, self.extras, type(self), dtype=dtype, device=device)
+        self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device, bias=self.lm_head_has_bias(self.extras))
 
     @classmethod
     def make_norm(cls, config: TextModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
@@ -126,12 +136,12 @@ class MixtralForCausalLM(CausalLM):
         return False
 
     @classmethod
-    def lm_head_has_bias(cls, config: TextModelConfig) -> bool:
+    def lm_head_has_bias(cls, extras: MixtralExtras) -> bool:
         """Whether the LM head has a bias."""
         return False
 
     @classmethod
-    def jitter_eps(cls, config: TextModelConfig) -> float:
+    def jitter_eps(cls, extras: MixtralExtras) -> float:
         """The routing's jitter epsilon (read by sparsemixer; unused by softmax routing)."""
         return 0.0
 

@@ -7,6 +7,7 @@ the LM head too; RoPE rotates only the first `partial_rotary_factor` of each hea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -19,13 +20,27 @@ from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import LayerNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
-from mistralrs.models.config import TextModelConfig
+from mistralrs.models.config import TextModelConfig, extra_key, read_family_extras
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
 
 # Checkpoint module name -> (our fused module, shard index).
 STACKED_PARAMS = QKV_PARAMS
-_DEFAULT_LAYER_NORM_EPS = 1e-5  # transformers' PhiConfig.layer_norm_eps
+
+
+@dataclass(frozen=True)
+class PhiExtras:
+    """Phi-2's config.json fields beyond `TextModelConfig` (defaults: transformers' PhiConfig)."""
+
+    layer_norm_eps: float = extra_key(1e-5, falsy_is_default=True)  # LayerNorm epsilon (null or 0: the default)
+    qk_layernorm: bool | None = False  # per-head q/k LayerNorms: not supported, must be false (or null)
+
+    def __post_init__(self) -> None:
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise ValueError(f"config field 'layer_norm_eps' must be a positive number, got {eps!r}")
+        if self.qk_layernorm:
+            raise ValueError("config field 'qk_layernorm' must be false: Phi q/k LayerNorms are not supported")
 
 
 class PhiAttention(nn.Module):
@@ -88,9 +103,9 @@ class PhiDecoderLayer(nn.Module):
 class PhiModel(nn.Module):
     """Embedding, decoder layers and final LayerNorm (the `model.` checkpoint prefix)."""
 
-    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: TextModelConfig, extras: PhiExtras, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        eps = float(config.extra.get("layer_norm_eps") or _DEFAULT_LAYER_NORM_EPS)
+        eps = float(extras.layer_norm_eps)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
             PhiDecoderLayer(config, i, eps, dtype=dtype, device=device) for i in range(config.num_hidden_layers)
@@ -122,11 +137,10 @@ class PhiForCausalLM(CausalLM):
     def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
-        if config.extra.get("qk_layernorm"):
-            raise ValueError("config field 'qk_layernorm' must be false: Phi q/k LayerNorms are not supported")
         self.config = config
+        self.extras = read_family_extras(PhiExtras, config)
         self.dtype = dtype
-        self.model = PhiModel(config, dtype=dtype, device=device)
+        self.model = PhiModel(config, self.extras, dtype=dtype, device=device)
         self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device, bias=True)
 
 

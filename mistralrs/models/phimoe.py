@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from mistralrs.layers.norm import LayerNorm
 from mistralrs.layers.rotary import LONGROPE_TYPES
 from mistralrs.models.config import TextModelConfig
-from mistralrs.models.mixtral import MixtralForCausalLM
+from mistralrs.models.mixtral import MixtralExtras, MixtralForCausalLM
 from mistralrs.models.registry import register
 
 
@@ -36,10 +37,25 @@ def _longrope_mscale(config: TextModelConfig) -> float | None:
     return float(short)
 
 
+@dataclass(frozen=True)
+class PhiMoEExtras(MixtralExtras):
+    """Phi-3.5-MoE's config.json fields beyond `TextModelConfig`: Mixtral's (same defaults) and these."""
+
+    lm_head_bias: bool | None = False  # the LM head has a bias (null: none)
+    router_jitter_noise: float = 0.01  # sparsemixer's jitter epsilon (transformers' PhimoeConfig default)
+
+    def __post_init__(self) -> None:
+        value = self.router_jitter_noise
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"config field 'router_jitter_noise' must be a number >= 0, got {value!r}")
+        super().__post_init__()
+
+
 class PhiMoEForCausalLM(MixtralForCausalLM):
     """Phi-3.5-MoE decoder with LM head over packed tokens (interface of `MixtralForCausalLM`)."""
 
     ROUTING: ClassVar[str] = "sparsemixer"
+    EXTRAS: ClassVar[type[MixtralExtras]] = PhiMoEExtras
     # transformers' PhimoeConfig defaults where they differ from TextModelConfig's.
     FAMILY_DEFAULTS: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-5, "rope_theta": 1e6,
                                                  "max_position_embeddings": 4096 * 32}
@@ -59,15 +75,12 @@ class PhiMoEForCausalLM(MixtralForCausalLM):
         return config.attention_bias
 
     @classmethod
-    def lm_head_has_bias(cls, config: TextModelConfig) -> bool:
-        return bool(config.extra.get("lm_head_bias", False))
+    def lm_head_has_bias(cls, extras: PhiMoEExtras) -> bool:
+        return bool(extras.lm_head_bias)
 
     @classmethod
-    def jitter_eps(cls, config: TextModelConfig) -> float:
-        value = config.extra.get("router_jitter_noise", 0.01)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"config field 'router_jitter_noise' must be a number >= 0, got {value!r}")
-        return float(value)
+    def jitter_eps(cls, extras: PhiMoEExtras) -> float:
+        return float(extras.router_jitter_noise)
 
 
 register(PhiMoEForCausalLM, hf_architectures=("PhiMoEForCausalLM", "PhimoeForCausalLM"),

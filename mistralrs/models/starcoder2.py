@@ -8,6 +8,7 @@ every layer when `sliding_window` is set, and an LM head tied to the embedding b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -19,14 +20,26 @@ from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import LayerNorm
 from mistralrs.layers.rotary import RotaryEmbedding
-from mistralrs.models.config import TextModelConfig
+from mistralrs.models.config import TextModelConfig, extra_key, read_family_extras
 from mistralrs.models.llama import LlamaAttention
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
 
 # Checkpoint module name -> (our fused module, shard index).
 STACKED_PARAMS = QKV_PARAMS
-_DEFAULT_NORM_EPSILON = 1e-5  # transformers' Starcoder2Config.norm_epsilon
+
+
+@dataclass(frozen=True)
+class Starcoder2Extras:
+    """Starcoder2's config.json fields beyond `TextModelConfig` (defaults: transformers' Starcoder2Config)."""
+
+    use_bias: bool | None = True  # biases on every projection (null: none)
+    norm_epsilon: float = extra_key(1e-5, falsy_is_default=True)  # LayerNorm epsilon (null or 0: the default)
+
+    def __post_init__(self) -> None:
+        eps = self.norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise ValueError(f"config field 'norm_epsilon' must be a positive number, got {eps!r}")
 
 
 class Starcoder2MLP(nn.Module):
@@ -67,10 +80,10 @@ class Starcoder2DecoderLayer(nn.Module):
 class Starcoder2Model(DecoderModel):
     """Embedding, decoder layers and final LayerNorm (the `model.` checkpoint prefix)."""
 
-    def __init__(self, config: TextModelConfig, *, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: TextModelConfig, extras: Starcoder2Extras, *, dtype: torch.dtype,
+                 device: torch.device | str):
         super().__init__()
-        bias = bool(config.extra.get("use_bias", True))
-        eps = float(config.extra.get("norm_epsilon") or _DEFAULT_NORM_EPSILON)
+        bias, eps = bool(extras.use_bias), float(extras.norm_epsilon)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
             Starcoder2DecoderLayer(config, i, bias=bias, eps=eps, dtype=dtype, device=device)
@@ -97,8 +110,9 @@ class Starcoder2ForCausalLM(CausalLM):
         super().__init__()
         config = config.with_family_defaults(**self.FAMILY_DEFAULTS)
         self.config = config
+        self.extras = read_family_extras(Starcoder2Extras, config)
         self.dtype = dtype
-        self.model = Starcoder2Model(config, dtype=dtype, device=device)
+        self.model = Starcoder2Model(config, self.extras, dtype=dtype, device=device)
         self.lm_head = self.tied_lm_head(config, dtype=dtype, device=device)
 
 

@@ -12,18 +12,27 @@ Layout conventions:
 - The "padded" layout used by the batched attention path is `[num_seqs, max_query_len]` (queries) by
   `[num_seqs, max_context_len]` (keys); padding query rows are given position 0 so they attend to one valid key
   and never produce NaN; their output is dropped.
+
+The running step's batch: layers that are not handed the batch (a `Linear`'s adapter hooks) read it through
+`ForwardBatch.current()`, set by whoever runs the model within `with batch.active():` (the model runner, the
+adapter runtime). It is the package's one sanctioned global, a context variable (so each thread, the engine's
+included, sees only its own step); outside such a block it is None.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 ATTENTION_BACKENDS = ("sdpa", "reference")
+
+_ACTIVE: ContextVar[ForwardBatch | None] = ContextVar("mistralrs_active_forward_batch", default=None)  # see `active`
 
 
 @dataclass
@@ -122,7 +131,8 @@ class ForwardBatch:
     contiguous_start: int | None = None  # first flat slot when one sequence's context is consecutive slots, else None
     # per packed token, a weight per separately loaded adapter: [num_tokens, num_adapters] (LoRA: 1 for each adapter
     # of the token's request) or [num_tokens, num_lora_layers, num_adapters] (layerwise X-LoRA scalings); None: no
-    # adapter applies. Set by the adapter runtime (mistralrs/adapters/runtime.py), read by every LoraHook.
+    # adapter applies. Set by the adapter runtime (mistralrs/adapters/runtime.py), read by every LoraHook and
+    # ExpertLoraHook through `ForwardBatch.current()`.
     adapter_weights: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
     _placed: dict[torch.device, ForwardBatch] = field(default_factory=dict, init=False, repr=False)  # see `on`
@@ -203,10 +213,27 @@ class ForwardBatch:
             contiguous_start=_contiguous_start(block_tables, block_size),
         )
 
+    @contextmanager
+    def active(self) -> Iterator[ForwardBatch]:
+        """Makes this batch the running step's (`ForwardBatch.current()`) within the block, in this thread; the
+        one that was current before is restored on exit (blocks nest)."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    @staticmethod
+    def current() -> ForwardBatch | None:
+        """The batch of the step running in this thread (see `active`); None outside a step, e.g. when a test or
+        the imatrix collection calls the model directly."""
+        return _ACTIVE.get()
+
     def on(self, device: torch.device) -> ForwardBatch:
         """This step's batch with its tensors on `device`, for decoder layers placed there by a device map
-        (mistralrs/loader/device_map.py): made once per device and step; the KV caches are the same list (each
-        layer's cache lives on its layer's device); itself when its tensors are on `device` already."""
+        (mistralrs/worker/device_map.py): made once per device and step; the KV caches are the same list (each
+        layer's cache lives on its layer's device), every tensor field (`adapter_weights` included) is moved;
+        itself when its tensors are on `device` already."""
         device = torch.device(device)
         if self.input_ids.device == device:
             return self

@@ -58,7 +58,8 @@ class ModelRunner:
             sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
             hidden = self.adapters.forward(self.model, batch, output.scheduled, sets)
         else:
-            hidden = self.model(batch.input_ids, batch.positions, batch)
+            with batch.active():
+                hidden = self.model(batch.input_ids, batch.positions, batch)
         sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
         if not sample_rows:
             return {}

@@ -116,6 +116,18 @@ def test_preloaded_adapters_switch_like_peft(dirs, tmp_path):
         activate_adapters(loaded.model, ["a1", "a3"])
 
 
+def test_a_step_applies_its_batchs_adapter_weights_not_the_active_set(dirs, tmp_path):
+    preload = [{"name": "a2", "adapter_model_id": str(dirs[1])}]
+    loaded = _load(dirs, tmp_path, {"order": ["a1"], "preload_adapters": preload})   # active set: a1
+    kv = allocate_kv_caches(loaded.model.kv_cache_spec(), 4, 32, loaded.dtype, loaded.device)
+    batch = ForwardBatch.build([SeqChunk(TOKENS, 0, [0, 1, 2, 3])], 32, kv, loaded.device)
+    for weights, names in ((torch.tensor([0.0, 1.0]), ["a2"]), (None, [])):   # columns: a1, a2
+        batch.adapter_weights = None if weights is None else weights.expand(len(TOKENS), -1)
+        with torch.inference_mode(), batch.active():
+            logits = loaded.model.compute_logits(loaded.model(batch.input_ids, batch.positions, batch)).cpu()
+        _close(logits, _peft_logits(dirs, names, merged=False))
+
+
 def test_runner_activate_adapters(dirs, tmp_path):
     preload = [{"name": "a2", "adapter_model_id": str(dirs[1])}]
     runner = Runner(_which(dirs, tmp_path, {"preload_adapters": preload}), prefix_cache_n=0, show_progress=False)
