@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mistralrs.loader.gguf_format import GGML_TYPES
 from mistralrs.loader.gguf_loader import (
     SUPPORTED_TENSOR_TYPES,
     GGUFModel,
@@ -132,22 +133,19 @@ def _read_magic(cursor: _Cursor) -> tuple[str, int | None]:
 
 def _read_tensor(cursor: _Cursor, aligned: bool, current_blocks: bool) -> GGUFTensorInfo:
     """One tensor record; the cursor ends after its data."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     n_dims, name_len, ggml_type = (cursor.u32("a tensor header") for _ in range(3))
     ne = [cursor.u32("a tensor's sizes") for _ in range(n_dims)]
     name = cursor.take(name_len, "a tensor name").decode("utf-8", errors="replace")
-    try:
-        type_name = GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} has unknown GGML type {ggml_type}") from None
+    if ggml_type not in GGML_TYPES:
+        raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} has unknown GGML type {ggml_type}")
+    type_name = GGML_TYPES[ggml_type].name
     if type_name not in SUPPORTED_TENSOR_TYPES or (not current_blocks and type_name not in ("F32", "F16")):
         accepted = SUPPORTED_TENSOR_TYPES if current_blocks else ("F32", "F16")
         raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} has type {type_name}, not supported in this "
                          f"file's format version; supported types: {', '.join(accepted)}")
     if aligned:
         cursor.pos = -(-cursor.pos // GGJT_ALIGNMENT) * GGJT_ALIGNMENT
-    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    block_size, type_size = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size
     if not ne or ne[0] % block_size:
         raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} of sizes {ne} does not hold whole "
                          f"{type_name} blocks")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mistralrs.loader.gguf_format import GGML_TYPES
 from mistralrs.loader.gguf_metadata import GGUFTensorInfo, read_gguf_header
 from mistralrs.loader.gguf_tables import (  # noqa: F401  (unpermute_rows and TENSOR_TRANSFORMS are re-exported)
     CONFIG_RULES,
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 # and TQ types it rejects) except Q8_1, which llama.cpp uses for activations only (gguf-py even disagrees with
 # ggml on its block size).
 SUPPORTED_TENSOR_TYPES = tuple(name for name in BLOCK_TYPES if name != "Q8_1")
-FLOAT_TENSOR_TYPES = ("F32", "F16", "BF16")
 
 # Optional tokenizer metadata → HF config key.
 TOKEN_ID_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
@@ -116,9 +116,7 @@ def map_tensor_name(arch: GGUFArchitecture, gguf_name: str) -> str | None:
 
 def ggml_type_name(info: GGUFTensorInfo) -> str:
     """The GGML type name of a tensor, e.g. "Q4_1"."""
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType(info.ggml_type).name
+    return GGML_TYPES[info.ggml_type].name
 
 
 def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.ndarray]:
@@ -127,8 +125,6 @@ def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.
 
     ValueError names the file when it is missing, not GGUF, or truncated (header or tensor data).
     """
-    from gguf import GGML_QUANT_SIZES
-
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {path!r} does not exist")
     header = read_gguf_header(path)
@@ -138,7 +134,7 @@ def read_gguf_file(path: str) -> tuple[dict[str, Any], list[GGUFTensorInfo], np.
         if info.offset + info.nbytes > len(data):
             raise ValueError(f"GGUF file {path!r} is truncated: tensor {info.name!r} needs bytes up to "
                              f"{info.offset + info.nbytes}, the file has {len(data)}")
-        block_size = GGML_QUANT_SIZES[info.ggml_type][0]
+        block_size = GGML_TYPES[info.ggml_type].block_size
         if info.shape and info.shape[-1] % block_size != 0:
             raise ValueError(f"GGUF tensor {info.name!r} in {path!r}: row length {info.shape[-1]} is not a "
                              f"multiple of the {ggml_type_name(info)} block size {block_size}")
@@ -156,18 +152,12 @@ class TensorEntry:
 
 
 def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
-    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the file map for F32):
-    float types through `gguf`, block types through mistralrs.quant's dequantizers (bit-equal to gguf's, and
-    covering the types gguf cannot decode, such as Q8_K)."""
+    """One tensor as a float32 array in PyTorch shape order (a fresh array, or a view of the file map for F32),
+    through mistralrs.quant's dequantizers (bit-equal to gguf's, and covering types gguf cannot decode, such as
+    Q8_K)."""
     raw = data[info.offset:info.offset + info.nbytes]
     row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
-    rows = raw.reshape(-1, row_bytes)
-    name = ggml_type_name(info)
-    if name in FLOAT_TENSOR_TYPES:
-        from gguf.quants import dequantize
-        values = dequantize(rows, info.ggml_type)
-    else:
-        values = dequantize_rows(torch.from_numpy(rows), name).numpy()
+    values = dequantize_rows(torch.from_numpy(raw.reshape(-1, row_bytes)), ggml_type_name(info)).numpy()
     return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 

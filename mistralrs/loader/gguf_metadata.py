@@ -4,8 +4,8 @@
 seconds on a vocabulary of 50k-260k tokens (about 14 s for Gemma 3's 262k-token vocabulary on a laptop
 core). The header format is simple (GGUF v2/v3, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md),
 so it is parsed here with `struct` straight from a memory map: strings are decoded once, numeric arrays are
-read in one `numpy.frombuffer` call. The `gguf` package still supplies the constants (value types, magic,
-block sizes), so the two stay in step.
+read in one `numpy.frombuffer` call. The constants (value types, magic, block sizes) come from
+mistralrs/loader/gguf_format.py, so reading a file never imports the `gguf` package.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
+
+from mistralrs.loader.gguf_format import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
 
 SUPPORTED_VERSIONS = (2, 3)
 
@@ -38,7 +39,7 @@ class GGUFTensorInfo:
 
     name: str                  # GGUF tensor name, e.g. "blk.0.attn_q.weight"
     shape: tuple[int, ...]     # torch (row-major) order: the reverse of ggml's `ne`
-    ggml_type: int             # a gguf.GGMLQuantizationType value
+    ggml_type: int             # a ggml type id, a key of gguf_format.GGML_TYPES
     offset: int                # absolute byte offset of the tensor data in the file
     nbytes: int                # size of the stored data in bytes
 
@@ -122,11 +123,10 @@ _MIN_TENSOR_INFO_BYTES = 24  # name length (8) + dimension count (4) + type (4) 
 
 
 def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...], path: str, name: str) -> int:
-    try:
-        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    except KeyError:
+    if ggml_type not in GGML_TYPES:
         raise ValueError(f"{path}: tensor {name!r} has unknown ggml type id {ggml_type} "
-                         f"(known ids: {sorted(int(t) for t in GGML_QUANT_SIZES)})") from None
+                         f"(known ids: {sorted(GGML_TYPES)})")
+    block_size, type_size = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size
     if shape and shape[-1] % block_size:
         raise ValueError(f"{path}: tensor {name!r} has rows of {shape[-1]} values, not a multiple of its type's "
                          f"block size {block_size}")
