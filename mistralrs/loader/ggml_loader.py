@@ -28,7 +28,7 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from mistralrs.loader.gguf_loader import (
     GGUFModel,
     TensorEntry,
     TensorTarget,
+    check_sizes_fit_tensors,
     ggml_type_name,
 )
 from mistralrs.loader.gguf_metadata import GGUFTensorInfo
@@ -68,6 +69,9 @@ GGML_LLAMA_TENSOR_NAMES: dict[str, str] = {
     "layers.{bid}.feed_forward.w3": "model.layers.{bid}.mlp.up_proj",
 }
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+# The header field behind each HF size that the tensors are checked against.
+GGML_FIELDS = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+               "num_key_value_heads": "n_head / gqa"}
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,9 @@ def read_ggml_file(path: str) -> GGMLFile:
     cursor = _Cursor(data, path)
     name, version = _read_magic(cursor)
     hparams = GGMLHParams(*(cursor.u32("the hyperparameters") for _ in range(7)))
+    for field in fields(hparams):
+        if field.name != "ftype" and getattr(hparams, field.name) == 0:
+            raise ValueError(f"GGML file {path!r}: {field.name} = 0 (corrupt header: it must be positive)")
     tokens, scores = [], []
     for _ in range(hparams.n_vocab):
         tokens.append(cursor.take(cursor.u32("the vocabulary"), "the vocabulary"))
@@ -213,7 +220,8 @@ def open_ggml(path: str | os.PathLike, gqa: int = 1) -> GGUFModel:
     """Open a legacy GGML llama file as a `GGUFModel` (HF config and HF-named weights).
 
     Raises ValueError naming the file for a missing, non-GGML or truncated file, naming the tensor for an
-    unknown name or unsupported type, and naming `gqa` when it does not divide the head count.
+    unknown name or unsupported type, naming `gqa` when it does not divide the head count, and naming the header
+    field that is zero or (n_layer, n_embd, n_head, n_head / gqa) does not fit the tensors.
     """
     path = os.fspath(path)
     ggml = read_ggml_file(path)
@@ -226,6 +234,7 @@ def open_ggml(path: str | os.PathLike, gqa: int = 1) -> GGUFModel:
         entries.append(TensorEntry(TensorTarget((hf_name,)), path, info, ggml.data))
     shapes = {entry.target.hf_names[0]: tuple(entry.info.shape) for entry in entries}
     config = ggml_config(ggml.hparams, gqa, shapes)
+    check_sizes_fit_tensors(config, entries, GGML_FIELDS, f"GGML file {path!r}")
     tensor_types = {entry.target.hf_names[0]: ggml_type_name(entry.info) for entry in entries}
     logger.debug("opened GGML %s (%s v%s): %d tensors", path, ggml.format, ggml.version, len(entries))
     # The GGUF llama entry's transforms apply as they are: the q/k un-permutation keyed on the HF names.

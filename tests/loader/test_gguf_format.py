@@ -42,3 +42,35 @@ def test_iq_grids_match_gguf(name):
 def test_iq_sign_table_and_iq4_values_match_gguf():
     np.testing.assert_array_equal(iquant_types._ksigns(), np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8))
     np.testing.assert_array_equal(iquant_types._iq4_values(), np.array(gguf.quants.IQ4_NL.kvalues))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nonfinite_block reads only the float fields of each block: held to the dequantizers on random blocks.
+
+CONSERVATIVE = ("Q8_K", "MXFP4")  # their test also flags large finite scales that can overflow with big codes
+
+
+def _random_blocks(fmt, rng) -> np.ndarray:
+    return rng.integers(0, 256, size=(2048, fmt.type_size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_nonfinite_block_agrees_with_the_dequantized_values(name):
+    import torch
+
+    from mistralrs.loader.gguf_format import nonfinite_block
+    from mistralrs.quant.ggml_types import dequantize_rows
+
+    ggml = next(t for t in GGML_TYPES.values() if t.name == name)
+    blocks = _random_blocks(BLOCK_TYPES[name], np.random.default_rng(sum(map(ord, name))))
+    flagged = np.array([nonfinite_block(blocks[i:i + 1], ggml) is not None for i in range(len(blocks))])
+    nonfinite = ~torch.isfinite(dequantize_rows(torch.from_numpy(blocks), name)).all(dim=1).numpy()
+    assert not (nonfinite & ~flagged).any(), "a block with NaN or infinite values was not flagged"
+    if name in CONSERVATIVE:
+        assert flagged.any()
+    else:
+        np.testing.assert_array_equal(flagged, nonfinite)
+    if name != "NVFP4":  # its scales cannot be NaN: every random block is finite
+        assert nonfinite.any()
+    first = int(np.argmax(flagged)) if flagged.any() else None
+    assert nonfinite_block(blocks, ggml) == first
