@@ -28,16 +28,18 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from mistralrs.loader.gguf_format import GGML_TYPES
 from mistralrs.loader.gguf_loader import (
     SUPPORTED_TENSOR_TYPES,
     GGUFModel,
     TensorEntry,
     TensorTarget,
+    check_sizes_fit_tensors,
     ggml_type_name,
 )
 from mistralrs.loader.gguf_metadata import GGUFTensorInfo
@@ -67,6 +69,9 @@ GGML_LLAMA_TENSOR_NAMES: dict[str, str] = {
     "layers.{bid}.feed_forward.w3": "model.layers.{bid}.mlp.up_proj",
 }
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+# The header field behind each HF size that the tensors are checked against.
+GGML_FIELDS = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+               "num_key_value_heads": "n_head / gqa"}
 
 
 @dataclass(frozen=True)
@@ -132,22 +137,19 @@ def _read_magic(cursor: _Cursor) -> tuple[str, int | None]:
 
 def _read_tensor(cursor: _Cursor, aligned: bool, current_blocks: bool) -> GGUFTensorInfo:
     """One tensor record; the cursor ends after its data."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     n_dims, name_len, ggml_type = (cursor.u32("a tensor header") for _ in range(3))
     ne = [cursor.u32("a tensor's sizes") for _ in range(n_dims)]
     name = cursor.take(name_len, "a tensor name").decode("utf-8", errors="replace")
-    try:
-        type_name = GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} has unknown GGML type {ggml_type}") from None
+    if ggml_type not in GGML_TYPES:
+        raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} has unknown GGML type {ggml_type}")
+    type_name = GGML_TYPES[ggml_type].name
     if type_name not in SUPPORTED_TENSOR_TYPES or (not current_blocks and type_name not in ("F32", "F16")):
         accepted = SUPPORTED_TENSOR_TYPES if current_blocks else ("F32", "F16")
         raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} has type {type_name}, not supported in this "
                          f"file's format version; supported types: {', '.join(accepted)}")
     if aligned:
         cursor.pos = -(-cursor.pos // GGJT_ALIGNMENT) * GGJT_ALIGNMENT
-    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    block_size, type_size = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size
     if not ne or ne[0] % block_size:
         raise ValueError(f"GGML file {cursor.path!r}: tensor {name!r} of sizes {ne} does not hold whole "
                          f"{type_name} blocks")
@@ -168,6 +170,9 @@ def read_ggml_file(path: str) -> GGMLFile:
     cursor = _Cursor(data, path)
     name, version = _read_magic(cursor)
     hparams = GGMLHParams(*(cursor.u32("the hyperparameters") for _ in range(7)))
+    for field in fields(hparams):
+        if field.name != "ftype" and getattr(hparams, field.name) == 0:
+            raise ValueError(f"GGML file {path!r}: {field.name} = 0 (corrupt header: it must be positive)")
     tokens, scores = [], []
     for _ in range(hparams.n_vocab):
         tokens.append(cursor.take(cursor.u32("the vocabulary"), "the vocabulary"))
@@ -215,7 +220,8 @@ def open_ggml(path: str | os.PathLike, gqa: int = 1) -> GGUFModel:
     """Open a legacy GGML llama file as a `GGUFModel` (HF config and HF-named weights).
 
     Raises ValueError naming the file for a missing, non-GGML or truncated file, naming the tensor for an
-    unknown name or unsupported type, and naming `gqa` when it does not divide the head count.
+    unknown name or unsupported type, naming `gqa` when it does not divide the head count, and naming the header
+    field that is zero or (n_layer, n_embd, n_head, n_head / gqa) does not fit the tensors.
     """
     path = os.fspath(path)
     ggml = read_ggml_file(path)
@@ -228,6 +234,7 @@ def open_ggml(path: str | os.PathLike, gqa: int = 1) -> GGUFModel:
         entries.append(TensorEntry(TensorTarget((hf_name,)), path, info, ggml.data))
     shapes = {entry.target.hf_names[0]: tuple(entry.info.shape) for entry in entries}
     config = ggml_config(ggml.hparams, gqa, shapes)
+    check_sizes_fit_tensors(config, entries, GGML_FIELDS, f"GGML file {path!r}")
     tensor_types = {entry.target.hf_names[0]: ggml_type_name(entry.info) for entry in entries}
     logger.debug("opened GGML %s (%s v%s): %d tensors", path, ggml.format, ggml.version, len(entries))
     # The GGUF llama entry's transforms apply as they are: the q/k un-permutation keyed on the HF names.

@@ -4,8 +4,8 @@
 seconds on a vocabulary of 50k-260k tokens (about 14 s for Gemma 3's 262k-token vocabulary on a laptop
 core). The header format is simple (GGUF v2/v3, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md),
 so it is parsed here with `struct` straight from a memory map: strings are decoded once, numeric arrays are
-read in one `numpy.frombuffer` call. The `gguf` package still supplies the constants (value types, magic,
-block sizes), so the two stay in step.
+read in one `numpy.frombuffer` call. The constants (value types, magic, block sizes) come from
+mistralrs/loader/gguf_format.py, so reading a file never imports the `gguf` package.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
+
+from mistralrs.loader.gguf_format import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
 
 SUPPORTED_VERSIONS = (2, 3)
 
@@ -38,7 +39,7 @@ class GGUFTensorInfo:
 
     name: str                  # GGUF tensor name, e.g. "blk.0.attn_q.weight"
     shape: tuple[int, ...]     # torch (row-major) order: the reverse of ggml's `ne`
-    ggml_type: int             # a gguf.GGMLQuantizationType value
+    ggml_type: int             # a ggml type id, a key of gguf_format.GGML_TYPES
     offset: int                # absolute byte offset of the tensor data in the file
     nbytes: int                # size of the stored data in bytes
 
@@ -80,14 +81,14 @@ class _Cursor:
     def string_array(self, count: int) -> list[str]:
         """`count` length-prefixed strings; the hot loop for vocabularies and merge tables."""
         buf, unpack, pos = self.buf, self._u64, self.pos
-        if count * 8 > len(buf) - pos:  # each string needs at least its 8-byte length
-            raise ValueError(f"{self.path}: truncated GGUF header (a string array runs past the end of the file)")
-        out = [""] * count
+        out = [""] * count  # bounded by the file size (`array` checked it)
         for i in range(count):
             (length,) = unpack(buf, pos)
             pos += 8
             out[i] = buf[pos:pos + length].decode("utf-8")
             pos += length
+        if pos > len(buf):
+            raise ValueError(f"{self.path}: truncated GGUF header (a string runs past the end of the file)")
         self.pos = pos
         return out
 
@@ -103,30 +104,37 @@ class _Cursor:
         raise ValueError(f"{self.path}: unknown GGUF value type {value_type} at byte {self.pos}")
 
     def array(self, element_type: int, count: int) -> list:
+        if element_type not in _MIN_VALUE_BYTES:
+            raise ValueError(f"{self.path}: unknown GGUF array element type {element_type} at byte {self.pos}")
+        if count * _MIN_VALUE_BYTES[element_type] > len(self.buf) - self.pos:  # checked before allocating
+            raise ValueError(f"{self.path}: truncated GGUF header (an array of {count} elements runs past the end "
+                             f"of the file)")
         if element_type in _SCALAR_FORMATS:
             dtype = np.dtype(_SCALAR_FORMATS[element_type][1]).newbyteorder(self.byte_order)
-            end = self.pos + count * dtype.itemsize
-            if end > len(self.buf):
-                raise ValueError(f"{self.path}: truncated GGUF header (an array runs past the end of the file)")
             values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).tolist()
-            self.pos = end
+            self.pos += count * dtype.itemsize
             return values
         if element_type == GGUFValueType.STRING:
             return self.string_array(count)
         return [self.value(element_type) for _ in range(count)]
 
 
+# Fewest bytes a value of each type takes: scalars their size, a string its 8-byte length, an array its element
+# type (4) and count (8).
+_MIN_VALUE_BYTES: dict[int, int] = {**{value_type: struct.calcsize(fmt) for value_type, (fmt, _) in
+                                       _SCALAR_FORMATS.items()},
+                                    GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+GGUF_HEADER_BYTES = 24  # magic (4), version (4), tensor count (8), metadata key count (8)
 GGML_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
 _MIN_KV_BYTES = 13  # key length (8) + value type (4) + the smallest value (1)
 _MIN_TENSOR_INFO_BYTES = 24  # name length (8) + dimension count (4) + type (4) + offset (8)
 
 
 def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...], path: str, name: str) -> int:
-    try:
-        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    except KeyError:
+    if ggml_type not in GGML_TYPES:
         raise ValueError(f"{path}: tensor {name!r} has unknown ggml type id {ggml_type} "
-                         f"(known ids: {sorted(int(t) for t in GGML_QUANT_SIZES)})") from None
+                         f"(known ids: {sorted(GGML_TYPES)})")
+    block_size, type_size = GGML_TYPES[ggml_type].block_size, GGML_TYPES[ggml_type].type_size
     if shape and shape[-1] % block_size:
         raise ValueError(f"{path}: tensor {name!r} has rows of {shape[-1]} values, not a multiple of its type's "
                          f"block size {block_size}")
@@ -170,8 +178,8 @@ def _read_metadata(cur: _Cursor, count: int) -> dict[str, Any]:
 def _check_counts(buf: mmap.mmap, path: str, tensor_count: int, kv_count: int) -> None:
     """Counts that could not fit in the file are corruption (and would otherwise loop for ages)."""
     if kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_INFO_BYTES > len(buf):
-        raise ValueError(f"{path}: corrupt GGUF header: {kv_count} metadata keys and {tensor_count} tensors "
-                         f"cannot fit in a file of {len(buf)} bytes")
+        raise ValueError(f"{path}: truncated or corrupt GGUF header: {kv_count} metadata keys and {tensor_count} "
+                         f"tensors cannot fit in a file of {len(buf)} bytes")
 
 
 def _alignment(metadata: dict[str, Any], path: str) -> int:
@@ -202,6 +210,16 @@ def _check_tensor_data(tensors: list[GGUFTensorInfo], path: str, file_size: int,
                              f"(corrupt tensor table: a wrong type or shape)")
 
 
+def _check_magic(buf: mmap.mmap, path: str) -> None:
+    """A GGUF file starts with the magic and holds at least the fixed part of the header."""
+    magic = GGUF_MAGIC.to_bytes(4, "little")
+    if not magic.startswith(bytes(buf[:4])):  # a file shorter than 4 bytes may still start like one
+        raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r}, expected {magic!r})")
+    if len(buf) < GGUF_HEADER_BYTES:
+        raise ValueError(f"{path}: truncated GGUF file: {len(buf)} bytes, less than the {GGUF_HEADER_BYTES}-byte "
+                         f"header")
+
+
 def read_gguf_header(path: str) -> GGUFHeader:
     """Parse the metadata and tensor table of one GGUF file without touching its tensor data.
 
@@ -215,8 +233,7 @@ def read_gguf_header(path: str) -> GGUFHeader:
         except ValueError:
             raise ValueError(f"{path}: empty file, not a GGUF file") from None
     with buf:
-        if len(buf) < 24 or struct.unpack_from("<I", buf, 0)[0] != GGUF_MAGIC:
-            raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r}, expected b'GGUF')")
+        _check_magic(buf, path)
         byte_order = "<"
         version = struct.unpack_from("<I", buf, 4)[0]
         if version & 0xFFFF == 0:  # written on a big-endian machine

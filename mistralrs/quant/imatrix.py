@@ -33,6 +33,9 @@ from torch import nn
 
 from mistralrs.layers.activation import act_and_mul
 from mistralrs.layers.moe import FusedMoE, UnquantizedMoEMethod
+from mistralrs.loader.gguf_format import GGML_TYPES
+from mistralrs.loader.gguf_metadata import read_gguf_header
+from mistralrs.quant.ggml_types import dequantize_rows
 from mistralrs.quant.isq import (
     IsqLayer,
     expert_projection_names,
@@ -104,11 +107,11 @@ def _read_legacy_imatrix(data: bytes, path: str) -> dict[str, torch.Tensor]:
     return entries
 
 
-def _read_gguf_imatrix(path: str) -> dict[str, torch.Tensor]:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    tensors = {t.name: torch.from_numpy(t.data.astype("float32").reshape(-1)) for t in reader.tensors}
+def _read_gguf_imatrix(path: str, data: bytes) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for info in read_gguf_header(path).tensors:
+        raw = torch.frombuffer(bytearray(data[info.offset:info.offset + info.nbytes]), dtype=torch.uint8)
+        tensors[info.name] = dequantize_rows(raw.reshape(1, -1), GGML_TYPES[info.ggml_type].name).reshape(-1)
     entries = {}
     for name, sums in tensors.items():
         if name.endswith(".in_sum2") and f"{name[:-8]}.counts" in tensors:
@@ -122,7 +125,7 @@ def read_llama_imatrix(path: str) -> dict[str, torch.Tensor]:
     """llama.cpp tensor name (`blk.0.attn_q.weight`) -> mean x² vector, from either llama.cpp format."""
     with open(path, "rb") as f:
         data = f.read()
-    return _read_gguf_imatrix(path) if data[:4] == b"GGUF" else _read_legacy_imatrix(data, path)
+    return _read_gguf_imatrix(path, data) if data[:4] == b"GGUF" else _read_legacy_imatrix(data, path)
 
 
 # llama.cpp's tensor stems of the linear layers (after "blk.N.") -> checkpoint module (after "model.layers.N.").

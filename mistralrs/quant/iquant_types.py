@@ -3,8 +3,8 @@
 Each weight is a scale times an integer from a table: IQ4 and the FP4 types index a 16-entry table of signed
 integers; IQ2/IQ3 index grids of 4 or 8 small positive integers and flip signs per weight; IQ1 indexes a grid of
 -1/0/1 and adds +-1/8 per group of 8 (taken here as codes 8 * grid +- 1 with the scale divided by 8, exactly
-the same products). The grids and the 7-bit sign table are data of the `gguf` package, read from it at run
-time (`gguf.quants.<TYPE>.grid` after `init_grid()`, `IQ2_XXS.ksigns`, `IQ4_NL.kvalues`). Layouts (bytes):
+the same products). The grids are llama.cpp's, kept in mistralrs/quant/iq_grids.py; the 7-bit sign table is
+computed (each index with its parity as the eighth bit) and IQ4's 16 values are written below. Layouts (bytes):
 
 - IQ4_NL (18): f16 d, 16 bytes of nibbles (low nibbles first); d * kvalues[q]. Blocks of 32.
 - IQ4_XS (136): f16 d, 16-bit high scale bits, 4 bytes of low scale nibbles, 128 bytes of nibbles;
@@ -36,23 +36,18 @@ import torch
 from mistralrs.quant.block_types import (QK_K, AffineBlocks, GGMLBlockType, affine_type, bits_lsb_first, f16_at,
                                          f16_from_bits, le_uint, le_uints, lookup, low_high_nibbles, shifts,
                                          signs_from_bits, split_bits)
+from mistralrs.quant.iq_grids import GRIDS, unpack_grid
 
 # MXFP4/NVFP4: e2m1 values doubled (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, times two)
 _FP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
-
-
-def _gguf_quant(name: str):
-    import gguf.quants
-
-    return getattr(gguf.quants, name)
+# IQ4_NL / IQ4_XS: ggml-common.h's kvalues_iq4nl
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @functools.cache
 def _grid(name: str) -> np.ndarray:
-    """gguf's decoded grid for IQ type `name`: `[num_entries, 4 or 8]` small integers."""
-    quant = _gguf_quant(name)
-    quant.init_grid()
-    return quant.grid.reshape(quant.grid_shape)
+    """The decoded grid of IQ type `name`: `[num_entries, 4 or 8]` small integers (as float32)."""
+    return unpack_grid(GRIDS[name])
 
 
 def _iq2xxs_grid() -> np.ndarray:
@@ -80,12 +75,14 @@ def _iq1s_grid() -> np.ndarray:
 
 
 def _ksigns() -> np.ndarray:
-    """128 bytes: the 8 sign bits for each 7-bit sign index (the eighth bit is the parity)."""
-    return np.frombuffer(_gguf_quant("IQ2_XXS").ksigns, dtype=np.uint8)
+    """128 bytes: the 8 sign bits for each 7-bit sign index (the eighth bit is the parity: an even count)."""
+    index = np.arange(128, dtype=np.uint8)
+    parity = np.unpackbits(index[:, None], axis=1).sum(axis=1, dtype=np.uint8) & 1
+    return index | (parity << 7)
 
 
 def _iq4_values() -> np.ndarray:
-    return np.array(_gguf_quant("IQ4_NL").kvalues, dtype=np.int16)
+    return np.array(_IQ4_VALUES, dtype=np.int16)
 
 
 def _fp4_values() -> np.ndarray:

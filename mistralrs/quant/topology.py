@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 
 import torch
-import yaml
 
+from mistralrs.dependencies import import_dependency
 from mistralrs.quant.isq_types import IsqType, parse_isq_type
 
 _KEY_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -54,7 +54,7 @@ class Topology:
     def from_yaml(path: str) -> Topology:
         """Reads and validates a topology file; ValueError naming the bad key or value."""
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = import_dependency("yaml").safe_load(f)  # imported here: only topology files need PyYAML
         return Topology.from_dict({} if data is None else data, source=path)
 
     @staticmethod

@@ -5,7 +5,8 @@ a second to build, so it is made on first use). `compile(grammar_type, text)` tu
 `CompiledGrammar` or raises ValueError with llguidance's reason. The engine makes one `LLMatcher` per sequence
 (`CompiledGrammar.new_matcher`), the sampler masks the logits of the constrained rows with it
 (`apply_grammar_masks`) and the engine advances it with every sampled token. EOS is one of the llguidance
-tokenizer's EOS tokens, so the mask allows it only where the grammar accepts.
+tokenizer's EOS tokens, so the mask allows it only where the grammar accepts. llguidance itself is imported
+when the first grammar is compiled (mistralrs/dependencies.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import llguidance
 import torch
 from tokenizers import Tokenizer
+
+from mistralrs.dependencies import import_dependency
+
+if TYPE_CHECKING:
+    import llguidance
 
 GRAMMAR_TYPES = ("regex", "lark", "json_schema", "llguidance")  # accepted values of grammar_type
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no free whitespace for a model to ramble in
@@ -44,8 +51,13 @@ class _DecodedVocab:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def _llguidance() -> ModuleType:
+    return import_dependency("llguidance")
+
+
 def build_ll_tokenizer(tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
     """The llguidance tokenizer of a model: from its tokenizer.json, or from decoded tokens when that fails."""
+    llguidance = _llguidance()
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eos = list(eos_token_ids)
     try:
@@ -57,6 +69,7 @@ def build_ll_tokenizer(tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> ll
 
 def grammar_source(grammar_type: str, text: str) -> str:
     """The llguidance grammar (JSON) for a request's `grammar` of the given `grammar_type`."""
+    llguidance = _llguidance()
     if grammar_type == "regex":
         return llguidance.LLMatcher.grammar_from_regex(text)
     if grammar_type == "lark":
@@ -85,7 +98,7 @@ class CompiledGrammar:
 
     def new_state(self) -> GrammarState:
         """A fresh matcher at the start of the grammar, for one sequence."""
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, self.source, log_level=0)
+        matcher = _llguidance().LLMatcher(self.ll_tokenizer, self.source, log_level=0)
         if matcher.is_error():
             raise ValueError(f"grammar: {matcher.get_error()}")
         return GrammarState(matcher, self.ll_tokenizer.vocab_size)
@@ -132,7 +145,7 @@ class GrammarCompiler:
 
     def compile_source(self, source: str) -> CompiledGrammar:
         """Validate an llguidance grammar (JSON); ValueError with the reason when it cannot compile."""
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.ll_tokenizer)
+        is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(source, self.ll_tokenizer)
         if is_error:
             raise ValueError(f"grammar: cannot compile: {messages[0] if messages else 'unknown error'}")
         grammar = CompiledGrammar(self.ll_tokenizer, source)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,9 +111,8 @@ def test_wrong_gqa_is_a_value_error(tiny, tmp_path):
     path = write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
     with pytest.raises(ValueError, match="gqa"):
         open_ggml(path, gqa=3)
-    with pytest.raises(ValueError, match="has shape"):  # gqa=1 gives 4 KV heads, the file has 2
-        ggml = open_ggml(path, gqa=1)
-        load_model(ggml.config, ggml.iter_weights(torch.float32), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"tiny\.bin.*n_head / gqa = 4 .* k_proj 64 rows, but its tensor has 32"):
+        open_ggml(path, gqa=1)  # gqa=1 gives 4 KV heads, the file has 2: found before a model is built
 
 
 def test_bad_magic_and_truncated_files_name_the_file(tiny, tmp_path):
@@ -130,6 +130,21 @@ def test_bad_magic_and_truncated_files_name_the_file(tiny, tmp_path):
             open_ggml(str(cut))
     with pytest.raises(ValueError, match="does not exist"):
         open_ggml(str(tmp_path / "missing.bin"))
+
+
+@pytest.mark.parametrize(("field", "index", "value", "error"), [
+    ("n_head", 3, 0, r"n_head = 0 \(corrupt header: it must be positive\)"),
+    ("n_mult", 2, 0, r"n_mult = 0 \(corrupt header: it must be positive\)"),
+    ("n_layer", 4, 1_000_000, r"n_layer = 1000000, but the tensors hold 2 layers"),
+    ("n_embd", 1, 128, r"n_embd = 128, but the token embedding is 64 wide"),
+])
+def test_corrupt_hyperparameters_name_the_file_and_the_field(tiny, tmp_path, field, index, value, error):
+    _, config, checkpoint, _ = tiny
+    data = bytearray(Path(write_ggjt(tmp_path / "tiny.bin", checkpoint, config)).read_bytes())
+    data[8 + 4 * index:12 + 4 * index] = value.to_bytes(4, "little")  # after the magic and the version
+    (tmp_path / "corrupt.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"corrupt\.bin.*{error}"):
+        open_ggml(str(tmp_path / "corrupt.bin"), gqa=GQA)
 
 
 def test_old_versions_accept_only_unquantized_tensors(tiny, tmp_path):

@@ -173,15 +173,16 @@ def test_rope_scaling_and_frequency_factors(tmp_path):
     # A Llama 3 style rope_freqs tensor becomes config["rope_freq_factors"], not a weight.
     factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)
     writer = GGUFWriter(tmp_path / "freqs.gguf", "llama")
-    for key, value in {"llama.embedding_length": 16, "llama.block_count": 0, "llama.feed_forward_length": 32,
+    for key, value in {"llama.embedding_length": 16, "llama.block_count": 1, "llama.feed_forward_length": 32,
                        "llama.attention.head_count": 1}.items():
         writer.add_uint32(key, value)
     writer.add_tensor("rope_freqs.weight", factors)
     writer.add_tensor("token_embd.weight", np.zeros((4, 16), np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(16, np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     gguf = open_gguf(str(tmp_path / "freqs.gguf"))
     assert gguf.config["rope_freq_factors"] == pytest.approx(factors.tolist())
-    assert list(gguf.tensor_types) == ["model.embed_tokens.weight"]
+    assert list(gguf.tensor_types) == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"]
 
 
 def test_multi_file_gguf_merges_metadata_and_tensors(tmp_path):
@@ -278,12 +279,12 @@ def test_unknown_architecture_lists_supported(tmp_path):
 
 def test_llama_expert_count_makes_a_mixtral_config(tmp_path):
     model, config = tiny_model("llama")
-    metadata = {"llama.expert_count": 4, "llama.expert_used_count": 2}
-    gguf = open_gguf(write_tiny_gguf(model, config, tmp_path / "moe.gguf", extra_metadata=metadata))
-    assert gguf.config["architectures"] == ["MixtralForCausalLM"] and gguf.config["model_type"] == "mixtral"
-    assert (gguf.config["num_local_experts"], gguf.config["num_experts_per_tok"]) == (4, 2)
     dense = open_gguf(write_tiny_gguf(model, config, tmp_path / "dense.gguf"))
     assert dense.config["architectures"] == ["LlamaForCausalLM"] and "num_local_experts" not in dense.config
+    metadata = {**dense.metadata, "llama.expert_count": 4, "llama.expert_used_count": 2}
+    moe = gguf_loader.build_config("llama", GGUF_ARCHITECTURES["llama"], metadata, {})  # files: test_gguf_archs
+    assert moe["architectures"] == ["MixtralForCausalLM"] and moe["model_type"] == "mixtral"
+    assert (moe["num_local_experts"], moe["num_experts_per_tok"]) == (4, 2)
 
 
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
