@@ -35,7 +35,7 @@ MODEL_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=1
 def make_tokenizer_dir(path: str) -> None:
     """Writes SmolLM2's tokenizer.json and tokenizer_config.json (from its GGUF metadata) to `path`."""
     from mistralrs.loader.default_model import default_model_path
-    from mistralrs.loader.gguf_metadata import read_gguf_metadata
+    from mistralrs.formats.gguf_metadata import read_gguf_metadata
     from mistralrs.loader.tokenizer import load_tokenizer_bundle
 
     metadata = read_gguf_metadata(str(default_model_path()))

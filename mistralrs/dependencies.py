@@ -12,7 +12,7 @@ include `llguidance.py`, `gguf.py`, `regex.py` and `lark.py`, side by side. `imp
 
 `import mistralrs` imports the packages every model needs (`CORE_DEPENDENCIES`) this way; the others are
 imported at first use (llguidance when a grammar is compiled, PyYAML when a topology file is read). GGUF files
-are read without the `gguf` package (mistralrs/loader/gguf_format.py).
+are read without the `gguf` package (mistralrs/formats/gguf_format.py).
 """
 
 from __future__ import annotations

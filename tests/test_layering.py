@@ -15,6 +15,7 @@ PACKAGE_DIR = Path(mistralrs.__file__).parent
 LOWER_FLOORS = ("core", "worker", "models", "layers", "sample", "quant", "adapters")
 # floor -> the floors (first package below mistralrs) it must not import
 FORBIDDEN = {
+    "formats": {*LOWER_FLOORS, "loader", "engine", "api", "server", "cli"},  # file formats: the bottom floor
     **{floor: {"loader", "engine", "api", "server", "cli"} for floor in LOWER_FLOORS},
     "loader": {"engine", "api", "server", "cli"},
     "engine": {"server", "cli"},

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mistralrs.loader.gguf_format import GGML_TYPES
+from mistralrs.formats.gguf_format import GGML_TYPES
 from mistralrs.loader.gguf_loader import (
     SUPPORTED_TENSOR_TYPES,
     GGUFModel,
@@ -42,7 +42,7 @@ from mistralrs.loader.gguf_loader import (
     check_sizes_fit_tensors,
     ggml_type_name,
 )
-from mistralrs.loader.gguf_metadata import GGUFTensorInfo
+from mistralrs.formats.gguf_metadata import GGUFTensorInfo
 from mistralrs.loader.gguf_tables import GGUF_ARCHITECTURES
 
 logger = logging.getLogger(__name__)

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mistralrs.loader.gguf_format import GGML_TYPES, nonfinite_block
-from mistralrs.loader.gguf_metadata import GGUFTensorInfo, read_gguf_header
+from mistralrs.formats.gguf_format import GGML_TYPES, nonfinite_block
+from mistralrs.formats.gguf_metadata import GGUFTensorInfo, read_gguf_header
 from mistralrs.loader.gguf_tables import (  # noqa: F401  (unpermute_rows and TENSOR_TRANSFORMS are re-exported)
     CONFIG_RULES,
     GGUF_ARCHITECTURES,

@@ -33,8 +33,8 @@ from torch import nn
 
 from mistralrs.layers.activation import act_and_mul
 from mistralrs.layers.moe import FusedMoE, UnquantizedMoEMethod
-from mistralrs.loader.gguf_format import GGML_TYPES
-from mistralrs.loader.gguf_metadata import read_gguf_header
+from mistralrs.formats.gguf_format import GGML_TYPES
+from mistralrs.formats.gguf_metadata import read_gguf_header
 from mistralrs.quant.ggml_types import dequantize_rows
 from mistralrs.quant.isq import (
     IsqLayer,

@@ -4,7 +4,7 @@ Each grid is written as gguf-py packs it (gguf/quants.py, MIT licence): every va
 index in the type's short value map, those indices are packed `8 // bits` to a byte (low bits first) and the bytes
 are written in hexadecimal. `unpack_grid` turns one back into `[entries, 4 or 8]` float32 values. The grids live
 here rather than in the `gguf` package so that dequantizing never imports `gguf` (a user's `gguf.py` could stand
-in for it; see mistralrs/loader/gguf_format.py); tests/loader/test_gguf_format.py checks them against gguf's.
+in for it; see mistralrs/formats/gguf_format.py); tests/loader/test_gguf_format.py checks them against gguf's.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 
 from mistralrs.engine.detokenizer import IncrementalDetokenizer
 from mistralrs.loader.default_model import default_model_path
-from mistralrs.loader.gguf_metadata import read_gguf_metadata
+from mistralrs.formats.gguf_metadata import read_gguf_metadata
 from mistralrs.loader.tokenizer import tokenizer_from_gguf_metadata
 
 TEXTS = [

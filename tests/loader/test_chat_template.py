@@ -9,7 +9,7 @@ import pytest
 
 from mistralrs.loader.chat_template import ChatTemplate, read_chat_template_arg, select_named_templates
 from mistralrs.loader.default_model import default_model_path
-from mistralrs.loader.gguf_metadata import read_gguf_metadata
+from mistralrs.formats.gguf_metadata import read_gguf_metadata
 
 CONVERSATION = [
     {"role": "system", "content": "You are a terse assistant."},

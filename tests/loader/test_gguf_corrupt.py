@@ -15,8 +15,8 @@ import torch
 
 from mistralrs import ModelDType, Which
 from mistralrs.loader.gguf_loader import open_gguf
-from mistralrs.loader.gguf_metadata import read_gguf_header
-from mistralrs.loader.pipeline import load_pipeline
+from mistralrs.formats.gguf_metadata import read_gguf_header
+from tests.loading import load_which
 from tests.loader.gguf_fixtures import write_tiny_gguf
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -123,8 +123,8 @@ def test_nan_or_infinite_weights_are_found_on_load(intact, tmp_path, name, offse
     with pytest.raises(ValueError, match=error):
         list(model.iter_weights(dtype=torch.float32, keep_quantized=True))
     with pytest.raises(ValueError, match=error):
-        load_pipeline(Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename="corrupt.gguf",
-                                 dtype=ModelDType.F32), show_progress=False)
+        load_which(Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename="corrupt.gguf",
+                              dtype=ModelDType.F32), show_progress=False)
 
 
 def test_the_intact_copy_loads(intact, tmp_path):

@@ -8,7 +8,7 @@ import gguf.quants
 import numpy as np
 import pytest
 
-from mistralrs.loader.gguf_format import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
+from mistralrs.formats.gguf_format import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
 from mistralrs.quant import iquant_types
 from mistralrs.quant.ggml_types import BLOCK_TYPES
 from mistralrs.quant.iq_grids import GRIDS, unpack_grid
@@ -58,7 +58,7 @@ def _random_blocks(fmt, rng) -> np.ndarray:
 def test_nonfinite_block_agrees_with_the_dequantized_values(name):
     import torch
 
-    from mistralrs.loader.gguf_format import nonfinite_block
+    from mistralrs.formats.gguf_format import nonfinite_block
     from mistralrs.quant.ggml_types import dequantize_rows
 
     ggml = next(t for t in GGML_TYPES.values() if t.name == name)

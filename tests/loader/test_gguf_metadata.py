@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GG
 from gguf.quants import quantize
 
 from mistralrs.loader.default_model import default_model_path
-from mistralrs.loader.gguf_metadata import read_gguf_header, read_gguf_metadata
+from mistralrs.formats.gguf_metadata import read_gguf_header, read_gguf_metadata
 
 V = GGUFValueType
 # key → (value, value type, array element type)

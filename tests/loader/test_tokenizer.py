@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
 from mistralrs.loader.default_model import default_model_path
-from mistralrs.loader.gguf_metadata import read_gguf_metadata
+from mistralrs.formats.gguf_metadata import read_gguf_metadata
 from mistralrs.loader.tokenizer import load_tokenizer_bundle, tokenizer_from_gguf_metadata
 
 TEXTS = [

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from mistralrs.loader.gguf_loader import open_gguf
-from mistralrs.loader.gguf_metadata import read_gguf_header
+from mistralrs.formats.gguf_metadata import read_gguf_header
 from mistralrs.loader.safetensors_loader import load_model
 from mistralrs.loader.tokenizer import tokenizer_from_gguf_metadata
 from mistralrs.quant.cpu_int4 import Int4CpuWeight

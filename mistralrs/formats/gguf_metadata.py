@@ -5,7 +5,7 @@ seconds on a vocabulary of 50k-260k tokens (about 14 s for Gemma 3's 262k-token 
 core). The header format is simple (GGUF v2/v3, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md),
 so it is parsed here with `struct` straight from a memory map: strings are decoded once, numeric arrays are
 read in one `numpy.frombuffer` call. The constants (value types, magic, block sizes) come from
-mistralrs/loader/gguf_format.py, so reading a file never imports the `gguf` package.
+mistralrs/formats/gguf_format.py, so reading a file never imports the `gguf` package.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mistralrs.loader.gguf_format import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
+from mistralrs.formats.gguf_format import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
 
 SUPPORTED_VERSIONS = (2, 3)
 
