@@ -18,15 +18,15 @@ LONG = dict(temperature=0, max_tokens=400, logit_bias=NO_EOS)
 
 
 def spy_on_abort(monkeypatch, runner) -> list[str]:
-    """Record the request ids the server aborts (and still abort them)."""
+    """Record the request ids the server aborts through the runner's front door (and still abort them)."""
     aborted: list[str] = []
-    real_abort = runner.abort
+    real_abort = runner.llm_engine.abort
 
     def abort(request_id: str) -> None:
         aborted.append(request_id)
         real_abort(request_id)
 
-    monkeypatch.setattr(runner, "abort", abort)
+    monkeypatch.setattr(runner.llm_engine, "abort", abort)
     return aborted
 
 
