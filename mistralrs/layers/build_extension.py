@@ -28,9 +28,13 @@ def install(temp: Path, output: Path, command: list[str]) -> int:
     """Runs `command`, then moves `temp / output.name` to `output` (atomic); removes `temp` in any case. Returns
     the exit status: 0, or 1 when the compiler failed (its error output's tail goes to stderr)."""
     try:
-        # its own process group, so that a stop reaches the compiler's own children (cc1plus, as, ld) too
-        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True) as compiler:
+        try:  # its own process group, so that a stop reaches the compiler's own children (cc1plus, as, ld) too
+            compiler = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        except OSError as exc:  # no such compiler
+            sys.stderr.write(f"cannot run the compiler: {exc}")
+            return 1
+        with compiler:
             try:
                 _, errors = compiler.communicate()
             except BaseException:

@@ -246,3 +246,16 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
     assert "compiler exited with" in warnings[0].getMessage()
     assert [entry.name for entry in (tmp_path / "cache" / "mistralrs" / "extensions").iterdir()] == [
         f"{broken.cache_entry()[0]}.lock"]
+
+
+def test_the_make_step_reports_a_failed_build(tmp_path):
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    (tmp_path / "brokenmod.py").write_text("from pathlib import Path\nfrom mistralrs.layers.cpp_extension import "
+                                           "LazyExtension\nEXTENSION = LazyExtension(Path(__file__).with_name("
+                                           "'broken.cpp'), 'broken')\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    step = subprocess.run([sys.executable, "-m", "mistralrs.layers.build_extension", "brokenmod:EXTENSION"],
+                          env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert step.returncode == 1
+    assert "compiler exited with" in step.stderr and "broken.cpp was not built" in step.stderr
