@@ -19,8 +19,8 @@ at most once at a time per cache key on the machine:
 - The lock holder first removes the temporary folders of earlier builds that died (its own key's, and another
   key's when that key's lock is free).
 - A background build compiles at the lowest CPU priority (it runs beside the engine); `build()`, used by the
-  Makefile's up-front step (`python -m mistralrs.layers.build_extension`), at normal priority. A build that
-  waits for another process's lock runs at that process's priority.
+  Makefile's up-front step (`python -m mistralrs.layers.build_extension`), at normal priority. A process that
+  waits for another's build gets it at the priority that build started with.
 
 A build or import that fails logs one warning, and the process uses its plain path from then on.
 """
