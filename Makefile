@@ -24,3 +24,11 @@ chat: setup
 
 test: setup-test
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+# The fused decode extension, compiled once up front at normal priority (mistralrs/layers/cpp_extension.py);
+# a no-op when it is cached. `-`: where it cannot be built (no C++ compiler) the step says so and the plain
+# path serves.
+.PHONY: extension
+extension: setup
+	-$(VENV)/bin/python -m mistralrs.layers.build_extension mistralrs.layers.fused_decode:EXTENSION
+chat test: extension

@@ -25,28 +25,19 @@ weight form the C++ side does not know (only dense weights and torch's CPU int4 
 activation other than those above, a forward hook watches one of the layer's modules (imatrix collection), the
 step uses the "reference" attention backend, or the layer is not on the CPU.
 
-The extension is compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against the installed
-torch, at low priority in a background thread while the plain path serves (about 30 s on the development
-machine), and cached under `~/.cache/mistralrs/extensions` (`$XDG_CACHE_HOME` respected) by a hash of its
-source, the compiler flags and the torch and Python versions; later processes import the cached build (~40 ms).
-A build that fails logs one warning and the plain path is used from then on.
+The extension (`EXTENSION`, a `LazyExtension` of mistralrs/layers/cpp_extension.py) is compiled with the system
+C++ compiler against the installed torch, once per machine: by `make chat` / `make test` up front, or else on
+first use at low priority in the background while the plain path serves (about 30 s on the development machine);
+it is cached under `~/.cache/mistralrs/extensions` and later processes import the cached build (~40 ms). A build
+that fails logs one warning and the plain path is used from then on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import importlib.util
-import logging
 import operator
 import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -55,13 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralrs.layers.cpp_extension import LazyExtension
+
 if TYPE_CHECKING:
     from mistralrs.layers.attention import PagedAttention
     from mistralrs.layers.linear import Linear
     from mistralrs.quant.packed import FusedLinearPart
     from mistralrs.worker.forward_batch import ForwardBatch
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
 
@@ -92,104 +83,6 @@ class LayerParts:
 def fused_decode_default() -> bool:
     """Whether new layers start with the fused path on: yes unless `MISTRALRS_FUSED_DECODE` is "0"."""
     return os.environ.get("MISTRALRS_FUSED_DECODE", "1").strip() != "0"
-
-
-class LazyExtension:
-    """A C++ extension compiled on first use, cached on disk, and imported once per process.
-
-    `get()` returns the module, or None while it is being built in the background or after the build failed.
-    A cached build is imported at once; a missing one is compiled in a daemon thread. `get(wait=True)` blocks
-    until the build has finished.
-    """
-
-    def __init__(self, source: Path, stem: str):
-        self.source = source  # the .cpp file
-        self.stem = stem  # module name prefix; the full name carries the cache key
-        self._module: ModuleType | None = None  # once imported
-        self._failed = False  # a build or import failed (warned once); never retried in this process
-        self._builder: threading.Thread | None = None  # the background build, once started
-        self._lock = threading.Lock()
-
-    def get(self, wait: bool = False) -> ModuleType | None:
-        """The module, or None while it builds (unless `wait`) or when it cannot be built."""
-        if self._module is not None or self._failed:
-            return self._module
-        with self._lock:
-            if self._module is None and not self._failed and self._builder is None:
-                try:
-                    name, path = self._cached_path()
-                except OSError as exc:  # the source is missing (an installation without the .cpp file)
-                    self._fail(exc)
-                    return None
-                if path.is_file():
-                    self._import(name, path)
-                else:
-                    self._builder = threading.Thread(target=self._build, args=(name, path), daemon=True,
-                                                     name=f"{self.stem}-build")
-                    self._builder.start()
-        builder = self._builder
-        if wait and builder is not None:
-            builder.join()
-        return self._module
-
-    def _cached_path(self) -> tuple[str, Path]:
-        key = hashlib.sha256(self.source.read_bytes())
-        key.update(" ".join([torch.__version__, sys.version, sys.platform, *_compile_flags()]).encode())
-        name = f"{self.stem}_{key.hexdigest()[:16]}"
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mistralrs" / "extensions"
-        return name, cache / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-
-    def _build(self, name: str, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent, prefix=f"{name}-") as tmp:
-                built = Path(tmp) / path.name
-                logger.info("compiling %s (once; the plain path serves meanwhile)", self.source.name)
-                result = subprocess.run(_compile_command(self.source, name, built), capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(f"compiler exited with {result.returncode}: {result.stderr[-2000:]}")
-                os.replace(built, path)  # atomic: concurrent builders each move a complete file
-            with self._lock:
-                self._import(name, path)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            self._fail(exc)
-
-    def _import(self, name: str, path: Path) -> None:
-        try:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except (ImportError, OSError) as exc:
-            self._fail(exc)
-            return
-        self._module = module
-
-    def _fail(self, exc: BaseException) -> None:
-        self._failed = True
-        logger.warning("%s could not be built or loaded; using the plain path: %s", self.source.name, exc)
-
-
-def _compile_flags() -> list[str]:
-    """Compiler, include and library flags for an extension of this torch (those torch's own builder uses)."""
-    from torch.utils import cpp_extension
-
-    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    libraries = cpp_extension.library_paths()
-    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [os.environ.get("CXX", "c++"), "-shared", "-fPIC", "-O2", "-std=c++20", "-w",
-            "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in includes),
-            *(f"-L{p}" for p in libraries), *(f"-Wl,-rpath,{p}" for p in libraries),
-            "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
-
-
-def _compile_command(source: Path, name: str, output: Path) -> list[str]:
-    """The compiler call that builds `source` as the Python extension module `name`, at the lowest CPU priority
-    (under `nice` where there is one): it runs beside the engine, whose first decode steps are being timed to
-    choose their thread count (mistralrs/worker/cpu_threads.py)."""
-    compiler, *flags = _compile_flags()
-    nice = shutil.which("nice")
-    return [*([nice, "-n", "19"] if nice else []), compiler, str(source), "-o", str(output),
-            f"-DTORCH_EXTENSION_NAME={name}", *flags]
 
 
 EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode")  # the process's one copy of the compiled module

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, LazyExtension, NormKind, \
+from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, NormKind, \
     fused_layer_counts, linear_spec, norm_spec, set_fused_decode
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
@@ -294,18 +293,6 @@ def test_without_the_extension_the_plain_path_runs(monkeypatch):
     with counting_plain_attention_calls(model) as calls, torch.inference_mode():
         model(batch.input_ids, batch.positions, batch)
     assert calls[0] == 2
-
-
-def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
-    source = tmp_path / "broken.cpp"
-    source.write_text("this is not C++\n")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    broken = LazyExtension(source, "mistralrs_broken_test")
-    with caplog.at_level(logging.WARNING, logger="mistralrs.layers.fused_decode"):
-        assert broken.get(wait=True) is None
-        assert broken.get(wait=True) is None
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "broken.cpp" in warnings[0].getMessage()
 
 
 def test_switch_validates_its_value():
