@@ -90,7 +90,8 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     import torch
 
     from mistralrs import CompletionRequest, ModelDType, Runner, Which
-    from mistralrs.layers.fused_decode import EXTENSION, fused_layer_counts, set_fused_decode
+    from mistralrs.layers.fused_decode import EXTENSION, fused_layer_counts
+    from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
     torch.set_num_threads(threads)
     if EXTENSION.get(wait=True) is None:
@@ -101,13 +102,13 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     no_eos = {t: -100.0 for t in runner._loaded.tokenizer.eos_token_ids}
 
     def decode_tps(fused: bool) -> float:
-        set_fused_decode(runner._loaded.model, fused)
+        apply_execution_options(runner._loaded.model, ExecutionOptions(fused_decode=fused))
         usage = runner.send_completion_request(CompletionRequest(
             prompt="Once upon a time", model="m", max_tokens=DECODE_TOKENS, temperature=0.0,
             logit_bias=no_eos)).usage
         return usage.completion_tokens / usage.total_completion_time_sec
 
-    decode_tps(True)  # warm-up (the engine also picks its decode thread count here)
+    decode_tps(True)  # warm-up (builds the fused plans)
     fused_layers, layers = fused_layer_counts(runner._loaded.model)
     print(f"{os.path.basename(model)}: {fused_layers} of {layers} decoder layers run fused", file=sys.stderr)
     if fused_layers == 0:

@@ -20,6 +20,7 @@ from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.loader.pipeline import LoadedModel
 from mistralrs.worker.device_map import layer_devices
 from mistralrs.worker.model_runner import ModelRunner
+from mistralrs.worker.options import ExecutionOptions
 
 T = TypeVar("T")
 
@@ -95,8 +96,10 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
     return spec.bytes_per_block(block_size, loaded.dtype) * on_main // spec.num_layers
 
 
-def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, InputProcessor]:
-    """Size the KV cache, start the engine thread, and return it with its input processor."""
+def build_engine(loaded: LoadedModel, config: EngineConfig,
+                 options: ExecutionOptions | None = None) -> tuple[Engine, InputProcessor]:
+    """Size the KV cache, start the engine thread, and return it with its input processor. `options`: how the
+    model runs (None: `ExecutionOptions.from_env()`, the defaults with the environment's choices)."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
@@ -120,7 +123,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> tuple[Engine, Inp
         no_kv_cache=config.no_kv_cache,
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
-                         kv_dtype=loaded.dtype, device=loaded.device)
+                         kv_dtype=loaded.dtype, device=loaded.device,
+                         options=ExecutionOptions.from_env() if options is None else options)
     engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed)
     max_len = min(loaded.max_model_len, capacity)
     if config.no_kv_cache:

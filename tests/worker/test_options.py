@@ -1,0 +1,99 @@
+"""The execution options (mistralrs/worker/options.py): defaults, validation, the environment, and how the model
+runner applies them (MoE backend and fused decoder layers on the model, attention backend on every step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs.core.scheduler import ScheduledSequence, SchedulerOutput
+from mistralrs.core.sequence import Sequence
+from mistralrs.layers.fused_decode import fused_twin
+from mistralrs.layers.moe import FusedMoE
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import LlamaForCausalLM
+from mistralrs.models.mixtral import MixtralForCausalLM
+from mistralrs.sample import SamplingParams
+from mistralrs.worker.model_runner import ModelRunner, SeqSampling
+from mistralrs.worker.options import ExecutionOptions
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+BLOCK_SIZE = 8
+
+
+def test_defaults_are_the_fast_paths():
+    options = ExecutionOptions()
+    assert (options.attention_backend, options.moe_backend, options.fused_decode, options.fast_kernels) == (
+        "sdpa", "fused", True, True)
+
+
+@pytest.mark.parametrize("field, value", [("attention_backend", "flash"), ("moe_backend", "bmm"),
+                                          ("fused_decode", 1), ("fast_kernels", "yes")])
+def test_a_bad_value_names_its_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ExecutionOptions(**{field: value})
+
+
+@pytest.mark.parametrize("raw, fused", [("0", False), (" off ", False), ("FALSE", False), ("no", False),
+                                        ("1", True), ("yes", True), ("", True)])
+def test_the_environment_sets_the_fused_decode_switch(raw, fused):
+    assert ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": raw}).fused_decode is fused
+
+
+def test_without_the_variable_the_default_holds_and_a_choice_wins_over_it():
+    assert ExecutionOptions.from_env({}) == ExecutionOptions()
+    assert ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": "0"}, fused_decode=True).fused_decode is True
+
+
+def test_a_bad_variable_or_option_name_is_refused():
+    with pytest.raises(ValueError, match="MISTRALRS_FUSED_DECODE='maybe'"):
+        ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": "maybe"})
+    with pytest.raises(ValueError, match="fused"):
+        ExecutionOptions.from_env({}, fused=True)
+
+
+def tiny(cls: type, **overrides) -> torch.nn.Module:
+    model = cls(TextModelConfig.from_hf_dict({**TINY, **overrides}), dtype=torch.float32, device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_((1.0 if "norm" in name else 0.0) + 0.2 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def greedy(runner: ModelRunner, num_tokens: int) -> list[int]:
+    """`num_tokens` greedy tokens of one sequence through `runner.execute`: its prompt in one step, then one token
+    per step, as the scheduler would schedule them."""
+    seq = Sequence(seq_id=0, prompt_token_ids=[3, 1, 4, 1, 5, 9, 2, 6], block_ids=list(range(4)))
+    sampling = {0: SeqSampling(SamplingParams(temperature=0.0), None)}
+    for _ in range(num_tokens):
+        new = seq.num_tokens - seq.num_computed_tokens
+        sampled = runner.execute(SchedulerOutput([ScheduledSequence(seq, new, True)]), sampling)
+        seq.num_computed_tokens += new
+        seq.output_token_ids.append(sampled[0].token_id)
+    return seq.output_token_ids
+
+
+def make_runner(model: torch.nn.Module, options: ExecutionOptions) -> ModelRunner:
+    return ModelRunner(model, num_blocks=4, block_size=BLOCK_SIZE, kv_dtype=torch.float32,
+                       device=torch.device("cpu"), options=options)
+
+
+@pytest.mark.parametrize("options", [ExecutionOptions(), ExecutionOptions(attention_backend="reference",
+                                                                          fused_decode=False)])
+def test_the_runner_applies_the_fused_switch_and_the_attention_backend(options):
+    model = tiny(LlamaForCausalLM)
+    backends = []
+    model.model.layers[0].register_forward_pre_hook(lambda _m, args: backends.append(args[3].attention_backend))
+    runner = make_runner(model, options)
+    assert all((fused_twin(layer) is not None) == options.fused_decode for layer in model.model.layers)
+    greedy(runner, 3)
+    assert backends == [options.attention_backend] * 3
+
+
+def test_the_runner_applies_the_moe_backend():
+    model = tiny(MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2)
+    experts = [module for module in model.modules() if isinstance(module, FusedMoE)]
+    make_runner(model, ExecutionOptions(moe_backend="reference"))
+    assert len(experts) == 2 and all(moe.backend == "reference" for moe in experts)
