@@ -99,7 +99,7 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
 def build_engine(loaded: LoadedModel, config: EngineConfig,
                  options: ExecutionOptions | None = None) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread, and return it with its input processor. `options`: how the
-    model runs (None: `ExecutionOptions.from_env()`, the defaults with the environment's choices)."""
+    model runs (None: `ExecutionOptions.for_library()`, a library's defaults with the environment's choices)."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
@@ -124,7 +124,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
                          kv_dtype=loaded.dtype, device=loaded.device,
-                         options=ExecutionOptions.from_env() if options is None else options)
+                         options=ExecutionOptions.for_library() if options is None else options)
     engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed)
     max_len = min(loaded.max_model_len, capacity)
     if config.no_kv_cache:

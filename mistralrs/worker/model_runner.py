@@ -27,7 +27,7 @@ class SeqSampling:
 
 class ModelRunner:
     """Owns the model, its paged KV cache and the sampler, and runs the model the way `options` say (applied to
-    the model here: MoE backend, fused decoder layers; per step: attention backend)."""
+    the model here: MoE backend, fused decoder layers; per step: attention backend, CPU thread policy)."""
 
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device, options: ExecutionOptions) -> None:
@@ -41,7 +41,7 @@ class ModelRunner:
                                             layer_devices(model, spec.num_layers, device))
         self.sampler = Sampler()
         self.adapters = adapter_runtime_of(model)  # per-token adapter weights; None without separate adapters
-        self.cpu_threads = CpuThreadChooser(device)  # thread count per step (see worker/cpu_threads.py)
+        self.cpu_threads = CpuThreadChooser(device, options.cpu_threads)  # see worker/cpu_threads.py
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:

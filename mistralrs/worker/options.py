@@ -1,12 +1,13 @@
-"""How the engine executes a loaded model: which twin of each fast path runs.
+"""How the engine executes a loaded model: which twin of each fast path runs, and the CPU thread policy.
 
 One `ExecutionOptions` is chosen at load and handed down explicitly. The model runner applies the model-side
 switches when it is built (`apply_execution_options`: the MoE backend of every `FusedMoE`, the fused decoder layer
-attached to every layer that declares its layout), passes the attention backend to every step's `ForwardBatch`.
-`fast_kernels` is what the quant configs take as `use_fast_kernels` at load.
+attached to every layer that declares its layout), passes the attention backend to every step's `ForwardBatch`,
+and runs its CPU thread chooser under the policy (mistralrs/worker/cpu_threads.py). `fast_kernels` is what the
+quant configs take as `use_fast_kernels` at load.
 
-Environment variables that choose an execution path are read here and nowhere else, by `from_env`; a value given
-by the caller wins over the environment:
+Environment variables that choose an execution path are read here and nowhere else, by `from_env` (and so by
+`for_library` / `for_service`); a value given by the caller wins over the environment:
 
 - `MISTRALRS_FUSED_DECODE`: "0" (or "false", "off", "no") keeps every decoder layer on its plain PyTorch modules
   instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes") or unset: fused.
@@ -23,6 +24,7 @@ from torch import nn
 
 from mistralrs.layers.fused_decode import attach_fused_decode
 from mistralrs.layers.moe import MOE_BACKENDS, FusedMoE
+from mistralrs.worker.cpu_threads import CPU_THREAD_POLICIES
 from mistralrs.worker.forward_batch import ATTENTION_BACKENDS
 
 # environment variable -> the boolean field it sets (see the module docstring)
@@ -33,16 +35,22 @@ _FALSE = ("0", "false", "off", "no")
 
 @dataclass(frozen=True)
 class ExecutionOptions:
-    """Which implementation runs each fast path (every one has a plain twin); the defaults are the fast paths."""
+    """Which implementation runs each fast path (every one has a plain twin) and how CPU threads are used.
+
+    The defaults are the fast paths and the thread policy of a library (`for_library`); the CLI and the server use
+    `for_service`.
+    """
 
     attention_backend: str = "sdpa"  # "sdpa": batched attention; "reference": per-sequence float32 plain twin
     moe_backend: str = "fused"  # "fused": tokens grouped by expert; "reference": per-token plain twin
     fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU, bit-exact)
     fast_kernels: bool = True  # quantized matmul kernels; False: weights dequantized at load, F.linear (plain)
+    cpu_threads: str = "fixed"  # "auto": thread count chosen per step; "fixed": torch's setting never touched
 
     def __post_init__(self) -> None:
         for name, value, accepted in (("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
-                                      ("moe_backend", self.moe_backend, MOE_BACKENDS)):
+                                      ("moe_backend", self.moe_backend, MOE_BACKENDS),
+                                      ("cpu_threads", self.cpu_threads, CPU_THREAD_POLICIES)):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}; accepted values: {list(accepted)}")
         for name in ("fused_decode", "fast_kernels"):
@@ -66,6 +74,17 @@ class ExecutionOptions:
                 raise ValueError(f"{variable}={environ[variable]!r}; accepted values: {list(_TRUE + _FALSE)}")
             values[name] = raw in _TRUE
         return cls(**values, **choices)
+
+    @classmethod
+    def for_library(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
+        """A `Runner` in the user's own program: the thread count is left to the program ("fixed"; the chooser
+        would change it for every thread the program starts afterwards, see mistralrs/worker/cpu_threads.py)."""
+        return cls.from_env(environ, cpu_threads="fixed")
+
+    @classmethod
+    def for_service(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
+        """The CLI and the HTTP server, which own their process: decode steps on the measured faster thread count."""
+        return cls.from_env(environ, cpu_threads="auto")
 
 
 def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:

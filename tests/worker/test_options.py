@@ -1,5 +1,6 @@
 """The execution options (mistralrs/worker/options.py): defaults, validation, the environment, and how the model
-runner applies them (MoE backend and fused decoder layers on the model, attention backend on every step)."""
+runner applies them (MoE backend and fused decoder layers on the model, attention backend on every step, the CPU
+thread policy around every step)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,24 @@ from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaForCausalLM
 from mistralrs.models.mixtral import MixtralForCausalLM
 from mistralrs.sample import SamplingParams
+from mistralrs.worker.cpu_threads import TRIAL_STEPS, WARMUP_STEPS
 from mistralrs.worker.model_runner import ModelRunner, SeqSampling
 from mistralrs.worker.options import ExecutionOptions
+from tests.models.family_harness import torch_threads
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
 BLOCK_SIZE = 8
 
 
-def test_defaults_are_the_fast_paths():
+def test_defaults_are_the_fast_paths_and_leave_the_thread_count_alone():
     options = ExecutionOptions()
-    assert (options.attention_backend, options.moe_backend, options.fused_decode, options.fast_kernels) == (
-        "sdpa", "fused", True, True)
+    assert (options.attention_backend, options.moe_backend, options.fused_decode, options.fast_kernels,
+            options.cpu_threads) == ("sdpa", "fused", True, True, "fixed")
 
 
 @pytest.mark.parametrize("field, value", [("attention_backend", "flash"), ("moe_backend", "bmm"),
-                                          ("fused_decode", 1), ("fast_kernels", "yes")])
+                                          ("cpu_threads", "all"), ("fused_decode", 1), ("fast_kernels", "yes")])
 def test_a_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
         ExecutionOptions(**{field: value})
@@ -51,6 +54,13 @@ def test_a_bad_variable_or_option_name_is_refused():
         ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": "maybe"})
     with pytest.raises(ValueError, match="fused"):
         ExecutionOptions.from_env({}, fused=True)
+
+
+def test_library_and_service_differ_in_the_thread_policy_and_both_read_the_environment(monkeypatch):
+    monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
+    library, service = ExecutionOptions.for_library(), ExecutionOptions.for_service()
+    assert (library.cpu_threads, service.cpu_threads) == ("fixed", "auto")
+    assert not library.fused_decode and not service.fused_decode
 
 
 def tiny(cls: type, **overrides) -> torch.nn.Module:
@@ -97,3 +107,19 @@ def test_the_runner_applies_the_moe_backend():
     experts = [module for module in model.modules() if isinstance(module, FusedMoE)]
     make_runner(model, ExecutionOptions(moe_backend="reference"))
     assert len(experts) == 2 and all(moe.backend == "reference" for moe in experts)
+
+
+def test_the_fixed_thread_policy_never_sets_the_thread_count(monkeypatch):
+    """Enough decode steps for the "auto" chooser to try both settings: under "fixed" torch is never told, under
+    "auto" it is; the tokens are the same (thread counts do not change results)."""
+    num_tokens = 2 + WARMUP_STEPS + TRIAL_STEPS
+    tokens, calls = {}, {}
+    with torch_threads(2):
+        for policy in ("fixed", "auto"):
+            runner = make_runner(tiny(LlamaForCausalLM), ExecutionOptions(cpu_threads=policy, fused_decode=False))
+            calls[policy] = []
+            with monkeypatch.context() as patch:
+                patch.setattr(torch, "set_num_threads", calls[policy].append)
+                tokens[policy] = greedy(runner, num_tokens)
+    assert calls["fixed"] == [] and 1 in calls["auto"]
+    assert tokens["fixed"] == tokens["auto"]
