@@ -250,8 +250,7 @@ class FusedDecoderLayer:
     """
 
     def __init__(self, layout: PreNormDecoderLayout):
-        self.layout = layout  # the layer's modules, as its class declares them
-        self.norms = layout.norms  # (input norm, post-attention norm)
+        self.layout = layout  # the layer's modules, as its class declares them; the three below are read often
         self.linears = layout.linears  # (qkv_proj, o_proj, gate_up_proj, down_proj)
         self.attn = layout.attn  # its geometry, scale, window, soft-cap and cache index
         self.act_fn = layout.act_fn  # F.silu or tanh gelu (activation.gelu_tanh) are fused

@@ -21,7 +21,9 @@ machine (SmolLM2 through a Runner, in a host program that had run torch on its m
 settled on one thread for decode (19.3 ms median step on 1, 25.4 ms on 2, the machine being busy), the main thread
 still reported 2 threads, but every thread the host started afterwards, also after `Runner.close()`, reported 1
 and ran its own matmuls single-threaded, as did a host thread started while the engine decoded. Under "fixed" all
-of them report 2. So the choice stays with the program that owns the process.
+of them report 2. So the choice stays with the program that owns the process, which can still ask for the chooser
+(`MISTRALRS_CPU_THREADS=auto`) or set the count itself. It matters on a busy machine: with other jobs holding both
+cores, SmolLM2 decoded at 5 tok/s on two threads and 53 on one.
 """
 
 from __future__ import annotations

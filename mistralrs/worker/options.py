@@ -7,18 +7,23 @@ and runs its CPU thread chooser under the policy (mistralrs/worker/cpu_threads.p
 quant configs take as `use_fast_kernels` at load.
 
 Environment variables that choose an execution path are read here and nowhere else, by `from_env` (and so by
-`for_library` / `for_service`); a value given by the caller wins over the environment:
+`for_library` / `for_service`); a variable that is set overrides the entry point's default, and an unset or empty
+one leaves it. Any other value than those below is a `ValueError` naming the variable.
 
 - `MISTRALRS_FUSED_DECODE`: "0" (or "false", "off", "no") keeps every decoder layer on its plain PyTorch modules
-  instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes") or unset: fused.
-  Any other value is a `ValueError` naming the variable.
+  instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes"): fused (the
+  default everywhere).
+- `MISTRALRS_CPU_THREADS`: "auto" runs decode steps on the thread count the engine measures to be faster (the
+  default of the CLI and the server); "fixed" never changes torch's thread count (the default of a `Runner` in a
+  user's program). See mistralrs/worker/cpu_threads.py for why the two differ; a program that owns its process
+  can set "auto" (the `Runner` arguments are the reference API's, so this is how a library user opts in).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -27,10 +32,13 @@ from mistralrs.layers.moe import MOE_BACKENDS, FusedMoE
 from mistralrs.worker.cpu_threads import CPU_THREAD_POLICIES
 from mistralrs.worker.forward_batch import ATTENTION_BACKENDS
 
-# environment variable -> the boolean field it sets (see the module docstring)
-ENVIRONMENT_SWITCHES = {"MISTRALRS_FUSED_DECODE": "fused_decode"}
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
+# environment variable -> (the field it sets, its accepted values, lower case -> the field's value)
+ENVIRONMENT = {
+    "MISTRALRS_FUSED_DECODE": ("fused_decode", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}),
+    "MISTRALRS_CPU_THREADS": ("cpu_threads", {policy: policy for policy in CPU_THREAD_POLICIES}),
+}
 
 
 @dataclass(frozen=True)
@@ -58,33 +66,33 @@ class ExecutionOptions:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **choices) -> ExecutionOptions:
-        """The options with the fields in `choices` as given, the others from their environment variable when it
-        is set (`environ`, default `os.environ`; see the module docstring), else their default."""
+    def from_env(cls, defaults: ExecutionOptions | None = None,
+                 environ: Mapping[str, str] | None = None) -> ExecutionOptions:
+        """`defaults` (default: `ExecutionOptions()`) with each field whose environment variable is set in `environ`
+        (default: `os.environ`) taken from it (see the module docstring)."""
         environ = os.environ if environ is None else environ
-        unknown = set(choices) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown execution options {sorted(unknown)}; accepted: {[f.name for f in fields(cls)]}")
         values = {}
-        for variable, name in ENVIRONMENT_SWITCHES.items():
+        for variable, (name, accepted) in ENVIRONMENT.items():
             raw = environ.get(variable, "").strip().lower()
-            if name in choices or not raw:
+            if not raw:
                 continue
-            if raw not in _TRUE + _FALSE:
-                raise ValueError(f"{variable}={environ[variable]!r}; accepted values: {list(_TRUE + _FALSE)}")
-            values[name] = raw in _TRUE
-        return cls(**values, **choices)
+            if raw not in accepted:
+                raise ValueError(f"{variable}={environ[variable]!r}; accepted values: {list(accepted)}")
+            values[name] = accepted[raw]
+        return replace(cls() if defaults is None else defaults, **values)
 
     @classmethod
     def for_library(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
         """A `Runner` in the user's own program: the thread count is left to the program ("fixed"; the chooser
-        would change it for every thread the program starts afterwards, see mistralrs/worker/cpu_threads.py)."""
-        return cls.from_env(environ, cpu_threads="fixed")
+        would change it for every thread the program starts afterwards, see mistralrs/worker/cpu_threads.py),
+        unless the environment says otherwise."""
+        return cls.from_env(cls(cpu_threads="fixed"), environ)
 
     @classmethod
     def for_service(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
-        """The CLI and the HTTP server, which own their process: decode steps on the measured faster thread count."""
-        return cls.from_env(environ, cpu_threads="auto")
+        """The CLI and the HTTP server, which own their process: decode steps on the measured faster thread count
+        ("auto"), unless the environment says otherwise."""
+        return cls.from_env(cls(cpu_threads="auto"), environ)
 
 
 def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:

@@ -41,25 +41,31 @@ def test_a_bad_value_names_its_field(field, value):
 @pytest.mark.parametrize("raw, fused", [("0", False), (" off ", False), ("FALSE", False), ("no", False),
                                         ("1", True), ("yes", True), ("", True)])
 def test_the_environment_sets_the_fused_decode_switch(raw, fused):
-    assert ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": raw}).fused_decode is fused
+    assert ExecutionOptions.from_env(environ={"MISTRALRS_FUSED_DECODE": raw}).fused_decode is fused
 
 
-def test_without_the_variable_the_default_holds_and_a_choice_wins_over_it():
-    assert ExecutionOptions.from_env({}) == ExecutionOptions()
-    assert ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": "0"}, fused_decode=True).fused_decode is True
+def test_the_environment_overrides_the_defaults_it_is_given_and_only_where_it_is_set():
+    assert ExecutionOptions.from_env(environ={}) == ExecutionOptions()
+    defaults = ExecutionOptions(moe_backend="reference", fused_decode=False, cpu_threads="auto")
+    assert ExecutionOptions.from_env(defaults, {}) == defaults
+    assert ExecutionOptions.from_env(defaults, {"MISTRALRS_FUSED_DECODE": "1", "MISTRALRS_CPU_THREADS": "Fixed"}) \
+        == ExecutionOptions(moe_backend="reference", fused_decode=True, cpu_threads="fixed")
 
 
-def test_a_bad_variable_or_option_name_is_refused():
-    with pytest.raises(ValueError, match="MISTRALRS_FUSED_DECODE='maybe'"):
-        ExecutionOptions.from_env({"MISTRALRS_FUSED_DECODE": "maybe"})
-    with pytest.raises(ValueError, match="fused"):
-        ExecutionOptions.from_env({}, fused=True)
+@pytest.mark.parametrize("variable", ["MISTRALRS_FUSED_DECODE", "MISTRALRS_CPU_THREADS"])
+def test_a_bad_variable_value_names_the_variable(variable):
+    with pytest.raises(ValueError, match=f"{variable}='maybe'"):
+        ExecutionOptions.from_env(environ={variable: "maybe"})
 
 
 def test_library_and_service_differ_in_the_thread_policy_and_both_read_the_environment(monkeypatch):
-    monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
-    library, service = ExecutionOptions.for_library(), ExecutionOptions.for_service()
+    library, service = ExecutionOptions.for_library(environ={}), ExecutionOptions.for_service(environ={})
     assert (library.cpu_threads, service.cpu_threads) == ("fixed", "auto")
+    assert library.fused_decode and service.fused_decode
+    monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
+    monkeypatch.setenv("MISTRALRS_CPU_THREADS", "auto")
+    library, service = ExecutionOptions.for_library(), ExecutionOptions.for_service()
+    assert (library.cpu_threads, service.cpu_threads) == ("auto", "auto")
     assert not library.fused_decode and not service.fused_decode
 
 
