@@ -15,17 +15,17 @@ import time
 
 import torch
 
-from mistralrs.layers.moe import set_moe_backend
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import LlamaForCausalLM
 from mistralrs.models.mixtral import MixtralForCausalLM
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 BLOCK_SIZE = 16
 
 
 def build(cls: type, config: dict) -> torch.nn.Module:
-    """`cls` with N(0, 0.02) random weights (norms at 1)."""
+    """`cls` with N(0, 0.02) random weights (norms at 1), set up as the model runner does (default options)."""
     model = cls(TextModelConfig.from_hf_dict(config), dtype=torch.float32, device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -34,6 +34,7 @@ def build(cls: type, config: dict) -> torch.nn.Module:
                 param.fill_(1.0)
             else:
                 param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+    apply_execution_options(model, ExecutionOptions())
     return model.eval()
 
 
@@ -84,7 +85,7 @@ def main() -> None:
     for name, model in (("dense-equivalent", dense), ("moe fused", moe)):
         results[name] = decode_tokens_per_s(model, args.batch, 32, args.steps)
         print(f"{name:>18}: {results[name]:8.1f} tokens/s")
-    set_moe_backend(moe, "reference")
+    apply_execution_options(moe, ExecutionOptions(moe_backend="reference"))
     results["moe reference"] = decode_tokens_per_s(moe, args.batch, 32, max(args.steps // 4, 2))
     print(f"{'moe reference':>18}: {results['moe reference']:8.1f} tokens/s")
     print(f"fused MoE / dense-equivalent: {results['moe fused'] / results['dense-equivalent']:.2f}")

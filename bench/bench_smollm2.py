@@ -6,8 +6,9 @@ the same thread count.
 
 Each engine runs in its own subprocess (so peak RSS is its own) and reports: load time, prompt tokens/s on a
 512-token prompt, single-stream decode tokens/s over 128 tokens, aggregate decode tokens/s with 8 concurrent
-requests, and peak RSS. Peers that are not installed are skipped. The reference `mistralrs` wheel must live in
-another virtual environment: pass its python with --reference-python.
+requests, and peak RSS. This engine runs as the CLI and the server run it (`MISTRALRS_CPU_THREADS=auto`: decode
+steps on the thread count it measures to be faster). Peers that are not installed are skipped. The reference
+`mistralrs` wheel must live in another virtual environment: pass its python with --reference-python.
 Results are printed as a Markdown table with ratios against llama.cpp (paste into docs/benchmarks.md).
 
     .venv/bin/python bench/bench_smollm2.py --ab-fused 8 [--model ...] [--threads 2]
@@ -60,7 +61,7 @@ def main() -> None:
         cmd = [python, os.path.join(HERE, "bench_worker.py"), engine, model, str(args.threads), args.dtype,
                str(PROMPT_TOKENS), str(DECODE_TOKENS), str(CONCURRENT)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads),
-                   MISTRALRS_NO_PROGRESS="1")
+                   MISTRALRS_NO_PROGRESS="1", MISTRALRS_CPU_THREADS="auto")
         if engine != "reference":
             env["PYTHONPATH"] = os.path.dirname(HERE)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -90,9 +91,11 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     import torch
 
     from mistralrs import CompletionRequest, ModelDType, Runner, Which
-    from mistralrs.layers.fused_decode import EXTENSION, fused_layer_counts, set_fused_decode
+    from mistralrs.layers.fused_decode import EXTENSION, fused_layer_counts
+    from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
     torch.set_num_threads(threads)
+    os.environ["MISTRALRS_CPU_THREADS"] = "auto"  # the engine as the CLI and the server run it
     if EXTENSION.get(wait=True) is None:
         raise SystemExit("the fused decode extension could not be built (see the warning above)")
     which = Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
@@ -101,7 +104,7 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     no_eos = {t: -100.0 for t in runner.llm_engine._loaded.tokenizer.eos_token_ids}
 
     def decode_tps(fused: bool) -> float:
-        set_fused_decode(runner.llm_engine._loaded.model, fused)
+        apply_execution_options(runner.llm_engine._loaded.model, ExecutionOptions(fused_decode=fused))
         usage = runner.send_completion_request(CompletionRequest(
             prompt="Once upon a time", model="m", max_tokens=DECODE_TOKENS, temperature=0.0,
             logit_bias=no_eos)).usage

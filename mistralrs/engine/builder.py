@@ -21,6 +21,7 @@ from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.loader.pipeline import LoadedModel
 from mistralrs.worker.device_map import layer_devices
 from mistralrs.worker.model_runner import ModelRunner
+from mistralrs.worker.options import ExecutionOptions
 
 T = TypeVar("T")
 
@@ -97,9 +98,11 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
 
 
 def build_engine(loaded: LoadedModel, config: EngineConfig,
-                 handlers: CommandHandlers | None = None) -> tuple[Engine, InputProcessor]:
+                 handlers: CommandHandlers | None = None,
+                 options: ExecutionOptions | None = None) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread (running control commands with `handlers`), and return it with
-    its input processor."""
+    its input processor. `options`: how the model runs (None: `ExecutionOptions.for_library()`, a library's
+    defaults with the environment's choices)."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
@@ -123,7 +126,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
         no_kv_cache=config.no_kv_cache,
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
-                         kv_dtype=loaded.dtype, device=loaded.device)
+                         kv_dtype=loaded.dtype, device=loaded.device,
+                         options=ExecutionOptions.for_library() if options is None else options)
     engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed, handlers=handlers)
     max_len = min(loaded.max_model_len, capacity)
     if config.no_kv_cache:

@@ -18,12 +18,15 @@ computed as its quant method does: each shard, concatenated, then the bias. On t
 take ~19 ms instead of ~26 ms (its 262k-row LM head another ~15 ms), and single-stream decode through the Runner
 goes from ~30 to ~33 tok/s.
 
-The one switch is `FusedDecoderLayer.enabled` (`set_fused_decode(model, enabled)`; the environment variable
-`MISTRALRS_FUSED_DECODE=0` turns it off for layers built afterwards). The plain modules stay the reference twin
-and run whenever the fused path cannot: the extension is not built (yet), a linear layer has adapters or a
-weight form the C++ side does not know (only dense weights and torch's CPU int4 forms are handled), a norm or
-activation other than those above, a forward hook watches one of the layer's modules (imatrix collection), the
-step uses the "reference" attention backend, or the layer is not on the CPU.
+A model file does not call this path: a decoder layer class declares its modules (`decoder_layout()`, a
+`PreNormDecoderLayout`, mistralrs/layers/decoder_layout.py) and the model runner attaches the fused twin in front
+of each such layer's forward (`attach_fused_decode`) when the one switch, `ExecutionOptions.fused_decode`
+(mistralrs/worker/options.py; `MISTRALRS_FUSED_DECODE=0` turns it off), is on. The plain modules stay the
+reference twin: they alone run when the switch is off, and in place of the fused call whenever it cannot run:
+the extension is not built (yet), a linear layer has adapters or a weight form the C++ side does not know (only
+dense weights and torch's CPU int4 forms are handled), a norm or activation other than those above, a forward
+hook watches one of the layer's modules (imatrix collection), the step uses the "reference" attention backend,
+or the layer is not on the CPU.
 
 The extension (`EXTENSION`, a `LazyExtension` of mistralrs/layers/cpp_extension.py) is compiled with the system
 C++ compiler against the installed torch, once per machine: by `make chat` / `make test` up front, or else on
@@ -34,10 +37,10 @@ that fails logs one warning and the plain path is used from then on.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import enum
 import operator
-import os
+import weakref
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -47,9 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.layers.cpp_extension import LazyExtension
+from mistralrs.layers.decoder_layout import PreNormDecoderLayout
 
 if TYPE_CHECKING:
-    from mistralrs.layers.attention import PagedAttention
     from mistralrs.layers.linear import Linear
     from mistralrs.quant.packed import FusedLinearPart
     from mistralrs.worker.forward_batch import ForwardBatch
@@ -69,20 +72,6 @@ class Activation(enum.IntEnum):
 
     SILU = 0  # F.silu
     GELU_TANH = 1  # F.gelu(approximate="tanh")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerParts:
-    """What a decoder layer adds to the Llama layout `h += attn(norm(h)); h += mlp(norm(h))` (Gemma 1/2/3)."""
-
-    feedforward_norms: tuple[nn.Module, nn.Module] | None = None  # sandwich (pre-, post-feedforward) norms
-    qk_norms: tuple[nn.Module, nn.Module] | None = None  # per-head (q, k) norms before RoPE
-    concat_qk: bool = False  # RoPE over cat(q, k) of the split heads (Gemma) rather than the q/k slice of qkv
-
-
-def fused_decode_default() -> bool:
-    """Whether new layers start with the fused path on: yes unless `MISTRALRS_FUSED_DECODE` is "0"."""
-    return os.environ.get("MISTRALRS_FUSED_DECODE", "1").strip() != "0"
 
 
 EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode")  # the process's one copy of the compiled module
@@ -117,22 +106,19 @@ def activation_kind(act_fn) -> Activation | None:
 
 class FusedDecoderLayer:
     """The fused twin of one pre-norm decoder layer `h += attn(norm(h)); h += down(act(gate) * up)(norm(h))`,
-    optionally with the Gemma parts of `LayerParts` (sandwich norms, q/k norms, RoPE over cat(q, k)).
+    optionally with the Gemma additions of its layout (sandwich norms, q/k norms, RoPE over cat(q, k)).
 
-    Holds the layer's norms, projections and attention module, and a C++ plan built from their tensors on first
-    use; the plan is rebuilt when a quant method, packed weight list, bias, adapter list or norm weight changes
-    (re-ISQ, adapters added). `forward` returns the layer's output, or None when the plain modules must run.
+    Holds the layer's declared modules, and a C++ plan built from their tensors on first use; the plan is rebuilt
+    when a quant method, packed weight list, bias, adapter list or norm weight changes (re-ISQ, adapters added).
+    `forward` returns the layer's output, or None when the plain modules must run.
     """
 
-    def __init__(self, norms: tuple[nn.Module, nn.Module], linears: tuple[Linear, Linear, Linear, Linear],
-                 attn: PagedAttention, act_fn, enabled: bool | None = None, parts: LayerParts = LayerParts()):
-        self.enabled = fused_decode_default() if enabled is None else enabled  # the switch (plain path when off)
-        self.norms = norms  # (input norm, post-attention norm)
-        self.linears = linears  # (qkv_proj, o_proj, gate_up_proj, down_proj)
-        self.attn = attn  # its geometry, scale, window, soft-cap and cache index
-        self.act_fn = act_fn  # F.silu or tanh gelu (activation.gelu_tanh) are fused
-        self.parts = parts  # the Gemma additions, if any
-        self._all_norms = (*norms, *(parts.feedforward_norms or ()), *(parts.qk_norms or ()))  # every norm module
+    def __init__(self, layout: PreNormDecoderLayout):
+        self.layout = layout  # the layer's modules, as its class declares them; the three below are read often
+        self.linears = layout.linears  # (qkv_proj, o_proj, gate_up_proj, down_proj)
+        self.attn = layout.attn  # its geometry, scale, window, soft-cap and cache index
+        self.act_fn = layout.act_fn  # F.silu or tanh gelu (activation.gelu_tanh) are fused
+        self._all_norms = (*layout.norms, *(layout.feedforward_norms or ()), *(layout.qk_norms or ()))  # every norm
         self._plan = None  # the C++ DecoderLayerPlan (None: not built, or the layer cannot be fused)
         self._sources: list = []  # the objects the plan was built from, compared by identity
         self._versions: list[int] = []  # the norm weights' versions when it was built
@@ -144,7 +130,7 @@ class FusedDecoderLayer:
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 fb: ForwardBatch) -> torch.Tensor | None:
         """The layer's output `[num_tokens, hidden]`, or None: run the plain modules."""
-        if not self.enabled or fb.attention_backend != "sdpa" or hidden.device.type != "cpu" or self._observed():
+        if fb.attention_backend != "sdpa" or hidden.device.type != "cpu" or self._observed():
             return None
         plan = self._current_plan()
         if plan is None:
@@ -191,29 +177,62 @@ class FusedDecoderLayer:
         norms = [extension.make_norm(int(kind), *rest) for kind, *rest in norms]
         linears = [extension.make_linear([extension.make_linear_part(int(kind), *rest) for kind, *rest in parts],
                                          bias) for parts, bias in specs]
-        attn, parts = self.attn, self.parts
+        attn, layout = self.attn, self.layout
         extra = iter(norms[2:])
-        feedforward = (next(extra), next(extra)) if parts.feedforward_norms else (None, None)
-        qk = (next(extra), next(extra)) if parts.qk_norms else (None, None)
+        feedforward = (next(extra), next(extra)) if layout.feedforward_norms else (None, None)
+        qk = (next(extra), next(extra)) if layout.qk_norms else (None, None)
         return extension.DecoderLayerPlan(
             *norms[:2], *linears, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale,
             pre_feedforward_norm=feedforward[0], post_feedforward_norm=feedforward[1], q_norm=qk[0], k_norm=qk[1],
-            concat_qk=parts.concat_qk, activation=int(activation), softcap=attn.logit_softcap)
+            concat_qk=layout.concat_qk, activation=int(activation), softcap=attn.logit_softcap)
 
 
-def set_fused_decode(model: nn.Module, enabled: bool) -> None:
-    """Turns the fused decoder-layer path on or off for every layer of `model` that has one."""
+class FusedForward:
+    """A decoder layer's `forward` while the fused twin is attached: the twin's output, or the layer's own (class)
+    forward when the twin declines. Set as the layer's instance attribute `forward` by `attach_fused_decode`, so
+    that `nn.Module.__call__` (and the hooks it runs, e.g. a device map's) calls it. It holds the layer weakly: the
+    layer and its forward form no reference cycle, and a dropped model is freed at once."""
+
+    def __init__(self, layer: nn.Module, twin: FusedDecoderLayer):
+        self._layer = weakref.ref(layer)  # the decoder layer whose forward this is
+        self.twin = twin  # the fused computation of that layer
+
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        fused = self.twin.forward(hidden, cos, sin, fb)
+        if fused is not None:
+            return fused
+        layer = self._layer()
+        return type(layer).forward(layer, hidden, cos, sin, fb)
+
+    def __deepcopy__(self, memo: dict) -> FusedForward:
+        """`copy.deepcopy(model)`: the copied layer (in `memo` already) gets its own twin over its own modules."""
+        return FusedForward(copy.deepcopy(self._layer(), memo), copy.deepcopy(self.twin, memo))
+
+
+def fused_twin(layer: nn.Module) -> FusedDecoderLayer | None:
+    """The fused twin attached to `layer`, or None."""
+    forward = layer.__dict__.get("forward")
+    return forward.twin if isinstance(forward, FusedForward) else None
+
+
+def attach_fused_decode(model: nn.Module, enabled: bool) -> None:
+    """With `enabled`, puts the fused twin in front of the forward of every layer of `model` whose class declares
+    its layout (`decoder_layout()`, mistralrs/layers/decoder_layout.py), keeping twins already attached; without,
+    removes every twin, so that the layers' own modules run."""
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled must be True or False, got {enabled!r}")
     for module in model.modules():
-        fused = getattr(module, "fused_decode", None)
-        if isinstance(fused, FusedDecoderLayer):
-            fused.enabled = enabled
+        if not callable(getattr(type(module), "decoder_layout", None)):
+            continue
+        attached = fused_twin(module) is not None
+        if enabled and not attached:
+            module.forward = FusedForward(module, FusedDecoderLayer(module.decoder_layout()))
+        elif attached and not enabled:
+            del module.forward
 
 
 def fused_layer_counts(model: nn.Module) -> tuple[int, int]:
     """(layers whose C++ plan is built, layers that have a fused twin) of `model`. After a step with the switch on,
     a first count below the second means that some layers decline to the plain path (see the module doc)."""
-    twins = [module.fused_decode for module in model.modules()
-             if isinstance(getattr(module, "fused_decode", None), FusedDecoderLayer)]
+    twins = [twin for twin in map(fused_twin, model.modules()) if twin is not None]
     return sum(twin._plan is not None for twin in twins), len(twins)

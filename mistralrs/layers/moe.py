@@ -5,7 +5,8 @@ up rows) and `w2 [num_experts, hidden, intermediate]`, through a `MoEMethodBase`
 `layers/linear.py`: quantized experts enter by giving the layer another method). Checkpoints name each expert's
 projections separately (`experts.{e}.w1.weight`, ...); `load_moe_weights` routes those names into the stacks.
 
-The one switch `FusedMoE.backend` (`set_moe_backend`) chooses between
+The one switch `FusedMoE.backend` (set by the model runner from `ExecutionOptions.moe_backend`,
+mistralrs/worker/options.py) chooses between
 - "fused": the (token, slot) assignments are sorted by expert id, and each expert that received tokens runs one
   matmul over its contiguous rows (`index_select` in, weighted `index_add_` out). Experts without tokens are not
   visited, each visited expert's weights are read once per step whatever its token count, and the Python loop
@@ -321,9 +322,3 @@ def load_moe_weights(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     consumed |= load_rest(others())
     return consumed
 
-
-def set_moe_backend(model: nn.Module, backend: str) -> None:
-    """Sets the one MoE switch ("fused" or "reference") on every `FusedMoE` layer of `model`."""
-    for module in model.modules():
-        if isinstance(module, FusedMoE):
-            module.set_backend(backend)

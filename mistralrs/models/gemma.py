@@ -24,8 +24,8 @@ from torch import nn
 
 from mistralrs.models.base import CausalLM
 from mistralrs.layers.attention import PagedAttention
+from mistralrs.layers.decoder_layout import PreNormDecoderLayout
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.fused_decode import FusedDecoderLayer, LayerParts
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import GemmaRMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
@@ -119,8 +119,7 @@ class GemmaDecoderLayer(nn.Module):
     """Gemma: `h += attn(norm(h)); h += mlp(norm(h))`. With sandwich norms (Gemma 2/3):
     `h += post_attn_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h)))`.
 
-    `fused_decode` runs the same ATen calls from C++ when it can (bit-exact, mistralrs/layers/fused_decode.py);
-    the modules below are its plain twin and run otherwise.
+    `decoder_layout` declares the modules, for the fused twin the model runner may attach in front of `forward`.
     """
 
     def __init__(self, config: TextModelConfig, layer_idx: int, options: GemmaLayerOptions, *, dtype: torch.dtype,
@@ -141,22 +140,20 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
-        attn = self.self_attn
+
+    def decoder_layout(self) -> PreNormDecoderLayout:
+        """The layer's modules in the pre-norm layout with Gemma's additions (mistralrs/layers/decoder_layout.py)."""
+        attn, mlp = self.self_attn, self.mlp
         feedforward_norms = None
         if self.pre_feedforward_layernorm is not None:
             feedforward_norms = (self.pre_feedforward_layernorm, self.post_feedforward_layernorm)
-        parts = LayerParts(feedforward_norms=feedforward_norms,
-                           qk_norms=None if attn.q_norm is None else (attn.q_norm, attn.k_norm), concat_qk=True)
-        # the same computation from one C++ call (mistralrs/layers/fused_decode.py); these modules are its twin
-        self.fused_decode = FusedDecoderLayer(
+        return PreNormDecoderLayout(
             (self.input_layernorm, self.post_attention_layernorm),
-            (attn.qkv_proj, attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj), attn.attn, self.mlp.act_fn,
-            parts=parts)
+            (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), attn.attn, mlp.act_fn,
+            feedforward_norms=feedforward_norms,
+            qk_norms=None if attn.q_norm is None else (attn.q_norm, attn.k_norm), concat_qk=True)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        fused = self.fused_decode.forward(hidden, cos, sin, fb)
-        if fused is not None:
-            return fused
         attn_out = self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
         if self.pre_feedforward_layernorm is None:
             hidden = hidden + attn_out

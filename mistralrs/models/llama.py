@@ -14,8 +14,8 @@ from torch import nn
 from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS, QKV_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.attention import PagedAttention
+from mistralrs.layers.decoder_layout import PreNormDecoderLayout
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.fused_decode import FusedDecoderLayer
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary
@@ -82,8 +82,7 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`.
 
-    `fused_decode` runs the same ATen calls from C++ when it can (bit-exact, mistralrs/layers/fused_decode.py);
-    the modules below are its plain twin and run otherwise.
+    `decoder_layout` declares the modules, for the fused twin the model runner may attach in front of `forward`.
     """
 
     def __init__(self, config: TextModelConfig, layer_idx: int, *, qkv_bias: bool, o_bias: bool,
@@ -96,16 +95,15 @@ class LlamaDecoderLayer(nn.Module):
                                         dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
-        # the same computation from one C++ call (mistralrs/layers/fused_decode.py); these modules are its twin
-        self.fused_decode = FusedDecoderLayer(
-            (self.input_layernorm, self.post_attention_layernorm),
-            (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj),
-            self.self_attn.attn, self.mlp.act_fn)
+
+    def decoder_layout(self) -> PreNormDecoderLayout:
+        """The layer's modules in the pre-norm layout (mistralrs/layers/decoder_layout.py)."""
+        attn, mlp = self.self_attn, self.mlp
+        return PreNormDecoderLayout((self.input_layernorm, self.post_attention_layernorm),
+                                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), attn.attn,
+                                    mlp.act_fn)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        fused = self.fused_decode.forward(hidden, cos, sin, fb)
-        if fused is not None:
-            return fused
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, fb)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 

@@ -13,6 +13,7 @@ from mistralrs.worker.device_map import layer_devices
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 
 @dataclass
@@ -25,11 +26,14 @@ class SeqSampling:
 
 
 class ModelRunner:
-    """Owns the model, its paged KV cache and the sampler."""
+    """Owns the model, its paged KV cache and the sampler, and runs the model the way `options` say (applied to
+    the model here: MoE backend, fused decoder layers; per step: attention backend, CPU thread policy)."""
 
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, options: ExecutionOptions) -> None:
         self.model = model
+        self.options = options
+        apply_execution_options(model, options)
         self.block_size = block_size
         self.device = device
         spec = model.kv_cache_spec()
@@ -37,7 +41,7 @@ class ModelRunner:
                                             layer_devices(model, spec.num_layers, device))
         self.sampler = Sampler()
         self.adapters = adapter_runtime_of(model)  # per-token adapter weights; None without separate adapters
-        self.cpu_threads = CpuThreadChooser(device)  # thread count per step (see worker/cpu_threads.py)
+        self.cpu_threads = CpuThreadChooser(device, options.cpu_threads)  # see worker/cpu_threads.py
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
@@ -48,7 +52,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
             chunks.append(SeqChunk(tokens, start, seq.block_ids, seq.num_prompt_tokens))
-        batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device)
+        batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device,
+                                   self.options.attention_backend)
         with self.cpu_threads.step(batch.num_tokens):
             return self._forward_and_sample(batch, output, sampling)
 

@@ -25,7 +25,8 @@ from mistralrs import ModelDType, Which
 from mistralrs.adapters import LoraState, activate_adapters
 from mistralrs.adapters.moe_lora import ExpertTarget, hook_expert
 from mistralrs.adapters.runtime import adapter_runtime_of
-from mistralrs.layers.moe import FusedMoE, MoEMethodBase, set_moe_backend
+from mistralrs.layers.moe import FusedMoE, MoEMethodBase
+from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 from tests.adapters.adapter_fixtures import (
     assert_close,
     hf_base,
@@ -168,7 +169,7 @@ def test_merged_at_load_matches_oracle(setup):
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_preloaded_and_switched_match_oracle(setup, backend):
     loaded = _preloaded(setup)
-    set_moe_backend(loaded.model, backend)
+    apply_execution_options(loaded.model, ExecutionOptions(moe_backend=backend))
     assert_close(_plain_logits(loaded), _expected(setup, ["a1"]))
     for active in (["a2"], ["a1", "a2"], []):
         activate_adapters(loaded.model, active)
@@ -178,7 +179,7 @@ def test_preloaded_and_switched_match_oracle(setup, backend):
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_per_request_sets_in_one_packed_step_match_oracle(setup, backend):
     loaded = _preloaded(setup)
-    set_moe_backend(loaded.model, backend)
+    apply_execution_options(loaded.model, ExecutionOptions(moe_backend=backend))
     runtime = adapter_runtime_of(loaded.model)
     chunks = [TOKENS, OTHER, TOKENS[::-1], OTHER + TOKENS[:5]]
     ours = packed_logits(loaded, chunks, lambda b: runtime.forward(loaded.model, b, [None] * 4, SETS))
@@ -267,8 +268,8 @@ def test_xlora_with_constant_layerwise_scalings_matches_oracle(setup, backend):
             (repo / name / file).write_bytes((adapters / name / file).read_bytes())
     order = write_ordering(root / f"xlora_{backend}.json", base, order=names, layers=layers)
     loaded = load_which(Which.XLora(xlora_model_id=str(repo), order=order, dtype=ModelDType.F32),
-                           show_progress=False)
-    set_moe_backend(loaded.model, backend)
+                        show_progress=False)
+    apply_execution_options(loaded.model, ExecutionOptions(moe_backend=backend))
     runtime = adapter_runtime_of(loaded.model)
     oracle = _oracle(setup, names, module_weight=lambda j, m: float(scalings[layers[m], j]))
     ours = packed_logits(loaded, [TOKENS, OTHER],
@@ -286,7 +287,7 @@ def test_preloaded_adapters_on_isq_experts(setup, backend):
         show_progress=False)
     moe = next(m for m in loaded.model.modules() if isinstance(m, FusedMoE))
     assert type(moe.quant_method).__name__ == "IsqMoEMethod" and moe.adapters
-    set_moe_backend(loaded.model, backend)
+    apply_execution_options(loaded.model, ExecutionOptions(moe_backend=backend))
     for active in (["a1", "a2"], ["a2"]):
         activate_adapters(loaded.model, active)
         got, want, without = _plain_logits(loaded), _expected(setup, active), _expected(setup, [])

@@ -7,29 +7,35 @@ logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window
 both CPU int4 forms (Q4_1: one plane, Q8_0: two planes; a Gemma 2 file with mixed shard types), and the real
 SmolLM2-135M-Instruct and Gemma 3 270M GGUFs. Every step pattern is covered: a padded prefill of two sequences, a
 batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
-Each test also checks that the fused path really ran (the plain attention module was never called).
+Each test also checks that the fused path really ran (the plain attention module was never called). The twins are
+attached as the model runner attaches them, from the execution options (`apply_execution_options`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import random
 import shutil
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, NormKind, \
-    fused_layer_counts, linear_spec, norm_spec, set_fused_decode
+import mistralrs.models
+from mistralrs.layers.fused_decode import EXTENSION, FusedDecoderLayer, NormKind, attach_fused_decode, \
+    fused_layer_counts, fused_twin, linear_spec, norm_spec
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from mistralrs.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from mistralrs.models.phi3 import Phi3ForCausalLM
 from mistralrs.quant.packed import LinearKind
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 BLOCK_SIZE = 4
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -80,6 +86,12 @@ def tiny_model(family: str, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def twins(model) -> list[FusedDecoderLayer]:
+    """The fused twin of every decoder layer of `model`, attached as the model runner does with the default options."""
+    apply_execution_options(model, ExecutionOptions())
+    return [fused_twin(layer) for layer in model.model.layers]
+
+
 def weight_kinds(linear) -> list[LinearKind]:
     """The C++ side's kind of each packed weight of `linear` (fails when the layer cannot be fused)."""
     spec = linear_spec(linear)
@@ -104,7 +116,7 @@ def steps(prompts: list[list[int]], num_decode: int, vocab: int) -> list[list[tu
 
 def run(model, fused: bool, step_plan, block_tables: list[list[int]]) -> list[torch.Tensor]:
     """Hidden states and logits of every step with the switch set to `fused`, on a fresh KV cache."""
-    set_fused_decode(model, fused)
+    apply_execution_options(model, ExecutionOptions(fused_decode=fused))
     num_blocks = 1 + max(max(t) for t in block_tables)
     kv = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, model.dtype, "cpu")
     outputs = []
@@ -169,8 +181,7 @@ def test_tiny_gguf_int4_forms_fused_equals_plain(extension, tmp_path, arch, ggml
     from mistralrs.quant.gguf_linear import GGUFQuantConfig
 
     model = load(tiny_gguf(tmp_path, arch, ggml_type, tie=False), torch.bfloat16, GGUFQuantConfig()).eval()
-    layer = model.model.layers[0]
-    assert [weight_kinds(linear) for linear in layer.fused_decode.linears] == [[kind]] * 4
+    assert [weight_kinds(linear) for linear in twins(model)[0].linears] == [[kind]] * 4
     assert_fused_equals_plain(model)
 
 
@@ -191,7 +202,7 @@ def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kin
     path = write_converted_gguf(hf.state_dict(), config, tmp_path / "gemma2.gguf", ggml_type)
     model = load(path, torch.bfloat16, GGUFQuantConfig()).eval()
     assert type(model) is Gemma2ForCausalLM and model.model.layers[0].self_attn.attn.logit_softcap == 5.0
-    assert [weight_kinds(linear) for linear in model.model.layers[0].fused_decode.linears] == [[kind]] * 4
+    assert [weight_kinds(linear) for linear in twins(model)[0].linears] == [[kind]] * 4
     assert_fused_equals_plain(model)
 
 
@@ -205,7 +216,7 @@ def test_gemma3_270m_fused_equals_plain(extension):
     path = gemma3_gguf.assemble()
     model = load_which(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                      dtype=ModelDType.BF16), show_progress=False).model
-    kinds = [weight_kinds(linear) for layer in model.model.layers for linear in layer.fused_decode.linears]
+    kinds = [weight_kinds(linear) for twin in twins(model) for linear in twin.linears]
     assert any(len(parts) == 2 for parts in kinds)  # shards of different types in one projection
     assert {kind for parts in kinds for kind in parts} == {LinearKind.INT4, LinearKind.INT4_PAIR}
     assert_fused_equals_plain(model)
@@ -220,8 +231,7 @@ def test_smollm2_fused_equals_plain(extension):
     path = default_model_path()
     model = load_which(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                      dtype=ModelDType.BF16), show_progress=False).model
-    assert all(weight_kinds(linear) == [LinearKind.INT4] for layer in model.model.layers
-               for linear in layer.fused_decode.linears)
+    assert all(weight_kinds(linear) == [LinearKind.INT4] for twin in twins(model) for linear in twin.linears)
     assert_fused_equals_plain(model)
 
 
@@ -230,9 +240,11 @@ def test_plain_path_when_the_layer_cannot_be_fused(extension):
     hidden = []
     with counting_plain_attention_calls(model) as calls:
         for fused in (False, True):
-            set_fused_decode(model, fused)
+            options = ExecutionOptions(attention_backend="reference", fused_decode=fused)
+            apply_execution_options(model, options)
             kv = allocate_kv_caches(model.kv_cache_spec(), 4, BLOCK_SIZE, model.dtype, "cpu")
-            batch = ForwardBatch.build([SeqChunk([1, 2, 3], 0, [0, 1])], BLOCK_SIZE, kv, "cpu", "reference")
+            batch = ForwardBatch.build([SeqChunk([1, 2, 3], 0, [0, 1])], BLOCK_SIZE, kv, "cpu",
+                                       options.attention_backend)
             with torch.inference_mode():
                 hidden.append(model(batch.input_ids, batch.positions, batch))
     assert calls[0] == 4  # the "reference" attention backend always takes the modules
@@ -240,15 +252,17 @@ def test_plain_path_when_the_layer_cannot_be_fused(extension):
     mlp = model.model.layers[1].mlp
     mlp.down_proj.adapters.append(lambda x: torch.zeros(*x.shape[:-1], mlp.down_proj.out_features))
     assert linear_spec(mlp.down_proj) is None
-    assert model.model.layers[1].fused_decode._current_plan() is None  # rebuilt, and not fusable
-    assert model.model.layers[0].fused_decode._current_plan() is not None
+    first, second = twins(model)
+    assert second._current_plan() is None  # rebuilt, and not fusable
+    assert first._current_plan() is not None
     mlp.down_proj.adapters.clear()
-    assert model.model.layers[1].fused_decode._current_plan() is not None
+    assert second._current_plan() is not None
 
 
 def test_a_forward_hook_on_a_fused_module_gets_the_plain_path(extension):
     """imatrix collection hooks the linear layers' inputs: the fused call would bypass them."""
     model = tiny_model("llama", torch.float32)
+    twins(model)
     seen = []
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     kv = allocate_kv_caches(model.kv_cache_spec(), 4, BLOCK_SIZE, model.dtype, "cpu")
@@ -257,7 +271,7 @@ def test_a_forward_hook_on_a_fused_module_gets_the_plain_path(extension):
         model(batch.input_ids, batch.positions, batch)
     assert calls[0] == 1 and len(seen) == 1  # layer 1 ran its modules; layer 0 (no hook) stayed fused
     handle.remove()
-    assert not model.model.layers[1].fused_decode._observed()
+    assert not fused_twin(model.model.layers[1])._observed()
 
 
 @pytest.mark.parametrize("family, norm", [("llama", "input_layernorm"), ("gemma2", "post_feedforward_layernorm"),
@@ -274,10 +288,10 @@ def test_a_gemma_layer_with_an_unknown_activation_or_norm_declines(extension):
     from mistralrs.layers.norm import GemmaRMSNorm, LayerNorm
 
     model = tiny_model("gemma3", torch.float32)
-    layers = model.model.layers
-    layers[0].mlp.act_fn = layers[0].fused_decode.act_fn = torch.nn.functional.gelu  # exact gelu: not fused
-    assert layers[0].fused_decode._current_plan() is None
-    assert layers[1].fused_decode._current_plan() is not None
+    model.model.layers[0].mlp.act_fn = torch.nn.functional.gelu  # exact gelu: not fused
+    first, second = twins(model)
+    assert first._current_plan() is None
+    assert second._current_plan() is not None
     assert norm_spec(LayerNorm(8, 1e-5, dtype=torch.float32, device="cpu")) is None
     assert norm_spec(GemmaRMSNorm(8, 1e-5, dtype=torch.float32, device="cpu"))[0] == NormKind.GEMMA_RMS
     assert_fused_equals_plain(model, fused_layers=1)
@@ -286,8 +300,7 @@ def test_a_gemma_layer_with_an_unknown_activation_or_norm_declines(extension):
 def test_without_the_extension_the_plain_path_runs(monkeypatch):
     model = tiny_model("qwen2", torch.float32)
     monkeypatch.setattr(EXTENSION, "get", lambda wait=False: None)
-    layer = model.model.layers[0]
-    assert isinstance(layer.fused_decode, FusedDecoderLayer) and layer.fused_decode.enabled
+    assert all(isinstance(twin, FusedDecoderLayer) for twin in twins(model))
     kv = allocate_kv_caches(model.kv_cache_spec(), 4, BLOCK_SIZE, model.dtype, "cpu")
     batch = ForwardBatch.build([SeqChunk([1, 2, 3], 0, [0, 1])], BLOCK_SIZE, kv, "cpu")
     with counting_plain_attention_calls(model) as calls, torch.inference_mode():
@@ -297,18 +310,55 @@ def test_without_the_extension_the_plain_path_runs(monkeypatch):
 
 def test_switch_validates_its_value():
     with pytest.raises(ValueError, match="enabled"):
-        set_fused_decode(tiny_model("llama", torch.float32), "yes")
+        attach_fused_decode(tiny_model("llama", torch.float32), "yes")
 
 
-def test_environment_turns_the_default_off(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
+def test_the_options_attach_a_twin_to_each_declared_layer_and_remove_it(family):
+    model = tiny_model(family, torch.float32)
+    assert not any(map(fused_twin, model.modules()))  # a model as built runs its modules
+    apply_execution_options(model, ExecutionOptions())
+    attached = [module for module in model.modules() if fused_twin(module) is not None]
+    assert attached == list(model.model.layers)  # the decoder layers, which declare their layout, and nothing else
+    first = fused_twin(model.model.layers[0])
+    apply_execution_options(model, ExecutionOptions())
+    assert fused_twin(model.model.layers[0]) is first  # applying again keeps the twin (and its plan)
+    apply_execution_options(model, ExecutionOptions(fused_decode=False))
+    assert not any(map(fused_twin, model.modules()))
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # the class forward again
+
+
+def test_the_environment_turns_the_fused_path_off(monkeypatch):
+    model = tiny_model("llama", torch.float32)
     monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
-    assert not tiny_model("llama", torch.float32).model.layers[0].fused_decode.enabled
+    apply_execution_options(model, ExecutionOptions.for_library())
+    assert not any(map(fused_twin, model.modules()))
+
+
+def test_model_files_do_not_call_the_fused_path():
+    """A family declares its layout; only the model runner attaches the fused path."""
+    for path in Path(mistralrs.models.__file__).parent.glob("*.py"):
+        assert "fused_decode" not in path.read_text(), path.name
+
+
+def test_a_dropped_model_with_twins_is_freed_without_the_cycle_collector():
+    model = tiny_model("llama", torch.float32)
+    apply_execution_options(model, ExecutionOptions())
+    dropped = [weakref.ref(model.model.layers[0]), weakref.ref(model.model.layers[0].mlp.down_proj.weight)]
+    gc.disable()
+    try:
+        del model
+        assert [ref() for ref in dropped] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_deep_copied_model_builds_its_own_plans(extension):
     model = tiny_model("llama", torch.bfloat16)
     assert_fused_equals_plain(model)
     copied = copy.deepcopy(model)
-    fused = copied.model.layers[0].fused_decode
-    assert fused._plan is None and fused.linears[0] is copied.model.layers[0].self_attn.qkv_proj
+    layer = copied.model.layers[0]
+    fused = fused_twin(layer)
+    assert fused._plan is None and fused.linears[0] is layer.self_attn.qkv_proj
+    assert layer.forward._layer() is layer
     assert_fused_equals_plain(copied)

@@ -18,6 +18,7 @@ import transformers
 
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 ATOL = 1e-4  # fp32 logits tolerance against transformers
 BLOCK_SIZE = 4
@@ -68,17 +69,19 @@ def build_pair(config: transformers.PretrainedConfig, model_cls: type, path: str
 
 
 class TinyRunner:
-    """Test driver: a trivial block allocator handing out shuffled (non-contiguous) blocks, one step at a time."""
+    """Test driver: a trivial block allocator handing out shuffled (non-contiguous) blocks, one step at a time; the
+    execution `options` are applied to the model and its steps as the model runner does."""
 
-    def __init__(self, model, num_blocks: int = 64, seed: int = 0, backend: str = "sdpa",
+    def __init__(self, model, num_blocks: int = 64, seed: int = 0, options: ExecutionOptions = ExecutionOptions(),
                  dtype: torch.dtype = torch.float32):
         self.model = model
+        apply_execution_options(model, options)
         self.kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, dtype, "cpu")
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
         self.block_tables: dict[int, list[int]] = {}
         self.num_computed: dict[int, int] = {}
-        self.backend = backend
+        self.options = options
 
     def step(self, work: list[tuple[int, list[int]]], prompt_lens: dict[int, int] | None = None) -> list[torch.Tensor]:
         """Runs one step over `(seq_id, new_token_ids)` pairs (`prompt_lens`: seq_id -> prompt length, as the engine
@@ -92,7 +95,7 @@ class TinyRunner:
             chunks.append(SeqChunk(token_ids=list(token_ids), start_pos=start, block_ids=list(table),
                                    prompt_len=(prompt_lens or {}).get(seq_id, 0)))
             self.num_computed[seq_id] = start + len(token_ids)
-        fb = ForwardBatch.build(chunks, BLOCK_SIZE, self.kv_caches, "cpu", attention_backend=self.backend)
+        fb = ForwardBatch.build(chunks, BLOCK_SIZE, self.kv_caches, "cpu", self.options.attention_backend)
         with torch.inference_mode():
             hidden = self.model(fb.input_ids, fb.positions, fb)
             logits = self.model.compute_logits(hidden)
@@ -167,13 +170,10 @@ def check_packed_sequences(hf, ours, chunk_sensitive: bool = False) -> None:
 
 def check_moe_backends_agree(ours) -> None:
     """The one MoE switch: the grouped path and the per-token twin give the same logits (ends on "fused")."""
-    from mistralrs.layers.moe import set_moe_backend
-
     token_ids = prompt(7, 21)
     outs = []
     for backend in ("reference", "fused"):
-        set_moe_backend(ours, backend)
-        (logits,) = TinyRunner(ours).step([(0, token_ids)])
+        (logits,) = TinyRunner(ours, options=ExecutionOptions(moe_backend=backend)).step([(0, token_ids)])
         outs.append(logits)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
@@ -183,7 +183,7 @@ def check_reference_backend(ours) -> None:
     prompts = [prompt(30 + i, n) for i, n in enumerate((18, 5))]
     outs = {}
     for backend in ("sdpa", "reference"):
-        runner = TinyRunner(ours, seed=5, backend=backend)
+        runner = TinyRunner(ours, seed=5, options=ExecutionOptions(attention_backend=backend))
         first = runner.step([(0, prompts[0][:11]), (1, prompts[1])])
         second = runner.step([(0, prompts[0][11:]), (1, [3])])
         outs[backend] = torch.cat(first + second)

@@ -1,0 +1,104 @@
+"""How the engine executes a loaded model: which twin of each fast path runs, and the CPU thread policy.
+
+One `ExecutionOptions` is chosen at load and handed down explicitly. The model runner applies the model-side
+switches when it is built (`apply_execution_options`: the MoE backend of every `FusedMoE`, the fused decoder layer
+attached to every layer that declares its layout), passes the attention backend to every step's `ForwardBatch`,
+and runs its CPU thread chooser under the policy (mistralrs/worker/cpu_threads.py). `fast_kernels` is what the
+quant configs take as `use_fast_kernels` at load.
+
+Environment variables that choose an execution path are read here and nowhere else, by `from_env` (and so by
+`for_library` / `for_service`); a variable that is set overrides the entry point's default, and an unset or empty
+one leaves it. Any other value than those below is a `ValueError` naming the variable.
+
+- `MISTRALRS_FUSED_DECODE`: "0" (or "false", "off", "no") keeps every decoder layer on its plain PyTorch modules
+  instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes"): fused (the
+  default everywhere).
+- `MISTRALRS_CPU_THREADS`: "auto" runs decode steps on the thread count the engine measures to be faster (the
+  default of the CLI and the server); "fixed" never changes torch's thread count (the default of a `Runner` in a
+  user's program). See mistralrs/worker/cpu_threads.py for why the two differ; a program that owns its process
+  can set "auto" (the `Runner` arguments are the reference API's, so this is how a library user opts in).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from mistralrs.layers.fused_decode import attach_fused_decode
+from mistralrs.layers.moe import MOE_BACKENDS, FusedMoE
+from mistralrs.worker.cpu_threads import CPU_THREAD_POLICIES
+from mistralrs.worker.forward_batch import ATTENTION_BACKENDS
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+# environment variable -> (the field it sets, its accepted values, lower case -> the field's value)
+ENVIRONMENT = {
+    "MISTRALRS_FUSED_DECODE": ("fused_decode", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}),
+    "MISTRALRS_CPU_THREADS": ("cpu_threads", {policy: policy for policy in CPU_THREAD_POLICIES}),
+}
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """Which implementation runs each fast path (every one has a plain twin) and how CPU threads are used.
+
+    The defaults are the fast paths and the thread policy of a library (`for_library`); the CLI and the server use
+    `for_service`.
+    """
+
+    attention_backend: str = "sdpa"  # "sdpa": batched attention; "reference": per-sequence float32 plain twin
+    moe_backend: str = "fused"  # "fused": tokens grouped by expert; "reference": per-token plain twin
+    fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU, bit-exact)
+    fast_kernels: bool = True  # quantized matmul kernels; False: weights dequantized at load, F.linear (plain)
+    cpu_threads: str = "fixed"  # "auto": thread count chosen per step; "fixed": torch's setting never touched
+
+    def __post_init__(self) -> None:
+        for name, value, accepted in (("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
+                                      ("moe_backend", self.moe_backend, MOE_BACKENDS),
+                                      ("cpu_threads", self.cpu_threads, CPU_THREAD_POLICIES)):
+            if value not in accepted:
+                raise ValueError(f"{name}={value!r}; accepted values: {list(accepted)}")
+        for name in ("fused_decode", "fast_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls, defaults: ExecutionOptions | None = None,
+                 environ: Mapping[str, str] | None = None) -> ExecutionOptions:
+        """`defaults` (default: `ExecutionOptions()`) with each field whose environment variable is set in `environ`
+        (default: `os.environ`) taken from it (see the module docstring)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for variable, (name, accepted) in ENVIRONMENT.items():
+            raw = environ.get(variable, "").strip().lower()
+            if not raw:
+                continue
+            if raw not in accepted:
+                raise ValueError(f"{variable}={environ[variable]!r}; accepted values: {list(accepted)}")
+            values[name] = accepted[raw]
+        return replace(cls() if defaults is None else defaults, **values)
+
+    @classmethod
+    def for_library(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
+        """A `Runner` in the user's own program: the thread count is left to the program ("fixed"; the chooser
+        would change it for every thread the program starts afterwards, see mistralrs/worker/cpu_threads.py),
+        unless the environment says otherwise."""
+        return cls.from_env(cls(cpu_threads="fixed"), environ)
+
+    @classmethod
+    def for_service(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
+        """The CLI and the HTTP server, which own their process: decode steps on the measured faster thread count
+        ("auto"), unless the environment says otherwise."""
+        return cls.from_env(cls(cpu_threads="auto"), environ)
+
+
+def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:
+    """Sets the model-side switches of `options` on `model`: every `FusedMoE` layer's backend, and the fused
+    decoder layer attached to (or removed from) every decoder layer that declares its layout."""
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.set_backend(options.moe_backend)
+    attach_fused_decode(model, options.fused_decode)
