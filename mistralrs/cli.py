@@ -23,6 +23,7 @@ from mistralrs.api.requests import ChatCompletionRequest
 from mistralrs.api.runner import Runner
 from mistralrs.api.which import Which
 from mistralrs.loader.default_model import default_model_path
+from mistralrs.worker.options import ExecutionOptions
 
 REQ = {"required": True}
 INT = {"type": int}
@@ -162,7 +163,8 @@ def runner_from_args(args: argparse.Namespace, which) -> Runner:
                   jinja_explicit=args.jinja_explicit, num_device_layers=layers, in_situ_quant=args.isq,
                   pa_gpu_mem=args.pa_gpu_mem, pa_gpu_mem_usage=args.pa_gpu_mem_usage, pa_ctxt_len=args.pa_ctxt_len,
                   pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
-                  prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence)
+                  prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence,
+                  execution=ExecutionOptions.for_service())
 
 
 def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> None:

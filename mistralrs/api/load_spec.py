@@ -15,6 +15,7 @@ from mistralrs.api.which import Which
 from mistralrs.loader.source import resolve_token
 from mistralrs.loader.spec import AdapterKind, AdapterSpec, IsqSpec, LoadKind, LoadSpec
 from mistralrs.quant.isq_types import IsqType, parse_isq_type
+from mistralrs.worker.options import ExecutionOptions
 
 # Which variants whose capability is not built yet, and what they need.
 _NOT_BUILT = {
@@ -29,7 +30,7 @@ _DTYPES: dict[ModelDType, str | torch.dtype] = {
 def load_spec(which: Which, *, token_source: str = "cache", chat_template: str | None = None,
               jinja_explicit: str | None = None, show_progress: bool | None = None,
               device: torch.device | None = None, in_situ_quant: str | None = None,
-              num_device_layers: list[str] | None = None) -> LoadSpec:
+              num_device_layers: list[str] | None = None, execution: ExecutionOptions | None = None) -> LoadSpec:
     """The `LoadSpec` of `which` with the Runner's load arguments; ValueError for an unknown ISQ type, ISQ on a
     quantized model, an unbuilt variant or an unsupported combination; TypeError when `which` is no variant."""
     variant = type(which).__name__
@@ -47,7 +48,8 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     common = dict(
         label=f"Which.{variant}", token=resolve_token(token_source), chat_template=chat_template,
         jinja_explicit=jinja_explicit, show_progress=show_progress, device=device,
-        num_device_layers=tuple(num_device_layers) if num_device_layers is not None else None)
+        num_device_layers=tuple(num_device_layers) if num_device_layers is not None else None,
+        execution=ExecutionOptions.for_library() if execution is None else execution)
     return convert(which, isq_type, common)
 
 

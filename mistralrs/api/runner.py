@@ -12,6 +12,7 @@ from mistralrs.api.load_spec import load_spec
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.engine.builder import EngineConfig
 from mistralrs.engine.llm_engine import LLMEngine, Submission
+from mistralrs.worker.options import ExecutionOptions
 
 
 def _not_built(name: str, value, default, what: str) -> None:
@@ -24,8 +25,10 @@ class Runner:
 
     Thread-safe: several threads may send requests at once; they are batched together by the engine.
     Additions to the reference signature (keyword-only): `prompt_batchsize` (the stub's name of
-    `prompt_chunksize`), `show_progress`, and `truncate_sequence` (keep the tail of a prompt that does not fit
-    the context instead of rejecting it, as the reference server's `--truncate-sequence`).
+    `prompt_chunksize`), `show_progress`, `truncate_sequence` (keep the tail of a prompt that does not fit
+    the context instead of rejecting it, as the reference server's `--truncate-sequence`), and `execution` (the
+    fast/plain paths and CPU thread policy, `mistralrs.worker.options.ExecutionOptions`; default
+    `ExecutionOptions.for_library()`).
     """
 
     def __init__(self, which, max_seqs: int = 16, no_kv_cache: bool = False, prefix_cache_n: int = 16,
@@ -36,7 +39,7 @@ class Runner:
                  pa_ctxt_len: int | None = None, pa_blk_size: int | None = None, no_paged_attn: bool = False,
                  paged_attn: bool = False, prompt_chunksize: int | None = None, seed: int | None = None,
                  *, prompt_batchsize: int | None = None, show_progress: bool | None = None,
-                 truncate_sequence: bool = False) -> None:
+                 truncate_sequence: bool = False, execution: ExecutionOptions | None = None) -> None:
         _not_built("which_draft", which_draft, None, "speculative decoding")
         _not_built("anymoe_config", anymoe_config, None, "AnyMoE")
         if num_device_layers is not None and (isinstance(num_device_layers, str) or not all(
@@ -55,7 +58,7 @@ class Runner:
             pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, seed=seed)
         spec = load_spec(which, token_source=token_source, chat_template=chat_template,
                          jinja_explicit=jinja_explicit, show_progress=show_progress, in_situ_quant=in_situ_quant,
-                         num_device_layers=num_device_layers)
+                         num_device_layers=num_device_layers, execution=execution)
         self._llm_engine = LLMEngine(spec, config, truncate_sequence=bool(truncate_sequence))
         self.model_id = self._llm_engine.model_id
 

@@ -90,9 +90,10 @@ class LLMEngine:
 
     def __init__(self, spec: LoadSpec, config: EngineConfig, *, truncate_sequence: bool = False) -> None:
         self.truncate_sequence = truncate_sequence  # keep the tail of a prompt that does not fit the context
+        self.execution = spec.execution  # how the model runs: chosen at load, fixed for the engine's life
         self._loaded = on_short_lived_thread(lambda: load(spec))
         handlers = {ReIsq: self._re_isq, ActivateAdapters: self._activate_adapters}
-        self._engine, self._inputs = build_engine(self._loaded, config, handlers)
+        self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution)
         self.model_id = self._loaded.model_id  # the `model` of every response
 
     @property
@@ -235,7 +236,7 @@ class LLMEngine:
 
     def _re_isq(self, command: ReIsq) -> None:
         """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""
-        config = re_isq_config(self._loaded.isq, command.isq_type)
+        config = re_isq_config(self._loaded.isq, command.isq_type, self.execution.fast_kernels)
         config.quantize_loaded(self._loaded.model)
         self._loaded.isq = config
         self._engine.scheduler.reset_prefix_cache()   # K/V cached under the old weights must not be reused

@@ -126,7 +126,8 @@ def _safetensors_paths(source: ModelSource) -> list[str]:
 def _isq_config(spec: LoadSpec, device_map: DeviceMapSpec) -> IsqQuantConfig | None:
     """The ISQ the spec asks for, with the topology's `isq` entries (None: no quantization)."""
     return isq_config_from_options(spec.isq.isq_type, topology=device_map.topology, moqe=spec.isq.moqe,
-                                   imatrix=spec.isq.imatrix, calibration_file=spec.isq.calibration_file)
+                                   imatrix=spec.isq.imatrix, calibration_file=spec.isq.calibration_file,
+                                   use_fast_kernels=spec.execution.fast_kernels)
 
 
 def _calibrate(model: nn.Module, tokenizer: TokenizerBundle, config: dict, isq: IsqQuantConfig, path: str,
@@ -180,7 +181,8 @@ def _uqff_config(spec: LoadSpec, source: ModelSource, isq: IsqQuantConfig | None
                              "Runner(in_situ_quant=...) or a topology with `isq` entries")
     if spec.from_uqff is None:
         return None
-    return UqffQuantConfig(resolve_uqff_path(source, spec.from_uqff), moqe=spec.isq.moqe)
+    return UqffQuantConfig(resolve_uqff_path(source, spec.from_uqff), moqe=spec.isq.moqe,
+                           use_fast_kernels=spec.execution.fast_kernels)
 
 
 def _weight_paths(source: ModelSource, uqff: UqffQuantConfig | None) -> list[str]:
@@ -211,7 +213,7 @@ def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     weights = _progress(gguf.iter_weights(dtype, keep_quantized=True), len(gguf.tensor_types), spec.show_progress,
                         "loading")
     model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device, device_map=device_map,
-                       quant_config=GGUFModelQuantConfig())
+                       quant_config=GGUFModelQuantConfig(use_fast_kernels=spec.execution.fast_kernels))
     if spec.tokenizer_model_id is not None:
         tok_source = ModelSource(spec.tokenizer_model_id, token=spec.token)
         tokenizer = _tokenizer_from_repo(tok_source, spec.tokenizer_json, gguf.metadata, spec.chat_template,
@@ -235,7 +237,7 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     weights = _progress(ggml.iter_weights(dtype, keep_quantized=True), len(ggml.tensor_types), spec.show_progress,
                         "loading")
     model = load_model(ggml.config, weights, arch_name=None, dtype=dtype, device=device,
-                       quant_config=GGUFQuantConfig())
+                       quant_config=GGUFQuantConfig(use_fast_kernels=spec.execution.fast_kernels))
     tokenizer = _tokenizer_from_repo(ModelSource(spec.tokenizer_model_id, token=spec.token), spec.tokenizer_json,
                                      None, spec.chat_template, spec.jinja_explicit)
     return LoadedModel(model, tokenizer, spec.model_id, int(ggml.config["max_position_embeddings"]),

@@ -8,11 +8,12 @@ The API layer turns a `Which` selection and the Runner's load arguments into one
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mistralrs.quant.isq_types import IsqType
+from mistralrs.worker.options import ExecutionOptions
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes a spec may ask for besides "auto"
 
@@ -93,6 +94,8 @@ class LoadSpec:
     num_device_layers: tuple[str, ...] | None = None  # device map: ("N",) or ("ORD:NUM", ...)
     show_progress: bool | None = None  # progress bars; None: on a terminal unless MISTRALRS_NO_PROGRESS is set
     device: torch.device | None = None  # the model's device; None: CUDA device 0 when available, else the CPU
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions.for_library)  # fast/plain paths (the
+    #                                  quant configs read `fast_kernels`; the engine gets the rest)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, LoadKind):

@@ -431,7 +431,8 @@ def _requantize_linear(linear: Linear, isq: IsqType, imatrix, use_fast_kernels: 
 
 
 def isq_config_from_options(isq: IsqType | None, *, topology: Topology | None = None, moqe: bool = False,
-                            imatrix: str | None = None, calibration_file: str | None = None) -> IsqQuantConfig | None:
+                            imatrix: str | None = None, calibration_file: str | None = None,
+                            use_fast_kernels: bool = True) -> IsqQuantConfig | None:
     """The ISQ config that the load options ask for (`isq`: the parsed `in_situ_quant`); None when they ask for no
     quantization.
 
@@ -451,15 +452,18 @@ def isq_config_from_options(isq: IsqType | None, *, topology: Topology | None = 
             if not kind.supports_imatrix:
                 raise ValueError(f"ISQ type {kind.name} ({kind.kind.upper()}) does not support imatrix "
                                  "(calibration_file)")
-    return IsqQuantConfig(isq=isq, topology=topology, moqe=moqe, imatrix_path=imatrix)
+    return IsqQuantConfig(isq=isq, topology=topology, moqe=moqe, imatrix_path=imatrix,
+                          use_fast_kernels=use_fast_kernels)
 
 
-def re_isq_config(previous: IsqQuantConfig | None, isq: str | IsqType) -> IsqQuantConfig:
-    """What re-ISQ to `isq` applies: the new global type with the previous topology, MoQE and imatrix (the
-    imatrix is dropped, with a warning, when a type in use does not take one)."""
+def re_isq_config(previous: IsqQuantConfig | None, isq: str | IsqType,
+                  use_fast_kernels: bool = True) -> IsqQuantConfig:
+    """What re-ISQ to `isq` applies: the new global type with the previous topology, MoQE, imatrix and kernel
+    choice (the imatrix is dropped, with a warning, when a type in use does not take one); `use_fast_kernels`
+    applies when there is no previous ISQ."""
     isq = parse_isq_type(isq)
     if previous is None:
-        return IsqQuantConfig(isq=isq)
+        return IsqQuantConfig(isq=isq, use_fast_kernels=use_fast_kernels)
     candidate = replace(previous, imatrix={}, imatrix_path=None, isq=isq)
     if (previous.imatrix or previous.imatrix_path) and all(t.supports_imatrix for t in candidate.types_used()):
         return replace(previous, isq=isq)

@@ -9,16 +9,21 @@ is exact, and float32 with it on (blocks dequantized per tile) within 2**-18 (su
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from mistralrs import ModelDType, Which
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import load_model
 from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
 from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig
 from mistralrs.quant.packed import BlockTiledWeight, DenseWeight
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.options import ExecutionOptions
 from tests.loader.gguf_fixtures import write_tiny_gguf
+from tests.loading import load_which
 from tests.quant.test_cpu_int4 import relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -87,6 +92,16 @@ def test_tiny_model_float32_plain_path_is_exact(tmp_path, ggml_type):
     token_ids = list(range(3, 300, 7))
     want = forward_logits(load(path, torch.float32, None), token_ids, torch.float32)
     assert torch.equal(forward_logits(ours, token_ids, torch.float32), want)
+
+
+@pytest.mark.parametrize("fast_kernels, form", [(True, Int4CpuWeight), (False, DenseWeight)])
+def test_the_load_specs_execution_options_choose_the_weight_form(tmp_path, fast_kernels, form):
+    """`ExecutionOptions.fast_kernels` reaches the GGUF quant config through the load spec."""
+    path = tiny_gguf(tmp_path, "llama", "Q4_1", tie=False)
+    which = Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename=os.path.basename(path),
+                       dtype=ModelDType.BF16)
+    loaded = load_which(which, show_progress=False, execution=ExecutionOptions(fast_kernels=fast_kernels))
+    assert [type(w) for w in loaded.model.lm_head.quant_method.weights] == [form]
 
 
 @pytest.mark.parametrize("ggml_type", ["Q4_1", "Q5_0"])
