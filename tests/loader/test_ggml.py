@@ -105,9 +105,20 @@ def test_which_ggml_loads_with_the_tokenizer_of_tok_model_id(tiny, tmp_path):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
+def test_without_a_tokenizer_source_the_runner_raises_a_value_error(tiny, tmp_path):
+    """As the seed, `Which.GGML(quantized_model_id, quantized_filename)` constructs; the load names what is missing."""
+    from mistralrs import Runner, Which
+
+    _, config, checkpoint, _ = tiny
+    write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    with pytest.raises(ValueError, match="Which.GGML: tok_model_id is required"):
+        Runner(Which.GGML(str(tmp_path), "tiny.bin"), show_progress=False)
+
+
 def test_wrong_gqa_is_a_value_error(tiny, tmp_path):
     _, config, checkpoint, _ = tiny
     path = write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    assert open_ggml(path, gqa=None).config["num_key_value_heads"] == 4  # None (Which's default) means 1
     with pytest.raises(ValueError, match="gqa"):
         open_ggml(path, gqa=3)
     with pytest.raises(ValueError, match="has shape"):  # gqa=1 gives 4 KV heads, the file has 2
