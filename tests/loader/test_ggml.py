@@ -10,14 +10,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from mistralrs.loader.ggml_loader import open_ggml, read_ggml_file
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from tests.loader.ggml_fixtures import N_MULT, write_ggjt
 from tests.models import family_harness as harness
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=harness.VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,

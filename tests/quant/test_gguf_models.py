@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import load_model
@@ -20,8 +21,6 @@ from mistralrs.quant.packed import BlockTiledWeight, DenseWeight
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.loader.gguf_fixtures import write_tiny_gguf
 from tests.quant.test_cpu_int4 import relative_error
-
-transformers = pytest.importorskip("transformers")
 
 LOGITS_TOLERANCE = 2.0**-6
 FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight, "Q5_0": Int4CpuPairWeight,
