@@ -28,7 +28,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def hf_model_and_tokenizer():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = default_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -259,15 +259,16 @@ class LoraGGUF(Which):
 
 @dataclass(frozen=True)
 class GGML(Which):
-    """A legacy GGML (llama.cpp `ggjt`) model; the tokenizer comes from `tok_model_id`."""
+    """A legacy GGML (llama.cpp `ggjt`) model; the tokenizer comes from `tok_model_id`, without which the
+    load raises ValueError (GGML files carry no usable tokenizer)."""
 
     _auto_map_type = TextAutoMapParams
 
     quantized_model_id: str  # repo or directory holding the GGML file
     quantized_filename: str  # GGML file name
-    tok_model_id: str  # tokenizer source (required)
+    tok_model_id: str | None = None  # tokenizer source; the load needs it
     tokenizer_json: str | None = None  # local tokenizer.json overriding the repo's
-    gqa: int = 1  # grouped-query factor: num_heads / num_kv_heads (GGML files do not store it)
+    gqa: int | None = None  # grouped-query factor: num_heads / num_kv_heads (not in GGML files); None: 1
     topology: str | None = None  # per-layer device YAML (§5)
     dtype: ModelDType = ModelDType.Auto  # activation dtype
     auto_map_params: TextAutoMapParams | None = None  # sizes guiding automatic device mapping
@@ -286,7 +287,7 @@ class XLoraGGML(Which):
     tok_model_id: str | None = None  # tokenizer source; None: `base_model_id` of the ordering file
     tokenizer_json: str | None = None  # local tokenizer.json overriding the repo's
     tgt_non_granular_index: int | None = None  # token index after which the scalings are frozen
-    gqa: int = 1  # grouped-query factor: num_heads / num_kv_heads
+    gqa: int | None = None  # grouped-query factor: num_heads / num_kv_heads; None: 1
     topology: str | None = None  # per-layer device YAML (§5)
     dtype: ModelDType = ModelDType.Auto  # activation dtype
     auto_map_params: TextAutoMapParams | None = None  # sizes guiding automatic device mapping
@@ -304,7 +305,7 @@ class LoraGGML(Which):
     order: str  # ordering JSON file (§6.1)
     tok_model_id: str | None = None  # tokenizer source; None: `base_model_id` of the ordering file
     tokenizer_json: str | None = None  # local tokenizer.json overriding the repo's
-    gqa: int = 1  # grouped-query factor: num_heads / num_kv_heads
+    gqa: int | None = None  # grouped-query factor: num_heads / num_kv_heads; None: 1
     topology: str | None = None  # per-layer device YAML (§5)
     dtype: ModelDType = ModelDType.Auto  # activation dtype
     auto_map_params: TextAutoMapParams | None = None  # sizes guiding automatic device mapping

@@ -63,9 +63,13 @@ class InputProcessor:
             raise ValueError("Received an empty prompt.")
         template = self.tool_chat_template if tools else self.chat_template
         text = template.render(messages, add_generation_prompt=True, tools=tools)
-        # As in transformers' apply_chat_template: the template writes BOS itself when the model wants one
-        # (the reference adds special tokens again, which can double the BOS).
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        # As llama.cpp: BOS in front when the tokenizer adds one and the template did not write it (the
+        # reference adds special tokens again, which can double the BOS; transformers never adds it).
+        bos_id = self.tokenizer.token_to_id(self.bundle.bos_token) if self.bundle.bos_token else None
+        if self.bundle.add_bos_token and bos_id is not None and ids[:1] != [bos_id]:
+            ids.insert(0, bos_id)
+        return ids
 
     def completion_prompt_ids(self, prompt: str) -> list[int]:
         if not prompt:

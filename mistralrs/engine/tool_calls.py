@@ -84,10 +84,48 @@ def may_become_tool_call(text: str) -> bool:
     return any(body.startswith(o) or o.startswith(body) for o in _OPENERS)
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")  # keywords holding a list of schemas
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # keywords holding name → schema
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else")  # keywords holding one schema
+
+
+def _is_object_schema(schema: dict) -> bool:
+    kind = schema.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in schema
+
+
+def strict_schema(schema: object, fragment: bool = False) -> object:
+    """A copy of a JSON schema where every object schema that does not set `additionalProperties` itself gets
+    `"additionalProperties": false`, as OpenAI's strict tool calls read a function's parameters: only the
+    declared properties, each at most once (llguidance would otherwise allow any extra key, repeated).
+
+    Objects built with `allOf` stay open, and so do the `allOf` parts (`fragment`) themselves: there
+    `additionalProperties` would not see the properties the other parts declare and would reject them.
+    """
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            strict[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            strict[key] = [strict_schema(part, fragment=True) for part in value]
+        elif key in _SUBSCHEMA_LISTS or key in _SUBSCHEMAS:
+            strict[key] = strict_schema(value)
+        else:
+            strict[key] = value
+    open_object = fragment or "allOf" in strict or "additionalProperties" in strict
+    if _is_object_schema(strict) and not open_object:
+        strict["additionalProperties"] = False
+    return strict
+
+
 def _call_schema(tool: dict) -> dict:
-    """JSON schema of one call of an OpenAI-shaped tool: {"name": const, "arguments": its parameters}."""
+    """JSON schema of one call of an OpenAI-shaped tool: {"name": const, "arguments": its parameters, strict}."""
     function = tool["function"]
-    parameters = function.get("parameters") or {"type": "object"}
+    parameters = strict_schema(function.get("parameters") or {"type": "object"})
     return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
             "required": ["name", "arguments"], "additionalProperties": False}
 
@@ -97,7 +135,8 @@ def forced_call_schema(tools: list[dict], tool_choice: object) -> dict | None:
 
     `tool_choice` is "required" (a call of any tool) or `{"type": "function", "function": {"name": ...}}`
     (a call of that tool); anything else (auto, none) leaves generation free. The output is plain JSON,
-    which `parse_tool_calls` accepts whatever the model's own wrapper is.
+    which `parse_tool_calls` accepts whatever the model's own wrapper is. The arguments follow the parameters
+    schema strictly (`strict_schema`).
     """
     if tool_choice == "required":
         schemas = [_call_schema(tool) for tool in tools]

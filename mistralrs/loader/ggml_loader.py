@@ -216,8 +216,8 @@ def ggml_config(hparams: GGMLHParams, gqa: int, tensor_shapes: dict[str, tuple[i
     return config
 
 
-def open_ggml(path: str | os.PathLike, gqa: int = 1) -> GGUFModel:
-    """Open a legacy GGML llama file as a `GGUFModel` (HF config and HF-named weights).
+def open_ggml(path: str | os.PathLike, gqa: int | None = None) -> GGUFModel:
+    """Open a legacy GGML llama file as a `GGUFModel` (HF config and HF-named weights); `gqa` None means 1.
 
     Raises ValueError naming the file for a missing, non-GGML or truncated file, naming the tensor for an
     unknown name or unsupported type, naming `gqa` when it does not divide the head count, and naming the header
@@ -233,7 +233,7 @@ def open_ggml(path: str | os.PathLike, gqa: int = 1) -> GGUFModel:
                              f"{', '.join(GGML_LLAMA_TENSOR_NAMES)}")
         entries.append(TensorEntry(TensorTarget((hf_name,)), path, info, ggml.data))
     shapes = {entry.target.hf_names[0]: tuple(entry.info.shape) for entry in entries}
-    config = ggml_config(ggml.hparams, gqa, shapes)
+    config = ggml_config(ggml.hparams, 1 if gqa is None else gqa, shapes)
     check_sizes_fit_tensors(config, entries, GGML_FIELDS, f"GGML file {path!r}")
     tensor_types = {entry.target.hf_names[0]: ggml_type_name(entry.info) for entry in entries}
     logger.debug("opened GGML %s (%s v%s): %d tensors", path, ggml.format, ggml.version, len(entries))

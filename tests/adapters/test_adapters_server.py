@@ -13,8 +13,6 @@ from mistralrs.server import BackgroundServer, ServerConfig
 from tests.adapters.adapter_fixtures import make_base_and_adapters, peft_greedy, peft_lora_model, write_ordering
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS
 
-pytest.importorskip("peft")
-
 NO_SPECIAL = {str(i): -100.0 for i in range(len(CHARACTERS), len(CHARACTERS) + len(SPECIAL_TOKENS))}
 PROMPT = "Which adapter?"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 
@@ -26,8 +27,6 @@ from tests.adapters.adapter_fixtures import (
     write_xlora_repo,
 )
 from tests.loading import load_which
-
-peft = pytest.importorskip("peft")
 
 TOKENS = list(range(3, 60, 3))
 TOLERANCE = 5e-4   # relative: Q8_0 blocks read by two implementations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_c
 from tests.adapters.adapter_fixtures import assert_close
 from tests.loading import load_which
 from tests.tiny_models import make_tiny_model_dir
-
-peft = pytest.importorskip("peft")
 
 TOKENS = list(range(3, 60, 2))
 ADAPTERS = {  # name -> (seed, LoraConfig arguments)

@@ -9,8 +9,10 @@ hand-merged oracle in `test_moe_adapters.py`.
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
+import transformers
 
 from mistralrs import ModelDType, Which
 from mistralrs.adapters import activate_adapters
@@ -32,9 +34,6 @@ from tests.adapters.adapter_fixtures import (
 )
 from tests.loading import load_which
 from tests.models import family_harness as harness
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 from tests.models import test_gemma, test_mixtral, test_phi2, test_phi3, test_starcoder2
 

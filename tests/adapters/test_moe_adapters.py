@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from mistralrs import ModelDType, Which
@@ -38,8 +39,6 @@ from tests.adapters.adapter_fixtures import (
 )
 from tests.loading import load_which
 from tests.models import family_harness as harness
-
-transformers = pytest.importorskip("transformers")
 
 from tests.models import test_mixtral
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import peft
 import pytest
 
 from mistralrs import CompletionRequest, ModelDType, Runner, Which
@@ -14,8 +15,6 @@ from tests.adapters.adapter_fixtures import (
 )
 from tests.loading import load_which
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS
-
-peft = pytest.importorskip("peft")
 
 BANNED = list(range(len(CHARACTERS), len(CHARACTERS) + len(SPECIAL_TOKENS)))
 SETS = [(), ("a1",), ("a2",), ("a1", "a2")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import peft
 import pytest
 import torch
 
@@ -16,8 +17,6 @@ from tests.adapters.adapter_fixtures import (
 )
 from tests.loading import load_which
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS
-
-peft = pytest.importorskip("peft")
 
 TOKENS = list(range(3, 60, 3))
 OTHER = [7, 9, 44, 2, 5, 61, 30, 30, 12]

@@ -71,6 +71,8 @@ CLI_NAMES = {
     "ModelDType": "auto, bf16, f16, f32",
 }
 
+# REFERENCE §1.3's table, but for the GGML variants the seed's defaults (issue 11): tok_model_id=None (the load
+# then raises ValueError) and gqa=None (meaning 1) where the reference's runtime requires tok_model_id and has gqa=1.
 WHICH_TABLE = """
 | `Plain` | `(model_id, arch=None, tokenizer_json=None, topology=None, organization=None, write_uqff=None, from_uqff=None, dtype=ModelDType.Auto, imatrix=None, calibration_file=None, auto_map_params=None)` |
 | `XLora` | `(xlora_model_id, order, arch=None, model_id=None, tokenizer_json=None, tgt_non_granular_index=None, topology=None, write_uqff=None, from_uqff=None, dtype=Auto, auto_map_params=None)` |
@@ -78,9 +80,9 @@ WHICH_TABLE = """
 | `GGUF` | `(quantized_model_id, quantized_filename, tok_model_id=None, topology=None, dtype=Auto, auto_map_params=None)` |
 | `XLoraGGUF` | `(quantized_model_id, quantized_filename, xlora_model_id, order, tok_model_id=None, tgt_non_granular_index=None, topology=None, dtype=Auto, auto_map_params=None)` |
 | `LoraGGUF` | `(quantized_model_id, quantized_filename, adapters_model_id, order, tok_model_id=None, topology=None, dtype=Auto, auto_map_params=None)` |
-| `GGML` | `(quantized_model_id, quantized_filename, tok_model_id, tokenizer_json=None, gqa=1, topology=None, dtype=Auto, auto_map_params=None)` — `tok_model_id` is **required** (⚠ stub says optional); `gqa` defaults to 1 (⚠ stub says None) |
-| `XLoraGGML` | `(quantized_model_id, quantized_filename, xlora_model_id, order, tok_model_id=None, tokenizer_json=None, tgt_non_granular_index=None, gqa=1, topology=None, dtype=Auto, auto_map_params=None)` |
-| `LoraGGML` | `(quantized_model_id, quantized_filename, adapters_model_id, order, tok_model_id=None, tokenizer_json=None, gqa=1, topology=None, dtype=Auto, auto_map_params=None)` |
+| `GGML` | `(quantized_model_id, quantized_filename, tok_model_id=None, tokenizer_json=None, gqa=None, topology=None, dtype=Auto, auto_map_params=None)` |
+| `XLoraGGML` | `(quantized_model_id, quantized_filename, xlora_model_id, order, tok_model_id=None, tokenizer_json=None, tgt_non_granular_index=None, gqa=None, topology=None, dtype=Auto, auto_map_params=None)` |
+| `LoraGGML` | `(quantized_model_id, quantized_filename, adapters_model_id, order, tok_model_id=None, tokenizer_json=None, gqa=None, topology=None, dtype=Auto, auto_map_params=None)` |
 | `VisionPlain` | `(model_id, arch, tokenizer_json=None, topology=None, write_uqff=None, from_uqff=None, dtype=Auto, max_edge=None, calibration_file=None, imatrix=None, auto_map_params=None)` |
 | `DiffusionPlain` | `(model_id, arch, dtype=Auto)` |
 """
@@ -276,14 +278,14 @@ def test_which_positional_construction() -> None:
     plain = Which.Plain("mistralai/Mistral-7B", Architecture.Mistral)
     assert plain.model_id == "mistralai/Mistral-7B" and plain.arch is Architecture.Mistral
     ggml = Which.GGML("TheBloke/Llama-2-GGML", "llama.ggmlv3.q4_0.bin", "meta-llama/Llama-2-7b")
-    assert ggml.tok_model_id == "meta-llama/Llama-2-7b" and ggml.gqa == 1
+    assert ggml.tok_model_id == "meta-llama/Llama-2-7b" and ggml.gqa is None
     xlora = Which.XLoraGGUF("q", ["a-00001.gguf", "a-00002.gguf"], "x", "ordering.json")
     assert xlora.quantized_filename == ["a-00001.gguf", "a-00002.gguf"] and xlora.tok_model_id is None
     vision = Which.VisionPlain("Qwen/Qwen2-VL-2B-Instruct", VisionArchitecture.Qwen2VL, None, None, None, None,
                                ModelDType.BF16, 1024)
     assert vision.max_edge == 1024 and vision.dtype is ModelDType.BF16
-    with pytest.raises(TypeError):
-        Which.GGML("q", "f")  # tok_model_id is required
+    bare = Which.GGML("q", "f")  # as the seed: tok_model_id optional (the load needs it)
+    assert bare.tok_model_id is None and bare.tokenizer_json is None and bare.gqa is None
 
 
 def test_which_string_enums_and_paths() -> None:
@@ -312,7 +314,7 @@ def test_which_string_enums_and_paths() -> None:
     (lambda: Which.GGUF("q", ["a.gguf", 5]), TypeError, "Which.GGUF.quantized_filename[1]"),
     (lambda: Which.GGML("q", ["a.bin"], "t"), TypeError, "Which.GGML.quantized_filename"),
     (lambda: Which.GGML("q", "a.bin", "t", gqa=0), ValueError, "Which.GGML.gqa"),
-    (lambda: Which.GGML("q", "a.bin", None), TypeError, "Which.GGML.tok_model_id"),
+    (lambda: Which.GGML("q", "a.bin", 7), TypeError, "Which.GGML.tok_model_id"),
     (lambda: Which.XLora("x", "o.json", tgt_non_granular_index=-1), ValueError, "Which.XLora.tgt_non_granular_index"),
     (lambda: Which.XLora("x", "o.json", tgt_non_granular_index=True), TypeError,
      "Which.XLora.tgt_non_granular_index"),

@@ -115,6 +115,15 @@ def make(block_size=4, num_blocks=64, **kwargs):
     return scheduler, FakeKV(block_size)
 
 
+def run_to_completion(scheduler, fake_kv, finish_at, max_steps=200):
+    """Step until every sequence finished (a bounded loop: a stuck scheduler fails instead of hanging)."""
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished():
+            break
+        step(scheduler, fake_kv, finish_at)
+    assert_all_blocks_free(scheduler)
+
+
 def assert_all_blocks_free(scheduler):
     assert not scheduler.has_unfinished()
     assert scheduler.kv_cache_manager.num_free_blocks == scheduler.config.num_blocks
@@ -275,6 +284,40 @@ def test_preemption_recomputes_the_latest_sequence_which_later_completes():
     assert older.num_output_tokens == 5 and newer.num_output_tokens == 4
     assert newer.status is SequenceStatus.FINISHED_LENGTH and newer.num_cached_prompt_tokens == 0
     assert_all_blocks_free(scheduler)
+
+
+def test_preemption_takes_the_most_recently_started_of_three():
+    """Three decoding sequences fill the cache; the oldest needs a block: the newest goes, the middle one stays."""
+    scheduler, fake_kv = make(block_size=4, num_blocks=6, max_num_batched_tokens=32)
+    seqs = [Sequence(i, [i] * 6, arrival_time=float(i)) for i in (1, 2, 3)]
+    for seq in seqs:
+        scheduler.add_sequence(seq)
+    for _ in range(3):  # 2 blocks each; positions 6 and 7 still fit
+        assert not step(scheduler, fake_kv).preempted
+    output = step(scheduler, fake_kv)  # all need a 3rd block at position 8: the newest one frees two
+    assert [seq.seq_id for seq in output.preempted] == [3]
+    assert [item.seq.seq_id for item in output.scheduled] == [1, 2]
+    assert [seq.seq_id for seq in scheduler.waiting] == [3]
+    run_to_completion(scheduler, fake_kv, {1: 6, 2: 6, 3: 6})
+    assert [seq.num_output_tokens for seq in seqs] == [6, 6, 6] and seqs[2].num_preemptions == 1
+
+
+def test_preemptions_go_from_the_newest_back_and_requeue_in_arrival_order():
+    """The oldest one's prefill chunk needs three blocks and one is free: the newest sequence is preempted first,
+    then the middle one, and both wait in arrival order."""
+    scheduler, fake_kv = make(block_size=4, num_blocks=8, max_num_batched_tokens=64, prompt_chunksize=16)
+    oldest, middle, newest = (Sequence(1, [1] * 28, arrival_time=1.0), Sequence(2, [2] * 8, arrival_time=2.0),
+                              Sequence(3, [3] * 4, arrival_time=3.0))
+    for seq in (oldest, middle, newest):
+        scheduler.add_sequence(seq)
+    output = step(scheduler, fake_kv)  # 16 + 8 + 4 tokens: 4 + 2 + 1 blocks
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(1, 16), (2, 8), (3, 4)]
+    output = step(scheduler, fake_kv)
+    assert output.preempted == [newest, middle]
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(1, 12)]
+    assert list(scheduler.waiting) == [middle, newest]
+    run_to_completion(scheduler, fake_kv, {1: 2, 2: 2, 3: 2})
+    assert (middle.num_preemptions, newest.num_preemptions) == (1, 1)
 
 
 def test_last_running_sequence_shrinks_its_chunk_rather_than_preempting_itself():

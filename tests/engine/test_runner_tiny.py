@@ -160,6 +160,10 @@ def test_sampling_seed_n_choices_best_of_and_stop(tiny):
     cut = greedy(runner, "Stop test", 24, logit_bias=no_eos(runner), stop_seqs=[stop])
     assert cut.choices[0].text == full[:full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    chunks = list(runner.send_completion_request(CompletionRequest(
+        prompt="Stop test", model="tiny", max_tokens=24, temperature=0.0, logit_bias=no_eos(runner),
+        stop_seqs=[stop], stream=True)))
+    assert "".join(c.text for chunk in chunks for c in chunk.choices) == full[:full.index(stop)]  # no partial stop
     echo = greedy(runner, "Echo", 4, echo_prompt=True, suffix="<END>")
     assert echo.choices[0].text.startswith("Echo") and echo.choices[0].text.endswith("<END>")
     runner.close()

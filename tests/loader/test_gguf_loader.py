@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from mistralrs.loader import gguf_loader
 from mistralrs.loader.gguf_loader import GGUF_ARCHITECTURES, open_gguf, unpermute_rows
@@ -18,8 +19,6 @@ from tests.loader.gguf_fixtures import (
     llama_cpp_permute,
     write_tiny_gguf,
 )
-
-transformers = pytest.importorskip("transformers")
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)

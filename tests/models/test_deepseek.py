@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from mistralrs.models.registry import model_class_for

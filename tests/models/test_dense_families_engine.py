@@ -12,8 +12,7 @@ import threading
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs import Architecture, CompletionRequest, ModelDType, Runner, Which
 from tests.models import family_harness as harness

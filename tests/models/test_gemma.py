@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs.loader.safetensors_loader import load_model
 from mistralrs.models.gemma import (

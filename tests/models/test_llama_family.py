@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.models.config import TextModelConfig

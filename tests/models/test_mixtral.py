@@ -11,8 +11,7 @@ import glob
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs.layers.moe import FusedMoE, softmax_topk_routing
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.phi3 import Phi3ForCausalLM

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs.layers.moe import sparsemixer_routing
 from mistralrs.models.config import TextModelConfig

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from mistralrs import ModelDType, Which
 from mistralrs.loader.gguf_loader import open_gguf
@@ -25,8 +26,6 @@ from mistralrs.worker.options import ExecutionOptions
 from tests.loader.gguf_fixtures import write_tiny_gguf
 from tests.loading import load_which
 from tests.quant.test_cpu_int4 import relative_error
-
-transformers = pytest.importorskip("transformers")
 
 LOGITS_TOLERANCE = 2.0**-6
 FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight, "Q5_0": Int4CpuPairWeight,

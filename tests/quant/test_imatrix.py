@@ -10,8 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs import ModelDType, Runner, Which
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model

@@ -16,12 +16,11 @@ import glob
 import json
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import transformers
 
 from mistralrs import ChatCompletionRequest, ModelDType, Runner, Which
 from mistralrs.layers.linear import UnquantizedLinearMethod
@@ -344,7 +343,6 @@ def test_hqq_quantizing_with_an_imatrix_raises():
 
 
 def test_lora_adapters_are_merged_before_quantizing(tmp_path):
-    pytest.importorskip("peft")
     from tests.loading import load_which
     from tests.adapters.test_lora import _make_dirs
 

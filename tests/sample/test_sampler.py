@@ -198,6 +198,19 @@ def test_top_p_sampling_keeps_nucleus_with_renormalised_probs():
     assert torch.allclose(frequencies[:3], expected, atol=0.03)
 
 
+@pytest.mark.parametrize("top_p,num_kept", [(0.25, 1), (0.3, 2), (0.5, 2), (0.75, 3), (0.9, 4)])
+@pytest.mark.parametrize("top_k", [5, 6])  # the partial-sort path, and the full sort
+def test_top_p_at_an_exact_probability_tie(top_p, top_k, num_kept):
+    """Four equally likely tokens (exactly 0.25 each): the nucleus stops at the token whose cumulative probability
+    reaches top_p, also when it reaches it exactly, and keeps only as many of the tied tokens as that needs."""
+    logits = torch.tensor([[0.0, -math.inf, 0.0, 0.0, -math.inf, 0.0]])
+    assert torch.equal(logits.softmax(-1), torch.tensor([[0.25, 0, 0.25, 0.25, 0, 0.25]]))  # exact in float
+    kept = top_k_top_p_mask(logits, [top_k], [top_p]) > -math.inf
+    assert int(kept.sum()) == num_kept and not kept[0, [1, 4]].any()
+    draws = _draw_many(logits, SamplingParams(top_p=top_p, top_k=top_k), 64)
+    assert len(set(draws.tolist())) == num_kept and set(draws.tolist()) <= {0, 2, 3, 5}
+
+
 def test_top_p_always_keeps_top_token():
     draws = _draw_many(_logits_of([0.4, 0.3, 0.2, 0.1]), SamplingParams(top_p=0.05), 200)
     assert set(draws.tolist()) == {0}

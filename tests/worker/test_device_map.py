@@ -15,8 +15,7 @@ import os
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from mistralrs import ChatCompletionRequest, ModelDType, Runner, Which
 from mistralrs.loader.pipeline import _without_topology
