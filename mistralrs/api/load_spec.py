@@ -108,7 +108,7 @@ def _gguf(which: Which.GGUF, _isq_type: None, common: dict[str, Any]) -> LoadSpe
 
 def _ggml(which: Which.GGML, _isq_type: None, common: dict[str, Any]) -> LoadSpec:
     return LoadSpec(LoadKind.GGML, model_id=which.quantized_model_id, filenames=(which.quantized_filename,),
-                    tokenizer_model_id=which.tok_model_id, tokenizer_json=which.tokenizer_json, gqa=which.gqa,
+                    tokenizer_model_id=which.tok_model_id, tokenizer_json=which.tokenizer_json, gqa=1 if which.gqa is None else which.gqa,
                     dtype=_DTYPES[which.dtype], topology=which.topology, **common)
 
 
@@ -131,7 +131,7 @@ def _ggml_adapters(which: Which.LoraGGML | Which.XLoraGGML, _isq_type: None, com
     if which.topology is not None:
         raise _not_yet(which, "topology is")
     return LoadSpec(LoadKind.GGML, model_id=which.quantized_model_id, filenames=(which.quantized_filename,),
-                    tokenizer_model_id=which.tok_model_id, tokenizer_json=which.tokenizer_json, gqa=which.gqa,
+                    tokenizer_model_id=which.tok_model_id, tokenizer_json=which.tokenizer_json, gqa=1 if which.gqa is None else which.gqa,
                     dtype=_DTYPES[which.dtype], adapters=_adapters(which), **common)
 
 

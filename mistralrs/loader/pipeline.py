@@ -214,23 +214,29 @@ def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
                         "loading")
     model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device, device_map=device_map,
                        quant_config=GGUFModelQuantConfig(use_fast_kernels=spec.execution.fast_kernels))
-    if spec.tokenizer_model_id is not None:
-        tok_source = ModelSource(spec.tokenizer_model_id, token=spec.token)
-        tokenizer = _tokenizer_from_repo(tok_source, spec.tokenizer_json, gguf.metadata, spec.chat_template,
-                                         spec.jinja_explicit)
-    else:
-        tokenizer = load_tokenizer_bundle(
-            tokenizer_json=None, tokenizer_config=None, generation_config=None, gguf_metadata=gguf.metadata,
-            chat_template_arg=spec.chat_template, jinja_explicit=spec.jinja_explicit, repo_chat_template=None)
+    tokenizer = _quantized_file_tokenizer(spec, gguf.metadata)
     max_len = int(gguf.config.get("max_position_embeddings", 4096))
     return LoadedModel(model, tokenizer, spec.model_id, max_len, dtype, device, quantized_file=True)
 
 
+def _quantized_file_tokenizer(spec: LoadSpec, gguf_metadata: dict | None) -> TokenizerBundle:
+    """A GGUF/GGML model's tokenizer: from `tokenizer_model_id`'s files when given, else from `tokenizer_json`
+    and the GGUF metadata."""
+    if spec.tokenizer_model_id is not None:
+        return _tokenizer_from_repo(ModelSource(spec.tokenizer_model_id, token=spec.token), spec.tokenizer_json,
+                                    gguf_metadata, spec.chat_template, spec.jinja_explicit)
+    return load_tokenizer_bundle(
+        tokenizer_json=spec.tokenizer_json, tokenizer_config=None, generation_config=None, gguf_metadata=gguf_metadata,
+        chat_template_arg=spec.chat_template, jinja_explicit=spec.jinja_explicit, repo_chat_template=None)
+
+
 def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
-    """A legacy GGML llama file (REFERENCE §7); the tokenizer always comes from `tokenizer_model_id`."""
+    """A legacy GGML llama file (REFERENCE §7); the tokenizer comes from `tokenizer_model_id`'s files, or from
+    `tokenizer_json` alone."""
     device = device_map.main
-    if not spec.tokenizer_model_id:
-        raise ValueError(f"{spec.label}: tok_model_id is required (GGML files carry no usable tokenizer)")
+    if not spec.tokenizer_model_id and not spec.tokenizer_json:
+        raise ValueError(f"{spec.label}: tok_model_id or tokenizer_json is required (GGML files carry no usable "
+                         "tokenizer)")
     source = ModelSource(spec.model_id, token=spec.token)
     ggml = open_ggml(source.get(spec.filenames[0]), gqa=spec.gqa)
     dtype = resolve_dtype(spec.dtype, device)
@@ -238,8 +244,7 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
                         "loading")
     model = load_model(ggml.config, weights, arch_name=None, dtype=dtype, device=device,
                        quant_config=GGUFQuantConfig(use_fast_kernels=spec.execution.fast_kernels))
-    tokenizer = _tokenizer_from_repo(ModelSource(spec.tokenizer_model_id, token=spec.token), spec.tokenizer_json,
-                                     None, spec.chat_template, spec.jinja_explicit)
+    tokenizer = _quantized_file_tokenizer(spec, None)
     return LoadedModel(model, tokenizer, spec.model_id, int(ggml.config["max_position_embeddings"]),
                        dtype, device, quantized_file=True)
 

@@ -111,14 +111,29 @@ def test_without_a_tokenizer_source_the_runner_raises_a_value_error(tiny, tmp_pa
 
     _, config, checkpoint, _ = tiny
     write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
-    with pytest.raises(ValueError, match="Which.GGML: tok_model_id is required"):
+    with pytest.raises(ValueError, match="Which.GGML: tok_model_id or tokenizer_json is required"):
         Runner(Which.GGML(str(tmp_path), "tiny.bin"), show_progress=False)
+
+
+def test_a_tokenizer_json_alone_is_a_tokenizer_source(tiny, tmp_path):
+    from mistralrs import ModelDType, Which
+    from tests.loading import load_which
+    from tests.tiny_models import char_tokenizer
+
+    _, config, checkpoint, _ = tiny
+    write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
+    char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    loaded = load_which(Which.GGML(str(tmp_path), "tiny.bin", tokenizer_json=str(tmp_path / "tokenizer.json"),
+                                   gqa=GQA, dtype=ModelDType.F32), show_progress=False)
+    assert loaded.tokenizer.tokenizer.encode("ab", add_special_tokens=False).ids == \
+        char_tokenizer().encode("ab", add_special_tokens=False).ids
 
 
 def test_wrong_gqa_is_a_value_error(tiny, tmp_path):
     _, config, checkpoint, _ = tiny
     path = write_ggjt(tmp_path / "tiny.bin", checkpoint, config)
-    assert open_ggml(path, gqa=None).config["num_key_value_heads"] == 4  # None (Which's default) means 1
+    with pytest.raises(ValueError, match=r"n_head / gqa = 4 "):
+        open_ggml(path, gqa=None)  # None (Which's default) means 1: 4 KV heads, where the file has 2
     with pytest.raises(ValueError, match="gqa"):
         open_ggml(path, gqa=3)
     with pytest.raises(ValueError, match=r"tiny\.bin.*n_head / gqa = 4 .* k_proj 64 rows, but its tensor has 32"):
