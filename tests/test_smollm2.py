@@ -107,3 +107,30 @@ def test_gguf_with_tok_model_id_directory(hf_model_and_tokenizer, tmp_path):
         messages=messages, model="smollm2", max_tokens=8, temperature=0.0))
     assert "Paris" in res.choices[0].message.content
     runner.close()
+
+
+def test_stream_loop_of_the_reference_example_runs_to_the_end(runner):
+    """`for chunk in stream: print(chunk.choices[0].delta.content)` (examples/python/streaming.py) must not hit a
+    chunk without choices; the last chunk finishes every choice and carries the usage (REFERENCE §1.8, §1.9)."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="mistral", max_tokens=64, temperature=0.0))
+    stream = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="mistral", max_tokens=64, temperature=0.0, stream=True))
+    pieces, chunks = [], []
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content)
+        chunks.append(chunk)
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    completion = list(runner.send_completion_request(CompletionRequest(
+        prompt="The capital of France is", model="mistral", max_tokens=6, temperature=0.0, stream=True)))
+    assert all(c.choices for c in completion) and completion[-1].choices[0].finish_reason == "length"
+    assert completion[-1].usage.completion_tokens == 6
+    many = list(runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="mistral", max_tokens=8, temperature=0.8, n_choices=3, seed=2, stream=True)))
+    assert all(c.choices for c in many) and many[-1].usage.completion_tokens <= 3 * 8
+    assert sorted(ch.index for c in many for ch in c.choices if ch.finish_reason) == [0, 1, 2]

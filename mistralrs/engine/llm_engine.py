@@ -159,7 +159,8 @@ class LLMEngine:
         engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
                                       request.top_logprobs, outputs)
         parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
-        assembler = ChatAssembler(engine_request.request_id, self.model_id, request.logprobs, parse_tools)
+        assembler = ChatAssembler(engine_request.request_id, self.model_id, request.n_choices, request.logprobs,
+                                  parse_tools)
         return Submission(engine_request, assembler)
 
     def submit_completion(self, request: CompletionRequest, *, logprobs: int | None = None,

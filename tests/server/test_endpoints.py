@@ -61,10 +61,22 @@ def test_streaming_equals_non_streaming(client, kind, include_usage):
     usages = [c.usage for c in chunks if c.usage is not None]
     if include_usage:
         assert len(usages) == 1 and chunks[-1].usage is not None and chunks[-1].choices == []
+        assert all(c.choices for c in chunks[:-1])
         assert usages[0].completion_tokens == whole.usage.completion_tokens
         assert usages[0].prompt_tokens == whole.usage.prompt_tokens
     else:
-        assert usages == []
+        assert usages == [] and all(c.choices for c in chunks)
+
+
+def test_stream_loop_of_the_reference_server_example(client):
+    """examples/server/streaming.py: `delta = chunk.choices[0].delta.content; resp += delta` on every chunk."""
+    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Stream"}],
+                                            stream=True, **GREEDY)
+    resp = ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta.content
+        resp += delta
+    assert len(resp) > 0 and chunk.choices[0].finish_reason == "length"
 
 
 def reference_logprobs(hf_model, runner, prompt_ids: list[int], generated: list[int], top: int):
