@@ -179,7 +179,7 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
         """Chat completion (OpenAI shape); `stream: true` answers with server-sent events."""
         body = await _parse(request, schemas.ChatCompletionBody)
         state.check_model(body.model)
-        chat = _build(schemas.chat_request, body, engine.model_id)
+        chat = _build(schemas.chat_request, body)
         submission, outputs = await _submit(state, lambda out: engine.submit_chat_completion(chat, outputs=out),
                                             "messages")
         if body.stream:
