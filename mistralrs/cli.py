@@ -173,6 +173,9 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
     add("--api-key", default=None, help="require this key (default: $MISTRALRS_API_KEY; none when unset)")
     add("--cors", default="*", help="allowed browser origins, comma-separated ('' turns CORS off)")
     add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
+    add("--strict-model-name", action="store_true",
+        help="answer 404 to a request whose `model` is not the served model's id, file name or 'default' "
+             "(by default any name selects the served model)")
     add("-l", "--log", default=None, help="append request and response bodies to this file")
     add("--throughput", action="store_true", help="accepted; every response's usage reports its throughput")
     _add_runner_options(parser)
@@ -267,8 +270,18 @@ def _load(args: argparse.Namespace):
         sys.exit(f"mistralrs: {exc}")
 
 
+def server_config_from_args(args: argparse.Namespace):
+    """The `ServerConfig` of the server options (ValueError for a bad value)."""
+    from mistralrs.server import ServerConfig
+
+    return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
+                        cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
+                        strict_model_name=args.strict_model_name,
+                        **({} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}))
+
+
 def _serve(args: argparse.Namespace) -> None:
-    from mistralrs.server import ServerConfig, serve
+    from mistralrs.server import serve
 
     if args.log:
         handler = logging.FileHandler(args.log)
@@ -278,9 +291,7 @@ def _serve(args: argparse.Namespace) -> None:
         request_log.setLevel(logging.INFO)
         request_log.propagate = False
     try:
-        config = ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
-                              cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
-                              **({} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}))
+        config = server_config_from_args(args)
     except ValueError as exc:
         sys.exit(f"mistralrs: {exc}")
     which, runner = _load(args)

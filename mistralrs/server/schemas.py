@@ -47,7 +47,8 @@ class ResponseFormat(_Body):
 class _SamplingBody(_Body):
     """Fields shared by chat and completion bodies (None means the default)."""
 
-    model: str | None = Field(None, description="the served model id or 'default'")
+    model: str | None = Field(None, description="any name selects the served model (with --strict-model-name: "
+                                                  "its id, file name or 'default')")
     max_tokens: int | None = Field(None, description="most generated tokens; clamped to the room left in the "
                                                      "context")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="number of choices")
