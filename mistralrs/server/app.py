@@ -54,7 +54,8 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=lambda: ["*"])  # allowed browser origins; [] turns CORS off
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get a 413
     keep_alive_sec: float = field(default_factory=_default_keep_alive_sec)  # SSE comment after this much silence
-    model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default"
+    model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default" (strict)
+    strict_model_name: bool = False  # 404 for a `model` other than the id, its aliases or "default" (else any name)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
@@ -78,7 +79,8 @@ class _AppState:
                                 *config.model_aliases}
 
     def check_model(self, name: str | None) -> None:
-        if name is None or name in self.accepted_models:
+        """Any name selects the one served model (as the reference); with `strict_model_name`, only its names."""
+        if name is None or not self.config.strict_model_name or name in self.accepted_models:
             return
         raise APIError(404, f"The model {name!r} does not exist: this server serves {self.engine.model_id!r} "
                             "(also accepted: 'default')", param="model", code="model_not_found")
@@ -179,7 +181,7 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
         """Chat completion (OpenAI shape); `stream: true` answers with server-sent events."""
         body = await _parse(request, schemas.ChatCompletionBody)
         state.check_model(body.model)
-        chat = _build(schemas.chat_request, body, engine.model_id)
+        chat = _build(schemas.chat_request, body)
         submission, outputs = await _submit(state, lambda out: engine.submit_chat_completion(chat, outputs=out),
                                             "messages")
         if body.stream:

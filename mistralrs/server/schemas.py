@@ -47,7 +47,8 @@ class ResponseFormat(_Body):
 class _SamplingBody(_Body):
     """Fields shared by chat and completion bodies (None means the default)."""
 
-    model: str | None = Field(None, description="the served model id or 'default'")
+    model: str | None = Field(None, description="any name selects the served model (with --strict-model-name: "
+                                                  "its id, file name or 'default')")
     max_tokens: int | None = Field(None, description="most generated tokens; clamped to the room left in the "
                                                      "context")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="number of choices")
@@ -135,39 +136,6 @@ class ReIsqBody(_Body):
 BODY_MODELS = (ChatCompletionBody, CompletionBody, ImageGenerationBody, AdaptersBody, ReIsqBody)
 
 
-def _text_content(where: str, parts: list[Any], model_id: str) -> str:
-    """A content list of text parts joined with newlines; image parts are refused (text model)."""
-    texts = []
-    for j, part in enumerate(parts):
-        part_where = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_image", "image") or (isinstance(part, dict) and "image_url" in part):
-            raise APIError(400, f"{part_where}: image input is not supported by {model_id!r}, a text-only model "
-                                "(vision models are not built in this version)",
-                           param=part_where, code="image_input_not_supported")
-        else:
-            raise APIError(400, f"{part_where} must be {{'type': 'text', 'text': str}}; got {part!r:.200}",
-                           param=part_where)
-    if not texts:
-        raise APIError(400, f"{where} must not be an empty list of parts", param=where)
-    return "\n".join(texts)
-
-
-def _messages(messages: list[dict[str, Any]] | str, model_id: str) -> list[dict[str, Any]] | str:
-    """Messages with list contents flattened to text (chat templates expect strings)."""
-    if isinstance(messages, str):
-        return messages
-    flattened = []
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, list):
-            message = {**message, "content": _text_content(f"messages[{i}].content", content, model_id)}
-        flattened.append(message)
-    return flattened
-
-
 def _grammar(body: ChatCompletionBody | CompletionBody) -> tuple[Any, str | None]:
     """(grammar, grammar_type) from `grammar` or `response_format`, which cannot be combined."""
     response_format = getattr(body, "response_format", None)
@@ -196,11 +164,11 @@ def _max_tokens(body: ChatCompletionBody) -> int | None:
     return body.max_completion_tokens
 
 
-def chat_request(body: ChatCompletionBody, model_id: str) -> ChatCompletionRequest:
+def chat_request(body: ChatCompletionBody) -> ChatCompletionRequest:
     """The `ChatCompletionRequest` a chat body asks for (raises ValueError/TypeError/APIError when it is bad)."""
     grammar, grammar_type = _grammar(body)
     return ChatCompletionRequest(
-        messages=_messages(body.messages, model_id), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs,
+        messages=body.messages, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs,
         max_tokens=_max_tokens(body), grammar=grammar, grammar_type=grammar_type, **body.shared_fields())
 
 

@@ -189,9 +189,9 @@ def test_multi_turn_with_tool_message_renders(runner):
                     {"id": "call-1", "type": "function",
                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
                 {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
+    request = ChatCompletionRequest(messages=messages, model="t", tool_schemas=[WEATHER])
     prompt = runner.llm_engine._inputs.tool_chat_template.render(
-        [runner.llm_engine._messages(ChatCompletionRequest(messages=messages, model="t", tool_schemas=[WEATHER]))[i]
-         for i in range(3)], add_generation_prompt=True, tools=[WEATHER])
+        runner.llm_engine._messages(request, [WEATHER]), add_generation_prompt=True, tools=[WEATHER])
     assert "call get_weather(Paris)" in prompt and "result[call-1]: sunny" in prompt
     response = chat(runner, messages=messages, tool_schemas=[WEATHER], max_tokens=5, temperature=0.0,
                     logit_bias={EOS_TOKEN_ID: -100.0})

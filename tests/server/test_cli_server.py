@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from mistralrs import Which
-from mistralrs.cli import build_parser, build_server_parser, server_main, which_from_args
+from mistralrs.cli import build_parser, build_server_parser, server_config_from_args, server_main, which_from_args
 from tests.server.conftest import wait_until
 
 
@@ -30,6 +30,11 @@ def test_reference_argument_order_selects_the_model():
     assert (args.command, args.host, args.api_key) == ("serve", "127.0.0.1", "k")
     assert (which.model_id, which.arch.name, which.auto_map_params.max_seq_len) == ("ID", "Mistral", 1024)
     assert build_parser().parse_args(["serve"]).model_kind is None   # the default model
+
+
+def test_strict_model_name_option():
+    assert server_config_from_args(build_server_parser().parse_args(["--strict-model-name"])).strict_model_name
+    assert not server_config_from_args(build_parser().parse_args(["serve"])).strict_model_name
 
 
 @pytest.mark.parametrize("argv, message", [

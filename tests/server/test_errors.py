@@ -36,7 +36,6 @@ BAD_REQUESTS = [
     (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 99}, 400, "top_logprobs", None),
     (CHAT, {"messages": HELLO, "logit_bias": {"abc": 1.0}}, 400, "logit_bias", None),
     (CHAT, {"messages": HELLO, "logit_bias": {"99999": 1.0}}, 400, "logit_bias", None),
-    (CHAT, {"messages": HELLO, "model": "gpt-4o"}, 404, "model", "model_not_found"),
     (CHAT, {"messages": [{"role": "user", "content": "x" * 2000}]}, 400, "messages", "context_length_exceeded"),
     (CHAT, {"messages": IMAGE}, 400, "messages[0].content[1]", "image_input_not_supported"),
     (CHAT, {"messages": HELLO, "grammar": {"type": "regex", "value": "[a-z"}}, 400, "grammar", None),
@@ -88,8 +87,6 @@ def test_openai_client_sees_the_error_and_the_server_keeps_serving(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="default", messages=HELLO, n=0)
     assert caught.value.body["param"] == "n"
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="not-this-one", messages=HELLO)
     reply = client.chat.completions.create(model="default", messages=HELLO, max_tokens=3, temperature=0)
     assert reply.choices[0].finish_reason in ("length", "stop")
 
