@@ -155,7 +155,8 @@ class LLMEngine:
         puts `SeqDelta` lists, then a `RequestFinished` (or an exception) on it. Raises ValueError for a bad
         request (prompt too long, no chat template, unsupported option).
         """
-        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request))
+        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request),
+                                                  keep_tail=self.truncate_sequence)
         engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
                                       request.top_logprobs, outputs)
         parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
@@ -171,7 +172,7 @@ class LLMEngine:
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 20):
             raise ValueError(f"logprobs: must be an int in [0, 20] or None, got {logprobs!r}")
-        prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
+        prompt_ids = self._inputs.completion_prompt_ids(request.prompt, keep_tail=self.truncate_sequence)
         num_seqs = max(request.n_choices, request.best_of)
         if request.stream and num_seqs != request.n_choices:
             raise ValueError("best_of: cannot be larger than n_choices when streaming")
