@@ -173,6 +173,9 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
     add("--api-key", default=None, help="require this key (default: $MISTRALRS_API_KEY; none when unset)")
     add("--cors", default="*", help="allowed browser origins, comma-separated ('' turns CORS off)")
     add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
+    add("--read-timeout", dest="read_timeout_sec", type=float, default=None,
+        help="seconds a client has to send a request head, then its body (default 60)")
+    add("--max-connections", type=int, default=None, help="open connections served at once (default 512)")
     add("-l", "--log", default=None, help="append request and response bodies to this file")
     add("--throughput", action="store_true", help="accepted; every response's usage reports its throughput")
     _add_runner_options(parser)
@@ -267,8 +270,18 @@ def _load(args: argparse.Namespace):
         sys.exit(f"mistralrs: {exc}")
 
 
+def server_config_from_args(args: argparse.Namespace):
+    """The `ServerConfig` the server options ask for (ValueError for a bad value)."""
+    from mistralrs.server import ServerConfig
+
+    limits = {name: getattr(args, name) for name in ("max_body_bytes", "read_timeout_sec", "max_connections")
+              if getattr(args, name) is not None}   # unset: the ServerConfig defaults
+    return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
+                        cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()], **limits)
+
+
 def _serve(args: argparse.Namespace) -> None:
-    from mistralrs.server import ServerConfig, serve
+    from mistralrs.server import serve
 
     if args.log:
         handler = logging.FileHandler(args.log)
@@ -278,9 +291,7 @@ def _serve(args: argparse.Namespace) -> None:
         request_log.setLevel(logging.INFO)
         request_log.propagate = False
     try:
-        config = ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
-                              cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
-                              **({} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}))
+        config = server_config_from_args(args)
     except ValueError as exc:
         sys.exit(f"mistralrs: {exc}")
     which, runner = _load(args)

@@ -29,13 +29,15 @@ from mistralrs.api.runner import Runner
 from mistralrs.engine.llm_engine import LLMEngine, Submission
 from mistralrs.server import encode, schemas
 from mistralrs.server.errors import APIError, client_error, install_error_handlers, validation_error
-from mistralrs.server.middleware import GuardMiddleware
+from mistralrs.server.middleware import GuardMiddleware, GuardSettings
 from mistralrs.server.streaming import AsyncOutputs, EventStreamResponse, RequestTracker, collect, sse_events
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("mistralrs.server.requests")  # request/response bodies (`--log FILE`)
 
 DEFAULT_MAX_BODY_BYTES = 50 * 2**20  # as the reference
+DEFAULT_READ_TIMEOUT_SEC = 60.0  # for a request head, then for its body (the reference has none)
+DEFAULT_MAX_CONNECTIONS = 512  # open connections (the reference has no limit)
 Body = TypeVar("Body", bound=BaseModel)
 _CLIENT_GONE = Response(status_code=408)  # answered (to nobody) when the client left before its response
 
@@ -53,6 +55,8 @@ class ServerConfig:
     api_key: str | None = None  # required as `Authorization: Bearer <key>` when set
     cors_origins: list[str] = field(default_factory=lambda: ["*"])  # allowed browser origins; [] turns CORS off
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get a 413
+    read_timeout_sec: float = DEFAULT_READ_TIMEOUT_SEC  # a request head, then its body, must arrive within this
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # requests on connections beyond this many get a 503
     keep_alive_sec: float = field(default_factory=_default_keep_alive_sec)  # SSE comment after this much silence
     model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default"
 
@@ -61,6 +65,10 @@ class ServerConfig:
             raise ValueError("api_key must not be empty (leave it unset for no key)")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.read_timeout_sec <= 0:
+            raise ValueError(f"read_timeout_sec must be > 0, got {self.read_timeout_sec}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.keep_alive_sec <= 0:
             raise ValueError(f"keep_alive_sec must be > 0, got {self.keep_alive_sec}")
 
@@ -161,7 +169,8 @@ def create_app(runner: Runner, config: ServerConfig | None = None) -> FastAPI:
                   description="OpenAI-compatible server of the mistralrs Python engine")
     app.state.mistralrs = state
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, settings=GuardSettings(
+        api_key=config.api_key, max_body_bytes=config.max_body_bytes, read_timeout_sec=config.read_timeout_sec))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization"])

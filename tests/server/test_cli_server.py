@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from mistralrs import Which
-from mistralrs.cli import build_parser, build_server_parser, server_main, which_from_args
+from mistralrs.cli import build_parser, build_server_parser, server_config_from_args, server_main, which_from_args
 from tests.server.conftest import wait_until
 
 
@@ -30,6 +30,17 @@ def test_reference_argument_order_selects_the_model():
     assert (args.command, args.host, args.api_key) == ("serve", "127.0.0.1", "k")
     assert (which.model_id, which.arch.name, which.auto_map_params.max_seq_len) == ("ID", "Mistral", 1024)
     assert build_parser().parse_args(["serve"]).model_kind is None   # the default model
+
+
+def test_server_options_make_the_server_config():
+    config = server_config_from_args(build_parser().parse_args(["serve"]))
+    assert (config.read_timeout_sec, config.max_connections) == (60.0, 512)
+    args = build_parser().parse_args(["serve", "--read-timeout", "2.5", "--max-connections", "8",
+                                      "--max-body-bytes", "1000"])
+    config = server_config_from_args(args)
+    assert (config.read_timeout_sec, config.max_connections, config.max_body_bytes) == (2.5, 8, 1000)
+    with pytest.raises(ValueError, match="read_timeout_sec must be > 0"):
+        server_config_from_args(build_parser().parse_args(["serve", "--read-timeout", "0"]))
 
 
 @pytest.mark.parametrize("argv, message", [
