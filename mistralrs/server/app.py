@@ -130,6 +130,7 @@ async def _submit(state: _AppState, submit, prompt_param: str) -> tuple[Submissi
     try:
         return await run_in_threadpool(submit, outputs), outputs
     except (ValueError, TypeError) as exc:
+        exc.__traceback__ = None   # its frames hold the prompt, in a cycle: free it now, not at the next collection
         raise client_error(exc, prompt_param) from None
 
 

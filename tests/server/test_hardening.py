@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
+import types
 
 import pytest
 
+from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.server import BackgroundServer, ServerConfig
 from tests.server.conftest import NO_EOS, request, wait_until
 
@@ -17,6 +20,21 @@ def test_a_prompt_that_cannot_fit_is_refused_by_its_length(server, runner):
                            {"prompt": "x" * (runner.max_model_len * inputs.max_token_chars + 1), "max_tokens": 1})
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     assert "characters" in body["error"]["message"]
+
+
+def test_a_refused_prompt_is_freed_at_once(server, runner):
+    """The frames that held a refused prompt are gone with the response, not kept in a cycle until a collection."""
+    limit = runner.max_model_len * runner.llm_engine._inputs.max_token_chars
+    gc.collect()
+    gc.disable()
+    try:
+        status, _ = request(server, "POST", "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "x" * limit}], "max_tokens": 1})
+        bounded = InputProcessor._bounded.__code__
+        kept = [o for o in gc.get_objects() if type(o) is types.FrameType and o.f_code is bounded]
+    finally:
+        gc.enable()
+    assert status == 400 and kept == []
 
 
 @pytest.fixture(scope="module")
