@@ -171,7 +171,11 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
     add("--host", "--serve-ip", dest="host", default=default_host, help=f"address to listen on ({default_host})")
     add("-i", "--interactive-mode", action="store_true", help="chat in the terminal instead of serving HTTP")
     add("--api-key", default=None, help="require this key (default: $MISTRALRS_API_KEY; none when unset)")
-    add("--cors", default="*", help="allowed browser origins, comma-separated ('' turns CORS off)")
+    add("--cors", default="", help="browser origins allowed by CORS, comma-separated ('*': any; default: none)")
+    add("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+        help="a Host name accepted on loopback connections besides localhost and IP addresses (repeatable)")
+    add("--enable-admin-endpoints", action="store_true",
+        help="serve /re_isq and /activate_adapters without an API key (with a key they need it)")
     add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
     add("--read-timeout", dest="read_timeout_sec", type=float, default=None,
         help="seconds a client has to send a request head, then its body (default 60)")
@@ -277,7 +281,9 @@ def server_config_from_args(args: argparse.Namespace):
     limits = {name: getattr(args, name) for name in ("max_body_bytes", "read_timeout_sec", "max_connections")
               if getattr(args, name) is not None}   # unset: the ServerConfig defaults
     return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
-                        cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()], **limits)
+                        cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
+                        allowed_hosts=tuple(args.allowed_hosts), admin_without_key=args.enable_admin_endpoints,
+                        **limits)
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -228,11 +228,12 @@ class LLMEngine:
     def send_re_isq(self, isq_type: str) -> None:
         """Re-quantizes the live model to ISQ type `isq_type` between two engine steps and returns at once
         (requests submitted afterwards see the new weights; a failure while quantizing is logged). ValueError for
-        an unknown type; ignored for GGUF/GGML models (REFERENCE §3)."""
+        an unknown type, also for GGUF/GGML models, where a known type is ignored (REFERENCE §3)."""
+        parsed = parse_isq_type(isq_type)
         if self._loaded.quantized_file:
             logger.info("send_re_isq(%r): ignored, the model was loaded from quantized GGUF/GGML weights", isq_type)
             return
-        self._engine.post(ReIsq(parse_isq_type(isq_type)))
+        self._engine.post(ReIsq(parsed))
 
     def _re_isq(self, command: ReIsq) -> None:
         """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""

@@ -53,10 +53,12 @@ class ServerConfig:
     """Settings of the HTTP app (the CLI's server options)."""
 
     api_key: str | None = None  # required as `Authorization: Bearer <key>` when set
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])  # allowed browser origins; [] turns CORS off
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed by CORS ("*": any); [] off
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get a 413
     read_timeout_sec: float = DEFAULT_READ_TIMEOUT_SEC  # a request head, then its body, must arrive within this
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # requests on connections beyond this many get a 503
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback connection may use besides localhost, IPs ("*": any)
+    admin_without_key: bool = False  # serve /re_isq and /activate_adapters although no api_key is set
     keep_alive_sec: float = field(default_factory=_default_keep_alive_sec)  # SSE comment after this much silence
     model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default"
 
@@ -171,7 +173,8 @@ def create_app(runner: Runner, config: ServerConfig | None = None) -> FastAPI:
     app.state.mistralrs = state
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, settings=GuardSettings(
-        api_key=config.api_key, max_body_bytes=config.max_body_bytes, read_timeout_sec=config.read_timeout_sec))
+        api_key=config.api_key, max_body_bytes=config.max_body_bytes, read_timeout_sec=config.read_timeout_sec,
+        allowed_hosts=tuple(config.allowed_hosts), admin_without_key=config.admin_without_key))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization"])
@@ -284,5 +287,5 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         try:
             await run_in_threadpool(engine.send_re_isq, body.ggml_type)
         except (ValueError, TypeError) as exc:
-            raise client_error(exc) from None
+            raise client_error(exc, "ggml_type") from None
         return PlainTextResponse(f"Successfully re-quantized the model to {body.ggml_type}")

@@ -35,6 +35,13 @@ def test_reference_argument_order_selects_the_model():
 def test_server_options_make_the_server_config():
     config = server_config_from_args(build_parser().parse_args(["serve"]))
     assert (config.read_timeout_sec, config.max_connections) == (60.0, 512)
+    assert (config.cors_origins, config.allowed_hosts, config.admin_without_key) == ([], (), False)
+    args = build_server_parser().parse_args(["--cors", "https://a.example, https://b.example", "--allowed-host",
+                                             "api.example", "--allowed-host", "b.example",
+                                             "--enable-admin-endpoints", "plain", "-m", "ID"])
+    config = server_config_from_args(args)
+    assert config.cors_origins == ["https://a.example", "https://b.example"]
+    assert (config.allowed_hosts, config.admin_without_key) == (("api.example", "b.example"), True)
     args = build_parser().parse_args(["serve", "--read-timeout", "2.5", "--max-connections", "8",
                                       "--max-body-bytes", "1000"])
     config = server_config_from_args(args)

@@ -58,7 +58,7 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {"prompt": "a cat"}, 400, None, None),
     ("/v1/images/generations", {"prompt": "a cat", "size": "big"}, 400, "size", None),
     ("/activate_adapters", {"adapter_names": ["a"]}, 400, None, None),
-    ("/re_isq", {"ggml_type": "Q9"}, 400, None, None),
+    ("/re_isq", {"ggml_type": "Q9"}, 400, "ggml_type", None),
     ("/re_isq", {}, 400, "ggml_type", None),
     ("/v1/nothing-here", {}, 404, None, None),
 ]
@@ -107,8 +107,9 @@ def test_api_key_is_required_when_set(runner):
         assert good.chat.completions.create(model="default", messages=HELLO, max_tokens=2).choices
 
 
-def test_cors_preflight_is_answered(server):
-    status, _ = request(server, "OPTIONS", CHAT, headers={
-        "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})
+def test_cors_preflight_is_answered_when_configured(runner):
+    with BackgroundServer(runner, ServerConfig(cors_origins=["http://example.com"])) as server:
+        status, _ = request(server, "OPTIONS", CHAT, headers={
+            "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
     assert status == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import http.client
 import json
 import socket
 import types
@@ -105,3 +106,85 @@ def test_a_half_closed_client_gets_its_answer(server, stream, connection):
         assert b"data: [DONE]" in body
     else:
         assert json.loads(body)["usage"]["completion_tokens"] == 3
+
+
+@pytest.fixture(scope="module")
+def closed(runner):
+    """A server with the defaults: no API key, no CORS, admin endpoints off."""
+    with BackgroundServer(runner) as server:
+        yield server
+
+
+@pytest.mark.parametrize("path, body", [("/re_isq", {"ggml_type": "Q4K"}),
+                                        ("/activate_adapters", {"adapter_names": ["a"]})])
+def test_admin_endpoints_need_a_key_or_the_flag(closed, runner, path, body):
+    status, reply = request(closed, "POST", path, body)
+    assert status == 403 and reply["error"]["code"] == "admin_disabled"
+    with BackgroundServer(runner, ServerConfig(api_key="k")) as server:
+        assert request(server, "POST", path, body)[0] == 401
+        bad = {"ggml_type": "../../x"} if path == "/re_isq" else {"adapter_names": ["nope"]}
+        status, reply = request(server, "POST", path, bad, headers={"Authorization": "Bearer k"})
+        assert status == 400   # the route answered (this model has neither ISQ weights nor adapters to swap)
+
+
+def test_re_isq_names_a_bad_type(server):
+    status, reply = request(server, "POST", "/re_isq", {"ggml_type": "../../x"})
+    assert status == 400 and "ISQ type ../../x unknown" in reply["error"]["message"]
+    assert reply["error"]["param"] == "ggml_type"
+
+
+def test_cors_is_off_unless_configured(closed):
+    headers = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    conn = http.client.HTTPConnection(closed.host, closed.port, timeout=30)
+    try:
+        conn.request("OPTIONS", "/v1/chat/completions", headers=headers)
+        preflight = conn.getresponse()
+        preflight.read()
+        conn.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
+        simple = conn.getresponse()
+        simple.read()
+    finally:
+        conn.close()
+    assert preflight.status == 405 and preflight.getheader("Access-Control-Allow-Origin") is None
+    assert simple.status == 200 and simple.getheader("Access-Control-Allow-Origin") is None
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_bodies_must_be_sent_as_json(closed, content_type):
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    conn = http.client.HTTPConnection(closed.host, closed.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        if content_type is not None:
+            conn.putheader("Content-Type", content_type)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 415 and reply["error"]["code"] == "unsupported_media_type"
+
+
+def test_json_with_a_charset_is_json(closed):
+    status, _ = request(closed, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 1},
+                        headers={"Content-Type": "application/json; charset=utf-8"})
+    assert status == 200
+
+
+@pytest.mark.parametrize("host, allowed", [("localhost:1234", True), ("LOCALHOST", True), ("127.0.0.1", True),
+                                           ("[::1]:1234", True), ("10.1.2.3:80", True), ("app.localhost", True),
+                                           ("evil.example:1234", False), ("evil.example", False),
+                                           ("localhost.evil.example", False)])
+def test_loopback_connections_check_the_host(closed, host, allowed):
+    status, reply = request(closed, "GET", "/v1/models", headers={"Host": host})
+    assert status == (200 if allowed else 403)
+    if not allowed:
+        assert reply["error"]["code"] == "host_not_allowed"
+
+
+def test_allowed_hosts_are_accepted(runner):
+    with BackgroundServer(runner, ServerConfig(allowed_hosts=("api.example",))) as server:
+        assert request(server, "GET", "/v1/models", headers={"Host": "api.example:8080"})[0] == 200
+        assert request(server, "GET", "/v1/models", headers={"Host": "evil.example"})[0] == 403
