@@ -122,6 +122,13 @@ def _label(which, runner: Runner) -> str:
     return ", ".join(_quantized_files(which)) or runner.model_id
 
 
+def _served_name(which, runner: Runner) -> str | None:
+    """The `model` the server shows for a GGUF/GGML model named by an absolute directory: its first file name
+    (None: the server's default, the id as given or the last component of an absolute path)."""
+    files = _quantized_files(which)
+    return files[0] if files and os.path.isabs(runner.model_id) else None
+
+
 def _model_aliases(which) -> tuple[str, ...]:
     """Names the server accepts in a request's `model` for this selection (GGUF file names and stems)."""
     names = _quantized_files(which)
@@ -174,6 +181,7 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
     add("--cors", default="", help="browser origins allowed by CORS, comma-separated ('*': any; default: none)")
     add("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
         help="a Host name accepted on loopback connections besides localhost and IP addresses (repeatable)")
+    add("--docs", action="store_true", help="serve the Swagger UI at /docs (it loads its scripts from a CDN)")
     add("--enable-admin-endpoints", action="store_true",
         help="serve /re_isq and /activate_adapters without an API key (with a key they need it)")
     add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
@@ -283,7 +291,7 @@ def server_config_from_args(args: argparse.Namespace):
     return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
                         cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
                         allowed_hosts=tuple(args.allowed_hosts), admin_without_key=args.enable_admin_endpoints,
-                        **limits)
+                        docs=args.docs, **limits)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -306,8 +314,9 @@ def _serve(args: argparse.Namespace) -> None:
         runner.close()
         return
     config.model_aliases = _model_aliases(which)
-    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)",
-          flush=True)
+    config.model_name = _served_name(which, runner)
+    docs = "; docs at /docs" if args.docs else ""
+    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API{docs})", flush=True)
     serve(runner, config, host=args.host, port=args.port)
 
 

@@ -2,9 +2,9 @@
 
 `create_app(runner, config)` returns a FastAPI app with the endpoints `POST /v1/chat/completions`,
 `POST /v1/completions`, `GET /v1/models`, `GET /health` (and `/`), `POST /v1/images/generations`,
-`POST /activate_adapters`, `POST /re_isq`, the OpenAPI document at `/api-doc/openapi.json` and its viewer at
-`/docs`. Request work that may take long (templating and tokenizing a prompt) runs in a worker thread; the
-event loop only moves bytes.
+`POST /activate_adapters`, `POST /re_isq`, the OpenAPI document at `/api-doc/openapi.json` and, with
+`ServerConfig.docs`, its viewer at `/docs`. Request work that may take long (templating and tokenizing a prompt)
+runs in a worker thread; the event loop only moves bytes.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class ServerConfig:
     admin_without_key: bool = False  # serve /re_isq and /activate_adapters although no api_key is set
     keep_alive_sec: float = field(default_factory=_default_keep_alive_sec)  # SSE comment after this much silence
     model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default"
+    model_name: str | None = None  # the `model` clients see; None: `public_model_name` of the model id
+    docs: bool = False  # serve the Swagger UI at /docs (it loads its scripts from a CDN)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
@@ -75,6 +77,12 @@ class ServerConfig:
             raise ValueError(f"keep_alive_sec must be > 0, got {self.keep_alive_sec}")
 
 
+def public_model_name(model_id: str) -> str:
+    """How clients see a model id: as given, or its last component when it is an absolute path (the server's file
+    system is nobody's business)."""
+    return os.path.basename(model_id.rstrip("/")) if os.path.isabs(model_id) else model_id
+
+
 class _AppState:
     """What the routes share: the front door, the settings, the in-flight requests."""
 
@@ -83,6 +91,7 @@ class _AppState:
         self.config = config
         self.tracker = RequestTracker(engine)
         self.created = int(time.time())
+        self.model_name = config.model_name or public_model_name(engine.model_id)  # in /v1/models and responses
         model_id = engine.model_id
         self.accepted_models = {"default", model_id, os.path.basename(model_id.rstrip("/")),
                                 *config.model_aliases}
@@ -90,7 +99,7 @@ class _AppState:
     def check_model(self, name: str | None) -> None:
         if name is None or name in self.accepted_models:
             return
-        raise APIError(404, f"The model {name!r} does not exist: this server serves {self.engine.model_id!r} "
+        raise APIError(404, f"The model {name!r} does not exist: this server serves {self.model_name!r} "
                             "(also accepted: 'default')", param="model", code="model_not_found")
 
     def check_open(self) -> None:
@@ -130,10 +139,12 @@ async def _submit(state: _AppState, submit, prompt_param: str) -> tuple[Submissi
     state.check_open()
     outputs = AsyncOutputs(asyncio.get_running_loop())
     try:
-        return await run_in_threadpool(submit, outputs), outputs
+        submission = await run_in_threadpool(submit, outputs)
     except (ValueError, TypeError) as exc:
         exc.__traceback__ = None   # its frames hold the prompt, in a cycle: free it now, not at the next collection
         raise client_error(exc, prompt_param) from None
+    submission.assembler.model_id = state.model_name   # the responses' `model`, as /v1/models shows it
+    return submission, outputs
 
 
 def _json(body: dict, status: int = 200) -> Response:
@@ -167,7 +178,7 @@ def create_app(runner: Runner, config: ServerConfig | None = None) -> FastAPI:
     """The OpenAI-compatible app serving `runner`'s front door (the caller keeps ownership of the runner)."""
     config = config or ServerConfig()
     state = _AppState(runner.llm_engine, config)
-    app = FastAPI(title="mistralrs", version="0.1.0", docs_url="/docs", redoc_url=None,
+    app = FastAPI(title="mistralrs", version="0.1.0", docs_url="/docs" if config.docs else None, redoc_url=None,
                   openapi_url="/api-doc/openapi.json",
                   description="OpenAI-compatible server of the mistralrs Python engine")
     app.state.mistralrs = state
@@ -192,7 +203,7 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
         """Chat completion (OpenAI shape); `stream: true` answers with server-sent events."""
         body = await _parse(request, schemas.ChatCompletionBody)
         state.check_model(body.model)
-        chat = _build(schemas.chat_request, body, engine.model_id)
+        chat = _build(schemas.chat_request, body, state.model_name)
         submission, outputs = await _submit(state, lambda out: engine.submit_chat_completion(chat, outputs=out),
                                             "messages")
         if body.stream:
@@ -244,7 +255,7 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         return PlainTextResponse("OK")
 
     def model_card() -> dict:
-        return {"id": engine.model_id, "object": "model", "created": state.created, "owned_by": "local"}
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local"}
 
     @app.get("/v1/models")
     async def list_models() -> Response:

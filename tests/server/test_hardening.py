@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import os
 import socket
 import types
 
@@ -12,7 +13,7 @@ import pytest
 
 from mistralrs.engine.input_processor import InputProcessor
 from mistralrs.server import BackgroundServer, ServerConfig
-from tests.server.conftest import NO_EOS, request, wait_until
+from tests.server.conftest import NO_EOS, open_stream, read_events, request, wait_until
 
 
 def test_a_prompt_that_cannot_fit_is_refused_by_its_length(server, runner):
@@ -188,3 +189,30 @@ def test_allowed_hosts_are_accepted(runner):
     with BackgroundServer(runner, ServerConfig(allowed_hosts=("api.example",))) as server:
         assert request(server, "GET", "/v1/models", headers={"Host": "api.example:8080"})[0] == 200
         assert request(server, "GET", "/v1/models", headers={"Host": "evil.example"})[0] == 403
+
+
+def test_no_answer_shows_where_the_model_lives(server, runner):
+    directory = runner.model_id
+    assert os.path.isabs(directory)
+    hello = [{"role": "user", "content": "Hi"}]
+    answers = [request(server, "GET", "/v1/models"), request(server, "GET", "/v1/models/default"),
+               request(server, "POST", "/v1/chat/completions", {"messages": hello, "max_tokens": 2}),
+               request(server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+               request(server, "POST", "/v1/chat/completions", {"messages": hello, "model": "another-model"}),
+               request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})]
+    conn, response = open_stream(server, "/v1/chat/completions", {"messages": hello, "max_tokens": 2})
+    answers.append((200, read_events(response)))
+    conn.close()
+    for status, body in answers:
+        assert directory not in json.dumps(body), (status, body)
+    assert answers[0][1]["data"][0]["id"] == os.path.basename(directory)
+    assert answers[2][1]["model"] == os.path.basename(directory)
+
+
+def test_docs_are_off_unless_asked_for(closed, runner):
+    assert request(closed, "GET", "/docs")[0] == 404
+    assert request(closed, "GET", "/api-doc/openapi.json")[0] == 200   # the document itself is local
+    with BackgroundServer(runner, ServerConfig(docs=True)) as server:
+        status, page = request(server, "GET", "/docs")
+    assert status == 200 and "swagger" in page.lower()
