@@ -120,7 +120,11 @@ class LLMEngine:
             if request.grammar is not None:
                 raise ValueError("grammar: cannot be combined with a forced tool_choice (it constrains the output "
                                  "to the tool call already)")
-            return self._inputs.grammars.compile_source(json_schema_source(forced))
+            try:
+                return self._inputs.grammars.compile_source(json_schema_source(forced))
+            except ValueError as err:
+                raise ValueError(f"tool_schemas: no call can be generated for tool_choice {request.tool_choice!r}: "
+                                 f"{err}") from None
         if request.grammar is None:
             return None
         return self._inputs.grammars.compile(request.grammar_type, request.grammar)

@@ -216,3 +216,18 @@ def test_docs_are_off_unless_asked_for(closed, runner):
     with BackgroundServer(runner, ServerConfig(docs=True)) as server:
         status, page = request(server, "GET", "/docs")
     assert status == 200 and "swagger" in page.lower()
+
+
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # no finite value matches
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": ENDLESS}}}, "grammar"),
+    ({"tools": [{"type": "function", "function": {"name": "nest", "parameters": ENDLESS}}], "tool_choice": "required"},
+     "tools")])
+def test_an_endless_schema_is_a_400_naming_it(server, extra, param):
+    status, body = request(server, "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "Nest"}], "max_tokens": 8, **extra})
+    assert status == 400, body
+    assert "no finite JSON value matches this schema" in body["error"]["message"]
+    assert body["error"]["param"] == param
