@@ -176,8 +176,9 @@ def _half_close(port: int) -> str:
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-    status_line = data.split(b"\r\n", 1)[0].decode() if data else "(connection closed, no answer)"
-    return status_line
+    while data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):   # interim answers, which clients skip
+        data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+    return data.split(b"\r\n", 1)[0].decode() if data else "(connection closed, no answer)"
 
 
 def slow(args: argparse.Namespace) -> None:
