@@ -183,6 +183,13 @@ def _settings_line(sampling: dict, source: str, seed: int, seed_given: bool) -> 
     return f"Sampling: {settings} ({source}); seed {seed} ({origin})"
 
 
+def _served_name(which, runner: Runner) -> str | None:
+    """The `model` the server shows for a GGUF/GGML model named by an absolute directory: its first file name
+    (None: the server's default, the id as given or the last component of an absolute path)."""
+    files = _quantized_files(which)
+    return files[0] if files and os.path.isabs(runner.model_id) else None
+
+
 def _model_aliases(which) -> tuple[str, ...]:
     """Names the server accepts in a request's `model` for this selection (GGUF file names and stems)."""
     names = _quantized_files(which)
@@ -233,11 +240,19 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
     add("--host", "--serve-ip", dest="host", default=default_host, help=f"address to listen on ({default_host})")
     add("-i", "--interactive-mode", action="store_true", help="chat in the terminal instead of serving HTTP")
     add("--api-key", default=None, help="require this key (default: $MISTRALRS_API_KEY; none when unset)")
-    add("--cors", default="*", help="allowed browser origins, comma-separated ('' turns CORS off)")
+    add("--cors", default="", help="browser origins allowed by CORS, comma-separated ('*': any; default: none)")
+    add("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+        help="a Host name accepted on loopback connections besides localhost and IP addresses (repeatable)")
+    add("--docs", action="store_true", help="serve the Swagger UI at /docs (it loads its scripts from a CDN)")
+    add("--enable-admin-endpoints", action="store_true",
+        help="serve /re_isq and /activate_adapters without an API key (with a key they need it)")
     add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
     add("--strict-model-name", action="store_true",
         help="answer 404 to a request whose `model` is not the served model's id, file name or 'default' "
              "(by default any name selects the served model)")
+    add("--read-timeout", dest="read_timeout_sec", type=float, default=None,
+        help="seconds a client has to send a request head, then its body (default 60)")
+    add("--max-connections", type=int, default=None, help="open connections served at once (default 512)")
     add("-l", "--log", default=None, help="append request and response bodies to this file")
     add("--throughput", action="store_true", help="accepted; every response's usage reports its throughput")
     _add_runner_options(parser)
@@ -335,13 +350,15 @@ def _load(args: argparse.Namespace):
 
 
 def server_config_from_args(args: argparse.Namespace):
-    """The `ServerConfig` of the server options (ValueError for a bad value)."""
+    """The `ServerConfig` the server options ask for (ValueError for a bad value)."""
     from mistralrs.server import ServerConfig
 
+    limits = {name: getattr(args, name) for name in ("max_body_bytes", "read_timeout_sec", "max_connections")
+              if getattr(args, name) is not None}   # unset: the ServerConfig defaults
     return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
                         cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
-                        strict_model_name=args.strict_model_name,
-                        **({} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}))
+                        allowed_hosts=tuple(args.allowed_hosts), admin_without_key=args.enable_admin_endpoints,
+                        docs=args.docs, strict_model_name=args.strict_model_name, **limits)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -366,8 +383,9 @@ def _serve(args: argparse.Namespace) -> None:
         runner.close()
         return
     config.model_aliases = _model_aliases(which)
-    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)",
-          flush=True)
+    config.model_name = _served_name(which, runner)
+    docs = "; docs at /docs" if args.docs else ""
+    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API{docs})", flush=True)
     serve(runner, config, host=args.host, port=args.port)
 
 

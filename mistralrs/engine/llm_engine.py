@@ -104,7 +104,11 @@ class LLMEngine:
             if request.grammar is not None:
                 raise ValueError("grammar: cannot be combined with a forced tool_choice (it constrains the output "
                                  "to the tool call already)")
-            return self._inputs.grammars.compile_source(json_schema_source(forced))
+            try:
+                return self._inputs.grammars.compile_source(json_schema_source(forced))
+            except ValueError as err:
+                raise ValueError(f"tool_schemas: no call can be generated for tool_choice {request.tool_choice!r}: "
+                                 f"{err}") from None
         if request.grammar is None:
             return None
         return self._inputs.grammars.compile(request.grammar_type, request.grammar)
@@ -140,7 +144,8 @@ class LLMEngine:
         request (prompt too long, no chat template, an image part, unsupported option).
         """
         tools = self._tools(request)
-        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request, tools), tools)
+        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request, tools), tools,
+                                                  keep_tail=self.truncate_sequence)
         engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
                                       request.top_logprobs, outputs)
         parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
@@ -157,7 +162,7 @@ class LLMEngine:
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 20):
             raise ValueError(f"logprobs: must be an int in [0, 20] or None, got {logprobs!r}")
-        prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
+        prompt_ids = self._inputs.completion_prompt_ids(request.prompt, keep_tail=self.truncate_sequence)
         num_seqs = max(request.n_choices, request.best_of)
         if request.stream and num_seqs != request.n_choices:
             raise ValueError("best_of: cannot be larger than n_choices when streaming")
@@ -213,11 +218,12 @@ class LLMEngine:
     def send_re_isq(self, isq_type: str) -> None:
         """Re-quantizes the live model to ISQ type `isq_type` between two engine steps and returns at once
         (requests submitted afterwards see the new weights; a failure while quantizing is logged). ValueError for
-        an unknown type; ignored for GGUF/GGML models (REFERENCE §3)."""
+        an unknown type, also for GGUF/GGML models, where a known type is ignored (REFERENCE §3)."""
+        parsed = parse_isq_type(isq_type)
         if self._loaded.quantized_file:
             logger.info("send_re_isq(%r): ignored, the model was loaded from quantized GGUF/GGML weights", isq_type)
             return
-        self._engine.post(ReIsq(parse_isq_type(isq_type)))
+        self._engine.post(ReIsq(parsed))
 
     def _re_isq(self, command: ReIsq) -> None:
         """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""

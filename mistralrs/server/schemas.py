@@ -7,7 +7,7 @@ are then checked by `ChatCompletionRequest` / `CompletionRequest` themselves, wh
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,10 @@ from mistralrs.server.errors import APIError
 GrammarType = Literal["regex", "lark", "json_schema", "llguidance"]
 MAX_CHOICES = 128  # most sequences one request may ask for (n, best_of), as OpenAI
 MAX_SEED = 2**32 - 1  # seeds are 32-bit here (larger ones would overflow the per-sequence generator seed)
+# The OpenAI API's ranges (the Python API accepts any float32 value, as the reference).
+MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100]
 
 
 class _Body(BaseModel):
@@ -53,13 +57,14 @@ class _SamplingBody(_Body):
                                                      "context")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="number of choices")
     stop: str | list[str] | None = None
-    temperature: float | None = Field(None, description="0 is greedy; unset means 1.0")
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="0 is greedy; unset means 1.0")
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, description="extra: keep the k most likely tokens")
     min_p: float | None = Field(None, description="extra: drop tokens below min_p times the top probability")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = Field(None, description='token id (as a string) -> bias, e.g. {"42": -100}')
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        None, description='token id (as a string) -> bias in [-100, 100], e.g. {"42": -100}')
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -81,7 +86,7 @@ class _SamplingBody(_Body):
         return dict(
             model=self.model or "default", n_choices=1 if self.n is None else self.n, logit_bias=self.logit_bias,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            stop_seqs=self.stop or None, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            stop_seqs=self.stop, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             stream=bool(self.stream), adapters=self.adapters, min_p=self.min_p, tool_schemas=self.tools,
             tool_choice=self.tool_choice, dry_multiplier=self.dry_multiplier, dry_base=self.dry_base,
             dry_allowed_length=self.dry_allowed_length, dry_sequence_breakers=self.dry_sequence_breakers,
@@ -175,6 +180,9 @@ def chat_request(body: ChatCompletionBody) -> ChatCompletionRequest:
 def completion_request(body: CompletionBody) -> CompletionRequest:
     """The `CompletionRequest` a completion body asks for (raises ValueError/TypeError/APIError when it is bad)."""
     prompt = body.prompt
+    if body.best_of is not None and body.best_of < (body.n or 1):
+        raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n}): the n choices are the best of "
+                            "best_of generated ones", param="best_of")
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise APIError(400, f"prompt: exactly one prompt per request is supported, got a list of {len(prompt)}",

