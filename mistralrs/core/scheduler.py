@@ -5,6 +5,12 @@ decoding sequence, up to ``prompt_chunksize`` for one still in its prompt), then
 FCFS order while the budget, ``max_num_seqs`` and the free KV blocks allow. A waiting sequence starts after the
 longest cached prefix of its tokens.
 
+Decoding sequences come first in the budget: a token is kept for every running sequence that decodes (one token
+to go) before any prompt chunk is granted, whatever their arrival order, and while any sequence decodes the prompt
+tokens of the step (all chunks together) are at most ``max_prefill_tokens_while_decoding``. So a running stream
+gets a token in every step its KV blocks allow, and waits between two tokens at most one step of its fellow
+decodes plus that many prompt tokens, however long the prompts being prefilled beside it.
+
 When a running sequence needs blocks that are not free, the latest-arrived running sequence not yet scheduled
 in this step is preempted: it loses its blocks and returns to the front of the waiting queue, to be recomputed
 (its output tokens included) later; no waiting sequence is admitted in that step. When nothing is left to
@@ -36,12 +42,17 @@ class SchedulerConfig:
     num_blocks: int = 128  # KV capacity in blocks (128 x 32 = the reference's 4096-token default)
     enable_prefix_caching: bool = True  # share full blocks of equal prefixes between sequences
     no_kv_cache: bool = False  # recompute every sequence whole each step; turns prefix caching off
+    max_prefill_tokens_while_decoding: int | None = None  # prompt tokens of a step in which sequences decode
+    # (all chunks together; None: the whole budget); bounds how long a running stream waits for its next token
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "prompt_chunksize", "block_size", "num_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+            raise ValueError(f"max_prefill_tokens_while_decoding must be a positive int or None, got {cap!r}")
         for name in ("enable_prefix_caching", "no_kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -72,6 +83,19 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         """True when nothing is to be computed."""
         return not self.scheduled
+
+
+@dataclass
+class _StepBudget:
+    """What is left of one step's token budget while the scheduler fills it."""
+
+    tokens: int  # tokens left, all sequences together
+    prefill: int  # prompt tokens left (capped while sequences decode)
+
+    def take(self, num_tokens: int, decoding: bool) -> None:
+        self.tokens -= num_tokens
+        if not decoding:
+            self.prefill -= num_tokens
 
 
 class Scheduler:
@@ -146,12 +170,28 @@ class Scheduler:
     # ------------------------------------------------------------------ step
 
     def schedule(self) -> SchedulerOutput:
-        """Choose this step's tokens: running sequences first (oldest first), then waiting ones (FCFS)."""
+        """Choose this step's tokens: running sequences first (oldest first, a token kept for each decoding one),
+        then waiting ones (FCFS)."""
         output = SchedulerOutput()
-        budget = self._schedule_running(output, self.config.max_num_batched_tokens)
+        budget = self._step_budget()
+        self._schedule_running(output, budget)
         if not output.preempted:  # blocks are short: admitting now would only preempt again
             self._schedule_waiting(output, budget)
         return output
+
+    def _step_budget(self) -> _StepBudget:
+        config = self.config
+        prefill = config.max_num_batched_tokens
+        if config.max_prefill_tokens_while_decoding is not None and self._num_decoding(0):
+            prefill = config.max_prefill_tokens_while_decoding
+        return _StepBudget(config.max_num_batched_tokens, prefill)
+
+    def _num_decoding(self, start: int) -> int:
+        """Running sequences from ``self.running[start]`` on that decode (none without a KV cache: every
+        sequence is recomputed whole each step)."""
+        if self.config.no_kv_cache:
+            return 0
+        return sum(1 for seq in self.running[start:] if _is_decoding(seq))
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Advance every scheduled sequence by its chunk and append its sampled token, if any.
@@ -175,28 +215,30 @@ class Scheduler:
                 self.kv_cache_manager.free(seq)
                 seq.num_computed_tokens = 0
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
-        """Schedule running sequences in arrival order; returns the budget left."""
+    def _schedule_running(self, output: SchedulerOutput, budget: _StepBudget) -> None:
+        """Schedule running sequences in arrival order, taking their tokens from ``budget``."""
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget.tokens > 0:
             seq = self.running[index]
             index += 1
-            num_new = self._chunk_size(seq.num_uncomputed_tokens, budget, is_first=output.is_empty)
+            decoding = _is_decoding(seq) and not self.config.no_kv_cache
+            room = budget.tokens if decoding else min(budget.prefill, budget.tokens - self._num_decoding(index))
+            num_new = self._chunk_size(seq.num_uncomputed_tokens, room, is_first=output.is_empty)
             if num_new > 0:
                 num_new = self._reserve_blocks(seq, num_new, index, output)
             if num_new > 0:
                 self._add_scheduled(output, seq, num_new)
-                budget -= num_new
-        return max(budget, 0)
+            budget.take(num_new, decoding)
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
         """Admit waiting sequences in FCFS order; stops at the first one that does not fit."""
         manager = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached_block_ids = manager.find_cached_prefix(seq)
             num_cached_tokens = len(cached_block_ids) * self.config.block_size
-            num_new = self._chunk_size(seq.num_tokens - num_cached_tokens, budget, is_first=output.is_empty)
+            room = min(budget.tokens, budget.prefill)
+            num_new = self._chunk_size(seq.num_tokens - num_cached_tokens, room, is_first=output.is_empty)
             if num_new == 0 or not manager.allocate_slots(seq, num_new, cached_block_ids):
                 break
             self.waiting.popleft()
@@ -206,13 +248,14 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_arrival_time)
             self._add_scheduled(output, seq, num_new)
-            budget -= num_new
+            budget.take(num_new, decoding=False)
 
-    def _chunk_size(self, num_uncomputed: int, budget: int, is_first: bool) -> int:
-        """Tokens a sequence with ``num_uncomputed`` tokens to go gets from ``budget`` (0: none this step)."""
+    def _chunk_size(self, num_uncomputed: int, room: int, is_first: bool) -> int:
+        """Tokens a sequence with ``num_uncomputed`` tokens to go gets when ``room`` tokens are free for it (0:
+        none this step)."""
         if self.config.no_kv_cache:
-            return num_uncomputed if num_uncomputed <= budget or is_first else 0
-        return min(num_uncomputed, self.config.prompt_chunksize, budget)
+            return num_uncomputed if num_uncomputed <= room or is_first else 0
+        return max(0, min(num_uncomputed, self.config.prompt_chunksize, room))
 
     def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput) -> int:
         """Give ``seq`` blocks for ``num_new`` tokens, preempting later running sequences if needed.
@@ -249,3 +292,8 @@ class Scheduler:
 
 def _arrival_time(seq: Sequence) -> float:
     return seq.arrival_time
+
+
+def _is_decoding(seq: Sequence) -> bool:
+    """A running sequence with one token to go: its prompt is computed (or all but its last token)."""
+    return seq.num_uncomputed_tokens == 1
