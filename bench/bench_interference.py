@@ -1,7 +1,8 @@
 """How much one client's request slows another client's running stream (issue 12, items 2 and 3).
 
     .venv/bin/python bench/bench_interference.py [--scenario prefill|stop|both] [--trees PATH[,PATH...]]
-        [--prompt-tokens 3000] [--stream-tokens 120] [--stop-strings 100000] [--n 8] [--threads 0]
+        [--prompt-tokens 3000] [--stream-tokens 120] [--stop-strings 100000] [--fallback-stop-strings 32] [--n 8]
+        [--threads 0]
 
 A "victim" stream (greedy, EOS banned, `--stream-tokens` tokens on the default SmolLM2 GGUF) is timed alone, then
 again while a second request runs beside it, started once the stream has produced its first 10 tokens:
@@ -9,8 +10,8 @@ again while a second request runs beside it, started once the stream has produce
   between two tokens while that prompt is prefilled is the figure (the scheduler's bound is one step of at most
   `max_num_batched_tokens` tokens).
 - `stop`: a request with `--stop-strings` stop strings of 8 characters and `n = --n` choices generating
-  `--stream-tokens` tokens (when the engine refuses that many, the refusal is shown and the largest accepted set
-  is used instead).
+  `--stream-tokens` tokens (when the engine refuses that many, the refusal is shown and `--fallback-stop-strings`
+  are used instead).
 Each measurement runs in its own subprocess with a fresh Runner (prefix caching off). `--trees` runs the same
 measurements against other checkouts of the package (e.g. an export of the commit before a fix) one after the
 other, so before/after figures come from one run on the same machine; a tree is put first on PYTHONPATH.
@@ -78,8 +79,9 @@ def _aggressor(args, runner, no_eos: dict, tag: int):
         try:
             runner.llm_engine.abort(runner.submit_completion(request).request_id)
         except ValueError as exc:
-            refused = refused or f"{count} refused ({exc})"
-            count //= 2
+            if refused:
+                raise
+            refused, count = f"{count} refused ({exc})", args.fallback_stop_strings
             continue
         label = f"{count} stop strings, n={args.n}" + (f" [{refused}]" if refused else "")
         return label, lambda: runner.send_completion_request(request)
@@ -122,7 +124,8 @@ def _run_tree(tree: str, scenario: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, HERE]), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--scenario", scenario,
            "--prompt-tokens", str(args.prompt_tokens), "--stream-tokens", str(args.stream_tokens),
-           "--stop-strings", str(args.stop_strings), "--n", str(args.n), "--threads", str(args.threads)]
+           "--stop-strings", str(args.stop_strings), "--fallback-stop-strings", str(args.fallback_stop_strings),
+           "--n", str(args.n), "--threads", str(args.threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--stream-tokens", type=int, default=120)
     parser.add_argument("--stop-strings", type=int, default=100_000)
+    parser.add_argument("--fallback-stop-strings", type=int, default=32)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's choice)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 from mistralrs.engine.request import EngineRequest, StopConditions
+from mistralrs.engine.stop_strings import check_stop_strings
 from mistralrs.loader.chat_template import ChatTemplate
 from mistralrs.loader.tokenizer import TokenizerBundle
 from mistralrs.sample import SamplingParams
@@ -85,6 +86,7 @@ class InputProcessor:
     def _stop_conditions(self, opts: GenerationOptions, num_prompt_tokens: int) -> StopConditions:
         room = self.max_model_len - num_prompt_tokens
         max_tokens = room if opts.max_tokens is None else min(opts.max_tokens, room)
+        check_stop_strings(opts.stop_seqs or ())   # before encoding each of them
         stop_strings = tuple(s for s in (opts.stop_seqs or []) if s)
         stop_token_ids = set()
         for text in stop_strings:
