@@ -102,8 +102,10 @@ class Scheduler:
     """Decides every step which tokens of which sequences are computed, and owns their KV blocks.
 
     Each ``schedule()`` must be followed by ``update_from_output()`` for its output before the next one. If a
-    step's computation fails, abort every sequence of that step: blocks it put in the prefix cache never got
-    their K/V, and they leave the cache when their last holder frees them.
+    step's computation fails, its chunks may be computed again (all, or a part that ``reads_only_written_kv``)
+    and passed to ``update_from_output``; every other sequence of the step must be aborted or recomputed
+    (``recompute_sequence``): blocks the step put in the prefix cache never got their K/V, and they leave the
+    cache when their last holder frees them.
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -146,6 +148,27 @@ class Scheduler:
         """Cancel a sequence wherever it is and free its blocks; unknown or finished ids are ignored."""
         if seq_id in self._unfinished:
             self.finish_sequence(seq_id, SequenceStatus.FINISHED_ABORTED)
+
+    def recompute_sequence(self, seq_id: int) -> None:
+        """Send a running sequence back to the front of the waiting queue without its blocks, to be computed again
+        from its first token (the engine does this when K/V its context reads was never written)."""
+        seq = self._unfinished.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"seq_id {seq_id} is not running")
+        self.running.remove(seq)
+        self._requeue(seq)
+
+    def reads_only_written_kv(self, items: list[ScheduledSequence]) -> bool:
+        """Whether these chunks of a step, computed without the rest of it, read only K/V already written or
+        written by themselves (False when one shares prefix blocks that another sequence of the step was to fill,
+        as the same-step prefix sharing of ``KVCacheManager`` allows)."""
+        block_size, blocks = self.config.block_size, self.kv_cache_manager.pool.blocks
+        written = set()
+        for item in items:
+            start, end = item.seq.num_computed_tokens, item.seq.num_computed_tokens + item.num_new_tokens
+            written.update(item.seq.block_ids[start // block_size : -(-end // block_size)])
+        return all(blocks[block_id].is_computed or block_id in written
+                   for item in items for block_id in item.seq.block_ids[: item.seq.num_computed_tokens // block_size])
 
     def reset_prefix_cache(self) -> None:
         """No block cached so far is reused by a later sequence (called when the model's weights change)."""
@@ -277,12 +300,16 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
         """Take a running sequence's blocks and put it back at the front of the waiting queue."""
+        self._requeue(seq)
+        output.preempted.append(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence taken off ``running`` and put it at the front of the waiting queue."""
         self.kv_cache_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        output.preempted.append(seq)
 
     @staticmethod
     def _add_scheduled(output: SchedulerOutput, seq: Sequence, num_new: int) -> None:

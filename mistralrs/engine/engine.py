@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mistralrs.adapters.runtime import adapter_cache_salt
-from mistralrs.core import Scheduler, Sequence, SequenceStatus
+from mistralrs.core import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from mistralrs.engine.commands import Command, CommandHandlers, unknown_command
 from mistralrs.engine.output_processor import SeqOutputState
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta
@@ -204,12 +204,50 @@ class Engine:
         state.request.outputs.put(deltas)
         self._complete(state)
 
-    def _step(self, output) -> None:
+    def _step(self, output: SchedulerOutput) -> None:
         if output.is_empty:
             if self.scheduler.has_unfinished():
                 time.sleep(0.001)   # only waiting on blocks another sequence will release
             return
-        sampled = self.model_runner.execute(output, self._seq_sampling)
+        shares = self._shares(output)
+        try:
+            sampled = self.model_runner.execute(output, self._seq_sampling)
+        except Exception as exc:
+            if len(shares) < 2:
+                raise
+            logger.warning("engine step of %d requests failed (%s: %s); running each request alone", len(shares),
+                           type(exc).__name__, exc)
+            self._run_each_alone(shares)
+            return
+        self._apply(output, sampled)
+
+    def _shares(self, output: SchedulerOutput) -> dict[str, list]:
+        """The step's scheduled sequences grouped by request, in the step's order."""
+        shares: dict[str, list] = {}
+        for item in output.scheduled:
+            shares.setdefault(self._seq_owner[item.seq.seq_id].request.request_id, []).append(item)
+        return shares
+
+    def _run_each_alone(self, shares: dict[str, list]) -> None:
+        """After a failed step: run each request's share of it alone, in the step's order, and fail only the
+        requests whose share fails alone. The failed step advanced no sequence (`update_from_output` never ran),
+        so computing the same chunks again is safe; a share whose context includes prefix blocks that a failed
+        share was to write is sent back to be recomputed instead."""
+        for request_id, items in shares.items():
+            state = self._requests[request_id]
+            if not self.scheduler.reads_only_written_kv(items):
+                for item in reversed(items):
+                    self.scheduler.recompute_sequence(item.seq.seq_id)
+                continue
+            alone = SchedulerOutput(scheduled=items)
+            try:
+                self._apply(alone, self.model_runner.execute(alone, self._seq_sampling))
+            except Exception as exc:
+                logger.exception("request %s failed when run alone", request_id)
+                self._fail_request(state, exc)
+
+    def _apply(self, output: SchedulerOutput, sampled: dict) -> None:
+        """Advance the scheduler by a computed step and send each request what its sequences produced."""
         self.scheduler.update_from_output(output, {sid: tok.token_id for sid, tok in sampled.items()})
         now = time.monotonic()
         per_request: dict[str, list[SeqDelta]] = {}
@@ -255,7 +293,7 @@ class Engine:
             self._seq_sampling.pop(seq_id, None)
         self._requests.pop(request.request_id, None)
 
-    def _fail_requests(self, exc: Exception, output) -> None:
+    def _fail_requests(self, exc: Exception, output: SchedulerOutput | None) -> None:
         """Fail the requests of the step that raised (all of them when scheduling itself raised)."""
         if output is None:
             touched = set(self._requests)
@@ -264,12 +302,15 @@ class Engine:
                        if (owner := self._seq_owner.get(s.seq.seq_id)) is not None}
         for request_id in touched:
             state = self._requests.get(request_id)
-            if state is None:
-                continue
-            for seq_id in state.seq_ids:
-                self.scheduler.abort_sequence(seq_id)
-            state.request.outputs.put(exc)
-            for seq_id in state.seq_ids:
-                self._seq_owner.pop(seq_id, None)
-                self._seq_sampling.pop(seq_id, None)
-            self._requests.pop(request_id, None)
+            if state is not None:
+                self._fail_request(state, exc)
+
+    def _fail_request(self, state: _RequestState, exc: Exception) -> None:
+        """Abort a request's sequences and send it the error."""
+        for seq_id in state.seq_ids:
+            self.scheduler.abort_sequence(seq_id)
+        state.request.outputs.put(exc)
+        for seq_id in state.seq_ids:
+            self._seq_owner.pop(seq_id, None)
+            self._seq_sampling.pop(seq_id, None)
+        self._requests.pop(state.request.request_id, None)

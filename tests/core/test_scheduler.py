@@ -503,3 +503,27 @@ def test_reset_prefix_cache_stops_reuse_of_blocks_cached_before():
     scheduler.add_sequence(fresh)
     step(scheduler, fake_kv)
     assert fresh.num_cached_prompt_tokens == 12
+
+
+def test_a_failed_step_can_run_in_parts_unless_a_part_reads_blocks_of_another():
+    scheduler, fake_kv = make(block_size=4, num_blocks=32)
+    prompt = list(range(100, 113))  # 3 full blocks + 1 token
+    first, second, other = Sequence(1, list(prompt)), Sequence(2, prompt[:12] + [7, 8]), Sequence(3, [5, 6, 7])
+    for seq in (first, second, other):
+        scheduler.add_sequence(seq)
+    failed = scheduler.schedule()   # the model raised: nothing was written, nothing advanced
+    by_id = {item.seq.seq_id: item for item in failed.scheduled}
+    assert [by_id[2].num_new_tokens, second.num_computed_tokens] == [2, 12]   # reads first's blocks of this step
+    assert scheduler.reads_only_written_kv([by_id[1], by_id[2]]) and scheduler.reads_only_written_kv([by_id[3]])
+    assert not scheduler.reads_only_written_kv([by_id[2]])
+    alone = SchedulerOutput(scheduled=[by_id[3]])   # runs alone and goes on
+    fake_kv.run(alone)
+    scheduler.update_from_output(alone, {3: 9})
+    scheduler.abort_sequence(1)   # failed alone
+    scheduler.recompute_sequence(2)   # its prefix was never written: computed again from its first token
+    assert second.status is SequenceStatus.WAITING and not second.block_ids and second.num_computed_tokens == 0
+    check_invariants(scheduler)
+    output = step(scheduler, fake_kv)   # FakeKV checks that nothing reads the never-written blocks
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(3, 1), (2, 14)]
+    with pytest.raises(ValueError, match="seq_id 1 is not running"):
+        scheduler.recompute_sequence(1)
