@@ -52,7 +52,7 @@ class SeqOutputState:
         if self.finish_reason is None and len(self.token_ids) >= self.stop.max_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None and not self.cut_at_stop_string:
-            self.text += self.detokenizer.flush()   # bytes of an unfinished character, held back until now
+            self.text += self.detokenizer.flush()   # text held back until now, less an unfinished character
         visible_end = len(self.text)
         if self.finish_reason is None:
             visible_end -= self.stop.stop_matcher.held_back(self.stop_state)
