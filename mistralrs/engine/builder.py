@@ -48,6 +48,8 @@ class EngineConfig:
     seed: int | None = None              # seeds the RNG of sequences that have no seed of their own
     prefill_tokens_while_decoding: int = DEFAULT_PREFILL_TOKENS_WHILE_DECODING  # prompt tokens per step (all
     # chunks together) while some sequence decodes: bounds a running stream's wait for its next token
+    allow_special_tokens_in_messages: bool = False  # special-token text typed in a chat message becomes a
+    # control token (the reference's behaviour); by default it stays text
 
     def __post_init__(self) -> None:
         if self.max_seqs < 1:
@@ -135,7 +137,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
     if config.no_kv_cache:
         # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length
         max_len = min(max_len, config.prompt_chunksize)
-    return engine, InputProcessor(loaded.tokenizer, max_len)
+    return engine, InputProcessor(loaded.tokenizer, max_len,
+                                  allow_special_tokens_in_messages=config.allow_special_tokens_in_messages)
 
 
 def on_short_lived_thread(fn: Callable[[], T], name: str = "mistralrs-load") -> T:

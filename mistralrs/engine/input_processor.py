@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from mistralrs.engine.chat_prompt import ChatPromptEncoder
 from mistralrs.engine.request import EngineRequest, StopConditions
 from mistralrs.engine.stop_strings import check_stop_strings
 from mistralrs.loader.chat_template import ChatTemplate
@@ -40,10 +41,14 @@ class GenerationOptions:
 class InputProcessor:
     """Validates and tokenizes prompts against one loaded model's tokenizer and limits."""
 
-    def __init__(self, bundle: TokenizerBundle, max_model_len: int) -> None:
+    def __init__(self, bundle: TokenizerBundle, max_model_len: int, *,
+                 allow_special_tokens_in_messages: bool = False) -> None:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.max_model_len = max_model_len       # context limit: model length capped by the KV capacity
+        # True: special-token text typed in a message becomes a control token (the reference's behaviour)
+        self.allow_special_tokens_in_messages = allow_special_tokens_in_messages
+        self.chat_prompts = ChatPromptEncoder(bundle.tokenizer)   # keeps it text otherwise
         self.chat_template = self._compile(bundle.chat_template)
         self.tool_chat_template = self._compile(bundle.tool_chat_template) or self.chat_template
         self.grammars = GrammarCompiler(bundle.tokenizer, sorted(bundle.eos_token_ids))  # request grammars → matchers
@@ -63,10 +68,15 @@ class InputProcessor:
         if not messages:
             raise ValueError("Received an empty prompt.")
         template = self.tool_chat_template if tools else self.chat_template
-        text = template.render(messages, add_generation_prompt=True, tools=tools)
+
+        def render(messages: list[dict], tools: list[dict] | None) -> str:
+            return template.render(messages, add_generation_prompt=True, tools=tools)
+
         # As in transformers' apply_chat_template: the template writes BOS itself when the model wants one
         # (the reference adds special tokens again, which can double the BOS).
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.allow_special_tokens_in_messages:
+            return self.tokenizer.encode(render(messages, tools), add_special_tokens=False).ids
+        return self.chat_prompts.encode(render, messages, tools)
 
     def completion_prompt_ids(self, prompt: str) -> list[int]:
         if not prompt:
