@@ -17,6 +17,7 @@ from mistralrs.core import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from mistralrs.engine.commands import Command, CommandHandlers, unknown_command
 from mistralrs.engine.output_processor import SeqOutputState
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta
+from mistralrs.sample import SampledToken
 from mistralrs.worker.model_runner import ModelRunner, SeqSampling
 
 logger = logging.getLogger(__name__)
@@ -247,32 +248,46 @@ class Engine:
                 self._fail_request(state, exc)
 
     def _apply(self, output: SchedulerOutput, sampled: dict) -> None:
-        """Advance the scheduler by a computed step and send each request what its sequences produced."""
+        """Advance the scheduler by a computed step and send each request what its sequences produced; a request
+        whose output cannot be processed fails alone."""
         self.scheduler.update_from_output(output, {sid: tok.token_id for sid, tok in sampled.items()})
         now = time.monotonic()
         per_request: dict[str, list[SeqDelta]] = {}
         for scheduled in output.scheduled:
             seq = scheduled.seq
-            state = self._seq_owner[seq.seq_id]
+            state = self._seq_owner.get(seq.seq_id)
+            if state is None:   # its request failed earlier in this loop
+                continue
             state.num_cached_prompt_tokens = max(state.num_cached_prompt_tokens, seq.num_cached_prompt_tokens)
             if seq.seq_id not in sampled:
                 continue
             if state.first_token_time is None:
                 state.first_token_time = now
-            grammar = self._seq_sampling[seq.seq_id].params.grammar
-            if grammar is not None and not grammar.advance(sampled[seq.seq_id].token_id):
-                logger.warning("sequence %d: sampled token rejected by its grammar: %s", seq.seq_id,
-                               grammar.matcher.get_error())
-            delta = state.outputs[seq.seq_id].process(sampled[seq.seq_id])
+            try:
+                delta = self._process(seq.seq_id, state, sampled[seq.seq_id])
+            except Exception as exc:
+                logger.exception("request %s: output of sequence %d failed", state.request.request_id, seq.seq_id)
+                per_request.pop(state.request.request_id, None)
+                self._fail_request(state, exc)
+                continue
             per_request.setdefault(state.request.request_id, []).append(delta)
-            if delta.finish_reason is not None:
-                self.scheduler.finish_sequence(seq.seq_id, _FINISH_STATUS[delta.finish_reason])
-                state.finished.add(seq.seq_id)
         for request_id, deltas in per_request.items():
             state = self._requests[request_id]
             state.request.outputs.put(deltas)
             if state.done:
                 self._complete(state)
+
+    def _process(self, seq_id: int, state: _RequestState, sampled: SampledToken) -> SeqDelta:
+        """Advance the sequence's grammar, turn its token into a delta, and finish it when a stop condition holds."""
+        grammar = self._seq_sampling[seq_id].params.grammar
+        if grammar is not None and not grammar.advance(sampled.token_id):
+            logger.warning("sequence %d: sampled token rejected by its grammar: %s", seq_id,
+                           grammar.matcher.get_error())
+        delta = state.outputs[seq_id].process(sampled)
+        if delta.finish_reason is not None:
+            self.scheduler.finish_sequence(seq_id, _FINISH_STATUS[delta.finish_reason])
+            state.finished.add(seq_id)
+        return delta
 
     def _complete(self, state: _RequestState) -> None:
         request = state.request

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from mistralrs import CompletionRequest, ModelDType, Runner, Which
+from mistralrs.engine.output_processor import SeqOutputState
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS, make_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -108,3 +109,33 @@ def test_a_step_of_one_request_fails_that_request(runner):
     finally:
         hook.handle.remove()
     assert runner.send_completion_request(request("still serving", max_tokens=2)).usage.completion_tokens == 2
+
+
+def test_a_request_whose_output_cannot_be_processed_fails_alone(runner, monkeypatch):
+    alone = runner.send_completion_request(request("Hello there")).choices[0].text
+    hook = PoisonedModel(runner)
+    hook.poison_id = -1   # the model never raises: turning the poisoned request's token into text does
+    poison_id = runner.tokenize_text(POISON, False)[0]
+    process = SeqOutputState.process
+
+    def failing_process(self, sampled):
+        if poison_id in self.detokenizer._ids:   # the prompt's last tokens give the detokenizer its context
+            raise RuntimeError("cannot detokenize")
+        return process(self, sampled)
+
+    monkeypatch.setattr(SeqOutputState, "process", failing_process)
+    try:
+        blocker = runner.submit_completion(request("wait", max_tokens=1))
+        assert hook.entered.wait(timeout=60)
+        good = runner.submit_completion(request("Hello there"))
+        bad = runner.submit_completion(request(f"Hello {POISON}", n=2))
+        hook.release.set()
+        runner.llm_engine.wait(blocker)
+        with pytest.raises(ValueError, match="cannot detokenize"):
+            runner.llm_engine.wait(bad)
+        assert runner.llm_engine.wait(good).choices[0].text == alone
+    finally:
+        hook.handle.remove()
+    scheduler = runner.llm_engine._engine.scheduler
+    assert not scheduler.has_unfinished()
+    assert scheduler.kv_cache_manager.num_free_blocks == scheduler.config.num_blocks
