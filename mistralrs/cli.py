@@ -217,6 +217,8 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     add("-s", "--seed", type=int, default=None, help="seed of the sampling RNG")
     add("-t", "--truncate-sequence", action="store_true",
         help="keep the tail of a prompt longer than the context instead of rejecting it")
+    add("--allow-special-tokens-in-messages", action="store_true",
+        help="special-token text typed in a chat message becomes a control token (default: it stays text)")
     add("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
 
 
@@ -231,6 +233,7 @@ def runner_from_args(args: argparse.Namespace, which) -> Runner:
                   pa_gpu_mem=args.pa_gpu_mem, pa_gpu_mem_usage=args.pa_gpu_mem_usage, pa_ctxt_len=args.pa_ctxt_len,
                   pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
                   prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence,
+                  allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
                   execution=ExecutionOptions.for_service())
 
 

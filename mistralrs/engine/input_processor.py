@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from mistralrs.engine.chat_prompt import ChatPromptEncoder
 from mistralrs.engine.request import EngineRequest, StopConditions
+from mistralrs.engine.stop_strings import check_stop_strings
 from mistralrs.loader.chat_template import ChatTemplate
 from mistralrs.loader.tokenizer import TokenizerBundle
 from mistralrs.sample import SamplingParams
@@ -39,10 +41,14 @@ class GenerationOptions:
 class InputProcessor:
     """Validates and tokenizes prompts against one loaded model's tokenizer and limits."""
 
-    def __init__(self, bundle: TokenizerBundle, max_model_len: int) -> None:
+    def __init__(self, bundle: TokenizerBundle, max_model_len: int, *,
+                 allow_special_tokens_in_messages: bool = False) -> None:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.max_model_len = max_model_len       # context limit: model length capped by the KV capacity
+        # True: special-token text typed in a message becomes a control token (the reference's behaviour)
+        self.allow_special_tokens_in_messages = allow_special_tokens_in_messages
+        self.chat_prompts = ChatPromptEncoder(bundle.tokenizer)   # keeps it text otherwise
         self.chat_template = self._compile(bundle.chat_template)
         self.tool_chat_template = self._compile(bundle.tool_chat_template) or self.chat_template
         self.grammars = GrammarCompiler(bundle.tokenizer, sorted(bundle.eos_token_ids))  # request grammars → matchers
@@ -91,8 +97,14 @@ class InputProcessor:
         if not messages:
             raise ValueError("Received an empty prompt.")
         template = self.tool_chat_template if tools else self.chat_template
-        text = template.render(messages, add_generation_prompt=True, tools=tools)
-        ids = self._encode(self._bounded(text, keep_tail), add_special_tokens=False)
+
+        def render(messages: list[dict], tools: list[dict] | None) -> str:
+            return self._bounded(template.render(messages, add_generation_prompt=True, tools=tools), keep_tail)
+
+        if self.allow_special_tokens_in_messages:
+            ids = self._encode(render(messages, tools), add_special_tokens=False)
+        else:
+            ids = self.chat_prompts.encode(render, messages, tools)
         # As llama.cpp: BOS in front when the tokenizer adds one and the template did not write it (the
         # reference adds special tokens again, which can double the BOS; transformers never adds it).
         bos_id = self.tokenizer.token_to_id(self.bundle.bos_token) if self.bundle.bos_token else None
@@ -119,6 +131,7 @@ class InputProcessor:
     def _stop_conditions(self, opts: GenerationOptions, num_prompt_tokens: int) -> StopConditions:
         room = self.max_model_len - num_prompt_tokens
         max_tokens = room if opts.max_tokens is None else min(opts.max_tokens, room)
+        check_stop_strings(opts.stop_seqs or ())   # before encoding each of them
         stop_strings = tuple(s for s in (opts.stop_seqs or []) if s)
         stop_token_ids = set()
         for text in stop_strings:
