@@ -29,8 +29,7 @@ class ContentPartError(ValueError):
         self.param = param  # where the part is: "messages[i].content[j]"
 
 
-def template_messages(messages: str | list[dict[str, Any]], model_id: str,
-                      template_prints_tool_calls: bool) -> list[dict[str, Any]]:
+def template_messages(messages: str | list[dict[str, Any]], template_prints_tool_calls: bool) -> list[dict[str, Any]]:
     """`messages` (a user prompt string, or message dicts) ready for the chat template; the given dicts are not
     changed. `template_prints_tool_calls`: the template renders `tool_calls` itself."""
     if isinstance(messages, str):
@@ -39,7 +38,7 @@ def template_messages(messages: str | list[dict[str, Any]], model_id: str,
     for i, message in enumerate(messages):
         content = message.get("content")
         if isinstance(content, list):
-            message = {**message, "content": _text_of_parts(i, content, model_id)}
+            message = {**message, "content": _text_of_parts(i, content)}
         if message.get("tool_calls"):
             message = _with_dict_arguments(message)
             if not message.get("content") and not template_prints_tool_calls:
@@ -48,7 +47,7 @@ def template_messages(messages: str | list[dict[str, Any]], model_id: str,
     return converted
 
 
-def _text_of_parts(index: int, parts: list[Any], model_id: str) -> str:
+def _text_of_parts(index: int, parts: list[Any]) -> str:
     """The text parts of message `index`'s content joined with newlines; an image part is a ContentPartError."""
     texts = []
     for j, part in enumerate(parts):
@@ -57,7 +56,7 @@ def _text_of_parts(index: int, parts: list[Any], model_id: str) -> str:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind in IMAGE_PART_TYPES or (isinstance(part, dict) and "image_url" in part):
-            raise ContentPartError(f"{where}: image input is not supported by {model_id!r}, a text-only model "
+            raise ContentPartError(f"{where}: image input is not supported by this model, a text-only model "
                                    "(vision models are not built in this version)", where)
         else:
             raise ValueError(f"{where} must be {{'type': 'text', 'text': str}}; got {part!r:.200}")

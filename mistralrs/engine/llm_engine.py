@@ -130,7 +130,7 @@ class LLMEngine:
         """The request's messages as its chat template expects them (engine/chat_messages.py)."""
         template = self._inputs.tool_chat_template if tools else self._inputs.chat_template
         prints_tool_calls = template is not None and "tool_calls" in template.source
-        return template_messages(request.messages, self.model_id, prints_tool_calls)
+        return template_messages(request.messages, prints_tool_calls)
 
     @staticmethod
     def _tools(request) -> list[dict] | None:

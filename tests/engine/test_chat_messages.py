@@ -17,13 +17,13 @@ CONCATENATES = "{% for m in messages %}{{ m['role'] + ':' + m['content'] + '\\n'
 
 def render(source: str, messages) -> str:
     template = ChatTemplate(source, bos_token=None, eos_token=None, unk_token=None)
-    return template.render(template_messages(messages, "m", "tool_calls" in source), add_generation_prompt=False)
+    return template.render(template_messages(messages, "tool_calls" in source), add_generation_prompt=False)
 
 
 def test_text_parts_are_joined_with_newlines():
     messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert template_messages(messages, "m", False) == [{"role": "user", "content": "a\nb"}]
-    assert template_messages("hi", "m", False) == [{"role": "user", "content": "hi"}]
+    assert template_messages(messages, False) == [{"role": "user", "content": "a\nb"}]
+    assert template_messages("hi", False) == [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "image", "image": "x"},
@@ -31,7 +31,7 @@ def test_text_parts_are_joined_with_newlines():
 def test_an_image_part_names_the_message_and_the_part(part):
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, part]}]
     with pytest.raises(ContentPartError, match=r"^messages\[1\]\.content\[1\]: image input is not supported") as info:
-        template_messages(messages, "m", False)
+        template_messages(messages, False)
     assert isinstance(info.value, ValueError) and info.value.param == "messages[1].content[1]"
 
 

@@ -10,6 +10,7 @@ import torch
 
 from mistralrs import ChatCompletionRequest, CompletionRequest
 from mistralrs.server import BackgroundServer, ServerConfig
+from mistralrs.server.app import public_model_name
 from tests.server.conftest import NO_EOS, make_runner, request
 
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"logit_bias": NO_EOS})
@@ -39,10 +40,10 @@ def test_any_model_name_selects_the_served_model(client, runner):
     """The reference's server examples send model="mistral" or "llama-3.1": one model is served, so any name is it."""
     for name in ("mistral", "llama-3.1"):
         reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], **GREEDY)
-        assert reply.model == runner.model_id
+        assert reply.model == public_model_name(runner.model_id)
     chunks = list(client.completions.create(model="mistral", prompt="Hi", stream=True, **GREEDY))
-    assert {c.model for c in chunks} == {runner.model_id}
-    assert client.models.retrieve("mistral").id == runner.model_id
+    assert {c.model for c in chunks} == {public_model_name(runner.model_id)}
+    assert client.models.retrieve("mistral").id == public_model_name(runner.model_id)
 
 
 def test_strict_model_name_restores_the_404(runner):
@@ -55,7 +56,8 @@ def test_strict_model_name_restores_the_404(runner):
         with pytest.raises(openai.NotFoundError):
             client.models.retrieve("mistral")
         for name in ("default", runner.model_id, "alias.gguf"):
-            assert client.chat.completions.create(model=name, messages=messages, max_tokens=2).model == runner.model_id
+            reply = client.chat.completions.create(model=name, messages=messages, max_tokens=2)
+            assert reply.model == public_model_name(runner.model_id)
 
 
 def test_completion_is_the_runner_completion(client, runner):
