@@ -43,13 +43,14 @@ logger = logging.getLogger(__name__)
 
 CPU_THREAD_POLICIES = ("auto", "fixed")  # the chooser sets the engine thread's count / it is never touched
 LARGEST_CLASS = 9  # steps of 2**9 = 512 tokens and more share one size class
-TRIAL_SAMPLES = 3  # timed steps per setting in a trial
-EARLY_SAMPLES = 2  # ... or this many, when every one of them on one setting is `CLEARLY_SLOWER` than the other's
-CLEARLY_SLOWER = 1.5
-DRIFT_WINDOW = 8  # the last steps on the chosen setting whose median is compared with the trial's
-DRIFT_FACTOR = 2.0  # a median this many times slower (or faster) than the trial's median starts a new trial
+TRIAL_SAMPLES = 3  # timed steps per setting in a trial, unless one setting is clearly slower:
+CLEARLY_SLOWER = 1.5  # ... its fastest step took this many times the other's slowest,
+EARLY_SAMPLES = 2  # ... of which there were at least this many (a re-trial starts with the last steps chosen)
+DRIFT_WINDOW = 4  # the last steps on the chosen setting whose median is compared with the trial's
+DRIFT_FACTOR = 2.0  # a median this many times away from the trial's, towards the other setting, starts a trial
 RETRIAL_SECONDS = 5.0  # a new trial this long after a choice; the interval doubles while trials keep the choice
 MAX_RETRIAL_SECONDS = 80.0
+TRIAL_COST_RATIO = 50.0  # no trial sooner than this many times what the last one lost on the slower setting
 
 
 def size_class(num_tokens: int) -> int:
@@ -88,30 +89,29 @@ class EngineThreadCount:
 class SizeClassChoice:
     """The thread choice for the steps of one size class, and the trial that makes it."""
 
-    candidates: tuple[int, ...]  # the thread counts tried (one and all)
+    candidates: tuple[int, ...]  # the thread counts tried, most first (all of them, one)
     chosen: int | None = None  # the count steps run on; None while a trial runs
     trial: dict[int, list[float]] = field(default_factory=dict)  # candidate -> its timed trial steps (seconds)
-    trial_steps: int = 0  # steps run in the current trial
     baseline: float = 0.0  # the chosen candidate's median trial step (seconds)
     recent: deque = field(default_factory=lambda: deque(maxlen=DRIFT_WINDOW))  # last steps on the chosen count
     interval: float = RETRIAL_SECONDS  # seconds from a choice to the next trial
     retrial_at: float = 0.0  # clock time of the next trial
+    not_before: float = 0.0  # clock time before which no trial starts (see TRIAL_COST_RATIO)
     last_choice: int | None = None  # the count the previous trial chose
 
     def threads(self) -> int:
-        """The count the next step of this class runs on (during a trial: the candidates in turn)."""
+        """The count the next step of this class runs on (during a trial: the candidate with the fewest steps)."""
         if self.chosen is not None:
             return self.chosen
-        return self.candidates[self.trial_steps % len(self.candidates)]
+        return min(self.candidates, key=lambda c: len(self.trial.get(c, ())))
 
     def record(self, threads: int, seconds: float, now: float) -> bool:
         """Takes the time of a step run on `threads`; True when this made a choice other than the last one."""
         if self.chosen is None:
-            self.trial_steps += 1
             self.trial.setdefault(threads, []).append(seconds)
             return self._decide(now)
         self.recent.append(seconds)
-        if self._drifted():
+        if now >= self.not_before and self._drifted():
             self.last_choice = None  # the machine changed: the next choice is kept for `RETRIAL_SECONDS` only
             self._start_trial()
         elif now >= self.retrial_at:
@@ -119,34 +119,49 @@ class SizeClassChoice:
         return False
 
     def _drifted(self) -> bool:
+        """The chosen setting's steps moved as when the other would now be faster: the most threads slower (other
+        work came), one thread faster (it left)."""
         if len(self.recent) < DRIFT_WINDOW:
             return False
         median = statistics.median(self.recent)
-        return median > DRIFT_FACTOR * self.baseline or DRIFT_FACTOR * median < self.baseline
+        if self.chosen == max(self.candidates):
+            return median > DRIFT_FACTOR * self.baseline
+        return DRIFT_FACTOR * median < self.baseline
 
     def _start_trial(self) -> None:
-        self.chosen, self.trial, self.trial_steps = None, {}, 0
+        """A new trial, which starts from the last steps on the chosen count (a clearly slower other count then
+        costs a single step)."""
+        self.trial = {self.chosen: list(self.recent)[-EARLY_SAMPLES:]}
+        self.chosen = None
         self.recent.clear()
 
     def _decide(self, now: float) -> bool:
         samples = [self.trial.get(c, []) for c in self.candidates]
-        count = min(len(s) for s in samples)
-        if count < TRIAL_SAMPLES and not (count >= EARLY_SAMPLES and self._clear_winner(samples)):
-            return False
-        medians = [statistics.median(s) for s in samples]
-        best = min(range(len(medians)), key=medians.__getitem__)
-        self.chosen, self.baseline = self.candidates[best], medians[best]
+        if min(len(s) for s in samples) < TRIAL_SAMPLES:
+            winner = self._clear_winner(samples)
+            if winner is None:
+                return False
+            medians = [statistics.median(s) if s else float("inf") for s in samples]
+        else:
+            medians = [statistics.median(s) for s in samples]
+            winner = min(range(len(medians)), key=medians.__getitem__)
+        self.chosen, self.baseline = self.candidates[winner], medians[winner]
         kept = self.chosen == self.last_choice
         self.interval = min(2 * self.interval, MAX_RETRIAL_SECONDS) if kept else RETRIAL_SECONDS
-        self.retrial_at, self.last_choice = now + self.interval, self.chosen
+        lost = sum(max(t - self.baseline, 0.0) for i, steps in enumerate(samples) if i != winner for t in steps)
+        self.not_before = now + TRIAL_COST_RATIO * lost
+        self.retrial_at, self.last_choice = max(now + self.interval, self.not_before), self.chosen
         return not kept
 
     @staticmethod
-    def _clear_winner(samples: list[list[float]]) -> bool:
-        fastest_slow = [min(s) for s in samples]
-        slowest_fast = [max(s) for s in samples]
-        return any(fastest_slow[i] > CLEARLY_SLOWER * slowest_fast[j]
-                   for i in range(len(samples)) for j in range(len(samples)) if i != j)
+    def _clear_winner(samples: list[list[float]]) -> int | None:
+        """The index of the candidate with `EARLY_SAMPLES` steps that every other candidate's steps (one at
+        least) took `CLEARLY_SLOWER` times longer than; None when there is none yet."""
+        for i, fast in enumerate(samples):
+            if len(fast) >= EARLY_SAMPLES and all(
+                    slow and min(slow) > CLEARLY_SLOWER * max(fast) for j, slow in enumerate(samples) if j != i):
+                return i
+        return None
 
 
 class CpuThreadChooser:

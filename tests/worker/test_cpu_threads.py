@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mistralrs.worker.cpu_threads import (DRIFT_FACTOR, DRIFT_WINDOW, EARLY_SAMPLES, MAX_RETRIAL_SECONDS,
-                                          RETRIAL_SECONDS, TRIAL_SAMPLES, CpuThreadChooser, EngineThreadCount,
-                                          SizeClassChoice, size_class)
+                                          RETRIAL_SECONDS, TRIAL_COST_RATIO, TRIAL_SAMPLES, CpuThreadChooser,
+                                          EngineThreadCount, SizeClassChoice, size_class)
 from tests.models.family_harness import torch_threads
 
 SETTER = EngineThreadCount.setter()
@@ -66,7 +66,8 @@ def test_the_median_ignores_one_slow_step():
 
 def test_a_scheduled_trial_runs_after_the_interval_which_doubles_while_the_choice_holds():
     choice = SizeClassChoice(candidates=(2, 1))
-    run_trial(choice, {1: 0.010, 2: 0.100}, now=0.0)
+    slightly_faster_on_one = {1: 0.010, 2: 0.012}   # a trial loses little: the interval alone sets the next
+    run_trial(choice, slightly_faster_on_one, now=0.0)
     assert (choice.chosen, choice.retrial_at) == (1, RETRIAL_SECONDS)
     choice.record(1, 0.010, RETRIAL_SECONDS - 0.1)
     assert choice.chosen == 1
@@ -74,28 +75,54 @@ def test_a_scheduled_trial_runs_after_the_interval_which_doubles_while_the_choic
     assert choice.chosen is None   # trial again
     now, intervals = RETRIAL_SECONDS, []
     for _ in range(6):
-        run_trial(choice, {1: 0.010, 2: 0.100}, now)
+        run_trial(choice, slightly_faster_on_one, now)
         intervals.append(choice.interval)
         now = choice.retrial_at
         choice.record(1, 0.010, now)
     assert intervals == [min(RETRIAL_SECONDS * 2 ** k, MAX_RETRIAL_SECONDS) for k in range(1, 7)]
-    run_trial(choice, {1: 0.100, 2: 0.010}, now)   # the machine changed: the interval starts over
+    run_trial(choice, {1: 0.012, 2: 0.010}, now)   # the machine changed: the interval starts over
     assert (choice.chosen, choice.interval) == (2, RETRIAL_SECONDS)
 
 
-@pytest.mark.parametrize("factor", [DRIFT_FACTOR * 1.5, 1 / (DRIFT_FACTOR * 1.5)])
-def test_steps_drifting_from_the_trial_start_a_trial_at_once(factor):
+def test_a_trial_starts_from_the_last_chosen_steps_so_a_clearly_slower_setting_costs_one_step():
     choice = SizeClassChoice(candidates=(2, 1))
-    run_trial(choice, {1: 0.010, 2: 0.100})
-    for _ in range(DRIFT_WINDOW):   # within the factor: nothing happens
-        choice.record(1, 0.010 * DRIFT_FACTOR * 0.9, 0.1)
+    run_trial(choice, {1: 0.010, 2: 0.030})
+    for now in [1.0] * (DRIFT_WINDOW - 1) + [choice.retrial_at]:
+        choice.record(1, 0.010, now)
+    assert choice.chosen is None and choice.trial == {1: [0.010] * EARLY_SAMPLES}
+    assert run_trial(choice, {1: 0.010, 2: 0.030}) == [2] and choice.chosen == 1
+    choice.record(1, 0.010, choice.retrial_at)
+    assert run_trial(choice, {1: 0.100, 2: 0.010}) == [2, 2, 1, 2, 1] and choice.chosen == 2   # a full trial
+
+
+def test_a_costly_trial_puts_the_next_one_off():
+    """Two steps on the slower setting lost a second each: no trial, scheduled or not, for 50 times that."""
+    choice = SizeClassChoice(candidates=(2, 1))
+    run_trial(choice, {1: 0.010, 2: 1.010}, now=0.0)
+    assert choice.not_before == choice.retrial_at == pytest.approx(TRIAL_COST_RATIO * 2.0)
+    for _ in range(2 * DRIFT_WINDOW):   # one thread got much faster, which would start a trial (see below)
+        choice.record(1, 0.001, choice.not_before - 1.0)
     assert choice.chosen == 1
+    choice.record(1, 0.001, choice.not_before)
+    assert choice.chosen is None
+
+
+@pytest.mark.parametrize("chosen, towards_other", [(1, 1 / (DRIFT_FACTOR * 1.5)), (2, DRIFT_FACTOR * 1.5)])
+def test_steps_drifting_towards_the_other_setting_start_a_trial_at_once(chosen, towards_other):
+    """One thread getting faster (the other work left), or all threads getting slower (other work came)."""
+    choice = SizeClassChoice(candidates=(2, 1))
+    run_trial(choice, {chosen: 0.010, 3 - chosen: 0.030})
+    now = choice.not_before
+    assert now < choice.retrial_at
+    for _ in range(2 * DRIFT_WINDOW):   # the other way: nothing happens before the scheduled trial
+        choice.record(chosen, 0.010 / towards_other, now)
+    assert choice.chosen == chosen
     steps = 0
     while choice.chosen is not None:
-        choice.record(1, 0.010 * factor, 0.1)
+        choice.record(chosen, 0.010 * towards_other, now)
         steps += 1
     assert steps <= DRIFT_WINDOW   # a median of the window, long before the scheduled trial
-    run_trial(choice, {1: 0.010, 2: 0.100}, now=0.2)
+    run_trial(choice, {chosen: 0.010, 3 - chosen: 0.030}, now=now)
     assert choice.interval == RETRIAL_SECONDS   # after a drift the next trial comes soon
 
 
@@ -168,3 +195,4 @@ def test_the_setter_changes_the_calling_thread_only():
 
         assert on_thread(engine) == (1, 1)
         assert on_thread(counts)[0] == before and torch.get_num_threads() == main_before
+
