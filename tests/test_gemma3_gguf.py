@@ -103,7 +103,7 @@ def test_chat_prompt_gets_the_bos_its_template_leaves_out(chat_runner, hf_model_
                                          tokenize=False)
     expected_ids = tokenizer(text)["input_ids"]          # add_special_tokens: transformers puts the BOS in front
     assert expected_ids[0] == tokenizer.bos_token_id == 2 and expected_ids[1] != 2
-    assert chat_runner._inputs.chat_prompt_ids(CHAT) == list(expected_ids)
+    assert chat_runner.llm_engine._inputs.chat_prompt_ids(CHAT) == list(expected_ids)
     expected, margin = hf_greedy_with_margin(model, expected_ids, NUM_TOKENS)
     assert margin > 0.05, "pick prompts whose greedy choices are not near-ties"
     res = chat_runner.send_chat_completion_request(ChatCompletionRequest(
@@ -114,7 +114,7 @@ def test_chat_prompt_gets_the_bos_its_template_leaves_out(chat_runner, hf_model_
 def test_chat_prompt_keeps_one_bos_when_the_template_writes_it(chat_runner, hf_model_and_tokenizer):
     _model, tokenizer = hf_model_and_tokenizer
     with_bos = "{{ bos_token }}" + TURNS_WITHOUT_BOS
-    inputs = InputProcessor(dataclasses.replace(chat_runner._inputs.bundle, chat_template=with_bos),
+    inputs = InputProcessor(dataclasses.replace(chat_runner.llm_engine._inputs.bundle, chat_template=with_bos),
                             chat_runner.max_model_len)
     expected_ids = tokenizer.apply_chat_template(CHAT, chat_template=with_bos, add_generation_prompt=True,
                                                  tokenize=True)

@@ -107,3 +107,70 @@ def test_gguf_with_tok_model_id_directory(hf_model_and_tokenizer, tmp_path):
         messages=messages, model="smollm2", max_tokens=8, temperature=0.0))
     assert "Paris" in res.choices[0].message.content
     runner.close()
+
+
+def test_stream_loop_of_the_reference_example_runs_to_the_end(runner):
+    """`for chunk in stream: print(chunk.choices[0].delta.content)` (examples/python/streaming.py) must not hit a
+    chunk without choices; the last chunk finishes every choice and carries the usage (REFERENCE §1.8, §1.9)."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="mistral", max_tokens=64, temperature=0.0))
+    stream = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="mistral", max_tokens=64, temperature=0.0, stream=True))
+    pieces, chunks = [], []
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content)
+        chunks.append(chunk)
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    completion = list(runner.send_completion_request(CompletionRequest(
+        prompt="The capital of France is", model="mistral", max_tokens=6, temperature=0.0, stream=True)))
+    assert all(c.choices for c in completion) and completion[-1].choices[0].finish_reason == "length"
+    assert completion[-1].usage.completion_tokens == 6
+    many = list(runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=messages, model="mistral", max_tokens=8, temperature=0.8, n_choices=3, seed=2, stream=True)))
+    assert all(c.choices for c in many) and many[-1].usage.completion_tokens <= 3 * 8
+    assert sorted(ch.index for c in many for ch in c.choices if ch.finish_reason) == [0, 1, 2]
+
+
+def test_content_parts_are_joined_and_images_refused(runner):
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    as_parts = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": parts}], model="mistral", max_tokens=8, temperature=0.0))
+    as_text = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": "What is the capital\nof France?"}], model="mistral", max_tokens=8,
+        temperature=0.0))
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content\[1\]: image input is not supported"):
+        runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": [parts[0], image]}],
+            model="mistral", max_tokens=8))
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tool_call_round_trip_renders_with_smollm2_template(runner):
+    """The assistant turn that made the call comes back with `content: None` (as the openai client sends it);
+    SmolLM2's template concatenates `message['content']`, so it gets the call as the model writes it."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call-1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 24 C"}]
+    request = ChatCompletionRequest(messages=messages, model="mistral", max_tokens=16, temperature=0.0,
+                                    tool_schemas=[WEATHER_TOOL])
+    response = runner.send_chat_completion_request(request)
+    assert response.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    engine = runner.llm_engine
+    tools = [WEATHER_TOOL]
+    prompt = runner.detokenize_text(engine._inputs.chat_prompt_ids(engine._messages(request, tools), tools), False)
+    assert '<|im_start|>assistant\n{"name": "get_weather", "arguments": {"city": "Paris"}}<|im_end|>' in prompt
+    assert messages[1]["content"] is None    # the caller's messages are left as they were

@@ -6,6 +6,7 @@ the arguments is checked here, with messages naming the variant; the loader chec
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -32,7 +33,8 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
               device: torch.device | None = None, in_situ_quant: str | None = None,
               num_device_layers: list[str] | None = None, execution: ExecutionOptions | None = None) -> LoadSpec:
     """The `LoadSpec` of `which` with the Runner's load arguments; ValueError for an unknown ISQ type, ISQ on a
-    quantized model, an unbuilt variant or an unsupported combination; TypeError when `which` is no variant."""
+    quantized model, an unbuilt variant or an unsupported combination; TypeError when `which` is no variant.
+    A UserWarning says that `auto_map_params` is ignored (automatic device mapping is not built)."""
     variant = type(which).__name__
     isq_type = _parse_isq(in_situ_quant)
     if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora)):
@@ -45,6 +47,11 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     convert = _CONVERTERS.get(type(which))
     if convert is None:
         raise TypeError(f"which must be a Which variant, got {variant}")
+    if getattr(which, "auto_map_params", None) is not None:
+        # stacklevel 3: the warning points at the caller of Runner(...)
+        warnings.warn(f"Which.{variant}.auto_map_params is ignored: automatic device mapping is not built in this "
+                      "version; the model is loaded on one device (spread its layers with num_device_layers or a "
+                      "topology's `device` entries)", UserWarning, stacklevel=3)
     common = dict(
         label=f"Which.{variant}", token=resolve_token(token_source), chat_template=chat_template,
         jinja_explicit=jinja_explicit, show_progress=show_progress, device=device,

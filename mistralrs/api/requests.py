@@ -27,6 +27,7 @@ from .enums import ToolChoice
 
 GRAMMAR_TYPES = ("regex", "lark", "json_schema", "llguidance")  # accepted values of `grammar_type`
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a request may ask for (as in the OpenAI API)
+FLOAT32_MAX = 3.4028234663852886e38  # float fields are used as float32: beyond this they become infinite
 _EMPTY_PROMPT = "Received an empty prompt."
 _NOT_MESSAGES = "Expected a string or list of dicts."
 
@@ -48,12 +49,14 @@ def _check_int(owner: str, value: Any, minimum: int | None = None, maximum: int 
 
 def _check_float(owner: str, value: Any, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
-    """Return `value` as a finite float within the given bounds, or raise naming `owner`."""
+    """Return `value` as a float finite in float32 within the given bounds, or raise naming `owner`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner} must be a float, got {type(value).__name__}.")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{owner} must be a finite float, got {value}.")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{owner} must be within +-3.4e38 (it is used as a float32, where {value} is infinite).")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{owner} must be {'>' if low_open else '>='} {low}, got {value}.")
     if high is not None and (value >= high if high_open else value > high):

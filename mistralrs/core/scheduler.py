@@ -5,6 +5,12 @@ decoding sequence, up to ``prompt_chunksize`` for one still in its prompt), then
 FCFS order while the budget, ``max_num_seqs`` and the free KV blocks allow. A waiting sequence starts after the
 longest cached prefix of its tokens.
 
+Decoding sequences come first in the budget: a token is kept for every running sequence that decodes (one token
+to go) before any prompt chunk is granted, whatever their arrival order, and while any sequence decodes the prompt
+tokens of the step (all chunks together) are at most ``max_prefill_tokens_while_decoding``. So a running stream
+gets a token in every step its KV blocks allow, and waits between two tokens at most one step of its fellow
+decodes plus that many prompt tokens, however long the prompts being prefilled beside it.
+
 When a running sequence needs blocks that are not free, the latest-arrived running sequence not yet scheduled
 in this step is preempted: it loses its blocks and returns to the front of the waiting queue, to be recomputed
 (its output tokens included) later; no waiting sequence is admitted in that step. When nothing is left to
@@ -36,12 +42,17 @@ class SchedulerConfig:
     num_blocks: int = 128  # KV capacity in blocks (128 x 32 = the reference's 4096-token default)
     enable_prefix_caching: bool = True  # share full blocks of equal prefixes between sequences
     no_kv_cache: bool = False  # recompute every sequence whole each step; turns prefix caching off
+    max_prefill_tokens_while_decoding: int | None = None  # prompt tokens of a step in which sequences decode
+    # (all chunks together; None: the whole budget); bounds how long a running stream waits for its next token
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "prompt_chunksize", "block_size", "num_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+            raise ValueError(f"max_prefill_tokens_while_decoding must be a positive int or None, got {cap!r}")
         for name in ("enable_prefix_caching", "no_kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -74,12 +85,27 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass
+class _StepBudget:
+    """What is left of one step's token budget while the scheduler fills it."""
+
+    tokens: int  # tokens left, all sequences together
+    prefill: int  # prompt tokens left (capped while sequences decode)
+
+    def take(self, num_tokens: int, decoding: bool) -> None:
+        self.tokens -= num_tokens
+        if not decoding:
+            self.prefill -= num_tokens
+
+
 class Scheduler:
     """Decides every step which tokens of which sequences are computed, and owns their KV blocks.
 
     Each ``schedule()`` must be followed by ``update_from_output()`` for its output before the next one. If a
-    step's computation fails, abort every sequence of that step: blocks it put in the prefix cache never got
-    their K/V, and they leave the cache when their last holder frees them.
+    step's computation fails, its chunks may be computed again (all, or a part that ``reads_only_written_kv``)
+    and passed to ``update_from_output``; every other sequence of the step must be aborted or recomputed
+    (``recompute_sequence``): blocks the step put in the prefix cache never got their K/V, and they leave the
+    cache when their last holder frees them.
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -123,6 +149,27 @@ class Scheduler:
         if seq_id in self._unfinished:
             self.finish_sequence(seq_id, SequenceStatus.FINISHED_ABORTED)
 
+    def recompute_sequence(self, seq_id: int) -> None:
+        """Send a running sequence back to the front of the waiting queue without its blocks, to be computed again
+        from its first token (the engine does this when K/V its context reads was never written)."""
+        seq = self._unfinished.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"seq_id {seq_id} is not running")
+        self.running.remove(seq)
+        self._requeue(seq)
+
+    def reads_only_written_kv(self, items: list[ScheduledSequence]) -> bool:
+        """Whether these chunks of a step, computed without the rest of it, read only K/V already written or
+        written by themselves (False when one shares prefix blocks that another sequence of the step was to fill,
+        as the same-step prefix sharing of ``KVCacheManager`` allows)."""
+        block_size, blocks = self.config.block_size, self.kv_cache_manager.pool.blocks
+        written = set()
+        for item in items:
+            start, end = item.seq.num_computed_tokens, item.seq.num_computed_tokens + item.num_new_tokens
+            written.update(item.seq.block_ids[start // block_size : -(-end // block_size)])
+        return all(blocks[block_id].is_computed or block_id in written
+                   for item in items for block_id in item.seq.block_ids[: item.seq.num_computed_tokens // block_size])
+
     def reset_prefix_cache(self) -> None:
         """No block cached so far is reused by a later sequence (called when the model's weights change)."""
         self.kv_cache_manager.reset_prefix_cache()
@@ -146,12 +193,28 @@ class Scheduler:
     # ------------------------------------------------------------------ step
 
     def schedule(self) -> SchedulerOutput:
-        """Choose this step's tokens: running sequences first (oldest first), then waiting ones (FCFS)."""
+        """Choose this step's tokens: running sequences first (oldest first, a token kept for each decoding one),
+        then waiting ones (FCFS)."""
         output = SchedulerOutput()
-        budget = self._schedule_running(output, self.config.max_num_batched_tokens)
+        budget = self._step_budget()
+        self._schedule_running(output, budget)
         if not output.preempted:  # blocks are short: admitting now would only preempt again
             self._schedule_waiting(output, budget)
         return output
+
+    def _step_budget(self) -> _StepBudget:
+        config = self.config
+        prefill = config.max_num_batched_tokens
+        if config.max_prefill_tokens_while_decoding is not None and self._num_decoding(0):
+            prefill = config.max_prefill_tokens_while_decoding
+        return _StepBudget(config.max_num_batched_tokens, prefill)
+
+    def _num_decoding(self, start: int) -> int:
+        """Running sequences from ``self.running[start]`` on that decode (none without a KV cache: every
+        sequence is recomputed whole each step)."""
+        if self.config.no_kv_cache:
+            return 0
+        return sum(1 for seq in self.running[start:] if _is_decoding(seq))
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Advance every scheduled sequence by its chunk and append its sampled token, if any.
@@ -175,28 +238,30 @@ class Scheduler:
                 self.kv_cache_manager.free(seq)
                 seq.num_computed_tokens = 0
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
-        """Schedule running sequences in arrival order; returns the budget left."""
+    def _schedule_running(self, output: SchedulerOutput, budget: _StepBudget) -> None:
+        """Schedule running sequences in arrival order, taking their tokens from ``budget``."""
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget.tokens > 0:
             seq = self.running[index]
             index += 1
-            num_new = self._chunk_size(seq.num_uncomputed_tokens, budget, is_first=output.is_empty)
+            decoding = _is_decoding(seq) and not self.config.no_kv_cache
+            room = budget.tokens if decoding else min(budget.prefill, budget.tokens - self._num_decoding(index))
+            num_new = self._chunk_size(seq.num_uncomputed_tokens, room, is_first=output.is_empty)
             if num_new > 0:
                 num_new = self._reserve_blocks(seq, num_new, index, output)
             if num_new > 0:
                 self._add_scheduled(output, seq, num_new)
-                budget -= num_new
-        return max(budget, 0)
+            budget.take(num_new, decoding)
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
         """Admit waiting sequences in FCFS order; stops at the first one that does not fit."""
         manager = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached_block_ids = manager.find_cached_prefix(seq)
             num_cached_tokens = len(cached_block_ids) * self.config.block_size
-            num_new = self._chunk_size(seq.num_tokens - num_cached_tokens, budget, is_first=output.is_empty)
+            room = min(budget.tokens, budget.prefill)
+            num_new = self._chunk_size(seq.num_tokens - num_cached_tokens, room, is_first=output.is_empty)
             if num_new == 0 or not manager.allocate_slots(seq, num_new, cached_block_ids):
                 break
             self.waiting.popleft()
@@ -206,13 +271,14 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_arrival_time)
             self._add_scheduled(output, seq, num_new)
-            budget -= num_new
+            budget.take(num_new, decoding=False)
 
-    def _chunk_size(self, num_uncomputed: int, budget: int, is_first: bool) -> int:
-        """Tokens a sequence with ``num_uncomputed`` tokens to go gets from ``budget`` (0: none this step)."""
+    def _chunk_size(self, num_uncomputed: int, room: int, is_first: bool) -> int:
+        """Tokens a sequence with ``num_uncomputed`` tokens to go gets when ``room`` tokens are free for it (0:
+        none this step)."""
         if self.config.no_kv_cache:
-            return num_uncomputed if num_uncomputed <= budget or is_first else 0
-        return min(num_uncomputed, self.config.prompt_chunksize, budget)
+            return num_uncomputed if num_uncomputed <= room or is_first else 0
+        return max(0, min(num_uncomputed, self.config.prompt_chunksize, room))
 
     def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput) -> int:
         """Give ``seq`` blocks for ``num_new`` tokens, preempting later running sequences if needed.
@@ -234,12 +300,16 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
         """Take a running sequence's blocks and put it back at the front of the waiting queue."""
+        self._requeue(seq)
+        output.preempted.append(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence taken off ``running`` and put it at the front of the waiting queue."""
         self.kv_cache_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        output.preempted.append(seq)
 
     @staticmethod
     def _add_scheduled(output: SchedulerOutput, seq: Sequence, num_new: int) -> None:
@@ -249,3 +319,8 @@ class Scheduler:
 
 def _arrival_time(seq: Sequence) -> float:
     return seq.arrival_time
+
+
+def _is_decoding(seq: Sequence) -> bool:
+    """A running sequence with one token to go: its prompt is computed (or all but its last token)."""
+    return seq.num_uncomputed_tokens == 1

@@ -1,5 +1,11 @@
 """Turns the engine messages of one request into the API's response objects (chat and completion, streaming or
-not, with tool calls parsed from chat output)."""
+not, with tool calls parsed from chat output).
+
+A stream ends with the chunk in which the last choice finishes, carrying the request's `usage` (REFERENCE §1.8,
+§1.9): the engine puts the deltas that finish the last choice right before `RequestFinished`, so that chunk is
+held back until the usage is known. There is no chunk without choices (the HTTP server makes OpenAI's separate
+usage chunk when a client asks for it).
+"""
 
 from __future__ import annotations
 
@@ -52,6 +58,29 @@ def _response_logprob(entry: TokenLogprob) -> ResponseLogprob:
         top_logprobs=[TopLogprob(token=tid, logprob=lp, bytes=text) for tid, text, lp in entry.top])
 
 
+class _FinalChunk:
+    """Holds back the chunk in which the last of a request's choices finishes, until `usage` is known."""
+
+    def __init__(self, num_choices: int) -> None:
+        self.num_choices = num_choices  # choices the request streams
+        self.finished: set[int] = set()  # indices of the choices that finished so far
+        self.held = None  # the last chunk, waiting for the usage
+
+    def pass_on(self, chunk, finished: list[int]) -> list:
+        """`[chunk]`, or [] while it is held back because it finishes the last choice."""
+        self.finished.update(finished)
+        if len(self.finished) < self.num_choices:
+            return [chunk]
+        self.held = chunk
+        return []
+
+    def release(self, done: RequestFinished) -> list:
+        """The held chunk with the request's usage (the engine sent every choice's finish before `done`)."""
+        chunk, self.held = self.held, None
+        chunk.usage = _usage(done)
+        return [chunk]
+
+
 class _LeadingSpaceTrimmer:
     """Chat output starts at its first non-whitespace character (REFERENCE §1.8), per choice."""
 
@@ -79,19 +108,21 @@ class ChatAssembler:
     still become a call.
     """
 
-    def __init__(self, request_id: str, model_id: str, want_logprobs: bool, parse_tools: bool = False) -> None:
+    def __init__(self, request_id: str, model_id: str, num_choices: int, want_logprobs: bool,
+                 parse_tools: bool = False) -> None:
         self.request_id = request_id  # the response `id`
         self.model_id = model_id  # the response `model`
         self.want_logprobs = want_logprobs  # the request asked for logprobs
         self.parse_tools = parse_tools  # tools were given and tool_choice is not "none"
         self._trim = _LeadingSpaceTrimmer()  # leading whitespace of each choice's stream
         self._tool_streams: dict[int, ToolCallStream] = {}  # choice index -> held-back text
+        self._final = _FinalChunk(num_choices)  # the last chunk, completed with the usage
 
     def chunks(self, message: EngineMessage) -> list[ChatCompletionChunkResponse]:
-        """The chunks one engine message gives: deltas of text (and logprobs), or the final usage chunk."""
+        """The chunks one engine message gives: deltas of text (and logprobs); the chunk that finishes the last
+        choice comes with `RequestFinished`, carrying the usage."""
         if isinstance(message, RequestFinished):
-            return [ChatCompletionChunkResponse(id=self.request_id, choices=[], model=self.model_id,
-                                                usage=_usage(message))]
+            return self._final.release(message)
         choices = []
         for delta in message:
             text = self._trim(delta.index, delta.text)
@@ -111,7 +142,8 @@ class ChatAssembler:
                                        delta=Delta(content=text), logprobs=logprob))
         if not choices:
             return []
-        return [ChatCompletionChunkResponse(id=self.request_id, choices=choices, model=self.model_id)]
+        chunk = ChatCompletionChunkResponse(id=self.request_id, choices=choices, model=self.model_id)
+        return self._final.pass_on(chunk, [c.index for c in choices if c.finish_reason is not None])
 
     def response(self, done: RequestFinished) -> ChatCompletionResponse:
         """The non-streaming response once every choice finished."""
@@ -141,12 +173,13 @@ class CompletionAssembler:
         self.model_id = model_id  # the response `model`
         self.request = request  # for n_choices, echo_prompt and suffix
         self.want_logprobs = want_logprobs  # fill `logprobs` (an addition: the Python API never asks)
+        self._final = _FinalChunk(request.n_choices)  # the last chunk, completed with the usage (streaming only)
 
     def chunks(self, message: EngineMessage) -> list[CompletionChunkResponse]:
-        """The chunks one engine message gives: deltas of text (and logprobs), or the final usage chunk."""
+        """The chunks one engine message gives: deltas of text (and logprobs); the chunk that finishes the last
+        choice comes with `RequestFinished`, carrying the usage."""
         if isinstance(message, RequestFinished):
-            return [CompletionChunkResponse(id=self.request_id, choices=[], model=self.model_id,
-                                            usage=_usage(message))]
+            return self._final.release(message)
         choices = []
         for delta in message:
             logprobs = None
@@ -157,7 +190,8 @@ class CompletionAssembler:
                                                      text=delta.text, logprobs=logprobs))
         if not choices:
             return []
-        return [CompletionChunkResponse(id=self.request_id, choices=choices, model=self.model_id)]
+        chunk = CompletionChunkResponse(id=self.request_id, choices=choices, model=self.model_id)
+        return self._final.pass_on(chunk, [c.index for c in choices if c.finish_reason is not None])
 
     def response(self, done: RequestFinished) -> CompletionResponse:
         """The non-streaming response: the `n_choices` most likely of the generated sequences."""

@@ -31,6 +31,7 @@ DEFAULT_CPU_KV_BYTES = 256 * 2**20      # KV cache on the CPU when nothing sizes
 DEFAULT_CPU_KV_MIN_TOKENS = 4096
 DEFAULT_GPU_MEM_USAGE = 0.85            # fraction of the free GPU memory (after loading) for the KV cache
 VALID_BLOCK_SIZES = (8, 16, 32)
+DEFAULT_PREFILL_TOKENS_WHILE_DECODING = 128  # prompt tokens of a step that also decodes (see core/scheduler.py)
 
 
 @dataclass
@@ -46,12 +47,18 @@ class EngineConfig:
     pa_gpu_mem: int | None = None        # KV capacity in MB
     pa_gpu_mem_usage: float | None = None  # KV capacity as a fraction of the device memory
     seed: int | None = None              # seeds the RNG of sequences that have no seed of their own
+    prefill_tokens_while_decoding: int = DEFAULT_PREFILL_TOKENS_WHILE_DECODING  # prompt tokens per step (all
+    # chunks together) while some sequence decodes: bounds a running stream's wait for its next token
+    allow_special_tokens_in_messages: bool = False  # special-token text typed in a chat message becomes a
+    # control token (the reference's behaviour); by default it stays text
 
     def __post_init__(self) -> None:
         if self.max_seqs < 1:
             raise ValueError(f"max_seqs must be >= 1, got {self.max_seqs}")
         if self.prompt_chunksize < 1:
             raise ValueError(f"prompt_chunksize must be >= 1, got {self.prompt_chunksize}")
+        if self.prefill_tokens_while_decoding < 1:
+            raise ValueError(f"prefill_tokens_while_decoding must be >= 1, got {self.prefill_tokens_while_decoding}")
         if self.block_size not in VALID_BLOCK_SIZES:
             raise ValueError(f"pa_blk_size must be one of {VALID_BLOCK_SIZES}, got {self.block_size}")
         if self.prefix_cache_n < 0:
@@ -124,6 +131,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
         enable_prefix_caching=(config.prefix_cache_n > 0 and not config.no_kv_cache
                                and (xlora is None or xlora.non_granular_index is None)),
         no_kv_cache=config.no_kv_cache,
+        max_prefill_tokens_while_decoding=min(config.prefill_tokens_while_decoding, config.prompt_chunksize),
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
                          kv_dtype=loaded.dtype, device=loaded.device,
@@ -133,7 +141,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
     if config.no_kv_cache:
         # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length
         max_len = min(max_len, config.prompt_chunksize)
-    return engine, InputProcessor(loaded.tokenizer, max_len)
+    return engine, InputProcessor(loaded.tokenizer, max_len,
+                                  allow_special_tokens_in_messages=config.allow_special_tokens_in_messages)
 
 
 def on_short_lived_thread(fn: Callable[[], T], name: str = "mistralrs-load") -> T:

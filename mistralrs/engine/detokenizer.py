@@ -11,7 +11,7 @@ some decoders strip that leading space). So each step decodes a short window twi
 is `new_text[len(prefix_text):]`. Both decodes start at the same token, so whatever the decoder does to the
 first token of a window cancels out. The window starts inside the prompt for the first generated tokens, so
 the first word keeps the leading space it has after the prompt. A window whose text ends in U+FFFD (an
-incomplete UTF-8 character) is held back until a later token completes it.
+incomplete UTF-8 character) is held back until a later token completes it, and dropped if none does.
 """
 
 from __future__ import annotations
@@ -76,9 +76,11 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text):]
 
     def flush(self) -> str:
-        """At the end of generation: emit whatever is still held back (possibly an invalid character)."""
-        delta = self.pending_text
-        if delta:
+        """At the end of generation: emit what is still held back, without the incomplete character at its end
+        (the bytes of a character cut by `max_tokens` or EOS are dropped rather than shown as U+FFFD)."""
+        pending = self.pending_text
+        delta = pending.rstrip(REPLACEMENT_CHAR)
+        if pending:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
             self._emitted.append(delta)
@@ -86,5 +88,6 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
-        """All generated text so far, held-back bytes included (see the class invariant)."""
+        """All generated text so far, held-back bytes included until `flush` drops them (see the class
+        invariant)."""
         return "".join(self._emitted) + self.pending_text

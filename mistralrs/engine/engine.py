@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from mistralrs.adapters.runtime import adapter_cache_salt
-from mistralrs.core import Scheduler, Sequence, SequenceStatus
+from mistralrs.core import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from mistralrs.engine.commands import Command, CommandHandlers, unknown_command
 from mistralrs.engine.output_processor import SeqOutputState
 from mistralrs.engine.request import EngineRequest, RequestFinished, SeqDelta
+from mistralrs.sample import SampledToken
 from mistralrs.worker.model_runner import ModelRunner, SeqSampling
 
 logger = logging.getLogger(__name__)
@@ -204,37 +205,89 @@ class Engine:
         state.request.outputs.put(deltas)
         self._complete(state)
 
-    def _step(self, output) -> None:
+    def _step(self, output: SchedulerOutput) -> None:
         if output.is_empty:
             if self.scheduler.has_unfinished():
                 time.sleep(0.001)   # only waiting on blocks another sequence will release
             return
-        sampled = self.model_runner.execute(output, self._seq_sampling)
+        shares = self._shares(output)
+        try:
+            sampled = self.model_runner.execute(output, self._seq_sampling)
+        except Exception as exc:
+            if len(shares) < 2:
+                raise
+            logger.warning("engine step of %d requests failed (%s: %s); running each request alone", len(shares),
+                           type(exc).__name__, exc)
+            self._run_each_alone(shares)
+            return
+        self._apply(output, sampled)
+
+    def _shares(self, output: SchedulerOutput) -> dict[str, list]:
+        """The step's scheduled sequences grouped by request, in the step's order."""
+        shares: dict[str, list] = {}
+        for item in output.scheduled:
+            shares.setdefault(self._seq_owner[item.seq.seq_id].request.request_id, []).append(item)
+        return shares
+
+    def _run_each_alone(self, shares: dict[str, list]) -> None:
+        """After a failed step: run each request's share of it alone, in the step's order, and fail only the
+        requests whose share fails alone. The failed step advanced no sequence (`update_from_output` never ran),
+        so computing the same chunks again is safe; a share whose context includes prefix blocks that a failed
+        share was to write is sent back to be recomputed instead."""
+        for request_id, items in shares.items():
+            state = self._requests[request_id]
+            if not self.scheduler.reads_only_written_kv(items):
+                for item in reversed(items):
+                    self.scheduler.recompute_sequence(item.seq.seq_id)
+                continue
+            alone = SchedulerOutput(scheduled=items)
+            try:
+                self._apply(alone, self.model_runner.execute(alone, self._seq_sampling))
+            except Exception as exc:
+                logger.exception("request %s failed when run alone", request_id)
+                self._fail_request(state, exc)
+
+    def _apply(self, output: SchedulerOutput, sampled: dict) -> None:
+        """Advance the scheduler by a computed step and send each request what its sequences produced; a request
+        whose output cannot be processed fails alone."""
         self.scheduler.update_from_output(output, {sid: tok.token_id for sid, tok in sampled.items()})
         now = time.monotonic()
         per_request: dict[str, list[SeqDelta]] = {}
         for scheduled in output.scheduled:
             seq = scheduled.seq
-            state = self._seq_owner[seq.seq_id]
+            state = self._seq_owner.get(seq.seq_id)
+            if state is None:   # its request failed earlier in this loop
+                continue
             state.num_cached_prompt_tokens = max(state.num_cached_prompt_tokens, seq.num_cached_prompt_tokens)
             if seq.seq_id not in sampled:
                 continue
             if state.first_token_time is None:
                 state.first_token_time = now
-            grammar = self._seq_sampling[seq.seq_id].params.grammar
-            if grammar is not None and not grammar.advance(sampled[seq.seq_id].token_id):
-                logger.warning("sequence %d: sampled token rejected by its grammar: %s", seq.seq_id,
-                               grammar.matcher.get_error())
-            delta = state.outputs[seq.seq_id].process(sampled[seq.seq_id])
+            try:
+                delta = self._process(seq.seq_id, state, sampled[seq.seq_id])
+            except Exception as exc:
+                logger.exception("request %s: output of sequence %d failed", state.request.request_id, seq.seq_id)
+                per_request.pop(state.request.request_id, None)
+                self._fail_request(state, exc)
+                continue
             per_request.setdefault(state.request.request_id, []).append(delta)
-            if delta.finish_reason is not None:
-                self.scheduler.finish_sequence(seq.seq_id, _FINISH_STATUS[delta.finish_reason])
-                state.finished.add(seq.seq_id)
         for request_id, deltas in per_request.items():
             state = self._requests[request_id]
             state.request.outputs.put(deltas)
             if state.done:
                 self._complete(state)
+
+    def _process(self, seq_id: int, state: _RequestState, sampled: SampledToken) -> SeqDelta:
+        """Advance the sequence's grammar, turn its token into a delta, and finish it when a stop condition holds."""
+        grammar = self._seq_sampling[seq_id].params.grammar
+        if grammar is not None and not grammar.advance(sampled.token_id):
+            logger.warning("sequence %d: sampled token rejected by its grammar: %s", seq_id,
+                           grammar.matcher.get_error())
+        delta = state.outputs[seq_id].process(sampled)
+        if delta.finish_reason is not None:
+            self.scheduler.finish_sequence(seq_id, _FINISH_STATUS[delta.finish_reason])
+            state.finished.add(seq_id)
+        return delta
 
     def _complete(self, state: _RequestState) -> None:
         request = state.request
@@ -255,7 +308,7 @@ class Engine:
             self._seq_sampling.pop(seq_id, None)
         self._requests.pop(request.request_id, None)
 
-    def _fail_requests(self, exc: Exception, output) -> None:
+    def _fail_requests(self, exc: Exception, output: SchedulerOutput | None) -> None:
         """Fail the requests of the step that raised (all of them when scheduling itself raised)."""
         if output is None:
             touched = set(self._requests)
@@ -264,12 +317,15 @@ class Engine:
                        if (owner := self._seq_owner.get(s.seq.seq_id)) is not None}
         for request_id in touched:
             state = self._requests.get(request_id)
-            if state is None:
-                continue
-            for seq_id in state.seq_ids:
-                self.scheduler.abort_sequence(seq_id)
-            state.request.outputs.put(exc)
-            for seq_id in state.seq_ids:
-                self._seq_owner.pop(seq_id, None)
-                self._seq_sampling.pop(seq_id, None)
-            self._requests.pop(request_id, None)
+            if state is not None:
+                self._fail_request(state, exc)
+
+    def _fail_request(self, state: _RequestState, exc: Exception) -> None:
+        """Abort a request's sequences and send it the error."""
+        for seq_id in state.seq_ids:
+            self.scheduler.abort_sequence(seq_id)
+        state.request.outputs.put(exc)
+        for seq_id in state.seq_ids:
+            self._seq_owner.pop(seq_id, None)
+            self._seq_sampling.pop(seq_id, None)
+        self._requests.pop(state.request.request_id, None)

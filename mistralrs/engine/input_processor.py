@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from mistralrs.engine.chat_prompt import ChatPromptEncoder
 from mistralrs.engine.request import EngineRequest, StopConditions
+from mistralrs.engine.stop_strings import check_stop_strings
 from mistralrs.loader.chat_template import ChatTemplate
 from mistralrs.loader.tokenizer import TokenizerBundle
 from mistralrs.sample import SamplingParams
@@ -39,10 +41,14 @@ class GenerationOptions:
 class InputProcessor:
     """Validates and tokenizes prompts against one loaded model's tokenizer and limits."""
 
-    def __init__(self, bundle: TokenizerBundle, max_model_len: int) -> None:
+    def __init__(self, bundle: TokenizerBundle, max_model_len: int, *,
+                 allow_special_tokens_in_messages: bool = False) -> None:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.max_model_len = max_model_len       # context limit: model length capped by the KV capacity
+        # True: special-token text typed in a message becomes a control token (the reference's behaviour)
+        self.allow_special_tokens_in_messages = allow_special_tokens_in_messages
+        self.chat_prompts = ChatPromptEncoder(bundle.tokenizer)   # keeps it text otherwise
         self.chat_template = self._compile(bundle.chat_template)
         self.tool_chat_template = self._compile(bundle.tool_chat_template) or self.chat_template
         self.grammars = GrammarCompiler(bundle.tokenizer, sorted(bundle.eos_token_ids))  # request grammars → matchers
@@ -53,8 +59,37 @@ class InputProcessor:
         return ChatTemplate(source, bos_token=self.bundle.bos_token, eos_token=self.bundle.eos_token,
                             unk_token=self.bundle.unk_token)
 
-    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Render the chat template and tokenize the prompt."""
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Most characters of prompt text one token can stand for: the longest vocabulary entry (byte-level and
+        SentencePiece entries spell at least as many characters as the text they cover)."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    def _bounded(self, text: str, keep_tail: bool) -> str:
+        """`text` if its length allows it to fit the context, checked before tokenizing (a cheap bound).
+
+        More than `max_model_len * max_token_chars` characters cannot fit: a ValueError, or with `keep_tail` only
+        the tail that may fit is kept (the caller then keeps the last tokens of its tokenization).
+        """
+        if len(text) <= self.max_model_len:   # no more characters than the context has tokens
+            return text
+        limit = self.max_model_len * self.max_token_chars
+        if len(text) <= limit:
+            return text
+        if keep_tail:
+            return text[len(text) - limit:]
+        raise ValueError(f"Prompt sequence length is greater than {self.max_model_len - 1}, perhaps consider "
+                         f"using `truncate_sequence`? (prompt has {len(text)} characters, and no token of this "
+                         f"model covers more than {self.max_token_chars}: at most {limit} characters can fit)")
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """A prompt's token ids. `encode_batch` releases the GIL while it works (`encode` does not), so a long
+        prompt tokenized on a worker thread does not stall the server's event loop or the engine thread."""
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, *,
+                        keep_tail: bool = False) -> list[int]:
+        """Render the chat template and tokenize the prompt (see `_bounded` for `keep_tail`)."""
         if self.chat_template is None:
             raise ValueError("Received messages for a model which does not have a chat template. Either use a "
                              "different model or pass a chat template (chat_template= or jinja_explicit=), or "
@@ -62,8 +97,14 @@ class InputProcessor:
         if not messages:
             raise ValueError("Received an empty prompt.")
         template = self.tool_chat_template if tools else self.chat_template
-        text = template.render(messages, add_generation_prompt=True, tools=tools)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+
+        def render(messages: list[dict], tools: list[dict] | None) -> str:
+            return self._bounded(template.render(messages, add_generation_prompt=True, tools=tools), keep_tail)
+
+        if self.allow_special_tokens_in_messages:
+            ids = self._encode(render(messages, tools), add_special_tokens=False)
+        else:
+            ids = self.chat_prompts.encode(render, messages, tools)
         # As llama.cpp: BOS in front when the tokenizer adds one and the template did not write it (the
         # reference adds special tokens again, which can double the BOS; transformers never adds it).
         bos_id = self.tokenizer.token_to_id(self.bundle.bos_token) if self.bundle.bos_token else None
@@ -71,10 +112,11 @@ class InputProcessor:
             ids.insert(0, bos_id)
         return ids
 
-    def completion_prompt_ids(self, prompt: str) -> list[int]:
+    def completion_prompt_ids(self, prompt: str, *, keep_tail: bool = False) -> list[int]:
+        """Tokenize a completion prompt (see `_bounded` for `keep_tail`)."""
         if not prompt:
             raise ValueError("Received an empty prompt.")
-        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+        return self._encode(self._bounded(prompt, keep_tail), add_special_tokens=True)
 
     @functools.cached_property
     def _token_texts(self) -> list[str]:
@@ -89,6 +131,7 @@ class InputProcessor:
     def _stop_conditions(self, opts: GenerationOptions, num_prompt_tokens: int) -> StopConditions:
         room = self.max_model_len - num_prompt_tokens
         max_tokens = room if opts.max_tokens is None else min(opts.max_tokens, room)
+        check_stop_strings(opts.stop_seqs or ())   # before encoding each of them
         stop_strings = tuple(s for s in (opts.stop_seqs or []) if s)
         stop_token_ids = set()
         for text in stop_strings:

@@ -13,7 +13,6 @@ thread between two steps. `Runner`, the HTTP server and the CLI are clients of t
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from mistralrs.api.enums import ToolChoice
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.engine.assembly import ChatAssembler, CompletionAssembler, EngineMessage
 from mistralrs.engine.builder import EngineConfig, build_engine, on_short_lived_thread
+from mistralrs.engine.chat_messages import template_messages
 from mistralrs.engine.commands import ActivateAdapters, ReIsq
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
@@ -62,23 +62,6 @@ def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOpt
         dry_multiplier=request.dry_multiplier, dry_base=request.dry_base,
         dry_allowed_length=request.dry_allowed_length, dry_sequence_breakers=request.dry_sequence_breakers,
         seed=request.seed)
-
-
-def _template_message(message: dict) -> dict:
-    """An assistant message's OpenAI tool calls with their JSON `arguments` as dicts, as chat templates expect."""
-    calls = message.get("tool_calls")
-    if not calls:
-        return message
-    converted = []
-    for call in calls:
-        function = dict(call.get("function") or {})
-        if isinstance(function.get("arguments"), str):
-            try:
-                function["arguments"] = json.loads(function["arguments"])
-            except json.JSONDecodeError:
-                pass   # templates that print the arguments get the string as it was sent
-        converted.append({**call, "type": call.get("type", "function"), "function": function})
-    return {**message, "tool_calls": converted}
 
 
 class LLMEngine:
@@ -121,7 +104,11 @@ class LLMEngine:
             if request.grammar is not None:
                 raise ValueError("grammar: cannot be combined with a forced tool_choice (it constrains the output "
                                  "to the tool call already)")
-            return self._inputs.grammars.compile_source(json_schema_source(forced))
+            try:
+                return self._inputs.grammars.compile_source(json_schema_source(forced))
+            except ValueError as err:
+                raise ValueError(f"tool_schemas: no call can be generated for tool_choice {request.tool_choice!r}: "
+                                 f"{err}") from None
         if request.grammar is None:
             return None
         return self._inputs.grammars.compile(request.grammar_type, request.grammar)
@@ -139,11 +126,11 @@ class LLMEngine:
         self._engine.submit(engine_request)
         return engine_request
 
-    @staticmethod
-    def _messages(request: ChatCompletionRequest) -> list[dict]:
-        if isinstance(request.messages, str):
-            return [{"role": "user", "content": request.messages}]
-        return [_template_message(message) for message in request.messages]
+    def _messages(self, request: ChatCompletionRequest, tools: list[dict] | None) -> list[dict]:
+        """The request's messages as its chat template expects them (engine/chat_messages.py)."""
+        template = self._inputs.tool_chat_template if tools else self._inputs.chat_template
+        prints_tool_calls = template is not None and "tool_calls" in template.source
+        return template_messages(request.messages, prints_tool_calls)
 
     @staticmethod
     def _tools(request) -> list[dict] | None:
@@ -154,13 +141,16 @@ class LLMEngine:
 
         `outputs` (anything with a thread-safe `put(message)`) replaces the request's queue; the engine thread
         puts `SeqDelta` lists, then a `RequestFinished` (or an exception) on it. Raises ValueError for a bad
-        request (prompt too long, no chat template, unsupported option).
+        request (prompt too long, no chat template, an image part, unsupported option).
         """
-        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request), self._tools(request))
+        tools = self._tools(request)
+        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request, tools), tools,
+                                                  keep_tail=self.truncate_sequence)
         engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
                                       request.top_logprobs, outputs)
         parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
-        assembler = ChatAssembler(engine_request.request_id, self.model_id, request.logprobs, parse_tools)
+        assembler = ChatAssembler(engine_request.request_id, self.model_id, request.n_choices, request.logprobs,
+                                  parse_tools)
         return Submission(engine_request, assembler)
 
     def submit_completion(self, request: CompletionRequest, *, logprobs: int | None = None,
@@ -172,7 +162,7 @@ class LLMEngine:
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 20):
             raise ValueError(f"logprobs: must be an int in [0, 20] or None, got {logprobs!r}")
-        prompt_ids = self._inputs.completion_prompt_ids(request.prompt)
+        prompt_ids = self._inputs.completion_prompt_ids(request.prompt, keep_tail=self.truncate_sequence)
         num_seqs = max(request.n_choices, request.best_of)
         if request.stream and num_seqs != request.n_choices:
             raise ValueError("best_of: cannot be larger than n_choices when streaming")
@@ -228,11 +218,12 @@ class LLMEngine:
     def send_re_isq(self, isq_type: str) -> None:
         """Re-quantizes the live model to ISQ type `isq_type` between two engine steps and returns at once
         (requests submitted afterwards see the new weights; a failure while quantizing is logged). ValueError for
-        an unknown type; ignored for GGUF/GGML models (REFERENCE §3)."""
+        an unknown type, also for GGUF/GGML models, where a known type is ignored (REFERENCE §3)."""
+        parsed = parse_isq_type(isq_type)
         if self._loaded.quantized_file:
             logger.info("send_re_isq(%r): ignored, the model was loaded from quantized GGUF/GGML weights", isq_type)
             return
-        self._engine.post(ReIsq(parse_isq_type(isq_type)))
+        self._engine.post(ReIsq(parsed))
 
     def _re_isq(self, command: ReIsq) -> None:
         """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""

@@ -9,20 +9,6 @@ from mistralrs.engine.request import SeqDelta, SeqResult, StopConditions, TokenL
 from mistralrs.sample import SampledToken
 
 
-def _held_back_length(text: str, stop_strings: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string.
-
-    That much text must not be streamed yet: the next tokens may complete a stop string there.
-    """
-    longest = 0
-    for stop in stop_strings:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
-
-
 class SeqOutputState:
     """Per-sequence output bookkeeping, owned by the engine thread."""
 
@@ -40,6 +26,7 @@ class SeqOutputState:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.cut_at_stop_string = False    # the text ends where a stop string started
+        self.stop_state = 0                # the stop-string matcher's state after `text`
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -61,27 +48,27 @@ class SeqOutputState:
         else:
             if self.want_logprobs:
                 new_logprobs.append(self._record_logprob(sampled))
-            self.text += self.detokenizer.add_token(token_id)
-            self._cut_at_stop_string()
+            self._append_text(self.detokenizer.add_token(token_id))
         if self.finish_reason is None and len(self.token_ids) >= self.stop.max_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None and not self.cut_at_stop_string:
-            self.text += self.detokenizer.flush()   # bytes of an unfinished character, held back until now
+            self.text += self.detokenizer.flush()   # text held back until now, less an unfinished character
         visible_end = len(self.text)
         if self.finish_reason is None:
-            visible_end -= _held_back_length(self.text, self.stop.stop_strings)
+            visible_end -= self.stop.stop_matcher.held_back(self.stop_state)
         delta_text = self.text[self.num_emitted_chars:visible_end]
         self.num_emitted_chars = max(self.num_emitted_chars, visible_end)
         return SeqDelta(self.index, delta_text, [token_id], new_logprobs, self.finish_reason)
 
-    def _cut_at_stop_string(self) -> None:
-        if not self.stop.stop_strings:
+    def _append_text(self, delta: str) -> None:
+        """Add new text; cut it where the earliest stop string completed by it starts."""
+        offset = len(self.text)
+        self.text += delta
+        if not delta or not self.stop.stop_strings:
             return
-        longest = max(len(s) for s in self.stop.stop_strings)
-        search_from = max(0, self.num_emitted_chars - longest)
-        hits = [pos for s in self.stop.stop_strings if (pos := self.text.find(s, search_from)) >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        self.stop_state, start = self.stop.stop_matcher.feed(self.stop_state, delta)
+        if start is not None:
+            self.text = self.text[:offset + start]
             self.finish_reason = "stop"
             self.cut_at_stop_string = True
 

@@ -10,6 +10,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 
+from mistralrs.engine.stop_strings import StopStringMatcher, check_stop_strings
 from mistralrs.sample import SamplingParams
 from mistralrs.sample.grammar import CompiledGrammar
 
@@ -21,11 +22,16 @@ class StopConditions:
     max_tokens: int                                     # most generated tokens (already clamped to the context)
     eos_token_ids: frozenset[int] = frozenset()         # model EOS set (REFERENCE §8.4); excluded from the text
     stop_token_ids: frozenset[int] = frozenset()        # single-token stop sequences; excluded from the text
-    stop_strings: tuple[str, ...] = ()                  # cut the text where the first one starts
+    stop_strings: tuple[str, ...] = ()                  # cut the text where the first one starts (bounded)
+    stop_matcher: StopStringMatcher = field(init=False, repr=False, compare=False)  # finds them, built here
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        check_stop_strings(self.stop_strings)
+        if not all(self.stop_strings):
+            raise ValueError("stop: stop sequences must not be empty")
+        self.stop_matcher = StopStringMatcher(self.stop_strings)
 
 
 @dataclass

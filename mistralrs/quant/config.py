@@ -16,7 +16,7 @@ from mistralrs.layers.linear import Linear, LinearMethodBase
 
 
 class QuantConfig:
-    """Chooses the quant method of every `Linear` of a model before loading (GGUF today; ISQ and UQFF later)."""
+    """Chooses the quant method of every `Linear` of a model before loading (subclasses: GGUF blocks, ISQ, UQFF)."""
 
     def linear_method(self, layer: Linear) -> LinearMethodBase:
         """A new method for `layer` (one instance per layer; `layer.prefix` names it for per-layer rules)."""

@@ -2,8 +2,9 @@
 
 `GrammarCompiler` is built once per model from its `tokenizers.Tokenizer` (the llguidance tokenizer costs about
 a second to build, so it is made on first use). `compile(grammar_type, text)` turns a request's grammar into a
-`CompiledGrammar` or raises ValueError with llguidance's reason. The engine makes one `LLMatcher` per sequence
-(`CompiledGrammar.new_matcher`), the sampler masks the logits of the constrained rows with it
+`CompiledGrammar` or raises ValueError with llguidance's reason, or because no finite JSON value matches a JSON
+schema (`schema_termination`: llguidance compiles such recursions, then stalls). The engine makes one `LLMatcher`
+per sequence (`CompiledGrammar.new_matcher`), the sampler masks the logits of the constrained rows with it
 (`apply_grammar_masks`) and the engine advances it with every sampled token. EOS is one of the llguidance
 tokenizer's EOS tokens, so the mask allows it only where the grammar accepts. llguidance itself is imported
 when the first grammar is compiled (mistralrs/dependencies.py).
@@ -22,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mistralrs.dependencies import import_dependency
+from mistralrs.sample.schema_termination import check_terminates
 
 if TYPE_CHECKING:
     import llguidance
@@ -76,12 +78,30 @@ def grammar_source(grammar_type: str, text: str) -> str:
         return llguidance.LLMatcher.grammar_from_lark(text)
     if grammar_type == "json_schema":
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            source = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            check_terminates(json.loads(text))
         except ValueError as err:
             raise ValueError(f"grammar: invalid JSON schema: {err}") from None
+        return source
     if grammar_type == "llguidance":
+        _check_embedded_schemas(text)
         return text
     raise ValueError(f"grammar_type must be one of {', '.join(GRAMMAR_TYPES)}; got {grammar_type!r}")
+
+
+def _check_embedded_schemas(text: str) -> None:
+    """`check_terminates` on the JSON schemas of an llguidance grammar (`{"grammars": [{"json_schema": ...}]}`)."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return   # llguidance reports it
+    grammars = document.get("grammars") if isinstance(document, dict) else None
+    for i, grammar in enumerate(grammars if isinstance(grammars, list) else []):
+        if isinstance(grammar, dict) and "json_schema" in grammar:
+            try:
+                check_terminates(grammar["json_schema"])
+            except ValueError as err:
+                raise ValueError(f"grammar: invalid JSON schema in grammars[{i}]: {err}") from None
 
 
 def json_schema_source(schema: dict) -> str:

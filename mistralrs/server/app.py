@@ -2,9 +2,9 @@
 
 `create_app(runner, config)` returns a FastAPI app with the endpoints `POST /v1/chat/completions`,
 `POST /v1/completions`, `GET /v1/models`, `GET /health` (and `/`), `POST /v1/images/generations`,
-`POST /activate_adapters`, `POST /re_isq`, the OpenAPI document at `/api-doc/openapi.json` and its viewer at
-`/docs`. Request work that may take long (templating and tokenizing a prompt) runs in a worker thread; the
-event loop only moves bytes.
+`POST /activate_adapters`, `POST /re_isq`, the OpenAPI document at `/api-doc/openapi.json` and, with
+`ServerConfig.docs`, its viewer at `/docs`. Request work that may take long (templating and tokenizing a prompt)
+runs in a worker thread; the event loop only moves bytes.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from mistralrs.api.runner import Runner
 from mistralrs.engine.llm_engine import LLMEngine, Submission
 from mistralrs.server import encode, schemas
 from mistralrs.server.errors import APIError, client_error, install_error_handlers, validation_error
-from mistralrs.server.middleware import GuardMiddleware
+from mistralrs.server.middleware import GuardMiddleware, GuardSettings
 from mistralrs.server.streaming import AsyncOutputs, EventStreamResponse, RequestTracker, collect, sse_events
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("mistralrs.server.requests")  # request/response bodies (`--log FILE`)
 
 DEFAULT_MAX_BODY_BYTES = 50 * 2**20  # as the reference
+DEFAULT_READ_TIMEOUT_SEC = 60.0  # for a request head, then for its body (the reference has none)
+DEFAULT_MAX_CONNECTIONS = 512  # open connections (the reference has no limit)
 Body = TypeVar("Body", bound=BaseModel)
 _CLIENT_GONE = Response(status_code=408)  # answered (to nobody) when the client left before its response
 
@@ -51,18 +53,35 @@ class ServerConfig:
     """Settings of the HTTP app (the CLI's server options)."""
 
     api_key: str | None = None  # required as `Authorization: Bearer <key>` when set
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])  # allowed browser origins; [] turns CORS off
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed by CORS ("*": any); [] off
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get a 413
+    read_timeout_sec: float = DEFAULT_READ_TIMEOUT_SEC  # a request head, then its body, must arrive within this
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # requests on connections beyond this many get a 503
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback connection may use besides localhost, IPs ("*": any)
+    admin_without_key: bool = False  # serve /re_isq and /activate_adapters although no api_key is set
     keep_alive_sec: float = field(default_factory=_default_keep_alive_sec)  # SSE comment after this much silence
-    model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default"
+    model_aliases: tuple[str, ...] = ()  # names accepted in `model` besides the model id and "default" (strict)
+    strict_model_name: bool = False  # 404 for a `model` other than the id, its aliases or "default" (else any name)
+    model_name: str | None = None  # the `model` clients see; None: `public_model_name` of the model id
+    docs: bool = False  # serve the Swagger UI at /docs (it loads its scripts from a CDN)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset for no key)")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.read_timeout_sec <= 0:
+            raise ValueError(f"read_timeout_sec must be > 0, got {self.read_timeout_sec}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.keep_alive_sec <= 0:
             raise ValueError(f"keep_alive_sec must be > 0, got {self.keep_alive_sec}")
+
+
+def public_model_name(model_id: str) -> str:
+    """How clients see a model id: as given, or its last component when it is an absolute path (the server's file
+    system is nobody's business)."""
+    return os.path.basename(model_id.rstrip("/")) if os.path.isabs(model_id) else model_id
 
 
 class _AppState:
@@ -73,14 +92,16 @@ class _AppState:
         self.config = config
         self.tracker = RequestTracker(engine)
         self.created = int(time.time())
+        self.model_name = config.model_name or public_model_name(engine.model_id)  # in /v1/models and responses
         model_id = engine.model_id
         self.accepted_models = {"default", model_id, os.path.basename(model_id.rstrip("/")),
                                 *config.model_aliases}
 
     def check_model(self, name: str | None) -> None:
-        if name is None or name in self.accepted_models:
+        """Any name selects the one served model (as the reference); with `strict_model_name`, only its names."""
+        if name is None or not self.config.strict_model_name or name in self.accepted_models:
             return
-        raise APIError(404, f"The model {name!r} does not exist: this server serves {self.engine.model_id!r} "
+        raise APIError(404, f"The model {name!r} does not exist: this server serves {self.model_name!r} "
                             "(also accepted: 'default')", param="model", code="model_not_found")
 
     def check_open(self) -> None:
@@ -120,9 +141,12 @@ async def _submit(state: _AppState, submit, prompt_param: str) -> tuple[Submissi
     state.check_open()
     outputs = AsyncOutputs(asyncio.get_running_loop())
     try:
-        return await run_in_threadpool(submit, outputs), outputs
+        submission = await run_in_threadpool(submit, outputs)
     except (ValueError, TypeError) as exc:
+        exc.__traceback__ = None   # its frames hold the prompt, in a cycle: free it now, not at the next collection
         raise client_error(exc, prompt_param) from None
+    submission.assembler.model_id = state.model_name   # the responses' `model`, as /v1/models shows it
+    return submission, outputs
 
 
 def _json(body: dict, status: int = 200) -> Response:
@@ -156,12 +180,14 @@ def create_app(runner: Runner, config: ServerConfig | None = None) -> FastAPI:
     """The OpenAI-compatible app serving `runner`'s front door (the caller keeps ownership of the runner)."""
     config = config or ServerConfig()
     state = _AppState(runner.llm_engine, config)
-    app = FastAPI(title="mistralrs", version="0.1.0", docs_url="/docs", redoc_url=None,
+    app = FastAPI(title="mistralrs", version="0.1.0", docs_url="/docs" if config.docs else None, redoc_url=None,
                   openapi_url="/api-doc/openapi.json",
                   description="OpenAI-compatible server of the mistralrs Python engine")
     app.state.mistralrs = state
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, settings=GuardSettings(
+        api_key=config.api_key, max_body_bytes=config.max_body_bytes, read_timeout_sec=config.read_timeout_sec,
+        allowed_hosts=tuple(config.allowed_hosts), admin_without_key=config.admin_without_key))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization"])
@@ -179,7 +205,7 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
         """Chat completion (OpenAI shape); `stream: true` answers with server-sent events."""
         body = await _parse(request, schemas.ChatCompletionBody)
         state.check_model(body.model)
-        chat = _build(schemas.chat_request, body, engine.model_id)
+        chat = _build(schemas.chat_request, body)
         submission, outputs = await _submit(state, lambda out: engine.submit_chat_completion(chat, outputs=out),
                                             "messages")
         if body.stream:
@@ -231,7 +257,7 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         return PlainTextResponse("OK")
 
     def model_card() -> dict:
-        return {"id": engine.model_id, "object": "model", "created": state.created, "owned_by": "local"}
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "local"}
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -274,5 +300,5 @@ def _add_other_routes(app: FastAPI, state: _AppState) -> None:
         try:
             await run_in_threadpool(engine.send_re_isq, body.ggml_type)
         except (ValueError, TypeError) as exc:
-            raise client_error(exc) from None
+            raise client_error(exc, "ggml_type") from None
         return PlainTextResponse(f"Successfully re-quantized the model to {body.ggml_type}")

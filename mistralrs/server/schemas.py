@@ -7,7 +7,7 @@ are then checked by `ChatCompletionRequest` / `CompletionRequest` themselves, wh
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,10 @@ from mistralrs.server.errors import APIError
 GrammarType = Literal["regex", "lark", "json_schema", "llguidance"]
 MAX_CHOICES = 128  # most sequences one request may ask for (n, best_of), as OpenAI
 MAX_SEED = 2**32 - 1  # seeds are 32-bit here (larger ones would overflow the per-sequence generator seed)
+# The OpenAI API's ranges (the Python API accepts any float32 value, as the reference).
+MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100]
 
 
 class _Body(BaseModel):
@@ -47,18 +51,20 @@ class ResponseFormat(_Body):
 class _SamplingBody(_Body):
     """Fields shared by chat and completion bodies (None means the default)."""
 
-    model: str | None = Field(None, description="the served model id or 'default'")
+    model: str | None = Field(None, description="any name selects the served model (with --strict-model-name: "
+                                                  "its id, file name or 'default')")
     max_tokens: int | None = Field(None, description="most generated tokens; clamped to the room left in the "
                                                      "context")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="number of choices")
     stop: str | list[str] | None = None
-    temperature: float | None = Field(None, description="0 is greedy; unset means 1.0")
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="0 is greedy; unset means 1.0")
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, description="extra: keep the k most likely tokens")
     min_p: float | None = Field(None, description="extra: drop tokens below min_p times the top probability")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = Field(None, description='token id (as a string) -> bias, e.g. {"42": -100}')
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        None, description='token id (as a string) -> bias in [-100, 100], e.g. {"42": -100}')
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -80,7 +86,7 @@ class _SamplingBody(_Body):
         return dict(
             model=self.model or "default", n_choices=1 if self.n is None else self.n, logit_bias=self.logit_bias,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            stop_seqs=self.stop or None, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            stop_seqs=self.stop, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             stream=bool(self.stream), adapters=self.adapters, min_p=self.min_p, tool_schemas=self.tools,
             tool_choice=self.tool_choice, dry_multiplier=self.dry_multiplier, dry_base=self.dry_base,
             dry_allowed_length=self.dry_allowed_length, dry_sequence_breakers=self.dry_sequence_breakers,
@@ -135,39 +141,6 @@ class ReIsqBody(_Body):
 BODY_MODELS = (ChatCompletionBody, CompletionBody, ImageGenerationBody, AdaptersBody, ReIsqBody)
 
 
-def _text_content(where: str, parts: list[Any], model_id: str) -> str:
-    """A content list of text parts joined with newlines; image parts are refused (text model)."""
-    texts = []
-    for j, part in enumerate(parts):
-        part_where = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_image", "image") or (isinstance(part, dict) and "image_url" in part):
-            raise APIError(400, f"{part_where}: image input is not supported by {model_id!r}, a text-only model "
-                                "(vision models are not built in this version)",
-                           param=part_where, code="image_input_not_supported")
-        else:
-            raise APIError(400, f"{part_where} must be {{'type': 'text', 'text': str}}; got {part!r:.200}",
-                           param=part_where)
-    if not texts:
-        raise APIError(400, f"{where} must not be an empty list of parts", param=where)
-    return "\n".join(texts)
-
-
-def _messages(messages: list[dict[str, Any]] | str, model_id: str) -> list[dict[str, Any]] | str:
-    """Messages with list contents flattened to text (chat templates expect strings)."""
-    if isinstance(messages, str):
-        return messages
-    flattened = []
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, list):
-            message = {**message, "content": _text_content(f"messages[{i}].content", content, model_id)}
-        flattened.append(message)
-    return flattened
-
-
 def _grammar(body: ChatCompletionBody | CompletionBody) -> tuple[Any, str | None]:
     """(grammar, grammar_type) from `grammar` or `response_format`, which cannot be combined."""
     response_format = getattr(body, "response_format", None)
@@ -196,17 +169,20 @@ def _max_tokens(body: ChatCompletionBody) -> int | None:
     return body.max_completion_tokens
 
 
-def chat_request(body: ChatCompletionBody, model_id: str) -> ChatCompletionRequest:
+def chat_request(body: ChatCompletionBody) -> ChatCompletionRequest:
     """The `ChatCompletionRequest` a chat body asks for (raises ValueError/TypeError/APIError when it is bad)."""
     grammar, grammar_type = _grammar(body)
     return ChatCompletionRequest(
-        messages=_messages(body.messages, model_id), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs,
+        messages=body.messages, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs,
         max_tokens=_max_tokens(body), grammar=grammar, grammar_type=grammar_type, **body.shared_fields())
 
 
 def completion_request(body: CompletionBody) -> CompletionRequest:
     """The `CompletionRequest` a completion body asks for (raises ValueError/TypeError/APIError when it is bad)."""
     prompt = body.prompt
+    if body.best_of is not None and body.best_of < (body.n or 1):
+        raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n}): the n choices are the best of "
+                            "best_of generated ones", param="best_of")
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise APIError(400, f"prompt: exactly one prompt per request is supported, got a list of {len(prompt)}",

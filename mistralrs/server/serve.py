@@ -8,6 +8,7 @@ closes the runner (its engine thread stops).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -19,6 +20,7 @@ import uvicorn
 
 from mistralrs.api.runner import Runner
 from mistralrs.server.app import ServerConfig, create_app
+from mistralrs.server.protocol import HardenedH11Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,12 @@ class _Server(uvicorn.Server):
 
 
 def _uvicorn_config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings: the hardened h11 protocol, the connection limit of the app's ServerConfig."""
+    config = app.state.mistralrs.config
+    protocol = functools.partial(HardenedH11Protocol, read_timeout_sec=config.read_timeout_sec)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
-                          timeout_graceful_shutdown=SHUTDOWN_GRACE_SEC)
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE_SEC, http=protocol,
+                          limit_concurrency=config.max_connections + 1)   # uvicorn counts the new one too
 
 
 def serve(runner: Runner, config: ServerConfig | None = None, *, host: str = "127.0.0.1", port: int = 1234,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -158,6 +159,16 @@ async def collect(tracker: RequestTracker, submission: Submission, outputs: Asyn
         return None
 
 
+def _chunk_events(chunk: Any, encode: Callable[[Any], dict], include_usage: bool) -> list[bytes]:
+    """The `data:` events of one chunk, usage as OpenAI sends it: the last chunk's `usage` moves to a chunk of
+    its own with no choices when the client asked for it (`stream_options.include_usage`), else it is left out."""
+    usage, chunk.usage = chunk.usage, None
+    events = [b"data: " + json_bytes(encode(chunk)) + b"\n\n"]
+    if usage is not None and include_usage:
+        events.append(b"data: " + json_bytes(encode(dataclasses.replace(chunk, choices=[], usage=usage))) + b"\n\n")
+    return events
+
+
 async def sse_events(tracker: RequestTracker, submission: Submission, outputs: AsyncOutputs, receive: Receive,
                      encode: Callable[[Any], dict], include_usage: bool, keep_alive_sec: float) -> AsyncIterator[bytes]:
     """Server-sent events of a streaming request: `data: <chunk>` events, then `data: [DONE]`.
@@ -180,10 +191,8 @@ async def sse_events(tracker: RequestTracker, submission: Submission, outputs: A
                         break
                     if isinstance(message, RequestFinished):
                         serving.finished = True
-                        if not include_usage:
-                            break
                     for chunk in submission.assembler.chunks(message):
-                        events.append(b"data: " + json_bytes(encode(chunk)) + b"\n\n")
+                        events.extend(_chunk_events(chunk, encode, include_usage))
                 if serving.finished:
                     events.append(DONE_EVENT)
                 yield b"".join(events)

@@ -29,7 +29,7 @@ def served(tmp_path_factory):
     banned = [int(i) for i in NO_SPECIAL]
     expected = {name: runner.detokenize_text(
         peft_greedy(peft_lora_model(base, adapters, [name]), prompt_ids, 4, banned), True) for name in ("a1", "a2")}
-    with BackgroundServer(runner, ServerConfig()) as server:
+    with BackgroundServer(runner, ServerConfig(admin_without_key=True)) as server:
         yield server, expected
     runner.close()
 

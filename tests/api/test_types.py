@@ -440,6 +440,10 @@ def test_accepted_message_formats() -> None:
     (dict(top_k=-1), ValueError, "top_k"),
     (dict(min_p=1.0), ValueError, "min_p"),
     (dict(presence_penalty=float("nan")), ValueError, "presence_penalty"),
+    (dict(presence_penalty=1e308), ValueError, "presence_penalty must be within +-3.4e38"),
+    (dict(frequency_penalty=-1e308), ValueError, "frequency_penalty"),
+    (dict(logit_bias={5: 1e39}), ValueError, "logit_bias[5]"),
+    (dict(temperature=1e300), ValueError, "temperature"),
     (dict(logit_bias={"x": 1.0}), TypeError, "logit_bias"),
     (dict(logit_bias={-1: 1.0}), ValueError, "logit_bias"),
     (dict(logit_bias={1: "a"}), TypeError, "logit_bias"),
@@ -469,6 +473,14 @@ def test_chat_request_validation_names_field(kwargs: dict, error: type, text: st
     with pytest.raises(error) as err:
         ChatCompletionRequest(**arguments)
     assert text in str(err.value)
+
+
+def test_large_float32_values_stay_accepted() -> None:
+    """The reference takes any float32 (OpenAI's ranges apply over HTTP only); only infinite float32s are refused."""
+    request = ChatCompletionRequest(messages="hi", model="m", presence_penalty=-3e38, frequency_penalty=5.0,
+                                    logit_bias={5: -1e9}, temperature=7.0)
+    assert (request.presence_penalty, request.logit_bias, request.temperature) == (-3e38, {5: -1e9}, 7.0)
+    assert CompletionRequest(prompt="p", model="m", best_of=1, n_choices=3).best_of == 1   # reference default
 
 
 @pytest.mark.parametrize("kwargs,error,text", [

@@ -237,6 +237,43 @@ def test_mixed_prefill_and_decode_in_one_step():
     assert decoding.num_output_tokens == 3 and prefilling.num_computed_tokens == 16
 
 
+def test_decoding_sequences_get_their_token_before_earlier_prompts():
+    scheduler, fake_kv = make(block_size=4, num_blocks=64, max_num_batched_tokens=10, prompt_chunksize=8)
+    stream = Sequence(3, [1, 2, 3], arrival_time=3.0)
+    scheduler.add_sequence(stream)
+    step(scheduler, fake_kv)
+    for seq_id, arrival in ((1, 1.0), (2, 2.0)):   # prompts that arrived earlier (e.g. queued while tokenizing)
+        scheduler.add_sequence(Sequence(seq_id, [seq_id] * 40, arrival_time=arrival))
+    output = step(scheduler, fake_kv)   # admitted behind the stream
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(3, 1), (1, 8), (2, 1)]
+    for _ in range(4):   # running in arrival order: the prompts first, a token kept for the stream
+        output = step(scheduler, fake_kv)
+        assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(1, 8), (2, 1), (3, 1)]
+    assert stream.num_output_tokens == 6
+
+
+def test_prompt_tokens_are_capped_while_sequences_decode():
+    scheduler, fake_kv = make(block_size=4, num_blocks=64, max_num_batched_tokens=30, prompt_chunksize=16,
+                              max_prefill_tokens_while_decoding=4)
+    long_prompt = Sequence(1, [5] * 60)
+    scheduler.add_sequence(long_prompt)
+    assert [item.num_new_tokens for item in step(scheduler, fake_kv).scheduled] == [16]   # nothing decodes yet
+    scheduler.add_sequence(Sequence(2, [1, 2]))
+    assert [item.num_new_tokens for item in step(scheduler, fake_kv).scheduled] == [16, 2]
+    scheduler.add_sequence(Sequence(3, [6] * 10))
+    for _ in range(2):   # sequence 2 decodes: the prompts share 4 tokens a step (3 is not admitted)
+        output = step(scheduler, fake_kv)
+        assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(1, 4), (2, 1)]
+    scheduler.abort_sequence(2)
+    output = step(scheduler, fake_kv)   # nothing decodes: the whole budget
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(1, 16), (3, 10)]
+    output = step(scheduler, fake_kv)   # sequence 3 decodes
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(1, 4), (3, 1)]
+    assert long_prompt.num_computed_tokens == 60 and long_prompt.num_output_tokens == 1
+    with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding"):
+        SchedulerConfig(max_prefill_tokens_while_decoding=0)
+
+
 def test_budget_is_shared_by_all_sequences():
     scheduler, fake_kv = make(block_size=4, num_blocks=64, max_num_batched_tokens=10, prompt_chunksize=6)
     for seq_id in range(4):
@@ -427,7 +464,20 @@ def _random_config(rng):
         num_blocks=rng.choice([12, 20, 40]),
         enable_prefix_caching=rng.random() < 0.8,
         no_kv_cache=no_kv_cache,
+        max_prefill_tokens_while_decoding=rng.choice([None, 1, 5]),
     )
+
+
+def check_decodes_move(scheduler, output, decoding_ids):
+    """Sequences that decoded at the start of a step are all in it (unless KV blocks ran out), and the prompt
+    tokens beside them respect the cap."""
+    if scheduler.config.no_kv_cache or not decoding_ids:
+        return
+    scheduled = {item.seq.seq_id for item in output.scheduled}
+    assert decoding_ids <= scheduled or output.preempted or scheduler.kv_cache_manager.num_free_blocks == 0
+    cap = scheduler.config.max_prefill_tokens_while_decoding
+    prompt_tokens = sum(item.num_new_tokens for item in output.scheduled if item.seq.seq_id not in decoding_ids)
+    assert cap is None or prompt_tokens <= cap
 
 
 def _simulate(seed):
@@ -454,9 +504,11 @@ def _simulate(seed):
             aborted = rng.choice(sorted(live))
             scheduler.abort_sequence(aborted)
             live.discard(aborted)
+        decoding_ids = {seq.seq_id for seq in scheduler.running if seq.num_uncomputed_tokens == 1}
         output = scheduler.schedule()
         assert not output.is_empty or not scheduler.has_unfinished(), "no progress while sequences wait"
         check_step(scheduler, output)
+        check_decodes_move(scheduler, output, decoding_ids)
         fake_kv.run(output)
         sampled = {item.seq.seq_id: rng.randrange(50) for item in output.scheduled if item.sample}
         scheduler.update_from_output(output, sampled)
@@ -494,3 +546,27 @@ def test_reset_prefix_cache_stops_reuse_of_blocks_cached_before():
     scheduler.add_sequence(fresh)
     step(scheduler, fake_kv)
     assert fresh.num_cached_prompt_tokens == 12
+
+
+def test_a_failed_step_can_run_in_parts_unless_a_part_reads_blocks_of_another():
+    scheduler, fake_kv = make(block_size=4, num_blocks=32)
+    prompt = list(range(100, 113))  # 3 full blocks + 1 token
+    first, second, other = Sequence(1, list(prompt)), Sequence(2, prompt[:12] + [7, 8]), Sequence(3, [5, 6, 7])
+    for seq in (first, second, other):
+        scheduler.add_sequence(seq)
+    failed = scheduler.schedule()   # the model raised: nothing was written, nothing advanced
+    by_id = {item.seq.seq_id: item for item in failed.scheduled}
+    assert [by_id[2].num_new_tokens, second.num_computed_tokens] == [2, 12]   # reads first's blocks of this step
+    assert scheduler.reads_only_written_kv([by_id[1], by_id[2]]) and scheduler.reads_only_written_kv([by_id[3]])
+    assert not scheduler.reads_only_written_kv([by_id[2]])
+    alone = SchedulerOutput(scheduled=[by_id[3]])   # runs alone and goes on
+    fake_kv.run(alone)
+    scheduler.update_from_output(alone, {3: 9})
+    scheduler.abort_sequence(1)   # failed alone
+    scheduler.recompute_sequence(2)   # its prefix was never written: computed again from its first token
+    assert second.status is SequenceStatus.WAITING and not second.block_ids and second.num_computed_tokens == 0
+    check_invariants(scheduler)
+    output = step(scheduler, fake_kv)   # FakeKV checks that nothing reads the never-written blocks
+    assert [(item.seq.seq_id, item.num_new_tokens) for item in output.scheduled] == [(3, 1), (2, 14)]
+    with pytest.raises(ValueError, match="seq_id 1 is not running"):
+        scheduler.recompute_sequence(1)

@@ -11,9 +11,12 @@ import random
 import pytest
 
 from mistralrs.engine.detokenizer import IncrementalDetokenizer
+from mistralrs.engine.output_processor import SeqOutputState
+from mistralrs.engine.request import StopConditions
 from mistralrs.loader.default_model import default_model_path
 from mistralrs.formats.gguf_metadata import read_gguf_metadata
 from mistralrs.loader.tokenizer import tokenizer_from_gguf_metadata
+from mistralrs.sample import SampledToken
 
 TEXTS = [
     "Hello world", " leading space", "  two  spaces  ", "line\nbreaks\n\n\tand tabs", "digits 12345 3.14",
@@ -89,7 +92,7 @@ def test_random_token_streams_keep_the_invariant(tokenizer):
         prompt_ids = [rng.randrange(vocab_size) for _ in range(rng.randint(0, 8))]
         output_ids = [rng.randrange(vocab_size) for _ in range(rng.randint(1, 30))]
         deltas, detokenizer = stream(tokenizer, prompt_ids, output_ids)
-        assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(output_ids)
+        assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(output_ids).rstrip("\ufffd")
 
 
 def test_multibyte_character_is_held_back_until_complete(smollm2, gemma):
@@ -100,13 +103,26 @@ def test_multibyte_character_is_held_back_until_complete(smollm2, gemma):
         assert deltas == [""] * (len(output_ids) - 1) + [char]
 
 
-def test_incomplete_character_at_the_end_is_flushed(gemma):
+def test_incomplete_character_at_the_end_is_dropped(gemma):
     first_byte = gemma.encode("𓀀", add_special_tokens=False).ids[0]
     detokenizer = IncrementalDetokenizer(gemma, [], True)
     assert detokenizer.add_token(first_byte) == ""
     assert detokenizer.pending_text == gemma.decode([first_byte]) == "\ufffd"
-    assert detokenizer.flush() == "\ufffd"
-    assert detokenizer.pending_text == "" and detokenizer.text == "\ufffd"
+    assert detokenizer.flush() == ""
+    assert detokenizer.pending_text == "" and detokenizer.text == ""
+
+
+@pytest.mark.parametrize("stream_output", [False, True])
+def test_a_character_cut_by_max_tokens_is_left_out_of_the_final_text(stream_output):
+    tokenizer = llama2_style_tokenizer()   # no piece for "é": its two UTF-8 bytes are byte-fallback tokens
+    ids = tokenizer.encode("Paris é", add_special_tokens=False).ids
+    assert tokenizer.decode(ids[:-1]).endswith("\ufffd")
+    for max_tokens, expected in ((len(ids) - 1, "Paris "), (len(ids), "Paris é")):
+        state = SeqOutputState(0, tokenizer, [], StopConditions(max_tokens=max_tokens),
+                               want_logprobs=False, skip_special_tokens=True)
+        deltas = [state.process(SampledToken(token_id, 0.0)).text for token_id in ids[:max_tokens]]
+        assert state.finish_reason == "length"
+        assert ("".join(deltas) if stream_output else state.result().text) == expected
 
 
 def test_sentencepiece_words_keep_their_spaces(gemma):

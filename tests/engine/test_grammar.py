@@ -88,11 +88,25 @@ def test_lark_and_llguidance_grammars(runner):
     assert re.fullmatch(r"ab[xyz]{3}", text), text
 
 
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # no finite value matches
+
+
 @pytest.mark.parametrize("grammar,grammar_type", [("[0-9", "regex"), ("start: undefined_rule", "lark"),
-                                                  ({"type": "nonsense"}, "json_schema")])
+                                                  ({"type": "nonsense"}, "json_schema"),
+                                                  ({"type": "integer", "minimum": 5, "maximum": 3}, "json_schema"),
+                                                  (ENDLESS, "json_schema"),
+                                                  ({"grammars": [{"json_schema": ENDLESS}]}, "llguidance")])
 def test_bad_grammar_is_value_error(runner, grammar, grammar_type):
     with pytest.raises(ValueError, match="grammar"):
         complete(runner, grammar=grammar, grammar_type=grammar_type)
+
+
+def test_endless_tool_parameters_are_a_value_error(runner):
+    nest = {"type": "function", "function": {"name": "nest", "parameters": ENDLESS}}
+    with pytest.raises(ValueError, match="tool_schemas: no call can be generated .*recursion through '#'"):
+        runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": "Nest"}], model="tiny", tool_schemas=[nest], tool_choice="required",
+            max_tokens=20))
 
 
 def test_mixed_batch_leaves_free_rows_alone(runner):
@@ -189,9 +203,9 @@ def test_multi_turn_with_tool_message_renders(runner):
                     {"id": "call-1", "type": "function",
                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
                 {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
+    request = ChatCompletionRequest(messages=messages, model="t", tool_schemas=[WEATHER])
     prompt = runner.llm_engine._inputs.tool_chat_template.render(
-        [runner.llm_engine._messages(ChatCompletionRequest(messages=messages, model="t", tool_schemas=[WEATHER]))[i]
-         for i in range(3)], add_generation_prompt=True, tools=[WEATHER])
+        runner.llm_engine._messages(request, [WEATHER]), add_generation_prompt=True, tools=[WEATHER])
     assert "call get_weather(Paris)" in prompt and "result[call-1]: sunny" in prompt
     response = chat(runner, messages=messages, tool_schemas=[WEATHER], max_tokens=5, temperature=0.0,
                     logit_bias={EOS_TOKEN_ID: -100.0})

@@ -321,6 +321,8 @@ def test_isq_with_a_gguf_model_is_refused_and_re_isq_ignored(tmp_path):
     method = runner.llm_engine._loaded.model.lm_head.quant_method
     runner.send_re_isq("Q4K")
     assert runner.llm_engine._loaded.model.lm_head.quant_method is method
+    with pytest.raises(ValueError, match=r"ISQ type \.\./\.\./x unknown"):   # checked although ignored
+        runner.send_re_isq("../../x")
     runner.close()
 
 

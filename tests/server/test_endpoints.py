@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import openai
 import pytest
 import torch
 
 from mistralrs import ChatCompletionRequest, CompletionRequest
-from mistralrs.server import BackgroundServer
+from mistralrs.server import BackgroundServer, ServerConfig
+from mistralrs.server.app import public_model_name
 from tests.server.conftest import NO_EOS, make_runner, request
 
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"logit_bias": NO_EOS})
@@ -24,13 +27,37 @@ def test_chat_is_the_runner_reply(client, runner):
     expected = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=[{"role": "user", "content": "Hello!"}], model="x", temperature=0, max_tokens=12,
         logit_bias=NO_EOS))
-    assert reply.object == "chat.completion" and reply.model == runner.model_id
+    assert reply.object == "chat.completion" and reply.model == os.path.basename(runner.model_id)
     assert reply.choices[0].message.content == expected.choices[0].message.content
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 12
     assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_any_model_name_selects_the_served_model(client, runner):
+    """The reference's server examples send model="mistral" or "llama-3.1": one model is served, so any name is it."""
+    for name in ("mistral", "llama-3.1"):
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], **GREEDY)
+        assert reply.model == public_model_name(runner.model_id)
+    chunks = list(client.completions.create(model="mistral", prompt="Hi", stream=True, **GREEDY))
+    assert {c.model for c in chunks} == {public_model_name(runner.model_id)}
+    assert client.models.retrieve("mistral").id == public_model_name(runner.model_id)
+
+
+def test_strict_model_name_restores_the_404(runner):
+    with BackgroundServer(runner, ServerConfig(strict_model_name=True, model_aliases=("alias.gguf",))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Hi"}]
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(model="mistral", messages=messages, max_tokens=2)
+        assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("mistral")
+        for name in ("default", runner.model_id, "alias.gguf"):
+            reply = client.chat.completions.create(model=name, messages=messages, max_tokens=2)
+            assert reply.model == public_model_name(runner.model_id)
 
 
 def test_completion_is_the_runner_completion(client, runner):
@@ -61,10 +88,22 @@ def test_streaming_equals_non_streaming(client, kind, include_usage):
     usages = [c.usage for c in chunks if c.usage is not None]
     if include_usage:
         assert len(usages) == 1 and chunks[-1].usage is not None and chunks[-1].choices == []
+        assert all(c.choices for c in chunks[:-1])
         assert usages[0].completion_tokens == whole.usage.completion_tokens
         assert usages[0].prompt_tokens == whole.usage.prompt_tokens
     else:
-        assert usages == []
+        assert usages == [] and all(c.choices for c in chunks)
+
+
+def test_stream_loop_of_the_reference_server_example(client):
+    """examples/server/streaming.py: `delta = chunk.choices[0].delta.content; resp += delta` on every chunk."""
+    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Stream"}],
+                                            stream=True, **GREEDY)
+    resp = ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta.content
+        resp += delta
+    assert len(resp) > 0 and chunk.choices[0].finish_reason == "length"
 
 
 def reference_logprobs(hf_model, runner, prompt_ids: list[int], generated: list[int], top: int):
@@ -174,9 +213,9 @@ def test_max_tokens_beyond_the_context_is_clamped(client, runner):
 
 def test_models_health_and_openapi(client, server, runner):
     models = client.models.list()
-    assert [m.id for m in models.data] == [runner.model_id]
+    assert [m.id for m in models.data] == [os.path.basename(runner.model_id)]   # not the server's directory
     assert models.data[0].owned_by == "local"
-    assert client.models.retrieve("default").id == runner.model_id
+    assert client.models.retrieve("default").id == os.path.basename(runner.model_id)
     assert request(server, "GET", "/health") == (200, "OK")
     status, document = request(server, "GET", "/api-doc/openapi.json")
     assert status == 200
