@@ -13,10 +13,10 @@ one leaves it. Any other value than those below is a `ValueError` naming the var
 - `MISTRALRS_FUSED_DECODE`: "0" (or "false", "off", "no") keeps every decoder layer on its plain PyTorch modules
   instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes"): fused (the
   default everywhere).
-- `MISTRALRS_CPU_THREADS`: "auto" runs decode steps on the thread count the engine measures to be faster (the
-  default of the CLI and the server); "fixed" never changes torch's thread count (the default of a `Runner` in a
-  user's program). See mistralrs/worker/cpu_threads.py for why the two differ; a program that owns its process
-  can set "auto" (the `Runner` arguments are the reference API's, so this is how a library user opts in).
+- `MISTRALRS_CPU_THREADS`: "auto" runs each step on the thread count the engine measures to be faster for its
+  size, set on the engine thread alone (the default everywhere; see mistralrs/worker/cpu_threads.py); "fixed"
+  never changes a thread count (the steps run on the count torch gives the engine thread). The `Runner`
+  arguments are the reference API's, so this is how a library user opts out.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ ENVIRONMENT = {
 class ExecutionOptions:
     """Which implementation runs each fast path (every one has a plain twin) and how CPU threads are used.
 
-    The defaults are the fast paths and the thread policy of a library (`for_library`); the CLI and the server use
-    `for_service`.
+    The defaults are the fast paths and the measured thread count per step, for a library (`for_library`) and for
+    the CLI and the server (`for_service`) alike.
     """
 
     attention_backend: str = "sdpa"  # "sdpa": batched attention; "reference": per-sequence float32 plain twin
     moe_backend: str = "fused"  # "fused": tokens grouped by expert; "reference": per-token plain twin
     fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU, bit-exact)
     fast_kernels: bool = True  # quantized matmul kernels; False: weights dequantized at load, F.linear (plain)
-    cpu_threads: str = "fixed"  # "auto": thread count chosen per step; "fixed": torch's setting never touched
+    cpu_threads: str = "auto"  # "auto": engine thread's count chosen per step; "fixed": never touched
 
     def __post_init__(self) -> None:
         for name, value, accepted in (("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
@@ -83,16 +83,15 @@ class ExecutionOptions:
 
     @classmethod
     def for_library(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
-        """A `Runner` in the user's own program: the thread count is left to the program ("fixed"; the chooser
-        would change it for every thread the program starts afterwards, see mistralrs/worker/cpu_threads.py),
-        unless the environment says otherwise."""
-        return cls.from_env(cls(cpu_threads="fixed"), environ)
+        """A `Runner` in the user's own program: the defaults (the chooser sets the engine thread's count only, so
+        the program's own threads keep theirs; see mistralrs/worker/cpu_threads.py), unless the environment says
+        otherwise."""
+        return cls.from_env(cls(), environ)
 
     @classmethod
     def for_service(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
-        """The CLI and the HTTP server, which own their process: decode steps on the measured faster thread count
-        ("auto"), unless the environment says otherwise."""
-        return cls.from_env(cls(cpu_threads="auto"), environ)
+        """The CLI and the HTTP server: the same defaults as a library's, unless the environment says otherwise."""
+        return cls.from_env(cls(), environ)
 
 
 def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:

@@ -1,62 +1,182 @@
-"""The CPU thread chooser: under the "auto" policy, large steps on every thread, small (decode) steps on whichever
-setting its timed trial found faster; under "fixed", nothing."""
+"""The CPU thread chooser (mistralrs/worker/cpu_threads.py): its decisions on fake step times (trial, early
+choice, scheduled re-trials, drift), one choice per step size, and the engine-thread-only thread count; and the
+passive OpenMP wait policy `import mistralrs` loads torch with (mistralrs/__init__.py)."""
 
 from __future__ import annotations
 
-import time
+import ctypes
+import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 
-from mistralrs.worker.cpu_threads import SMALL_STEP_TOKENS, TRIAL_STEPS, WARMUP_STEPS, CpuThreadChooser
+from mistralrs.worker.cpu_threads import (DRIFT_FACTOR, DRIFT_WINDOW, EARLY_SAMPLES, MAX_RETRIAL_SECONDS,
+                                          RETRIAL_SECONDS, TRIAL_COST_RATIO, TRIAL_SAMPLES, CpuThreadChooser,
+                                          EngineThreadCount, SizeClassChoice, size_class)
+from tests.models.family_harness import torch_threads
+
+SETTER = EngineThreadCount.setter()
+mkl_max_threads = getattr(ctypes.CDLL(torch._C.__file__), "MKL_Get_Max_Threads", None)  # the caller's MKL count
+needs_openmp = pytest.mark.skipif(SETTER is None, reason="torch has no OpenMP backend: no per-thread count")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def on_thread(fn):
+    """`fn()` run on a new thread (as the engine's steps are); its result."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", fn()))
+    thread.start()
+    thread.join()
+    return out["value"]
 
 
-def _run_trial(chooser: CpuThreadChooser, seconds_on: dict[int, float]) -> list[int]:
-    """Small steps until the choice is made; each step's body takes `seconds_on[threads in use]`."""
+def run_trial(choice: SizeClassChoice, seconds_on: dict[int, float], now: float = 0.0) -> list[int]:
+    """Steps until `choice` has chosen; each takes `seconds_on[threads]`. The counts the steps ran on."""
     seen = []
-    for _ in range(WARMUP_STEPS + TRIAL_STEPS):
-        with chooser.step(1):
-            seen.append(torch.get_num_threads())
-            time.sleep(seconds_on[torch.get_num_threads()])
+    while choice.chosen is None:
+        threads = choice.threads()
+        seen.append(threads)
+        choice.record(threads, seconds_on[threads], now)
     return seen
 
 
+def test_size_classes_are_powers_of_two_up_to_512():
+    assert [size_class(n) for n in (1, 2, 3, 4, 15, 16, 31, 511, 512, 4096)] == [0, 1, 1, 2, 3, 4, 4, 8, 9, 9]
+
+
 @pytest.mark.parametrize("faster", [1, 2])
-def test_small_steps_keep_the_faster_setting(faster):
-    chooser = CpuThreadChooser(torch.device("cpu"), "auto", max_threads=2)
-    seen = _run_trial(chooser, {faster: 0.001, 3 - faster: 0.004})
-    assert seen[:WARMUP_STEPS] == [2] * WARMUP_STEPS and sorted(set(seen)) == [1, 2]
-    assert chooser.small_step_threads == faster
-    with chooser.step(1):
-        assert torch.get_num_threads() == faster
-    with chooser.step(SMALL_STEP_TOKENS):   # large steps always use every thread
-        assert torch.get_num_threads() == 2
+def test_a_trial_alternates_and_keeps_the_faster_setting(faster):
+    choice = SizeClassChoice(candidates=(2, 1))
+    seen = run_trial(choice, {faster: 0.010, 3 - faster: 0.012})   # close: every sample is taken
+    assert seen == [2, 1] * TRIAL_SAMPLES
+    assert choice.chosen == faster and choice.baseline == 0.010 and choice.threads() == faster
 
 
-def test_disabled_off_the_cpu_and_with_one_thread():
-    for chooser in (CpuThreadChooser(torch.device("cuda"), "auto", max_threads=2),
-                    CpuThreadChooser(torch.device("cpu"), "auto", max_threads=1)):
-        torch.set_num_threads(1)
-        with chooser.step(1):
-            assert torch.get_num_threads() == 1
-        assert not chooser.enabled and chooser.small_step_threads == chooser.max_threads
+def test_a_clearly_slower_setting_ends_the_trial_early():
+    choice = SizeClassChoice(candidates=(2, 1))
+    seen = run_trial(choice, {1: 0.010, 2: 0.100})
+    assert seen == [2, 1] * EARLY_SAMPLES and choice.chosen == 1
 
 
-def test_the_fixed_policy_never_touches_the_thread_count(monkeypatch):
-    chooser = CpuThreadChooser(torch.device("cpu"), "fixed", max_threads=2)
+def test_the_median_ignores_one_slow_step():
+    choice = SizeClassChoice(candidates=(2, 1))
+    for threads, seconds in [(2, 0.010), (1, 0.012), (2, 0.500), (1, 0.012), (2, 0.010), (1, 0.012)]:
+        assert choice.threads() == threads
+        choice.record(threads, seconds, 0.0)
+    assert choice.chosen == 2
+
+
+def test_a_scheduled_trial_runs_after_the_interval_which_doubles_while_the_choice_holds():
+    choice = SizeClassChoice(candidates=(2, 1))
+    slightly_faster_on_one = {1: 0.010, 2: 0.012}   # a trial loses little: the interval alone sets the next
+    run_trial(choice, slightly_faster_on_one, now=0.0)
+    assert (choice.chosen, choice.retrial_at) == (1, RETRIAL_SECONDS)
+    choice.record(1, 0.010, RETRIAL_SECONDS - 0.1)
+    assert choice.chosen == 1
+    choice.record(1, 0.010, RETRIAL_SECONDS)
+    assert choice.chosen is None   # trial again
+    now, intervals = RETRIAL_SECONDS, []
+    for _ in range(6):
+        run_trial(choice, slightly_faster_on_one, now)
+        intervals.append(choice.interval)
+        now = choice.retrial_at
+        choice.record(1, 0.010, now)
+    assert intervals == [min(RETRIAL_SECONDS * 2 ** k, MAX_RETRIAL_SECONDS) for k in range(1, 7)]
+    run_trial(choice, {1: 0.012, 2: 0.010}, now)   # the machine changed: the interval starts over
+    assert (choice.chosen, choice.interval) == (2, RETRIAL_SECONDS)
+
+
+def test_a_trial_starts_from_the_last_chosen_steps_so_a_clearly_slower_setting_costs_one_step():
+    choice = SizeClassChoice(candidates=(2, 1))
+    run_trial(choice, {1: 0.010, 2: 0.030})
+    for now in [1.0] * (DRIFT_WINDOW - 1) + [choice.retrial_at]:
+        choice.record(1, 0.010, now)
+    assert choice.chosen is None and choice.trial == {1: [0.010] * EARLY_SAMPLES}
+    assert run_trial(choice, {1: 0.010, 2: 0.030}) == [2] and choice.chosen == 1
+    choice.record(1, 0.010, choice.retrial_at)
+    assert run_trial(choice, {1: 0.100, 2: 0.010}) == [2, 2, 1, 2, 1] and choice.chosen == 2   # a full trial
+
+
+def test_a_costly_trial_puts_the_next_one_off():
+    """Two steps on the slower setting lost a second each: no trial, scheduled or not, for 50 times that."""
+    choice = SizeClassChoice(candidates=(2, 1))
+    run_trial(choice, {1: 0.010, 2: 1.010}, now=0.0)
+    assert choice.not_before == choice.retrial_at == pytest.approx(TRIAL_COST_RATIO * 2.0)
+    for _ in range(2 * DRIFT_WINDOW):   # one thread got much faster, which would start a trial (see below)
+        choice.record(1, 0.001, choice.not_before - 1.0)
+    assert choice.chosen == 1
+    choice.record(1, 0.001, choice.not_before)
+    assert choice.chosen is None
+
+
+@pytest.mark.parametrize("chosen, towards_other", [(1, 1 / (DRIFT_FACTOR * 1.5)), (2, DRIFT_FACTOR * 1.5)])
+def test_steps_drifting_towards_the_other_setting_start_a_trial_at_once(chosen, towards_other):
+    """One thread getting faster (the other work left), or all threads getting slower (other work came)."""
+    choice = SizeClassChoice(candidates=(2, 1))
+    run_trial(choice, {chosen: 0.010, 3 - chosen: 0.030})
+    now = choice.not_before
+    assert now < choice.retrial_at
+    for _ in range(2 * DRIFT_WINDOW):   # the other way: nothing happens before the scheduled trial
+        choice.record(chosen, 0.010 / towards_other, now)
+    assert choice.chosen == chosen
+    steps = 0
+    while choice.chosen is not None:
+        choice.record(chosen, 0.010 * towards_other, now)
+        steps += 1
+    assert steps <= DRIFT_WINDOW   # a median of the window, long before the scheduled trial
+    run_trial(choice, {chosen: 0.010, 3 - chosen: 0.030}, now=now)
+    assert choice.interval == RETRIAL_SECONDS   # after a drift the next trial comes soon
+
+
+class FakeClock:
+    """A clock the step bodies advance."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@needs_openmp
+def test_each_step_size_gets_its_own_choice_on_the_engine_thread_only():
+    """Decode steps (1 and 8 tokens) faster on one thread, large steps (64 tokens, batched) on two: each size
+    class runs on its own choice, set on the engine thread; a thread started afterwards keeps the default."""
+    clock = FakeClock()
+    chooser = CpuThreadChooser(torch.device("cpu"), "auto", max_threads=2, clock=clock)
+
+    def engine() -> dict[int, set[int]]:
+        used: dict[int, set[int]] = {1: set(), 8: set(), 64: set()}
+        for _ in range(3 * TRIAL_SAMPLES * 2):
+            for num_tokens in used:
+                with chooser.step(num_tokens):
+                    threads = torch.get_num_threads()
+                    clock.now += {1: 0.010, 2: 0.030}[threads] if num_tokens < 16 else {1: 0.2, 2: 0.1}[threads]
+                used[num_tokens].add(threads)
+        return {n: {chooser.choice(n).chosen} for n in used}
+
+    with torch_threads(2):
+        assert on_thread(engine) == {1: {1}, 8: {1}, 64: {2}}
+        assert on_thread(torch.get_num_threads) == 2 and torch.get_num_threads() == 2
+
+
+def test_disabled_off_the_cpu_with_one_thread_and_under_fixed():
     calls = []
-    monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    for num_tokens in [1] * (WARMUP_STEPS + TRIAL_STEPS) + [SMALL_STEP_TOKENS]:
-        with chooser.step(num_tokens):
-            pass
-    assert calls == [] and not chooser.enabled
+
+    class Recording(EngineThreadCount):
+        def set(self, threads: int) -> None:
+            calls.append(threads)
+
+    setter = Recording(lambda n: None, None)
+    for device, policy, max_threads in (("cuda", "auto", 2), ("cpu", "auto", 1), ("cpu", "fixed", 2)):
+        chooser = CpuThreadChooser(torch.device(device), policy, max_threads=max_threads, setter=setter)
+        for num_tokens in [1] * 10 + [64] * 10:
+            with chooser.step(num_tokens):
+                pass
+        assert not chooser.enabled and chooser.classes == {}
+    assert calls == []
 
 
 def test_an_unknown_policy_is_refused():
@@ -64,16 +184,47 @@ def test_an_unknown_policy_is_refused():
         CpuThreadChooser(torch.device("cpu"), "all")
 
 
-def test_the_trial_runs_again_and_follows_a_changed_machine(monkeypatch):
-    import mistralrs.worker.cpu_threads as cpu_threads
+@needs_openmp
+def test_the_setter_changes_the_calling_thread_only():
+    """Also when the host program set torch's count itself (which sets MKL's per-thread count on every thread)."""
+    with torch_threads(2):
+        before, main_before = on_thread(torch.get_num_threads), torch.get_num_threads()
 
-    monkeypatch.setattr(cpu_threads, "RECHECK_STEPS", 5)
-    chooser = CpuThreadChooser(torch.device("cpu"), "auto", max_threads=2)
-    _run_trial(chooser, {1: 0.001, 2: 0.004})   # e.g. another job held the second core
-    assert chooser.small_step_threads == 1
-    for _ in range(5):
-        with chooser.step(1):
-            assert torch.get_num_threads() == 1
-    assert chooser.small_step_threads is None   # trial again
-    _run_trial(chooser, {1: 0.004, 2: 0.001})   # the machine is quiet now
-    assert chooser.small_step_threads == 2
+        def counts() -> tuple[int, int]:
+            return torch.get_num_threads(), mkl_max_threads() if mkl_max_threads else 1
+
+        def engine() -> tuple[int, int]:
+            SETTER.set(1)
+            return counts()
+
+        assert on_thread(engine) == (1, 1)
+        assert on_thread(counts)[0] == before and torch.get_num_threads() == main_before
+
+
+SEE_WAIT_POLICY = """
+import importlib.abc, os, sys
+seen = []
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        return None
+sys.meta_path.insert(0, Spy())
+if sys.argv[1] == "torch first":
+    import torch
+import mistralrs
+print(seen[0], os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+@pytest.mark.parametrize("environ, order, loaded_with, after", [
+    ({}, "mistralrs first", "PASSIVE", "None"),   # the runtime is loaded passive; the environment is restored
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "mistralrs first", "ACTIVE", "ACTIVE"),
+    ({"GOMP_SPINCOUNT": "300000"}, "mistralrs first", "None", "None"),
+    ({}, "torch first", "None", "None"),   # too late to set: the host's runtime is left as it is
+])
+def test_torch_is_loaded_with_a_passive_wait_policy_unless_told_otherwise(environ, order, loaded_with, after):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    proc = subprocess.run([sys.executable, "-c", SEE_WAIT_POLICY, order], env={**env, **environ},
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == [loaded_with, after]
