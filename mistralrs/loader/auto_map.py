@@ -141,4 +141,4 @@ def auto_placement(model: nn.Module, config: TextModelConfig, dtype: torch.dtype
     log_plan(plan, sizes, gpus, params)
     if all(device == main for device in plan):
         return None
-    return DeviceMap(main, plan)
+    return DeviceMap(main, plan, kv_tokens=params.kv_tokens)

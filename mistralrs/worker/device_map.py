@@ -88,6 +88,8 @@ class DeviceMap:
 
     main: torch.device                      # where everything outside the decoder layers lives
     layers: tuple[torch.device, ...]        # decoder layer i runs on layers[i]
+    kv_tokens: int | None = None            # an automatic map: the KV tokens it left room for on every device
+    #                                         (the default KV capacity); None: a manual map
 
     def place_layers(self, model: nn.Module) -> None:
         """Step 1 (module doc): retargets each decoder layer before its weights are created and loaded."""
