@@ -317,17 +317,20 @@ def load(spec: LoadSpec) -> LoadedModel:
 def _device_map_spec(spec: LoadSpec) -> DeviceMapSpec:
     """The model's device with the spec's topology (parsed once: its `isq` entries drive ISQ, its `device`
     entries the device map), `num_device_layers`, and the automatic map's parameters (the defaults when the
-    spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13)."""
+    spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13; never an adapter
+    model, whose adapters live on the model's device)."""
     topology = Topology.from_yaml(spec.topology) if spec.topology is not None else None
     if spec.kind is LoadKind.GGUF and topology is not None and any(
             entry is not None and entry.isq is not None for entry in topology.layers):
         raise ValueError(f"{spec.label}: topology {spec.topology!r} has `isq` entries; a GGUF model's weights are "
                          "quantized already (only `device` entries apply)")
     main = spec.device or default_device()
-    if spec.auto_map is not None and main.type != "cuda":
-        logger.info("%s: auto_map_params plan a map over CUDA devices; the model runs on %s, every layer there",
-                    spec.label, main)
-    return DeviceMapSpec(main, topology, spec.num_device_layers, auto_map=spec.auto_map or AutoMapParams())
+    if spec.auto_map is not None and (main.type != "cuda" or spec.adapters is not None):
+        reason = f"the model runs on {main}" if main.type != "cuda" else "adapters need every layer on one device"
+        logger.info("%s: auto_map_params plan a map over CUDA devices; %s, every layer on %s", spec.label, reason,
+                    main)
+    auto_map = None if spec.adapters is not None else spec.auto_map or AutoMapParams()
+    return DeviceMapSpec(main, topology, spec.num_device_layers, auto_map=auto_map)
 
 
 def _without_topology(device_map: DeviceMapSpec, label: str) -> DeviceMapSpec:

@@ -6,6 +6,7 @@ memory loads with its last layer on the CPU and generates what it generates on t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -209,7 +210,17 @@ def test_a_cpu_runner_reads_auto_map_params_and_says_where_the_layers_run(tiny_d
         Runner(which, show_progress=False).close()
     said = [r.getMessage() for r in caplog.records if "auto_map_params" in r.getMessage()]
     assert said == ["Which.Plain: auto_map_params plan a map over CUDA devices; the model runs on cpu, every layer "
-                    "there"]
+                    "on cpu"]
+
+
+def test_an_adapter_model_is_never_planned():
+    from mistralrs.loader.pipeline import _device_map_spec
+    from mistralrs.loader.spec import AdapterKind, AdapterSpec, LoadKind, LoadSpec
+    spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "M", device=GPU0, auto_map=AutoMapParams(max_seq_len=64))
+    assert _device_map_spec(spec).plans_automatically()
+    assert _device_map_spec(dataclasses.replace(spec, auto_map=None)).auto_map == AutoMapParams()
+    lora = dataclasses.replace(spec, label="Which.Lora", adapters=AdapterSpec(AdapterKind.LORA, "A", "o.json"))
+    assert not _device_map_spec(lora).plans_automatically()
 
 
 # ---- on a GPU --------------------------------------------------------------------------------------------------
