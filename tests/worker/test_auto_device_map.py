@@ -175,6 +175,37 @@ def test_the_measured_model_is_placed_and_the_plan_logged(tiny_dir, caplog):
     assert auto_placement(model, config, torch.float32, META, params, [(META, 10 * room)], None, None) is None
 
 
+@dataclasses.dataclass
+class _PlanningSpec:
+    """A DeviceMapSpec that plans automatically on a main device the CPU can hold (meta stands in for a GPU)."""
+
+    main: torch.device
+    auto_map: AutoMapParams
+
+    def resolve(self, num_layers: int) -> None:
+        return None
+
+    def plans_automatically(self) -> bool:
+        return True
+
+
+def test_load_model_measures_plans_and_places_before_loading(tiny_dir, monkeypatch):
+    from mistralrs.loader import safetensors_loader
+    model, config = _meta_model(tiny_dir)
+    params = AutoMapParams(max_seq_len=128)
+    sizes = measure_model(model, config, torch.float32, params, weight_bytes_rule(model, None, None))
+    room = sizes.non_layer_bytes + sizes.activation_bytes + sizes.layer_bytes[0] + sizes.layer_bytes[1] // 2
+    monkeypatch.setattr(safetensors_loader, "gpu_free_memory", lambda main: [(main, room)])
+    files = sorted(str(p) for p in tiny_dir.glob("*.safetensors"))
+    loaded = safetensors_loader.load_model(
+        json.loads((tiny_dir / "config.json").read_text()), safetensors_loader.iter_safetensors(files, torch.float32),
+        dtype=torch.float32, device=META, device_map=_PlanningSpec(META, params))
+    assert loaded.device_map.layers == (META, CPU) and loaded.device_map.kv_tokens == 128
+    checkpoint = dict(safetensors_loader.iter_safetensors(files, torch.float32))
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, checkpoint["model.layers.1.mlp.down_proj.weight"])
+    assert loaded.model.layers[0].mlp.down_proj.weight.is_meta
+
+
 def test_a_spread_automatic_map_sizes_the_default_kv_cache_to_its_planned_tokens():
     from types import SimpleNamespace
 
