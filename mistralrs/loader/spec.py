@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mistralrs.quant.isq_types import IsqType
+from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.options import ExecutionOptions
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes a spec may ask for besides "auto"
@@ -92,6 +93,7 @@ class LoadSpec:
     chat_template: str | None = None  # Runner(chat_template=...): a .json file or a literal Jinja template
     jinja_explicit: str | None = None  # Runner(jinja_explicit=...): a .jinja file overriding every other template
     num_device_layers: tuple[str, ...] | None = None  # device map: ("N",) or ("ORD:NUM", ...)
+    auto_map: AutoMapParams | None = None  # the automatic device map's sizes (auto_map_params); None: defaults
     show_progress: bool | None = None  # progress bars; None: on a terminal unless MISTRALRS_NO_PROGRESS is set
     device: torch.device | None = None  # the model's device; None: CUDA device 0 when available, else the CPU
     execution: ExecutionOptions = field(default_factory=ExecutionOptions.for_library)  # fast/plain paths (the

@@ -5,6 +5,8 @@ Two user settings ask for it:
   CUDA device 0 and the rest on the CPU; `["0:16", "1:16"]` (ORD:NUM pairs) gives consecutive runs of layers to
   each CUDA ordinal and the rest to the CPU. On a CPU model it changes nothing (the reference ignores it there too).
 - a topology's `device` entries, which override `num_device_layers` for the layers they cover.
+Without either, a CUDA model's layers are placed by the automatic map (worker/auto_device_map.py) when the spec
+carries `auto_map` (the loader measures the model and builds the same `DeviceMap`).
 
 The model's own device (`main`) keeps everything that is not a decoder layer: embeddings, final norm, LM head,
 the sampler's tensors. A `DeviceMap` is applied in two steps around weight loading:
@@ -32,6 +34,7 @@ from torch import nn
 from mistralrs.layers.linear import Linear
 from mistralrs.layers.moe import FusedMoE
 from mistralrs.quant.topology import Topology
+from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -46,10 +49,19 @@ class DeviceMapSpec:
     main: torch.device                                   # the model's device (embeddings, final norm, LM head)
     topology: Topology | None = None                     # per-layer `device` entries (override the rest)
     num_device_layers: tuple[str, ...] | None = None     # `["N"]` or `["ORD:NUM", ...]` (see module doc)
+    auto_map: AutoMapParams | None = None                # plan a CUDA model's layers when no manual map is given
+    #                                                      (None: never; every layer on `main`)
 
     def __post_init__(self) -> None:
         if self.num_device_layers is not None:
             _parse_num_device_layers(self.num_device_layers)   # malformed values fail before any loading
+
+    def plans_automatically(self) -> bool:
+        """True when the automatic map places the layers: a CUDA model, `auto_map` given, and neither
+        `num_device_layers` nor a topology `device` entry."""
+        manual = self.num_device_layers is not None or (self.topology is not None and any(
+            entry is not None and entry.device is not None for entry in self.topology.layers))
+        return self.auto_map is not None and self.main.type == "cuda" and not manual
 
     def resolve(self, num_layers: int) -> DeviceMap | None:
         """Each decoder layer's device; None when every layer stays on `main` (nothing to place)."""
@@ -76,6 +88,8 @@ class DeviceMap:
 
     main: torch.device                      # where everything outside the decoder layers lives
     layers: tuple[torch.device, ...]        # decoder layer i runs on layers[i]
+    kv_tokens: int | None = None            # an automatic map: the KV tokens it left room for on every device
+    #                                         (the default KV capacity); None: a manual map
 
     def place_layers(self, model: nn.Module) -> None:
         """Step 1 (module doc): retargets each decoder layer before its weights are created and loaded."""

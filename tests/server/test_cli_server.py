@@ -61,7 +61,7 @@ def test_server_options_make_the_server_config():
     (["ggml", "-t", "TOK", "-m", "DIR", "-f", "model.bin"], "model.bin"),
     (["vision-plain", "-m", "ID", "-a", "idefics2"], "Which.VisionPlain is not supported yet"),
     (["diffusion-plain", "-m", "ID", "-a", "flux"], "Which.DiffusionPlain is not supported yet"),
-    (["toml", "-f", "model.toml"], "toml model selectors are not supported yet"),
+    (["toml", "-f", "model.toml"], "toml selector 'model.toml': cannot read it"),
     (["--isq", "Q9K", "plain", "-m", "ID"], "ISQ type Q9K unknown"),
 ])
 def test_bad_or_unbuilt_selectors_exit_with_a_clear_error(argv, message):

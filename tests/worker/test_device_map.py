@@ -134,6 +134,9 @@ class _FixedMap:
     def resolve(self, num_layers: int) -> DeviceMap:
         return self.device_map
 
+    def plans_automatically(self) -> bool:
+        return False
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
