@@ -15,6 +15,7 @@ from mistralrs.adapters.lora import apply_lora
 from mistralrs.adapters.ordering import OrderingFile, read_ordering, same_model_id
 from mistralrs.adapters.xlora import apply_xlora
 from mistralrs.loader.adapter_files import lora_files, xlora_files
+from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
 from mistralrs.loader.ggml_loader import open_ggml
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
@@ -300,12 +301,31 @@ def _load_with_adapters(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedMode
     return loaded
 
 
+def _load_with_anymoe(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
+    """The base model made an AnyMoE model (loader/anymoe_training.py: experts, gates trained or read), then
+    quantized in situ when the spec asks (after training, REFERENCE §8.10)."""
+    label = f"{spec.label} with anymoe_config"
+    config = _read_json(ModelSource(spec.model_id, token=spec.token).get("config.json"))
+    rows = check_anymoe(spec.anymoe, config, spec.arch)
+    isq = _isq_config(spec, device_map)
+    base = replace(spec, anymoe=None, isq=IsqSpec(), topology=None)
+    loaded = _on_one_device(_load_plain(base, _without_topology(device_map, label)), label)
+    apply_anymoe(loaded.model, loaded.tokenizer, spec.anymoe, rows, token=spec.token, dtype=loaded.dtype,
+                 device=loaded.device, max_len=loaded.max_model_len)
+    if isq is not None:
+        isq.quantize_loaded(loaded.model)
+        loaded.isq = isq
+    return loaded
+
+
 def load(spec: LoadSpec) -> LoadedModel:
     """Load the model and tokenizer that `spec` describes, quantized in situ if it asks, its decoder layers spread
     over devices as `num_device_layers` and the topology's `device` entries say."""
     device_map = _device_map_spec(spec)
     if spec.adapters is not None:
         return _load_with_adapters(spec, device_map)
+    if spec.anymoe is not None:
+        return _load_with_anymoe(spec, device_map)
     return _LOADERS[spec.kind](spec, device_map)
 
 
