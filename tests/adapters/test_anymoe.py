@@ -99,6 +99,23 @@ def test_held_out_prompts_get_their_experts_text(trained, world):
             assert answer == TOPICS[expert][1], (prompt, expert, answer)
 
 
+def test_prefix_caching_is_off(trained, world):
+    """A cached block's K/V would depend on the routing of another prompt (see mistralrs/adapters/anymoe.py)."""
+    runner, _ = trained
+    prompt, expert = next((p, e) for p, e in _held_out() if e != 0)
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": prompt}], model="tiny",
+                                    max_tokens=MAX_TOKENS, temperature=0.0)
+    answers = [runner.send_chat_completion_request(request) for _ in range(2)]
+    assert [a.choices[0].message.content for a in answers] == [TOPICS[expert][1]] * 2
+    assert answers[1].usage.prompt_tokens > 32 and answers[1].usage.cached_prompt_tokens == 0
+    base = Runner(_which(world))
+    try:
+        again = [base.send_chat_completion_request(request) for _ in range(2)][1]
+    finally:
+        base.close()
+    assert again.usage.cached_prompt_tokens > 0   # a plain model reuses the first block
+
+
 def _routing_steps(loaded, prompts: list[list[int]], chunk: int, decode_steps: int = 2) -> list[list[tuple]]:
     """Runs `prompts` packed in one batch, at most `chunk` prompt tokens per sequence and step, each sequence
     decoding (a fixed token) once its prompt is done, until all have decoded `decode_steps` tokens; per step,
