@@ -11,15 +11,19 @@ from typing import Any, Callable
 import torch
 
 from mistralrs.api.enums import (
+    AnyMoeConfig,
     Architecture,
     IsqOrganization,
+    LoraAdapterExpert,
     ModelDType,
     TextAutoMapParams,
     VisionAutoMapParams,
 )
 from mistralrs.api.which import Which
 from mistralrs.loader.source import resolve_token
-from mistralrs.loader.spec import AdapterKind, AdapterSpec, IsqSpec, LoadKind, LoadSpec
+from mistralrs.loader.spec import (
+    AdapterKind, AdapterSpec, AnyMoeSpec, IsqSpec, LoadKind, LoadSpec, LoraExpertSpec,
+)
 from mistralrs.quant.isq_types import IsqType, parse_isq_type
 from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.options import ExecutionOptions
@@ -37,9 +41,11 @@ _DTYPES: dict[ModelDType, str | torch.dtype] = {
 def load_spec(which: Which, *, token_source: str = "cache", chat_template: str | None = None,
               jinja_explicit: str | None = None, show_progress: bool | None = None,
               device: torch.device | None = None, in_situ_quant: str | None = None,
-              num_device_layers: list[str] | None = None, execution: ExecutionOptions | None = None) -> LoadSpec:
+              num_device_layers: list[str] | None = None, execution: ExecutionOptions | None = None,
+              anymoe_config: AnyMoeConfig | None = None) -> LoadSpec:
     """The `LoadSpec` of `which` with the Runner's load arguments; ValueError for an unknown ISQ type, ISQ on a
-    quantized model, an unbuilt variant or an unsupported combination; TypeError when `which` is no variant.
+    quantized model, an unbuilt variant or an unsupported combination (AnyMoE on anything but Which.Plain
+    included); TypeError when `which` is no variant or `anymoe_config` no AnyMoeConfig.
     `auto_map_params` become the automatic device map's `AutoMapParams` (worker/auto_device_map.py)."""
     variant = type(which).__name__
     isq_type = _parse_isq(in_situ_quant)
@@ -58,8 +64,25 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
         label=f"Which.{variant}", token=resolve_token(token_source), chat_template=chat_template,
         jinja_explicit=jinja_explicit, show_progress=show_progress, device=device,
         num_device_layers=tuple(num_device_layers) if num_device_layers is not None else None,
-        execution=ExecutionOptions.for_library() if execution is None else execution)
+        execution=ExecutionOptions.for_library() if execution is None else execution,
+        anymoe=_anymoe_spec(anymoe_config))
     return convert(which, isq_type, common)
+
+
+def _anymoe_spec(config: AnyMoeConfig | None) -> AnyMoeSpec | None:
+    """`anymoe_config` as the loader's `AnyMoeSpec` (REFERENCE §1.11, §8.10)."""
+    if config is None:
+        return None
+    if not isinstance(config, AnyMoeConfig):
+        raise TypeError(f"anymoe_config must be an AnyMoeConfig, got {type(config).__name__}")
+    expert = config.expert_type
+    lora = LoraExpertSpec(expert.rank, expert.alpha, tuple(expert.target_modules)) \
+        if isinstance(expert, LoraAdapterExpert) else None
+    return AnyMoeSpec(
+        hidden_size=config.hidden_size, dataset_json=config.dataset_json, prefix=config.prefix, mlp=config.mlp,
+        model_ids=tuple(config.model_ids), lora=lora, layers=tuple(config.layers), lr=config.lr,
+        epochs=config.epochs, batch_size=config.batch_size, gate_model_id=config.gate_model_id,
+        training=config.training, loss_csv_path=config.loss_csv_path)
 
 
 def _parse_isq(in_situ_quant: str | None) -> IsqType | None:

@@ -43,7 +43,6 @@ class Runner:
                  truncate_sequence: bool = False, allow_special_tokens_in_messages: bool = False,
                  execution: ExecutionOptions | None = None) -> None:
         _not_built("which_draft", which_draft, None, "speculative decoding")
-        _not_built("anymoe_config", anymoe_config, None, "AnyMoE")
         if num_device_layers is not None and (isinstance(num_device_layers, str) or not all(
                 isinstance(v, str) for v in num_device_layers)):
             raise ValueError(f"num_device_layers must be a list of strings such as ['16'] or ['0:16', '1:16'], "
@@ -61,7 +60,7 @@ class Runner:
             allow_special_tokens_in_messages=bool(allow_special_tokens_in_messages))
         spec = load_spec(which, token_source=token_source, chat_template=chat_template,
                          jinja_explicit=jinja_explicit, show_progress=show_progress, in_situ_quant=in_situ_quant,
-                         num_device_layers=num_device_layers, execution=execution)
+                         num_device_layers=num_device_layers, execution=execution, anymoe_config=anymoe_config)
         self._llm_engine = LLMEngine(spec, config, truncate_sequence=bool(truncate_sequence))
         self.model_id = self._llm_engine.model_id
 

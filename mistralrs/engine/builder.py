@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 
+from mistralrs.adapters.anymoe import has_anymoe
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.core import Scheduler, SchedulerConfig
 from mistralrs.engine.commands import CommandHandlers
@@ -132,9 +133,11 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
         prompt_chunksize=config.prompt_chunksize,
         block_size=config.block_size,
         num_blocks=num_blocks,
-        # blocks are keyed by the adapter set (Sequence.cache_salt); frozen X-LoRA scalings are per sequence
+        # blocks are keyed by the adapter set (Sequence.cache_salt); frozen X-LoRA scalings are per sequence, and
+        # so is an AnyMoE model's routing (a block's K/V depends on its whole prompt)
         enable_prefix_caching=(config.prefix_cache_n > 0 and not config.no_kv_cache
-                               and (xlora is None or xlora.non_granular_index is None)),
+                               and (xlora is None or xlora.non_granular_index is None)
+                               and not has_anymoe(loaded.model)),
         no_kv_cache=config.no_kv_cache,
         max_prefill_tokens_while_decoding=min(config.prefill_tokens_while_decoding, config.prompt_chunksize),
     ))

@@ -3,7 +3,7 @@ another way.
 
 A decoder layer class that follows the layout `h += attn(norm(h)); h += down(act(gate) * up)(norm(h))` (with the
 optional Gemma additions below) says so with a method `decoder_layout() -> PreNormDecoderLayout`, returning handles
-to its own modules. The model runner attaches the fused C++ decoder layer (mistralrs/layers/fused_decode.py) to
+to its own modules (None when a module was replaced by one the layout cannot express, e.g. an AnyMoE MLP). The model runner attaches the fused C++ decoder layer (mistralrs/layers/fused_decode.py) to
 every layer that has the method, when the execution options enable it; a model file knows nothing of that path.
 """
 

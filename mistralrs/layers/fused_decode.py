@@ -217,7 +217,8 @@ def fused_twin(layer: nn.Module) -> FusedDecoderLayer | None:
 
 def attach_fused_decode(model: nn.Module, enabled: bool) -> None:
     """With `enabled`, puts the fused twin in front of the forward of every layer of `model` whose class declares
-    its layout (`decoder_layout()`, mistralrs/layers/decoder_layout.py), keeping twins already attached; without,
+    its layout (`decoder_layout()`, mistralrs/layers/decoder_layout.py; a layer whose `decoder_layout()` returns
+    None keeps its plain modules), keeping twins already attached; without,
     removes every twin, so that the layers' own modules run."""
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled must be True or False, got {enabled!r}")
@@ -226,7 +227,9 @@ def attach_fused_decode(model: nn.Module, enabled: bool) -> None:
             continue
         attached = fused_twin(module) is not None
         if enabled and not attached:
-            module.forward = FusedForward(module, FusedDecoderLayer(module.decoder_layout()))
+            layout = module.decoder_layout()
+            if layout is not None:   # None: the layer's modules are not those of its layout (an AnyMoE MLP)
+                module.forward = FusedForward(module, FusedDecoderLayer(layout))
         elif attached and not enabled:
             del module.forward
 

@@ -16,6 +16,7 @@ from mistralrs.adapters.lora import apply_lora
 from mistralrs.adapters.ordering import OrderingFile, read_ordering, same_model_id
 from mistralrs.adapters.xlora import apply_xlora
 from mistralrs.loader.adapter_files import lora_files, xlora_files
+from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
 from mistralrs.loader.ggml_loader import open_ggml
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
@@ -305,31 +306,51 @@ def _load_with_adapters(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedMode
     return loaded
 
 
+def _load_with_anymoe(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
+    """The base model made an AnyMoE model (loader/anymoe_training.py: experts, gates trained or read), then
+    quantized in situ when the spec asks (after training, REFERENCE §8.10)."""
+    label = f"{spec.label} with anymoe_config"
+    config = _read_json(ModelSource(spec.model_id, token=spec.token).get("config.json"))
+    rows = check_anymoe(spec.anymoe, config, spec.arch)
+    isq = _isq_config(spec, device_map)
+    base = replace(spec, anymoe=None, isq=IsqSpec(), topology=None)
+    loaded = _on_one_device(_load_plain(base, _without_topology(device_map, label)), label)
+    apply_anymoe(loaded.model, loaded.tokenizer, spec.anymoe, rows, token=spec.token, dtype=loaded.dtype,
+                 device=loaded.device, max_len=loaded.max_model_len)
+    if isq is not None:
+        isq.quantize_loaded(loaded.model)
+        loaded.isq = isq
+    return loaded
+
+
 def load(spec: LoadSpec) -> LoadedModel:
     """Load the model and tokenizer that `spec` describes, quantized in situ if it asks, its decoder layers spread
     over devices as `num_device_layers` and the topology's `device` entries say."""
     device_map = _device_map_spec(spec)
     if spec.adapters is not None:
         return _load_with_adapters(spec, device_map)
+    if spec.anymoe is not None:
+        return _load_with_anymoe(spec, device_map)
     return _LOADERS[spec.kind](spec, device_map)
 
 
 def _device_map_spec(spec: LoadSpec) -> DeviceMapSpec:
     """The model's device with the spec's topology (parsed once: its `isq` entries drive ISQ, its `device`
     entries the device map), `num_device_layers`, and the automatic map's parameters (the defaults when the
-    spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13; never an adapter
-    model, whose adapters live on the model's device)."""
+    spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13; never an adapter or
+    AnyMoE model, whose adapters and experts live on the model's device)."""
     topology = Topology.from_yaml(spec.topology) if spec.topology is not None else None
     if spec.kind is LoadKind.GGUF and topology is not None and any(
             entry is not None and entry.isq is not None for entry in topology.layers):
         raise ValueError(f"{spec.label}: topology {spec.topology!r} has `isq` entries; a GGUF model's weights are "
                          "quantized already (only `device` entries apply)")
     main = spec.device or default_device()
-    if spec.auto_map is not None and (main.type != "cuda" or spec.adapters is not None):
+    on_one_device = spec.adapters is not None or spec.anymoe is not None
+    if spec.auto_map is not None and (main.type != "cuda" or on_one_device):
         reason = f"the model runs on {main}" if main.type != "cuda" else "adapters need every layer on one device"
         logger.info("%s: auto_map_params plan a map over CUDA devices; %s, every layer on %s", spec.label, reason,
                     main)
-    auto_map = None if spec.adapters is not None else spec.auto_map or AutoMapParams()
+    auto_map = None if on_one_device else spec.auto_map or AutoMapParams()
     return DeviceMapSpec(main, topology, spec.num_device_layers, auto_map=auto_map)
 
 

@@ -8,6 +8,7 @@ The API layer turns a `Which` selection and the Runner's load arguments into one
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,64 @@ class IsqSpec:
 
 
 @dataclass(frozen=True)
+class LoraExpertSpec:
+    """AnyMoE experts that are the base MLP plus a LoRA delta read from each expert model id (REFERENCE §8.10)."""
+
+    rank: int  # LoRA rank r of every adapter
+    alpha: float  # LoRA alpha; the delta B @ A is scaled by alpha / rank
+    target_modules: tuple[str, ...]  # MLP projections the adapters apply to, e.g. ("gate_proj",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"anymoe_config.expert_type.rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"anymoe_config.expert_type.alpha must be a finite number, got {self.alpha!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"anymoe_config.expert_type.target_modules must name at least one MLP projection, "
+                             f"got {self.target_modules!r}")
+
+
+@dataclass(frozen=True)
+class AnyMoeSpec:
+    """An AnyMoE model over the loaded base (REFERENCE §8.10): expert 0 is the base MLP, experts 1..n come from
+    `model_ids`; a gate per selected decoder layer routes each sequence to one expert."""
+
+    hidden_size: int  # the base model's hidden size (each gate's input width)
+    dataset_json: str  # {"rows": [{"prompt", "expert", "image_urls"?}]}: the gates' training data
+    prefix: str  # module path of the decoder layers, e.g. "model.layers"
+    mlp: str  # the MLP's name inside a decoder layer, e.g. "mlp"
+    model_ids: tuple[str, ...]  # expert sources, in expert order 1..n (fine-tuned checkpoints or LoRA adapters)
+    lora: LoraExpertSpec | None = None  # LoRA-adapter experts; None: fine-tuned experts (the MLPs of model_ids)
+    layers: tuple[int, ...] = ()  # decoder layers that get a gate and experts; empty: all
+    lr: float = 1e-3  # AdamW learning rate of the gates
+    epochs: int = 100  # passes over the dataset
+    batch_size: int = 4  # prompts per training step
+    gate_model_id: str | None = None  # directory the trained gates are saved to, or (training False) read from
+    training: bool = True  # train the gates; False: load them from gate_model_id/gate.safetensors
+    loss_csv_path: str | None = None  # a .csv file for the per-step loss of every gating layer
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"anymoe_config.{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
+            raise ValueError(f"anymoe_config.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("dataset_json", "prefix", "mlp"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"anymoe_config.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not self.model_ids or not all(isinstance(m, str) and m for m in self.model_ids):
+            raise ValueError(f"anymoe_config.model_ids must name at least one expert model, got {self.model_ids!r}")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
+            raise ValueError(f"anymoe_config.layers must be decoder layer indices >= 0, got {self.layers!r}")
+        if not self.training and self.gate_model_id is None:
+            raise ValueError("anymoe_config.gate_model_id is required when training=False (the gates are read "
+                             "from it)")
+        if self.loss_csv_path is not None and not self.loss_csv_path.endswith(".csv"):
+            raise ValueError(f"anymoe_config.loss_csv_path must end with '.csv', got {self.loss_csv_path!r}")
+
+
+@dataclass(frozen=True)
 class LoadSpec:
     """Everything `loader.pipeline.load` needs to load one model and its tokenizer."""
 
@@ -89,6 +148,7 @@ class LoadSpec:
     from_uqff: str | None = None  # PLAIN: load pre-quantized weights from this UQFF file (in the model repo)
     write_uqff: str | None = None  # PLAIN: write the ISQ-quantized weights to this UQFF file
     adapters: AdapterSpec | None = None  # LoRA / X-LoRA adapters on the base model
+    anymoe: AnyMoeSpec | None = None  # PLAIN: turn the model into an AnyMoE model (experts and trained gates)
     token: str | None = None  # Hugging Face token (resolved from the Runner's token_source)
     chat_template: str | None = None  # Runner(chat_template=...): a .json file or a literal Jinja template
     jinja_explicit: str | None = None  # Runner(jinja_explicit=...): a .jinja file overriding every other template
@@ -122,5 +182,12 @@ class LoadSpec:
         if (self.from_uqff is not None or self.write_uqff is not None) and (
                 self.kind is not LoadKind.PLAIN or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")
+        if self.anymoe is not None and (self.kind is not LoadKind.PLAIN or self.adapters is not None
+                                        or self.from_uqff is not None or self.write_uqff is not None):
+            raise ValueError(f"{self.label}: anymoe_config applies to full-precision models without adapters "
+                             "(Which.Plain, without from_uqff and write_uqff)")
+        if self.anymoe is not None and (self.isq.imatrix is not None or self.isq.calibration_file is not None):
+            raise ValueError(f"{self.label}: anymoe_config cannot be combined with an imatrix or calibration_file "
+                             "(the importance matrix would not cover the experts)")
         if self.arch is not None and self.kind is not LoadKind.PLAIN:
             raise ValueError(f"{self.label}: arch applies to safetensors models only (GGUF/GGML files name theirs)")

@@ -141,9 +141,11 @@ class GemmaDecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
 
-    def decoder_layout(self) -> PreNormDecoderLayout:
+    def decoder_layout(self) -> PreNormDecoderLayout | None:
         """The layer's modules in the pre-norm layout with Gemma's additions (mistralrs/layers/decoder_layout.py)."""
         attn, mlp = self.self_attn, self.mlp
+        if not isinstance(mlp, LlamaMLP):   # replaced, e.g. by an AnyMoE mixture: no fused twin
+            return None
         feedforward_norms = None
         if self.pre_feedforward_layernorm is not None:
             feedforward_norms = (self.pre_feedforward_layernorm, self.post_feedforward_layernorm)

@@ -96,9 +96,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.mlp = LlamaMLP(config, prefix=f"{prefix}.mlp", dtype=dtype, device=device)
 
-    def decoder_layout(self) -> PreNormDecoderLayout:
+    def decoder_layout(self) -> PreNormDecoderLayout | None:
         """The layer's modules in the pre-norm layout (mistralrs/layers/decoder_layout.py)."""
         attn, mlp = self.self_attn, self.mlp
+        if not isinstance(mlp, LlamaMLP):   # replaced, e.g. by an AnyMoE mixture: no fused twin
+            return None
         return PreNormDecoderLayout((self.input_layernorm, self.post_attention_layernorm),
                                     (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), attn.attn,
                                     mlp.act_fn)
