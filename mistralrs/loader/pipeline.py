@@ -23,6 +23,10 @@ from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
+from mistralrs.loader.vision_loader import (
+    build_vision_model, canonical_weights, read_processor_files, vision_context_length, vision_family,
+    vision_processor,
+)
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
 from mistralrs.quant.isq import IsqQuantConfig, isq_config_from_options
@@ -30,6 +34,7 @@ from mistralrs.quant.topology import Topology
 from mistralrs.quant.uqff import (
     COPIED_FILES, RESIDUAL_FILENAME, UqffQuantConfig, check_uqff_path, resolve_uqff_path, write_model_uqff,
 )
+from mistralrs.vision.base import VisionProcessor
 from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.device_map import DeviceMapSpec
 
@@ -48,6 +53,7 @@ class LoadedModel:
     device: torch.device
     isq: IsqQuantConfig | None = None  # the in-situ quantization applied (re-ISQ keeps its topology and MoQE)
     quantized_file: bool = False   # loaded from GGUF/GGML blocks: re-ISQ does not apply
+    vision_processor: VisionProcessor | None = None  # a vision model's image processor (None: a text model)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -206,7 +212,8 @@ def _write_uqff(spec: LoadSpec, source: ModelSource, model: nn.Module, dtype: to
     files = {name: source.maybe_get(name) for name in COPIED_FILES}
     if spec.tokenizer_json is not None:
         files["tokenizer.json"] = spec.tokenizer_json
-    write_model_uqff(spec.write_uqff, model, _safetensors_paths(source), dtype, files, moqe=isq.moqe)
+    rename = getattr(model, "canonical_weight_name", None)  # a vision model's residual: published names
+    write_model_uqff(spec.write_uqff, model, _safetensors_paths(source), dtype, files, moqe=isq.moqe, rename=rename)
 
 
 def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
@@ -255,8 +262,37 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
                        dtype, device, quantized_file=True)
 
 
+def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
+    """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), UQFF, the
+    imatrix or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
+    source = ModelSource(spec.model_id, token=spec.token)
+    config = _read_json(source.get("config.json"))
+    family = vision_family(config, spec.arch)
+    device = device_map.main
+    dtype = resolve_dtype(spec.dtype, device)
+    isq = _isq_config(spec, device_map)
+    uqff = _uqff_config(spec, source, isq)
+    if uqff is not None:
+        isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
+    calibration_file = spec.isq.calibration_file
+    weights = canonical_weights(family, _progress(iter_safetensors(_weight_paths(source, uqff), dtype), None,
+                                                  spec.show_progress, "loading"))
+    model = build_vision_model(family, config, uqff.checkpoint_weights(weights) if uqff is not None else weights,
+                               dtype=dtype, device=device, device_map=device_map,
+                               quant_config=uqff or (isq if calibration_file is None else None))
+    tokenizer = _tokenizer_from_repo(source, spec.tokenizer_json, None, spec.chat_template, spec.jinja_explicit)
+    if isq is not None and calibration_file is not None:
+        isq = _calibrate(model, tokenizer, config, isq, calibration_file, device, dtype)
+    if spec.write_uqff is not None:
+        _write_uqff(spec, source, model, dtype, isq)
+    processor = vision_processor(family, read_processor_files(source), config, spec.max_edge)
+    return LoadedModel(model, tokenizer, spec.model_id, vision_context_length(model), dtype, device, isq=isq,
+                       vision_processor=processor)
+
+
 # The loader of each kind of model (without its adapters).
-_LOADERS = {LoadKind.PLAIN: _load_plain, LoadKind.GGUF: _load_gguf, LoadKind.GGML: _load_ggml}
+_LOADERS = {LoadKind.PLAIN: _load_plain, LoadKind.GGUF: _load_gguf, LoadKind.GGML: _load_ggml,
+            LoadKind.VISION: _load_vision}
 
 
 def _ordering_and_base(spec: LoadSpec, base_id: str | None) -> tuple[OrderingFile, str]:
