@@ -16,6 +16,7 @@ from mistralrs.quant.isq_types import IsqType
 from mistralrs.worker.options import ExecutionOptions
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes a spec may ask for besides "auto"
+DIFFUSION_ARCHS = ("Flux", "FluxOffloaded")  # the arch names a DIFFUSION spec may carry
 
 
 class LoadKind(enum.Enum):
@@ -24,6 +25,7 @@ class LoadKind(enum.Enum):
     PLAIN = "plain"  # a Hugging Face safetensors text model (local directory or hub repo)
     GGUF = "gguf"    # a GGUF text model (one file or several split files)
     GGML = "ggml"    # a legacy GGML (llama.cpp `ggjt`) llama file
+    DIFFUSION = "diffusion"  # a FLUX image model in the diffusers layout (local directory or hub repo)
 
 
 class AdapterKind(enum.Enum):
@@ -81,7 +83,8 @@ class LoadSpec:
     #                                        adapters the ordering file's base_model_id)
     tokenizer_json: str | None = None  # a local tokenizer.json overriding the repo's
     dtype: str | torch.dtype = "auto"  # "auto" (BF16, F16 or F32: the first the device runs) or a torch dtype
-    arch: str | None = None  # PLAIN: the architecture's enum name (e.g. "Llama"); None: from config.json
+    arch: str | None = None  # PLAIN: the architecture's enum name (e.g. "Llama"); None: from config.json;
+    #                          DIFFUSION (required): "Flux" or "FluxOffloaded"
     gqa: int = 1  # GGML: num_heads / num_kv_heads (GGML files do not store it)
     topology: str | None = None  # per-layer ISQ/device YAML file (§5)
     isq: IsqSpec = IsqSpec()  # PLAIN: in-situ quantization (no type: none unless the topology asks)
@@ -107,7 +110,7 @@ class LoadSpec:
         if self.model_id is None and (self.kind is not LoadKind.PLAIN or self.adapters is None):
             raise ValueError(f"{self.label}: LoadSpec.model_id is required (only an adapter model may take it from "
                              "its ordering file)")
-        if (self.kind is LoadKind.PLAIN) == bool(self.filenames):
+        if (self.kind in (LoadKind.GGUF, LoadKind.GGML)) != bool(self.filenames):
             raise ValueError(f"{self.label}: LoadSpec.filenames name the GGUF/GGML files, and only those "
                              f"(kind {self.kind.value}, filenames {self.filenames!r})")
         if self.kind is LoadKind.GGML and len(self.filenames) != 1:
@@ -120,5 +123,11 @@ class LoadSpec:
         if (self.from_uqff is not None or self.write_uqff is not None) and (
                 self.kind is not LoadKind.PLAIN or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")
-        if self.arch is not None and self.kind is not LoadKind.PLAIN:
+        if self.kind is LoadKind.DIFFUSION and self.arch not in DIFFUSION_ARCHS:
+            raise ValueError(f"{self.label}: a diffusion model's arch must be one of {DIFFUSION_ARCHS}, got "
+                             f"{self.arch!r}")
+        if self.kind is LoadKind.DIFFUSION and (self.topology is not None or self.num_device_layers is not None
+                                                or self.adapters is not None):
+            raise ValueError(f"{self.label}: a diffusion model takes no topology, num_device_layers or adapters")
+        if self.arch is not None and self.kind not in (LoadKind.PLAIN, LoadKind.DIFFUSION):
             raise ValueError(f"{self.label}: arch applies to safetensors models only (GGUF/GGML files name theirs)")
