@@ -20,7 +20,7 @@ from mistralrs.worker.options import ExecutionOptions
 
 # Which variants whose capability is not built yet, and what they need.
 _NOT_BUILT = {
-    "VisionPlain": "vision models", "DiffusionPlain": "FLUX diffusion models",
+    "VisionPlain": "vision models",
 }
 _DTYPES: dict[ModelDType, str | torch.dtype] = {
     ModelDType.Auto: "auto", ModelDType.BF16: torch.bfloat16, ModelDType.F16: torch.float16,
@@ -43,7 +43,8 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     if variant in _NOT_BUILT:
         raise ValueError(f"Which.{variant} is not supported yet: {_NOT_BUILT[variant]} are not built in this "
                          "version (supported: Which.Plain, Which.GGUF, Which.Lora, Which.XLora, "
-                         "Which.LoraGGUF, Which.XLoraGGUF, Which.GGML, Which.LoraGGML, Which.XLoraGGML)")
+                         "Which.LoraGGUF, Which.XLoraGGUF, Which.GGML, Which.LoraGGML, Which.XLoraGGML, "
+                         "Which.DiffusionPlain)")
     convert = _CONVERTERS.get(type(which))
     if convert is None:
         raise TypeError(f"which must be a Which variant, got {variant}")
@@ -142,9 +143,18 @@ def _ggml_adapters(which: Which.LoraGGML | Which.XLoraGGML, _isq_type: None, com
                     dtype=_DTYPES[which.dtype], adapters=_adapters(which), **common)
 
 
+def _diffusion(which: Which.DiffusionPlain, _isq_type: None, common: dict[str, Any]) -> LoadSpec:
+    if common["num_device_layers"] is not None:
+        raise ValueError("num_device_layers: a diffusion model is not spread over devices (FluxOffloaded keeps its "
+                         "weights in CPU memory instead)")
+    return LoadSpec(LoadKind.DIFFUSION, model_id=which.model_id, dtype=_DTYPES[which.dtype], arch=which.arch.name,
+                    **common)
+
+
 # Which variant -> its converter (variant, parsed in_situ_quant, the arguments every spec takes) -> LoadSpec.
 _CONVERTERS: dict[type, Callable[[Any, IsqType | None, dict[str, Any]], LoadSpec]] = {
     Which.Plain: _plain, Which.Lora: _lora, Which.XLora: _xlora,
     Which.GGUF: _gguf, Which.LoraGGUF: _gguf_adapters, Which.XLoraGGUF: _gguf_adapters,
     Which.GGML: _ggml, Which.LoraGGML: _ggml_adapters, Which.XLoraGGML: _ggml_adapters,
+    Which.DiffusionPlain: _diffusion,
 }
