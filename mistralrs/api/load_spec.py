@@ -37,8 +37,9 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     A UserWarning says that `auto_map_params` is ignored (automatic device mapping is not built)."""
     variant = type(which).__name__
     isq_type = _parse_isq(in_situ_quant)
-    if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora)):
-        raise ValueError(f"in_situ_quant: ISQ applies to full-precision models (Which.Plain, Which.Lora), not "
+    if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora, Which.DiffusionPlain)):
+        raise ValueError(f"in_situ_quant: ISQ applies to full-precision models (Which.Plain, Which.Lora, "
+                         f"Which.DiffusionPlain), not "
                          f"Which.{variant}" + (" (its weights are quantized already)" if "GG" in variant else ""))
     if variant in _NOT_BUILT:
         raise ValueError(f"Which.{variant} is not supported yet: {_NOT_BUILT[variant]} are not built in this "
@@ -143,12 +144,12 @@ def _ggml_adapters(which: Which.LoraGGML | Which.XLoraGGML, _isq_type: None, com
                     dtype=_DTYPES[which.dtype], adapters=_adapters(which), **common)
 
 
-def _diffusion(which: Which.DiffusionPlain, _isq_type: None, common: dict[str, Any]) -> LoadSpec:
+def _diffusion(which: Which.DiffusionPlain, isq_type: IsqType | None, common: dict[str, Any]) -> LoadSpec:
     if common["num_device_layers"] is not None:
         raise ValueError("num_device_layers: a diffusion model is not spread over devices (FluxOffloaded keeps its "
                          "weights in CPU memory instead)")
     return LoadSpec(LoadKind.DIFFUSION, model_id=which.model_id, dtype=_DTYPES[which.dtype], arch=which.arch.name,
-                    **common)
+                    isq=IsqSpec(isq_type), **common)
 
 
 # Which variant -> its converter (variant, parsed in_situ_quant, the arguments every spec takes) -> LoadSpec.

@@ -4,7 +4,8 @@ The layout (a local directory or a hub repo): `model_index.json`; `text_encoder/
 (T5), each a transformers `config.json` plus safetensors; `tokenizer/` and `tokenizer_2/`; `transformer/` and
 `vae/`, each a diffusers `config.json` plus `diffusion_pytorch_model*.safetensors`; `scheduler/
 scheduler_config.json`. Checkpoint names are the truth: every component fails loudly on a weight it lacks or does
-not use (the VAE's encoder half, which text-to-image never runs, is skipped).
+not use (the VAE's encoder half, which text-to-image never runs, is skipped). ISQ (`spec.isq.isq_type`) quantizes
+every linear layer of the transformer's blocks and of T5's blocks once the model is on its device.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mistralrs.layers.linear import expected_checkpoint_names, load_checkpoint_w
 from mistralrs.loader.safetensors_loader import iter_safetensors
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import LoadSpec
+from mistralrs.quant.isq import IsqQuantConfig
 
 T5_MAX_SEQUENCE_LENGTH = 512  # T5 tokens per prompt (diffusers' FluxPipeline default)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -137,4 +139,8 @@ def load_flux(spec: LoadSpec, device: torch.device, dtype: torch.dtype) -> Loade
                         load_t5_tokenizer(_tokenizer_folder(source, "tokenizer_2"), T5_MAX_SEQUENCE_LENGTH),
                         transformer, vae, scheduler)
     pipeline = FluxImagePipeline(models, device=device, dtype=dtype, offload=spec.arch == "FluxOffloaded")
+    if spec.isq.isq_type is not None:   # on the device: the quantized states do not move with `.to`
+        isq = IsqQuantConfig(isq=spec.isq.isq_type, use_fast_kernels=spec.execution.fast_kernels)
+        for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks, t5.encoder.block):
+            isq.quantize_loaded(blocks)
     return LoadedDiffusion(pipeline, spec.model_id, dtype, device)

@@ -87,7 +87,8 @@ class LoadSpec:
     #                          DIFFUSION (required): "Flux" or "FluxOffloaded"
     gqa: int = 1  # GGML: num_heads / num_kv_heads (GGML files do not store it)
     topology: str | None = None  # per-layer ISQ/device YAML file (§5)
-    isq: IsqSpec = IsqSpec()  # PLAIN: in-situ quantization (no type: none unless the topology asks)
+    isq: IsqSpec = IsqSpec()  # PLAIN: in-situ quantization (no type: none unless the topology asks); DIFFUSION:
+    #                           the type only, applied to the FLUX transformer's and T5's blocks
     from_uqff: str | None = None  # PLAIN: load pre-quantized weights from this UQFF file (in the model repo)
     write_uqff: str | None = None  # PLAIN: write the ISQ-quantized weights to this UQFF file
     adapters: AdapterSpec | None = None  # LoRA / X-LoRA adapters on the base model
@@ -118,8 +119,13 @@ class LoadSpec:
         if self.kind is LoadKind.GGML and (self.topology is not None or self.num_device_layers is not None):
             raise ValueError(f"{self.label}: a manual device map (topology, num_device_layers) is not supported "
                              "for GGML models")
-        if self.kind is not LoadKind.PLAIN and self.isq != IsqSpec():
-            raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only")
+        if self.kind is not LoadKind.PLAIN and self.isq != IsqSpec(self.isq.isq_type if self.kind is
+                                                                   LoadKind.DIFFUSION else None):
+            raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only (a diffusion "
+                             "model takes only the ISQ type)")
+        if self.kind is LoadKind.DIFFUSION and self.isq.isq_type is not None and self.arch == "FluxOffloaded":
+            raise ValueError(f"{self.label}: in_situ_quant is not supported with FluxOffloaded (its blocks move "
+                             "to the device as dense weights); use Flux")
         if (self.from_uqff is not None or self.write_uqff is not None) and (
                 self.kind is not LoadKind.PLAIN or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")

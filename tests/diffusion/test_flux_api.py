@@ -125,3 +125,24 @@ def test_a_text_model_refuses_image_requests(tmp_path):
             runner.generate_image("a cat", ImageGenerationResponseFormat.Url)
     finally:
         runner.close()
+
+
+def test_isq_quantizes_the_transformer_and_t5_blocks(checkpoint):
+    from mistralrs.quant.isq import IsqLinearMethod
+
+    runner = Runner(Which.DiffusionPlain(checkpoint[1], "flux", "f32"), in_situ_quant="Q8_0", seed=SEED)
+    try:
+        models = runner.llm_engine._diffusion.pipeline.models
+        assert isinstance(models.transformer.single_transformer_blocks[0].proj_mlp.quant_method, IsqLinearMethod)
+        assert isinstance(models.t5.encoder.block[0].layer[0].SelfAttention.q.quant_method, IsqLinearMethod)
+        image = _decode(runner.generate_image("a red cat", "b64_json", height=32, width=48).data[0].b64_json)
+    finally:
+        runner.close()
+    theirs = checkpoint[0]("a red cat", height=32, width=48, num_inference_steps=4,
+                           generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(theirs, np.int16)).mean() < 2   # close, not equal
+
+
+def test_isq_with_flux_offloaded_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="FluxOffloaded"):
+        Runner(Which.DiffusionPlain(checkpoint[1], "flux-offloaded", "f32"), in_situ_quant="Q8_0")
