@@ -116,6 +116,11 @@ class _TimeTextEmbed(nn.Module):
         return emb + self.text_embedder(pooled)
 
 
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) of `x` `[B, S, D]`, scaled by `1 + scale` and shifted, per batch row."""
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
 class _AdaNorm(nn.Module):
     """LayerNorm without affine, modulated by `chunks` vectors from `linear(silu(temb))` (AdaLayerNormZero(Single))."""
 
@@ -127,13 +132,7 @@ class _AdaNorm(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The modulated norm of `x` and the remaining modulation vectors (gate, then the MLP's shift/scale/gate)."""
         mods = self.linear(F.silu(temb)).chunk(self.chunks, dim=1)
-        shift, scale = mods[0], mods[1]
-        normed = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-        return normed, list(mods[2:])
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+        return _modulate(x, mods[0], mods[1]), list(mods[2:])
 
 
 def rotary_embedding(ids: torch.Tensor, axes_dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
