@@ -146,3 +146,10 @@ def test_isq_quantizes_the_transformer_and_t5_blocks(checkpoint):
 def test_isq_with_flux_offloaded_is_refused(checkpoint):
     with pytest.raises(ValueError, match="FluxOffloaded"):
         Runner(Which.DiffusionPlain(checkpoint[1], "flux-offloaded", "f32"), in_situ_quant="Q8_0")
+
+
+def test_generate_image_after_close_fails_at_once(checkpoint):
+    runner = Runner(Which.DiffusionPlain(checkpoint[1], "flux", "f32"))
+    runner.close()
+    with pytest.raises(RuntimeError, match="shut down"):
+        runner.generate_image("a cat", "url", height=16, width=16)

@@ -62,3 +62,11 @@ def test_empty_prompt_is_refused(flux, prompt):
     _, ours, _ = flux
     with pytest.raises(ValueError, match="prompt"):
         ours.generate(prompt, HEIGHT, WIDTH)
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(flux, capsys):
+    _, ours, _ = flux
+    ours.generate(PROMPT, 16, 16, num_steps=2)   # pytest's stderr is no terminal: quiet
+    assert "denoising" not in capsys.readouterr().err
+    ours.generate(PROMPT, 16, 16, num_steps=2, show_progress=True)
+    assert "denoising" in capsys.readouterr().err
