@@ -120,25 +120,27 @@ def _clip_name(name: str) -> str:
 def load_flux(spec: LoadSpec, device: torch.device, dtype: torch.dtype) -> LoadedDiffusion:
     """The FLUX model of `spec.model_id` on `device` in `dtype` (FluxOffloaded when `spec.arch` says so)."""
     source = ModelSource(spec.model_id, token=spec.token)
+    offload = spec.arch == "FluxOffloaded"
+    home = torch.device("cpu") if offload else device   # built where it will live: no second full copy
     index = _read_json(source, "model_index.json", "model_index.json")
     if "Flux" not in str(index.get("_class_name", "")):
         raise ValueError(f"model_index.json: _class_name {index.get('_class_name')!r} is not a FLUX pipeline")
     clip = ClipTextEncoder(ClipTextConfig.from_dict(_read_json(source, "text_encoder/config.json", "text_encoder")),
-                           dtype=dtype, device="cpu")
+                           dtype=dtype, device=home)
     _load_weights(clip, source, "text_encoder", dtype, rename=_clip_name, skipped=lambda n: n.endswith("position_ids"))
     t5 = T5Encoder(T5Config.from_dict(_read_json(source, "text_encoder_2/config.json", "text_encoder_2")),
-                   dtype=dtype, device="cpu")
+                   dtype=dtype, device=home)
     _load_weights(t5, source, "text_encoder_2", dtype, rename=_t5_name)
     transformer = FluxTransformer(FluxConfig.from_dict(_read_json(source, "transformer/config.json", "transformer")),
-                                  dtype=dtype, device="cpu")
+                                  dtype=dtype, device=home)
     _load_weights(transformer, source, "transformer", dtype)
-    vae = VaeDecoder(VaeConfig.from_dict(_read_json(source, "vae/config.json", "vae")), dtype=dtype, device="cpu")
+    vae = VaeDecoder(VaeConfig.from_dict(_read_json(source, "vae/config.json", "vae")), dtype=dtype, device=home)
     _load_weights(vae, source, "vae", dtype, skipped=lambda n: n.startswith(("encoder.", "quant_conv.")))
     scheduler = SchedulerConfig.from_dict(_read_json(source, "scheduler/scheduler_config.json", "scheduler"))
     models = FluxModels(clip, load_clip_tokenizer(_tokenizer_folder(source, "tokenizer")), t5,
                         load_t5_tokenizer(_tokenizer_folder(source, "tokenizer_2"), T5_MAX_SEQUENCE_LENGTH),
                         transformer, vae, scheduler)
-    pipeline = FluxImagePipeline(models, device=device, dtype=dtype, offload=spec.arch == "FluxOffloaded")
+    pipeline = FluxImagePipeline(models, device=device, dtype=dtype, offload=offload)
     if spec.isq.isq_type is not None:   # on the device: the quantized states do not move with `.to`
         isq = IsqQuantConfig(isq=spec.isq.isq_type, use_fast_kernels=spec.execution.fast_kernels)
         for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks, t5.encoder.block):
