@@ -119,21 +119,25 @@ class LoadSpec:
         if self.kind is LoadKind.GGML and (self.topology is not None or self.num_device_layers is not None):
             raise ValueError(f"{self.label}: a manual device map (topology, num_device_layers) is not supported "
                              "for GGML models")
-        if self.kind is not LoadKind.PLAIN and self.isq != IsqSpec(self.isq.isq_type if self.kind is
-                                                                   LoadKind.DIFFUSION else None):
+        allowed_isq = IsqSpec(self.isq.isq_type) if self.kind is LoadKind.DIFFUSION else IsqSpec()
+        if self.kind is not LoadKind.PLAIN and self.isq != allowed_isq:
             raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only (a diffusion "
                              "model takes only the ISQ type)")
-        if self.kind is LoadKind.DIFFUSION and self.isq.isq_type is not None and self.arch == "FluxOffloaded":
-            raise ValueError(f"{self.label}: in_situ_quant is not supported with FluxOffloaded (its blocks move "
-                             "to the device as dense weights); use Flux")
         if (self.from_uqff is not None or self.write_uqff is not None) and (
                 self.kind is not LoadKind.PLAIN or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")
-        if self.kind is LoadKind.DIFFUSION and self.arch not in DIFFUSION_ARCHS:
-            raise ValueError(f"{self.label}: a diffusion model's arch must be one of {DIFFUSION_ARCHS}, got "
-                             f"{self.arch!r}")
-        if self.kind is LoadKind.DIFFUSION and (self.topology is not None or self.num_device_layers is not None
-                                                or self.adapters is not None):
-            raise ValueError(f"{self.label}: a diffusion model takes no topology, num_device_layers or adapters")
+        if self.kind is LoadKind.DIFFUSION:
+            self._check_diffusion()
         if self.arch is not None and self.kind not in (LoadKind.PLAIN, LoadKind.DIFFUSION):
             raise ValueError(f"{self.label}: arch applies to safetensors models only (GGUF/GGML files name theirs)")
+
+    def _check_diffusion(self) -> None:
+        """What a DIFFUSION spec may not carry."""
+        if self.arch not in DIFFUSION_ARCHS:
+            raise ValueError(f"{self.label}: a diffusion model's arch must be one of {DIFFUSION_ARCHS}, got "
+                             f"{self.arch!r}")
+        if self.topology is not None or self.num_device_layers is not None or self.adapters is not None:
+            raise ValueError(f"{self.label}: a diffusion model takes no topology, num_device_layers or adapters")
+        if self.isq.isq_type is not None and self.arch == "FluxOffloaded":
+            raise ValueError(f"{self.label}: in_situ_quant is not supported with FluxOffloaded (its blocks move "
+                             "to the device as dense weights); use Flux")
