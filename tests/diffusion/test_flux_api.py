@@ -153,3 +153,13 @@ def test_generate_image_after_close_fails_at_once(checkpoint):
     runner.close()
     with pytest.raises(RuntimeError, match="shut down"):
         runner.generate_image("a cat", "url", height=16, width=16)
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(prompt=" ", height=16, width=16), "prompt"),
+                                          (dict(prompt="a", height=0, width=16), "height"),
+                                          (dict(prompt="a", height=16, width=True), "width")])
+def test_generate_image_command_validates_its_fields(kwargs, field):
+    from mistralrs.engine.commands import GenerateImage
+
+    with pytest.raises(ValueError, match=f"GenerateImage.{field}"):
+        GenerateImage(**kwargs)
