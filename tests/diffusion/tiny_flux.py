@@ -1,4 +1,4 @@
-"""Tiny random FLUX checkpoints built with diffusers and transformers (the oracles) and saved in the diffusers layout."""
+"""Tiny random FLUX checkpoints built with diffusers and transformers (the oracles), saved in the diffusers layout."""
 
 from __future__ import annotations
 
