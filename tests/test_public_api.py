@@ -6,12 +6,10 @@ import inspect
 
 import pytest
 
-import mistralrs
 from mistralrs import Architecture, Runner, VisionArchitecture, Which
 
 UNBUILT = [
     (Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi3V), "vision"),
-    (Which.DiffusionPlain(model_id="m", arch=mistralrs.DiffusionArchitecture.Flux), "diffusion"),
 ]
 
 

@@ -29,10 +29,6 @@ from mistralrs.vision.registry import supported_vision_archs
 from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.options import ExecutionOptions
 
-# Which variants whose capability is not built yet, and what they need.
-_NOT_BUILT = {
-    "DiffusionPlain": "FLUX diffusion models",
-}
 _DTYPES: dict[ModelDType, str | torch.dtype] = {
     ModelDType.Auto: "auto", ModelDType.BF16: torch.bfloat16, ModelDType.F16: torch.float16,
     ModelDType.F32: torch.float32,
@@ -50,15 +46,11 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     `auto_map_params` become the automatic device map's `AutoMapParams` (worker/auto_device_map.py)."""
     variant = type(which).__name__
     isq_type = _parse_isq(in_situ_quant)
-    if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora, Which.VisionPlain)):
+    if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora, Which.VisionPlain,
+                                                       Which.DiffusionPlain)):
         raise ValueError(f"in_situ_quant: ISQ applies to full-precision models (Which.Plain, Which.Lora, "
-                         f"Which.VisionPlain), not "
+                         f"Which.VisionPlain, Which.DiffusionPlain), not "
                          f"Which.{variant}" + (" (its weights are quantized already)" if "GG" in variant else ""))
-    if variant in _NOT_BUILT:
-        raise ValueError(f"Which.{variant} is not supported yet: {_NOT_BUILT[variant]} are not built in this "
-                         "version (supported: Which.Plain, Which.GGUF, Which.Lora, Which.XLora, "
-                         "Which.LoraGGUF, Which.XLoraGGUF, Which.GGML, Which.LoraGGML, Which.XLoraGGML, "
-                         "Which.VisionPlain)")
     convert = _CONVERTERS.get(type(which))
     if convert is None:
         raise TypeError(f"which must be a Which variant, got {variant}")
@@ -190,10 +182,19 @@ def _vision_plain(which: Which.VisionPlain, isq_type: IsqType | None, common: di
                     from_uqff=which.from_uqff, write_uqff=which.write_uqff, max_edge=which.max_edge, **common)
 
 
+def _diffusion(which: Which.DiffusionPlain, isq_type: IsqType | None, common: dict[str, Any]) -> LoadSpec:
+    if common["num_device_layers"] is not None:
+        raise ValueError("num_device_layers: a diffusion model is not spread over devices (FluxOffloaded keeps its "
+                         "weights in CPU memory instead)")
+    return LoadSpec(LoadKind.DIFFUSION, model_id=which.model_id, dtype=_DTYPES[which.dtype], arch=which.arch.name,
+                    isq=IsqSpec(isq_type), **common)
+
+
 # Which variant -> its converter (variant, parsed in_situ_quant, the arguments every spec takes) -> LoadSpec.
 _CONVERTERS: dict[type, Callable[[Any, IsqType | None, dict[str, Any]], LoadSpec]] = {
     Which.Plain: _plain, Which.Lora: _lora, Which.XLora: _xlora,
     Which.GGUF: _gguf, Which.LoraGGUF: _gguf_adapters, Which.XLoraGGUF: _gguf_adapters,
     Which.GGML: _ggml, Which.LoraGGML: _ggml_adapters, Which.XLoraGGML: _ggml_adapters,
     Which.VisionPlain: _vision_plain,
+    Which.DiffusionPlain: _diffusion,
 }

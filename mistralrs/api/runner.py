@@ -134,6 +134,10 @@ class Runner:
         self._llm_engine.activate_adapters(adapter_names)
 
     def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280):
+        """Generate one image with a diffusion model (`Which.DiffusionPlain`): an `ImageGenerationResponse` whose
+        `data[0]` holds the path of a PNG saved in the working directory (`Url`) or a base64 data URL
+        (`B64Json`). ValueError naming the field for an empty prompt, a height/width that is not a positive
+        multiple of 16 up to 2048, or an unknown format; ValueError for a text model."""
         return self._llm_engine.generate_image(prompt, response_format, height, width)
 
     def close(self) -> None:

@@ -153,6 +153,15 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
                                   allow_special_tokens_in_messages=config.allow_special_tokens_in_messages)
 
 
+def build_command_engine(handlers: CommandHandlers, seed: int | None = None) -> Engine:
+    """An engine thread for a model that serves no token requests (a diffusion model): its scheduler stays empty,
+    so the thread only runs the control commands of `handlers`, one at a time, in the order they are queued."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=1, prompt_chunksize=1,
+                                          block_size=VALID_BLOCK_SIZES[0], num_blocks=1,
+                                          enable_prefix_caching=False, no_kv_cache=True))
+    return Engine(scheduler, None, None, seed=seed, handlers=handlers)
+
+
 def on_short_lived_thread(fn: Callable[[], T], name: str = "mistralrs-load") -> T:
     """Runs `fn()` on a thread that ends when it returns, and returns its result (re-raising its error).
 

@@ -40,6 +40,23 @@ class ActivateAdapters(Command):
             raise ValueError(f"ActivateAdapters.names must be adapter names, got {self.names!r}")
 
 
+@dataclass(frozen=True)
+class GenerateImage(Command):
+    """Generate one image with the served diffusion model; the handler returns it as a PIL image."""
+
+    prompt: str  # the text to draw (non-empty)
+    height: int  # pixels, a positive multiple of 16
+    width: int  # pixels, a positive multiple of 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError(f"GenerateImage.prompt must be a non-empty string, got {self.prompt!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GenerateImage.{name} must be a positive int, got {value!r}")
+
+
 # Command type -> the function the engine thread runs it with (its return value goes back to `Engine.call`).
 CommandHandlers = Mapping[type[Command], Callable[[Any], Any]]
 

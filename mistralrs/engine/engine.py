@@ -102,6 +102,8 @@ class Engine:
         self._put_command(command, None)
 
     def _put_command(self, command: Command, done: queue.SimpleQueue | None) -> None:
+        if self._stopped:   # nothing would ever run it (and `call` would wait for ever)
+            raise RuntimeError("the engine has been shut down")
         if type(command) not in self._handlers:
             raise unknown_command(command, self._handlers)
         self._commands.put(("command", (command, done)))

@@ -7,7 +7,9 @@ return a `Submission`: the engine request (whose `outputs` queue receives the en
 that turns those messages into response objects (engine/assembly.py). `wait` and `stream` consume a submission
 on the caller's thread; the HTTP server passes its own non-blocking `outputs` sink and uses the same assemblers.
 Changes to the model (re-ISQ, adapter activation) are typed commands (engine/commands.py) run on the engine
-thread between two steps. `Runner`, the HTTP server and the CLI are clients of this class.
+thread between two steps. A diffusion model (FLUX) is served by the same class: its engine thread runs only
+`GenerateImage` commands, and token requests are refused. `Runner`, the HTTP server and the CLI are clients of
+this class.
 """
 
 from __future__ import annotations
@@ -17,18 +19,23 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from mistralrs.adapters.lora import activate_adapters
 from mistralrs.adapters.runtime import request_adapter_set
 from mistralrs.api.enums import ToolChoice
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
+from mistralrs.diffusion.pipeline import check_image_size, check_prompt
 from mistralrs.engine.assembly import ChatAssembler, CompletionAssembler, EngineMessage
-from mistralrs.engine.builder import EngineConfig, build_engine, on_short_lived_thread
+from mistralrs.engine.builder import EngineConfig, build_command_engine, build_engine, on_short_lived_thread
 from mistralrs.engine.chat_messages import template_messages
-from mistralrs.engine.commands import ActivateAdapters, ReIsq
+from mistralrs.engine.commands import ActivateAdapters, GenerateImage, ReIsq
 from mistralrs.engine.image_prompt import ImagePrompter
+from mistralrs.engine.images import image_response, parse_response_format
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
 from mistralrs.engine.tool_calls import forced_call_schema
+from mistralrs.loader.diffusion_loader import LoadedDiffusion
 from mistralrs.loader.pipeline import load
 from mistralrs.loader.spec import LoadSpec
 from mistralrs.quant.isq import re_isq_config
@@ -68,8 +75,9 @@ def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOpt
 
 
 class LLMEngine:
-    """Loads one model (text, or vision with its image front door) and serves it: requests in, response objects
-    out, control commands between steps.
+    """Loads one model and serves it: requests in, response objects out, control commands between steps. A text
+    model serves chat and completion requests (a vision model with its image front door); a diffusion model serves
+    `generate_image` only.
 
     Thread-safe: several threads may submit at once; their requests are batched together by the engine thread.
     With `truncate_sequence`, a prompt that does not fit the context keeps its tail instead of being rejected.
@@ -78,20 +86,35 @@ class LLMEngine:
     def __init__(self, spec: LoadSpec, config: EngineConfig, *, truncate_sequence: bool = False) -> None:
         self.truncate_sequence = truncate_sequence  # keep the tail of a prompt that does not fit the context
         self.execution = spec.execution  # how the model runs: chosen at load, fixed for the engine's life
-        self._loaded = on_short_lived_thread(lambda: load(spec))
+        loaded = on_short_lived_thread(lambda: load(spec))
+        self.model_id = loaded.model_id  # the `model` of every response
+        self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
+        self._diffusion: LoadedDiffusion | None = None  # the image pipeline of a diffusion model, else None
+        if isinstance(loaded, LoadedDiffusion):
+            self._diffusion = loaded
+            self._image_generator = (torch.Generator(loaded.device).manual_seed(config.seed)
+                                     if config.seed is not None else None)   # seeded once: the device RNG
+            self._engine = build_command_engine({GenerateImage: self._generate_image}, config.seed)
+            return
+        self._loaded = loaded
         handlers = {ReIsq: self._re_isq, ActivateAdapters: self._activate_adapters}
         self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution)
-        self.model_id = self._loaded.model_id  # the `model` of every response
         processor = self._loaded.vision_processor
         # a vision model's image side of the front door (engine/image_prompt.py); None for a text model
         self._images = None if processor is None else ImagePrompter(processor, self._inputs,
                                                                      self._loaded.model.image_token_id)
-        self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
+
+    def _text_model(self, what: str) -> None:
+        """ValueError for a token request (`what`) to a diffusion model."""
+        if self._diffusion is not None:
+            raise ValueError(f"{what}: this is a diffusion model (FLUX), which only generates images "
+                             "(generate_image, POST /v1/images/generations); load a text model for this request")
 
     @property
     def max_model_len(self) -> int:
-        """Most tokens (prompt + generated) of one sequence: the model's context capped by the KV capacity."""
-        return self._inputs.max_model_len
+        """Most tokens (prompt + generated) of one sequence: the model's context capped by the KV capacity (0 for a
+        diffusion model)."""
+        return 0 if self._diffusion is not None else self._inputs.max_model_len
 
     # ---- submitting ---------------------------------------------------------------------------
     def _fit_prompt(self, prompt_ids: list[int], max_tokens: int | None) -> list[int]:
@@ -161,6 +184,7 @@ class LLMEngine:
         request (prompt too long, no chat template, an image part to a text model or an unusable image,
         unsupported option).
         """
+        self._text_model("chat completion")
         tools = self._tools(request)
         images = None
         if self._images is not None:
@@ -184,6 +208,7 @@ class LLMEngine:
 
         `logprobs` (0..20) reports the chosen token's logprob and that many alternatives.
         """
+        self._text_model("completion")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 20):
             raise ValueError(f"logprobs: must be an int in [0, 20] or None, got {logprobs!r}")
@@ -233,10 +258,12 @@ class LLMEngine:
     # ---- tokens -------------------------------------------------------------------------------
     def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
         """Tokenize raw text (no chat template)."""
+        self._text_model("tokenize_text")
         return self._inputs.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool) -> str:
         """Turn token ids back into text."""
+        self._text_model("detokenize_text")
         return self._inputs.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ---- control commands ---------------------------------------------------------------------
@@ -244,6 +271,7 @@ class LLMEngine:
         """Re-quantizes the live model to ISQ type `isq_type` between two engine steps and returns at once
         (requests submitted afterwards see the new weights; a failure while quantizing is logged). ValueError for
         an unknown type, also for GGUF/GGML models, where a known type is ignored (REFERENCE §3)."""
+        self._text_model("send_re_isq")
         parsed = parse_isq_type(isq_type)
         if self._loaded.quantized_file:
             logger.info("send_re_isq(%r): ignored, the model was loaded from quantized GGUF/GGML weights", isq_type)
@@ -260,14 +288,29 @@ class LLMEngine:
     def activate_adapters(self, adapter_names: list[str]) -> None:
         """Replaces the active set of preloaded LoRA adapters; ValueError naming an unknown adapter, or when the
         model has no preloaded adapters."""
+        self._text_model("activate_adapters")
         self._engine.call(ActivateAdapters(tuple(adapter_names)))
 
     def _activate_adapters(self, command: ActivateAdapters) -> None:
         activate_adapters(self._loaded.model, list(command.names))
 
     def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280):
-        """Image generation: a text model has none (ValueError)."""
-        raise ValueError("generate_image: this is a text model; diffusion models are not built in this version")
+        """One image for `prompt` (diffusion models only): an `ImageGenerationResponse` holding a saved PNG's path
+        (`Url`) or a base64 data URL (`B64Json`). ValueError naming the field for an empty prompt, a size that is
+        not a positive multiple of 16 up to the limit, or an unknown format; ValueError for a text model."""
+        if self._diffusion is None:
+            raise ValueError("generate_image: this is a text model; image generation needs a diffusion model "
+                             "(Which.DiffusionPlain)")
+        response_format = parse_response_format(response_format)
+        check_prompt(prompt)
+        check_image_size(height, width)
+        image = self._engine.call(GenerateImage(prompt, height, width), timeout=None)
+        return image_response(image, response_format)
+
+    def _generate_image(self, command: GenerateImage):
+        """Engine thread: the pipeline's image, latents drawn from the seeded generator when there is one."""
+        return self._diffusion.pipeline.generate(command.prompt, command.height, command.width,
+                                                 generator=self._image_generator)
 
     def close(self) -> None:
         """Stop the engine thread (in-flight requests are canceled)."""

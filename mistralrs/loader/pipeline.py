@@ -17,6 +17,7 @@ from mistralrs.adapters.ordering import OrderingFile, read_ordering, same_model_
 from mistralrs.adapters.xlora import apply_xlora
 from mistralrs.loader.adapter_files import lora_files, xlora_files
 from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
+from mistralrs.loader.diffusion_loader import LoadedDiffusion, load_flux
 from mistralrs.loader.ggml_loader import open_ggml
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
@@ -290,9 +291,14 @@ def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
                        vision_processor=processor)
 
 
+def _load_diffusion(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedDiffusion:
+    """A FLUX image model (diffusers layout) on the model's device."""
+    return load_flux(spec, device_map.main, resolve_dtype(spec.dtype, device_map.main))
+
+
 # The loader of each kind of model (without its adapters).
 _LOADERS = {LoadKind.PLAIN: _load_plain, LoadKind.GGUF: _load_gguf, LoadKind.GGML: _load_ggml,
-            LoadKind.VISION: _load_vision}
+            LoadKind.VISION: _load_vision, LoadKind.DIFFUSION: _load_diffusion}
 
 
 def _ordering_and_base(spec: LoadSpec, base_id: str | None) -> tuple[OrderingFile, str]:
@@ -359,9 +365,10 @@ def _load_with_anymoe(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     return loaded
 
 
-def load(spec: LoadSpec) -> LoadedModel:
+def load(spec: LoadSpec) -> LoadedModel | LoadedDiffusion:
     """Load the model and tokenizer that `spec` describes, quantized in situ if it asks, its decoder layers spread
-    over devices as `num_device_layers` and the topology's `device` entries say."""
+    over devices as `num_device_layers` and the topology's `device` entries say (a DIFFUSION spec: the image
+    pipeline, `LoadedDiffusion`)."""
     device_map = _device_map_spec(spec)
     if spec.adapters is not None:
         return _load_with_adapters(spec, device_map)

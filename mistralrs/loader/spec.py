@@ -18,6 +18,7 @@ from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.options import ExecutionOptions
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes a spec may ask for besides "auto"
+DIFFUSION_ARCHS = ("Flux", "FluxOffloaded")  # the arch names a DIFFUSION spec may carry
 
 
 class LoadKind(enum.Enum):
@@ -27,6 +28,7 @@ class LoadKind(enum.Enum):
     GGUF = "gguf"    # a GGUF text model (one file or several split files)
     GGML = "ggml"    # a legacy GGML (llama.cpp `ggjt`) llama file
     VISION = "vision"  # a Hugging Face safetensors vision-language model (`*ForConditionalGeneration`)
+    DIFFUSION = "diffusion"  # a FLUX image model in the diffusers layout (local directory or hub repo)
 
 
 class AdapterKind(enum.Enum):
@@ -142,10 +144,12 @@ class LoadSpec:
     #                                        adapters the ordering file's base_model_id)
     tokenizer_json: str | None = None  # a local tokenizer.json overriding the repo's
     dtype: str | torch.dtype = "auto"  # "auto" (BF16, F16 or F32: the first the device runs) or a torch dtype
-    arch: str | None = None  # PLAIN: the architecture's enum name (e.g. "Llama"); None: from config.json
+    arch: str | None = None  # PLAIN: the architecture's enum name (e.g. "Llama"); None: from config.json;
+    #                          DIFFUSION (required): "Flux" or "FluxOffloaded"
     gqa: int = 1  # GGML: num_heads / num_kv_heads (GGML files do not store it)
     topology: str | None = None  # per-layer ISQ/device YAML file (§5)
-    isq: IsqSpec = IsqSpec()  # PLAIN: in-situ quantization (no type: none unless the topology asks)
+    isq: IsqSpec = IsqSpec()  # PLAIN: in-situ quantization (no type: none unless the topology asks); DIFFUSION:
+    #                           the type only, applied to the FLUX transformer's and T5's blocks
     from_uqff: str | None = None  # PLAIN: load pre-quantized weights from this UQFF file (in the model repo)
     write_uqff: str | None = None  # PLAIN: write the ISQ-quantized weights to this UQFF file
     adapters: AdapterSpec | None = None  # LoRA / X-LoRA adapters on the base model
@@ -172,7 +176,7 @@ class LoadSpec:
             raise ValueError(f"{self.label}: LoadSpec.model_id is required (only an adapter model may take it from "
                              "its ordering file)")
         safetensors = self.kind in (LoadKind.PLAIN, LoadKind.VISION)
-        if safetensors == bool(self.filenames):
+        if (self.kind in (LoadKind.GGUF, LoadKind.GGML)) != bool(self.filenames):
             raise ValueError(f"{self.label}: LoadSpec.filenames name the GGUF/GGML files, and only those "
                              f"(kind {self.kind.value}, filenames {self.filenames!r})")
         if self.kind is LoadKind.GGML and len(self.filenames) != 1:
@@ -180,8 +184,10 @@ class LoadSpec:
         if self.kind is LoadKind.GGML and (self.topology is not None or self.num_device_layers is not None):
             raise ValueError(f"{self.label}: a manual device map (topology, num_device_layers) is not supported "
                              "for GGML models")
-        if not safetensors and self.isq != IsqSpec():
-            raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only")
+        allowed_isq = IsqSpec(self.isq.isq_type) if self.kind is LoadKind.DIFFUSION else IsqSpec()
+        if not safetensors and self.isq != allowed_isq:
+            raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only (a diffusion "
+                             "model takes only the ISQ type)")
         if (self.from_uqff is not None or self.write_uqff is not None) and (
                 not safetensors or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")
@@ -197,5 +203,18 @@ class LoadSpec:
         if self.max_edge is not None and (self.kind is not LoadKind.VISION or self.max_edge < 1):
             raise ValueError(f"{self.label}: max_edge must be a positive integer and applies to vision models only, "
                              f"got {self.max_edge!r}")
-        if self.arch is not None and not safetensors:
+        if self.kind is LoadKind.DIFFUSION:
+            self._check_diffusion()
+        if self.arch is not None and not safetensors and self.kind is not LoadKind.DIFFUSION:
             raise ValueError(f"{self.label}: arch applies to safetensors models only (GGUF/GGML files name theirs)")
+
+    def _check_diffusion(self) -> None:
+        """What a DIFFUSION spec may not carry."""
+        if self.arch not in DIFFUSION_ARCHS:
+            raise ValueError(f"{self.label}: a diffusion model's arch must be one of {DIFFUSION_ARCHS}, got "
+                             f"{self.arch!r}")
+        if self.topology is not None or self.num_device_layers is not None or self.adapters is not None:
+            raise ValueError(f"{self.label}: a diffusion model takes no topology, num_device_layers or adapters")
+        if self.isq.isq_type is not None and self.arch == "FluxOffloaded":
+            raise ValueError(f"{self.label}: in_situ_quant is not supported with FluxOffloaded (its blocks move "
+                             "to the device as dense weights); use Flux")

@@ -249,7 +249,8 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
 
 def _image_size(body: schemas.ImageGenerationBody) -> tuple[int, int]:
     """(height, width) from `height`/`width` or OpenAI's `size` ("WIDTHxHEIGHT")."""
-    height, width = body.height or 720, body.width or 1280
+    height = 720 if body.height is None else body.height   # 0 is an error the engine names, not "unset"
+    width = 1280 if body.width is None else body.width
     if body.size is not None:
         w, _, h = body.size.partition("x")
         if not (w.isdigit() and h.isdigit()):
