@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.layers.activation import get_act_fn
-from mistralrs.layers.linear import Linear
+from mistralrs.layers.linear import Linear, expected_checkpoint_names, load_checkpoint_weights
 from mistralrs.layers.norm import RMSNorm
+from mistralrs.models.base import GATE_UP_PARAMS, QKV_PARAMS, CausalLM
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.registry import model_class_for
+from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor
+from mistralrs.vision.images import image_digest
+from mistralrs.vision.pixtral import PixtralVisionConfig, PixtralVisionModel
+from mistralrs.vision.registry import register_vision
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Pixtral's default normalization (OpenAI CLIP's)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,3 +172,131 @@ def image_grid_text(rows: int, cols: int, image: str, line_break: str, end: str)
     """The prompt text of one image: `rows` lines of `image` x `cols` ended by `line_break`, the last by `end`."""
     line = image * cols
     return (line + line_break) * (rows - 1) + line + end
+
+
+class PixtralProcessor(VisionProcessor):
+    """Mistral 3's processor: Pixtral image preprocessing (longest-edge resize to multiples of patch x merge,
+    zero padding to the batch's largest image) and the `[IMG]`/`[IMG_BREAK]`/`[IMG_END]` grid per image."""
+
+    def __init__(self, options: PixtralImageOptions, *, image_token: str = "[IMG]",
+                 image_break_token: str = "[IMG_BREAK]", image_end_token: str = "[IMG_END]"):
+        self.options = options
+        self.image_placeholder = image_token
+        self.image_break_token = image_break_token
+        self.image_end_token = image_end_token
+
+    @classmethod
+    def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None) -> PixtralProcessor:
+        processor = files.processor_config
+        if "spatial_merge_size" not in processor and "spatial_merge_size" in config:
+            processor = {**processor, "spatial_merge_size": config["spatial_merge_size"]}
+        options = pixtral_options_from_files(files.preprocessor_config, processor, max_edge)
+        return cls(options, image_token=processor.get("image_token", "[IMG]"),
+                   image_break_token=processor.get("image_break_token", "[IMG_BREAK]"),
+                   image_end_token=processor.get("image_end_token", "[IMG_END]"))
+
+    def preprocess(self, images: list[PIL.Image.Image]) -> ImageInputs:
+        pixel_values, image_sizes = pad_and_stack([image_to_tensor(image, self.options) for image in images])
+        patch = self.options.patch_size
+        counts = [int(h) // patch * (int(w) // patch) for h, w in image_sizes.tolist()]
+        return ImageInputs({"pixel_values": pixel_values, "image_sizes": image_sizes}, counts, image_digest(images))
+
+    def expand_prompt(self, prompt: str, inputs: ImageInputs) -> str:
+        pieces = prompt.split(self.image_placeholder)
+        if len(pieces) - 1 != inputs.num_images:
+            raise ValueError(f"the prompt holds {len(pieces) - 1} image placeholders {self.image_placeholder!r} "
+                             f"for {inputs.num_images} images")
+        patch = self.options.patch_size
+        grids = [image_grid_text(int(h) // patch, int(w) // patch, self.image_placeholder, self.image_break_token,
+                                 self.image_end_token) for h, w in inputs.tensors["image_sizes"].tolist()]
+        return pieces[0] + "".join(grid + piece for grid, piece in zip(grids, pieces[1:]))
+
+
+@dataclass(frozen=True)
+class Mistral3Config:
+    """The multimodal part of a `Mistral3ForConditionalGeneration` config.json (the decoder's is `text`)."""
+
+    text: TextModelConfig  # the Mistral decoder (text_config, with the checkpoint's LM-head tying)
+    text_architecture: str  # the decoder's HF class, from text_config's model_type
+    vision: PixtralVisionConfig  # the Pixtral tower (vision_config)
+    image_token_id: int  # `[IMG]`, whose embedding rows take the image features
+    spatial_merge_size: int  # patches merged per side by the projector
+    feature_layers: tuple[int, ...]  # tower hidden states fed to the projector (vision_feature_layer)
+    projector_act: str  # projector activation, HF name
+    projector_bias: bool  # whether the projector's linear layers have biases
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> Mistral3Config:
+        """Reads config.json; ValueError naming a missing or invalid field."""
+        text_dict = text_config_of(d)
+        layers = d.get("vision_feature_layer", -1)
+        merge = d.get("spatial_merge_size", 2)
+        if isinstance(merge, bool) or not isinstance(merge, int) or merge <= 0:
+            raise ValueError(f"config field 'spatial_merge_size' must be a positive integer, got {merge!r}")
+        token = d.get("image_token_index", d.get("image_token_id", 10))
+        return cls(text=TextModelConfig.from_hf_dict(text_dict), text_architecture=text_dict["architectures"][0],
+                   vision=PixtralVisionConfig.from_hf_dict(d.get("vision_config") or {}), image_token_id=int(token),
+                   spatial_merge_size=merge, feature_layers=tuple(layers) if isinstance(layers, list) else (layers,),
+                   projector_act=d.get("projector_hidden_act", "gelu"),
+                   projector_bias=bool(d.get("multimodal_projector_bias", False)))
+
+
+# text_config model_type -> the HF class of the decoder (the vision checkpoints' text_config names none).
+TEXT_ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def text_config_of(d: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's config dict of a multimodal config.json: `text_config` with `architectures` set from its
+    model_type and `tie_word_embeddings` as the checkpoint ties (the top-level key when present, as transformers 5
+    reads it, else text_config's own)."""
+    text = dict(d.get("text_config") or {})
+    model_type = text.get("model_type", "mistral")
+    if model_type not in TEXT_ARCHITECTURES:
+        raise ValueError(f"text_config model_type {model_type!r} is not supported; supported: "
+                         f"{sorted(TEXT_ARCHITECTURES)}")
+    text.setdefault("architectures", [TEXT_ARCHITECTURES[model_type]])
+    text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    return text
+
+
+VISION_STACKED_PARAMS = QKV_PARAMS + GATE_UP_PARAMS  # the tower's q/k/v and gate/up fuse as the decoder's do
+
+
+class Mistral3ForConditionalGeneration(VisionCausalLM):
+    """Pixtral tower -> Mistral 3 projector -> features at the `[IMG]` rows of a Mistral decoder from `models/`."""
+
+    def __init__(self, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.mm_config = Mistral3Config.from_hf_dict(config)
+        self.config = self.mm_config.text
+        self.dtype = dtype
+        self.image_token_id = self.mm_config.image_token_id
+        self.vision_tower = PixtralVisionModel(self.mm_config.vision, dtype=dtype, device=device)
+        layers = len(self.mm_config.feature_layers)
+        self.multi_modal_projector = Mistral3MultiModalProjector(
+            self.mm_config.vision.hidden_size, self.config.hidden_size, merge=self.mm_config.spatial_merge_size,
+            norm_eps=self.config.rms_norm_eps, act=self.mm_config.projector_act, bias=self.mm_config.projector_bias,
+            num_feature_layers=layers, prefix="multi_modal_projector", dtype=dtype, device=device)
+        text_cls = model_class_for([self.mm_config.text_architecture])
+        self.language_model: CausalLM = text_cls(self.config, dtype=dtype, device=device)
+
+    def encode_images(self, inputs: ImageInputs) -> torch.Tensor:
+        device = self.multi_modal_projector.linear_1.params_device
+        pixel_values = inputs.tensors["pixel_values"].to(device)
+        grids = self.vision_tower.patch_grids(inputs.tensors["image_sizes"])
+        features = self.vision_tower(pixel_values, inputs.tensors["image_sizes"], self.mm_config.feature_layers)
+        return self.multi_modal_projector(features, grids)
+
+    def load_vision_weights(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
+        """The tower and projector, with the tower's q/k/v and gate/up fused on load."""
+        return load_checkpoint_weights(self, weights, VISION_STACKED_PARAMS, lambda name: False)
+
+    def expected_weight_names(self) -> set[str]:
+        text = {"language_model." + n for n in self.language_model.expected_weight_names()}
+        vision = {n for n in expected_checkpoint_names(self, VISION_STACKED_PARAMS, lambda name: False)
+                  if not n.startswith("language_model.")}
+        return text | vision
+
+
+register_vision("Mistral3", ("Mistral3ForConditionalGeneration",), Mistral3ForConditionalGeneration,
+                PixtralProcessor)

@@ -20,16 +20,25 @@ from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalPro
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil  # noqa: E402
 
 
-@pytest.fixture
-def pixtral_processor_class(monkeypatch):
-    """transformers' `PixtralProcessor` class (never instantiated: it requires torchvision). Its module imports one
-    size helper from the torchvision image processor module; the Pil module defines the same helper."""
+def pixtral_replace_image_token(fake_processor, image_inputs: dict, index: int) -> str:
+    """transformers' `PixtralProcessor.replace_image_token` (the class is never instantiated: it requires
+    torchvision). Its module imports one size helper from the torchvision image processor module, which the Pil
+    module defines too: that module stands in for it while the processor module is imported."""
     import importlib
     import sys
 
+    name = "transformers.models.pixtral.image_processing_pixtral"
     pil = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
-    monkeypatch.setitem(sys.modules, "transformers.models.pixtral.image_processing_pixtral", pil)
-    return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
+    saved = sys.modules.get(name)
+    sys.modules[name] = pil
+    try:
+        processor_cls = importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
+    finally:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+    return processor_cls.replace_image_token(fake_processor, image_inputs, index)
 
 
 def _random_image(height: int, width: int, seed: int, mode: str = "RGB") -> PIL.Image.Image:
@@ -79,8 +88,8 @@ def test_max_edge_caps_the_longest_edge():
 
 
 @pytest.mark.parametrize("size", [(16, 24), (8, 8), (32, 8)])
-def test_grid_text_matches_pixtral_processor(size, pixtral_processor_class):
+def test_grid_text_matches_pixtral_processor(size):
     fake = SimpleNamespace(patch_size=4, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
                            image_end_token="[IMG_END]")
-    expected = pixtral_processor_class.replace_image_token(fake, {"image_sizes": [size]}, 0)
+    expected = pixtral_replace_image_token(fake, {"image_sizes": [size]}, 0)
     assert image_grid_text(size[0] // 8, size[1] // 8, "[IMG]", "[IMG_BREAK]", "[IMG_END]") == expected

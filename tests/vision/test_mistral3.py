@@ -1,0 +1,136 @@
+"""Mistral3ForConditionalGeneration against transformers on a tiny random checkpoint: processor, prompt logits
+with one and with two images (f32, 1e-4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from mistralrs.loader.safetensors_loader import iter_safetensors
+from mistralrs.vision.base import ProcessorFiles
+from mistralrs.vision.mistral3 import Mistral3ForConditionalGeneration, PixtralProcessor
+from mistralrs.vision.registry import vision_family_for
+from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from tests.models.family_harness import sharpen
+from tests.tiny_models import CHATML, EOS_TOKEN_ID, char_tokenizer
+from tests.vision.test_mistral3_parts import pixtral_replace_image_token
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil  # noqa: E402
+
+IMAGE_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+PATCH, MERGE, LONGEST_EDGE = 4, 2, 40
+BLOCK_SIZE = 4
+
+
+def make_tiny_mistral3_dir(path: Path, seed: int = 0) -> transformers.Mistral3ForConditionalGeneration:
+    """A random tiny Mistral 3 checkpoint with its processor files and tokenizer in `path` (the model, f32 eval)."""
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens(IMAGE_TOKENS)
+    text = transformers.MistralConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=512, bos_token_id=0, eos_token_id=EOS_TOKEN_ID,
+                                      rms_norm_eps=1e-5, sliding_window=None)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, patch_size=PATCH, image_size=LONGEST_EDGE,
+                                              hidden_act="silu")
+    config = transformers.Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=MERGE,
+                                         image_token_index=tokenizer.token_to_id("[IMG]"))
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    sharpen(model, seed=seed + 1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    image_processor = PixtralImageProcessorPil(patch_size={"height": PATCH, "width": PATCH},
+                                               size={"longest_edge": LONGEST_EDGE})
+    (path / "preprocessor_config.json").write_text(json.dumps(image_processor.to_dict()))
+    (path / "processor_config.json").write_text(json.dumps({
+        "patch_size": PATCH, "spatial_merge_size": MERGE, "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+        "image_end_token": "[IMG_END]", "processor_class": "PixtralProcessor"}))
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "unk_token": None, "chat_template": CHATML}))
+    return model
+
+
+def images(*sizes: tuple[int, int]) -> list[PIL.Image.Image]:
+    """Random RGB images of (width, height) `sizes`."""
+    rng = np.random.default_rng(len(sizes))
+    return [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def processor_files(path: Path) -> ProcessorFiles:
+    return ProcessorFiles(json.loads((path / "preprocessor_config.json").read_text()),
+                          json.loads((path / "processor_config.json").read_text()))
+
+
+def load_ours(path: Path) -> Mistral3ForConditionalGeneration:
+    config = json.loads((path / "config.json").read_text())
+    model = Mistral3ForConditionalGeneration(config, dtype=torch.float32, device="cpu")
+    provided = dict(iter_safetensors(sorted(str(p) for p in path.glob("*.safetensors")), torch.float32))
+    names = {model.canonical_weight_name(n) for n in provided}
+    consumed = model.load_weights((model.canonical_weight_name(n), t) for n, t in provided.items())
+    assert consumed == names and model.expected_weight_names() <= consumed
+    return model.eval()
+
+
+def prompt_logits(model, token_ids: list[int], inputs) -> torch.Tensor:
+    """Our prompt logits `[len, vocab]`: text embeddings with the image rows spliced in, one prefill chunk."""
+    num_blocks = len(token_ids) // BLOCK_SIZE + 1
+    caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, torch.float32, "cpu")
+    fb = ForwardBatch.build([SeqChunk(token_ids, 0, list(range(num_blocks)))], BLOCK_SIZE, caches, "cpu")
+    with torch.inference_mode():
+        embeds = model.embed(fb.input_ids)
+        embeds[fb.input_ids == model.image_token_id] = model.encode_images(inputs)
+        return model.compute_logits(model(fb.input_ids, fb.positions, fb, inputs_embeds=embeds))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mistral3")
+    return path, make_tiny_mistral3_dir(path)
+
+
+def test_registered_under_its_names():
+    assert vision_family_for(["Mistral3ForConditionalGeneration"], None).model_cls is Mistral3ForConditionalGeneration
+    assert vision_family_for(None, "Mistral3").processor_cls is PixtralProcessor
+
+
+def test_processor_matches_transformers(checkpoint):
+    path, _ = checkpoint
+    processor = PixtralProcessor.from_checkpoint(processor_files(path), {}, None)
+    pictures = images((50, 30), (13, 70))
+    inputs = processor.preprocess(pictures)
+    expected = PixtralImageProcessorPil.from_pretrained(path)(pictures, patch_size=PATCH * MERGE,
+                                                              return_tensors="pt")
+    torch.testing.assert_close(inputs.tensors["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    assert inputs.tensors["image_sizes"].tolist() == expected["image_sizes"].tolist()
+    fake = SimpleNamespace(patch_size=PATCH, spatial_merge_size=MERGE, image_token="[IMG]",
+                           image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    grids = [pixtral_replace_image_token(fake, {"image_sizes": expected["image_sizes"]}, i) for i in range(2)]
+    assert processor.expand_prompt("a[IMG]b[IMG]", inputs) == f"a{grids[0]}b{grids[1]}"
+    assert inputs.num_image_tokens == [grid.count("[IMG]") for grid in grids]
+    with pytest.raises(ValueError, match="1 image placeholders"):
+        processor.expand_prompt("a[IMG]b", inputs)
+
+
+@pytest.mark.parametrize("sizes", [[(50, 30)], [(50, 30), (20, 44)]])
+def test_prompt_logits_match_transformers(checkpoint, sizes):
+    path, hf = checkpoint
+    ours = load_ours(path)
+    processor = PixtralProcessor.from_checkpoint(processor_files(path), {}, None)
+    inputs = processor.preprocess(images(*sizes))
+    text = "<|im_start|>user\n" + "".join(f"look {i}:[IMG]\n" for i in range(len(sizes))) + "what?<|im_end|>\n"
+    token_ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(processor.expand_prompt(text, inputs)).ids
+    assert token_ids.count(ours.image_token_id) == sum(inputs.num_image_tokens)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([token_ids]), pixel_values=inputs.tensors["pixel_values"],
+                      image_sizes=inputs.tensors["image_sizes"]).logits[0]
+    torch.testing.assert_close(prompt_logits(ours, token_ids, inputs), expected, atol=1e-4, rtol=0)
