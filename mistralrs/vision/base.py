@@ -131,6 +131,12 @@ class VisionCausalLM(CausalLM):
         return self.language_model.kv_cache_spec()
 
     @classmethod
+    def text_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The text decoder's config.json dict (its `architectures` naming a `models/` class) of a checkpoint of this
+        family, for loading it text-only with `Which.Plain`; ValueError where the family does not load text-only."""
+        raise ValueError(f"{cls.__name__} checkpoints load with Which.VisionPlain only, not text-only")
+
+    @classmethod
     def canonical_weight_name(cls, name: str) -> str:
         """`name` in the published layout (the first matching prefix of `WEIGHT_RENAMES` replaced)."""
         for old, new in cls.WEIGHT_RENAMES:

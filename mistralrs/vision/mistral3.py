@@ -280,6 +280,10 @@ class Mistral3ForConditionalGeneration(VisionCausalLM):
         text_cls = model_class_for([self.mm_config.text_architecture])
         self.language_model: CausalLM = text_cls(self.config, dtype=dtype, device=device)
 
+    @classmethod
+    def text_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return text_config_of(config)
+
     def encode_images(self, inputs: ImageInputs) -> torch.Tensor:
         device = self.multi_modal_projector.linear_1.params_device
         pixel_values = inputs.tensors["pixel_values"].to(device)

@@ -19,7 +19,7 @@ from mistralrs.vision.mistral3 import Mistral3ForConditionalGeneration, PixtralP
 from mistralrs.vision.registry import vision_family_for
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from tests.models.family_harness import sharpen
-from tests.tiny_models import CHATML, EOS_TOKEN_ID, char_tokenizer
+from tests.tiny_models import CHARACTERS, CHATML, EOS_TOKEN_ID, char_tokenizer
 from tests.vision.test_mistral3_parts import pixtral_replace_image_token
 
 transformers = pytest.importorskip("transformers")
@@ -134,3 +134,40 @@ def test_prompt_logits_match_transformers(checkpoint, sizes):
         expected = hf(input_ids=torch.tensor([token_ids]), pixel_values=inputs.tensors["pixel_values"],
                       image_sizes=inputs.tensors["image_sizes"]).logits[0]
     torch.testing.assert_close(prompt_logits(ours, token_ids, inputs), expected, atol=1e-4, rtol=0)
+
+
+def test_text_only_with_which_plain(checkpoint):
+    """A Mistral 3 checkpoint loads text-only with `Which.Plain` (the decoder's weights alone) and greedy-decodes as
+    transformers' full model does on a text prompt."""
+    from mistralrs import CompletionRequest, ModelDType, Runner, Which
+
+    path, hf = checkpoint
+    runner = Runner(Which.Plain(model_id=str(path), dtype=ModelDType.F32))
+    try:
+        prompt = "Hello there, tiny model!"
+        ids = runner.tokenize_text(prompt, add_special_tokens=False)
+        special = list(range(len(CHARACTERS), hf.config.text_config.vocab_size))  # ChatML and image tokens
+        expected = []
+        with torch.no_grad():
+            for _ in range(16):
+                logits = hf(input_ids=torch.tensor([ids + expected])).logits[0, -1]
+                logits[special] = float("-inf")
+                expected.append(int(logits.argmax()))
+        response = runner.send_completion_request(CompletionRequest(
+            prompt=prompt, model="tiny", max_tokens=16, temperature=0.0, logit_bias={i: -1e9 for i in special}))
+        assert runner.tokenize_text(response.choices[0].text, False) == expected
+    finally:
+        runner.close()
+
+
+def test_text_only_weight_names_in_both_layouts():
+    from mistralrs.loader.text_only import text_only_config, text_only_weights
+
+    config = {"architectures": ["Mistral3ForConditionalGeneration"], "text_config": {"model_type": "mistral"}}
+    names = ["language_model.model.norm.weight", "language_model.lm_head.weight", "vision_tower.ln_pre.weight",
+             "model.language_model.layers.0.mlp.up_proj.weight", "lm_head.weight",
+             "model.multi_modal_projector.norm.weight"]
+    renamed = [n for n, _ in text_only_weights(config, ((n, None) for n in names))]
+    assert renamed == ["model.norm.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    assert text_only_config(config)["architectures"] == ["MistralForCausalLM"]
+    assert text_only_config({"architectures": ["MistralForCausalLM"]}) == {"architectures": ["MistralForCausalLM"]}
