@@ -22,10 +22,11 @@ from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.linear import Linear, expected_checkpoint_names, load_checkpoint_weights
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.models.base import GATE_UP_PARAMS, QKV_PARAMS, CausalLM
-from mistralrs.models.config import TextModelConfig
-from mistralrs.models.registry import model_class_for
-from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor
+from mistralrs.vision.base import (
+    TEXT_ARCHITECTURES, ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor, build_text_model,
+)
 from mistralrs.vision.images import image_digest
+from mistralrs.vision.llava import TEXT_DEFAULTS
 from mistralrs.vision.pixtral import PixtralVisionConfig, PixtralVisionModel
 from mistralrs.vision.registry import register_vision
 
@@ -214,10 +215,8 @@ class PixtralProcessor(VisionProcessor):
 
 @dataclass(frozen=True)
 class Mistral3Config:
-    """The multimodal part of a `Mistral3ForConditionalGeneration` config.json (the decoder's is `text`)."""
+    """The multimodal part of a `Mistral3ForConditionalGeneration` config.json (the decoder's is `text_config_of`)."""
 
-    text: TextModelConfig  # the Mistral decoder (text_config, with the checkpoint's LM-head tying)
-    text_architecture: str  # the decoder's HF class, from text_config's model_type
     vision: PixtralVisionConfig  # the Pixtral tower (vision_config)
     image_token_id: int  # `[IMG]`, whose embedding rows take the image features
     spatial_merge_size: int  # patches merged per side by the projector
@@ -225,35 +224,44 @@ class Mistral3Config:
     projector_act: str  # projector activation, HF name
     projector_bias: bool  # whether the projector's linear layers have biases
 
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> Mistral3Config:
-        """Reads config.json; ValueError naming a missing or invalid field."""
-        text_dict = text_config_of(d)
-        layers = d.get("vision_feature_layer", -1)
-        merge = d.get("spatial_merge_size", 2)
+    def __post_init__(self) -> None:
+        merge = self.spatial_merge_size
         if isinstance(merge, bool) or not isinstance(merge, int) or merge <= 0:
             raise ValueError(f"config field 'spatial_merge_size' must be a positive integer, got {merge!r}")
-        token = d.get("image_token_index", d.get("image_token_id", 10))
-        return cls(text=TextModelConfig.from_hf_dict(text_dict), text_architecture=text_dict["architectures"][0],
-                   vision=PixtralVisionConfig.from_hf_dict(d.get("vision_config") or {}), image_token_id=int(token),
-                   spatial_merge_size=merge, feature_layers=tuple(layers) if isinstance(layers, list) else (layers,),
+        get_act_fn(self.projector_act)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> Mistral3Config:
+        """Reads config.json; ValueError naming an invalid field."""
+        layers = d.get("vision_feature_layer", -1)
+        return cls(vision=PixtralVisionConfig.from_hf_dict(d.get("vision_config") or MISTRAL3_VISION_DEFAULTS),
+                   image_token_id=int(d.get("image_token_index", d.get("image_token_id", 10))),
+                   spatial_merge_size=d.get("spatial_merge_size", 2),
+                   feature_layers=tuple(layers) if isinstance(layers, list) else (layers,),
                    projector_act=d.get("projector_hidden_act", "gelu"),
                    projector_bias=bool(d.get("multimodal_projector_bias", False)))
 
 
-# text_config model_type -> the HF class of the decoder (the vision checkpoints' text_config names none).
-TEXT_ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Mistral3Config's sub-configs when config.json has none (transformers' `sub_configs_defaults`).
+MISTRAL3_TEXT_DEFAULTS = dict(model_type="mistral", head_dim=128, hidden_act="silu", hidden_size=5120,
+                              intermediate_size=32768, max_position_embeddings=131072, num_attention_heads=32,
+                              num_hidden_layers=40, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e9,
+                              sliding_window=None, vocab_size=131072)
+MISTRAL3_VISION_DEFAULTS = dict(intermediate_size=4096, hidden_size=1024, patch_size=14, num_hidden_layers=24,
+                                num_attention_heads=16, hidden_act="gelu")
 
 
 def text_config_of(d: dict[str, Any]) -> dict[str, Any]:
-    """The decoder's config dict of a multimodal config.json: `text_config` with `architectures` set from its
-    model_type and `tie_word_embeddings` as the checkpoint ties (the top-level key when present, as transformers 5
-    reads it, else text_config's own)."""
-    text = dict(d.get("text_config") or {})
-    model_type = text.get("model_type", "mistral")
+    """The decoder's config dict of a Mistral 3 config.json: `text_config` over its config class's defaults, with
+    `architectures` from its model_type and `tie_word_embeddings` as the checkpoint ties (the top-level key when
+    present, as transformers 5 reads it, else text_config's own)."""
+    given = d.get("text_config")
+    text = dict(MISTRAL3_TEXT_DEFAULTS if given is None else given)
+    model_type = text.setdefault("model_type", "mistral")
     if model_type not in TEXT_ARCHITECTURES:
         raise ValueError(f"text_config model_type {model_type!r} is not supported; supported: "
                          f"{sorted(TEXT_ARCHITECTURES)}")
+    text = {**TEXT_DEFAULTS.get(model_type, {}), **text}
     text.setdefault("architectures", [TEXT_ARCHITECTURES[model_type]])
     text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     return text
@@ -268,7 +276,8 @@ class Mistral3ForConditionalGeneration(VisionCausalLM):
     def __init__(self, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.mm_config = Mistral3Config.from_hf_dict(config)
-        self.config = self.mm_config.text
+        self.language_model: CausalLM = build_text_model(text_config_of(config), {}, dtype=dtype, device=device)
+        self.config = self.language_model.config
         self.dtype = dtype
         self.image_token_id = self.mm_config.image_token_id
         self.vision_tower = PixtralVisionModel(self.mm_config.vision, dtype=dtype, device=device)
@@ -277,8 +286,6 @@ class Mistral3ForConditionalGeneration(VisionCausalLM):
             self.mm_config.vision.hidden_size, self.config.hidden_size, merge=self.mm_config.spatial_merge_size,
             norm_eps=self.config.rms_norm_eps, act=self.mm_config.projector_act, bias=self.mm_config.projector_bias,
             num_feature_layers=layers, prefix="multi_modal_projector", dtype=dtype, device=device)
-        text_cls = model_class_for([self.mm_config.text_architecture])
-        self.language_model: CausalLM = text_cls(self.config, dtype=dtype, device=device)
 
     @classmethod
     def text_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class PixtralVisionConfig:
     num_attention_heads: int  # attention heads (head_dim = hidden_size // heads, as transformers computes it)
     patch_size: int  # square patch edge in pixels (the convolution's kernel and stride)
     num_channels: int = 3  # input channels
-    hidden_act: str = "silu"  # activation of the gated MLP, HF name
+    hidden_act: str = "gelu"  # activation of the gated MLP, HF name (the published checkpoints say "silu")
     rope_theta: float = 10000.0  # base of the 2D RoPE frequencies
 
     def __post_init__(self) -> None:

@@ -171,3 +171,12 @@ def test_text_only_weight_names_in_both_layouts():
     assert renamed == ["model.norm.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
     assert text_only_config(config)["architectures"] == ["MistralForCausalLM"]
     assert text_only_config({"architectures": ["MistralForCausalLM"]}) == {"architectures": ["MistralForCausalLM"]}
+
+
+def test_decoder_config_from_text_config(checkpoint):
+    """The decoder keeps text_config's null sliding window and the top-level LM-head tying (transformers 5's)."""
+    path, hf = checkpoint
+    ours = load_ours(path)
+    assert [layer.self_attn.attn.sliding_window for layer in ours.language_model.model.layers] == [None, None]
+    assert hf.config.tie_word_embeddings
+    assert ours.language_model.lm_head.weight is ours.language_model.model.embed_tokens.weight
