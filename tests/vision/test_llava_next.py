@@ -17,7 +17,7 @@ from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.llava_next import LlavaNextForConditionalGeneration, LlavaNextProcessor
 from mistralrs.vision.registry import vision_family_for
 from tests.models.family_harness import sharpen
-from tests.tiny_models import CHATML, EOS_TOKEN_ID, char_tokenizer
+from tests.tiny_models import CHARACTERS, CHATML, EOS_TOKEN_ID, char_tokenizer
 from tests.vision.test_mistral3 import prompt_logits
 
 transformers = pytest.importorskip("transformers")
@@ -140,3 +140,43 @@ def test_mistral_decoder_keeps_a_null_sliding_window(tmp_path):
     assert config["text_config"]["sliding_window"] is None
     model = LlavaNextForConditionalGeneration(config, dtype=torch.float32, device="cpu")
     assert [layer.self_attn.attn.sliding_window for layer in model.language_model.model.layers] == [None, None]
+
+
+def test_greedy_tokens_match_transformers_through_a_runner(checkpoint, tmp_path):
+    from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
+
+    path, hf, hf_processor = checkpoint
+    pictures = images((40, 30), (100, 20))
+    files = []
+    for i, picture in enumerate(pictures):
+        files.append(str(tmp_path / f"image{i}.png"))
+        picture.save(files[-1])
+    banned = list(range(len(CHARACTERS), hf.config.text_config.vocab_size))  # ChatML and <image>
+
+    def expected(prompt: str, count: int) -> list[int]:
+        inputs = hf_processor(text=[prompt], images=pictures[:count], return_tensors="pt")
+        ids = inputs.pop("input_ids")
+        with torch.no_grad():
+            for _ in range(16):
+                logits = hf(input_ids=ids, **inputs).logits[0, -1]
+                logits[banned] = float("-inf")
+                ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+        return ids[0, -16:].tolist()
+
+    def answer(content) -> list[int]:
+        response = runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": content}], model="tiny", max_tokens=16, temperature=0.0,
+            logit_bias={i: -1e9 for i in banned}))
+        return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+
+    runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.LLaVANext, dtype=ModelDType.F32))
+    try:
+        one = [{"type": "image_url", "image_url": {"url": files[0]}}, {"type": "text", "text": "What is it?"}]
+        assert answer(one) == expected("<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n", 1)
+        typed = [{"type": "text", "text": "Compare <image> with <image>"},
+                 {"type": "image_url", "image_url": {"url": files[0]}},
+                 {"type": "image_url", "image_url": {"url": files[1]}}]
+        prompt = "<|im_start|>user\nCompare <image> with <image><|im_end|>\n<|im_start|>assistant\n"
+        assert answer(typed) == expected(prompt, 2)
+    finally:
+        runner.close()

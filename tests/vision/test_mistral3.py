@@ -180,3 +180,86 @@ def test_decoder_config_from_text_config(checkpoint):
     assert [layer.self_attn.attn.sliding_window for layer in ours.language_model.model.layers] == [None, None]
     assert hf.config.tie_word_embeddings
     assert ours.language_model.lm_head.weight is ours.language_model.model.embed_tokens.weight
+
+
+def hf_greedy(hf, path: Path, pictures: list[PIL.Image.Image], prompt: str, banned: list[int]) -> list[int]:
+    """transformers' greedy continuation (full forward passes) of `prompt` with `pictures`, expanded and
+    preprocessed as the checks above show transformers' processor does it."""
+    processor = PixtralProcessor.from_checkpoint(processor_files(path), {}, None)
+    inputs = processor.preprocess(pictures)
+    ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(processor.expand_prompt(prompt, inputs)).ids
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(16):
+            logits = hf(input_ids=torch.tensor([ids + generated]), pixel_values=inputs.tensors["pixel_values"],
+                        image_sizes=inputs.tensors["image_sizes"]).logits[0, -1]
+            logits[banned] = float("-inf")
+            generated.append(int(logits.argmax()))
+    return generated
+
+
+def test_greedy_tokens_match_transformers_through_a_runner(checkpoint, tmp_path):
+    from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
+
+    path, hf = checkpoint
+    pictures = images((50, 30), (20, 44))
+    files = []
+    for i, picture in enumerate(pictures):
+        files.append(str(tmp_path / f"image{i}.png"))
+        picture.save(files[-1])
+    banned = list(range(len(CHARACTERS), hf.config.text_config.vocab_size))  # ChatML and image tokens
+
+    def answer(content) -> list[int]:
+        response = runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": content}], model="tiny", max_tokens=16, temperature=0.0,
+            logit_bias={i: -1e9 for i in banned}))
+        return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+
+    runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32))
+    try:
+        one = [{"type": "image_url", "image_url": {"url": files[0]}}, {"type": "text", "text": "What is it?"}]
+        prompt = "<|im_start|>user\n[IMG]\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+        assert answer(one) == hf_greedy(hf, path, pictures[:1], prompt, banned)
+        two = [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": files[0]}},
+               {"type": "text", "text": "with"}, {"type": "image_url", "image_url": {"url": files[1]}}]
+        prompt = "<|im_start|>user\nCompare\n[IMG]\nwith\n[IMG]<|im_end|>\n<|im_start|>assistant\n"
+        assert answer(two) == hf_greedy(hf, path, pictures, prompt, banned)
+    finally:
+        runner.close()
+
+
+def test_batched_image_and_text_requests_give_their_lone_results(checkpoint, tmp_path):
+    """Two image requests whose images share a size (encoded in one tower call, attention kept per image) and a
+    text-only request, sent together, answer as each does alone."""
+    import threading
+
+    from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
+
+    path, hf = checkpoint
+    files = []
+    for i, picture in enumerate(images((50, 30), (50, 30))):
+        files.append(str(tmp_path / f"image{i}.png"))
+        picture.save(files[-1])
+    bias = {i: -1e9 for i in range(len(CHARACTERS), hf.config.text_config.vocab_size)}
+    contents = [[{"type": "image_url", "image_url": {"url": f}}, {"type": "text", "text": "What is it?"}]
+                for f in files] + ["Just text, please."]
+    runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32))
+
+    def answer(content) -> str:
+        return runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": content}], model="tiny", max_tokens=16, temperature=0.0,
+            logit_bias=bias)).choices[0].message.content
+
+    try:
+        alone = [answer(content) for content in contents]
+        together: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, answer(contents[i])))
+                   for i in range(len(contents))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        runner.close()
+    assert alone[0] != alone[1]
+    assert [together[i] for i in range(len(contents))] == alone
