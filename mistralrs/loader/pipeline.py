@@ -156,6 +156,9 @@ def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     source = ModelSource(spec.model_id, token=spec.token)
     checkpoint_config = _read_json(source.get("config.json"))
     config = text_only_config(checkpoint_config)  # a vision checkpoint loads as its text decoder
+    if config is not checkpoint_config and (spec.from_uqff is not None or spec.write_uqff is not None):
+        raise ValueError(f"{spec.label}: from_uqff and write_uqff are not supported for the text decoder of a vision "
+                         f"checkpoint ({checkpoint_config['architectures'][0]})")
     device = device_map.main
     dtype = resolve_dtype(spec.dtype, device)
     isq = _isq_config(spec, device_map)

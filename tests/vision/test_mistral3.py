@@ -263,3 +263,13 @@ def test_batched_image_and_text_requests_give_their_lone_results(checkpoint, tmp
         runner.close()
     assert alone[0] != alone[1]
     assert [together[i] for i in range(len(contents))] == alone
+
+
+def test_text_only_refuses_uqff(checkpoint, tmp_path):
+    from mistralrs import ModelDType, Which
+    from tests.loading import load_which
+
+    path, _ = checkpoint
+    with pytest.raises(ValueError, match="write_uqff are not supported for the text decoder"):
+        load_which(Which.Plain(model_id=str(path), dtype=ModelDType.F32, write_uqff=str(tmp_path / "x.uqff")),
+                   in_situ_quant="Q8_0")
