@@ -51,13 +51,12 @@ def make_tiny_llava_next_dir(path: Path, seed: int = 0, text_arch: str = "llama"
     model.save_pretrained(path)
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
                                                  image_grid_pinpoints=PINPOINTS)
-    (path / "preprocessor_config.json").write_text(json.dumps(image_processor.to_dict()))
-    (path / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
+    processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=fast, **PROCESSOR_CONFIG)
+    processor.save_pretrained(path)  # transformers 5's layout: the image processor inside processor_config.json
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": None, "eos_token": "<|im_end|>", "unk_token": None, "chat_template": CHATML}))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
-    processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=fast, **PROCESSOR_CONFIG)
     return model, processor
 
 
@@ -78,8 +77,8 @@ def load_ours(path: Path) -> LlavaNextForConditionalGeneration:
 
 
 def our_processor(path: Path) -> LlavaNextProcessor:
-    files = ProcessorFiles(json.loads((path / "preprocessor_config.json").read_text()),
-                           json.loads((path / "processor_config.json").read_text()))
+    assert not (path / "preprocessor_config.json").exists()
+    files = ProcessorFiles(processor_config=json.loads((path / "processor_config.json").read_text()))
     return LlavaNextProcessor.from_checkpoint(files, json.loads((path / "config.json").read_text()), None)
 
 
