@@ -71,10 +71,10 @@ def processor_files(path: Path) -> ProcessorFiles:
                           json.loads((path / "processor_config.json").read_text()))
 
 
-def load_ours(path: Path) -> Mistral3ForConditionalGeneration:
+def load_ours(path: Path, dtype: torch.dtype = torch.float32) -> Mistral3ForConditionalGeneration:
     config = json.loads((path / "config.json").read_text())
-    model = Mistral3ForConditionalGeneration(config, dtype=torch.float32, device="cpu")
-    provided = dict(iter_safetensors(sorted(str(p) for p in path.glob("*.safetensors")), torch.float32))
+    model = Mistral3ForConditionalGeneration(config, dtype=dtype, device="cpu")
+    provided = dict(iter_safetensors(sorted(str(p) for p in path.glob("*.safetensors")), dtype))
     names = {model.canonical_weight_name(n) for n in provided}
     consumed = model.load_weights((model.canonical_weight_name(n), t) for n, t in provided.items())
     assert consumed == names and model.expected_weight_names() <= consumed
@@ -84,7 +84,7 @@ def load_ours(path: Path) -> Mistral3ForConditionalGeneration:
 def prompt_logits(model, token_ids: list[int], inputs) -> torch.Tensor:
     """Our prompt logits `[len, vocab]`: text embeddings with the image rows spliced in, one prefill chunk."""
     num_blocks = len(token_ids) // BLOCK_SIZE + 1
-    caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, torch.float32, "cpu")
+    caches = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, model.dtype, "cpu")
     fb = ForwardBatch.build([SeqChunk(token_ids, 0, list(range(num_blocks)))], BLOCK_SIZE, caches, "cpu")
     with torch.inference_mode():
         embeds = model.embed(fb.input_ids)
@@ -171,6 +171,17 @@ def test_text_only_weight_names_in_both_layouts():
     assert renamed == ["model.norm.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
     assert text_only_config(config)["architectures"] == ["MistralForCausalLM"]
     assert text_only_config({"architectures": ["MistralForCausalLM"]}) == {"architectures": ["MistralForCausalLM"]}
+
+
+def test_bfloat16_follows_float32(checkpoint):
+    """The tower, projector and decoder run in bfloat16 (conv, RMSNorms, RoPE tables, splice) close to float32."""
+    path, _ = checkpoint
+    processor = PixtralProcessor.from_checkpoint(processor_files(path), {}, None)
+    inputs = processor.preprocess(images((50, 30), (20, 44)))
+    ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(processor.expand_prompt("a[IMG]b[IMG]c", inputs)).ids
+    full, half = prompt_logits(load_ours(path), ids, inputs), prompt_logits(load_ours(path, torch.bfloat16), ids, inputs)
+    torch.testing.assert_close(half, full, atol=0.25, rtol=0)
+    assert torch.equal(half[-1].argmax(), full[-1].argmax())
 
 
 def test_decoder_config_from_text_config(checkpoint):
