@@ -263,8 +263,6 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), the imatrix
     or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
-    if spec.from_uqff is not None or spec.write_uqff is not None:
-        raise ValueError(f"{spec.label}: from_uqff and write_uqff are not supported for vision models yet")
     source = ModelSource(spec.model_id, token=spec.token)
     config = _read_json(source.get("config.json"))
     family = vision_family(config, spec.arch)

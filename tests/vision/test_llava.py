@@ -95,3 +95,32 @@ def test_a_template_that_prints_image_parts_places_the_images(tmp_path):
     content = [{"type": "text", "text": "Look: "}, image_part(data_url(image))]
     prompt = "<|im_start|>user\nLook: <image><|im_end|>\n<|im_start|>assistant\n"
     assert chat_tokens(runner, content) == hf_llava_greedy(hf_model, hf_processor, [image], prompt)
+
+
+def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_llava):
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+
+    path, hf_model, _ = tiny_llava
+    which = Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32)
+    loaded = load_which(which, in_situ_quant="Q8_0")
+    decoder_linears = [m for m in loaded.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder_linears and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder_linears)
+    assert not any(isinstance(m, Linear) for m in loaded.model.vision_tower.modules())
+    tower = loaded.model.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj.weight
+    assert torch.equal(tower, hf_model.model.vision_tower.encoder.layers[0].self_attn.q_proj.weight)
+    inputs = loaded.vision_processor.preprocess(sample_images()[:1])
+    prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    assert torch.isfinite(vision_prompt_logits(loaded.model, prompt, inputs)).all()
+
+
+def test_what_vision_loading_refuses():
+    from mistralrs.api.load_spec import load_spec
+
+    with pytest.raises(ValueError, match="from_uqff and write_uqff are not supported for vision models yet"):
+        load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.LLaVA, write_uqff="x.uqff"))
+    with pytest.raises(ValueError, match="vision architecture Phi3V is not built in this version"):
+        load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi3V))
+    spec = load_spec(Which.VisionPlain(model_id="m", arch="llava", max_edge=512, imatrix="m.imatrix"),
+                     in_situ_quant="Q4K")
+    assert (spec.kind.value, spec.arch, spec.max_edge, spec.isq.imatrix) == ("vision", "LLaVA", 512, "m.imatrix")
