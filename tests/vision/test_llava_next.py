@@ -18,7 +18,7 @@ from mistralrs.vision.llava_next import LlavaNextForConditionalGeneration, Llava
 from mistralrs.vision.registry import vision_family_for
 from tests.models.family_harness import sharpen
 from tests.tiny_models import CHARACTERS, CHATML, EOS_TOKEN_ID, char_tokenizer
-from tests.vision.test_mistral3 import prompt_logits
+from tests.vision.test_mistral3 import chat_visible, prompt_logits
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil  # noqa: E402
@@ -160,7 +160,7 @@ def test_greedy_tokens_match_transformers_through_a_runner(checkpoint, tmp_path)
                 logits = hf(input_ids=ids, **inputs).logits[0, -1]
                 logits[banned] = float("-inf")
                 ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
-        return ids[0, -16:].tolist()
+        return chat_visible(ids[0, -16:].tolist())
 
     def answer(content) -> list[int]:
         response = runner.send_chat_completion_request(ChatCompletionRequest(

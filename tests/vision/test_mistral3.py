@@ -193,9 +193,15 @@ def test_decoder_config_from_text_config(checkpoint):
     assert ours.language_model.lm_head.weight is ours.language_model.model.embed_tokens.weight
 
 
+def chat_visible(token_ids: list[int]) -> list[int]:
+    """`token_ids` (character tokens) as a chat answer shows them: from the first non-whitespace one on."""
+    start = next((i for i, t in enumerate(token_ids) if not CHARACTERS[t].isspace()), len(token_ids))
+    return token_ids[start:]
+
+
 def hf_greedy(hf, path: Path, pictures: list[PIL.Image.Image], prompt: str, banned: list[int]) -> list[int]:
     """transformers' greedy continuation (full forward passes) of `prompt` with `pictures`, expanded and
-    preprocessed as the checks above show transformers' processor does it."""
+    preprocessed as the checks above show transformers' processor does it, as a chat answer shows it."""
     processor = PixtralProcessor.from_checkpoint(processor_files(path), {}, None)
     inputs = processor.preprocess(pictures)
     ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(processor.expand_prompt(prompt, inputs)).ids
@@ -206,7 +212,7 @@ def hf_greedy(hf, path: Path, pictures: list[PIL.Image.Image], prompt: str, bann
                         image_sizes=inputs.tensors["image_sizes"]).logits[0, -1]
             logits[banned] = float("-inf")
             generated.append(int(logits.argmax()))
-    return generated
+    return chat_visible(generated)
 
 
 def test_greedy_tokens_match_transformers_through_a_runner(checkpoint, tmp_path):
@@ -284,3 +290,27 @@ def test_text_only_refuses_uqff(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="write_uqff are not supported for the text decoder"):
         load_which(Which.Plain(model_id=str(path), dtype=ModelDType.F32, write_uqff=str(tmp_path / "x.uqff")),
                    in_situ_quant="Q8_0")
+
+
+def test_a_template_that_prints_image_parts_places_the_images(checkpoint, tmp_path):
+    """Mistral-Small-3.1's template prints `[IMG]` for an image part; a template doing so places the images."""
+    from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
+    from tests.vision.tiny_vision import CHATML_WITH_IMAGES
+
+    path, hf = checkpoint
+    picture = images((20, 44))[0]
+    picture.save(tmp_path / "image.png")
+    banned = list(range(len(CHARACTERS), hf.config.text_config.vocab_size))
+    runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32),
+                    chat_template=CHATML_WITH_IMAGES.replace("<image>", "[IMG]"))
+    try:
+        content = [{"type": "text", "text": "Look: "},
+                   {"type": "image_url", "image_url": {"url": str(tmp_path / "image.png")}}]
+        response = runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": content}], model="tiny", max_tokens=16, temperature=0.0,
+            logit_bias={i: -1e9 for i in banned}))
+        tokens = runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+    finally:
+        runner.close()
+    prompt = "<|im_start|>user\nLook: [IMG]<|im_end|>\n<|im_start|>assistant\n"
+    assert tokens == hf_greedy(hf, path, [picture], prompt, banned)
