@@ -314,3 +314,26 @@ def test_a_template_that_prints_image_parts_places_the_images(checkpoint, tmp_pa
         runner.close()
     prompt = "<|im_start|>user\nLook: [IMG]<|im_end|>\n<|im_start|>assistant\n"
     assert tokens == hf_greedy(hf, path, [picture], prompt, banned)
+
+
+def test_chunked_prefill_across_the_image_grid(checkpoint, tmp_path):
+    """Prefill chunks of 5 tokens cut the `[IMG]` rows and their `[IMG_BREAK]`s anywhere: same tokens."""
+    from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
+
+    path, hf = checkpoint
+    picture = images((50, 30))[0]
+    picture.save(tmp_path / "image.png")
+    banned = list(range(len(CHARACTERS), hf.config.text_config.vocab_size))
+    runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32),
+                    prompt_chunksize=5)
+    try:
+        content = [{"type": "image_url", "image_url": {"url": str(tmp_path / "image.png")}},
+                   {"type": "text", "text": "What is it?"}]
+        response = runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": content}], model="tiny", max_tokens=16, temperature=0.0,
+            logit_bias={i: -1e9 for i in banned}))
+        tokens = runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+    finally:
+        runner.close()
+    prompt = "<|im_start|>user\n[IMG]\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokens == hf_greedy(hf, path, [picture], prompt, banned)
