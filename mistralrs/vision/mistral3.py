@@ -26,13 +26,9 @@ from mistralrs.vision.base import (
     TEXT_ARCHITECTURES, ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor, build_text_model,
 )
 from mistralrs.vision.images import image_digest
-from mistralrs.vision.llava import TEXT_DEFAULTS
+from mistralrs.vision.llava import CLIP_MEAN, CLIP_STD, TEXT_DEFAULTS, rescale_normalize
 from mistralrs.vision.pixtral import PixtralVisionConfig, PixtralVisionModel
 from mistralrs.vision.registry import register_vision
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Pixtral's default normalization (OpenAI CLIP's)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 class Mistral3PatchMerger(nn.Module):
     """Concatenates each `merge x merge` block of an image's patch grid (channel-major, as `F.unfold` orders it)
@@ -113,29 +109,25 @@ class PixtralImageOptions:
 
 
 def image_to_tensor(image: PIL.Image.Image, options: PixtralImageOptions) -> torch.Tensor:
-    """One image as transformers' Pil processors make it: RGB, resized by PIL, rescaled in float64 then cast to
-    float32, normalized per channel. Returns `[3, height, width]` float32."""
+    """One image as transformers' Pil processors make it: RGB, resized by PIL, rescaled and normalized as LLaVA's
+    (`rescale_normalize`). Returns `[3, height, width]` float32."""
     if options.do_convert_rgb and image.mode != "RGB":
         image = image.convert("RGB")
     height, width = options.output_size(image.height, image.width)
     if (height, width) != (image.height, image.width):
         image = image.resize((width, height), resample=options.resample)
-    array = np.array(image)
-    pixels = torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
-    values = pixels.to(torch.float64) * options.rescale_factor if options.do_rescale else pixels.to(torch.float64)
-    values = values.to(torch.float32)
-    if options.do_normalize:
-        mean = torch.tensor(options.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(options.image_std, dtype=torch.float32)[:, None, None]
-        values = (values - mean) / std
-    return values
+    array = np.asarray(image)
+    array = np.moveaxis(array[:, :, None] if array.ndim == 2 else array, -1, 0)
+    values = rescale_normalize(array, options.rescale_factor if options.do_rescale else 1.0,
+                               options.image_mean if options.do_normalize else None,
+                               options.image_std if options.do_normalize else None)
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def pixtral_options_from_files(preprocessor: dict[str, Any], processor: dict[str, Any],
+def pixtral_options_from_files(image: dict[str, Any], processor: dict[str, Any],
                                max_edge: int | None) -> PixtralImageOptions:
-    """The options from the two processor files (either may hold the image processor's keys, or nest them under
-    `image_processor`), with `max_edge` capping the longest edge."""
-    image = {**preprocessor.get("image_processor", {}), **preprocessor, **processor.get("image_processor", {})}
+    """The options from the image processor's parameters (`ProcessorFiles.image_processor_config()`) and
+    processor_config.json, with `max_edge` capping the longest edge."""
     patch = processor.get("patch_size", _size_value(image.get("patch_size", 16), "height"))
     merge = int(processor.get("spatial_merge_size", 1))
     longest = int(_size_value(image.get("size", {"longest_edge": 1024}), "longest_edge"))
@@ -191,7 +183,7 @@ class PixtralProcessor(VisionProcessor):
         processor = files.processor_config
         if "spatial_merge_size" not in processor and "spatial_merge_size" in config:
             processor = {**processor, "spatial_merge_size": config["spatial_merge_size"]}
-        options = pixtral_options_from_files(files.preprocessor_config, processor, max_edge)
+        options = pixtral_options_from_files(files.image_processor_config(), processor, max_edge)
         return cls(options, image_token=processor.get("image_token", "[IMG]"),
                    image_break_token=processor.get("image_break_token", "[IMG_BREAK]"),
                    image_end_token=processor.get("image_end_token", "[IMG_END]"))
