@@ -337,3 +337,37 @@ def test_chunked_prefill_across_the_image_grid(checkpoint, tmp_path):
         runner.close()
     prompt = "<|im_start|>user\n[IMG]\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
     assert tokens == hf_greedy(hf, path, [picture], prompt, banned)
+
+
+@pytest.mark.parametrize("given", ["full", "bare"])
+def test_published_sizes_build_with_transformers_names(given):
+    """transformers' default Mistral3Config (Mistral-Small-3.1's sizes), built on the meta device: our model needs
+    exactly the checkpoint names (published layout) transformers' model has, with the same shapes; a config.json
+    without sub-configs means the same sizes as transformers' defaults. The LM head: transformers 5 writes the
+    top-level `tie_word_embeddings` (true by default: tied); without the key (the published Mistral-Small-3.1
+    config.json) the head is text_config's own weight, which those checkpoints carry."""
+    config = transformers.Mistral3Config()
+    with torch.device("meta"):
+        hf = transformers.Mistral3ForConditionalGeneration(config)
+    names = {Mistral3ForConditionalGeneration.canonical_weight_name(n) for n in hf.state_dict()}
+    names.discard("language_model.lm_head.weight")
+    if given == "bare":
+        names.add("language_model.lm_head.weight")
+    config_dict = config.to_dict() if given == "full" else {"architectures": ["Mistral3ForConditionalGeneration"]}
+    ours = Mistral3ForConditionalGeneration(config_dict, dtype=torch.bfloat16, device="meta")
+    assert ours.expected_weight_names() == names
+    assert ours.vision_tower.transformer.layers[0].attention.qkv_proj.weight.shape == (3 * 1024, 1024)
+    assert ours.language_model.model.layers[0].self_attn.qkv_proj.weight.shape == ((32 + 2 * 8) * 128, 5120)
+    assert ours.multi_modal_projector.patch_merger.merging_layer.weight.shape == (1024, 4 * 1024)
+
+
+def test_max_edge_reaches_the_processor(checkpoint):
+    from mistralrs import ModelDType, VisionArchitecture, Which
+    from tests.loading import load_which
+
+    path, _ = checkpoint
+    loaded = load_which(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32,
+                                          max_edge=16))
+    assert loaded.vision_processor.options.longest_edge == 16
+    inputs = loaded.vision_processor.preprocess(images((50, 30)))
+    assert inputs.tensors["image_sizes"].tolist() == [[16, 16]]  # 30x50 -> 9x16 -> up to multiples of 8
