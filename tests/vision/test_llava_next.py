@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from mistralrs.loader.safetensors_loader import iter_safetensors
 from mistralrs.vision.base import ProcessorFiles
-from mistralrs.vision.llava_next import LlavaNextForConditionalGeneration, LlavaNextProcessor
+from mistralrs.vision.llava_next import DEFAULT_PINPOINTS, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from mistralrs.vision.registry import vision_family_for
 from tests.models.family_harness import sharpen
 from tests.tiny_models import CHARACTERS, CHATML, EOS_TOKEN_ID, char_tokenizer
@@ -179,3 +179,16 @@ def test_greedy_tokens_match_transformers_through_a_runner(checkpoint, tmp_path)
         assert answer(typed) == expected(prompt, 2)
     finally:
         runner.close()
+
+
+def test_published_sizes_build_with_transformers_names():
+    """transformers' default LlavaNextConfig (LLaVA 1.6's sizes) on the meta device: our model needs exactly the
+    checkpoint names (published layout) transformers' model has, `image_newline` included."""
+    config = transformers.LlavaNextConfig()
+    with torch.device("meta"):
+        hf = transformers.LlavaNextForConditionalGeneration(config)
+    names = {LlavaNextForConditionalGeneration.canonical_weight_name(n) for n in hf.state_dict()}
+    ours = LlavaNextForConditionalGeneration(config.to_dict(), dtype=torch.bfloat16, device="meta")
+    assert "image_newline" in names
+    assert ours.expected_weight_names() == names
+    assert ours.image_newline.shape == (4096,) and ours.pinpoints == DEFAULT_PINPOINTS
