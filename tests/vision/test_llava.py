@@ -117,10 +117,25 @@ def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_llava):
 def test_what_vision_loading_refuses():
     from mistralrs.api.load_spec import load_spec
 
-    with pytest.raises(ValueError, match="from_uqff and write_uqff are not supported for vision models yet"):
-        load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.LLaVA, write_uqff="x.uqff"))
     with pytest.raises(ValueError, match="vision architecture Phi3V is not built in this version"):
         load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi3V))
     spec = load_spec(Which.VisionPlain(model_id="m", arch="llava", max_edge=512, imatrix="m.imatrix"),
                      in_situ_quant="Q4K")
     assert (spec.kind.value, spec.arch, spec.max_edge, spec.isq.imatrix) == ("vision", "LLaVA", 512, "m.imatrix")
+
+
+def test_write_uqff_then_from_uqff_gives_the_same_model(tiny_llava, tmp_path):
+    import shutil
+
+    path, _, _ = tiny_llava
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    kwargs = dict(model_id=str(model_dir), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32)
+    quantized = load_which(Which.VisionPlain(**kwargs, write_uqff=str(tmp_path / "out" / "llava-q8_0.uqff")),
+                           in_situ_quant="Q8_0")
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path / "out"), arch=VisionArchitecture.LLaVA,
+                                            dtype=ModelDType.F32, from_uqff="llava-q8_0.uqff"))
+    inputs = quantized.vision_processor.preprocess(sample_images()[:2])
+    prompt = [5] + [quantized.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    expected = vision_prompt_logits(quantized.model, prompt, inputs)
+    assert torch.equal(vision_prompt_logits(reloaded.model, prompt, inputs), expected)

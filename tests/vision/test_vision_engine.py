@@ -153,3 +153,26 @@ def test_the_images_of_a_step_are_encoded_in_one_call(llava):
             alone[torch.tensor(prompt) == image] = encode(inputs)
             expected.append(alone)
     assert calls == [3] and torch.allclose(embeds, torch.cat(expected), atol=1e-6, rtol=0)
+
+
+def test_m_rope_positions_follow_the_models_table_then_its_delta():
+    class MRopeModel(torch.nn.Module):
+        def rope_positions(self, prompt, inputs):
+            if inputs is None:
+                return None
+            table = torch.stack([torch.zeros(len(prompt)), torch.arange(len(prompt)) // 2,
+                                 torch.arange(len(prompt)) % 2]).long()
+            return table, -3
+
+    cache = ImageFeatureCache(MRopeModel())
+    with_table, without = Sequence(0, list(range(6))), Sequence(1, list(range(4)))
+    with_table.num_computed_tokens = 4            # the last two prompt tokens
+    without.num_computed_tokens = 2
+    output = SchedulerOutput([ScheduledSequence(with_table, 2, True), ScheduledSequence(without, 2, True)])
+    positions = cache.rope_positions_for(output, {0: object()}, torch.zeros(4))
+    assert positions.tolist() == [[0, 0, 2, 3], [2, 2, 2, 3], [0, 1, 2, 3]]
+    with_table.output_token_ids = [9, 9]          # decode: index 7 has position 7 - 3 on every axis
+    with_table.num_computed_tokens = 7
+    decode = cache.rope_positions_for(SchedulerOutput([ScheduledSequence(with_table, 1, True)]), {}, torch.zeros(1))
+    assert decode.tolist() == [[4], [4], [4]]
+    assert ImageFeatureCache(MRopeModel()).rope_positions_for(output, {}, torch.zeros(4)) is None
