@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.layers.activation import get_act_fn
-from mistralrs.layers.linear import Linear, expected_checkpoint_names, load_checkpoint_weights
 from mistralrs.layers.norm import RMSNorm
-from mistralrs.models.base import GATE_UP_PARAMS, QKV_PARAMS, CausalLM
+from mistralrs.models.base import CausalLM
 from mistralrs.vision.base import (
     TEXT_ARCHITECTURES, ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor, build_text_model,
 )
@@ -34,12 +33,11 @@ class Mistral3PatchMerger(nn.Module):
     """Concatenates each `merge x merge` block of an image's patch grid (channel-major, as `F.unfold` orders it)
     and projects it back to the tower width: `[patches, d] -> [patches / merge**2, d]` per image."""
 
-    def __init__(self, hidden_size: int, merge: int, *, prefix: str, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(self, hidden_size: int, merge: int, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.merge = merge
-        self.merging_layer = Linear(hidden_size * merge * merge, hidden_size, bias=False, dtype=dtype, device=device,
-                                    prefix=f"{prefix}.merging_layer")
+        self.merging_layer = nn.Linear(hidden_size * merge * merge, hidden_size, bias=False, dtype=dtype,
+                                       device=device)
 
     def forward(self, features: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
         width = features.shape[-1]
@@ -53,19 +51,16 @@ class Mistral3PatchMerger(nn.Module):
 
 class Mistral3MultiModalProjector(nn.Module):
     """RMSNorm, patch merger, then `linear_2(act(linear_1(x)))` into the text width (checkpoint prefix
-    `multi_modal_projector.`)."""
+    `multi_modal_projector.`; plain torch modules, never quantized in situ)."""
 
     def __init__(self, vision_hidden: int, text_hidden: int, *, merge: int, norm_eps: float, act: str, bias: bool,
-                 num_feature_layers: int, prefix: str, dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        self.norm = RMSNorm(vision_hidden * num_feature_layers, norm_eps, dtype=dtype, device=device)
-        self.patch_merger = Mistral3PatchMerger(vision_hidden * num_feature_layers, merge,
-                                                prefix=f"{prefix}.patch_merger", dtype=dtype, device=device)
-        self.linear_1 = Linear(vision_hidden * num_feature_layers, text_hidden, bias=bias, dtype=dtype,
-                               device=device, prefix=f"{prefix}.linear_1")
+        self.norm = RMSNorm(vision_hidden, norm_eps, dtype=dtype, device=device)
+        self.patch_merger = Mistral3PatchMerger(vision_hidden, merge, dtype=dtype, device=device)
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias, dtype=dtype, device=device)
         self.act_fn = get_act_fn(act)
-        self.linear_2 = Linear(text_hidden, text_hidden, bias=bias, dtype=dtype, device=device,
-                               prefix=f"{prefix}.linear_2")
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias, dtype=dtype, device=device)
 
     def forward(self, features: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
         merged = self.patch_merger(self.norm(features), grids)
@@ -259,9 +254,6 @@ def text_config_of(d: dict[str, Any]) -> dict[str, Any]:
     return text
 
 
-VISION_STACKED_PARAMS = QKV_PARAMS + GATE_UP_PARAMS  # the tower's q/k/v and gate/up fuse as the decoder's do
-
-
 class Mistral3ForConditionalGeneration(VisionCausalLM):
     """Pixtral tower -> Mistral 3 projector -> features at the `[IMG]` rows of a Mistral decoder from `models/`."""
 
@@ -273,32 +265,21 @@ class Mistral3ForConditionalGeneration(VisionCausalLM):
         self.dtype = dtype
         self.image_token_id = self.mm_config.image_token_id
         self.vision_tower = PixtralVisionModel(self.mm_config.vision, dtype=dtype, device=device)
-        layers = len(self.mm_config.feature_layers)
+        width = self.mm_config.vision.hidden_size * len(self.mm_config.feature_layers)
         self.multi_modal_projector = Mistral3MultiModalProjector(
-            self.mm_config.vision.hidden_size, self.config.hidden_size, merge=self.mm_config.spatial_merge_size,
-            norm_eps=self.config.rms_norm_eps, act=self.mm_config.projector_act, bias=self.mm_config.projector_bias,
-            num_feature_layers=layers, prefix="multi_modal_projector", dtype=dtype, device=device)
+            width, self.config.hidden_size, merge=self.mm_config.spatial_merge_size, norm_eps=self.config.rms_norm_eps,
+            act=self.mm_config.projector_act, bias=self.mm_config.projector_bias, dtype=dtype, device=device)
 
     @classmethod
     def text_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
         return text_config_of(config)
 
     def encode_images(self, inputs: ImageInputs) -> torch.Tensor:
-        device = self.multi_modal_projector.linear_1.params_device
+        device = self.multi_modal_projector.linear_1.weight.device
         pixel_values = inputs.tensors["pixel_values"].to(device)
         grids = self.vision_tower.patch_grids(inputs.tensors["image_sizes"])
         features = self.vision_tower(pixel_values, inputs.tensors["image_sizes"], self.mm_config.feature_layers)
         return self.multi_modal_projector(features, grids)
-
-    def load_vision_weights(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
-        """The tower and projector, with the tower's q/k/v and gate/up fused on load."""
-        return load_checkpoint_weights(self, weights, VISION_STACKED_PARAMS, lambda name: False)
-
-    def expected_weight_names(self) -> set[str]:
-        text = {"language_model." + n for n in self.language_model.expected_weight_names()}
-        vision = {n for n in expected_checkpoint_names(self, VISION_STACKED_PARAMS, lambda name: False)
-                  if not n.startswith("language_model.")}
-        return text | vision
 
 
 register_vision("Mistral3", ("Mistral3ForConditionalGeneration",), Mistral3ForConditionalGeneration,

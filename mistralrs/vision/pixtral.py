@@ -4,7 +4,8 @@ patch rows and columns, and pre-norm blocks with gated SiLU MLPs, attending with
 Images of different sizes are flattened into one packed patch axis (each image keeps only the patches inside its
 own `image_sizes` entry, padding is dropped); attention is block-diagonal over that axis, one block per image.
 Checkpoint names are transformers' `PixtralVisionModel` ones (`patch_conv.weight`, `ln_pre.weight`,
-`transformer.layers.N.attention.q_proj.weight`, ...); q/k/v and gate/up fuse on load.
+`transformer.layers.N.attention.q_proj.weight`, ...). The tower is plain torch modules: like every vision tower
+here it is never quantized in situ (ISQ and UQFF apply to the text decoder).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistralrs.layers.activation import act_and_mul, get_act_fn
-from mistralrs.layers.linear import Linear
+from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.layers.rotary import apply_rotary
 
@@ -96,21 +96,22 @@ def pixtral_rope_tables(grids: Sequence[tuple[int, int]], head_dim: int, theta: 
 class PixtralAttention(nn.Module):
     """Bidirectional self-attention with 2D RoPE, restricted to the patches of one image at a time."""
 
-    def __init__(self, config: PixtralVisionConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: PixtralVisionConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         width = config.hidden_size
-        self.qkv_proj = Linear(width, [width, width, width], bias=False, dtype=dtype, device=device,
-                               prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(width, width, bias=False, dtype=dtype, device=device, prefix=f"{prefix}.o_proj")
+        self.q_proj = nn.Linear(width, width, bias=False, dtype=dtype, device=device)
+        self.k_proj = nn.Linear(width, width, bias=False, dtype=dtype, device=device)
+        self.v_proj = nn.Linear(width, width, bias=False, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(width, width, bias=False, dtype=dtype, device=device)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         num_patches = hidden.shape[0]
-        qkv = self.qkv_proj(hidden).view(num_patches, 3 * self.num_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, : 2 * self.num_heads], cos, sin)
-        q, k = qk.split(self.num_heads, dim=1)
-        v = qkv[:, 2 * self.num_heads:]
+        q = self.q_proj(hidden).view(num_patches, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden).view(num_patches, self.num_heads, self.head_dim)
+        v = self.v_proj(hidden).view(num_patches, self.num_heads, self.head_dim)
+        q, k = apply_rotary(torch.cat((q, k), dim=1), cos, sin).split(self.num_heads, dim=1)
         outputs = []
         for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
             out = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
@@ -119,30 +120,29 @@ class PixtralAttention(nn.Module):
 
 
 class PixtralMLP(nn.Module):
-    """Gated MLP `down(act(gate(x)) * up(x))`, gate and up fused."""
+    """Gated MLP `down(act(gate(x)) * up(x))`."""
 
-    def __init__(self, config: PixtralVisionConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: PixtralVisionConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=False, dtype=dtype, device=device,
-                                   prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = Linear(inter, config.hidden_size, bias=False, dtype=dtype, device=device,
-                                prefix=f"{prefix}.down_proj")
+        width, inter = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(width, inter, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(width, inter, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(inter, width, bias=False, dtype=dtype, device=device)
         self.act_fn = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class PixtralBlock(nn.Module):
     """Pre-norm block: `h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h))`."""
 
-    def __init__(self, config: PixtralVisionConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: PixtralVisionConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, PIXTRAL_NORM_EPS, dtype=dtype, device=device)
-        self.attention = PixtralAttention(config, prefix=f"{prefix}.attention", dtype=dtype, device=device)
+        self.attention = PixtralAttention(config, dtype=dtype, device=device)
         self.ffn_norm = RMSNorm(config.hidden_size, PIXTRAL_NORM_EPS, dtype=dtype, device=device)
-        self.feed_forward = PixtralMLP(config, prefix=f"{prefix}.feed_forward", dtype=dtype, device=device)
+        self.feed_forward = PixtralMLP(config, dtype=dtype, device=device)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         hidden = hidden + self.attention(self.attention_norm(hidden), cos, sin, lengths)
@@ -152,11 +152,10 @@ class PixtralBlock(nn.Module):
 class PixtralTransformer(nn.Module):
     """The stack of blocks (the checkpoint's `transformer.` prefix)."""
 
-    def __init__(self, config: PixtralVisionConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: PixtralVisionConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        self.layers = nn.ModuleList(
-            PixtralBlock(config, prefix=f"{prefix}.layers.{i}", dtype=dtype, device=device)
-            for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(PixtralBlock(config, dtype=dtype, device=device)
+                                    for _ in range(config.num_hidden_layers))
 
 
 class PixtralVisionModel(nn.Module):
@@ -168,8 +167,7 @@ class PixtralVisionModel(nn.Module):
     (0: after `ln_pre`, i: after block i, negative from the end) and concatenates them on the feature axis.
     """
 
-    def __init__(self, config: PixtralVisionConfig, *, prefix: str = "vision_tower", dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(self, config: PixtralVisionConfig, *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
@@ -177,7 +175,7 @@ class PixtralVisionModel(nn.Module):
                                     stride=config.patch_size, bias=False, dtype=dtype, device=device)
         self.patch_conv.weight.requires_grad_(False)
         self.ln_pre = RMSNorm(config.hidden_size, PIXTRAL_NORM_EPS, dtype=dtype, device=device)
-        self.transformer = PixtralTransformer(config, prefix=f"{prefix}.transformer", dtype=dtype, device=device)
+        self.transformer = PixtralTransformer(config, dtype=dtype, device=device)
 
     def patch_grids(self, image_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """(patch rows, patch columns) of each image."""

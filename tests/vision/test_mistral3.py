@@ -349,16 +349,16 @@ def test_published_sizes_build_with_transformers_names(given):
     config = transformers.Mistral3Config()
     with torch.device("meta"):
         hf = transformers.Mistral3ForConditionalGeneration(config)
-    names = {Mistral3ForConditionalGeneration.canonical_weight_name(n) for n in hf.state_dict()}
-    names.discard("language_model.lm_head.weight")
+    shapes = {Mistral3ForConditionalGeneration.canonical_weight_name(n): t.shape for n, t in hf.state_dict().items()}
+    names = set(shapes) - {"language_model.lm_head.weight"}
     if given == "bare":
         names.add("language_model.lm_head.weight")
     config_dict = config.to_dict() if given == "full" else {"architectures": ["Mistral3ForConditionalGeneration"]}
     ours = Mistral3ForConditionalGeneration(config_dict, dtype=torch.bfloat16, device="meta")
     assert ours.expected_weight_names() == names
-    assert ours.vision_tower.transformer.layers[0].attention.qkv_proj.weight.shape == (3 * 1024, 1024)
+    vision = {n: p.shape for n, p in ours.named_parameters() if not n.startswith("language_model.")}
+    assert vision == {n: shapes[n] for n in vision}
     assert ours.language_model.model.layers[0].self_attn.qkv_proj.weight.shape == ((32 + 2 * 8) * 128, 5120)
-    assert ours.multi_modal_projector.patch_merger.merging_layer.weight.shape == (1024, 4 * 1024)
 
 
 def test_max_edge_reaches_the_processor(checkpoint):
@@ -371,3 +371,23 @@ def test_max_edge_reaches_the_processor(checkpoint):
     assert loaded.vision_processor.options.longest_edge == 16
     inputs = loaded.vision_processor.preprocess(images((50, 30)))
     assert inputs.tensors["image_sizes"].tolist() == [[16, 16]]  # 30x50 -> 9x16 -> up to multiples of 8
+
+
+def test_in_situ_quant_applies_to_the_text_decoder_only(checkpoint):
+    from mistralrs import ModelDType, VisionArchitecture, Which
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+    from tests.loading import load_which
+
+    path, hf = checkpoint
+    loaded = load_which(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32),
+                        in_situ_quant="Q8_0")
+    decoder = [m for m in loaded.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder)
+    for part in (loaded.model.vision_tower, loaded.model.multi_modal_projector):
+        assert not any(isinstance(m, Linear) for m in part.modules())
+    tower = loaded.model.vision_tower.transformer.layers[0].attention.q_proj.weight
+    assert torch.equal(tower, hf.model.vision_tower.transformer.layers[0].attention.q_proj.weight)
+    inputs = loaded.vision_processor.preprocess(images((50, 30)))
+    prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    assert torch.isfinite(prompt_logits(loaded.model, prompt, inputs)).all()
