@@ -391,3 +391,21 @@ def test_in_situ_quant_applies_to_the_text_decoder_only(checkpoint):
     inputs = loaded.vision_processor.preprocess(images((50, 30)))
     prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
     assert torch.isfinite(prompt_logits(loaded.model, prompt, inputs)).all()
+
+
+def test_write_uqff_then_from_uqff_gives_the_same_model(checkpoint, tmp_path):
+    import shutil
+
+    from mistralrs import ModelDType, VisionArchitecture, Which
+    from tests.loading import load_which
+
+    path, _ = checkpoint
+    shutil.copytree(path, tmp_path / "model")
+    arch = dict(arch=VisionArchitecture.Mistral3, dtype=ModelDType.F32)
+    quantized = load_which(Which.VisionPlain(model_id=str(tmp_path / "model"), **arch,
+                                             write_uqff=str(tmp_path / "out" / "m3-q8_0.uqff")), in_situ_quant="Q8_0")
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path / "out"), **arch, from_uqff="m3-q8_0.uqff"))
+    inputs = quantized.vision_processor.preprocess(images((50, 30), (20, 44)))
+    assert reloaded.vision_processor.options == quantized.vision_processor.options  # the processor files copied
+    prompt = [5] + [quantized.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    assert torch.equal(prompt_logits(reloaded.model, prompt, inputs), prompt_logits(quantized.model, prompt, inputs))
