@@ -192,3 +192,13 @@ def test_published_sizes_build_with_transformers_names():
     assert "image_newline" in names
     assert ours.expected_weight_names() == names
     assert ours.image_newline.shape == (4096,) and ours.pinpoints == DEFAULT_PINPOINTS
+
+
+def test_which_plain_names_which_visionplain(checkpoint):
+    """A vision family without a text-only load answers `Which.Plain` with an error naming `Which.VisionPlain`."""
+    from mistralrs import ModelDType, Which
+    from tests.loading import load_which
+
+    path, _, _ = checkpoint
+    with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration checkpoints load with Which.VisionPlain"):
+        load_which(Which.Plain(model_id=str(path), dtype=ModelDType.F32))
