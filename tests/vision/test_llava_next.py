@@ -49,7 +49,8 @@ def make_tiny_llava_next_dir(path: Path, seed: int = 0, text_arch: str = "llama"
     sharpen(model, seed=seed + 1)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE},
+                                                 crop_size={"height": TILE, "width": TILE},
                                                  image_grid_pinpoints=PINPOINTS)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
     processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=fast, **PROCESSOR_CONFIG)

@@ -179,7 +179,8 @@ def test_bfloat16_follows_float32(checkpoint):
     processor = PixtralProcessor.from_checkpoint(processor_files(path), {}, None)
     inputs = processor.preprocess(images((50, 30), (20, 44)))
     ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(processor.expand_prompt("a[IMG]b[IMG]c", inputs)).ids
-    full, half = prompt_logits(load_ours(path), ids, inputs), prompt_logits(load_ours(path, torch.bfloat16), ids, inputs)
+    full = prompt_logits(load_ours(path), ids, inputs)
+    half = prompt_logits(load_ours(path, torch.bfloat16), ids, inputs)
     torch.testing.assert_close(half, full, atol=0.25, rtol=0)
     assert torch.equal(half[-1].argmax(), full[-1].argmax())
 
