@@ -124,7 +124,7 @@ class LlavaNextProcessor(LlavaProcessor):
         if params.get("image_grid_pinpoints") not in (None, pinpoints):
             raise ValueError(f"preprocessor image_grid_pinpoints {params['image_grid_pinpoints']!r} differ from "
                              f"config.json's {pinpoints!r}")
-        crop = params.get("crop_size", vision.image_size)
+        crop = params.get("crop_size", 224)  # LlavaNextImageProcessor's default, as LLaVA's processor reads it
         crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
         if tuple(crop) != (vision.image_size, vision.image_size):
             raise ValueError(f"preprocessor crop_size {crop!r} must be the vision tower's image_size "

@@ -203,3 +203,16 @@ def test_which_plain_names_which_visionplain(checkpoint):
     path, _, _ = checkpoint
     with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration checkpoints load with Which.VisionPlain"):
         load_which(Which.Plain(model_id=str(path), dtype=ModelDType.F32))
+
+
+def test_tiles_must_be_the_tower_size(checkpoint):
+    path, _, _ = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    params = json.loads((path / "processor_config.json").read_text())
+    params["image_processor"]["crop_size"] = {"height": 8, "width": 8}
+    with pytest.raises(ValueError, match="crop_size"):
+        LlavaNextProcessor.from_checkpoint(ProcessorFiles(processor_config=params), config, None)
+    params["image_processor"]["crop_size"] = {"height": TILE, "width": TILE}
+    params["image_processor"]["image_grid_pinpoints"] = [[16, 16]]
+    with pytest.raises(ValueError, match="image_grid_pinpoints"):
+        LlavaNextProcessor.from_checkpoint(ProcessorFiles(processor_config=params), config, None)
