@@ -23,6 +23,7 @@ from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
+from mistralrs.loader.text_only import text_only_config, text_only_weights
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
 from mistralrs.loader.vision_loader import (
     build_vision_model, canonical_weights, read_processor_files, vision_context_length, vision_family,
@@ -160,7 +161,11 @@ def _calibrate(model: nn.Module, tokenizer: TokenizerBundle, config: dict, isq: 
 def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     """A safetensors model, quantized in situ (`spec.isq`, the topology) or read from UQFF as the spec asks."""
     source = ModelSource(spec.model_id, token=spec.token)
-    config = _read_json(source.get("config.json"))
+    checkpoint_config = _read_json(source.get("config.json"))
+    config = text_only_config(checkpoint_config)  # a vision checkpoint loads as its text decoder
+    if config is not checkpoint_config and (spec.from_uqff is not None or spec.write_uqff is not None):
+        raise ValueError(f"{spec.label}: from_uqff and write_uqff are not supported for the text decoder of a vision "
+                         f"checkpoint ({checkpoint_config['architectures'][0]})")
     device = device_map.main
     dtype = resolve_dtype(spec.dtype, device)
     isq = _isq_config(spec, device_map)
@@ -168,7 +173,8 @@ def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     if uqff is not None:
         isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
     calibration_file = spec.isq.calibration_file
-    weights = _progress(iter_safetensors(_weight_paths(source, uqff), dtype), None, spec.show_progress, "loading")
+    weights = _progress(text_only_weights(checkpoint_config, iter_safetensors(_weight_paths(source, uqff), dtype)),
+                        None, spec.show_progress, "loading")
     model = load_model(config, uqff.checkpoint_weights(weights) if uqff is not None else weights,
                        arch_name=spec.arch, dtype=dtype, device=device, device_map=device_map,
                        quant_config=uqff or (isq if calibration_file is None else None))

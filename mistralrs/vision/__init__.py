@@ -2,3 +2,5 @@
 registry (`registry`), and one file per family. Importing this package registers every family."""
 
 from mistralrs.vision import llava  # noqa: F401  (imported to register)
+from mistralrs.vision import llava_next  # noqa: F401  (imported to register)
+from mistralrs.vision import mistral3  # noqa: F401  (imported to register)

@@ -40,9 +40,10 @@ TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalL
 def build_text_model(text_config: dict[str, Any], defaults: dict[str, Any], *, dtype: torch.dtype,
                      device: torch.device | str) -> CausalLM:
     """The text decoder of a vision checkpoint: `text_config` over `defaults` (the keys transformers' config class
-    fills in when a checkpoint leaves them out), built as the registered `*ForCausalLM` its `architectures` or
-    `model_type` names."""
-    merged = {**defaults, **{k: v for k, v in text_config.items() if v is not None}}
+    fills in when a checkpoint leaves them out; a key given as null stays null, as transformers passes it, e.g. a
+    Mistral `sliding_window` of null is full attention), built as the registered `*ForCausalLM` its `architectures`
+    or `model_type` names."""
+    merged = {**defaults, **text_config}
     architectures = merged.get("architectures") or [TEXT_ARCHITECTURES.get(merged.get("model_type"), "")]
     cls = model_class_for([a for a in architectures if a] or None)
     return cls(TextModelConfig.from_hf_dict({**merged, "architectures": architectures}), dtype=dtype, device=device)
@@ -163,6 +164,12 @@ class VisionCausalLM(CausalLM):
     def device_map(self):
         """The text decoder's device map (worker/device_map.py), None when it runs on one device."""
         return getattr(self.language_model, "device_map", None)
+
+    @classmethod
+    def text_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The text decoder's config.json dict (its `architectures` naming a `models/` class) of a checkpoint of this
+        family, for loading it text-only with `Which.Plain`; ValueError where the family does not load text-only."""
+        raise ValueError(f"{cls.__name__} checkpoints load with Which.VisionPlain only, not text-only")
 
     @classmethod
     def canonical_weight_name(cls, name: str) -> str:
