@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from mistralrs.vision.qwen2_vl import QwenVisionTransformer
+from mistralrs.vision.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, QwenVisionTransformer
+from mistralrs.vision.registry import register_vision
 
 
 def window_order(grid_thw: list[list[int]], merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
@@ -52,3 +53,18 @@ class Qwen2_5VisionTransformer(QwenVisionTransformer):
             hidden = block(hidden, cos, sin, image_lens if i in config.fullatt_block_indexes else window_lens)
         merged = self.merger(hidden)
         return merged[torch.argsort(order)]
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen2.5-VL: Qwen2-VL's model (Qwen2 decoder with M-RoPE, same processor and prompt) with the windowed tower.
+    For still images its M-RoPE positions are Qwen2-VL's (`tokens_per_second` only spaces video frames)."""
+
+    QWEN2_5 = True
+
+    @classmethod
+    def tower_class(cls) -> type[QwenVisionTransformer]:
+        return Qwen2_5VisionTransformer
+
+
+register_vision("Qwen2_5VL", ("Qwen2_5_VLForConditionalGeneration",), Qwen2_5_VLForConditionalGeneration,
+                Qwen2VLImageProcessor)

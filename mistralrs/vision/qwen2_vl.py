@@ -28,7 +28,14 @@ from torch import nn
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.norm import LayerNorm, RMSNorm
 from mistralrs.layers.rotary import apply_rotary
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.llama import Qwen2ForCausalLM
+from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor
+from mistralrs.vision.images import image_digest
+from mistralrs.vision.registry import register_vision
+from mistralrs.worker.forward_batch import ForwardBatch
 
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -255,3 +262,241 @@ class QwenVisionTransformer(nn.Module):
         for block in self.blocks:
             hidden = block(hidden, cos, sin, seg_lens)
         return self.merger(hidden)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' `smart_resize`: (height, width) rounded to multiples of `factor`, the area brought within
+    [min_pixels, max_pixels] keeping the aspect ratio; ValueError past an aspect ratio of 200."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class QwenImageParams:
+    """The preprocessing parameters read from `preprocessor_config.json` (transformers' defaults otherwise)."""
+
+    min_pixels: int = 56 * 56  # smallest resized area (`min_pixels`, or `size.shortest_edge`)
+    max_pixels: int = 28 * 28 * 1280  # largest resized area (`max_pixels`, or `size.longest_edge`)
+    patch_size: int = 14  # patch edge in pixels
+    temporal_patch_size: int = 2  # a still image is repeated this many times
+    merge_size: int = 2  # merge blocks are merge x merge patches: one prompt token each
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN  # per-channel mean after rescaling
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD  # per-channel std after rescaling
+    rescale_factor: float = 1 / 255  # uint8 -> [0, 1]
+    resample: int = 3  # PIL resampling filter (3: bicubic)
+    max_edge: int | None = None  # the user's `max_edge`: longest resized edge (None: no limit)
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"preprocessor_config.{name} must be a positive integer, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"preprocessor_config: min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        if self.max_edge is not None and self.max_edge < self.patch_size * self.merge_size:
+            raise ValueError(f"max_edge {self.max_edge} is below patch_size * merge_size "
+                             f"({self.patch_size * self.merge_size})")
+
+    @classmethod
+    def from_preprocessor_config(cls, d: dict[str, Any], max_edge: int | None) -> QwenImageParams:
+        """From `preprocessor_config.json` (published keys `min_pixels`/`max_pixels`, or transformers 5's `size`)."""
+        size = d.get("size") or {}
+        defaults = cls()
+        return cls(min_pixels=d.get("min_pixels") or size.get("shortest_edge") or defaults.min_pixels,
+                   max_pixels=d.get("max_pixels") or size.get("longest_edge") or defaults.max_pixels,
+                   patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
+                   merge_size=d.get("merge_size", 2), image_mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
+                   image_std=tuple(d.get("image_std", OPENAI_CLIP_STD)),
+                   rescale_factor=float(d.get("rescale_factor", 1 / 255)), resample=int(d.get("resample", 3)),
+                   max_edge=max_edge)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The resized (height, width): `smart_resize`, where `max_edge` first scales the image down to it and
+        then caps each edge at the largest multiple of patch_size * merge_size within it."""
+        factor = self.patch_size * self.merge_size
+        if self.max_edge is None:
+            return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        scale = min(1.0, self.max_edge / max(height, width))
+        h_bar, w_bar = smart_resize(max(1, round(height * scale)), max(1, round(width * scale)), factor,
+                                    self.min_pixels, self.max_pixels)
+        cap = self.max_edge // factor * factor
+        return min(h_bar, cap), min(w_bar, cap)
+
+
+def patchify(image: torch.Tensor, params: QwenImageParams) -> torch.Tensor:
+    """`[C, H, W]` -> `[grid_h * grid_w, C * T * P * P]`, block-major (each merge block's patches consecutive),
+    the image repeated `temporal_patch_size` times (transformers' layout)."""
+    c, h, w = image.shape
+    p, m, t = params.patch_size, params.merge_size, params.temporal_patch_size
+    patches = image.view(c, h // (p * m), m, p, w // (p * m), m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    patches = patches.unsqueeze(5).expand(*patches.shape[:5], t, p, p)
+    return patches.reshape((h // p) * (w // p), c * t * p * p)
+
+
+class Qwen2VLImageProcessor(VisionProcessor):
+    """Qwen2-VL / Qwen2.5-VL images: dynamic resolution (see `QwenImageParams`), one image =
+    `<|vision_start|>` + `<|image_pad|>` x (t * h * w / merge^2) + `<|vision_end|>` in the prompt."""
+
+    image_placeholder = VISION_START + IMAGE_PAD + VISION_END
+
+    def __init__(self, params: QwenImageParams):
+        self.params = params
+
+    @classmethod
+    def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None
+                        ) -> Qwen2VLImageProcessor:
+        return cls(QwenImageParams.from_preprocessor_config(files.preprocessor_config, max_edge))
+
+    def pixel_tensor(self, image: Image.Image) -> torch.Tensor:
+        """The resized, rescaled and normalized image `[3, H, W]` float32."""
+        height, width = self.params.target_size(image.height, image.width)
+        resized = image.convert("RGB").resize((width, height), resample=self.params.resample)
+        pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        pixels = pixels.permute(2, 0, 1).to(torch.float32) * self.params.rescale_factor
+        mean = torch.tensor(self.params.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.params.image_std, dtype=torch.float32)[:, None, None]
+        return (pixels - mean) / std
+
+    def preprocess(self, images: list[Image.Image]) -> ImageInputs:
+        patches, grids = [], []
+        for image in images:
+            pixels = self.pixel_tensor(image)
+            patches.append(patchify(pixels, self.params))
+            grids.append([1, pixels.shape[1] // self.params.patch_size, pixels.shape[2] // self.params.patch_size])
+        merge_area = self.params.merge_size**2
+        return ImageInputs(tensors={"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids)},
+                           num_image_tokens=[t * h * w // merge_area for t, h, w in grids],
+                           digest=image_digest(images))
+
+    def count_placeholders(self, prompt: str) -> int:
+        return prompt.count(IMAGE_PAD)
+
+    def expand_prompt(self, prompt: str, inputs: ImageInputs) -> str:
+        """Each `<|image_pad|>` (inside the vision start/end the chat template writes) becomes that image's run, as
+        transformers' processor expands it."""
+        pieces = prompt.split(IMAGE_PAD)
+        if len(pieces) - 1 != inputs.num_images:
+            raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders ({IMAGE_PAD}) for "
+                             f"{inputs.num_images} images")
+        runs = [IMAGE_PAD * n for n in inputs.num_image_tokens]
+        return pieces[0] + "".join(run + piece for run, piece in zip(runs, pieces[1:]))
+
+
+def mrope_positions(token_ids: list[int], image_token_id: int, grid_thw: list[list[int]],
+                    merge: int) -> tuple[torch.Tensor, int]:
+    """transformers' `get_rope_index` for images: (`[3, len(token_ids)]` int64 positions, delta).
+
+    Text tokens count on from the previous position on all three axes; image i's run of `t * h * w / merge^2`
+    image tokens takes (start + frame, start + row, start + column) over its merged grid, and the text after it
+    starts at start + max(h, w) / merge. A token at index p >= len(token_ids) then has position p + delta.
+    """
+    ids = torch.tensor(token_ids, dtype=torch.int64)
+    parts, current, index = [], 0, 0
+    for t, h, w in grid_thw:
+        rows, cols = h // merge, w // merge
+        found = (ids[index:] == image_token_id).nonzero()
+        if found.numel() == 0:
+            raise ValueError(f"the prompt has fewer image token runs than its {len(grid_thw)} images")
+        start = index + int(found[0])
+        parts.append(torch.arange(start - index).expand(3, -1) + current)
+        current += start - index
+        run = t * rows * cols
+        if start + run > len(token_ids) or not bool((ids[start:start + run] == image_token_id).all()):
+            raise ValueError(f"an image's run of {run} image tokens at index {start} is cut short")
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij"))
+        parts.append(grid.reshape(3, -1) + current)
+        current += max(rows, cols)
+        index = start + run
+    if bool((ids[index:] == image_token_id).any()):
+        raise ValueError(f"the prompt has more image tokens than its {len(grid_thw)} images expand to")
+    parts.append(torch.arange(len(token_ids) - index).expand(3, -1) + current)
+    positions = torch.cat(parts, dim=1)
+    return positions, int(positions.max()) + 1 - len(token_ids) if len(token_ids) else 0
+
+
+# Checkpoint prefixes -> our module tree: transformers 5 (`model.language_model.*`, `model.visual.*`) and the
+# published layout (`model.*` for the text model, `visual.*`, `lm_head.*`).
+QWEN_VL_RENAMES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model.model."),
+    ("model.visual.", "visual."),
+    ("model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+# transformers' Qwen2VLTextConfig defaults where they differ from TextModelConfig's (a saved config omits them)
+QWEN2_VL_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+    "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 80, "rope_theta": 1000000.0,
+}
+
+
+def text_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """The text decoder's HF dict: transformers 5's `text_config`, or the published flat config (less
+    `vision_config`), with Qwen2-VL's defaults for omitted keys and the top-level `tie_word_embeddings`."""
+    nested = config.get("text_config")
+    text = dict(nested) if isinstance(nested, dict) else {k: v for k, v in config.items() if k != "vision_config"}
+    rope = text.get("rope_parameters") or {}
+    for key, value in QWEN2_VL_TEXT_DEFAULTS.items():
+        if text.get(key) is None and not (key == "rope_theta" and "rope_theta" in rope):
+            text[key] = value
+    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    return text
+
+
+class Qwen2VLForConditionalGeneration(VisionCausalLM):
+    """Qwen2-VL: the Qwen2 decoder of `models/` with M-RoPE (`rope_scaling.mrope_section`), fed with the vision
+    tower's merged patches at the `<|image_pad|>` rows; positions come from `rope_positions` (the runner puts them
+    in `ForwardBatch.rope_positions`)."""
+
+    WEIGHT_RENAMES = QWEN_VL_RENAMES
+    QWEN2_5 = False  # which vision_config layout and tower
+
+    def __init__(self, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        text_config = TextModelConfig.from_hf_dict(text_config_dict(config))
+        if text_config.rope_scaling is None or "mrope_section" not in text_config.rope_scaling:
+            raise ValueError("config.json: Qwen2-VL's text model needs rope_scaling.mrope_section (M-RoPE)")
+        self.config = text_config
+        self.dtype = dtype
+        self.language_model = Qwen2ForCausalLM(text_config, dtype=dtype, device=device)
+        vision = QwenVisionConfig.from_hf(config.get("vision_config") or {}, self.QWEN2_5)
+        if vision.out_hidden_size != text_config.hidden_size:
+            raise ValueError(f"vision_config's merger width {vision.out_hidden_size} differs from the text "
+                             f"hidden_size {text_config.hidden_size}")
+        self.visual = self.tower_class()(vision, dtype=dtype, device=device)
+        self.image_token_id = int(config.get("image_token_id", 151655))
+
+    @classmethod
+    def tower_class(cls) -> type[QwenVisionTransformer]:
+        """The vision tower class."""
+        return QwenVisionTransformer
+
+    def encode_images(self, inputs: ImageInputs) -> torch.Tensor:
+        pixels = inputs.tensors["pixel_values"].to(self.visual.inv_freq.device)
+        return self.visual(pixels, inputs.tensors["image_grid_thw"].tolist())
+
+    def rope_positions(self, prompt_token_ids: list[int],
+                       inputs: ImageInputs | None) -> tuple[torch.Tensor, int] | None:
+        if inputs is None:
+            return None
+        return mrope_positions(prompt_token_ids, self.image_token_id, inputs.tensors["image_grid_thw"].tolist(),
+                               self.visual.config.spatial_merge_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        rope = fb.rope_positions if fb.rope_positions is not None else positions
+        return self.language_model(input_ids, rope, fb, inputs_embeds=inputs_embeds)
+
+
+register_vision("Qwen2VL", ("Qwen2VLForConditionalGeneration",), Qwen2VLForConditionalGeneration,
+                Qwen2VLImageProcessor)
