@@ -333,11 +333,11 @@ class QwenImageParams:
 
 
 def patchify(image: torch.Tensor, params: QwenImageParams) -> torch.Tensor:
-    """`[C, H, W]` -> `[grid_h * grid_w, C * T * P * P]`, block-major (each merge block's patches consecutive),
+    """`[H, W, C]` -> `[grid_h * grid_w, C * T * P * P]`, block-major (each merge block's patches consecutive),
     the image repeated `temporal_patch_size` times (transformers' layout)."""
-    c, h, w = image.shape
+    h, w, c = image.shape
     p, m, t = params.patch_size, params.merge_size, params.temporal_patch_size
-    patches = image.view(c, h // (p * m), m, p, w // (p * m), m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    patches = image.view(h // (p * m), m, p, w // (p * m), m, p, c).permute(0, 3, 1, 4, 6, 2, 5)
     patches = patches.unsqueeze(5).expand(*patches.shape[:5], t, p, p)
     return patches.reshape((h // p) * (w // p), c * t * p * p)
 
@@ -357,21 +357,23 @@ class Qwen2VLImageProcessor(VisionProcessor):
         return cls(QwenImageParams.from_preprocessor_config(files.preprocessor_config, max_edge))
 
     def pixel_tensor(self, image: Image.Image) -> torch.Tensor:
-        """The resized, rescaled and normalized image `[3, H, W]` float32."""
-        height, width = self.params.target_size(image.height, image.width)
-        resized = image.convert("RGB").resize((width, height), resample=self.params.resample)
+        """The resized, rescaled and normalized image `[H, W, 3]` float32: `x * (scale / std) - mean / std`, one
+        multiply and one subtract over the pixels (equal to transformers' `(x * scale - mean) / std` within 1e-6)."""
+        params = self.params
+        height, width = params.target_size(image.height, image.width)
+        resized = image.convert("RGB").resize((width, height), resample=params.resample)
         pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(height, width, 3)
-        pixels = pixels.permute(2, 0, 1).to(torch.float32) * self.params.rescale_factor
-        mean = torch.tensor(self.params.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.params.image_std, dtype=torch.float32)[:, None, None]
-        return (pixels - mean) / std
+        std = torch.tensor(params.image_std, dtype=torch.float64)
+        scale = (params.rescale_factor / std).to(torch.float32)
+        shift = (torch.tensor(params.image_mean, dtype=torch.float64) / std).to(torch.float32)
+        return pixels.to(torch.float32).mul_(scale).sub_(shift)
 
     def preprocess(self, images: list[Image.Image]) -> ImageInputs:
         patches, grids = [], []
         for image in images:
             pixels = self.pixel_tensor(image)
             patches.append(patchify(pixels, self.params))
-            grids.append([1, pixels.shape[1] // self.params.patch_size, pixels.shape[2] // self.params.patch_size])
+            grids.append([1, pixels.shape[0] // self.params.patch_size, pixels.shape[1] // self.params.patch_size])
         merge_area = self.params.merge_size**2
         return ImageInputs(tensors={"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids)},
                            num_image_tokens=[t * h * w // merge_area for t, h, w in grids],
