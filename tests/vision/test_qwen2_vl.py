@@ -266,3 +266,41 @@ def test_image_inputs_named_as_transformers():
     processor = Qwen2VLImageProcessor(QwenImageParams(patch_size=PATCH, merge_size=MERGE))
     inputs = processor.preprocess(tiny_images()[:1])
     assert isinstance(inputs, ImageInputs) and set(inputs.tensors) == {"pixel_values", "image_grid_thw"}
+
+
+def published_layout(path: Path, out: Path) -> None:
+    """The checkpoint in `path` rewritten as the Qwen repos publish it: a flat config.json (text fields at the top,
+    `rope_scaling` type "mrope"), weights `model.*` / `visual.*` / `lm_head.*`, min/max_pixels keys."""
+    from safetensors.torch import save_file
+
+    config = json.loads((path / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**config, **{k: v for k, v in text.items() if k != "model_type"}, "rope_theta": rope["rope_theta"],
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(flat))
+    renames = (("model.language_model.", "model."), ("model.visual.", "visual."))
+    weights = {}
+    for name, tensor in iter_safetensors(sorted(glob.glob(str(path / "*.safetensors"))), None):
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+        weights[name] = tensor.contiguous()
+    save_file(weights, str(out / "model.safetensors"))
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    size = pre.pop("size")
+    pre.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (out / "preprocessor_config.json").write_text(json.dumps(pre))
+
+
+def test_published_layout_loads_the_same_model(checkpoint, tmp_path):
+    _, _, _, path = checkpoint
+    published_layout(path, tmp_path / "published")
+    tokenizer, _ = tokenizer_and_ids()
+    images = tiny_images()[:1]
+    processor = our_processor(tmp_path / "published")
+    assert (processor.params.min_pixels, processor.params.max_pixels) == (MIN_PIXELS, MAX_PIXELS)
+    got, _ = our_prompt_logits(our_model(tmp_path / "published"), processor, images, prompt_text(1), tokenizer)
+    expected, _ = our_prompt_logits(our_model(path), our_processor(path), images, prompt_text(1), tokenizer)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
