@@ -379,9 +379,6 @@ class Qwen2VLImageProcessor(VisionProcessor):
                            num_image_tokens=[t * h * w // merge_area for t, h, w in grids],
                            digest=image_digest(images))
 
-    def count_placeholders(self, prompt: str) -> int:
-        return prompt.count(IMAGE_PAD)
-
     def expand_prompt(self, prompt: str, inputs: ImageInputs) -> str:
         """Each `<|image_pad|>` (inside the vision start/end the chat template writes) becomes that image's run, as
         transformers' processor expands it."""

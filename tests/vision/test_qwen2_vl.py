@@ -19,7 +19,7 @@ from mistralrs.vision.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from mistralrs.vision.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, QwenImageParams
 from mistralrs.vision.registry import vision_family_for
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
-from tests.tiny_models import EOS_TOKEN_ID, char_tokenizer
+from tests.tiny_models import CHARACTERS, EOS_TOKEN_ID, char_tokenizer
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 PATCH, MERGE = 4, 2  # tiny patches: an image of 40 x 32 pixels is a 10 x 8 patch grid, 20 prompt tokens
@@ -304,3 +304,64 @@ def test_published_layout_loads_the_same_model(checkpoint, tmp_path):
     got, _ = our_prompt_logits(our_model(tmp_path / "published"), processor, images, prompt_text(1), tokenizer)
     expected, _ = our_prompt_logits(our_model(path), our_processor(path), images, prompt_text(1), tokenizer)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+# ChatML whose image parts print as Qwen2-VL's template prints them
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hf_greedy_banned(hf, processor, images, text: str, banned: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy tokens (whole-sequence forward calls: its M-RoPE index recomputed each step), the
+    `banned` ids never chosen."""
+    batch = dict(hf_inputs(processor, images, text))
+    generated = []
+    with torch.inference_mode():
+        for _ in range(num_tokens):
+            logits = hf(**batch).logits[0, -1]
+            logits[banned] = float("-inf")
+            generated.append(int(logits.argmax()))
+            for key, value in (("input_ids", generated[-1]), ("mm_token_type_ids", 0), ("attention_mask", 1)):
+                batch[key] = torch.cat([batch[key], torch.tensor([[value]])], dim=1)
+    return generated
+
+
+def test_greedy_tokens_through_a_runner(checkpoint, tmp_path):
+    from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
+    from tests.vision.tiny_vision import write_tokenizer_files
+
+    family, hf, processor, path = checkpoint
+    tokenizer, _ = tokenizer_and_ids()
+    write_tokenizer_files(path, tokenizer, QWEN_CHAT_TEMPLATE)
+    banned = list(range(len(CHARACTERS), tokenizer.get_vocab_size()))  # special tokens (no text round trip)
+    files = []
+    for i, image in enumerate(tiny_images()[:2]):
+        files.append(str(tmp_path / f"image{i}.png"))
+        image.save(files[-1])
+    arch = VisionArchitecture.Qwen2VL if family == "qwen2_vl" else VisionArchitecture.Qwen2_5VL
+    runner = Runner(Which.VisionPlain(model_id=str(path), arch=arch, dtype=ModelDType.F32))
+
+    def chat(content) -> list[int]:
+        response = runner.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": content}], model="qwen", max_tokens=16, temperature=0.0,
+            logit_bias={i: -1e9 for i in banned}))
+        return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    expected = hf_greedy_banned(hf, processor, tiny_images()[:2],
+                                f"<|im_start|>user\nCompare{image} with {image} please.<|im_end|>\n"
+                                "<|im_start|>assistant\n", banned, 16)
+    assert len(set(expected)) > 1
+    # the images placed by the chat template where their parts are
+    placed = [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": files[0]}},
+              {"type": "text", "text": " with "}, {"type": "image_url", "image_url": {"url": files[1]}},
+              {"type": "text", "text": " please."}]
+    assert chat(placed) == expected
+    # the reference's way: the placeholders typed in the text, the image parts after it
+    typed = [{"type": "text", "text": f"Compare{image} with {image} please."},
+             {"type": "image_url", "image_url": {"url": files[0]}},
+             {"type": "image_url", "image_url": {"url": files[1]}}]
+    assert chat(typed) == expected
