@@ -31,6 +31,7 @@ from mistralrs.layers.rotary import apply_rotary
 from mistralrs.models.config import TextModelConfig
 from mistralrs.models.llama import Qwen2ForCausalLM
 from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor
+from mistralrs.vision.clip import quick_gelu
 from mistralrs.vision.images import image_digest
 from mistralrs.vision.registry import register_vision
 from mistralrs.worker.forward_batch import ForwardBatch
@@ -40,12 +41,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """`x * sigmoid(1.702 x)` (transformers' `quick_gelu`, Qwen2-VL's vision MLP)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
 def _vision_act(name: str):
+    """The MLP activation of an HF name: CLIP's `quick_gelu` (Qwen2-VL) or one of layers/activation.py."""
     return quick_gelu if name == "quick_gelu" else get_act_fn(name)
 
 
