@@ -137,10 +137,10 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seg_lens: list[int]) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        out = segment_attention(q, k, v, seg_lens, self.head_dim**-0.5)
+        heads = self.num_heads
+        qkv = self.qkv(x).view(x.shape[0], 3 * heads, self.head_dim)
+        q, k = apply_rotary(qkv[:, :2 * heads].float(), cos, sin).to(x.dtype).split(heads, dim=1)
+        out = segment_attention(q, k, qkv[:, 2 * heads:], seg_lens, self.head_dim**-0.5)
         return self.proj(out.reshape(x.shape[0], -1))
 
 
