@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -329,7 +330,7 @@ def hf_greedy_banned(hf, processor, images, text: str, banned: list[int], num_to
     return generated
 
 
-def test_greedy_tokens_through_a_runner(checkpoint, tmp_path):
+def test_greedy_tokens_through_a_runner(checkpoint, tmp_path, request):
     from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
     from tests.vision.tiny_vision import write_tokenizer_files
 
@@ -343,6 +344,7 @@ def test_greedy_tokens_through_a_runner(checkpoint, tmp_path):
         image.save(files[-1])
     arch = VisionArchitecture.Qwen2VL if family == "qwen2_vl" else VisionArchitecture.Qwen2_5VL
     runner = Runner(Which.VisionPlain(model_id=str(path), arch=arch, dtype=ModelDType.F32))
+    request.addfinalizer(runner.close)
 
     def chat(content) -> list[int]:
         response = runner.send_chat_completion_request(ChatCompletionRequest(
@@ -365,3 +367,20 @@ def test_greedy_tokens_through_a_runner(checkpoint, tmp_path):
              {"type": "image_url", "image_url": {"url": files[0]}},
              {"type": "image_url", "image_url": {"url": files[1]}}]
     assert chat(typed) == expected
+    # concurrent requests (two images, one image, text only) share steps; each gets its lone result
+    contents = [placed, [{"type": "image_url", "image_url": {"url": files[1]}}, {"type": "text", "text": "and?"}],
+                "Just text."]
+    alone = [chat(content) for content in contents]
+    results: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(contents))
+
+    def send(i: int) -> None:
+        barrier.wait()
+        results[i] = chat(contents[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(contents))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(len(contents))] == alone
