@@ -91,7 +91,8 @@ class QwenVisionConfig:
         """From a `vision_config` dict: Qwen2-VL's (`embed_dim`, `mlp_ratio`, merger to `hidden_size`) or, with
         `qwen2_5`, Qwen2.5-VL's (`hidden_size`, `intermediate_size`, merger to `out_hidden_size`, windows)."""
         rope = d.get("rope_parameters") or {}
-        common = dict(depth=d.get("depth", 32), num_heads=d.get("num_heads", 16), in_channels=d.get("in_channels", 3),
+        common = dict(depth=d.get("depth", 32), num_heads=d.get("num_heads", 16),
+                      in_channels=d.get("in_channels", d.get("in_chans", 3)),  # the published configs: in_chans
                       patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
                       spatial_merge_size=d.get("spatial_merge_size", 2),
                       rope_theta=float(rope.get("rope_theta", 10000.0)))

@@ -271,12 +271,16 @@ def test_image_inputs_named_as_transformers():
 
 def published_layout(path: Path, out: Path) -> None:
     """The checkpoint in `path` rewritten as the Qwen repos publish it: a flat config.json (text fields at the top,
-    `rope_scaling` type "mrope"), weights `model.*` / `visual.*` / `lm_head.*`, min/max_pixels keys."""
+    `rope_scaling` type "mrope", the tower's `in_chans`), weights `model.*` / `visual.*` / `lm_head.*`,
+    min/max_pixels keys."""
     from safetensors.torch import save_file
 
     config = json.loads((path / "config.json").read_text())
     text = config.pop("text_config")
     rope = text.pop("rope_parameters")
+    vision = config["vision_config"]
+    vision["in_chans"] = vision.pop("in_channels")
+    del vision["rope_parameters"], vision["model_type"]
     flat = {**config, **{k: v for k, v in text.items() if k != "model_type"}, "rope_theta": rope["rope_theta"],
             "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
     out.mkdir()
