@@ -350,11 +350,14 @@ def test_greedy_tokens_through_a_runner(checkpoint, tmp_path, request):
     runner = Runner(Which.VisionPlain(model_id=str(path), arch=arch, dtype=ModelDType.F32))
     request.addfinalizer(runner.close)
 
-    def chat(content) -> list[int]:
-        response = runner.send_chat_completion_request(ChatCompletionRequest(
+    def chat(content, on: Runner = runner) -> list[int]:
+        response = on.send_chat_completion_request(ChatCompletionRequest(
             messages=[{"role": "user", "content": content}], model="qwen", max_tokens=16, temperature=0.0,
             logit_bias={i: -1e9 for i in banned}))
-        return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+        usage.append(response.usage)
+        return on.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+
+    usage = []
 
     image = "<|vision_start|><|image_pad|><|vision_end|>"
     expected = hf_greedy_banned(hf, processor, tiny_images()[:2],
@@ -371,6 +374,11 @@ def test_greedy_tokens_through_a_runner(checkpoint, tmp_path, request):
              {"type": "image_url", "image_url": {"url": files[0]}},
              {"type": "image_url", "image_url": {"url": files[1]}}]
     assert chat(typed) == expected
+    assert usage[-1].cached_prompt_tokens > 0  # the same images and text: a prefix-cache hit, same tokens
+    # 7-token prefill chunks split the images' runs: M-RoPE positions and features sliced per chunk
+    chunked = Runner(Which.VisionPlain(model_id=str(path), arch=arch, dtype=ModelDType.F32), prompt_chunksize=7)
+    request.addfinalizer(chunked.close)
+    assert chat(placed, chunked) == expected
     # concurrent requests (two images, one image, text only) share steps; each gets its lone result
     contents = [placed, [{"type": "image_url", "image_url": {"url": files[1]}}, {"type": "text", "text": "and?"}],
                 "Just text."]
