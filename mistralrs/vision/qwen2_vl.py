@@ -215,7 +215,7 @@ class PatchMerger(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
+        return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))  # RMSNorm in bf16 returns a strided view
 
 
 def patch_positions(grid_thw: list[list[int]], merge: int) -> torch.Tensor:

@@ -79,3 +79,28 @@ def test_config_rejects_bad_values():
         QwenVisionConfig(depth=0, embed_dim=32, num_heads=4, mlp_hidden=8, out_hidden_size=8)
     with pytest.raises(ValueError, match="window_size"):
         QwenVisionConfig(depth=1, embed_dim=32, num_heads=4, mlp_hidden=8, out_hidden_size=8, window_size=10)
+
+
+@pytest.mark.parametrize("qwen2_5", [False, True])
+def test_bf16_tower_is_close_to_transformers_bf16(qwen2_5):
+    if qwen2_5:
+        config = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, out_hidden_size=24, intermediate_size=40,
+                                        num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                                        window_size=16, fullatt_block_indexes=[1])
+        hf = Qwen2_5_VisionTransformerPretrainedModel(config).eval()
+    else:
+        config = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=24, num_heads=4, mlp_ratio=2, patch_size=4,
+                                     spatial_merge_size=2, temporal_patch_size=2)
+        hf = Qwen2VisionTransformerPretrainedModel(config).eval()
+    _randomize(hf, 0)
+    hf = hf.to(torch.bfloat16)
+    tower_cls = Qwen2_5VisionTransformer if qwen2_5 else QwenVisionTransformer
+    ours = tower_cls(QwenVisionConfig.from_hf(hf.config.to_dict(), qwen2_5), dtype=torch.bfloat16, device="cpu")
+    ours.load_state_dict(hf.state_dict())
+    num_patches = sum(t * h * w for t, h, w in GRIDS)
+    pixels = torch.randn(num_patches, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = hf(pixels, grid_thw=torch.tensor(GRIDS)).pooler_output.float()
+        got = ours(pixels, GRIDS)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0)
