@@ -106,11 +106,11 @@ def our_processor(path: Path, max_edge: int | None = None) -> Qwen2VLImageProces
     return vision_family_for(config["architectures"], None).processor_cls.from_checkpoint(files, config, max_edge)
 
 
-def our_model(path: Path):
+def our_model(path: Path, dtype: torch.dtype = torch.float32):
     config = json.loads((path / "config.json").read_text())
-    model = vision_family_for(config["architectures"], None).model_cls(config, dtype=torch.float32, device="cpu")
+    model = vision_family_for(config["architectures"], None).model_cls(config, dtype=dtype, device="cpu")
     files = sorted(glob.glob(str(path / "*.safetensors")))
-    weights = [(model.canonical_weight_name(n), t) for n, t in iter_safetensors(files, torch.float32)]
+    weights = [(model.canonical_weight_name(n), t) for n, t in iter_safetensors(files, dtype)]
     consumed = model.load_weights(weights)
     assert consumed == {n for n, _ in weights} and model.expected_weight_names() <= consumed
     return model.eval()
@@ -132,7 +132,7 @@ class Driver:
 
     def __init__(self, model):
         self.model = model
-        self.kv = allocate_kv_caches(model.kv_cache_spec(), 64, BLOCK_SIZE, torch.float32, "cpu")
+        self.kv = allocate_kv_caches(model.kv_cache_spec(), 64, BLOCK_SIZE, model.dtype, "cpu")
         self.blocks = list(range(63, -1, -1))
         self.table: list[int] = []
         self.done = 0
@@ -234,6 +234,16 @@ def test_prompt_logits_match_transformers(checkpoint, num_images):
         expected = hf(**hf_inputs(processor, images, text)).logits[0]
     got, _ = our_prompt_logits(our_model(path), our_processor(path), images, text, tokenizer)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_bf16_prompt_logits_are_close_to_f32(checkpoint):
+    _, _, _, path = checkpoint
+    tokenizer, _ = tokenizer_and_ids()
+    images, text = tiny_images()[:2], prompt_text(2)
+    f32, _ = our_prompt_logits(our_model(path), our_processor(path), images, text, tokenizer)
+    bf16, _ = our_prompt_logits(our_model(path, torch.bfloat16), our_processor(path), images, text, tokenizer)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, f32, atol=0.05 * f32.abs().max().item(), rtol=0)
 
 
 def test_greedy_tokens_match_generate(checkpoint):
