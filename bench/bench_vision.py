@@ -71,15 +71,16 @@ def run(family: str, dtype_name: str, repeats: int, depth: int, image: Image.Ima
         for _ in range(repeats):
             t, batch = timed(lambda: hf_processor(images=[image], return_tensors="pt"))
             times["hf_pre"].append(t)
-            t, hf_out = timed(lambda: hf(batch["pixel_values"].to(dtype), grid_thw=batch["image_grid_thw"]).pooler_output)
+            t, hf_out = timed(lambda: hf(batch["pixel_values"].to(dtype),
+                                         grid_thw=batch["image_grid_thw"]).pooler_output)
             times["hf_tower"].append(t)
             t, inputs = timed(lambda: our_processor.preprocess([image]))
             times["ours_pre"].append(t)
             grid = inputs.tensors["image_grid_thw"].tolist()
             t, our_out = timed(lambda: ours(inputs.tensors["pixel_values"], grid))
             times["ours_tower"].append(t)
-    result = {"family": family, "depth": depth, "dtype": dtype_name, "threads": torch.get_num_threads(), "repeats": repeats,
-              "grid_thw": grid[0], "image_tokens": int(our_out.shape[0])}
+    result = {"family": family, "depth": depth, "dtype": dtype_name, "threads": torch.get_num_threads(),
+              "repeats": repeats, "grid_thw": grid[0], "image_tokens": int(our_out.shape[0])}
     for key, values in times.items():
         result[f"{key}_min_s"] = round(min(values), 4)
         result[f"{key}_median_s"] = round(statistics.median(values), 4)

@@ -225,8 +225,7 @@ def patch_positions(grid_thw: list[list[int]], merge: int) -> torch.Tensor:
         rows = torch.arange(h)[:, None].expand(h, w)
         cols = torch.arange(w)[None, :].expand(h, w)
         block = (h // merge, merge, w // merge, merge)
-        pos = torch.stack([rows.reshape(block).transpose(1, 2).flatten(), cols.reshape(block).transpose(1, 2).flatten()],
-                          dim=-1)
+        pos = torch.stack([axis.reshape(block).transpose(1, 2).flatten() for axis in (rows, cols)], dim=-1)
         out.append(pos.repeat(t, 1))
     return torch.cat(out)
 
@@ -305,8 +304,9 @@ class QwenImageParams:
                              f"({self.patch_size * self.merge_size})")
 
     @classmethod
-    def from_preprocessor_config(cls, d: dict[str, Any], max_edge: int | None) -> QwenImageParams:
-        """From `preprocessor_config.json` (published keys `min_pixels`/`max_pixels`, or transformers 5's `size`)."""
+    def from_hf(cls, d: dict[str, Any], max_edge: int | None) -> QwenImageParams:
+        """From the image processor's parameters (published keys `min_pixels`/`max_pixels`, or transformers 5's
+        `size`)."""
         size = d.get("size") or {}
         defaults = cls()
         return cls(min_pixels=d.get("min_pixels") or size.get("shortest_edge") or defaults.min_pixels,
@@ -352,7 +352,7 @@ class Qwen2VLImageProcessor(VisionProcessor):
     @classmethod
     def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None
                         ) -> Qwen2VLImageProcessor:
-        return cls(QwenImageParams.from_preprocessor_config(files.preprocessor_config, max_edge))
+        return cls(QwenImageParams.from_hf(files.image_processor_config(), max_edge))
 
     def pixel_tensor(self, image: Image.Image) -> torch.Tensor:
         """The resized, rescaled and normalized image `[H, W, 3]` float32: `x * (scale / std) - mean / std`, one

@@ -96,12 +96,13 @@ def checkpoint(request, tmp_path_factory):
                                                             patch_size=PATCH, merge_size=MERGE)
     hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
     processor = ImageOnlyQwen2VLProcessor(image_processor, hf_tokenizer)
-    processor.image_processor.save_pretrained(path)
+    processor.save_pretrained(path)  # transformers 5: the image processor's parameters in processor_config.json
     return family, hf, processor, path
 
 
 def our_processor(path: Path, max_edge: int | None = None) -> Qwen2VLImageProcessor:
-    files = ProcessorFiles(preprocessor_config=json.loads((path / "preprocessor_config.json").read_text()))
+    names = [n for n in ("preprocessor_config", "processor_config") if (path / f"{n}.json").exists()]
+    files = ProcessorFiles(**{n: json.loads((path / f"{n}.json").read_text()) for n in names})
     config = json.loads((path / "config.json").read_text())
     return vision_family_for(config["architectures"], None).processor_cls.from_checkpoint(files, config, max_edge)
 
@@ -303,7 +304,7 @@ def published_layout(path: Path, out: Path) -> None:
                 name = new + name[len(old):]
         weights[name] = tensor.contiguous()
     save_file(weights, str(out / "model.safetensors"))
-    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre = json.loads((path / "processor_config.json").read_text())["image_processor"]
     size = pre.pop("size")
     pre.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
     (out / "preprocessor_config.json").write_text(json.dumps(pre))
