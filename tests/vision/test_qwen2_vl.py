@@ -386,6 +386,14 @@ def test_greedy_tokens_through_a_runner(checkpoint, tmp_path, request):
              {"type": "image_url", "image_url": {"url": files[1]}}]
     assert chat(typed) == expected
     assert usage[-1].cached_prompt_tokens > 0  # the same images and text: a prefix-cache hit, same tokens
+    # another first image of the same size (the same prompt tokens): a prefix-cache miss, and that image's tokens
+    other = Image.fromarray(255 - np.asarray(tiny_images()[0]))
+    other.save(str(tmp_path / "other.png"))
+    swapped = [dict(part, image_url={"url": str(tmp_path / "other.png")}) if i == 1 else part
+               for i, part in enumerate(placed)]
+    other_text = f"<|im_start|>user\nCompare{image} with {image} please.<|im_end|>\n<|im_start|>assistant\n"
+    assert chat(swapped) == hf_greedy_banned(hf, processor, [other, tiny_images()[1]], other_text, banned, 16)
+    assert usage[-1].cached_prompt_tokens == 0
     # 7-token prefill chunks split the images' runs: M-RoPE positions and features sliced per chunk
     chunked = Runner(Which.VisionPlain(model_id=str(path), arch=arch, dtype=ModelDType.F32), prompt_chunksize=7)
     request.addfinalizer(chunked.close)
