@@ -14,6 +14,11 @@ its sequence's length after this step or, while larger, the sequence's whole pro
 prompt in one call, and a sequence that grows past the original length while decoding switches at that step. The
 choice does not depend on what else is packed into the step. Keys already cached keep the rotation they were
 written with, as in `transformers`' cached forward (its `generate` instead recomputes the sequence at the switch).
+
+M-RoPE (Qwen2-VL; `rope_scaling.mrope_section`, `type` "mrope" or, as transformers 5 writes it, "default") gives
+each token three positions (temporal, height, width) `[3, num_tokens]`: the rotary frequencies are split into
+consecutive sections of `mrope_section` sizes, and section i turns with axis `i % 3`'s position. A token whose three
+positions are equal (every text token) gets plain RoPE, so 1-D positions are accepted too.
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ def _longrope(scaling: dict[str, Any], basis: RopeBasis) -> tuple[torch.Tensor, 
 
 _INV_FREQ_SCALERS: dict[str, InvFreqScaler] = {
     "default": _default_rope,
+    "mrope": _default_rope,  # M-RoPE: plain frequencies, split into sections by `mrope_section`
     "linear": _linear_rope,
     "llama3": _llama3_rope,
     "yarn": _yarn_rope,
@@ -154,7 +160,22 @@ def rope_type_of(scaling: dict[str, Any] | None) -> str:
     """The rope type named by an HF `rope_scaling` dict (`rope_type`, or the legacy `type`); "default" when none."""
     if not scaling:
         return "default"
-    return str(scaling.get("rope_type", scaling.get("type", "default")))
+    rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
+    return "mrope" if rope_type == "default" and scaling.get("mrope_section") else rope_type
+
+
+def mrope_section_of(scaling: dict[str, Any] | None, rotary_dim: int) -> tuple[int, ...] | None:
+    """M-RoPE's `mrope_section` (frequencies per axis section), or None; ValueError naming the field when its sizes
+    are not positive integers summing to rotary_dim // 2."""
+    section = (scaling or {}).get("mrope_section")
+    if section is None:
+        return None
+    if (not isinstance(section, (list, tuple)) or not section
+            or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in section)
+            or sum(section) != rotary_dim // 2):
+        raise ValueError(f"rope_scaling.mrope_section must list positive integers summing to rotary_dim // 2 = "
+                         f"{rotary_dim // 2}, got {section!r}")
+    return tuple(section)
 
 
 def supported_rope_types() -> list[str]:
@@ -205,6 +226,12 @@ class RotaryEmbedding(nn.Module):
             long_inv_freq = longrope_inv_freq(scaling, basis, "long_factor").to(device)
             self.long_context_start = int(scaling["original_max_position_embeddings"])
         self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+        self.mrope_section = mrope_section_of(scaling, rotary_dim)  # M-RoPE's section sizes, else None
+        mrope_axis = None  # M-RoPE: [rotary_dim // 2] int64, the position axis (0..2) each frequency turns with
+        if self.mrope_section is not None:
+            mrope_axis = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in
+                                    enumerate(self.mrope_section)]).to(device)
+        self.register_buffer("mrope_axis", mrope_axis, persistent=False)
 
     @property
     def is_longrope(self) -> bool:
@@ -216,6 +243,8 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin tables, each `[num_tokens, 1, rotary_dim]` in `dtype`.
 
+        `positions` is `[num_tokens]`, or with M-RoPE also `[3, num_tokens]` (temporal, height, width).
+
         The sin table's first half is negated so that `apply_rotary` needs no negation:
         rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin).
         `context_lens` (`[num_tokens]`, each token's sequence length after this step) chooses LongRoPE's short or
@@ -226,7 +255,10 @@ class RotaryEmbedding(nn.Module):
             lengths = positions + 1 if context_lens is None else context_lens
             use_long = (lengths > self.long_context_start)[:, None]
             inv_freq = torch.where(use_long, self.long_inv_freq[None, :], inv_freq)
-        freqs = positions.to(torch.float32)[:, None] * inv_freq  # [num_tokens, rotary_dim // 2]
+        if positions.dim() == 2:
+            freqs = self._mrope_freqs(positions)
+        else:
+            freqs = positions.to(torch.float32)[:, None] * inv_freq  # [num_tokens, rotary_dim // 2]
         cos = freqs.cos()
         sin = freqs.sin()
         if self.attention_factor != 1.0:
@@ -235,6 +267,16 @@ class RotaryEmbedding(nn.Module):
         cos = torch.cat((cos, cos), dim=-1).to(dtype)
         sin = torch.cat((-sin, sin), dim=-1).to(dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def _mrope_freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        """M-RoPE angles `[num_tokens, rotary_dim // 2]` from `[3, num_tokens]` positions: frequency j turns with
+        the position of axis `mrope_axis[j]`."""
+        if self.mrope_axis is None or positions.shape[0] != 3:
+            raise ValueError(f"positions of shape {tuple(positions.shape)} need M-RoPE (rope_scaling.mrope_section) "
+                             "and 3 rows")
+        freqs = positions.to(torch.float32)[:, :, None] * self.inv_freq  # [3, num_tokens, rotary_dim // 2]
+        axis = self.mrope_axis[None, None, :].expand(1, positions.shape[1], -1)
+        return freqs.gather(0, axis)[0]
 
 
 def context_lens_per_token(fb: ForwardBatch) -> torch.Tensor:

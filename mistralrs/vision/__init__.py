@@ -1,6 +1,4 @@
 """Vision models: image loading (`images`), the contract between the image path and the models (`base`), the
 registry (`registry`), and one file per family. Importing this package registers every family."""
 
-from mistralrs.vision import llava  # noqa: F401  (imported to register)
-from mistralrs.vision import llava_next  # noqa: F401  (imported to register)
-from mistralrs.vision import mistral3  # noqa: F401  (imported to register)
+from mistralrs.vision import llava, llava_next, mistral3, qwen2_5_vl, qwen2_vl  # noqa: F401  (imported to register)
