@@ -12,7 +12,7 @@ from pathlib import Path
 import mistralrs
 
 PACKAGE_DIR = Path(mistralrs.__file__).parent
-LOWER_FLOORS = ("core", "worker", "models", "layers", "sample", "quant", "adapters")
+LOWER_FLOORS = ("core", "worker", "models", "layers", "sample", "quant", "adapters", "vision")
 # floor -> the floors (first package below mistralrs) it must not import
 FORBIDDEN = {
     "formats": {*LOWER_FLOORS, "loader", "engine", "api", "server", "cli"},  # file formats: the bottom floor

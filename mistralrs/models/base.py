@@ -34,8 +34,9 @@ class CausalLM(nn.Module):
 
     STACKED_PARAMS: ClassVar[tuple[StackedParam, ...]] = ()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, fb)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, fb, inputs_embeds=inputs_embeds)
 
     def tied_lm_head(self, config, *, dtype: torch.dtype, device: torch.device | str, bias: bool = False) -> Linear:
         """The LM head `[hidden_size -> vocab_size]`, sharing `self.model.embed_tokens`' weight when the config ties
@@ -71,10 +72,17 @@ class DecoderModel(nn.Module):
 
     A family sets `embed_tokens`, `layers`, `norm` and `rotary_emb`; each layer is called as
     `layer(hidden, cos, sin, fb)` with RoPE tables computed once per step (LongRoPE tables per sequence length).
+    `inputs_embeds` (`[num_tokens, hidden]`, what `embed` returns with some rows replaced, e.g. by image features)
+    stands in for the embedding of `input_ids` when given.
     """
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[num_tokens, hidden]` input embeddings of `input_ids` (a family's scaling included)."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         context_lens = context_lens_per_token(fb) if self.rotary_emb.is_longrope else None
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype, context_lens)  # shared by all layers
         for layer in self.layers:

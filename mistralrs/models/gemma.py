@@ -184,8 +184,12 @@ class GemmaModel(nn.Module):
         self.rotary_emb = rotary(rope_global)
         self.rotary_emb_local = None if rope_local is None else rotary(rope_local)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) * self.embed_scale
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         tables = {False: self.rotary_emb.cos_sin(positions, hidden.dtype)}  # by layer.local_rope
         if self.rotary_emb_local is not None:
             tables[True] = self.rotary_emb_local.cos_sin(positions, hidden.dtype)

@@ -134,6 +134,9 @@ class ForwardBatch:
     # adapter applies. Set by the adapter runtime (mistralrs/adapters/runtime.py), read by every LoraHook and
     # ExpertLoraHook through `ForwardBatch.current()`.
     adapter_weights: torch.Tensor | None = None
+    # M-RoPE models (Qwen2-VL): [3, num_tokens] int64 (temporal, height, width) position of each packed token, set
+    # by the model runner from the model's `rope_positions`; None: `positions` on every axis.
+    rope_positions: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
     _placed: dict[torch.device, ForwardBatch] = field(default_factory=dict, init=False, repr=False)  # see `on`
 

@@ -1,0 +1,2 @@
+"""Vision models: image loading (`images`), the contract between the image path and the models (`base`), the
+registry (`registry`), and one file per family. Importing this package registers every family."""
