@@ -256,3 +256,36 @@ class Normalization:
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
         return torch.from_numpy((scaled - mean) / std)
+
+
+def replace_placeholders(prompt: str, placeholder: str, expansions: list[str]) -> str:
+    """`prompt` with its i-th `placeholder` replaced by `expansions[i]` (left to right, never re-scanning an
+    expansion); ValueError when the counts differ."""
+    parts = prompt.split(placeholder)
+    if len(parts) - 1 != len(expansions):
+        raise ValueError(f"the prompt holds {len(parts) - 1} image placeholder(s) {placeholder!r} for "
+                         f"{len(expansions)} image(s)")
+    pieces = [parts[0]]
+    for expansion, part in zip(expansions, parts[1:]):
+        pieces += [expansion, part]
+    return "".join(pieces)
+
+
+def pad_batch(tiles: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tiles `[3, h_i, w_i]` zero-padded at the bottom and right to the largest height and width:
+    `pixel_values [n, 3, H, W]` and `pixel_attention_mask [n, H, W]` int64 (1: a real pixel)."""
+    height = max(t.shape[1] for t in tiles)
+    width = max(t.shape[2] for t in tiles)
+    pixels = torch.zeros(len(tiles), 3, height, width, dtype=torch.float32)
+    mask = torch.zeros(len(tiles), height, width, dtype=torch.int64)
+    for i, tile in enumerate(tiles):
+        pixels[i, :, :tile.shape[1], :tile.shape[2]] = tile
+        mask[i, :tile.shape[1], :tile.shape[2]] = 1
+    return {"pixel_values": pixels, "pixel_attention_mask": mask}
+
+
+def text_config_of(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The `text_config` of a conditional-generation `config.json`, with the text family's transformers defaults
+    for the keys it omits (published configs hold only the values that differ from them)."""
+    text = config.get("text_config") or {}
+    return {**defaults, **text}
