@@ -21,6 +21,7 @@ from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
+from mistralrs.models.registry import text_in_multimodal
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
 from mistralrs.quant.isq import IsqQuantConfig, isq_config_from_options
@@ -157,6 +158,9 @@ def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
         isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
     calibration_file = spec.isq.calibration_file
     weights = _progress(iter_safetensors(_weight_paths(source, uqff), dtype), None, spec.show_progress, "loading")
+    text_view = text_in_multimodal(config.get("architectures")) if spec.arch is None else None
+    if text_view is not None:  # a multimodal checkpoint (Gemma 3 4B+): its text decoder alone
+        config, weights = text_view.text_config(config), text_view.text_weights(weights)
     model = load_model(config, uqff.checkpoint_weights(weights) if uqff is not None else weights,
                        arch_name=spec.arch, dtype=dtype, device=device, device_map=device_map,
                        quant_config=uqff or (isq if calibration_file is None else None))

@@ -31,7 +31,7 @@ from mistralrs.layers.norm import GemmaRMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
 from mistralrs.models.config import TextModelConfig, extra_key, read_family_extras
 from mistralrs.models.llama import STACKED_PARAMS, LlamaMLP
-from mistralrs.models.registry import register
+from mistralrs.models.registry import TextInMultimodal, register, register_text_in_multimodal
 from mistralrs.worker.forward_batch import ForwardBatch
 
 
@@ -358,3 +358,15 @@ register(Gemma2ForCausalLM, hf_architectures=("Gemma2ForCausalLM",), arch_names=
          gguf_architectures=("gemma2",))
 # No `Architecture` enum name: the 0.5.0 text enum has no Gemma 3 (VisionArchitecture.Gemma3 is the vision model).
 register(Gemma3ForCausalLM, hf_architectures=("Gemma3ForCausalLM",), gguf_architectures=("gemma3",))
+
+# transformers' Gemma3TextConfig defaults for the keys that a Gemma 3 multimodal checkpoint's sparse `text_config` omits
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                                        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                                        "head_dim": 256, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6}
+# Gemma3ForConditionalGeneration (the 4B+ checkpoints) loads text-only with Which.Plain: its Gemma 3 text decoder.
+register_text_in_multimodal("Gemma3ForConditionalGeneration", TextInMultimodal(
+    "Gemma3ForCausalLM", GEMMA3_TEXT_DEFAULTS,
+    weight_prefixes=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                     ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")),
+    skipped_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                      "model.multi_modal_projector.")))

@@ -7,6 +7,8 @@ Keys are plain strings so that this module depends on nothing above it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -16,6 +18,41 @@ _BY_ARCH_NAME: dict[str, type[nn.Module]] = {}  # lower-cased enum name or CLI n
 _ARCH_NAME_SPELLING: dict[str, str] = {}  # lower-cased -> the spelling it was registered with (for messages)
 _BY_GGUF_ARCHITECTURE: dict[str, type[nn.Module]] = {}  # GGUF general.architecture ("llama", "qwen2") -> class
 _HF_ARCHITECTURE_OF: dict[type[nn.Module], str] = {}  # class -> its first HF architecture name
+_TEXT_IN_MULTIMODAL: dict[str, TextInMultimodal] = {}  # "Gemma3ForConditionalGeneration" -> where its text model is
+
+
+@dataclass(frozen=True)
+class TextInMultimodal:
+    """Where a multimodal checkpoint keeps its text decoder, so that `Which.Plain` loads it text-only."""
+
+    text_architecture: str  # the registered text class's HF architecture, e.g. "Gemma3ForCausalLM"
+    text_defaults: dict[str, Any]  # transformers' text-config defaults for keys the sparse `text_config` omits
+    weight_prefixes: tuple[tuple[str, str], ...]  # checkpoint name prefix -> the text model's prefix
+    skipped_prefixes: tuple[str, ...]  # the other modalities' weights (vision tower, projector): not loaded
+
+    def text_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The text model's config dict: `text_config` over the defaults, naming the text architecture."""
+        return {**self.text_defaults, **(config.get("text_config") or {}), "architectures": [self.text_architecture]}
+
+    def text_weights(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """The text model's weights under its own names (other names pass unchanged, to be reported)."""
+        for name, tensor in weights:
+            if name.startswith(self.skipped_prefixes):
+                continue
+            old = next((p for p in self.weight_prefixes if name.startswith(p[0])), None)
+            yield (name if old is None else old[1] + name[len(old[0]):]), tensor
+
+
+def register_text_in_multimodal(hf_architecture: str, view: TextInMultimodal) -> None:
+    """Declares where the multimodal architecture `hf_architecture` keeps a registered text model."""
+    _TEXT_IN_MULTIMODAL[hf_architecture] = view
+
+
+def text_in_multimodal(hf_architectures: list[str] | None) -> TextInMultimodal | None:
+    """The text view of a multimodal `architectures` entry, None for any other checkpoint."""
+    if not hf_architectures or len(hf_architectures) != 1:
+        return None
+    return _TEXT_IN_MULTIMODAL.get(hf_architectures[0])
 
 
 def register(
