@@ -16,11 +16,12 @@ from mistralrs.api.which import Which
 from mistralrs.loader.source import resolve_token
 from mistralrs.loader.spec import AdapterKind, AdapterSpec, IsqSpec, LoadKind, LoadSpec
 from mistralrs.quant.isq_types import IsqType, parse_isq_type
+from mistralrs.vision.registry import supported_vision_archs
 from mistralrs.worker.options import ExecutionOptions
 
 # Which variants whose capability is not built yet, and what they need.
 _NOT_BUILT = {
-    "VisionPlain": "vision models", "DiffusionPlain": "FLUX diffusion models",
+    "DiffusionPlain": "FLUX diffusion models",
 }
 _DTYPES: dict[ModelDType, str | torch.dtype] = {
     ModelDType.Auto: "auto", ModelDType.BF16: torch.bfloat16, ModelDType.F16: torch.float16,
@@ -37,13 +38,15 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
     A UserWarning says that `auto_map_params` is ignored (automatic device mapping is not built)."""
     variant = type(which).__name__
     isq_type = _parse_isq(in_situ_quant)
-    if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora)):
-        raise ValueError(f"in_situ_quant: ISQ applies to full-precision models (Which.Plain, Which.Lora), not "
+    if isq_type is not None and not isinstance(which, (Which.Plain, Which.Lora, Which.VisionPlain)):
+        raise ValueError(f"in_situ_quant: ISQ applies to full-precision models (Which.Plain, Which.Lora, "
+                         f"Which.VisionPlain), not "
                          f"Which.{variant}" + (" (its weights are quantized already)" if "GG" in variant else ""))
     if variant in _NOT_BUILT:
         raise ValueError(f"Which.{variant} is not supported yet: {_NOT_BUILT[variant]} are not built in this "
                          "version (supported: Which.Plain, Which.GGUF, Which.Lora, Which.XLora, "
-                         "Which.LoraGGUF, Which.XLoraGGUF, Which.GGML, Which.LoraGGML, Which.XLoraGGML)")
+                         "Which.LoraGGUF, Which.XLoraGGUF, Which.GGML, Which.LoraGGML, Which.XLoraGGML, "
+                         "Which.VisionPlain)")
     convert = _CONVERTERS.get(type(which))
     if convert is None:
         raise TypeError(f"which must be a Which variant, got {variant}")
@@ -142,9 +145,21 @@ def _ggml_adapters(which: Which.LoraGGML | Which.XLoraGGML, _isq_type: None, com
                     dtype=_DTYPES[which.dtype], adapters=_adapters(which), **common)
 
 
+def _vision_plain(which: Which.VisionPlain, isq_type: IsqType | None, common: dict[str, Any]) -> LoadSpec:
+    built = supported_vision_archs()
+    if which.arch.name.lower() not in {name.lower() for name in built}:
+        raise ValueError(f"Which.VisionPlain: vision architecture {which.arch.name} is not built in this version "
+                         f"(supported: {', '.join(built)})")
+    isq = IsqSpec(isq_type, imatrix=which.imatrix, calibration_file=which.calibration_file)
+    return LoadSpec(LoadKind.VISION, model_id=which.model_id, tokenizer_json=which.tokenizer_json,
+                    dtype=_DTYPES[which.dtype], arch=which.arch.name, topology=which.topology, isq=isq,
+                    from_uqff=which.from_uqff, write_uqff=which.write_uqff, max_edge=which.max_edge, **common)
+
+
 # Which variant -> its converter (variant, parsed in_situ_quant, the arguments every spec takes) -> LoadSpec.
 _CONVERTERS: dict[type, Callable[[Any, IsqType | None, dict[str, Any]], LoadSpec]] = {
     Which.Plain: _plain, Which.Lora: _lora, Which.XLora: _xlora,
     Which.GGUF: _gguf, Which.LoraGGUF: _gguf_adapters, Which.XLoraGGUF: _gguf_adapters,
     Which.GGML: _ggml, Which.LoraGGML: _ggml_adapters, Which.XLoraGGML: _ggml_adapters,
+    Which.VisionPlain: _vision_plain,
 }

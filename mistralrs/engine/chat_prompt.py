@@ -59,32 +59,40 @@ class ChatPromptEncoder:
         first.encode_special_tokens = middle.encode_special_tokens = True
         return first, middle
 
-    def encode(self, render: Render, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        """The ids of the prompt `render(messages, tools)` makes, special tokens only where the template put them."""
+    def encode(self, render: Render, messages: list[dict], tools: list[dict] | None, *,
+               keep_ids: frozenset[int] = frozenset(), transform: Callable[[str], str] | None = None) -> list[int]:
+        """The ids of the prompt `render(messages, tools)` makes, special tokens only where the template put them
+        and where the request typed one of `keep_ids` (a vision model's image placeholder); `transform` rewrites
+        the rendered prompt before it is encoded (a vision model's placeholder expansion)."""
         nonce = secrets.randbelow(10**12)
         originals: list[str] = []   # placeholder number -> the request text it stands for
-        text = render(self._protect(messages, nonce, originals), self._protect(tools, nonce, originals))
+        protect = functools.partial(self._protect, nonce=nonce, originals=originals, keep_ids=keep_ids)
+        text = render(protect(messages), protect(tools))
+        if transform is not None:
+            text = transform(text)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         if not originals:
             return encoding.ids
         return self._encode_stretches(text, encoding, re.compile(f"\ue000{nonce}:(\\d+)\ue001"), originals)
 
-    def _protect(self, value: Any, nonce: int, originals: list[str]) -> Any:
-        """`value` (strings, lists, dicts, anything else kept) with special-token spans of its strings replaced."""
+    def _protect(self, value: Any, nonce: int, originals: list[str], keep_ids: frozenset[int]) -> Any:
+        """`value` (strings, lists, dicts, anything else kept) with special-token spans of its strings replaced
+        (those of `keep_ids` kept)."""
         if isinstance(value, str):
-            return self._protect_text(value, nonce, originals)
+            return self._protect_text(value, nonce, originals, keep_ids)
         if isinstance(value, (list, tuple)):
-            return [self._protect(item, nonce, originals) for item in value]
+            return [self._protect(item, nonce, originals, keep_ids) for item in value]
         if isinstance(value, dict):
-            return {self._protect(key, nonce, originals): self._protect(item, nonce, originals)
+            return {self._protect(key, nonce, originals, keep_ids): self._protect(item, nonce, originals, keep_ids)
                     for key, item in value.items()}
         return value
 
-    def _protect_text(self, text: str, nonce: int, originals: list[str]) -> str:
+    def _protect_text(self, text: str, nonce: int, originals: list[str], keep_ids: frozenset[int]) -> str:
         if self._first_chars is not None and self._first_chars.isdisjoint(text):
             return text
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        spans = [offsets for token_id, offsets in zip(encoding.ids, encoding.offsets) if token_id in self._special_ids]
+        spans = [offsets for token_id, offsets in zip(encoding.ids, encoding.offsets)
+                 if token_id in self._special_ids and token_id not in keep_ids]
         if not spans:
             return text
         pieces, position = [], 0

@@ -26,6 +26,13 @@ _FINISH_STATUS = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceSta
                   "canceled": SequenceStatus.FINISHED_ABORTED}
 
 
+def _cache_salt(adapters: tuple[str, ...] | None, request: EngineRequest) -> str | None:
+    """A sequence's prefix-cache key besides its tokens: its adapter set and its images' digest."""
+    parts = [salt for salt in (adapter_cache_salt(adapters), request.images.digest if request.images else None)
+             if salt]
+    return "|".join(parts) or None
+
+
 @dataclass
 class _RequestState:
     """Engine-side state of one request and its sequences."""
@@ -172,7 +179,7 @@ class Engine:
             seq_id = self._next_seq_id
             self._next_seq_id += 1
             seq = Sequence(seq_id, list(request.prompt_token_ids), arrival_time=request.arrival_time,
-                           cache_salt=adapter_cache_salt(adapters))
+                           cache_salt=_cache_salt(adapters, request))
             state.seq_ids.append(seq_id)
             state.outputs[seq_id] = SeqOutputState(
                 index, self.tokenizer, request.prompt_token_ids, request.stop,
@@ -181,7 +188,8 @@ class Engine:
             params = request.sampling
             if request.grammar is not None:   # a per-sequence copy carries the sequence's own matcher
                 params = dataclasses.replace(params, grammar=request.grammar.new_state())
-            self._seq_sampling[seq_id] = SeqSampling(params, self._generator(request, index), adapters)
+            self._seq_sampling[seq_id] = SeqSampling(params, self._generator(request, index), adapters,
+                                                     request.images)
             self.scheduler.add_sequence(seq)
 
     def _generator(self, request: EngineRequest, index: int) -> torch.Generator | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mistralrs.engine.chat_prompt import ChatPromptEncoder
@@ -88,8 +89,11 @@ class InputProcessor:
         return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, *,
-                        keep_tail: bool = False) -> list[int]:
-        """Render the chat template and tokenize the prompt (see `_bounded` for `keep_tail`)."""
+                        keep_tail: bool = False, keep_ids: frozenset[int] = frozenset(),
+                        transform: Callable[[str], str] | None = None) -> list[int]:
+        """Render the chat template and tokenize the prompt (see `_bounded` for `keep_tail`). `keep_ids`: special
+        tokens the request's text may hold; `transform`: rewrites the rendered prompt before it is tokenized (both:
+        a vision model's image placeholders, engine/image_prompt.py)."""
         if self.chat_template is None:
             raise ValueError("Received messages for a model which does not have a chat template. Either use a "
                              "different model or pass a chat template (chat_template= or jinja_explicit=), or "
@@ -102,9 +106,10 @@ class InputProcessor:
             return self._bounded(template.render(messages, add_generation_prompt=True, tools=tools), keep_tail)
 
         if self.allow_special_tokens_in_messages:
-            ids = self._encode(render(messages, tools), add_special_tokens=False)
+            text = render(messages, tools)
+            ids = self._encode(text if transform is None else transform(text), add_special_tokens=False)
         else:
-            ids = self.chat_prompts.encode(render, messages, tools)
+            ids = self.chat_prompts.encode(render, messages, tools, keep_ids=keep_ids, transform=transform)
         # As llama.cpp: BOS in front when the tokenizer adds one and the template did not write it (the
         # reference adds special tokens again, which can double the BOS; transformers never adds it).
         bos_id = self.tokenizer.token_to_id(self.bundle.bos_token) if self.bundle.bos_token else None

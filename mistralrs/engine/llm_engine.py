@@ -25,6 +25,7 @@ from mistralrs.engine.assembly import ChatAssembler, CompletionAssembler, Engine
 from mistralrs.engine.builder import EngineConfig, build_engine, on_short_lived_thread
 from mistralrs.engine.chat_messages import template_messages
 from mistralrs.engine.commands import ActivateAdapters, ReIsq
+from mistralrs.engine.image_prompt import ImagePrompter
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
 from mistralrs.engine.tool_calls import forced_call_schema
@@ -33,6 +34,8 @@ from mistralrs.loader.spec import LoadSpec
 from mistralrs.quant.isq import re_isq_config
 from mistralrs.quant.isq_types import parse_isq_type
 from mistralrs.sample.grammar import json_schema_source
+from mistralrs.vision.base import ImageInputs
+from mistralrs.vision.images import ImageSourcePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,11 @@ class LLMEngine:
         handlers = {ReIsq: self._re_isq, ActivateAdapters: self._activate_adapters}
         self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution)
         self.model_id = self._loaded.model_id  # the `model` of every response
+        processor = self._loaded.vision_processor
+        # a vision model's image side of the front door (engine/image_prompt.py); None for a text model
+        self._images = None if processor is None else ImagePrompter(processor, self._inputs,
+                                                                     self._loaded.model.image_token_id)
+        self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
 
     @property
     def max_model_len(self) -> int:
@@ -114,40 +122,56 @@ class LLMEngine:
         return self._inputs.grammars.compile(request.grammar_type, request.grammar)
 
     def _submit(self, prompt_ids: list[int], request, num_seqs: int, logprobs: bool, top_logprobs: int | None,
-                outputs) -> EngineRequest:
+                outputs, images: ImageInputs | None = None) -> EngineRequest:
         grammar = self._grammar(request)
         adapters = request_adapter_set(self._loaded.model, request.adapters)
         prompt_ids = self._fit_prompt(prompt_ids, request.max_tokens)
+        if images is not None:
+            self._images.check_prompt(prompt_ids, images)
         options = _options(request, logprobs, top_logprobs)
         engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs, grammar)
         engine_request.adapters = adapters
+        engine_request.images = images
         if outputs is not None:
             engine_request.outputs = outputs
         self._engine.submit(engine_request)
         return engine_request
 
+    def _prints_tool_calls(self, tools: list[dict] | None) -> bool:
+        """Whether the request's chat template prints `tool_calls` itself."""
+        template = self._inputs.tool_chat_template if tools else self._inputs.chat_template
+        return template is not None and "tool_calls" in template.source
+
     def _messages(self, request: ChatCompletionRequest, tools: list[dict] | None) -> list[dict]:
         """The request's messages as its chat template expects them (engine/chat_messages.py)."""
-        template = self._inputs.tool_chat_template if tools else self._inputs.chat_template
-        prints_tool_calls = template is not None and "tool_calls" in template.source
-        return template_messages(request.messages, prints_tool_calls)
+        return template_messages(request.messages, self._prints_tool_calls(tools))
 
     @staticmethod
     def _tools(request) -> list[dict] | None:
         return list(request.tool_schemas) if request.tool_schemas else None
 
-    def submit_chat_completion(self, request: ChatCompletionRequest, *, outputs=None) -> Submission:
+    def submit_chat_completion(self, request: ChatCompletionRequest, *, outputs=None,
+                               image_policy: ImageSourcePolicy | None = None) -> Submission:
         """Render, tokenize and queue a chat request without waiting for it.
 
         `outputs` (anything with a thread-safe `put(message)`) replaces the request's queue; the engine thread
-        puts `SeqDelta` lists, then a `RequestFinished` (or an exception) on it. Raises ValueError for a bad
-        request (prompt too long, no chat template, an image part, unsupported option).
+        puts `SeqDelta` lists, then a `RequestFinished` (or an exception) on it. `image_policy`: the image sources
+        the request may name (None: `self.image_policy`; the server passes its own). Raises ValueError for a bad
+        request (prompt too long, no chat template, an image part to a text model or an unusable image,
+        unsupported option).
         """
         tools = self._tools(request)
-        prompt_ids = self._inputs.chat_prompt_ids(self._messages(request, tools), tools,
-                                                  keep_tail=self.truncate_sequence)
+        images = None
+        if self._images is not None:
+            images = self._images.load_images(request.messages, image_policy or self.image_policy)
+        if images is None:
+            prompt_ids = self._inputs.chat_prompt_ids(self._messages(request, tools), tools,
+                                                      keep_tail=self.truncate_sequence)
+        else:
+            prompt_ids = self._images.chat_prompt_ids(request.messages, tools, self._prints_tool_calls(tools),
+                                                      self.truncate_sequence, images)
         engine_request = self._submit(prompt_ids, request, request.n_choices, request.logprobs,
-                                      request.top_logprobs, outputs)
+                                      request.top_logprobs, outputs, images)
         parse_tools = bool(request.tool_schemas) and request.tool_choice not in (None, ToolChoice.NoTools)
         assembler = ChatAssembler(engine_request.request_id, self.model_id, request.n_choices, request.logprobs,
                                   parse_tools)

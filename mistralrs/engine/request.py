@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from mistralrs.engine.stop_strings import StopStringMatcher, check_stop_strings
 from mistralrs.sample import SamplingParams
 from mistralrs.sample.grammar import CompiledGrammar
+from mistralrs.vision.base import ImageInputs
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EngineRequest:
     skip_special_tokens: bool = True                    # when detokenizing the output
     grammar: CompiledGrammar | None = None              # constrains every sequence (one matcher each)
     adapters: tuple[str, ...] | None = None             # LoRA adapters of this request (None: the active set)
+    images: ImageInputs | None = None                   # a vision model's preprocessed images (None: text only)
     arrival_time: float = field(default_factory=time.monotonic)  # when it was queued (Usage timings start here)
     outputs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # engine → caller messages
 

@@ -21,6 +21,9 @@ from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
+from mistralrs.loader.vision_loader import (
+    build_vision_model, read_processor_files, vision_context_length, vision_family, vision_processor,
+)
 from mistralrs.models.registry import text_in_multimodal
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
@@ -29,6 +32,7 @@ from mistralrs.quant.topology import Topology
 from mistralrs.quant.uqff import (
     COPIED_FILES, RESIDUAL_FILENAME, UqffQuantConfig, check_uqff_path, resolve_uqff_path, write_model_uqff,
 )
+from mistralrs.vision.base import VisionProcessor
 from mistralrs.worker.device_map import DeviceMapSpec
 
 
@@ -44,6 +48,7 @@ class LoadedModel:
     device: torch.device
     isq: IsqQuantConfig | None = None  # the in-situ quantization applied (re-ISQ keeps its topology and MoQE)
     quantized_file: bool = False   # loaded from GGUF/GGML blocks: re-ISQ does not apply
+    vision_processor: VisionProcessor | None = None  # a vision model's image processor (None: a text model)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -253,8 +258,32 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
                        dtype, device, quantized_file=True)
 
 
+def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
+    """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), the imatrix
+    or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
+    if spec.from_uqff is not None or spec.write_uqff is not None:
+        raise ValueError(f"{spec.label}: from_uqff and write_uqff are not supported for vision models yet")
+    source = ModelSource(spec.model_id, token=spec.token)
+    config = _read_json(source.get("config.json"))
+    family = vision_family(config, spec.arch)
+    device = device_map.main
+    dtype = resolve_dtype(spec.dtype, device)
+    isq = _isq_config(spec, device_map)
+    calibration_file = spec.isq.calibration_file
+    weights = _progress(iter_safetensors(_safetensors_paths(source), dtype), None, spec.show_progress, "loading")
+    model = build_vision_model(family, config, weights, dtype=dtype, device=device, device_map=device_map,
+                               quant_config=isq if calibration_file is None else None)
+    tokenizer = _tokenizer_from_repo(source, spec.tokenizer_json, None, spec.chat_template, spec.jinja_explicit)
+    if isq is not None and calibration_file is not None:
+        isq = _calibrate(model.language_model, tokenizer, config, isq, calibration_file, device, dtype)
+    processor = vision_processor(family, read_processor_files(source), config, spec.max_edge)
+    return LoadedModel(model, tokenizer, spec.model_id, vision_context_length(model), dtype, device, isq=isq,
+                       vision_processor=processor)
+
+
 # The loader of each kind of model (without its adapters).
-_LOADERS = {LoadKind.PLAIN: _load_plain, LoadKind.GGUF: _load_gguf, LoadKind.GGML: _load_ggml}
+_LOADERS = {LoadKind.PLAIN: _load_plain, LoadKind.GGUF: _load_gguf, LoadKind.GGML: _load_ggml,
+            LoadKind.VISION: _load_vision}
 
 
 def _ordering_and_base(spec: LoadSpec, base_id: str | None) -> tuple[OrderingFile, str]:

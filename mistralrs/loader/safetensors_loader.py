@@ -57,6 +57,28 @@ def materialize_meta_weights(model: nn.Module) -> None:
             module.set_quant_method(UnquantizedMoEMethod())
 
 
+def load_all_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | GGMLTensor]]) -> None:
+    """`model.load_weights(weights)`; ValueError listing the checkpoint names that are missing or that the model
+    does not use."""
+    provided: set[str] = set()
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
+        for name, tensor in weights:
+            provided.add(name)
+            yield name, tensor
+
+    consumed = model.load_weights(recorded())
+    missing = model.expected_weight_names() - consumed
+    unexpected = provided - consumed
+    problems = []
+    if missing:
+        problems.append(f"missing weights: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights: {_listed(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
+
+
 def load_model(
     config_dict: dict[str, Any],
     weights: Iterable[tuple[str, torch.Tensor | GGMLTensor]],
@@ -90,23 +112,7 @@ def load_model(
         if quant_config is not None:
             quant_config.prepare(model)
         materialize_meta_weights(model)
-    provided: set[str] = set()
-
-    def recorded() -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
-        for name, tensor in weights:
-            provided.add(name)
-            yield name, tensor
-
-    consumed = model.load_weights(recorded())
-    missing = model.expected_weight_names() - consumed
-    unexpected = provided - consumed
-    problems = []
-    if missing:
-        problems.append(f"missing weights: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected weights: {_listed(unexpected)}")
-    if problems:
-        raise ValueError(f"checkpoint does not match {cls.__name__}: " + "; ".join(problems))
+    load_all_weights(model, weights)
     if placement is not None:
         placement.install_hooks(model)
     return model.eval()

@@ -24,6 +24,7 @@ class LoadKind(enum.Enum):
     PLAIN = "plain"  # a Hugging Face safetensors text model (local directory or hub repo)
     GGUF = "gguf"    # a GGUF text model (one file or several split files)
     GGML = "ggml"    # a legacy GGML (llama.cpp `ggjt`) llama file
+    VISION = "vision"  # a Hugging Face safetensors vision-language model (`*ForConditionalGeneration`)
 
 
 class AdapterKind(enum.Enum):
@@ -94,6 +95,7 @@ class LoadSpec:
     num_device_layers: tuple[str, ...] | None = None  # device map: ("N",) or ("ORD:NUM", ...)
     show_progress: bool | None = None  # progress bars; None: on a terminal unless MISTRALRS_NO_PROGRESS is set
     device: torch.device | None = None  # the model's device; None: CUDA device 0 when available, else the CPU
+    max_edge: int | None = None  # VISION: longest image edge the processor resizes to (None: the checkpoint's)
     execution: ExecutionOptions = field(default_factory=ExecutionOptions.for_library)  # fast/plain paths (the
     #                                  quant configs read `fast_kernels`; the engine gets the rest)
 
@@ -107,7 +109,8 @@ class LoadSpec:
         if self.model_id is None and (self.kind is not LoadKind.PLAIN or self.adapters is None):
             raise ValueError(f"{self.label}: LoadSpec.model_id is required (only an adapter model may take it from "
                              "its ordering file)")
-        if (self.kind is LoadKind.PLAIN) == bool(self.filenames):
+        safetensors = self.kind in (LoadKind.PLAIN, LoadKind.VISION)
+        if safetensors == bool(self.filenames):
             raise ValueError(f"{self.label}: LoadSpec.filenames name the GGUF/GGML files, and only those "
                              f"(kind {self.kind.value}, filenames {self.filenames!r})")
         if self.kind is LoadKind.GGML and len(self.filenames) != 1:
@@ -115,10 +118,15 @@ class LoadSpec:
         if self.kind is LoadKind.GGML and (self.topology is not None or self.num_device_layers is not None):
             raise ValueError(f"{self.label}: a manual device map (topology, num_device_layers) is not supported "
                              "for GGML models")
-        if self.kind is not LoadKind.PLAIN and self.isq != IsqSpec():
+        if not safetensors and self.isq != IsqSpec():
             raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only")
         if (self.from_uqff is not None or self.write_uqff is not None) and (
                 self.kind is not LoadKind.PLAIN or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")
-        if self.arch is not None and self.kind is not LoadKind.PLAIN:
+        if self.kind is LoadKind.VISION and (self.adapters is not None or self.isq.moqe):
+            raise ValueError(f"{self.label}: adapters and MoQE do not apply to vision models")
+        if self.max_edge is not None and (self.kind is not LoadKind.VISION or self.max_edge < 1):
+            raise ValueError(f"{self.label}: max_edge must be a positive integer and applies to vision models only, "
+                             f"got {self.max_edge!r}")
+        if self.arch is not None and not safetensors:
             raise ValueError(f"{self.label}: arch applies to safetensors models only (GGUF/GGML files name theirs)")

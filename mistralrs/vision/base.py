@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from mistralrs.models.base import CausalLM
+from mistralrs.models.config import TextModelConfig
+from mistralrs.models.registry import model_class_for
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
 
 # Checkpoint prefixes as transformers 5 writes them -> the published layout, which is our module tree
@@ -27,6 +29,23 @@ TRANSFORMERS5_RENAMES: tuple[tuple[str, str], ...] = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
 )
+
+
+# A text_config's model_type -> the text decoder's HF architecture (when the text_config names none).
+TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                      "phi3": "Phi3ForCausalLM"}
+
+
+def build_text_model(text_config: dict[str, Any], defaults: dict[str, Any], *, dtype: torch.dtype,
+                     device: torch.device | str) -> CausalLM:
+    """The text decoder of a vision checkpoint: `text_config` over `defaults` (the keys transformers' config class
+    fills in when a checkpoint leaves them out), built as the registered `*ForCausalLM` its `architectures` or
+    `model_type` names."""
+    merged = {**defaults, **{k: v for k, v in text_config.items() if v is not None}}
+    architectures = merged.get("architectures") or [TEXT_ARCHITECTURES.get(merged.get("model_type"), "")]
+    cls = model_class_for([a for a in architectures if a] or None)
+    return cls(TextModelConfig.from_hf_dict({**merged, "architectures": architectures}), dtype=dtype, device=device)
 
 
 @dataclass
@@ -62,6 +81,11 @@ class ProcessorFiles:
     preprocessor_config: dict[str, Any] = field(default_factory=dict)  # preprocessor_config.json
     processor_config: dict[str, Any] = field(default_factory=dict)  # processor_config.json
     tokenizer_config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json (special tokens)
+
+    def image_processor_config(self) -> dict[str, Any]:
+        """The image processor's parameters: preprocessor_config.json, else the `image_processor` entry that
+        transformers 5 writes into processor_config.json."""
+        return self.preprocessor_config or dict(self.processor_config.get("image_processor") or {})
 
 
 class VisionProcessor(ABC):
@@ -130,12 +154,18 @@ class VisionCausalLM(CausalLM):
     def kv_cache_spec(self) -> KVCacheSpec:
         return self.language_model.kv_cache_spec()
 
+    @property
+    def device_map(self):
+        """The text decoder's device map (worker/device_map.py), None when it runs on one device."""
+        return getattr(self.language_model, "device_map", None)
+
     @classmethod
     def canonical_weight_name(cls, name: str) -> str:
-        """`name` in the published layout (the first matching prefix of `WEIGHT_RENAMES` replaced)."""
+        """`name` in the published layout: the rules of `WEIGHT_RENAMES` applied in order, each to the name as the
+        rules before it left it (a rule replaces a matching prefix)."""
         for old, new in cls.WEIGHT_RENAMES:
             if name.startswith(old):
-                return new + name[len(old):]
+                name = new + name[len(old):]
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

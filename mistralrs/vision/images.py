@@ -112,11 +112,13 @@ def image_digest(images: list[Image.Image]) -> str:
     return "image:" + digest.hexdigest()
 
 
-def check_image_count(count: int, policy: ImageSourcePolicy, model_limit: int | None, where: str) -> None:
-    """ImageInputError when a request carries more images than the policy or the model accepts."""
+def check_image_count(wheres: list[str], policy: ImageSourcePolicy, model_limit: int | None) -> None:
+    """ImageInputError naming the first image part over the limit, when a request carries more images (one
+    `where` each) than the policy or the model accepts."""
     limit = min(policy.max_images, model_limit) if model_limit is not None else policy.max_images
-    if count > limit:
-        raise ImageInputError(f"{where}: {count} images in one request; at most {limit} are accepted", where)
+    if len(wheres) > limit:
+        raise ImageInputError(f"{wheres[limit]}: {len(wheres)} images in one request; at most {limit} are "
+                              "accepted", wheres[limit])
 
 
 def _looks_like_path(source: str) -> bool:

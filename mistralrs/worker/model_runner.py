@@ -13,16 +13,19 @@ from mistralrs.worker.device_map import layer_devices
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.image_features import ImageFeatureCache
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 
 @dataclass
 class SeqSampling:
-    """How one sequence samples: its request's parameters and its own RNG (None when greedy)."""
+    """How one sequence runs and samples: its request's parameters, its own RNG (None when greedy), its adapters
+    and its images."""
 
     params: SamplingParams
     generator: torch.Generator | None
     adapters: tuple[str, ...] | None = None  # the sequence's LoRA adapter set (None: the model's active set)
+    images: object | None = None  # the request's ImageInputs (mistralrs/vision/base.py); None: no image
 
 
 class ModelRunner:
@@ -42,6 +45,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.adapters = adapter_runtime_of(model)  # per-token adapter weights; None without separate adapters
         self.cpu_threads = CpuThreadChooser(device, options.cpu_threads)  # see worker/cpu_threads.py
+        # a vision model's per-sequence image features and M-RoPE tables; None for a text model
+        self.images = ImageFeatureCache(model) if hasattr(model, "encode_images") else None
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
@@ -62,6 +67,10 @@ class ModelRunner:
         if self.adapters is not None:
             sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
             hidden = self.adapters.forward(self.model, batch, output.scheduled, sets)
+        elif self.images is not None:
+            embeds = self._image_inputs(batch, output, sampling)
+            with batch.active():
+                hidden = self.model(batch.input_ids, batch.positions, batch, inputs_embeds=embeds)
         else:
             with batch.active():
                 hidden = self.model(batch.input_ids, batch.positions, batch)
@@ -78,3 +87,13 @@ class ModelRunner:
                                     seq_sampling.generator))
         tokens = self.sampler(logits, rows)
         return {output.scheduled[i].seq.seq_id: tok for i, tok in zip(sample_rows, tokens)}
+
+    def _image_inputs(self, batch: ForwardBatch, output: SchedulerOutput,
+                      sampling: dict[int, SeqSampling]) -> torch.Tensor | None:
+        """A vision model's step: its input embeddings with image features spliced in (None: plain token
+        embeddings), and `batch.rope_positions` for M-RoPE models (worker/image_features.py)."""
+        self.images.forget_except(sampling)
+        images = {s.seq.seq_id: sampling[s.seq.seq_id].images for s in output.scheduled
+                  if sampling[s.seq.seq_id].images is not None}
+        batch.rope_positions = self.images.rope_positions_for(output, images, batch.positions)
+        return self.images.embeddings(batch.input_ids, output, images, batch.query_start_locs)

@@ -59,7 +59,7 @@ def test_server_options_make_the_server_config():
     (["lora", "-a", "ADAPTERS", "-o", "order.json"], "order.json"),
     (["x-lora", "-x", "XLORA", "-o", "order.json"], "order.json"),
     (["ggml", "-t", "TOK", "-m", "DIR", "-f", "model.bin"], "model.bin"),
-    (["vision-plain", "-m", "ID", "-a", "idefics2"], "Which.VisionPlain is not supported yet"),
+    (["vision-plain", "-m", "ID", "-a", "phi3v"], "vision architecture Phi3V is not built"),
     (["diffusion-plain", "-m", "ID", "-a", "flux"], "Which.DiffusionPlain is not supported yet"),
     (["toml", "-f", "model.toml"], "toml model selectors are not supported yet"),
     (["--isq", "Q9K", "plain", "-m", "ID"], "ISQ type Q9K unknown"),

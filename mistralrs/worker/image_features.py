@@ -1,0 +1,147 @@
+"""Image features on the packed token axis: the model runner's side of vision models.
+
+A sequence with images carries the model's `ImageInputs` (mistralrs/vision/base.py). `ImageFeatureCache.embeddings`
+builds a step's input embeddings: the text embeddings of the packed tokens, with the rows of prompt tokens equal to
+the model's `image_token_id` replaced by that image token's feature row (the k-th image token of a prompt takes row
+k of `encode_images`). A sequence's features are computed once, at the first chunk that reaches an image token
+(several sequences' images in one call when their tensors stack), kept while later chunks of its prefill still hold
+image tokens (a chunk may split an image's run), and freed once a chunk passed its last image token. Positions the
+prefix cache already holds are never computed, so a sequence whose images are all cached never encodes them.
+
+M-RoPE models (`rope_positions` not None) get `[3, num_tokens]` positions per step (`rope_positions_for`), from a
+table computed once per sequence and kept for its life (decode tokens continue it by the table's delta).
+
+Only the model's contract is used here (duck-typed, the worker floor does not import `vision`): `image_token_id`,
+`encode_images(inputs)`, `embed(input_ids)`, `rope_positions(prompt_ids, inputs)`, and the inputs'
+`num_image_tokens` and `tensors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mistralrs.core import SchedulerOutput
+
+
+@dataclass
+class _SeqImages:
+    """One sequence's image state."""
+
+    inputs: object  # its ImageInputs
+    token_positions: list[int]  # prompt indices of its image tokens, in order (row k of the features <-> k-th)
+    features: torch.Tensor | None = None  # [len(token_positions), hidden] while its prefill still needs them
+    done: bool = False  # its prefill has passed the last image token: features freed
+
+
+@dataclass
+class ImageFeatureCache:
+    """Per-sequence image features and M-RoPE tables of a vision model (see the module docstring)."""
+
+    model: nn.Module
+    _seqs: dict[int, _SeqImages] = field(default_factory=dict)
+    _rope: dict[int, tuple[torch.Tensor, int] | None] = field(default_factory=dict)  # seq_id -> (table, delta)
+
+    def forget_except(self, live_seq_ids) -> None:
+        """Drops the state of sequences that are gone (finished, aborted, failed)."""
+        for table in (self._seqs, self._rope):
+            for seq_id in [s for s in table if s not in live_seq_ids]:
+                del table[seq_id]
+
+    def has_features(self, seq_id: int) -> bool:
+        """Whether the sequence's features are held now (tests check that they are freed)."""
+        state = self._seqs.get(seq_id)
+        return state is not None and state.features is not None
+
+    def embeddings(self, input_ids: torch.Tensor, output: SchedulerOutput, images: dict[int, object],
+                   query_start_locs: list[int]) -> torch.Tensor | None:
+        """The step's input embeddings with image features spliced in; None when no chunk holds an image token
+        (the model then embeds the tokens itself). `images`: seq_id -> ImageInputs of the sequences with images."""
+        wanted = []  # (packed index, seq state, feature row)
+        needs_encoding = []
+        for s, scheduled in enumerate(output.scheduled):
+            seq = scheduled.seq
+            inputs = images.get(seq.seq_id)
+            if inputs is None:
+                continue
+            state = self._state(seq.seq_id, seq.prompt_token_ids, inputs)
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + scheduled.num_new_tokens
+            rows = [(k, p) for k, p in enumerate(state.token_positions) if start <= p < end]
+            if rows and state.features is None:
+                needs_encoding.append(state)
+            wanted.extend((query_start_locs[s] + p - start, state, k) for k, p in rows)
+            if not state.token_positions or end > state.token_positions[-1]:
+                state.done = True
+        if not wanted:
+            self._free_done()
+            return None
+        self._encode(needs_encoding)
+        embeds = self.model.embed(input_ids)
+        index = torch.tensor([i for i, _, _ in wanted], device=embeds.device)
+        rows = torch.cat([state.features[k:k + 1] for _, state, k in wanted])
+        embeds = embeds.index_copy(0, index, rows.to(device=embeds.device, dtype=embeds.dtype))
+        self._free_done()
+        return embeds
+
+    def _state(self, seq_id: int, prompt: list[int], inputs) -> _SeqImages:
+        state = self._seqs.get(seq_id)
+        if state is None or state.inputs is not inputs:
+            image_token = self.model.image_token_id
+            positions = [i for i, t in enumerate(prompt) if t == image_token]
+            if len(positions) != sum(inputs.num_image_tokens):
+                raise ValueError(f"the prompt holds {len(positions)} image tokens for "
+                                 f"{sum(inputs.num_image_tokens)} image feature rows")
+            state = self._seqs[seq_id] = _SeqImages(inputs, positions)
+        if state.done and state.features is None:
+            state.done = False  # recomputed from the start (preempted): encode again when reached
+        return state
+
+    def _encode(self, states: list[_SeqImages]) -> None:
+        """Encodes the states' images: one `encode_images` call per group of sequences whose tensors stack."""
+        groups: dict[tuple, list[_SeqImages]] = {}
+        for state in states:
+            key = tuple(sorted((name, tuple(t.shape[1:]), t.dtype) for name, t in state.inputs.tensors.items()))
+            groups.setdefault(key, []).append(state)
+        for group in groups.values():
+            if len(group) == 1:
+                group[0].features = self.model.encode_images(group[0].inputs)
+                continue
+            merged = type(group[0].inputs)(
+                {name: torch.cat([s.inputs.tensors[name] for s in group]) for name in group[0].inputs.tensors},
+                [n for s in group for n in s.inputs.num_image_tokens], "batch")
+            features = self.model.encode_images(merged)
+            for state, part in zip(group, features.split([sum(s.inputs.num_image_tokens) for s in group])):
+                state.features = part
+
+    def _free_done(self) -> None:
+        for state in self._seqs.values():
+            if state.done:
+                state.features = None
+
+    def rope_positions_for(self, output: SchedulerOutput, images: dict[int, object],
+                           positions: torch.Tensor) -> torch.Tensor | None:
+        """`[3, num_tokens]` M-RoPE positions of the step (None when the model has none for any sequence)."""
+        tables = []
+        for scheduled in output.scheduled:
+            seq = scheduled.seq
+            if seq.seq_id not in self._rope:
+                self._rope[seq.seq_id] = self.model.rope_positions(seq.prompt_token_ids, images.get(seq.seq_id))
+            tables.append(self._rope[seq.seq_id])
+        if all(t is None for t in tables):
+            return None
+        pieces = []
+        for scheduled, table in zip(output.scheduled, tables):
+            start = scheduled.seq.num_computed_tokens
+            index = torch.arange(start, start + scheduled.num_new_tokens)
+            if table is None:
+                pieces.append(index.expand(3, -1))
+                continue
+            rope, delta = table
+            prompt_len = rope.shape[1]
+            chunk = torch.where(index < prompt_len, torch.zeros_like(index), index + delta).expand(3, -1).clone()
+            in_prompt = index < prompt_len
+            chunk[:, in_prompt] = rope[:, index[in_prompt]].to(chunk.dtype)
+            pieces.append(chunk)
+        return torch.cat(pieces, dim=1).to(positions.device)
