@@ -96,7 +96,8 @@ def _special_token(files: ProcessorFiles, key: str, default: str) -> str:
     """A Gemma 3 tokenizer's extra special token (top level of tokenizer_config.json, or transformers 5's
     `extra_special_tokens`)."""
     config = files.tokenizer_config
-    return config.get(key) or (config.get("extra_special_tokens") or {}).get(key) or default
+    extra = config.get("extra_special_tokens")
+    return config.get(key) or (extra.get(key) if isinstance(extra, dict) else None) or default
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class Gemma3Processor(VisionProcessor):
 
     @classmethod
     def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None) -> Gemma3Processor:
-        pp = files.preprocessor_config
+        pp = files.image_processor_config()
         size = pp.get("size") or {"height": 896, "width": 896}
         pas = None
         if pp.get("do_pan_and_scan"):

@@ -208,7 +208,7 @@ class Idefics2Processor(VisionProcessor):
 
     @classmethod
     def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None) -> Idefics2Processor:
-        pp = files.preprocessor_config
+        pp = files.image_processor_config()
         size = pp.get("size") or {}
         longest = int(size.get("longest_edge", 980))
         if max_edge is not None:

@@ -127,7 +127,7 @@ class Idefics3Processor(VisionProcessor):
 
     @classmethod
     def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None) -> Idefics3Processor:
-        pp = files.preprocessor_config
+        pp = files.image_processor_config()
         vision = SiglipVisionConfig.from_hf_dict(config.get("vision_config"), VISION_DEFAULTS)
         scale = int(config.get("scale_factor", 2))
         default_seq_len = int(vision.patches_per_side**2 / scale**2)

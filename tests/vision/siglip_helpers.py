@@ -4,7 +4,9 @@ features (what the model runner does)."""
 
 from __future__ import annotations
 
+import base64
 import glob
+import io
 import json
 import os
 import random
@@ -17,7 +19,7 @@ from mistralrs.loader.safetensors_loader import iter_safetensors
 from mistralrs.vision.base import ImageInputs, VisionCausalLM
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
-from tests.tiny_models import char_tokenizer
+from tests.tiny_models import CHARACTERS, char_tokenizer
 
 BLOCK_SIZE = 4
 
@@ -136,3 +138,57 @@ class VisionDriver:
             self.extend(seq_id, token)
             logits = self.step([(seq_id, 1)])[0]
         return out
+
+
+def save_checkpoint(path, hf_model, hf_processor, chat_template: str) -> None:
+    """The model, its processor files and tokenizer as transformers saves them, plus a chat template (and no BOS)
+    in tokenizer_config.json for our loader."""
+    hf_model.save_pretrained(path)
+    hf_processor.save_pretrained(path)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config.update(chat_template=chat_template, bos_token=None)
+    with open(config_path, "w") as f:
+        json.dump(tokenizer_config, f)
+
+
+def banned_ids(tokenizer) -> dict[int, float]:
+    """Every non-character token (ChatML and image specials), as a logit bias: generated text then re-tokenizes
+    to the same ids."""
+    return {i: -1e9 for i in range(len(CHARACTERS), len(tokenizer))}
+
+
+def hf_greedy(hf_model, hf_inputs, banned: dict[int, float], num_tokens: int) -> list[int]:
+    """transformers' greedy tokens (full forward passes, `banned` ids excluded) for processor outputs."""
+    inputs = {k: v for k, v in hf_inputs.items() if k != "attention_mask"}
+    generated = []
+    with torch.inference_mode():
+        for _ in range(num_tokens):
+            logits = hf_model(**inputs).logits[0, -1]
+            logits[list(banned)] = float("-inf")
+            token = int(logits.argmax())
+            generated.append(token)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
+            if "token_type_ids" in inputs:
+                types = inputs["token_type_ids"]
+                inputs["token_type_ids"] = torch.cat([types, torch.zeros(1, 1, dtype=types.dtype)], dim=1)
+    return generated
+
+
+def data_url(image: Image.Image) -> dict:
+    """An OpenAI image part holding `image` as a PNG data URL."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def runner_greedy(runner, content: list[dict], banned: dict[int, float], num_tokens: int) -> list[int]:
+    """The Runner's greedy tokens for one user message with `content` parts (`banned` ids excluded)."""
+    from mistralrs import ChatCompletionRequest
+
+    response = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": content}], model="m", max_tokens=num_tokens, temperature=0.0,
+        logit_bias=banned))
+    return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)

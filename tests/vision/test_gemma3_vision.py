@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 
-from mistralrs import ModelDType, Which
+from mistralrs import ModelDType, Runner, VisionArchitecture, Which
 from mistralrs.vision.base import ImageInputs, ProcessorFiles
 from mistralrs.vision.gemma3 import Gemma3ForConditionalGeneration, Gemma3Processor
 from mistralrs.worker.options import ExecutionOptions
 from tests.loading import load_which
 from tests.models.family_harness import TinyRunner
-from tests.vision.siglip_helpers import VisionDriver, load_ours, random_image, sharpen, tiny_hf_tokenizer
+from tests.vision.siglip_helpers import (VisionDriver, banned_ids, data_url, hf_greedy, load_ours, random_image,
+                                         runner_greedy, save_checkpoint, sharpen, tiny_hf_tokenizer)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -25,6 +26,11 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 PREPROCESSOR = {"size": {"height": 28, "width": 28}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 3,
                 "pan_and_scan_min_ratio_to_activate": 1.2}
+# Gemma-style: the template prints <start_of_image> for an image part
+CHAT_TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['content'] is string %}"
+                 "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+                 "<start_of_image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 IMAGES = [random_image(45, 26, seed=1), random_image(19, 33, seed=2)]
 
 
@@ -83,10 +89,9 @@ def checkpoint(tokenizer, tmp_path_factory):
     hf = HFModel(Gemma3Config(**config_dict(tokenizer))).eval()
     sharpen(hf, seed=1, skip=("language_model.", "mm_soft_emb_norm"))  # Gemma's `1 + w` norms (and all text
     #                                                                  weights small: its embeddings are scaled)
-    path = tmp_path_factory.mktemp("gemma3")
-    hf.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return hf, str(path)
+    path = str(tmp_path_factory.mktemp("gemma3"))
+    save_checkpoint(path, hf, hf_processor(tokenizer), CHAT_TEMPLATE)
+    return hf, path
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +189,19 @@ def test_config_errors(tokenizer):
     with pytest.raises(ValueError, match="placeholder"):
         our_processor(tokenizer).expand_prompt("no image here", ImageInputs({"num_crops": torch.tensor([0])}, [4],
                                                                             "image:x"))
+
+
+def test_greedy_tokens_through_a_runner(tokenizer, checkpoint):
+    """Two images placed by the chat template, through `Runner(Which.VisionPlain)`: 16 greedy tokens equal
+    transformers' (bidirectional image attention included); then a text-only request to the same model."""
+    hf, path = checkpoint
+    banned = banned_ids(tokenizer)
+    runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.Gemma3, dtype=ModelDType.F32))
+    content = [{"type": "text", "text": "Compare"}, data_url(IMAGES[0]), {"type": "text", "text": "with"},
+               data_url(IMAGES[1])]
+    prompt = "<start_of_turn>user\nCompare<start_of_image>with<start_of_image><end_of_turn>\n<start_of_turn>model\n"
+    assert runner_greedy(runner, content, banned, 16) == hf_greedy(hf, hf_inputs_for(tokenizer, prompt, IMAGES),
+                                                                  banned, 16)
+    text_prompt = "<start_of_turn>user\nHello there.<end_of_turn>\n<start_of_turn>model\n"
+    expected = hf_greedy(hf, tokenizer(text_prompt, return_tensors="pt"), banned, 16)
+    assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mistralrs import ModelDType, Runner, VisionArchitecture, Which
 from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
-from tests.vision.siglip_helpers import VisionDriver, load_ours, random_image, sharpen, tiny_hf_tokenizer
+from tests.vision.siglip_helpers import (VisionDriver, banned_ids, data_url, hf_greedy, load_ours, random_image,
+                                         runner_greedy, save_checkpoint, sharpen, tiny_hf_tokenizer)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -19,6 +21,11 @@ PERCEIVER = dict(hidden_size=64, resampler_n_latents=3, resampler_depth=2, resam
                  resampler_head_dim=8, num_key_value_heads=2, rms_norm_eps=1e-5)
 PREPROCESSOR = {"size": {"shortest_edge": 14, "longest_edge": 28}}
 # sizes chosen so that the parts of a request differ in size (padding, partial patches)
+# Idefics-style: the template prints <image> for an image part
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['content'] is string %}{{ m['content'] }}"
+                 "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}"
+                 "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+                 "{% if add_generation_prompt %}Assistant:{% endif %}")
 IMAGES = [random_image(45, 26, seed=1), random_image(19, 33, seed=2)]  # RGB: the front door converts
 
 
@@ -74,8 +81,8 @@ def models(tokenizer, tmp_path_factory):
     hf = HFModel(Idefics2Config(**config_dict(tokenizer))).eval()
     sharpen(hf, seed=1)
     path = str(tmp_path_factory.mktemp("idefics2"))
-    hf.save_pretrained(path)
-    return hf, load_ours(Idefics2ForConditionalGeneration, path)
+    save_checkpoint(path, hf, hf_processor(tokenizer), CHAT_TEMPLATE)
+    return hf, load_ours(Idefics2ForConditionalGeneration, path), path
 
 
 def _case(tokenizer, num_images: int, split: bool = False):
@@ -91,7 +98,7 @@ def _case(tokenizer, num_images: int, split: bool = False):
 
 @pytest.mark.parametrize("num_images,split", [(1, False), (2, False), (2, True)])
 def test_prompt_logits_match_transformers(tokenizer, models, num_images, split):
-    hf, ours = models
+    hf, ours, _ = models
     hf_inputs, inputs, ids = _case(tokenizer, num_images, split)
     assert not bool(inputs.tensors["pixel_attention_mask"].all()) or num_images == 1  # padded parts are covered
     with torch.inference_mode():
@@ -103,7 +110,7 @@ def test_prompt_logits_match_transformers(tokenizer, models, num_images, split):
 
 
 def test_greedy_tokens_match_transformers(tokenizer, models):
-    hf, ours = models
+    hf, ours, _ = models
     hf_inputs, inputs, ids = _case(tokenizer, 2)
     expected, tokens = [], hf_inputs["input_ids"]
     with torch.inference_mode():
@@ -115,3 +122,19 @@ def test_greedy_tokens_match_transformers(tokenizer, models):
     driver = VisionDriver(ours)
     driver.add(0, ids, inputs)
     assert driver.greedy(0, 16) == expected
+
+
+def test_greedy_tokens_through_a_runner(tokenizer, models):
+    """Two images placed by the chat template where their parts are, through `Runner(Which.VisionPlain)`: 16 greedy
+    tokens equal transformers'; then a text-only request to the same model."""
+    hf, _, path = models
+    banned = banned_ids(tokenizer)
+    runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.Idefics2, dtype=ModelDType.F32))
+    content = [data_url(IMAGES[0]), {"type": "text", "text": "Compare"}, data_url(IMAGES[1]),
+               {"type": "text", "text": "please."}]
+    prompt = "User:<image>Compare<image>please.<end_of_utterance>\nAssistant:"
+    hf_inputs = hf_processor(tokenizer)(text=prompt, images=IMAGES, return_tensors="pt")
+    assert runner_greedy(runner, content, banned, 16) == hf_greedy(hf, hf_inputs, banned, 16)
+    text_prompt = "User:Hello there.<end_of_utterance>\nAssistant:"
+    expected = hf_greedy(hf, tokenizer(text_prompt, return_tensors="pt"), banned, 16)
+    assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected

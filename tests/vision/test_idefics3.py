@@ -6,17 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mistralrs import ModelDType, Runner, VisionArchitecture, Which
 from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
-from tests.vision.siglip_helpers import VisionDriver, load_ours, sharpen, random_image, tiny_hf_tokenizer
-
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+from tests.vision.siglip_helpers import (VisionDriver, banned_ids, data_url, hf_greedy, load_ours, random_image,
+                                         runner_greedy, save_checkpoint, sharpen, tiny_hf_tokenizer)
 
 SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
     f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
               patch_size=7)
 PREPROCESSOR = {"size": {"longest_edge": 84}, "max_image_size": {"longest_edge": 28}}
+# Idefics-style: the template prints <image> for an image part
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['content'] is string %}{{ m['content'] }}"
+                 "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}"
+                 "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+                 "{% if add_generation_prompt %}Assistant:{% endif %}")
 IMAGES = [random_image(70, 45, seed=1), random_image(20, 30, seed=2, mode="RGBA")]
 
 
@@ -68,8 +73,8 @@ def models(tokenizer, tmp_path_factory):
     hf = HFModel(Idefics3Config(**config_dict(tokenizer))).eval()
     sharpen(hf, seed=1)
     path = str(tmp_path_factory.mktemp("idefics3"))
-    hf.save_pretrained(path)
-    return hf, load_ours(Idefics3ForConditionalGeneration, path)
+    save_checkpoint(path, hf, hf_processor(tokenizer), CHAT_TEMPLATE)
+    return hf, load_ours(Idefics3ForConditionalGeneration, path), path
 
 
 def _case(tokenizer, num_images: int):
@@ -85,7 +90,7 @@ def _case(tokenizer, num_images: int):
 
 @pytest.mark.parametrize("num_images", [1, 2])
 def test_prompt_logits_match_transformers(tokenizer, models, num_images):
-    hf, ours = models
+    hf, ours, _ = models
     hf_inputs, inputs, ids = _case(tokenizer, num_images)
     with torch.inference_mode():
         expected = hf(**hf_inputs).logits[0]
@@ -102,7 +107,7 @@ def test_prompt_logits_match_transformers(tokenizer, models, num_images):
 
 
 def test_greedy_tokens_match_transformers(tokenizer, models):
-    hf, ours = models
+    hf, ours, _ = models
     hf_inputs, inputs, ids = _case(tokenizer, 2)
     expected, tokens = [], hf_inputs["input_ids"]
     with torch.inference_mode():
@@ -114,3 +119,20 @@ def test_greedy_tokens_match_transformers(tokenizer, models):
     driver = VisionDriver(ours)
     driver.add(0, ids, inputs)
     assert driver.greedy(0, 16) == expected
+
+
+def test_greedy_tokens_through_a_runner(tokenizer, models):
+    """Two images placed by the chat template where their parts are, through `Runner(Which.VisionPlain)`: 16 greedy
+    tokens equal transformers'; then a text-only request to the same model."""
+    hf, _, path = models
+    banned = banned_ids(tokenizer)
+    runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.Idefics3, dtype=ModelDType.F32))
+    images = [IMAGES[0], random_image(20, 30, seed=2)]  # RGB: the front door drops an alpha channel
+    content = [data_url(images[0]), {"type": "text", "text": "Compare"}, data_url(images[1]),
+               {"type": "text", "text": "please."}]
+    prompt = "User:<image>Compare<image>please.<end_of_utterance>\nAssistant:"
+    hf_inputs = hf_processor(tokenizer)(text=prompt, images=images, return_tensors="pt")
+    assert runner_greedy(runner, content, banned, 16) == hf_greedy(hf, hf_inputs, banned, 16)
+    text_prompt = "User:Hello there.<end_of_utterance>\nAssistant:"
+    expected = hf_greedy(hf, tokenizer(text_prompt, return_tensors="pt"), banned, 16)
+    assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected
