@@ -10,9 +10,9 @@ image ... and here are some crops to help you see better ..." followed by one su
 
 Attention: as in transformers, the `<image_soft_token>` run of one image attends to itself bidirectionally (the
 rest stays causal; sliding layers keep their window). The model marks the runs of each chunk as bidirectional
-blocks of the step's `ForwardBatch`; a run that a chunked prefill splits is bidirectional within each part (a part
-sees the earlier parts, which are in the cache, but not the later ones), which differs from transformers' one-pass
-prefill; a prompt chunk size at least as long as the prompt's image runs avoids it.
+blocks of the step's `ForwardBatch`; a run that a chunk boundary of a chunked prefill splits is bidirectional within
+each part (a part sees the earlier parts, which are in the cache, but not the later ones), which differs from
+transformers' one-pass prefill. A prefix-cache hit ending inside a run is exact (the cached part saw the whole run).
 """
 
 from __future__ import annotations

@@ -19,19 +19,15 @@ from mistralrs.loader.safetensors_loader import iter_safetensors
 from mistralrs.vision.base import ImageInputs, VisionCausalLM
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
-from tests.tiny_models import CHARACTERS, char_tokenizer
+from tests.tiny_models import CHARACTERS
+from tests.vision.tiny_vision import char_tokenizer_with, hf_fast_tokenizer
 
 BLOCK_SIZE = 4
 
 
 def tiny_hf_tokenizer(extra_special: list[str], **kwargs):
     """A transformers fast tokenizer: one token per character, ChatML specials, and `extra_special` tokens."""
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = char_tokenizer()
-    tokenizer.add_special_tokens(extra_special)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   **kwargs)
+    return hf_fast_tokenizer(char_tokenizer_with(extra_special), {"pad_token": "<|endoftext|>", **kwargs})
 
 
 def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
