@@ -257,6 +257,8 @@ def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> N
         help="seconds a client has to send a request head, then its body (default 60)")
     add("--max-connections", type=int, default=None, help="open connections served at once (default 512)")
     add("-l", "--log", default=None, help="append request and response bodies to this file")
+    add("--allowed-image-dir", default=None, metavar="DIR",
+        help="let image URLs name files below this directory (file:// and local paths; default: refused)")
     add("--throughput", action="store_true", help="accepted; every response's usage reports its throughput")
     _add_runner_options(parser)
 
@@ -361,7 +363,8 @@ def server_config_from_args(args: argparse.Namespace):
     return ServerConfig(api_key=args.api_key or os.environ.get("MISTRALRS_API_KEY") or None,
                         cors_origins=[o.strip() for o in args.cors.split(",") if o.strip()],
                         allowed_hosts=tuple(args.allowed_hosts), admin_without_key=args.enable_admin_endpoints,
-                        docs=args.docs, strict_model_name=args.strict_model_name, **limits)
+                        docs=args.docs, strict_model_name=args.strict_model_name,
+                        allowed_image_dir=args.allowed_image_dir, **limits)
 
 
 def _serve(args: argparse.Namespace) -> None:

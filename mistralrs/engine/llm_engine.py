@@ -68,7 +68,8 @@ def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOpt
 
 
 class LLMEngine:
-    """Loads one text model and serves it: requests in, response objects out, control commands between steps.
+    """Loads one model (text, or vision with its image front door) and serves it: requests in, response objects
+    out, control commands between steps.
 
     Thread-safe: several threads may submit at once; their requests are batched together by the engine thread.
     With `truncate_sequence`, a prompt that does not fit the context keeps its tail instead of being rejected.

@@ -22,7 +22,8 @@ from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
 from mistralrs.loader.vision_loader import (
-    build_vision_model, read_processor_files, vision_context_length, vision_family, vision_processor,
+    build_vision_model, canonical_weights, read_processor_files, vision_context_length, vision_family,
+    vision_processor,
 )
 from mistralrs.models.registry import text_in_multimodal
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
@@ -210,7 +211,8 @@ def _write_uqff(spec: LoadSpec, source: ModelSource, model: nn.Module, dtype: to
     files = {name: source.maybe_get(name) for name in COPIED_FILES}
     if spec.tokenizer_json is not None:
         files["tokenizer.json"] = spec.tokenizer_json
-    write_model_uqff(spec.write_uqff, model, _safetensors_paths(source), dtype, files, moqe=isq.moqe)
+    rename = getattr(model, "canonical_weight_name", None)  # a vision model's residual: published names
+    write_model_uqff(spec.write_uqff, model, _safetensors_paths(source), dtype, files, moqe=isq.moqe, rename=rename)
 
 
 def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
@@ -259,23 +261,28 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 
 
 def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
-    """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), the imatrix
-    or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
-    if spec.from_uqff is not None or spec.write_uqff is not None:
-        raise ValueError(f"{spec.label}: from_uqff and write_uqff are not supported for vision models yet")
+    """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), UQFF, the
+    imatrix or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
     source = ModelSource(spec.model_id, token=spec.token)
     config = _read_json(source.get("config.json"))
     family = vision_family(config, spec.arch)
     device = device_map.main
     dtype = resolve_dtype(spec.dtype, device)
     isq = _isq_config(spec, device_map)
+    uqff = _uqff_config(spec, source, isq)
+    if uqff is not None:
+        isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
     calibration_file = spec.isq.calibration_file
-    weights = _progress(iter_safetensors(_safetensors_paths(source), dtype), None, spec.show_progress, "loading")
-    model = build_vision_model(family, config, weights, dtype=dtype, device=device, device_map=device_map,
-                               quant_config=isq if calibration_file is None else None)
+    weights = canonical_weights(family, _progress(iter_safetensors(_weight_paths(source, uqff), dtype), None,
+                                                  spec.show_progress, "loading"))
+    model = build_vision_model(family, config, uqff.checkpoint_weights(weights) if uqff is not None else weights,
+                               dtype=dtype, device=device, device_map=device_map,
+                               quant_config=uqff or (isq if calibration_file is None else None))
     tokenizer = _tokenizer_from_repo(source, spec.tokenizer_json, None, spec.chat_template, spec.jinja_explicit)
     if isq is not None and calibration_file is not None:
-        isq = _calibrate(model.language_model, tokenizer, config, isq, calibration_file, device, dtype)
+        isq = _calibrate(model, tokenizer, config, isq, calibration_file, device, dtype)
+    if spec.write_uqff is not None:
+        _write_uqff(spec, source, model, dtype, isq)
     processor = vision_processor(family, read_processor_files(source), config, spec.max_edge)
     return LoadedModel(model, tokenizer, spec.model_id, vision_context_length(model), dtype, device, isq=isq,
                        vision_processor=processor)

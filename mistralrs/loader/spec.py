@@ -121,7 +121,7 @@ class LoadSpec:
         if not safetensors and self.isq != IsqSpec():
             raise ValueError(f"{self.label}: in-situ quantization applies to safetensors models only")
         if (self.from_uqff is not None or self.write_uqff is not None) and (
-                self.kind is not LoadKind.PLAIN or self.adapters is not None):
+                not safetensors or self.adapters is not None):
             raise ValueError(f"{self.label}: from_uqff and write_uqff apply to safetensors models without adapters")
         if self.kind is LoadKind.VISION and (self.adapters is not None or self.isq.moqe):
             raise ValueError(f"{self.label}: adapters and MoQE do not apply to vision models")

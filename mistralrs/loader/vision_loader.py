@@ -1,15 +1,17 @@
 """Building a vision-language model (`LoadKind.VISION`) from its checkpoint: the registered
 `*ForConditionalGeneration` class and its processor (mistralrs/vision/registry.py).
 
-In-situ quantization, the topology's device map and the imatrix apply to the text decoder (`model.language_model`)
-only, as in the reference (REFERENCE §8.11: "device mapping and topology apply only to the text model's layers");
-the vision tower and projector stay in the model dtype on the model's device.
+In-situ quantization, UQFF, the topology's device map and the imatrix apply to the text decoder
+(`model.language_model`) only, as in the reference (REFERENCE §8.11: "device mapping and topology apply only to
+the text model's layers"): the vision tower and projector are plain torch modules, which no quant config sees;
+they stay in the model dtype on the model's device. Checkpoint names are taken to the published layout
+(`canonical_weights`) before anything reads them, so ISQ/UQFF layer names are `language_model.model.layers.N...`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,8 +49,9 @@ def build_vision_model(family: VisionFamily, config: dict[str, Any],
                        weights: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype, device: torch.device,
                        quant_config: QuantConfig | None = None,
                        device_map: DeviceMapSpec | None = None) -> VisionCausalLM:
-    """The family's model with `weights` (any layout its `WEIGHT_RENAMES` know) loaded; ISQ (`quant_config`) and
-    the device map applied to its text decoder. ValueError naming missing or unexpected checkpoint names."""
+    """The family's model with `weights` (published names: see `canonical_weights`) loaded; the quant config
+    (ISQ, UQFF) and the device map applied to its text decoder. ValueError naming missing or unexpected
+    checkpoint names."""
     if quant_config is None and device_map is None:
         model = family.model_cls(config, dtype=dtype, device=device)
         placement = None
@@ -60,12 +63,19 @@ def build_vision_model(family: VisionFamily, config: dict[str, Any],
         if placement is not None:
             placement.place_layers(decoder)
         if quant_config is not None:
-            quant_config.prepare(decoder)
+            quant_config.prepare(model)
         materialize_meta_weights(model)
-    load_all_weights(model, ((model.canonical_weight_name(name), tensor) for name, tensor in weights))
+    load_all_weights(model, weights)
     if placement is not None:
         placement.install_hooks(decoder)
     return model.eval()
+
+
+def canonical_weights(family: VisionFamily, weights: Iterable[tuple[str, torch.Tensor]]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights` with their names in the published layout (the family's `WEIGHT_RENAMES`)."""
+    for name, tensor in weights:
+        yield family.model_cls.canonical_weight_name(name), tensor
 
 
 def vision_processor(family: VisionFamily, files: ProcessorFiles, config: dict[str, Any],

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -431,24 +431,30 @@ def resolve_uqff_path(source, from_uqff: str) -> str:
 
 
 def residual_weights(model: torch.nn.Module, checkpoint_paths: Sequence[str], dtype: torch.dtype,
-                     moqe: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                     moqe: bool = False, rename: Callable[[str], str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of the checkpoint files that the model uses outside its ISQ layers (embeddings, norms, the
     biases of layers left out of ISQ, routers, ...), floating ones cast to `dtype`: what residual.safetensors
-    holds. Only those tensors are read."""
+    holds. Only those tensors are read. `rename`: the model's name of a file's tensor name (a vision model reads
+    several checkpoint layouts), also the name written."""
     isq_names = {f"{name}.{attr}" for name in isq_layer_names(model, moqe) for attr in ("weight", "bias")}
     used = model.expected_weight_names() - isq_names
     for path in checkpoint_paths:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
-                if name in used:
+                model_name = rename(name) if rename is not None else name
+                if model_name in used:
                     tensor = f.get_tensor(name)
-                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    yield model_name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def write_model_uqff(path: str, model: torch.nn.Module, checkpoint_paths: Sequence[str], dtype: torch.dtype,
-                     source_files: dict[str, str | None], moqe: bool = False) -> None:
+                     source_files: dict[str, str | None], moqe: bool = False,
+                     rename: Callable[[str], str] | None = None) -> None:
     """Writes a loaded ISQ model as UQFF (`write_uqff`): its ISQ layer states to `path`, the residual tensors of
-    the checkpoint files (in the model dtype) and the config/tokenizer files beside it."""
+    the checkpoint files (in the model dtype; `rename`: see `residual_weights`) and the config/tokenizer files
+    beside it."""
     check_uqff_path(path)
     states = isq_layer_states(model, moqe)
-    write_uqff_dir(path, states, residual_weights(model, checkpoint_paths, dtype, moqe), source_files, dtype)
+    write_uqff_dir(path, states, residual_weights(model, checkpoint_paths, dtype, moqe, rename), source_files,
+                   dtype)

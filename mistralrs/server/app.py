@@ -31,6 +31,7 @@ from mistralrs.server import encode, schemas
 from mistralrs.server.errors import APIError, client_error, install_error_handlers, validation_error
 from mistralrs.server.middleware import GuardMiddleware, GuardSettings
 from mistralrs.server.streaming import AsyncOutputs, EventStreamResponse, RequestTracker, collect, sse_events
+from mistralrs.vision.images import ImageSourcePolicy
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("mistralrs.server.requests")  # request/response bodies (`--log FILE`)
@@ -64,6 +65,13 @@ class ServerConfig:
     strict_model_name: bool = False  # 404 for a `model` other than the id, its aliases or "default" (else any name)
     model_name: str | None = None  # the `model` clients see; None: `public_model_name` of the model id
     docs: bool = False  # serve the Swagger UI at /docs (it loads its scripts from a CDN)
+    allowed_image_dir: str | None = None  # the one directory whose files image URLs may name (file://, local
+    #                                       paths); None: clients name no server file, only http(s)/data/base64
+
+    @property
+    def image_policy(self) -> ImageSourcePolicy:
+        """The image sources requests may name (mistralrs/vision/images.py)."""
+        return ImageSourcePolicy.for_server(self.allowed_image_dir)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
@@ -76,6 +84,8 @@ class ServerConfig:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.keep_alive_sec <= 0:
             raise ValueError(f"keep_alive_sec must be > 0, got {self.keep_alive_sec}")
+        if self.allowed_image_dir is not None and not os.path.isdir(self.allowed_image_dir):
+            raise ValueError(f"allowed_image_dir must be an existing directory, got {self.allowed_image_dir!r}")
 
 
 def public_model_name(model_id: str) -> str:
@@ -206,8 +216,9 @@ def _add_generation_routes(app: FastAPI, state: _AppState) -> None:
         body = await _parse(request, schemas.ChatCompletionBody)
         state.check_model(body.model)
         chat = _build(schemas.chat_request, body)
-        submission, outputs = await _submit(state, lambda out: engine.submit_chat_completion(chat, outputs=out),
-                                            "messages")
+        policy = state.config.image_policy
+        submission, outputs = await _submit(
+            state, lambda out: engine.submit_chat_completion(chat, outputs=out, image_policy=policy), "messages")
         if body.stream:
             return EventStreamResponse(sse_events(state.tracker, submission, outputs, request.receive,
                                                   encode.chat_chunk, body.include_usage(),

@@ -155,6 +155,11 @@ class VisionCausalLM(CausalLM):
         return self.language_model.kv_cache_spec()
 
     @property
+    def STACKED_PARAMS(self) -> tuple:  # noqa: N802 (the name ISQ and UQFF read from every model)
+        """The text decoder's fused checkpoint shards (ISQ/UQFF name its layers by them)."""
+        return self.language_model.STACKED_PARAMS
+
+    @property
     def device_map(self):
         """The text decoder's device map (worker/device_map.py), None when it runs on one device."""
         return getattr(self.language_model, "device_map", None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import pytest
@@ -13,11 +11,11 @@ from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitect
 from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.llava import LlavaForConditionalGeneration, LlavaProcessor
 from tests.loading import load_which
-from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS
-from tests.vision.tiny_vision import CHATML_WITH_IMAGES, make_tiny_llava_dir, sample_images, vision_prompt_logits
+from tests.vision.tiny_vision import (
+    CHATML_WITH_IMAGES, LLAVA_BANNED, chat_tokens, data_url, hf_llava_greedy, image_part, make_tiny_llava_dir,
+    sample_images, vision_prompt_logits,
+)
 
-NUM_TOKENS = 16
-BANNED = {i: -1e9 for i in range(len(CHARACTERS), len(CHARACTERS) + len(SPECIAL_TOKENS) + 1)}  # specials, <image>
 PROMPT_ONE = "<|im_start|>user\n<image>\nWhat is in the picture?<|im_end|>\n<|im_start|>assistant\n"
 PROMPT_TWO = "<|im_start|>user\nCompare <image> with\n<image>\nplease.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -67,37 +65,6 @@ def test_prompt_logits_match_transformers(tiny_llava, prompt, num_images):
     assert torch.allclose(ours, expected, atol=1e-4, rtol=0), (ours - expected).abs().max()
 
 
-def hf_greedy(hf_model, hf_processor, images, prompt: str) -> list[int]:
-    inputs = hf_processor(images=images, text=prompt, return_tensors="pt")
-    ids = inputs["input_ids"]
-    generated = []
-    with torch.no_grad():
-        for _ in range(NUM_TOKENS):
-            logits = hf_model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0, -1]
-            logits[list(BANNED)] = float("-inf")
-            token = int(logits.argmax())
-            generated.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return generated
-
-
-def chat(runner: Runner, content) -> list[int]:
-    response = runner.send_chat_completion_request(ChatCompletionRequest(
-        messages=[{"role": "user", "content": content}], model="llava", max_tokens=NUM_TOKENS, temperature=0.0,
-        logit_bias=BANNED))
-    return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
-
-
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def image_part(image) -> dict:
-    return {"type": "image_url", "image_url": {"url": image}}
-
-
 def test_greedy_tokens_match_transformers_through_a_runner(tiny_llava, tmp_path):
     path, hf_model, hf_processor = tiny_llava
     images = sample_images()[:2]
@@ -107,17 +74,17 @@ def test_greedy_tokens_match_transformers_through_a_runner(tiny_llava, tmp_path)
         image.save(files[-1])
     runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32))
     # one image, placed by the front door (this template prints no placeholder): "<image>\n" before the text
-    assert chat(runner, [image_part(files[0]), {"type": "text", "text": "What is in the picture?"}]) == \
-        hf_greedy(hf_model, hf_processor, images[:1], PROMPT_ONE)
+    assert chat_tokens(runner, [image_part(files[0]), {"type": "text", "text": "What is in the picture?"}]) == \
+        hf_llava_greedy(hf_model, hf_processor, images[:1], PROMPT_ONE)
     # two images whose places the user typed (the reference's way), the parts in any order
     typed = [{"type": "text", "text": "Compare <image> with\n<image>\nplease."}, image_part(files[0]),
              image_part(files[1])]
-    assert chat(runner, typed) == hf_greedy(hf_model, hf_processor, images, PROMPT_TWO)
+    assert chat_tokens(runner, typed) == hf_llava_greedy(hf_model, hf_processor, images, PROMPT_TWO)
     # two images placed by the front door where their parts are, text in between
     placed = [{"type": "text", "text": "Compare"}, image_part(files[0]), {"type": "text", "text": "with"},
               image_part(files[1]), {"type": "text", "text": "please."}]
     prompt = "<|im_start|>user\nCompare\n<image>\nwith\n<image>\nplease.<|im_end|>\n<|im_start|>assistant\n"
-    assert chat(runner, placed) == hf_greedy(hf_model, hf_processor, images, prompt)
+    assert chat_tokens(runner, placed) == hf_llava_greedy(hf_model, hf_processor, images, prompt)
 
 
 def test_a_template_that_prints_image_parts_places_the_images(tmp_path):
@@ -127,4 +94,48 @@ def test_a_template_that_prints_image_parts_places_the_images(tmp_path):
     runner = Runner(Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32))
     content = [{"type": "text", "text": "Look: "}, image_part(data_url(image))]
     prompt = "<|im_start|>user\nLook: <image><|im_end|>\n<|im_start|>assistant\n"
-    assert chat(runner, content) == hf_greedy(hf_model, hf_processor, [image], prompt)
+    assert chat_tokens(runner, content) == hf_llava_greedy(hf_model, hf_processor, [image], prompt)
+
+
+def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_llava):
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+
+    path, hf_model, _ = tiny_llava
+    which = Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32)
+    loaded = load_which(which, in_situ_quant="Q8_0")
+    decoder_linears = [m for m in loaded.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder_linears and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder_linears)
+    assert not any(isinstance(m, Linear) for m in loaded.model.vision_tower.modules())
+    tower = loaded.model.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj.weight
+    assert torch.equal(tower, hf_model.model.vision_tower.encoder.layers[0].self_attn.q_proj.weight)
+    inputs = loaded.vision_processor.preprocess(sample_images()[:1])
+    prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    assert torch.isfinite(vision_prompt_logits(loaded.model, prompt, inputs)).all()
+
+
+def test_what_vision_loading_refuses():
+    from mistralrs.api.load_spec import load_spec
+
+    with pytest.raises(ValueError, match="vision architecture Phi3V is not built in this version"):
+        load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi3V))
+    spec = load_spec(Which.VisionPlain(model_id="m", arch="llava", max_edge=512, imatrix="m.imatrix"),
+                     in_situ_quant="Q4K")
+    assert (spec.kind.value, spec.arch, spec.max_edge, spec.isq.imatrix) == ("vision", "LLaVA", 512, "m.imatrix")
+
+
+def test_write_uqff_then_from_uqff_gives_the_same_model(tiny_llava, tmp_path):
+    import shutil
+
+    path, _, _ = tiny_llava
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    kwargs = dict(model_id=str(model_dir), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32)
+    quantized = load_which(Which.VisionPlain(**kwargs, write_uqff=str(tmp_path / "out" / "llava-q8_0.uqff")),
+                           in_situ_quant="Q8_0")
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path / "out"), arch=VisionArchitecture.LLaVA,
+                                            dtype=ModelDType.F32, from_uqff="llava-q8_0.uqff"))
+    inputs = quantized.vision_processor.preprocess(sample_images()[:2])
+    prompt = [5] + [quantized.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    expected = vision_prompt_logits(quantized.model, prompt, inputs)
+    assert torch.equal(vision_prompt_logits(reloaded.model, prompt, inputs), expected)

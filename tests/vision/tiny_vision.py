@@ -1,12 +1,15 @@
 """Tiny random vision checkpoints written to disk by the tests (transformers models and processors, no network).
 
 Shared by the vision tests of every family: `char_tokenizer_with(tokens)` (the character tokenizer of
-tests/tiny_models.py plus the family's special tokens), `save_processor_and_tokenizer`, `make_tiny_llava_dir`,
-and `sample_images()` (deterministic RGB images of several sizes).
+tests/tiny_models.py plus the family's special tokens), `hf_fast_tokenizer`, `write_tokenizer_files`,
+`sample_images()` (deterministic RGB images of several sizes), `vision_prompt_logits` (our model's prompt logits
+with images), and LLaVa's checkpoint and greedy helpers.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.tiny_models import CHATML, EOS_TOKEN_ID, char_tokenizer
+from tests.tiny_models import CHARACTERS, CHATML, EOS_TOKEN_ID, SPECIAL_TOKENS, char_tokenizer
 
 # ChatML whose user turns may be part lists: image parts print as <image> (a template that emits the placeholder)
 CHATML_WITH_IMAGES = (
@@ -116,3 +119,50 @@ def vision_prompt_logits(model, prompt_ids: list[int], inputs) -> torch.Tensor:
         if rope is not None:
             batch.rope_positions = rope[0]
         return model.compute_logits(model(ids, batch.positions, batch, inputs_embeds=embeds))
+
+
+NUM_GREEDY_TOKENS = 16
+# logit bias banning the special tokens (EOS included) and <image>, so that greedy runs make exactly N visible tokens
+LLAVA_BANNED = {i: -1e9 for i in range(len(CHARACTERS), len(CHARACTERS) + len(SPECIAL_TOKENS) + 1)}
+
+
+def hf_llava_greedy(hf_model, hf_processor, images, prompt: str, num_tokens: int = NUM_GREEDY_TOKENS) -> list[int]:
+    """transformers' greedy continuation of `prompt` with `images` (None: text only), full forward passes,
+    `LLAVA_BANNED` tokens excluded."""
+    inputs = hf_processor(images=images, text=prompt, return_tensors="pt")
+    ids = inputs["input_ids"]
+    pixels = inputs.get("pixel_values")
+    generated = []
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = hf_model(input_ids=ids, pixel_values=pixels).logits[0, -1]
+            logits[list(LLAVA_BANNED)] = float("-inf")
+            generated.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[generated[-1]]])], dim=1)
+    return generated
+
+
+def chat_request(content, num_tokens: int = NUM_GREEDY_TOKENS):
+    """A greedy one-message chat request banning `LLAVA_BANNED`."""
+    from mistralrs import ChatCompletionRequest
+
+    return ChatCompletionRequest(messages=[{"role": "user", "content": content}], model="tiny",
+                                 max_tokens=num_tokens, temperature=0.0, logit_bias=LLAVA_BANNED)
+
+
+def chat_tokens(runner, content, num_tokens: int = NUM_GREEDY_TOKENS) -> list[int]:
+    """The token ids of a Runner's greedy answer to one user message with `content`."""
+    response = runner.send_chat_completion_request(chat_request(content, num_tokens))
+    return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+
+
+def data_url(image: Image.Image) -> str:
+    """`image` as a PNG data: URL."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_part(url: str) -> dict:
+    """An OpenAI image content part."""
+    return {"type": "image_url", "image_url": {"url": url}}
