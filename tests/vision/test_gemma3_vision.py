@@ -205,3 +205,43 @@ def test_greedy_tokens_through_a_runner(tokenizer, checkpoint):
     text_prompt = "<start_of_turn>user\nHello there.<end_of_turn>\n<start_of_turn>model\n"
     expected = hf_greedy(hf, tokenizer(text_prompt, return_tensors="pt"), banned, 16)
     assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected
+
+
+def test_attention_mask_with_bidirectional_blocks():
+    """Two sequences (one padded): a block sees itself both ways, within its chunk only; the window still cuts."""
+    from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec, SeqChunk, allocate_kv_caches
+
+    caches = allocate_kv_caches(KVCacheSpec(1, 1, 4), 8, 4, torch.float32, "cpu")
+    fb = ForwardBatch.build([SeqChunk([1, 9, 9, 9, 2], 2, [0, 1]), SeqChunk([9, 9, 3], 0, [2])], 4, caches, "cpu")
+    fb = fb.with_bidirectional_blocks(torch.tensor([-1, 0, 0, 0, -1, 1, 1, -1]))
+    mask = fb.attention_mask(None)[:, 0]
+    assert mask[0, 1, 3:6].tolist() == [True, True, True]  # position 3 sees 4 and 5 (its block)
+    assert mask[0, 1, 6].item() is False  # but not 6 (not in the block)
+    assert mask[0, 0, 3].item() is False  # position 2 (text) stays causal
+    assert mask[1, 0, :2].tolist() == [True, True] and mask[1, 0, 2].item() is False
+    windowed = fb.attention_mask(2)[:, 0]
+    assert windowed[0, 1, 1:6].tolist() == [False, True, True, True, True]  # position 3, window 2: keys 2..5
+    with pytest.raises(ValueError, match="bidirectional_blocks"):
+        fb.with_bidirectional_blocks(torch.tensor([0]))
+
+
+def test_in_situ_quant_and_uqff_round_trip(tokenizer, checkpoint, tmp_path):
+    """ISQ applies to the text decoder only; a UQFF written from it loads back to the same logits."""
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+
+    _, path = checkpoint
+    kwargs = dict(arch=VisionArchitecture.Gemma3, dtype=ModelDType.F32)
+    quantized = load_which(Which.VisionPlain(model_id=path, write_uqff=str(tmp_path / "m.uqff"), **kwargs),
+                           in_situ_quant="Q8_0", show_progress=False)
+    decoder_linears = [m for m in quantized.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder_linears and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder_linears)
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path), from_uqff="m.uqff", **kwargs),
+                          show_progress=False)
+    _, inputs, ids = _case(tokenizer, 1)
+    logits = []
+    for model in (quantized.model, reloaded.model):
+        driver = VisionDriver(model)
+        driver.add(0, ids, inputs)
+        logits.append(driver.step([(0, len(ids))])[0])
+    assert torch.isfinite(logits[0]).all() and torch.equal(logits[0], logits[1])
