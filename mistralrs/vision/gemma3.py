@@ -34,7 +34,7 @@ from mistralrs.vision.base import TRANSFORMERS5_RENAMES, ImageInputs, ProcessorF
 from mistralrs.vision.images import image_digest
 from mistralrs.vision.registry import register_vision
 from mistralrs.vision.siglip import (Normalization, SiglipVisionConfig, SiglipVisionTransformer, replace_placeholders,
-                                     resize, to_rgb)
+                                     resize)
 from mistralrs.worker.forward_batch import ForwardBatch
 
 # transformers' SiglipVisionConfig defaults
@@ -140,7 +140,7 @@ class Gemma3Processor(VisionProcessor):
     def preprocess(self, images: list[Image.Image]) -> ImageInputs:
         tiles, num_crops = [], []
         for image in images:
-            image = to_rgb(image)
+            image = image.convert("RGB")
             crops = self.pan_and_scan.crops(image) if self.pan_and_scan is not None else []
             tiles += [self.normalization(resize(t, self.height, self.width, self.resample)) for t in [image, *crops]]
             num_crops.append(len(crops))
@@ -170,7 +170,9 @@ class Gemma3ForConditionalGeneration(VisionCausalLM):
     def __init__(self, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         vision = SiglipVisionConfig.from_hf_dict(config.get("vision_config"), VISION_DEFAULTS)
-        text = TextModelConfig.from_hf_dict({**GEMMA3_TEXT_DEFAULTS, **(config.get("text_config") or {})})
+        # the LM head is tied by the top-level `tie_word_embeddings` (default true), as transformers ties it
+        text = TextModelConfig.from_hf_dict({**GEMMA3_TEXT_DEFAULTS, **(config.get("text_config") or {}),
+                                             "tie_word_embeddings": bool(config.get("tie_word_embeddings", True))})
         self.image_token_id = int(config.get("image_token_index", config.get("image_token_id", 262_144)))
         self.vision_tower = SiglipVisionTransformer(vision, bucketed_positions=False, dtype=dtype, device=device)
         self.multi_modal_projector = Gemma3MultiModalProjector(

@@ -27,8 +27,7 @@ from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionProcessor
 from mistralrs.vision.idefics3 import Idefics3ForConditionalGeneration, patch_mask_of
 from mistralrs.vision.images import image_digest
 from mistralrs.vision.registry import register_vision
-from mistralrs.vision.siglip import (Normalization, SiglipVisionConfig, pad_batch, replace_placeholders, resize,
-                                     to_rgb)
+from mistralrs.vision.siglip import Normalization, SiglipVisionConfig, pad_batch, replace_placeholders, resize
 
 # transformers' Idefics2VisionConfig defaults
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -221,7 +220,7 @@ class Idefics2Processor(VisionProcessor):
 
     def parts(self, image: Image.Image) -> list[Image.Image]:
         """The image's parts in prompt order (quarters then the whole image when splitting), resized."""
-        image = to_rgb(image)
+        image = image.convert("RGB")
         parts = [image]
         if self.do_image_splitting:
             w, h = image.width // 2, image.height // 2

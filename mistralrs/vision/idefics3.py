@@ -25,7 +25,7 @@ from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, V
 from mistralrs.vision.images import image_digest
 from mistralrs.vision.registry import register_vision
 from mistralrs.vision.siglip import (Normalization, SiglipVisionConfig, SiglipVisionTransformer, pad_batch,
-                                     replace_placeholders, resize, text_config_of, to_rgb)
+                                     replace_placeholders, resize, text_config_of)
 
 # transformers' Idefics3VisionConfig defaults (a checkpoint's vision_config lists only what differs)
 VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
@@ -143,7 +143,7 @@ class Idefics3Processor(VisionProcessor):
 
     def tiles(self, image: Image.Image) -> tuple[list[Image.Image], int, int]:
         """(tiles in prompt order, rows, cols); rows = cols = 0 for an image that is one tile."""
-        image = to_rgb(image)
+        image = image.convert("RGB")
         height, width = _rescale_to_max_len(image.height, image.width, self.longest_edge)
         image = resize(image, height, width, self.resample)
         tile = self.tile_size
@@ -222,12 +222,10 @@ class Idefics3ForConditionalGeneration(VisionCausalLM):
 
     @classmethod
     def text_config_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """The text decoder's config dict: `text_config` over the family's defaults; the top-level
-        `tie_word_embeddings` (what transformers ties by) wins."""
-        text = text_config_of(config, cls.TEXT_DEFAULTS)
-        if "tie_word_embeddings" in config:
-            text["tie_word_embeddings"] = config["tie_word_embeddings"]
-        return text
+        """The text decoder's config dict: `text_config` over the family's defaults; the LM head is tied by the
+        top-level `tie_word_embeddings` (default false), as transformers ties it."""
+        return {**text_config_of(config, cls.TEXT_DEFAULTS),
+                "tie_word_embeddings": bool(config.get("tie_word_embeddings", False))}
 
     def build_connector(self, config: dict[str, Any], vision: SiglipVisionConfig, text: TextModelConfig, *,
                         dtype: torch.dtype, device: torch.device | str) -> None:

@@ -209,15 +209,7 @@ class SiglipVisionTransformer(nn.Module):
 
 
 # --- image arithmetic shared by the family's processors ---------------------------------------------------------
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, compositing any transparency onto white (as transformers' `convert_to_rgb`)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
+# (images arrive as RGB: the front door converts them, mistralrs/vision/images.py)
 
 def resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
     """Pillow resize to `height` x `width` with the checkpoint's resampling filter (a no-op size is still

@@ -30,11 +30,11 @@ def tiny_hf_tokenizer(extra_special: list[str], **kwargs):
     return hf_fast_tokenizer(char_tokenizer_with(extra_special), {"pad_token": "<|endoftext|>", **kwargs})
 
 
-def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
-    """A random image (smooth enough that resampling matters)."""
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    """A random RGB image (smooth enough that resampling matters)."""
     rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(max(height // 4, 1), max(width // 4, 1), len(mode)), dtype=np.uint8)
-    return Image.fromarray(base, mode=mode).resize((width, height), Image.BILINEAR)
+    base = rng.integers(0, 256, size=(max(height // 4, 1), max(width // 4, 1), 3), dtype=np.uint8)
+    return Image.fromarray(base, mode="RGB").resize((width, height), Image.BILINEAR)
 
 
 def sharpen(model: torch.nn.Module, seed: int, skip: tuple[str, ...] = ()) -> None:

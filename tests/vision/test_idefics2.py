@@ -26,7 +26,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['c
                  "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}"
                  "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
                  "{% if add_generation_prompt %}Assistant:{% endif %}")
-IMAGES = [random_image(45, 26, seed=1), random_image(19, 33, seed=2)]  # RGB: the front door converts
+IMAGES = [random_image(45, 26, seed=1), random_image(19, 33, seed=2)]
 
 
 def hf_processor(tokenizer, **image_kwargs):
