@@ -230,16 +230,15 @@ class Normalization:
             raise ValueError(f"image_mean/image_std must hold 3 values (std non-zero), got {self.mean}, {self.std}")
 
     @classmethod
-    def from_preprocessor(cls, config: dict[str, Any], default_mean: float = 0.5,
-                          default_std: float = 0.5) -> Normalization:
-        """From `preprocessor_config.json` (`rescale_factor`, `image_mean`, `image_std`)."""
-        def triple(value: Any, default: float) -> tuple[float, float, float]:
-            if value is None:
-                value = default
+    def from_preprocessor(cls, config: dict[str, Any]) -> Normalization:
+        """From the image processor's parameters (`rescale_factor`, `image_mean`, `image_std`; the family's
+        defaults: 1/255 and 0.5)."""
+        def triple(value: Any) -> tuple[float, float, float]:
+            value = 0.5 if value is None else value
             return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
 
-        return cls(float(config.get("rescale_factor", 1 / 255)), triple(config.get("image_mean"), default_mean),
-                   triple(config.get("image_std"), default_std))
+        return cls(float(config.get("rescale_factor", 1 / 255)), triple(config.get("image_mean")),
+                   triple(config.get("image_std")))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> `[3, H, W]` float32."""
