@@ -153,6 +153,10 @@ def paged_attention_reference(
         query_pos = torch.arange(start_pos, ctx_len).unsqueeze(1)
         key_pos = torch.arange(ctx_len).unsqueeze(0)
         allowed = key_pos <= query_pos
+        if fb.bidirectional_blocks is not None:  # the chunk's keys are its queries: the last end - begin positions
+            query_blocks = fb.bidirectional_blocks[begin:end].cpu()
+            key_blocks = torch.cat([torch.full((start_pos,), -1, dtype=query_blocks.dtype), query_blocks])
+            allowed = allowed | ((query_blocks[:, None] == key_blocks[None, :]) & (query_blocks[:, None] >= 0))
         if sliding_window is not None:
             allowed = allowed & (key_pos > query_pos - sliding_window)
         scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))

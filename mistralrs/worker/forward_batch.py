@@ -137,6 +137,10 @@ class ForwardBatch:
     # M-RoPE models (Qwen2-VL): [3, num_tokens] int64 (temporal, height, width) position of each packed token, set
     # by the model runner from the model's `rope_positions`; None: `positions` on every axis.
     rope_positions: torch.Tensor | None = None
+    # per packed token, the bidirectional block it belongs to, -1 for none ([num_tokens] int64): the tokens of one
+    # block in one chunk see each other both ways (Gemma 3's image-token runs). Set by a model for its decoder with
+    # `with_bidirectional_blocks`; read by `attention_mask` and the reference attention. None: causal everywhere.
+    bidirectional_blocks: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
     _placed: dict[torch.device, ForwardBatch] = field(default_factory=dict, init=False, repr=False)  # see `on`
 
@@ -247,6 +251,16 @@ class ForwardBatch:
             placed = self._placed[device] = replace(self, **moved)
         return placed
 
+    def with_bidirectional_blocks(self, blocks: torch.Tensor | None) -> ForwardBatch:
+        """This step's batch with `bidirectional_blocks` set (a copy sharing every tensor and the KV caches, its
+        masks computed afresh); itself when `blocks` is None."""
+        if blocks is None:
+            return self
+        if blocks.shape != self.input_ids.shape:
+            raise ValueError(f"bidirectional_blocks must be [num_tokens] = {list(self.input_ids.shape)}, "
+                             f"got {list(blocks.shape)}")
+        return replace(self, bidirectional_blocks=blocks)
+
     def gather_contexts(self, cache: torch.Tensor) -> torch.Tensor:
         """Each sequence's context read from a flat cache: `[num_seqs * max_context_len, ...]`.
 
@@ -260,8 +274,9 @@ class ForwardBatch:
     def attention_mask(self, sliding_window: int | None) -> torch.Tensor | None:
         """Boolean mask `[num_seqs, 1, max_query_len, max_context_len]` (True = attend), cached per window.
 
-        Key j is visible to a query at position p when j <= p and, with a window W, j > p - W. Context
-        validity follows from causality (p < context_len). None when every query sees every key.
+        Key j is visible to a query at position p when j <= p or both are new tokens of the same bidirectional
+        block (`bidirectional_blocks`), and, with a window W, j > p - W. Context validity follows from causality
+        and from blocks lying in this step's chunks (p < context_len). None when every query sees every key.
         """
         if sliding_window in self._masks:
             return self._masks[sliding_window]
@@ -271,11 +286,28 @@ class ForwardBatch:
             query_pos = self.padded_query_positions().unsqueeze(-1)  # [num_seqs, max_query_len, 1]
             key_pos = torch.arange(self.max_context_len, device=query_pos.device)
             mask = key_pos <= query_pos
+            if self.bidirectional_blocks is not None:
+                mask |= self._same_block()
             if sliding_window is not None:
                 mask &= key_pos > query_pos - sliding_window
             mask = mask.unsqueeze(1)
         self._masks[sliding_window] = mask
         return mask
+
+    def _same_block(self) -> torch.Tensor:
+        """`[num_seqs, max_query_len, max_context_len]` bool: query and key are new tokens of one block."""
+        blocks = self.bidirectional_blocks
+        query_blocks = blocks
+        if self.query_pad_indices is not None:
+            query_blocks = blocks.new_full((self.num_seqs * self.max_query_len,), -1).index_copy_(
+                0, self.query_pad_indices, blocks)
+        query_blocks = query_blocks.view(self.num_seqs, self.max_query_len, 1)
+        seq_of_token = torch.repeat_interleave(torch.arange(self.num_seqs, device=blocks.device),
+                                               torch.tensor(self.query_lens, device=blocks.device))
+        key_blocks = blocks.new_full((self.num_seqs * self.max_context_len,), -1)
+        key_blocks.index_copy_(0, seq_of_token * self.max_context_len + self.positions, blocks)
+        key_blocks = key_blocks.view(self.num_seqs, 1, self.max_context_len)
+        return (query_blocks == key_blocks) & (query_blocks >= 0)
 
     def padded_query_positions(self) -> torch.Tensor:
         """`[num_seqs, max_query_len]` positions of the padded query layout; padding slots hold 0."""
