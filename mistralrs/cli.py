@@ -240,7 +240,7 @@ def runner_from_args(args: argparse.Namespace, which, **selected) -> Runner:
                   pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
                   prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence,
                   allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
-                  execution=ExecutionOptions.for_service(), **selected)
+                  execution=ExecutionOptions.from_env(), **selected)
 
 
 def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> None:

@@ -59,7 +59,7 @@ def load_spec(which: Which, *, token_source: str = "cache", chat_template: str |
         label=f"Which.{variant}", token=resolve_token(token_source), chat_template=chat_template,
         jinja_explicit=jinja_explicit, show_progress=show_progress, device=device,
         num_device_layers=tuple(num_device_layers) if num_device_layers is not None else None,
-        execution=ExecutionOptions.for_library() if execution is None else execution,
+        execution=ExecutionOptions.from_env() if execution is None else execution,
         anymoe=_anymoe_spec(anymoe_config))
     return convert(which, isq_type, common)
 

@@ -29,7 +29,7 @@ class Runner:
     the context instead of rejecting it, as the reference server's `--truncate-sequence`),
     `allow_special_tokens_in_messages` (special-token text typed in a chat message becomes a control token, as in
     the reference; by default it stays text, so a user cannot forge a turn), and `execution` (the fast/plain paths
-    and CPU thread policy, `mistralrs.worker.options.ExecutionOptions`; default `ExecutionOptions.for_library()`).
+    and CPU thread policy, `mistralrs.worker.options.ExecutionOptions`; default `ExecutionOptions.from_env()`).
     """
 
     def __init__(self, which, max_seqs: int = 16, no_kv_cache: bool = False, prefix_cache_n: int = 16,

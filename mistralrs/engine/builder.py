@@ -114,7 +114,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
                  handlers: CommandHandlers | None = None,
                  options: ExecutionOptions | None = None) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread (running control commands with `handlers`), and return it with
-    its input processor. `options`: how the model runs (None: `ExecutionOptions.for_library()`, a library's
+    its input processor. `options`: how the model runs (None: `ExecutionOptions.from_env()`, a library's
     defaults with the environment's choices)."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
@@ -143,7 +143,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
     ))
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
                          kv_dtype=loaded.dtype, device=loaded.device,
-                         options=ExecutionOptions.for_library() if options is None else options)
+                         options=ExecutionOptions.from_env() if options is None else options)
     engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed, handlers=handlers)
     max_len = min(loaded.max_model_len, capacity)
     if config.no_kv_cache:

@@ -162,7 +162,7 @@ class LoadSpec:
     show_progress: bool | None = None  # progress bars; None: on a terminal unless MISTRALRS_NO_PROGRESS is set
     device: torch.device | None = None  # the model's device; None: CUDA device 0 when available, else the CPU
     max_edge: int | None = None  # VISION: longest image edge the processor resizes to (None: the checkpoint's)
-    execution: ExecutionOptions = field(default_factory=ExecutionOptions.for_library)  # fast/plain paths (the
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions.from_env)  # fast/plain paths (the
     #                                  quant configs read `fast_kernels`; the engine gets the rest)
 
     def __post_init__(self) -> None:

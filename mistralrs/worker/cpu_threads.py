@@ -22,8 +22,13 @@ instance). Measured on the 2-core machine: after the engine thread set one threa
 reported `torch.get_num_threads() == 2` and its 1024x1024 matmul and `exp` kept both cores busy (per-thread CPU
 time: 0.38 s on each of two threads), while the same ops on the engine thread ran on one (0.75 s on one thread),
 also after the host had called `torch.set_num_threads(2)` itself. So "auto" is the default for a library `Runner`
-too (`ExecutionOptions.for_library`). Where torch has no OpenMP backend, or its runtime does not export
-`omp_set_num_threads`, no per-thread count can be set and the chooser leaves the count alone (a log line says so).
+too. Where torch has no OpenMP backend, or its runtime does not export `omp_set_num_threads`, no per-thread count
+can be set and the chooser leaves the count alone (a log line says so).
+
+OpenMP's wait policy is left as the runtime's default (threads spin a while, then sleep). `OMP_WAIT_POLICY=PASSIVE`
+(sleep at once) was measured with bench/bench_busy.py: on a quiet machine it cost 23-31% of decode throughput
+(futex wake-ups at every parallel region), and on a busy one it gained nothing over the chooser, which moves the
+steps to one thread there (docs/benchmarks.md).
 """
 
 from __future__ import annotations

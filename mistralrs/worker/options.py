@@ -6,9 +6,9 @@ attached to every layer that declares its layout), passes the attention backend 
 and runs its CPU thread chooser under the policy (mistralrs/worker/cpu_threads.py). `fast_kernels` is what the
 quant configs take as `use_fast_kernels` at load.
 
-Environment variables that choose an execution path are read here and nowhere else, by `from_env` (and so by
-`for_library` / `for_service`); a variable that is set overrides the entry point's default, and an unset or empty
-one leaves it. Any other value than those below is a `ValueError` naming the variable.
+Environment variables that choose an execution path are read here and nowhere else, by `from_env`, which every
+entry point (a `Runner` without `execution=`, the CLI, the server) uses; a variable that is set overrides the
+default, and an unset or empty one leaves it. Any other value than those below is a `ValueError` naming the variable.
 
 - `MISTRALRS_FUSED_DECODE`: "0" (or "false", "off", "no") keeps every decoder layer on its plain PyTorch modules
   instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes"): fused (the
@@ -45,8 +45,8 @@ ENVIRONMENT = {
 class ExecutionOptions:
     """Which implementation runs each fast path (every one has a plain twin) and how CPU threads are used.
 
-    The defaults are the fast paths and the measured thread count per step, for a library (`for_library`) and for
-    the CLI and the server (`for_service`) alike.
+    The defaults are the fast paths and the measured thread count per step, for a library's `Runner` and for the
+    CLI and the server alike (`from_env` applies the environment variables).
     """
 
     attention_backend: str = "sdpa"  # "sdpa": batched attention; "reference": per-sequence float32 plain twin
@@ -81,17 +81,6 @@ class ExecutionOptions:
             values[name] = accepted[raw]
         return replace(cls() if defaults is None else defaults, **values)
 
-    @classmethod
-    def for_library(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
-        """A `Runner` in the user's own program: the defaults (the chooser sets the engine thread's count only, so
-        the program's own threads keep theirs; see mistralrs/worker/cpu_threads.py), unless the environment says
-        otherwise."""
-        return cls.from_env(cls(), environ)
-
-    @classmethod
-    def for_service(cls, environ: Mapping[str, str] | None = None) -> ExecutionOptions:
-        """The CLI and the HTTP server: the same defaults as a library's, unless the environment says otherwise."""
-        return cls.from_env(cls(), environ)
 
 
 def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:

@@ -331,7 +331,7 @@ def test_the_options_attach_a_twin_to_each_declared_layer_and_remove_it(family):
 def test_the_environment_turns_the_fused_path_off(monkeypatch):
     model = tiny_model("llama", torch.float32)
     monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
-    apply_execution_options(model, ExecutionOptions.for_library())
+    apply_execution_options(model, ExecutionOptions.from_env())
     assert not any(map(fused_twin, model.modules()))
 
 

@@ -1,13 +1,9 @@
 """The CPU thread chooser (mistralrs/worker/cpu_threads.py): its decisions on fake step times (trial, early
-choice, scheduled re-trials, drift), one choice per step size, and the engine-thread-only thread count; and the
-passive OpenMP wait policy `import mistralrs` loads torch with (mistralrs/__init__.py)."""
+choice, scheduled re-trials, drift), one choice per step size, and the engine-thread-only thread count."""
 
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -200,31 +196,3 @@ def test_the_setter_changes_the_calling_thread_only():
         assert on_thread(engine) == (1, 1)
         assert on_thread(counts)[0] == before and torch.get_num_threads() == main_before
 
-
-SEE_WAIT_POLICY = """
-import importlib.abc, os, sys
-seen = []
-class Spy(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch":
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
-        return None
-sys.meta_path.insert(0, Spy())
-if sys.argv[1] == "torch first":
-    import torch
-import mistralrs
-print(seen[0], os.environ.get("OMP_WAIT_POLICY"))
-"""
-
-
-@pytest.mark.parametrize("environ, order, loaded_with, after", [
-    ({}, "mistralrs first", "PASSIVE", "None"),   # the runtime is loaded passive; the environment is restored
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, "mistralrs first", "ACTIVE", "ACTIVE"),
-    ({"GOMP_SPINCOUNT": "300000"}, "mistralrs first", "None", "None"),
-    ({}, "torch first", "None", "None"),   # too late to set: the host's runtime is left as it is
-])
-def test_torch_is_loaded_with_a_passive_wait_policy_unless_told_otherwise(environ, order, loaded_with, after):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    proc = subprocess.run([sys.executable, "-c", SEE_WAIT_POLICY, order], env={**env, **environ},
-                          capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == [loaded_with, after]

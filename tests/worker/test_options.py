@@ -61,15 +61,13 @@ def test_a_bad_variable_value_names_the_variable(variable):
         ExecutionOptions.from_env(environ={variable: "maybe"})
 
 
-def test_library_and_service_both_choose_threads_and_both_read_the_environment(monkeypatch):
-    library, service = ExecutionOptions.for_library(environ={}), ExecutionOptions.for_service(environ={})
-    assert (library.cpu_threads, service.cpu_threads) == ("auto", "auto")
-    assert library.fused_decode and service.fused_decode
+def test_the_defaults_choose_threads_and_the_environment_overrides_them(monkeypatch):
+    options = ExecutionOptions.from_env(environ={})
+    assert options.cpu_threads == "auto" and options.fused_decode
     monkeypatch.setenv("MISTRALRS_FUSED_DECODE", "0")
     monkeypatch.setenv("MISTRALRS_CPU_THREADS", "fixed")
-    library, service = ExecutionOptions.for_library(), ExecutionOptions.for_service()
-    assert (library.cpu_threads, service.cpu_threads) == ("fixed", "fixed")
-    assert not library.fused_decode and not service.fused_decode
+    options = ExecutionOptions.from_env()
+    assert options.cpu_threads == "fixed" and not options.fused_decode
 
 
 def tiny(cls: type, **overrides) -> torch.nn.Module:
