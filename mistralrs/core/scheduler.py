@@ -17,6 +17,13 @@ in this step is preempted: it loses its blocks and returns to the front of the w
 preempt, the sequence's chunk shrinks to the slots it can get (a decode that gets none waits a step). A
 sequence that could never fit the whole cache is the engine's to reject (``can_ever_fit``).
 
+Speculative decoding: a decoding sequence with ``max_draft_tokens`` also gets draft tokens in the step
+(``ScheduledSequence.num_draft_tokens``): the model runner's draft proposes them after the sequence's last token and
+the target verifies them in the same pass. They take budget tokens and KV slots (free blocks only, never
+preempting anyone; not registered in the prefix cache), and are capped so that a step never proposes tokens the
+sequence cannot keep (``max_output_tokens``). After a full acceptance the sequence has two tokens to compute, and
+it still counts as decoding.
+
 With ``no_kv_cache`` every scheduled sequence is computed whole in each step and gives its blocks back after
 it (no chunking; the first sequence of a step is taken even when longer than the budget, so it can progress).
 """
@@ -65,6 +72,7 @@ class ScheduledSequence:
     seq: Sequence  # the sequence
     num_new_tokens: int  # computes tokens [seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens)
     sample: bool  # the chunk reaches seq.num_tokens, so the model runner samples the next token
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified after the chunk (sample is True then)
 
 
 @dataclass
@@ -76,8 +84,8 @@ class SchedulerOutput:
 
     @property
     def num_scheduled_tokens(self) -> int:
-        """Tokens computed in this step, all sequences together."""
-        return sum(item.num_new_tokens for item in self.scheduled)
+        """Tokens computed in this step (draft tokens included), all sequences together."""
+        return sum(item.num_new_tokens + item.num_draft_tokens for item in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -216,22 +224,34 @@ class Scheduler:
             return 0
         return sum(1 for seq in self.running[start:] if _is_decoding(seq))
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """Advance every scheduled sequence by its chunk and append its sampled token, if any.
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int],
+                           accepted: dict[int, list[int]] | None = None) -> None:
+        """Advance every scheduled sequence by its chunk and append its accepted draft tokens and its sampled
+        token, if any.
 
         ``sampled`` maps seq_id to the token sampled for it; only sequences scheduled with ``sample`` may be in
-        it. A sequence finished or aborted since ``schedule`` is skipped.
+        it. ``accepted`` maps seq_id to the draft tokens the target accepted (at most ``num_draft_tokens``, in
+        order, before the sampled token); their K/V is in both caches except the last draft token's, which the
+        draft never ran on, so after a full acceptance that token is computed again in the next step. A
+        sequence finished or aborted since ``schedule`` is skipped.
         """
+        accepted = accepted or {}
         samplable = {item.seq.seq_id for item in output.scheduled if item.sample}
         unexpected = sorted(set(sampled) - samplable)
         if unexpected:
             raise ValueError(f"sampled has tokens for seq_ids {unexpected}, which were not scheduled to sample")
+        drafted = {item.seq.seq_id: item.num_draft_tokens for item in output.scheduled}
+        too_many = sorted(sid for sid, tokens in accepted.items() if len(tokens) > drafted.get(sid, 0))
+        if too_many:
+            raise ValueError(f"accepted has more tokens than were drafted for seq_ids {too_many}")
         for item in output.scheduled:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
+            drafts = accepted.get(seq.seq_id, [])
+            seq.num_computed_tokens += item.num_new_tokens + min(len(drafts), max(item.num_draft_tokens - 1, 0))
             self.kv_cache_manager.mark_computed(seq)
+            seq.output_token_ids.extend(drafts)
             if seq.seq_id in sampled:
                 seq.output_token_ids.append(sampled[seq.seq_id])
             if self.config.no_kv_cache:
@@ -247,11 +267,12 @@ class Scheduler:
             decoding = _is_decoding(seq) and not self.config.no_kv_cache
             room = budget.tokens if decoding else min(budget.prefill, budget.tokens - self._num_decoding(index))
             num_new = self._chunk_size(seq.num_uncomputed_tokens, room, is_first=output.is_empty)
+            num_draft = self._num_draft_tokens(seq, num_new, room) if decoding else 0
             if num_new > 0:
-                num_new = self._reserve_blocks(seq, num_new, index, output)
+                num_new, num_draft = self._reserve_blocks(seq, num_new, index, output, num_draft)
             if num_new > 0:
-                self._add_scheduled(output, seq, num_new)
-            budget.take(num_new, decoding)
+                self._add_scheduled(output, seq, num_new, num_draft)
+            budget.take(num_new + num_draft, decoding)
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
         """Admit waiting sequences in FCFS order; stops at the first one that does not fit."""
@@ -280,23 +301,37 @@ class Scheduler:
             return num_uncomputed if num_uncomputed <= room or is_first else 0
         return max(0, min(num_uncomputed, self.config.prompt_chunksize, room))
 
-    def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput) -> int:
-        """Give ``seq`` blocks for ``num_new`` tokens, preempting later running sequences if needed.
+    def _num_draft_tokens(self, seq: Sequence, num_new: int, room: int) -> int:
+        """Draft tokens a decoding sequence verifies after its ``num_new`` tokens when ``room`` budget tokens are
+        free for it: none unless the chunk reaches its end; never more than it may still generate after one."""
+        if num_new < seq.num_uncomputed_tokens:
+            return 0
+        num_draft = min(seq.max_draft_tokens, room - num_new, self.config.prompt_chunksize - num_new)
+        if seq.max_output_tokens is not None:
+            num_draft = min(num_draft, seq.max_output_tokens - seq.num_output_tokens - 1)
+        return max(num_draft, 0)
+
+    def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput,
+                        num_draft: int = 0) -> tuple[int, int]:
+        """Give ``seq`` blocks for ``num_new`` tokens (and up to ``num_draft`` draft tokens after them, from free
+        blocks only), preempting later running sequences if needed.
 
         ``self.running[:num_protected]`` (``seq`` and the ones scheduled before it) are never preempted. When
-        nothing is left to preempt, the chunk shrinks to what the free blocks hold. Returns the tokens granted.
+        nothing is left to preempt, the chunk shrinks to what the free blocks hold. Returns the tokens and the
+        draft tokens granted.
         """
         manager = self.kv_cache_manager
-        while not manager.allocate_slots(seq, num_new):
+        num_draft = max(0, min(num_draft, manager.num_fitting_tokens(seq) - num_new))
+        while not manager.allocate_slots(seq, num_new, num_lookahead_tokens=num_draft):
             if self.config.no_kv_cache:
-                return 0  # running sequences hold no blocks between steps: preempting frees nothing
+                return 0, 0  # running sequences hold no blocks between steps: preempting frees nothing
             if len(self.running) > num_protected:
                 self._preempt(self.running.pop(), output)
                 continue
             num_new = min(num_new, manager.num_fitting_tokens(seq))
             if num_new <= 0:
-                return 0
-        return num_new
+                return 0, 0
+        return num_new, num_draft
 
     def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
         """Take a running sequence's blocks and put it back at the front of the waiting queue."""
@@ -312,9 +347,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     @staticmethod
-    def _add_scheduled(output: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+    def _add_scheduled(output: SchedulerOutput, seq: Sequence, num_new: int, num_draft: int = 0) -> None:
         sample = seq.num_computed_tokens + num_new == seq.num_tokens
-        output.scheduled.append(ScheduledSequence(seq=seq, num_new_tokens=num_new, sample=sample))
+        output.scheduled.append(ScheduledSequence(seq=seq, num_new_tokens=num_new, sample=sample,
+                                                  num_draft_tokens=num_draft))
 
 
 def _arrival_time(seq: Sequence) -> float:
@@ -322,5 +358,6 @@ def _arrival_time(seq: Sequence) -> float:
 
 
 def _is_decoding(seq: Sequence) -> bool:
-    """A running sequence with one token to go: its prompt is computed (or all but its last token)."""
-    return seq.num_uncomputed_tokens == 1
+    """A running sequence with one token to go: its prompt is computed (or all but its last token); a speculative
+    one (``max_draft_tokens``) also with two, as after a step whose draft tokens were all accepted."""
+    return seq.num_uncomputed_tokens <= (2 if seq.max_draft_tokens else 1)

@@ -29,6 +29,8 @@ class ModelRunner:
     """Owns the model, its paged KV cache and the sampler, and runs the model the way `options` say (applied to
     the model here: MoE backend, fused decoder layers; per step: attention backend, CPU thread policy)."""
 
+    max_draft_tokens = 0  # draft tokens a decoding sequence may verify per step (speculative runners only)
+
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device, options: ExecutionOptions) -> None:
         self.model = model
@@ -44,27 +46,37 @@ class ModelRunner:
         self.cpu_threads = CpuThreadChooser(device, options.cpu_threads)  # see worker/cpu_threads.py
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
-        """Compute the scheduled chunks and sample for those that reached their sequence's end."""
+    def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
+        """Compute the scheduled chunks and sample for those that reached their sequence's end: the tokens each
+        sequence gained in the step, in order (one here; a speculative runner may give several)."""
         chunks = []
         for scheduled in output.scheduled:
             seq = scheduled.seq
             start = seq.num_computed_tokens
             tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
             chunks.append(SeqChunk(tokens, start, seq.block_ids, seq.num_prompt_tokens))
-        batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device,
-                                   self.options.attention_backend)
+        batch = self.build_batch(chunks)
         with self.cpu_threads.step(batch.num_tokens):
             return self._forward_and_sample(batch, output, sampling)
 
-    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
-                            sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
+    def build_batch(self, chunks: list[SeqChunk]) -> ForwardBatch:
+        """The step's `ForwardBatch` of `chunks` over this runner's KV cache."""
+        return ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device,
+                                  self.options.attention_backend)
+
+    def hidden_states(self, batch: ForwardBatch, scheduled: list,
+                      adapter_sets: list[tuple[str, ...] | None]) -> torch.Tensor:
+        """Run the model on `batch` (one chunk per `scheduled[i]`, with the adapters `adapter_sets[i]`; None: the
+        active set); returns the hidden states `[num_tokens, hidden]`."""
         if self.adapters is not None:
-            sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
-            hidden = self.adapters.forward(self.model, batch, output.scheduled, sets)
-        else:
-            with batch.active():
-                hidden = self.model(batch.input_ids, batch.positions, batch)
+            return self.adapters.forward(self.model, batch, scheduled, adapter_sets)
+        with batch.active():
+            return self.model(batch.input_ids, batch.positions, batch)
+
+    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
+                            sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
+        sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
+        hidden = self.hidden_states(batch, output.scheduled, sets)
         sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
         if not sample_rows:
             return {}
@@ -77,4 +89,4 @@ class ModelRunner:
             rows.append(SamplingRow(seq_sampling.params, seq.all_token_ids, seq.num_prompt_tokens,
                                     seq_sampling.generator))
         tokens = self.sampler(logits, rows)
-        return {output.scheduled[i].seq.seq_id: tok for i, tok in zip(sample_rows, tokens)}
+        return {output.scheduled[i].seq.seq_id: [tok] for i, tok in zip(sample_rows, tokens)}
