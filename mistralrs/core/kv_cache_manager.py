@@ -116,6 +116,14 @@ class KVCacheManager:
             self.pool.mark_computed(seq.block_ids[state.num_computed_blocks : num_full])
             state.num_computed_blocks = num_full
 
+    def free_lookahead(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's computed tokens: the slots a speculative step's rejected
+        draft tokens took (never registered in the prefix cache)."""
+        num_kept = self.num_blocks_for(seq.num_computed_tokens)
+        if len(seq.block_ids) > num_kept:
+            self.pool.free(reversed(seq.block_ids[num_kept:]))
+            del seq.block_ids[num_kept:]
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (tail first, so its last blocks are evicted first) and empty its table."""
         self.pool.free(reversed(seq.block_ids))

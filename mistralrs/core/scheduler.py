@@ -17,12 +17,12 @@ in this step is preempted: it loses its blocks and returns to the front of the w
 preempt, the sequence's chunk shrinks to the slots it can get (a decode that gets none waits a step). A
 sequence that could never fit the whole cache is the engine's to reject (``can_ever_fit``).
 
-Speculative decoding: a decoding sequence with ``max_draft_tokens`` also gets draft tokens in the step
+Speculative decoding: a chunk that ends a sequence with ``max_draft_tokens`` also gets draft tokens
 (``ScheduledSequence.num_draft_tokens``): the model runner's draft proposes them after the sequence's last token and
-the target verifies them in the same pass. They take budget tokens and KV slots (free blocks only, never
-preempting anyone; not registered in the prefix cache), and are capped so that a step never proposes tokens the
-sequence cannot keep (``max_output_tokens``). After a full acceptance the sequence has two tokens to compute, and
-it still counts as decoding.
+the target verifies them in the same pass. They are granted last, from the budget tokens and free blocks the step
+leaves (never preempting anyone; their slots are not registered in the prefix cache and are given back after the
+step), and capped so that a step never proposes tokens the sequence cannot keep (``max_output_tokens``). After a
+full acceptance the sequence has two tokens to compute, and it still counts as decoding.
 
 With ``no_kv_cache`` every scheduled sequence is computed whole in each step and gives its blocks back after
 it (no chunking; the first sequence of a step is taken even when longer than the budget, so it can progress).
@@ -202,12 +202,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's tokens: running sequences first (oldest first, a token kept for each decoding one),
-        then waiting ones (FCFS)."""
+        then waiting ones (FCFS), then draft tokens for the speculative sequences from what is left."""
         output = SchedulerOutput()
         budget = self._step_budget()
         self._schedule_running(output, budget)
         if not output.preempted:  # blocks are short: admitting now would only preempt again
             self._schedule_waiting(output, budget)
+        if not self.config.no_kv_cache:
+            self._grant_draft_tokens(output, budget)
         return output
 
     def _step_budget(self) -> _StepBudget:
@@ -251,6 +253,8 @@ class Scheduler:
             drafts = accepted.get(seq.seq_id, [])
             seq.num_computed_tokens += item.num_new_tokens + min(len(drafts), max(item.num_draft_tokens - 1, 0))
             self.kv_cache_manager.mark_computed(seq)
+            if item.num_draft_tokens:
+                self.kv_cache_manager.free_lookahead(seq)
             seq.output_token_ids.extend(drafts)
             if seq.seq_id in sampled:
                 seq.output_token_ids.append(sampled[seq.seq_id])
@@ -267,12 +271,11 @@ class Scheduler:
             decoding = _is_decoding(seq) and not self.config.no_kv_cache
             room = budget.tokens if decoding else min(budget.prefill, budget.tokens - self._num_decoding(index))
             num_new = self._chunk_size(seq.num_uncomputed_tokens, room, is_first=output.is_empty)
-            num_draft = self._num_draft_tokens(seq, num_new, room) if decoding else 0
             if num_new > 0:
-                num_new, num_draft = self._reserve_blocks(seq, num_new, index, output, num_draft)
+                num_new = self._reserve_blocks(seq, num_new, index, output)
             if num_new > 0:
-                self._add_scheduled(output, seq, num_new, num_draft)
-            budget.take(num_new + num_draft, decoding)
+                self._add_scheduled(output, seq, num_new)
+            budget.take(num_new, decoding)
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: _StepBudget) -> None:
         """Admit waiting sequences in FCFS order; stops at the first one that does not fit."""
@@ -301,37 +304,39 @@ class Scheduler:
             return num_uncomputed if num_uncomputed <= room or is_first else 0
         return max(0, min(num_uncomputed, self.config.prompt_chunksize, room))
 
-    def _num_draft_tokens(self, seq: Sequence, num_new: int, room: int) -> int:
-        """Draft tokens a decoding sequence verifies after its ``num_new`` tokens when ``room`` budget tokens are
-        free for it: none unless the chunk reaches its end; never more than it may still generate after one."""
-        if num_new < seq.num_uncomputed_tokens:
-            return 0
-        num_draft = min(seq.max_draft_tokens, room - num_new, self.config.prompt_chunksize - num_new)
-        if seq.max_output_tokens is not None:
-            num_draft = min(num_draft, seq.max_output_tokens - seq.num_output_tokens - 1)
-        return max(num_draft, 0)
+    def _grant_draft_tokens(self, output: SchedulerOutput, budget: _StepBudget) -> None:
+        """Give each scheduled chunk that ends its speculative sequence draft tokens, from what the step left over
+        (budget tokens and free blocks), in scheduling order; never more than it may still generate after one."""
+        manager = self.kv_cache_manager
+        for item in output.scheduled:
+            seq = item.seq
+            if not (item.sample and seq.max_draft_tokens) or budget.tokens <= 0:
+                continue
+            num_draft = min(seq.max_draft_tokens, budget.tokens, self.config.prompt_chunksize - item.num_new_tokens,
+                            manager.num_fitting_tokens(seq) - item.num_new_tokens)
+            if seq.max_output_tokens is not None:
+                num_draft = min(num_draft, seq.max_output_tokens - seq.num_output_tokens - 1)
+            if num_draft > 0 and manager.allocate_slots(seq, item.num_new_tokens, num_lookahead_tokens=num_draft):
+                item.num_draft_tokens = num_draft
+                budget.tokens -= num_draft
 
-    def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput,
-                        num_draft: int = 0) -> tuple[int, int]:
-        """Give ``seq`` blocks for ``num_new`` tokens (and up to ``num_draft`` draft tokens after them, from free
-        blocks only), preempting later running sequences if needed.
+    def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput) -> int:
+        """Give ``seq`` blocks for ``num_new`` tokens, preempting later running sequences if needed.
 
         ``self.running[:num_protected]`` (``seq`` and the ones scheduled before it) are never preempted. When
-        nothing is left to preempt, the chunk shrinks to what the free blocks hold. Returns the tokens and the
-        draft tokens granted.
+        nothing is left to preempt, the chunk shrinks to what the free blocks hold. Returns the tokens granted.
         """
         manager = self.kv_cache_manager
-        num_draft = max(0, min(num_draft, manager.num_fitting_tokens(seq) - num_new))
-        while not manager.allocate_slots(seq, num_new, num_lookahead_tokens=num_draft):
+        while not manager.allocate_slots(seq, num_new):
             if self.config.no_kv_cache:
-                return 0, 0  # running sequences hold no blocks between steps: preempting frees nothing
+                return 0  # running sequences hold no blocks between steps: preempting frees nothing
             if len(self.running) > num_protected:
                 self._preempt(self.running.pop(), output)
                 continue
             num_new = min(num_new, manager.num_fitting_tokens(seq))
             if num_new <= 0:
-                return 0, 0
-        return num_new, num_draft
+                return 0
+        return num_new
 
     def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
         """Take a running sequence's blocks and put it back at the front of the waiting queue."""
@@ -347,10 +352,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     @staticmethod
-    def _add_scheduled(output: SchedulerOutput, seq: Sequence, num_new: int, num_draft: int = 0) -> None:
+    def _add_scheduled(output: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         sample = seq.num_computed_tokens + num_new == seq.num_tokens
-        output.scheduled.append(ScheduledSequence(seq=seq, num_new_tokens=num_new, sample=sample,
-                                                  num_draft_tokens=num_draft))
+        output.scheduled.append(ScheduledSequence(seq=seq, num_new_tokens=num_new, sample=sample))
 
 
 def _arrival_time(seq: Sequence) -> float:

@@ -157,35 +157,39 @@ class SpeculativeRunner:
                      for r in range(batch.query_start_locs[i + 1] - 1 - item.num_draft_tokens,
                                     batch.query_start_locs[i + 1])]
         logits = self.target.model.compute_logits(hidden[torch.tensor(row_index, device=hidden.device)])
+        return self._sample([item for _, item in sampled], logits, sampling, proposals)
+
+    def _sample(self, sampled: list[ScheduledSequence], logits: torch.Tensor,
+                sampling: dict[int, SeqSampling], proposals: dict[int, _Proposal]) -> dict[int, list[SampledToken]]:
+        """The tokens of each sampled sequence from the target's logits (`[rows, vocab]`: one row per plain
+        sequence, g + 1 per speculative one, in order); plain rows go through the sampler (grammars included)."""
         result: dict[int, list[SampledToken]] = {}
         plain_rows, plain_items, offset = [], [], 0
-        spec_rows, spec_tokens, spec_sampling_rows, spec_owner = [], [], [], []
-        for _i, item in sampled:
-            seq_id = item.seq.seq_id
+        kept_scaled, kept_tokens, kept_rows, owners = [], [], [], []
+        for item in sampled:
             if not item.num_draft_tokens:
                 plain_rows.append(offset)
                 plain_items.append(item)
                 offset += 1
                 continue
-            proposal = proposals[seq_id]
+            proposal = proposals[item.seq.seq_id]
             rows = [_row(item, sampling, proposal.tokens[:j]) for j in range(item.num_draft_tokens + 1)]
             scaled = scaled_logits(logits[offset:offset + len(rows)], rows)
             tokens = self._accept(scaled, rows, proposal)
             self._count(item.num_draft_tokens, len(tokens) - 1)
-            spec_rows.extend(range(offset, offset + len(tokens)))
-            spec_tokens.extend(tokens)
-            spec_sampling_rows.extend(rows[:len(tokens)])
-            spec_owner.extend([seq_id] * len(tokens))
+            kept_scaled.append(scaled[:len(tokens)])
+            kept_tokens.extend(tokens)
+            kept_rows.extend(rows[:len(tokens)])
+            owners.extend([item.seq.seq_id] * len(tokens))
             offset += len(rows)
         if plain_items:
             plain_logits = logits[torch.tensor(plain_rows, device=logits.device)]
             tokens = self.target.sampler(plain_logits, [_row(item, sampling, []) for item in plain_items])
-            for item, token in zip(plain_items, tokens):
-                result[item.seq.seq_id] = [token]
-        if spec_rows:
-            scaled = scaled_logits(logits[torch.tensor(spec_rows, device=logits.device)], spec_sampling_rows)
-            chosen = torch.tensor(spec_tokens, device=scaled.device)
-            for seq_id, token in zip(spec_owner, collect_tokens(scaled, chosen, spec_sampling_rows)):
+            result.update((item.seq.seq_id, [token]) for item, token in zip(plain_items, tokens))
+        if owners:
+            scaled = torch.cat(kept_scaled)
+            chosen = torch.tensor(kept_tokens, device=scaled.device)
+            for seq_id, token in zip(owners, collect_tokens(scaled, chosen, kept_rows)):
                 result.setdefault(seq_id, []).append(token)
         return result
 
