@@ -24,6 +24,9 @@ class Runner:
     """Loads a model selected by `Which` and serves requests on a background engine thread.
 
     Thread-safe: several threads may send requests at once; they are batched together by the engine.
+    `which_draft` (any `Which` sharing the target's vocabulary) turns on speculative decoding with
+    `speculative_gamma` draft tokens per step (mistralrs/worker/speculative.py); `in_situ_quant` applies to the draft
+    too when it is a full-precision model.
     Additions to the reference signature (keyword-only): `prompt_batchsize` (the stub's name of
     `prompt_chunksize`), `show_progress`, `truncate_sequence` (keep the tail of a prompt that does not fit
     the context instead of rejecting it, as the reference server's `--truncate-sequence`),
