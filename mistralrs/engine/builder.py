@@ -152,6 +152,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
         runner = SpeculativeRunner(runner, draft_runner, config.speculative_gamma)
     engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed, handlers=handlers)
     max_len = min(loaded.max_model_len, capacity)
+    if draft is not None:   # the draft reads every position the target does
+        max_len = min(max_len, draft.max_model_len)
     if config.no_kv_cache:
         # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length
         max_len = min(max_len, config.prompt_chunksize)
