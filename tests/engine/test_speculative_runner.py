@@ -9,6 +9,7 @@ requests, penalties, stop strings and max_tokens behave as without a draft; bad 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from collections import Counter
@@ -179,3 +180,12 @@ def test_bad_speculative_arguments_are_refused(models, tmp_path):
     (tmp_path / "renumbered" / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(ValueError, match=r"draft model .*renumbered.* target model .*target"):
         Runner(plain(models / "target"), which_draft=plain(tmp_path / "renumbered"))
+
+
+def test_a_grammar_constrained_request_decodes_without_drafts_beside_speculative_ones(alone, speculative):
+    before = speculative.llm_engine.speculation_stats.num_verified
+    constrained = complete(speculative, PROMPTS[0], max_tokens=12, grammar="[0-9]{3}-[a-z]{2}", grammar_type="regex")
+    assert constrained.text == complete(alone, PROMPTS[0], max_tokens=12, grammar="[0-9]{3}-[a-z]{2}",
+                                        grammar_type="regex").text
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", constrained.text)
+    assert speculative.llm_engine.speculation_stats.num_verified == before
