@@ -80,6 +80,17 @@ def _anymoe_spec(config: AnyMoeConfig | None) -> AnyMoeSpec | None:
         training=config.training, loss_csv_path=config.loss_csv_path)
 
 
+def draft_load_spec(which_draft: Which, *, in_situ_quant: str | None = None, **kwargs: Any) -> LoadSpec:
+    """The `LoadSpec` of a speculative decoding draft (`Runner(which_draft=...)`): as `load_spec` with the
+    Runner's arguments, `in_situ_quant` applied only when the draft is a full-precision model (Which.Plain,
+    Which.Lora); its errors name `which_draft`."""
+    isq = in_situ_quant if isinstance(which_draft, (Which.Plain, Which.Lora)) else None
+    try:
+        return load_spec(which_draft, in_situ_quant=isq, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"which_draft: {exc}") from None
+
+
 def _parse_isq(in_situ_quant: str | None) -> IsqType | None:
     """`in_situ_quant` parsed (the only place it is); ValueError naming the argument for an unknown type."""
     if in_situ_quant is None:

@@ -8,22 +8,20 @@ assembler of its responses); the blocking `send_*` methods wait on it or stream 
 
 from __future__ import annotations
 
-from mistralrs.api.load_spec import load_spec
+from mistralrs.api.load_spec import draft_load_spec, load_spec
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
 from mistralrs.engine.builder import EngineConfig
 from mistralrs.engine.llm_engine import LLMEngine, Submission
 from mistralrs.worker.options import ExecutionOptions
 
 
-def _not_built(name: str, value, default, what: str) -> None:
-    if value != default:
-        raise ValueError(f"{name}={value!r} is not supported yet: {what} is not built in this version")
-
-
 class Runner:
     """Loads a model selected by `Which` and serves requests on a background engine thread.
 
     Thread-safe: several threads may send requests at once; they are batched together by the engine.
+    `which_draft` (any `Which` sharing the target's vocabulary) turns on speculative decoding with
+    `speculative_gamma` draft tokens per step (mistralrs/worker/speculative.py); `in_situ_quant` applies to the draft
+    too when it is a full-precision model.
     Additions to the reference signature (keyword-only): `prompt_batchsize` (the stub's name of
     `prompt_chunksize`), `show_progress`, `truncate_sequence` (keep the tail of a prompt that does not fit
     the context instead of rejecting it, as the reference server's `--truncate-sequence`),
@@ -42,7 +40,6 @@ class Runner:
                  *, prompt_batchsize: int | None = None, show_progress: bool | None = None,
                  truncate_sequence: bool = False, allow_special_tokens_in_messages: bool = False,
                  execution: ExecutionOptions | None = None) -> None:
-        _not_built("which_draft", which_draft, None, "speculative decoding")
         if num_device_layers is not None and (isinstance(num_device_layers, str) or not all(
                 isinstance(v, str) for v in num_device_layers)):
             raise ValueError(f"num_device_layers must be a list of strings such as ['16'] or ['0:16', '1:16'], "
@@ -52,16 +49,20 @@ class Runner:
         chunksize = prompt_chunksize if prompt_chunksize is not None else prompt_batchsize
         if chunksize is not None and chunksize <= 0:
             raise ValueError(f"prompt_chunksize must be >= 1, got {chunksize}")
-        del speculative_gamma, no_paged_attn, paged_attn   # the paged KV cache is always on here
+        del no_paged_attn, paged_attn   # the paged KV cache is always on here
         config = EngineConfig(
             max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
             prompt_chunksize=chunksize or 512, block_size=pa_blk_size or 32, pa_ctxt_len=pa_ctxt_len,
             pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, seed=seed,
-            allow_special_tokens_in_messages=bool(allow_special_tokens_in_messages))
+            allow_special_tokens_in_messages=bool(allow_special_tokens_in_messages),
+            speculative_gamma=speculative_gamma)
         spec = load_spec(which, token_source=token_source, chat_template=chat_template,
                          jinja_explicit=jinja_explicit, show_progress=show_progress, in_situ_quant=in_situ_quant,
                          num_device_layers=num_device_layers, execution=execution, anymoe_config=anymoe_config)
-        self._llm_engine = LLMEngine(spec, config, truncate_sequence=bool(truncate_sequence))
+        draft = None if which_draft is None else draft_load_spec(
+            which_draft, token_source=token_source, show_progress=show_progress, in_situ_quant=in_situ_quant,
+            execution=execution)
+        self._llm_engine = LLMEngine(spec, config, truncate_sequence=bool(truncate_sequence), draft=draft)
         self.model_id = self._llm_engine.model_id
 
     @property

@@ -77,8 +77,10 @@ class KVCacheManager:
             block_ids.append(block_id)
         return block_ids
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
-        """Make the block table hold tokens up to ``num_computed_tokens + num_new_tokens``.
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None,
+                       num_lookahead_tokens: int = 0) -> bool:
+        """Make the block table hold tokens up to ``num_computed_tokens + num_new_tokens`` (plus
+        ``num_lookahead_tokens`` slots after them: speculative draft tokens, never registered in the prefix cache).
 
         ``cached_block_ids`` (from ``find_cached_prefix``, for a sequence with no blocks yet) is taken as its
         leading blocks, and the new tokens follow them. Returns False, changing nothing, when the free blocks
@@ -88,7 +90,8 @@ class KVCacheManager:
         if cached_block_ids and (seq.block_ids or seq.num_computed_tokens):
             raise ValueError("cached_block_ids: only a sequence without blocks can take a cached prefix")
         num_end_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
-        num_missing = self.num_blocks_for(num_end_tokens) - len(seq.block_ids) - len(cached_block_ids)
+        num_missing = (self.num_blocks_for(num_end_tokens + num_lookahead_tokens) - len(seq.block_ids)
+                       - len(cached_block_ids))
         num_hits_now_free = sum(1 for block_id in cached_block_ids if self.pool.blocks[block_id].ref_count == 0)
         if max(num_missing, 0) + num_hits_now_free > self.pool.num_free_blocks:
             return False
@@ -112,6 +115,14 @@ class KVCacheManager:
         if num_full > state.num_computed_blocks:
             self.pool.mark_computed(seq.block_ids[state.num_computed_blocks : num_full])
             state.num_computed_blocks = num_full
+
+    def free_lookahead(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's computed tokens: the slots a speculative step's rejected
+        draft tokens took (never registered in the prefix cache)."""
+        num_kept = self.num_blocks_for(seq.num_computed_tokens)
+        if len(seq.block_ids) > num_kept:
+            self.pool.free(reversed(seq.block_ids[num_kept:]))
+            del seq.block_ids[num_kept:]
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (tail first, so its last blocks are evicted first) and empty its table."""

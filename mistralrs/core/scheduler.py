@@ -17,6 +17,13 @@ in this step is preempted: it loses its blocks and returns to the front of the w
 preempt, the sequence's chunk shrinks to the slots it can get (a decode that gets none waits a step). A
 sequence that could never fit the whole cache is the engine's to reject (``can_ever_fit``).
 
+Speculative decoding: a chunk that ends a sequence with ``max_draft_tokens`` also gets draft tokens
+(``ScheduledSequence.num_draft_tokens``): the model runner's draft proposes them after the sequence's last token and
+the target verifies them in the same pass. They are granted last, from the budget tokens and free blocks the step
+leaves (never preempting anyone; their slots are not registered in the prefix cache and are given back after the
+step), and capped so that a step never proposes tokens the sequence cannot keep (``max_output_tokens``). After a
+full acceptance the sequence has two tokens to compute, and it still counts as decoding.
+
 With ``no_kv_cache`` every scheduled sequence is computed whole in each step and gives its blocks back after
 it (no chunking; the first sequence of a step is taken even when longer than the budget, so it can progress).
 """
@@ -65,6 +72,7 @@ class ScheduledSequence:
     seq: Sequence  # the sequence
     num_new_tokens: int  # computes tokens [seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens)
     sample: bool  # the chunk reaches seq.num_tokens, so the model runner samples the next token
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified after the chunk (sample is True then)
 
 
 @dataclass
@@ -76,8 +84,8 @@ class SchedulerOutput:
 
     @property
     def num_scheduled_tokens(self) -> int:
-        """Tokens computed in this step, all sequences together."""
-        return sum(item.num_new_tokens for item in self.scheduled)
+        """Tokens computed in this step (draft tokens included), all sequences together."""
+        return sum(item.num_new_tokens + item.num_draft_tokens for item in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -194,12 +202,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's tokens: running sequences first (oldest first, a token kept for each decoding one),
-        then waiting ones (FCFS)."""
+        then waiting ones (FCFS), then draft tokens for the speculative sequences from what is left."""
         output = SchedulerOutput()
         budget = self._step_budget()
         self._schedule_running(output, budget)
         if not output.preempted:  # blocks are short: admitting now would only preempt again
             self._schedule_waiting(output, budget)
+        if not self.config.no_kv_cache:
+            self._grant_draft_tokens(output, budget)
         return output
 
     def _step_budget(self) -> _StepBudget:
@@ -216,22 +226,36 @@ class Scheduler:
             return 0
         return sum(1 for seq in self.running[start:] if _is_decoding(seq))
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """Advance every scheduled sequence by its chunk and append its sampled token, if any.
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[int, int],
+                           accepted: dict[int, list[int]] | None = None) -> None:
+        """Advance every scheduled sequence by its chunk and append its accepted draft tokens and its sampled
+        token, if any.
 
         ``sampled`` maps seq_id to the token sampled for it; only sequences scheduled with ``sample`` may be in
-        it. A sequence finished or aborted since ``schedule`` is skipped.
+        it. ``accepted`` maps seq_id to the draft tokens the target accepted (at most ``num_draft_tokens``, in
+        order, before the sampled token); their K/V is in both caches except the last draft token's, which the
+        draft never ran on, so after a full acceptance that token is computed again in the next step. A
+        sequence finished or aborted since ``schedule`` is skipped.
         """
+        accepted = accepted or {}
         samplable = {item.seq.seq_id for item in output.scheduled if item.sample}
         unexpected = sorted(set(sampled) - samplable)
         if unexpected:
             raise ValueError(f"sampled has tokens for seq_ids {unexpected}, which were not scheduled to sample")
+        drafted = {item.seq.seq_id: item.num_draft_tokens for item in output.scheduled}
+        too_many = sorted(sid for sid, tokens in accepted.items() if len(tokens) > drafted.get(sid, 0))
+        if too_many:
+            raise ValueError(f"accepted has more tokens than were drafted for seq_ids {too_many}")
         for item in output.scheduled:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
+            drafts = accepted.get(seq.seq_id, [])
+            seq.num_computed_tokens += item.num_new_tokens + min(len(drafts), max(item.num_draft_tokens - 1, 0))
             self.kv_cache_manager.mark_computed(seq)
+            if item.num_draft_tokens:
+                self.kv_cache_manager.free_lookahead(seq)
+            seq.output_token_ids.extend(drafts)
             if seq.seq_id in sampled:
                 seq.output_token_ids.append(sampled[seq.seq_id])
             if self.config.no_kv_cache:
@@ -280,6 +304,22 @@ class Scheduler:
             return num_uncomputed if num_uncomputed <= room or is_first else 0
         return max(0, min(num_uncomputed, self.config.prompt_chunksize, room))
 
+    def _grant_draft_tokens(self, output: SchedulerOutput, budget: _StepBudget) -> None:
+        """Give each scheduled chunk that ends its speculative sequence draft tokens, from what the step left over
+        (budget tokens and free blocks), in scheduling order; never more than it may still generate after one."""
+        manager = self.kv_cache_manager
+        for item in output.scheduled:
+            seq = item.seq
+            if not (item.sample and seq.max_draft_tokens) or budget.tokens <= 0:
+                continue
+            num_draft = min(seq.max_draft_tokens, budget.tokens, self.config.prompt_chunksize - item.num_new_tokens,
+                            manager.num_fitting_tokens(seq) - item.num_new_tokens)
+            if seq.max_output_tokens is not None:
+                num_draft = min(num_draft, seq.max_output_tokens - seq.num_output_tokens - 1)
+            if num_draft > 0 and manager.allocate_slots(seq, item.num_new_tokens, num_lookahead_tokens=num_draft):
+                item.num_draft_tokens = num_draft
+                budget.tokens -= num_draft
+
     def _reserve_blocks(self, seq: Sequence, num_new: int, num_protected: int, output: SchedulerOutput) -> int:
         """Give ``seq`` blocks for ``num_new`` tokens, preempting later running sequences if needed.
 
@@ -322,5 +362,6 @@ def _arrival_time(seq: Sequence) -> float:
 
 
 def _is_decoding(seq: Sequence) -> bool:
-    """A running sequence with one token to go: its prompt is computed (or all but its last token)."""
-    return seq.num_uncomputed_tokens == 1
+    """A running sequence with one token to go: its prompt is computed (or all but its last token); a speculative
+    one (``max_draft_tokens``) also with two, as after a step whose draft tokens were all accepted."""
+    return seq.num_uncomputed_tokens <= (2 if seq.max_draft_tokens else 1)

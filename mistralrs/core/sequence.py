@@ -49,6 +49,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING  # lifecycle state, set by the scheduler
     num_preemptions: int = 0  # times this sequence lost its blocks and went back to the waiting queue
     cache_salt: str | None = None  # extra prefix-cache key (adapter name, image digest); None: tokens only
+    max_draft_tokens: int = 0  # speculative decoding: most draft tokens the target verifies per decoding step
+    max_output_tokens: int | None = None  # most output tokens it may reach (caps the draft tokens near the end)
 
     @property
     def all_token_ids(self) -> list[int]:

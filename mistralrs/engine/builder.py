@@ -23,6 +23,7 @@ from mistralrs.loader.pipeline import LoadedModel
 from mistralrs.worker.device_map import layer_devices
 from mistralrs.worker.model_runner import ModelRunner
 from mistralrs.worker.options import ExecutionOptions
+from mistralrs.worker.speculative import SpeculativeRunner
 
 T = TypeVar("T")
 
@@ -52,6 +53,7 @@ class EngineConfig:
     # chunks together) while some sequence decodes: bounds a running stream's wait for its next token
     allow_special_tokens_in_messages: bool = False  # special-token text typed in a chat message becomes a
     # control token (the reference's behaviour); by default it stays text
+    speculative_gamma: int = 32          # draft tokens per sequence and step when a draft model is loaded
 
     def __post_init__(self) -> None:
         if self.max_seqs < 1:
@@ -70,6 +72,9 @@ class EngineConfig:
             raise ValueError(f"pa_gpu_mem must be >= 1 (MB), got {self.pa_gpu_mem}")
         if self.pa_gpu_mem_usage is not None and not 0 < self.pa_gpu_mem_usage <= 1:
             raise ValueError(f"pa_gpu_mem_usage must be in (0, 1], got {self.pa_gpu_mem_usage}")
+        if isinstance(self.speculative_gamma, bool) or not isinstance(self.speculative_gamma, int) \
+                or self.speculative_gamma < 1:
+            raise ValueError(f"speculative_gamma must be an int >= 1, got {self.speculative_gamma!r}")
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -112,17 +117,22 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
 
 def build_engine(loaded: LoadedModel, config: EngineConfig,
                  handlers: CommandHandlers | None = None,
-                 options: ExecutionOptions | None = None) -> tuple[Engine, InputProcessor]:
+                 options: ExecutionOptions | None = None,
+                 draft: LoadedModel | None = None) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread (running control commands with `handlers`), and return it with
     its input processor. `options`: how the model runs (None: `ExecutionOptions.from_env()`, a library's
-    defaults with the environment's choices)."""
+    defaults with the environment's choices). `draft`: a draft model for speculative decoding (its KV cache has
+    the target's block layout, so each block costs both)."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
         logger.info("X-LoRA tgt_non_granular_index forces max_seqs = 1 (was %d)", config.max_seqs)
         config = dataclasses.replace(config, max_seqs=1)
     kv_factor = adapters.kv_cache_factor if adapters is not None else 1   # X-LoRA's scaling pass has its own
-    num_blocks = num_kv_blocks(config, loaded, main_device_bytes_per_block(loaded, config.block_size) * kv_factor)
+    bytes_per_block = main_device_bytes_per_block(loaded, config.block_size) * kv_factor
+    if draft is not None:
+        bytes_per_block += main_device_bytes_per_block(draft, config.block_size)
+    num_blocks = num_kv_blocks(config, loaded, bytes_per_block)
     if num_blocks < 1:
         raise ValueError("the KV cache sizing leaves no room for a single block; raise pa_ctxt_len / pa_gpu_mem")
     capacity = num_blocks * config.block_size
@@ -141,11 +151,17 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
         no_kv_cache=config.no_kv_cache,
         max_prefill_tokens_while_decoding=min(config.prefill_tokens_while_decoding, config.prompt_chunksize),
     ))
+    options = ExecutionOptions.from_env() if options is None else options
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
-                         kv_dtype=loaded.dtype, device=loaded.device,
-                         options=ExecutionOptions.from_env() if options is None else options)
+                         kv_dtype=loaded.dtype, device=loaded.device, options=options)
+    if draft is not None:
+        draft_runner = ModelRunner(draft.model, num_blocks=num_blocks, block_size=config.block_size,
+                                   kv_dtype=draft.dtype, device=draft.device, options=options)
+        runner = SpeculativeRunner(runner, draft_runner, config.speculative_gamma)
     engine = Engine(scheduler, runner, loaded.tokenizer.tokenizer, seed=config.seed, handlers=handlers)
     max_len = min(loaded.max_model_len, capacity)
+    if draft is not None:   # the draft reads every position the target does
+        max_len = min(max_len, draft.max_model_len)
     if config.no_kv_cache:
         # every step recomputes the whole sequence in one chunk, so the chunk size bounds its length
         max_len = min(max_len, config.prompt_chunksize)

@@ -181,7 +181,9 @@ class Engine:
             seq_id = self._next_seq_id
             self._next_seq_id += 1
             seq = Sequence(seq_id, list(request.prompt_token_ids), arrival_time=request.arrival_time,
-                           cache_salt=_cache_salt(adapters, request))
+                           cache_salt=_cache_salt(adapters, request), max_output_tokens=request.stop.max_tokens,
+                           # grammar-constrained sequences decode without a draft
+                           max_draft_tokens=self.model_runner.max_draft_tokens if request.grammar is None else 0)
             state.seq_ids.append(seq_id)
             state.outputs[seq_id] = SeqOutputState(
                 index, self.tokenizer, request.prompt_token_ids, request.stop,
@@ -257,12 +259,15 @@ class Engine:
                 logger.exception("request %s failed when run alone", request_id)
                 self._fail_request(state, exc)
 
-    def _apply(self, output: SchedulerOutput, sampled: dict) -> None:
-        """Advance the scheduler by a computed step and send each request what its sequences produced; a request
-        whose output cannot be processed fails alone."""
-        self.scheduler.update_from_output(output, {sid: tok.token_id for sid, tok in sampled.items()})
+    def _apply(self, output: SchedulerOutput, sampled: dict[int, list[SampledToken]]) -> None:
+        """Advance the scheduler by a computed step and send each request what its sequences produced (one
+        message per token when a sequence gained several: speculative decoding); a request whose output cannot be
+        processed fails alone."""
+        self.scheduler.update_from_output(
+            output, {sid: tokens[-1].token_id for sid, tokens in sampled.items()},
+            {sid: [tok.token_id for tok in tokens[:-1]] for sid, tokens in sampled.items() if len(tokens) > 1})
         now = time.monotonic()
-        per_request: dict[str, list[SeqDelta]] = {}
+        per_request: dict[str, list[list[SeqDelta]]] = {}
         for scheduled in output.scheduled:
             seq = scheduled.seq
             state = self._seq_owner.get(seq.seq_id)
@@ -274,18 +279,31 @@ class Engine:
             if state.first_token_time is None:
                 state.first_token_time = now
             try:
-                delta = self._process(seq.seq_id, state, sampled[seq.seq_id])
+                deltas = self._process_tokens(seq.seq_id, state, sampled[seq.seq_id])
             except Exception as exc:
                 logger.exception("request %s: output of sequence %d failed", state.request.request_id, seq.seq_id)
                 per_request.pop(state.request.request_id, None)
                 self._fail_request(state, exc)
                 continue
-            per_request.setdefault(state.request.request_id, []).append(delta)
-        for request_id, deltas in per_request.items():
+            rounds = per_request.setdefault(state.request.request_id, [])
+            rounds.extend([] for _ in range(len(deltas) - len(rounds)))
+            for round_deltas, delta in zip(rounds, deltas):
+                round_deltas.append(delta)
+        for request_id, rounds in per_request.items():
             state = self._requests[request_id]
-            state.request.outputs.put(deltas)
+            for deltas in rounds:
+                state.request.outputs.put(deltas)
             if state.done:
                 self._complete(state)
+
+    def _process_tokens(self, seq_id: int, state: _RequestState, tokens: list[SampledToken]) -> list[SeqDelta]:
+        """The deltas of a sequence's tokens of one step, in order, up to the first that finishes it."""
+        deltas = []
+        for sampled in tokens:
+            deltas.append(self._process(seq_id, state, sampled))
+            if deltas[-1].finish_reason is not None:
+                break
+        return deltas
 
     def _process(self, seq_id: int, state: _RequestState, sampled: SampledToken) -> SeqDelta:
         """Advance the sequence's grammar, turn its token into a delta, and finish it when a stop condition holds."""

@@ -36,13 +36,14 @@ from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
 from mistralrs.engine.tool_calls import forced_call_schema
 from mistralrs.loader.diffusion_loader import LoadedDiffusion
-from mistralrs.loader.pipeline import load
-from mistralrs.loader.spec import LoadSpec
+from mistralrs.loader.pipeline import LoadedModel, load
+from mistralrs.loader.spec import LoadKind, LoadSpec
 from mistralrs.quant.isq import re_isq_config
 from mistralrs.quant.isq_types import parse_isq_type
 from mistralrs.sample.grammar import json_schema_source
 from mistralrs.vision.base import ImageInputs
 from mistralrs.vision.images import ImageSourcePolicy
+from mistralrs.worker.speculative import SpeculationStats, SpeculativeRunner
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,20 @@ def _options(request, logprobs: bool, top_logprobs: int | None) -> GenerationOpt
         seed=request.seed)
 
 
+def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
+    """ValueError naming both models unless the draft's tokenizer and logits cover the target's vocabulary exactly
+    (speculative decoding compares their distributions token by token)."""
+    target_vocab, draft_vocab = target.tokenizer.tokenizer.get_vocab(), draft.tokenizer.tokenizer.get_vocab()
+    target_size, draft_size = target.model.config.vocab_size, draft.model.config.vocab_size
+    if target_vocab == draft_vocab and target_size == draft_size:
+        return
+    differing = sorted(set(target_vocab.items()) ^ set(draft_vocab.items()), key=lambda item: item[1])[:3]
+    raise ValueError(
+        f"which_draft: the draft model {draft.model_id!r} does not share the vocabulary of the target model "
+        f"{target.model_id!r} (tokenizers of {len(target_vocab)} and {len(draft_vocab)} tokens, logits of "
+        f"{target_size} and {draft_size}; differing entries such as {differing})")
+
+
 class LLMEngine:
     """Loads one model and serves it: requests in, response objects out, control commands between steps. A text
     model serves chat and completion requests (a vision model with its image front door); a diffusion model serves
@@ -81,11 +96,18 @@ class LLMEngine:
 
     Thread-safe: several threads may submit at once; their requests are batched together by the engine thread.
     With `truncate_sequence`, a prompt that does not fit the context keeps its tail instead of being rejected.
+    With `draft`, that model is loaded too and drafts `config.speculative_gamma` tokens per step for the target
+    to verify (speculative decoding, mistralrs/worker/speculative.py); it must share the target's vocabulary.
     """
 
-    def __init__(self, spec: LoadSpec, config: EngineConfig, *, truncate_sequence: bool = False) -> None:
+    def __init__(self, spec: LoadSpec, config: EngineConfig, *, truncate_sequence: bool = False,
+                 draft: LoadSpec | None = None) -> None:
         self.truncate_sequence = truncate_sequence  # keep the tail of a prompt that does not fit the context
         self.execution = spec.execution  # how the model runs: chosen at load, fixed for the engine's life
+        if draft is not None and config.no_kv_cache:
+            raise ValueError("which_draft: speculative decoding needs the KV cache (no_kv_cache=True)")
+        if draft is not None and spec.kind in (LoadKind.VISION, LoadKind.DIFFUSION):
+            raise ValueError(f"which_draft: speculative decoding applies to text models, not {spec.label}")
         loaded = on_short_lived_thread(lambda: load(spec))
         self.model_id = loaded.model_id  # the `model` of every response
         self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
@@ -97,8 +119,11 @@ class LLMEngine:
             self._engine = build_command_engine({GenerateImage: self._generate_image}, config.seed)
             return
         self._loaded = loaded
+        draft_model = None if draft is None else on_short_lived_thread(lambda: load(draft))
+        if draft_model is not None:
+            check_same_vocabulary(self._loaded, draft_model)
         handlers = {ReIsq: self._re_isq, ActivateAdapters: self._activate_adapters}
-        self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution)
+        self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution, draft_model)
         processor = self._loaded.vision_processor
         # a vision model's image side of the front door (engine/image_prompt.py); None for a text model
         self._images = None if processor is None else ImagePrompter(processor, self._inputs,
@@ -109,6 +134,12 @@ class LLMEngine:
         if self._diffusion is not None:
             raise ValueError(f"{what}: this is a diffusion model (FLUX), which only generates images "
                              "(generate_image, POST /v1/images/generations); load a text model for this request")
+
+    @property
+    def speculation_stats(self) -> SpeculationStats | None:
+        """Draft tokens proposed and accepted so far (None without a draft model)."""
+        runner = self._engine.model_runner
+        return runner.stats if isinstance(runner, SpeculativeRunner) else None
 
     @property
     def max_model_len(self) -> int:

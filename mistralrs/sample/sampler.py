@@ -182,7 +182,7 @@ class Sampler:
             temperatures = [1.0 if row.params.is_greedy else row.params.temperature for row in rows]
             scaled = logits / _float_column(temperatures, logits.device)
             chosen_ids = self._draw(scaled, rows)
-        return _collect(scaled, chosen_ids, rows)
+        return collect_tokens(scaled, chosen_ids, rows)
 
     def _draw(self, scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Return `[batch]` token ids: truncate the sampled rows, then argmax of logits + Gumbel noise.
@@ -190,28 +190,47 @@ class Sampler:
         Greedy rows get no truncation and no noise, so they take the plain argmax.
         """
         vocab_size = scaled.shape[1]
-        sampled = [not row.params.is_greedy for row in rows]
-        params = [row.params for row in rows]
-        top_k = [_top_k_or_all(p.top_k, vocab_size) if s else vocab_size for p, s in zip(params, sampled)]
-        top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampled)]
-        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
-        truncated = scaled
-        to_truncate = [i for i in range(len(rows)) if top_k[i] < vocab_size or top_p[i] < 1]
-        if to_truncate:  # rows without top-k/top-p are left out, so they do not force a full sort
-            index = _long_tensor(to_truncate, scaled.device)
-            masked = top_k_top_p_mask(scaled[index], [top_k[i] for i in to_truncate], [top_p[i] for i in to_truncate])
-            truncated = scaled.index_copy(0, index, masked)
-        if any(p > 0 for p in min_p):
-            truncated = min_p_mask(truncated, _float_tensor(min_p, scaled.device))
+        truncated = truncate(scaled, rows)
         noise = torch.zeros_like(scaled)
-        sampled_rows = [i for i, s in enumerate(sampled) if s]
+        sampled_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         uniforms = [_uniform(rows[i].generator, vocab_size, scaled.device) for i in sampled_rows]
         noise[_long_tensor(sampled_rows, scaled.device)] = _gumbel(torch.stack(uniforms))
         return (truncated + noise).argmax(dim=-1)
 
 
-def _collect(scaled: torch.Tensor, chosen_ids: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-    """Compute logprobs, copy everything to the host in one transfer and build the SampledTokens."""
+def scaled_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The logits a row samples from before truncation: bias, DRY and penalties applied, then divided by the
+    temperature (1 for greedy rows). Grammars are not applied (the callers handle rows without one)."""
+    logits = logits.float()
+    if any(row.params.modifies_logits for row in rows):
+        logits = apply_logit_adjustments(logits, rows)
+    temperatures = [1.0 if row.params.is_greedy else row.params.temperature for row in rows]
+    return logits / _float_column(temperatures, logits.device)
+
+
+def truncate(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """`scaled` with -inf outside each sampled row's top-k, then top-p nucleus, then min-p set (greedy rows are
+    left as they are): the distribution a sampled row draws from is the softmax of the result."""
+    vocab_size = scaled.shape[1]
+    sampled = [not row.params.is_greedy for row in rows]
+    params = [row.params for row in rows]
+    top_k = [_top_k_or_all(p.top_k, vocab_size) if s else vocab_size for p, s in zip(params, sampled)]
+    top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampled)]
+    min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+    truncated = scaled
+    to_truncate = [i for i in range(len(rows)) if top_k[i] < vocab_size or top_p[i] < 1]
+    if to_truncate:  # rows without top-k/top-p are left out, so they do not force a full sort
+        index = _long_tensor(to_truncate, scaled.device)
+        masked = top_k_top_p_mask(scaled[index], [top_k[i] for i in to_truncate], [top_p[i] for i in to_truncate])
+        truncated = scaled.index_copy(0, index, masked)
+    if any(p > 0 for p in min_p):
+        truncated = min_p_mask(truncated, _float_tensor(min_p, scaled.device))
+    return truncated
+
+
+def collect_tokens(scaled: torch.Tensor, chosen_ids: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+    """Compute logprobs of `chosen_ids` (`[batch]`) under `scaled` (see `Sampler`), copy everything to the host
+    in one transfer and build the SampledTokens."""
     log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [batch, 1]
     chosen_logprobs = scaled.gather(1, chosen_ids[:, None]) - log_normaliser
     # One host sync: ids and logprobs travel together as float32 columns (ids < 2**24 are exact).

@@ -32,6 +32,8 @@ class ModelRunner:
     """Owns the model, its paged KV cache and the sampler, and runs the model the way `options` say (applied to
     the model here: MoE backend, fused decoder layers; per step: attention backend, CPU thread policy)."""
 
+    max_draft_tokens = 0  # draft tokens a decoding sequence may verify per step (speculative runners only)
+
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device, options: ExecutionOptions) -> None:
         self.model = model
@@ -49,31 +51,41 @@ class ModelRunner:
         self.images = ImageFeatureCache(model) if hasattr(model, "encode_images") else None
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
-        """Compute the scheduled chunks and sample for those that reached their sequence's end."""
+    def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
+        """Compute the scheduled chunks and sample for those that reached their sequence's end: the tokens each
+        sequence gained in the step, in order (one here; a speculative runner may give several)."""
         chunks = []
         for scheduled in output.scheduled:
             seq = scheduled.seq
             start = seq.num_computed_tokens
             tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
             chunks.append(SeqChunk(tokens, start, seq.block_ids, seq.num_prompt_tokens))
-        batch = ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device,
-                                   self.options.attention_backend)
+        batch = self.build_batch(chunks)
         with self.cpu_threads.step(batch.num_tokens):
             return self._forward_and_sample(batch, output, sampling)
 
-    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
-                            sampling: dict[int, SeqSampling]) -> dict[int, SampledToken]:
+    def build_batch(self, chunks: list[SeqChunk]) -> ForwardBatch:
+        """The step's `ForwardBatch` of `chunks` over this runner's KV cache."""
+        return ForwardBatch.build(chunks, self.block_size, self.kv_caches, self.device,
+                                  self.options.attention_backend)
+
+    def hidden_states(self, batch: ForwardBatch, scheduled: list, adapter_sets: list[tuple[str, ...] | None],
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on `batch` (one chunk per `scheduled[i]`, with the adapters `adapter_sets[i]`; None: the
+        active set; `inputs_embeds`: a vision model's embeddings with image features spliced in); returns the
+        hidden states `[num_tokens, hidden]`."""
         if self.adapters is not None:
-            sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
-            hidden = self.adapters.forward(self.model, batch, output.scheduled, sets)
-        elif self.images is not None:
-            embeds = self._image_inputs(batch, output, sampling)
-            with batch.active():
-                hidden = self.model(batch.input_ids, batch.positions, batch, inputs_embeds=embeds)
-        else:
-            with batch.active():
-                hidden = self.model(batch.input_ids, batch.positions, batch)
+            return self.adapters.forward(self.model, batch, scheduled, adapter_sets)
+        with batch.active():
+            if inputs_embeds is None:
+                return self.model(batch.input_ids, batch.positions, batch)
+            return self.model(batch.input_ids, batch.positions, batch, inputs_embeds=inputs_embeds)
+
+    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
+                            sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
+        sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
+        embeds = self._image_inputs(batch, output, sampling) if self.images is not None else None
+        hidden = self.hidden_states(batch, output.scheduled, sets, embeds)
         sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
         if not sample_rows:
             return {}
@@ -86,7 +98,7 @@ class ModelRunner:
             rows.append(SamplingRow(seq_sampling.params, seq.all_token_ids, seq.num_prompt_tokens,
                                     seq_sampling.generator))
         tokens = self.sampler(logits, rows)
-        return {output.scheduled[i].seq.seq_id: tok for i, tok in zip(sample_rows, tokens)}
+        return {output.scheduled[i].seq.seq_id: [tok] for i, tok in zip(sample_rows, tokens)}
 
     def _image_inputs(self, batch: ForwardBatch, output: SchedulerOutput,
                       sampling: dict[int, SeqSampling]) -> torch.Tensor | None:

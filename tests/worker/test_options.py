@@ -88,7 +88,7 @@ def greedy(runner: ModelRunner, num_tokens: int, prompt: tuple[int, ...] = (3, 1
         new = seq.num_tokens - seq.num_computed_tokens
         sampled = runner.execute(SchedulerOutput([ScheduledSequence(seq, new, True)]), sampling)
         seq.num_computed_tokens += new
-        seq.output_token_ids.append(sampled[0].token_id)
+        seq.output_token_ids.append(sampled[0][-1].token_id)
     return seq.output_token_ids
 
 
