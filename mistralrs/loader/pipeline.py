@@ -168,10 +168,7 @@ def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
                          f"checkpoint ({checkpoint_config['architectures'][0]})")
     device = device_map.main
     dtype = resolve_dtype(spec.dtype, device)
-    isq = _isq_config(spec, device_map)
-    uqff = _uqff_config(spec, source, isq)
-    if uqff is not None:
-        isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
+    isq, uqff = _safetensors_quant(spec, source, device_map)
     calibration_file = spec.isq.calibration_file
     weights = _progress(text_only_weights(checkpoint_config, iter_safetensors(_weight_paths(source, uqff), dtype)),
                         None, spec.show_progress, "loading")
@@ -185,6 +182,15 @@ def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
         _write_uqff(spec, source, model, dtype, isq)
     return LoadedModel(model, tokenizer, spec.model_id, int(config.get("max_position_embeddings", 4096)),
                        dtype, device, isq=isq)
+
+
+def _safetensors_quant(spec: LoadSpec, source: ModelSource, device_map: DeviceMapSpec
+                       ) -> tuple[IsqQuantConfig | None, UqffQuantConfig | None]:
+    """A safetensors model's ISQ config and its `from_uqff` loader; with `from_uqff`, any ISQ setting is ignored
+    (REFERENCE §4.1)."""
+    isq = _isq_config(spec, device_map)
+    uqff = _uqff_config(spec, source, isq)
+    return (None if uqff is not None else isq), uqff
 
 
 def _uqff_config(spec: LoadSpec, source: ModelSource, isq: IsqQuantConfig | None) -> UqffQuantConfig | None:
@@ -277,10 +283,7 @@ def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     family = vision_family(config, spec.arch)
     device = device_map.main
     dtype = resolve_dtype(spec.dtype, device)
-    isq = _isq_config(spec, device_map)
-    uqff = _uqff_config(spec, source, isq)
-    if uqff is not None:
-        isq = None  # from_uqff: any ISQ setting is ignored (REFERENCE §4.1)
+    isq, uqff = _safetensors_quant(spec, source, device_map)
     calibration_file = spec.isq.calibration_file
     weights = canonical_weights(family, _progress(iter_safetensors(_weight_paths(source, uqff), dtype), None,
                                                   spec.show_progress, "loading"))

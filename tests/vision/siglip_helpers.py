@@ -188,3 +188,32 @@ def runner_greedy(runner, content: list[dict], banned: dict[int, float], num_tok
         messages=[{"role": "user", "content": content}], model="m", max_tokens=num_tokens, temperature=0.0,
         logit_bias=banned))
     return runner.tokenize_text(response.choices[0].message.content, add_special_tokens=False)
+
+
+def idefics_greedy_matches(hf, ours, hf_inputs, inputs: ImageInputs, ids: list[int], num_tokens: int = 16) -> None:
+    """Idefics2/3: `num_tokens` greedy tokens of our model (driven over packed steps) equal transformers' `hf` on the
+    same prompt and images."""
+    expected, tokens = [], hf_inputs["input_ids"]
+    with torch.inference_mode():
+        for _ in range(num_tokens):
+            next_token = hf(input_ids=tokens, pixel_values=hf_inputs["pixel_values"],
+                            pixel_attention_mask=hf_inputs["pixel_attention_mask"]).logits[0, -1].argmax()
+            expected.append(int(next_token))
+            tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
+    driver = VisionDriver(ours)
+    driver.add(0, ids, inputs)
+    assert driver.greedy(0, num_tokens) == expected
+
+
+def idefics_runner_matches(runner, hf, hf_processor, tokenizer, images: list[Image.Image]) -> None:
+    """Idefics2/3 through a `Runner`: two images placed by the chat template where their parts are give
+    transformers' 16 greedy tokens; then a text-only request to the same model."""
+    banned = banned_ids(tokenizer)
+    content = [data_url(images[0]), {"type": "text", "text": "Compare"}, data_url(images[1]),
+               {"type": "text", "text": "please."}]
+    prompt = "User:<image>Compare<image>please.<end_of_utterance>\nAssistant:"
+    hf_inputs = hf_processor(text=prompt, images=images, return_tensors="pt")
+    assert runner_greedy(runner, content, banned, 16) == hf_greedy(hf, hf_inputs, banned, 16)
+    text_prompt = "User:Hello there.<end_of_utterance>\nAssistant:"
+    expected = hf_greedy(hf, tokenizer(text_prompt, return_tensors="pt"), banned, 16)
+    assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected

@@ -9,8 +9,8 @@ import torch
 from mistralrs import ModelDType, Runner, VisionArchitecture, Which
 from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
-from tests.vision.siglip_helpers import (VisionDriver, banned_ids, data_url, hf_greedy, load_ours, random_image,
-                                         runner_greedy, save_checkpoint, sharpen, tiny_hf_tokenizer)
+from tests.vision.siglip_helpers import (VisionDriver, idefics_greedy_matches, idefics_runner_matches, load_ours,
+                                         random_image, save_checkpoint, sharpen, tiny_hf_tokenizer)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -111,30 +111,11 @@ def test_prompt_logits_match_transformers(tokenizer, models, num_images, split):
 
 def test_greedy_tokens_match_transformers(tokenizer, models):
     hf, ours, _ = models
-    hf_inputs, inputs, ids = _case(tokenizer, 2)
-    expected, tokens = [], hf_inputs["input_ids"]
-    with torch.inference_mode():
-        for _ in range(16):
-            next_token = hf(input_ids=tokens, pixel_values=hf_inputs["pixel_values"],
-                            pixel_attention_mask=hf_inputs["pixel_attention_mask"]).logits[0, -1].argmax()
-            expected.append(int(next_token))
-            tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
-    driver = VisionDriver(ours)
-    driver.add(0, ids, inputs)
-    assert driver.greedy(0, 16) == expected
+    idefics_greedy_matches(hf, ours, *_case(tokenizer, 2))
 
 
 def test_greedy_tokens_through_a_runner(tokenizer, models):
-    """Two images placed by the chat template where their parts are, through `Runner(Which.VisionPlain)`: 16 greedy
-    tokens equal transformers'; then a text-only request to the same model."""
+    """Two images placed by the chat template, then a text-only request, through `Runner(Which.VisionPlain)`."""
     hf, _, path = models
-    banned = banned_ids(tokenizer)
     runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.Idefics2, dtype=ModelDType.F32))
-    content = [data_url(IMAGES[0]), {"type": "text", "text": "Compare"}, data_url(IMAGES[1]),
-               {"type": "text", "text": "please."}]
-    prompt = "User:<image>Compare<image>please.<end_of_utterance>\nAssistant:"
-    hf_inputs = hf_processor(tokenizer)(text=prompt, images=IMAGES, return_tensors="pt")
-    assert runner_greedy(runner, content, banned, 16) == hf_greedy(hf, hf_inputs, banned, 16)
-    text_prompt = "User:Hello there.<end_of_utterance>\nAssistant:"
-    expected = hf_greedy(hf, tokenizer(text_prompt, return_tensors="pt"), banned, 16)
-    assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected
+    idefics_runner_matches(runner, hf, hf_processor(tokenizer), tokenizer, IMAGES)
