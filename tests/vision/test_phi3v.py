@@ -207,13 +207,13 @@ def test_prompt_logits_equal_the_explicit_composition(tiny_phi3v):
     assert torch.allclose(ours, expected, atol=1e-4, rtol=0), (ours - expected).abs().max()
 
 
-def oracle_greedy(checkpoint, image: Image.Image, prompt: str) -> list[int]:
-    """The oracle's greedy continuation (full forwards) of `prompt` with `image`, banning `LLAVA_BANNED`."""
+def oracle_greedy(checkpoint, images: list[Image.Image], prompt: str) -> list[int]:
+    """The oracle's greedy continuation (full forwards) of `prompt` with `images`, banning `LLAVA_BANNED`."""
     path, text, clip, extra, order = checkpoint
     processor = Phi3VProcessor.from_checkpoint(
         ProcessorFiles(preprocessor_config=json.loads((path / "preprocessor_config.json").read_text())),
         json.loads((path / "config.json").read_text()), None)
-    inputs = processor.preprocess([image])
+    inputs = processor.preprocess(images)
     tokenizer = char_tokenizer_with([IMAGE_TOKEN])
     ids = tokenizer.encode(processor.expand_prompt(prompt, inputs), add_special_tokens=False).ids
     token = tokenizer.token_to_id(IMAGE_TOKEN)
@@ -235,6 +235,13 @@ def test_sixteen_greedy_tokens_through_a_runner(tiny_phi3v, tmp_path):
                                       dtype=ModelDType.F32))
     content = [{"type": "text", "text": "<|image_1|>\nWhat is this?"}, image_part(str(tmp_path / "image.png"))]
     prompt = "<|im_start|>user\n<|image_1|>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
-    expected = oracle_greedy(tiny_phi3v, images[0], prompt)
+    expected = oracle_greedy(tiny_phi3v, images[:1], prompt)
     assert chat_tokens(runner, content) == expected
-    assert oracle_greedy(tiny_phi3v, images[1], prompt) != expected  # the image decides the answer
+    assert oracle_greedy(tiny_phi3v, images[1:], prompt) != expected  # the image decides the answer
+    # two images, each placeholder typed by the user (the reference's way); the front door counts <|image_N|>
+    images[1].resize((20, 50)).save(tmp_path / "tall.png")
+    tall = Image.open(tmp_path / "tall.png").convert("RGB")
+    content = [{"type": "text", "text": "<|image_1|> and <|image_2|>: same?"}, image_part(str(tmp_path / "image.png")),
+               image_part(str(tmp_path / "tall.png"))]
+    prompt = "<|im_start|>user\n<|image_1|> and <|image_2|>: same?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_tokens(runner, content) == oracle_greedy(tiny_phi3v, [images[0], tall], prompt)
