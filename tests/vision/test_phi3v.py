@@ -237,6 +237,8 @@ def test_sixteen_greedy_tokens_through_a_runner(tiny_phi3v, tmp_path):
     prompt = "<|im_start|>user\n<|image_1|>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
     expected = oracle_greedy(tiny_phi3v, images[:1], prompt)
     assert chat_tokens(runner, content) == expected
+    placed = [image_part(str(tmp_path / "image.png")), {"type": "text", "text": "What is this?"}]
+    assert chat_tokens(runner, placed) == expected  # one image placed by the front door: "<|image_1|>\n" first
     assert oracle_greedy(tiny_phi3v, images[1:], prompt) != expected  # the image decides the answer
     # two images, each placeholder typed by the user (the reference's way); the front door counts <|image_N|>
     images[1].resize((20, 50)).save(tmp_path / "tall.png")
@@ -245,3 +247,20 @@ def test_sixteen_greedy_tokens_through_a_runner(tiny_phi3v, tmp_path):
                image_part(str(tmp_path / "tall.png"))]
     prompt = "<|im_start|>user\n<|image_1|> and <|image_2|>: same?<|im_end|>\n<|im_start|>assistant\n"
     assert chat_tokens(runner, content) == oracle_greedy(tiny_phi3v, [images[0], tall], prompt)
+
+
+def test_an_embedding_stored_under_vision_embed_tokens_wte_loads(tiny_phi3v, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    path = tiny_phi3v[0]
+    moved = tmp_path / "moved"
+    shutil.copytree(path, moved)
+    tensors = load_file(str(moved / "model.safetensors"))
+    tensors["model.vision_embed_tokens.wte.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, str(moved / "model.safetensors"))
+    models = [load_which(Which.VisionPlain(model_id=str(p), arch=VisionArchitecture.Phi3V, dtype=ModelDType.F32)).model
+              for p in (path, moved)]
+    assert torch.equal(models[1].language_model.model.embed_tokens.weight,
+                       models[0].language_model.model.embed_tokens.weight)
