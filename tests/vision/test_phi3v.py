@@ -264,3 +264,63 @@ def test_an_embedding_stored_under_vision_embed_tokens_wte_loads(tiny_phi3v, tmp
               for p in (path, moved)]
     assert torch.equal(models[1].language_model.model.embed_tokens.weight,
                        models[0].language_model.model.embed_tokens.weight)
+
+
+# Phi-3-vision-128k-instruct's config.json (its LongRoPE factors shortened to ones: their values do not change names
+# or shapes)
+PUBLISHED_CONFIG = {
+    "architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v", "bos_token_id": 1, "eos_token_id": 2,
+    "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                   "use_hd_transform": True, "with_learnable_separator": True},
+    "hidden_act": "silu", "hidden_size": 3072,
+    "img_processor": {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                      "name": "clip_vision_model", "num_img_tokens": 144},
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"long_factor": [1.0] * 48, "short_factor": [1.0] * 48, "type": "su"},
+    "rope_theta": 10000.0, "sliding_window": 131072, "tie_word_embeddings": False, "vocab_size": 32064,
+}
+
+
+def test_published_sizes_build_with_the_published_names():
+    """The published config on the meta device: our model needs exactly the published checkpoint's names (the
+    Phi-3 decoder's as transformers writes them, CLIP-L/336's under `model.vision_embed_tokens.img_processor.
+    vision_model.`, the projector and the two separators)."""
+    import transformers
+
+    from mistralrs.vision.phi3v import CLIP_L_336
+
+    text_cfg = {k: v for k, v in PUBLISHED_CONFIG.items() if k not in ("img_processor", "embd_layer", "model_type")}
+    text_cfg["rope_scaling"] = None  # transformers 5 reads LongRoPE differently; names and shapes are the same
+    with torch.device("meta"):
+        text = transformers.Phi3ForCausalLM(transformers.Phi3Config(**text_cfg))
+        tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_L_336))
+    published = set(text.state_dict()) | {
+        "model.vision_embed_tokens.img_processor.vision_model." + n.removeprefix("vision_model.")
+        for n in tower.state_dict() if not n.endswith("position_ids")}
+    published |= {f"model.vision_embed_tokens.{n}" for n in (
+        "img_projection.0.weight", "img_projection.0.bias", "img_projection.2.weight", "img_projection.2.bias",
+        "glb_GN", "sub_GN")}
+    ours = Phi3VForCausalLM(PUBLISHED_CONFIG, dtype=torch.bfloat16, device="meta")
+    assert ours.expected_weight_names() == {Phi3VForCausalLM.canonical_weight_name(n) for n in published}
+    assert ours.vision_embed_tokens.img_projection[0].weight.shape == (3072, 4096)
+    assert ours.vision_embed_tokens.sub_GN.shape == (1, 1, 1, 4096) and ours.image_token_id == 32044
+    processor = Phi3VProcessor.from_checkpoint(ProcessorFiles(preprocessor_config={"num_crops": 4}),
+                                               PUBLISHED_CONFIG, None)
+    inputs = processor.preprocess([Image.new("RGB", (640, 480), (10, 20, 30))])
+    assert inputs.tensors["pixel_values"].shape == (1, 5, 3, 336, 336) and inputs.num_image_tokens == [757]
+
+
+def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_phi3v):
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+
+    path = tiny_phi3v[0]
+    which = Which.VisionPlain(model_id=str(path), arch=VisionArchitecture.Phi3V, dtype=ModelDType.F32)
+    loaded = load_which(which, in_situ_quant="Q8_0")
+    decoder_linears = [m for m in loaded.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder_linears and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder_linears)
+    assert not any(isinstance(m, Linear) for m in loaded.model.vision_embed_tokens.modules())
+    inputs = loaded.vision_processor.preprocess([Image.new("RGB", (40, 30), (200, 10, 10))])
+    prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    assert torch.isfinite(vision_prompt_logits(loaded.model, prompt, inputs)).all()
