@@ -324,3 +324,46 @@ def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_phi3v):
     inputs = loaded.vision_processor.preprocess([Image.new("RGB", (40, 30), (200, 10, 10))])
     prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
     assert torch.isfinite(vision_prompt_logits(loaded.model, prompt, inputs)).all()
+
+
+def test_batched_image_and_text_requests_give_their_lone_results(tiny_phi3v, tmp_path):
+    """Two image requests (different HD grids) and a text-only request, sent together, answer as each does alone."""
+    import threading
+
+    files = []
+    for i, (w, h) in enumerate([(40, 30), (20, 50)]):
+        files.append(str(tmp_path / f"image{i}.png"))
+        pixels = np.random.default_rng(10 + i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(files[-1])
+    contents = [[image_part(f), {"type": "text", "text": "What is it?"}] for f in files] + ["Just text, please."]
+    runner = Runner(Which.VisionPlain(model_id=str(tiny_phi3v[0]), arch=VisionArchitecture.Phi3V,
+                                      dtype=ModelDType.F32))
+    try:
+        alone = [chat_tokens(runner, content) for content in contents]
+        together: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, chat_tokens(runner, contents[i])))
+                   for i in range(len(contents))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        runner.close()
+    assert alone[0] != alone[1]
+    assert [together[i] for i in range(len(contents))] == alone
+
+
+def test_write_uqff_then_from_uqff_gives_the_same_model(tiny_phi3v, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_phi3v[0], model_dir)
+    quantized = load_which(Which.VisionPlain(model_id=str(model_dir), arch=VisionArchitecture.Phi3V,
+                                             dtype=ModelDType.F32, write_uqff=str(tmp_path / "out" / "p-q8_0.uqff")),
+                           in_situ_quant="Q8_0")
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path / "out"), arch=VisionArchitecture.Phi3V,
+                                            dtype=ModelDType.F32, from_uqff="p-q8_0.uqff"))
+    inputs = quantized.vision_processor.preprocess([Image.new("RGB", (20, 50), (0, 90, 200))])
+    prompt = [5] + [quantized.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    expected = vision_prompt_logits(quantized.model, prompt, inputs)
+    assert torch.equal(vision_prompt_logits(reloaded.model, prompt, inputs), expected)
