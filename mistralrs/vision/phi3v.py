@@ -59,6 +59,9 @@ def hd_sizes(width: int, height: int, num_crops: int, crop: int) -> tuple[tuple[
     scale -= 1
     new_w = int(scale * crop)
     new_h = int(new_w / ratio)
+    if new_h < 1:
+        raise ValueError(f"an image of {max(width, height)}x{min(width, height)} pixels (long x short side) is too "
+                         f"elongated for the HD transform with num_crops={num_crops}")
     padded_h = math.ceil(new_h / crop) * crop
     before = int((padded_h - new_h) / 2)
     if transposed:

@@ -40,6 +40,12 @@ def test_hd_sizes_by_hand(size, num_crops, crop, resized, padded, before):
     assert hd_sizes(*size, num_crops, crop) == (resized, padded, before)
 
 
+def test_an_image_too_elongated_for_the_grid_is_a_value_error():
+    with pytest.raises(ValueError, match="too elongated"):
+        hd_sizes(2000, 1, 4, 336)
+    assert hd_sizes(1344, 1, 4, 336)[0] == (1344, 1)
+
+
 def test_hd_transform_pads_in_white_around_the_resized_image():
     image = Image.fromarray(np.full((30, 40, 3), 7, dtype=np.uint8), "RGB")
     out = np.asarray(hd_transform(image, 4, 28))
