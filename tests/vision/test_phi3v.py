@@ -373,3 +373,25 @@ def test_write_uqff_then_from_uqff_gives_the_same_model(tiny_phi3v, tmp_path):
     prompt = [5] + [quantized.model.image_token_id] * inputs.total_image_tokens + [6, 7]
     expected = vision_prompt_logits(quantized.model, prompt, inputs)
     assert torch.equal(vision_prompt_logits(reloaded.model, prompt, inputs), expected)
+
+
+def test_bfloat16_follows_float32(tiny_phi3v):
+    """The tower, separators, projector and decoder run in bfloat16 close to float32."""
+    from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+
+    def logits(dtype: ModelDType) -> torch.Tensor:
+        loaded = load_which(Which.VisionPlain(model_id=str(tiny_phi3v[0]), arch=VisionArchitecture.Phi3V, dtype=dtype))
+        model = loaded.model
+        inputs = loaded.vision_processor.preprocess([Image.new("RGB", (40, 30), (0, 90, 200))])
+        ids = [5] + [model.image_token_id] * inputs.total_image_tokens + [6, 7]
+        blocks = len(ids) // 16 + 1
+        caches = allocate_kv_caches(model.kv_cache_spec(), blocks, 16, model.dtype, "cpu")
+        fb = ForwardBatch.build([SeqChunk(ids, 0, list(range(blocks)))], 16, caches, "cpu")
+        with torch.inference_mode(), fb.active():
+            embeds = model.embed(fb.input_ids)
+            embeds[fb.input_ids == model.image_token_id] = model.encode_images(inputs)
+            return model.compute_logits(model(fb.input_ids, fb.positions, fb, inputs_embeds=embeds)).float()
+
+    full, half = logits(ModelDType.F32), logits(ModelDType.BF16)
+    torch.testing.assert_close(half, full, atol=0.5, rtol=0)  # logits reach about 30
+    assert torch.equal(half[-1].argmax(), full[-1].argmax())
