@@ -8,7 +8,8 @@ landscape, resized (bilinear) so that its width is `scale * crop` for the larges
 cut into `crop`-pixel sub-images in row-major order behind a global image (the normalized HD image resized bicubic
 to `crop` x `crop`), zero-padded to `num_crops + 1` crops. `<|image_N|>` (numbered from 1, in order) in the
 prompt becomes `IMAGE_TOKEN` repeated `(h * w + 1) * m^2 + 1 + (h + 1) * m` times, `h`, `w` the HD grid in crops
-and `m` half the tower's patch grid (12 for CLIP-L/336: 144 tokens per crop).
+and `m` half the tower's patch grid (12 for CLIP-L/336: 144 tokens per crop), then the tokenizer's BOS token when it
+adds one (the published processor tokenizes the text after each image as a new sequence).
 
 Model: the tower's `hidden_states[layer_idx]` without the class token; each crop's `g x g` patches merged 2 x 2
 into `m x m` tokens of 4 x width (the four neighbours concatenated row-major); the sub-images tiled into one
@@ -131,13 +132,23 @@ class Phi3VVisionConfig:
         return self.clip.image_size // self.clip.patch_size // 2
 
 
+def _added_bos(tokenizer_config: dict[str, Any]) -> str:
+    """The BOS token text when the tokenizer adds one (`add_bos_token`, true by default for Phi-3's Llama
+    tokenizer), else "". The published processor tokenizes the text after each image as a new sequence, so that
+    text starts with BOS; the expansion writes it."""
+    bos = tokenizer_config.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    return bos if isinstance(bos, str) and tokenizer_config.get("add_bos_token", True) else ""
+
+
 class Phi3VProcessor(VisionProcessor):
     """Phi3V's HD image processor and `<|image_N|>` expansion (see the module docstring)."""
 
     image_placeholder = "<|image_1|>"
 
     def __init__(self, num_crops: int, crop: int, merged: int, mean: tuple[float, ...],
-                 std: tuple[float, ...]) -> None:
+                 std: tuple[float, ...], after_image: str = "") -> None:
         if num_crops < 1:
             raise ValueError(f"num_crops must be a positive integer, got {num_crops!r}")
         self.num_crops = num_crops  # most sub-images per image
@@ -145,13 +156,15 @@ class Phi3VProcessor(VisionProcessor):
         self.merged = merged  # tokens per crop edge after the 2x2 merge (12)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.after_image = after_image  # text after each image run: the BOS token where the tokenizer adds one
 
     @classmethod
     def from_checkpoint(cls, files: ProcessorFiles, config: dict[str, Any], max_edge: int | None) -> Phi3VProcessor:
         vision = Phi3VVisionConfig.from_hf_dict(config)
         params = files.image_processor_config()
         return cls(int(params.get("num_crops", 4)), vision.clip.image_size, vision.merged,
-                   tuple(params.get("image_mean", CLIP_MEAN)), tuple(params.get("image_std", CLIP_STD)))
+                   tuple(params.get("image_mean", CLIP_MEAN)), tuple(params.get("image_std", CLIP_STD)),
+                   _added_bos(files.tokenizer_config))
 
     def crops(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """`[num_crops + 1, 3, crop, crop]` (global image first, zero padding last) and the HD size (h, w)."""
@@ -180,7 +193,8 @@ class Phi3VProcessor(VisionProcessor):
         if numbers != list(range(1, inputs.num_images + 1)):
             raise ValueError(f"the prompt's image placeholders {['<|image_%d|>' % n for n in numbers]} must be "
                              f"<|image_1|> to <|image_{inputs.num_images}|> in order, one per image")
-        return PLACEHOLDER_PATTERN.sub(lambda m: IMAGE_TOKEN * inputs.num_image_tokens[int(m.group(1)) - 1], prompt)
+        return PLACEHOLDER_PATTERN.sub(
+            lambda m: IMAGE_TOKEN * inputs.num_image_tokens[int(m.group(1)) - 1] + self.after_image, prompt)
 
 
 def merge_2x2(features: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,18 @@ def test_placeholders_expand_in_order():
         processor.expand_prompt("a<|image_1|>", inputs)
 
 
+def test_text_after_each_image_starts_with_bos_when_the_tokenizer_adds_one():
+    """The published processor tokenizes the text after each image as a new sequence (BOS first)."""
+    inputs = ImageInputs({}, [2, 1], "d")
+    for tokenizer_config, after in [({"bos_token": "<s>", "add_bos_token": True}, "<s>"),
+                                    ({"bos_token": {"content": "<s>"}}, "<s>"),
+                                    ({"bos_token": "<s>", "add_bos_token": False}, ""), ({}, "")]:
+        processor = Phi3VProcessor.from_checkpoint(ProcessorFiles(tokenizer_config=tokenizer_config),
+                                                   tiny_config(100, 99), None)
+        assert processor.expand_prompt("<|image_1|>a<|image_2|>", inputs) == \
+            IMAGE_TOKEN * 2 + after + "a" + IMAGE_TOKEN + after
+
+
 def test_merge_2x2_by_loop():
     x = torch.randn(2, 4, 4, 3)
     merged = merge_2x2(x)
