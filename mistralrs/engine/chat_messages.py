@@ -16,6 +16,7 @@ OpenAI-shaped messages may hold what the templates on the Hub cannot print:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,17 +72,18 @@ def image_parts(messages: str | list[dict[str, Any]]) -> list[ImagePart]:
     return found
 
 
-def placeholders_typed(messages: str | list[dict[str, Any]], placeholder: str) -> int:
-    """How many times `placeholder` occurs in the request's own text (content strings and text parts)."""
+def placeholders_typed(messages: str | list[dict[str, Any]], count_in: Callable[[str], int]) -> int:
+    """How many image placeholders (`count_in(text)` of each text) the request's own text holds (content strings
+    and text parts)."""
     if isinstance(messages, str):
-        return messages.count(placeholder)
+        return count_in(messages)
     count = 0
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
-            count += content.count(placeholder)
+            count += count_in(content)
         elif isinstance(content, list):
-            count += sum(part["text"].count(placeholder) for part in content
+            count += sum(count_in(part["text"]) for part in content
                          if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
     return count
 

@@ -53,7 +53,7 @@ class ImagePrompter:
                         images: ImageInputs) -> list[int]:
         """The prompt ids of a request with `images` (see the module docstring)."""
         placeholder = self.processor.image_placeholder
-        typed = placeholders_typed(messages, placeholder)
+        typed = placeholders_typed(messages, self.processor.count_placeholders)
         if typed not in (0, images.num_images):
             raise ValueError(f"messages: the text holds {typed} image placeholders {placeholder!r} for "
                              f"{images.num_images} images; write one per image, or none to let them be placed")
@@ -77,7 +77,7 @@ class ImagePrompter:
         placeholder = self.processor.image_placeholder
 
         def expand(text: str) -> str:
-            count = text.count(placeholder)
+            count = self.processor.count_placeholders(text)
             if count != images.num_images:
                 if not strict:
                     raise _NotPrinted
