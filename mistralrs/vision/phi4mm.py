@@ -182,6 +182,10 @@ def vision_settings(config: dict[str, Any]) -> tuple[SiglipVisionConfig, int, in
         return (tower, int(vision.get("crop_size", tower.image_size)), int(vision.get("feature_layer", -2)),
                 int(vision.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)))
     embd = dict((config.get("embd_layer") or {}).get("image_embd_layer") or {})
+    expected = dict(hd_transform_order="sub_glb", image_token_compression_cls="avg_pool_2d", projection_cls="mlp")
+    for key, value in expected.items():
+        if embd.get(key, value) != value:
+            raise ValueError(f"Phi4MM embd_layer.image_embd_layer.{key}={embd[key]!r}; only {value!r} is supported")
     layer = int((config.get("img_processor") or {}).get("layer_idx", -2))
     return SiglipVisionConfig(**SIGLIP_SO400M_448), int(embd.get("crop_size", 448)), layer, DEFAULT_IMAGE_TOKEN_ID
 

@@ -227,3 +227,38 @@ def test_published_layout_with_vision_lora_loads_merged(tiny_phi4mm, tmp_path):
     assert torch.allclose(qkv[1], qkv[0] + 2.0 * lora_b @ lora_a, atol=1e-5)
     assert torch.equal(models[1].image_embed.glb_GN, models[0].image_embed.glb_GN)
     assert torch.equal(models[1].image_embed.img_projection[2].weight, models[0].image_embed.img_projection[2].weight)
+
+
+# Phi-4-multimodal-instruct's config.json, its vision-relevant part (LongRoPE factors shortened to ones: their values
+# change no name or shape)
+PUBLISHED_CONFIG = {
+    "architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm", "bos_token_id": 199999,
+    "eos_token_id": 199999, "pad_token_id": 199999, "hidden_act": "silu", "hidden_size": 3072,
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "num_attention_heads": 24, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True,
+    "vocab_size": 200064, "img_processor": None,
+    "rope_scaling": {"long_factor": [1.0] * 48, "short_factor": [1.0] * 48, "type": "longrope"},
+    "embd_layer": {"embedding_cls": "image_audio", "image_embd_layer": {
+        "crop_size": 448, "embedding_cls": "tune_image", "hd_transform_order": "sub_glb",
+        "image_token_compression_cls": "avg_pool_2d", "projection_cls": "mlp", "use_hd_transform": True,
+        "with_learnable_separator": True}},
+    "vision_lora": {"dp": 0.0, "lora_alpha": 512, "r": 256},
+}
+
+
+def test_published_config_builds_the_published_sizes():
+    from mistralrs.vision.base import ProcessorFiles
+
+    model = Phi4MMForCausalLM(PUBLISHED_CONFIG, dtype=torch.bfloat16, device="meta")
+    assert model.image_embed.img_projection[0].weight.shape == (3072, 1152) and model.image_token_id == 200010
+    assert model.image_embed.sub_GN.shape == (1, 1, 1, 1152) and model.image_embed.layers_used == 26
+    assert model.lora_scale == 2.0
+    assert "image_embed.img_processor.encoder.layers.26.mlp.fc2.weight" in model.expected_weight_names()
+    processor = Phi4MMProcessor.from_checkpoint(ProcessorFiles(preprocessor_config={"dynamic_hd": 36}),
+                                                PUBLISHED_CONFIG, None)
+    tokens = processor.preprocess([Image.new("RGB", (448, 448))]).num_image_tokens
+    assert processor.crop == 448 and tokens == [256 + 16 + 1 + 256 + 16]  # global + rows, glb_GN, one crop + rows
+    bad = {**PUBLISHED_CONFIG, "embd_layer": {"image_embd_layer": {"hd_transform_order": "glb_sub"}}}
+    with pytest.raises(ValueError, match="hd_transform_order='glb_sub'"):
+        Phi4MMForCausalLM(bad, dtype=torch.bfloat16, device="meta")
