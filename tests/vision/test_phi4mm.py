@@ -262,3 +262,44 @@ def test_published_config_builds_the_published_sizes():
     bad = {**PUBLISHED_CONFIG, "embd_layer": {"image_embd_layer": {"hd_transform_order": "glb_sub"}}}
     with pytest.raises(ValueError, match="hd_transform_order='glb_sub'"):
         Phi4MMForCausalLM(bad, dtype=torch.bfloat16, device="meta")
+
+
+def test_batched_image_and_text_requests_give_their_lone_results(tiny_phi4mm, tmp_path):
+    """Image requests (two with the same crop count, whose tensors stack, and one with more crops) and a text-only
+    request, sent together, answer as each does alone."""
+    import threading
+
+    files = []
+    for i, (size, seed) in enumerate([((40, 30), 10), ((30, 40), 11), ((120, 20), 12)]):
+        files.append(str(tmp_path / f"image{i}.png"))
+        make_image(size, seed).save(files[-1])
+    contents = [[image_part(f), {"type": "text", "text": "What is it?"}] for f in files] + ["Just text, please."]
+    runner = Runner(Which.VisionPlain(model_id=str(tiny_phi4mm[0]), arch=VisionArchitecture.Phi4MM,
+                                      dtype=ModelDType.F32))
+    try:
+        alone = [chat_tokens(runner, content) for content in contents]
+        together: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, chat_tokens(runner, contents[i])))
+                   for i in range(len(contents))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        runner.close()
+    assert len(set(map(tuple, alone))) == len(alone)
+    assert [together[i] for i in range(len(contents))] == alone
+
+
+def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_phi4mm):
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+
+    which = Which.VisionPlain(model_id=str(tiny_phi4mm[0]), arch=VisionArchitecture.Phi4MM, dtype=ModelDType.F32)
+    loaded = load_which(which, in_situ_quant="Q8_0")
+    decoder_linears = [m for m in loaded.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder_linears and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder_linears)
+    assert not any(isinstance(m, Linear) for m in loaded.model.image_embed.modules())
+    inputs = loaded.vision_processor.preprocess([make_image((40, 30), 5)])
+    prompt = [5] + [loaded.model.image_token_id] * inputs.total_image_tokens + [6, 7]
+    assert torch.isfinite(vision_prompt_logits(loaded.model, prompt, inputs)).all()
