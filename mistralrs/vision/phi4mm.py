@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -283,7 +284,7 @@ class Phi4MMForCausalLM(VisionCausalLM):
         mask = inputs.tensors["image_attention_mask"].to(device=device)
         return self.image_embed(pixels, inputs.tensors["image_sizes"], mask)
 
-    def load_weights(self, weights) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Published or transformers names: skips the audio encoder, speech adapters and pooling head; merges the
         vision LoRA adapters into their base weights; the rest as `VisionCausalLM.load_weights`."""
         skipped, adapters, plain = set(), {}, []
