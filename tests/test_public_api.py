@@ -9,7 +9,7 @@ import pytest
 from mistralrs import Architecture, Runner, VisionArchitecture, Which
 
 UNBUILT = [
-    (Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi4MM), "vision"),
+    (Which.VisionPlain(model_id="m", arch=VisionArchitecture.VLlama), "vision"),
 ]
 
 
@@ -21,7 +21,7 @@ def test_unbuilt_variants_name_what_is_missing(which, what):
 
 @pytest.mark.parametrize("kwargs,what", [
     (dict(in_situ_quant="Q9K"), "in_situ_quant"),
-    (dict(which_draft=Which.VisionPlain(model_id="d", arch=VisionArchitecture.Phi4MM)), "which_draft"),
+    (dict(which_draft=Which.VisionPlain(model_id="d", arch=VisionArchitecture.VLlama)), "which_draft"),
     (dict(which_draft=Which.Plain(model_id="d"), speculative_gamma=0), "speculative_gamma"),
     (dict(num_device_layers=["8", "x"]), "num_device_layers"),
     (dict(num_device_layers="8"), "num_device_layers"),

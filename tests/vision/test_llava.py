@@ -117,8 +117,8 @@ def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_llava):
 def test_what_vision_loading_refuses():
     from mistralrs.api.load_spec import load_spec
 
-    with pytest.raises(ValueError, match="vision architecture Phi4MM is not built in this version"):
-        load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.Phi4MM))
+    with pytest.raises(ValueError, match="vision architecture VLlama is not built in this version"):
+        load_spec(Which.VisionPlain(model_id="m", arch=VisionArchitecture.VLlama))
     spec = load_spec(Which.VisionPlain(model_id="m", arch="llava", max_edge=512, imatrix="m.imatrix"),
                      in_situ_quant="Q4K")
     assert (spec.kind.value, spec.arch, spec.max_edge, spec.isq.imatrix) == ("vision", "LLaVA", 512, "m.imatrix")
