@@ -32,9 +32,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mistralrs.layers.embedding import VocabEmbedding
+from mistralrs.layers.linear import copy_checked
 from mistralrs.layers.norm import RMSNorm
-from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionProcessor
+from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor, build_text_model
 from mistralrs.vision.images import image_digest
+from mistralrs.vision.registry import register_vision
 from mistralrs.vision.siglip import Normalization, replace_placeholders, resize
 
 IMAGE_TOKEN = "<|image|>"
@@ -368,10 +371,11 @@ class _SwiGLU(nn.Module):
 class MllamaCrossAttentionDecoderLayer(nn.Module):
     """Gated cross-attention then a gated SwiGLU MLP whose output is zeroed on rows that attend to no image."""
 
-    def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float, *, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(self, layer_idx: int, hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float, *,
+                 dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
+        self.layer_idx = layer_idx  # its index among the decoder layers (the key of its image keys/values)
         self.cross_attn = MllamaTextCrossAttention(hidden, heads, kv_heads, eps, **kw)
         self.input_layernorm = RMSNorm(hidden, eps, **kw)
         self.post_attention_layernorm = RMSNorm(hidden, eps, **kw)
@@ -389,9 +393,156 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         row = allowed.any(dim=-1, keepdim=True).to(dtype)
         return additive * row, row
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                row: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb) -> torch.Tensor:
+        """The text model's layer call over packed tokens: each sequence's rows with its `fb.cross_attention`
+        context; sequences without images skip the layer (as transformers does for text-only inputs)."""
+        contexts = fb.cross_attention
+        if contexts is None:
+            return hidden
+        pieces = list(hidden.split(fb.query_lens))
+        for s, context in enumerate(contexts):
+            if context is not None:
+                kv = tuple(t.to(hidden.device) for t in context.kv[self.layer_idx])
+                pieces[s] = self.attend(pieces[s], kv, context.mask.to(hidden.device), context.row.to(hidden.device))
+        return torch.cat(pieces)
+
+    def attend(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+               row: torch.Tensor) -> torch.Tensor:
+        """One sequence: `x [tokens, hidden]`, its image keys/values, additive `mask` and `row` factor (`masks`)."""
         attn = self.cross_attn(self.input_layernorm(x), kv, mask)
         x = x + self.cross_attn_attn_gate.tanh() * attn
         mlp = self.mlp(self.post_attention_layernorm(x))
         return x + self.cross_attn_mlp_gate.tanh() * (row * mlp)
+
+
+@dataclass
+class CrossAttentionState:
+    """One request's cross-attention inputs, computed once and kept for its whole life."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # cross layer index -> image keys, values [kv_heads, rows, dim]
+    allowed: torch.Tensor  # [prompt_len, rows] bool: which image rows each prompt token attends to
+
+    def chunk(self, start: int, count: int) -> CrossAttentionChunk:
+        """The context of tokens `start .. start + count` (decode tokens repeat the last prompt row, as
+        transformers extends the mask)."""
+        index = torch.arange(start, start + count).clamp(max=self.allowed.shape[0] - 1)
+        allowed = self.allowed[index.to(self.allowed.device)]
+        dtype = next(iter(self.kv.values()))[0].dtype
+        mask, row = MllamaCrossAttentionDecoderLayer.masks(allowed, dtype)
+        return CrossAttentionChunk(self.kv, mask, row)
+
+
+@dataclass
+class CrossAttentionChunk:
+    """One sequence's cross-attention context for one step's chunk."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # cross layer index -> image keys, values
+    mask: torch.Tensor  # [chunk tokens, rows] additive
+    row: torch.Tensor  # [chunk tokens, 1]: 0 where a token attends to no image
+
+
+def cross_attention_allowed(prompt: list[int], image_token_id: int, real_rows: list[torch.Tensor]) -> torch.Tensor:
+    """`[len(prompt), rows]` bool (transformers' `get_cross_attention_token_mask` + dense conversion): image i's
+    rows (its real tiles, `real_rows[i]`) are seen from its `<|image|>` token to the next image token (a run of
+    consecutive image tokens all see up to the end of the run's successor range), the last image to the end."""
+    locations = [i for i, t in enumerate(prompt) if t == image_token_id]
+    if len(locations) != len(real_rows):
+        raise ValueError(f"the prompt holds {len(locations)} {IMAGE_TOKEN} tokens for {len(real_rows)} images")
+    ranges = [[a, b] for a, b in zip(locations, locations[1:] + [len(prompt)])]
+    end = ranges[-1][1]
+    for r in reversed(ranges):
+        if r[0] == r[1] - 1:
+            r[1] = end
+        end = r[1]
+    allowed = torch.zeros(len(prompt), sum(len(r) for r in real_rows), dtype=torch.bool)
+    offset = 0
+    for (a, b), rows in zip(ranges, real_rows):
+        allowed[a:b, offset:offset + len(rows)] = rows
+        offset += len(rows)
+    return allowed
+
+
+# transformers' MllamaTextConfig defaults for the keys a checkpoint's `text_config` may omit
+MLLAMA_TEXT_DEFAULTS: dict[str, Any] = {"vocab_size": 128_256, "hidden_size": 4096, "hidden_act": "silu",
+                                        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                        "intermediate_size": 14_336, "rms_norm_eps": 1e-5,
+                                        "max_position_embeddings": 131_072, "rope_theta": 500_000.0,
+                                        "tie_word_embeddings": False,
+                                        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38]}
+MLLAMA_RENAMES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+class MllamaForConditionalGeneration(VisionCausalLM):
+    """Llama 3.2 Vision: the Llama decoder of `models/llama.py` with `MllamaCrossAttentionDecoderLayer`s in the
+    slots `cross_attention_layers` (their KV-cache slots stay unused), fed by the vision encoder and projector.
+    The image reaches the text only through cross-attention: nothing is spliced into the embeddings; the model
+    runner keeps each request's `cross_attention_state` and passes its chunk contexts in `fb.cross_attention`."""
+
+    WEIGHT_RENAMES = MLLAMA_RENAMES
+
+    def __init__(self, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        text = {**MLLAMA_TEXT_DEFAULTS, **(config.get("text_config") or {})}
+        text.pop("model_type", None)
+        self.cross_layers = tuple(int(i) for i in text["cross_attention_layers"])
+        if any(not 0 <= i < text["num_hidden_layers"] for i in self.cross_layers):
+            raise ValueError(f"text_config cross_attention_layers {self.cross_layers} must name decoder layers")
+        self.language_model = build_text_model({**text, "architectures": ["LlamaForCausalLM"]}, {},
+                                               dtype=dtype, device=device)
+        hidden, kw = text["hidden_size"], dict(dtype=dtype, device=device)
+        decoder = self.language_model.model
+        decoder.embed_tokens = VocabEmbedding(text["vocab_size"] + 8, hidden, **kw)  # the image token's row is 8 past
+        for i in self.cross_layers:
+            decoder.layers[i] = MllamaCrossAttentionDecoderLayer(
+                i, hidden, text["intermediate_size"], text["num_attention_heads"], text["num_key_value_heads"],
+                text["rms_norm_eps"], **kw)
+        self.vision_config = MllamaVisionConfig.from_hf_dict(config.get("vision_config"))
+        self.vision_model = MllamaVisionModel(self.vision_config, **kw)
+        self.multi_modal_projector = nn.Linear(self.vision_config.vision_output_dim, hidden, **kw)
+        self.image_token_id = int(config.get("image_token_index", 128_256))
+
+    def encode_images(self, inputs: ImageInputs) -> torch.Tensor:
+        """`[images, tiles * patches, text_hidden]` projected image states (padding tiles included)."""
+        t = inputs.tensors
+        device = self.multi_modal_projector.weight.device
+        states = self.vision_model(t["pixel_values"].to(device), t["aspect_ratio_ids"].to(device),
+                                   t["aspect_ratio_mask"].to(device))
+        return self.multi_modal_projector(states).flatten(1, 2)
+
+    def cross_attention_state(self, prompt: list[int], inputs: ImageInputs) -> CrossAttentionState:
+        """A request's image keys/values for every cross layer and its prompt's cross-attention mask."""
+        states = self.encode_images(inputs)
+        patches = self.vision_config.num_patches
+        real = [m.bool().repeat_interleave(patches) for m in inputs.tensors["aspect_ratio_mask"]]
+        allowed = cross_attention_allowed(prompt, self.image_token_id, real).to(states.device)
+        flat = states.flatten(0, 1)
+        layers = self.language_model.model.layers
+        return CrossAttentionState({i: layers[i].cross_attn.image_kv(flat) for i in self.cross_layers}, allowed)
+
+    def _cross_layer_names(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
+        prefixes = tuple(f"language_model.model.layers.{i}." for i in self.cross_layers)
+        return {n for n, _ in weights if n.startswith(prefixes)}
+
+    def load_weights(self, weights) -> set[str]:
+        """The cross-attention layers' plain parameters copy by name; the rest loads as `VisionCausalLM` does."""
+        weights = list(weights)
+        cross = self._cross_layer_names(weights)
+        own = dict(self.named_parameters())
+        for name, tensor in weights:
+            if name in cross and name in own:
+                copy_checked(own[name], tensor, name)
+        consumed = {n for n in cross if n in own}
+        return consumed | super().load_weights((n, t) for n, t in weights if n not in cross)
+
+    def expected_weight_names(self) -> set[str]:
+        prefixes = tuple(f"language_model.model.layers.{i}." for i in self.cross_layers)
+        names = {n for n in super().expected_weight_names() if not n.startswith(prefixes)}
+        return names | {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
+
+
+register_vision("VLlama", ("MllamaForConditionalGeneration",), MllamaForConditionalGeneration, MllamaProcessor)
