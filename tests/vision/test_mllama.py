@@ -4,17 +4,27 @@ each chunk), 16 greedy tokens, and a text-only prompt (cross-attention layers sk
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
+from mistralrs import ModelDType, Runner, VisionArchitecture, Which
 from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.mllama import MllamaForConditionalGeneration, MllamaProcessor
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
-from tests.vision.siglip_helpers import load_ours, random_image, sharpen
+from tests.vision.siglip_helpers import (banned_ids, data_url, load_ours, random_image, runner_greedy, sharpen,
+                                         tiny_hf_tokenizer)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-VOCAB, IMAGE = 60, 60  # the image token is vocab_size (its embedding row is one of the 8 extra rows)
+TOKENIZER = tiny_hf_tokenizer(["<|image|>"])
+VOCAB, IMAGE = len(TOKENIZER), TOKENIZER.convert_tokens_to_ids("<|image|>")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                 "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}"
+                 "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PREPROCESSOR = {"size": {"height": 14, "width": 14}, "max_image_tiles": 4, "image_mean": [0.5] * 3,
                 "image_std": [0.5] * 3}
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_global_layers=2, attention_heads=2,
@@ -38,9 +48,16 @@ def models(tmp_path_factory):
         for name, param in hf.named_parameters():
             if name.endswith("gate") or "gate_" in name and param.numel() == 1:
                 param.fill_(0.6)
-    path = tmp_path_factory.mktemp("mllama")
+    path = str(tmp_path_factory.mktemp("mllama"))
     hf.save_pretrained(path)
-    return hf, load_ours(MllamaForConditionalGeneration, str(path))
+    TOKENIZER.save_pretrained(path)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        tokenizer_config = json.load(f)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({**tokenizer_config, "chat_template": CHAT_TEMPLATE, "bos_token": None}, f)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({**PREPROCESSOR, "image_processor_type": "MllamaImageProcessor"}, f)
+    return hf, load_ours(MllamaForConditionalGeneration, path), path
 
 
 def processor() -> MllamaProcessor:
@@ -48,6 +65,7 @@ def processor() -> MllamaProcessor:
 
 
 def hf_logits(hf, ids: list[int], images) -> torch.Tensor:
+    """transformers' logits of `ids` (cross-attention mask from its processor's functions)."""
     from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
                                                               get_cross_attention_token_mask)
 
@@ -84,15 +102,82 @@ PROMPT_TWO = [3, IMAGE, 7, 8, 9, IMAGE, IMAGE, 11, 12, 13, 14]  # consecutive im
 
 @pytest.mark.parametrize("chunk", [3, 64])
 def test_prompt_logits_one_image(models, chunk):
-    hf, ours = models
+    hf, ours, _ = models
     torch.testing.assert_close(our_logits(ours, PROMPT_ONE, IMAGES[:1], chunk), hf_logits(hf, PROMPT_ONE, IMAGES[:1]),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_logits_two_images_and_text_only(models):
-    hf, ours = models
+    hf, ours, _ = models
     images = IMAGES + [random_image(30, 30, seed=3)]
     torch.testing.assert_close(our_logits(ours, PROMPT_TWO, images, 4), hf_logits(hf, PROMPT_TWO, images),
                                rtol=1e-4, atol=1e-4)
     text = [3, 4, 5, 6, 7]
     torch.testing.assert_close(our_logits(ours, text, [], 64), hf_logits(hf, text, []), rtol=1e-4, atol=1e-4)
+
+
+def hf_greedy(hf, ids: list[int], images, num_tokens: int, banned=()) -> list[int]:
+    """transformers' greedy tokens by full forward passes (the mask's last row repeated for new tokens, as its
+    `generate` does)."""
+    ids, out = list(ids), []
+    for _ in range(num_tokens):
+        logits = hf_logits(hf, ids, images)[-1]
+        logits[list(banned)] = float("-inf")
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def test_greedy_tokens_through_a_runner(models):
+    """`Runner(Which.VisionPlain(arch=VLlama))` with `<|image|>` typed by the user: 16 greedy tokens equal
+    transformers'; then a text-only request (cross-attention layers skipped) to the same model."""
+    hf, _, path = models
+    banned = banned_ids(TOKENIZER)
+    runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.VLlama, dtype=ModelDType.F32))
+    prompt = "<|im_start|>user\nSay<|image|>what<|im_end|>\n<|im_start|>assistant\n"
+    ids = TOKENIZER(prompt)["input_ids"]
+    assert ids.count(IMAGE) == 1
+    content = [{"type": "text", "text": "Say<|image|>what"}, data_url(IMAGES[0])]
+    assert runner_greedy(runner, content, banned, 16) == hf_greedy(hf, ids, IMAGES[:1], 16, banned)
+    text = TOKENIZER("<|im_start|>user\nHello there.<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    expected = hf_greedy(hf, text, [], 16, banned)
+    assert runner_greedy(runner, [{"type": "text", "text": "Hello there."}], banned, 16) == expected
+
+
+def test_cross_attention_state_is_computed_once_and_freed_with_the_sequence(models):
+    """The model runner's store: one `cross_attention_state` per request, kept through its decode steps, gone once
+    the request is; a text-only sequence in the same step gets no context; nothing is spliced."""
+    from types import SimpleNamespace
+
+    from mistralrs.worker.image_features import ImageFeatureCache
+
+    _, ours, _ = models
+    calls = []
+
+    class Counting:
+        image_token_id = ours.image_token_id
+
+        def cross_attention_state(self, prompt, inputs):
+            calls.append(len(prompt))
+            return ours.cross_attention_state(prompt, inputs)
+
+    cache = ImageFeatureCache(Counting())
+    inputs = processor().preprocess(IMAGES[:1])
+    image_seq = SimpleNamespace(seq_id=1, prompt_token_ids=PROMPT_ONE, num_computed_tokens=0)
+    text_seq = SimpleNamespace(seq_id=2, prompt_token_ids=[3, 4], num_computed_tokens=0)
+
+    def step(done: int, count: int):
+        image_seq.num_computed_tokens = done
+        output = SimpleNamespace(scheduled=[SimpleNamespace(seq=image_seq, num_new_tokens=count),
+                                            SimpleNamespace(seq=text_seq, num_new_tokens=1)])
+        assert cache.embeddings(torch.tensor([0]), output, {1: inputs}, [0, count, count + 1]) is None
+        return cache.cross_attention_for(output, {1: inputs})
+
+    first = step(0, len(PROMPT_ONE))
+    assert first[1] is None and first[0].mask.shape[0] == len(PROMPT_ONE)
+    assert first[0].row[:3].eq(0).all() and first[0].row[3:].eq(1).all()  # text before the image sees nothing
+    decode = step(len(PROMPT_ONE), 1)
+    assert torch.equal(decode[0].mask, first[0].mask[-1:])  # decode tokens repeat the last prompt row
+    assert calls == [len(PROMPT_ONE)] and cache.has_cross_attention(1)
+    cache.forget_except({2})
+    assert not cache.has_cross_attention(1)
