@@ -522,7 +522,9 @@ class MllamaForConditionalGeneration(VisionCausalLM):
         allowed = cross_attention_allowed(prompt, self.image_token_id, real).to(states.device)
         flat = states.flatten(0, 1)
         layers = self.language_model.model.layers
-        return CrossAttentionState({i: layers[i].cross_attn.image_kv(flat) for i in self.cross_layers}, allowed)
+        kv = {i: layers[i].cross_attn.image_kv(flat.to(layers[i].cross_attn.q_proj.weight.device))
+              for i in self.cross_layers}  # each on its layer's device (the device map places decoder layers)
+        return CrossAttentionState(kv, allowed)
 
     def _cross_layer_names(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
         prefixes = tuple(f"language_model.model.layers.{i}." for i in self.cross_layers)

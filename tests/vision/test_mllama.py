@@ -116,6 +116,22 @@ def test_prompt_logits_two_images_and_text_only(models):
     torch.testing.assert_close(our_logits(ours, text, [], 64), hf_logits(hf, text, []), rtol=1e-4, atol=1e-4)
 
 
+def test_mixed_batch_equals_lone_runs(models):
+    """An image request and a text-only request packed in one step: each one's logits equal its lone run."""
+    _, ours, _ = models
+    text = [3, 4, 5, 6, 7]
+    caches = allocate_kv_caches(ours.kv_cache_spec(), 64, BLOCK, torch.float32, "cpu")
+    with torch.inference_mode():
+        state = ours.cross_attention_state(PROMPT_ONE, processor().preprocess(IMAGES[:1]))
+        fb = ForwardBatch.build([SeqChunk(text, 0, [9, 8]), SeqChunk(PROMPT_ONE, 0, [0, 1, 2])], BLOCK, caches,
+                                "cpu", "sdpa")
+        fb.cross_attention = [None, state.chunk(0, len(PROMPT_ONE))]
+        with fb.active():
+            text_logits, image_logits = ours.compute_logits(ours(fb.input_ids, fb.positions, fb)).split(fb.query_lens)
+    torch.testing.assert_close(text_logits, our_logits(ours, text, [], 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_logits, our_logits(ours, PROMPT_ONE, IMAGES[:1], 64), rtol=1e-5, atol=1e-5)
+
+
 def hf_greedy(hf, ids: list[int], images, num_tokens: int, banned=()) -> list[int]:
     """transformers' greedy tokens by full forward passes (the mask's last row repeated for new tokens, as its
     `generate` does)."""
