@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from mistralrs.layers.embedding import VocabEmbedding
-from mistralrs.layers.linear import copy_checked
+from mistralrs.layers.linear import Linear, copy_checked
 from mistralrs.layers.norm import RMSNorm
 from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor, build_text_model
 from mistralrs.vision.images import image_digest
@@ -325,15 +325,16 @@ class MllamaVisionModel(nn.Module):
 class MllamaTextCrossAttention(nn.Module):
     """Text queries (q-normed) against the projected image states (k-normed keys), grouped-query heads."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, eps: float, *, dtype: torch.dtype,
+    def __init__(self, hidden: int, heads: int, kv_heads: int, eps: float, *, prefix: str, dtype: torch.dtype,
                  device: torch.device | str):
         super().__init__()
-        kw = dict(dtype=dtype, device=device)
+        kw = dict(bias=False, dtype=dtype, device=device)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False, **kw)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False, **kw)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False, **kw)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False, **kw)
+        self.q_proj = Linear(hidden, heads * self.head_dim, prefix=f"{prefix}.q_proj", **kw)
+        self.k_proj = Linear(hidden, kv_heads * self.head_dim, prefix=f"{prefix}.k_proj", **kw)
+        self.v_proj = Linear(hidden, kv_heads * self.head_dim, prefix=f"{prefix}.v_proj", **kw)
+        self.o_proj = Linear(heads * self.head_dim, hidden, prefix=f"{prefix}.o_proj", **kw)
+        kw = dict(dtype=dtype, device=device)
         self.q_norm = RMSNorm(self.head_dim, eps, **kw)
         self.k_norm = RMSNorm(self.head_dim, eps, **kw)
 
@@ -358,11 +359,13 @@ class MllamaTextCrossAttention(nn.Module):
 class _SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) (the checkpoint's `mlp.*` names)."""
 
-    def __init__(self, hidden: int, intermediate: int, *, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, hidden: int, intermediate: int, *, prefix: str, dtype: torch.dtype,
+                 device: torch.device | str):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = Linear(hidden, intermediate, prefix=f"{prefix}.gate_proj", **kw)
+        self.up_proj = Linear(hidden, intermediate, prefix=f"{prefix}.up_proj", **kw)
+        self.down_proj = Linear(intermediate, hidden, prefix=f"{prefix}.down_proj", **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -376,12 +379,13 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.layer_idx = layer_idx  # its index among the decoder layers (the key of its image keys/values)
-        self.cross_attn = MllamaTextCrossAttention(hidden, heads, kv_heads, eps, **kw)
+        prefix = f"model.layers.{layer_idx}"  # as the text model's layers name their Linears (ISQ reads it)
+        self.cross_attn = MllamaTextCrossAttention(hidden, heads, kv_heads, eps, prefix=f"{prefix}.cross_attn", **kw)
         self.input_layernorm = RMSNorm(hidden, eps, **kw)
         self.post_attention_layernorm = RMSNorm(hidden, eps, **kw)
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1, **kw), requires_grad=False)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1, **kw), requires_grad=False)
-        self.mlp = _SwiGLU(hidden, intermediate, **kw)
+        self.mlp = _SwiGLU(hidden, intermediate, prefix=f"{prefix}.mlp", **kw)
 
     @staticmethod
     def masks(allowed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,7 +526,7 @@ class MllamaForConditionalGeneration(VisionCausalLM):
         allowed = cross_attention_allowed(prompt, self.image_token_id, real).to(states.device)
         flat = states.flatten(0, 1)
         layers = self.language_model.model.layers
-        kv = {i: layers[i].cross_attn.image_kv(flat.to(layers[i].cross_attn.q_proj.weight.device))
+        kv = {i: layers[i].cross_attn.image_kv(flat.to(layers[i].input_layernorm.weight.device))
               for i in self.cross_layers}  # each on its layer's device (the device map places decoder layers)
         return CrossAttentionState(kv, allowed)
 
@@ -531,14 +535,23 @@ class MllamaForConditionalGeneration(VisionCausalLM):
         return {n for n, _ in weights if n.startswith(prefixes)}
 
     def load_weights(self, weights) -> set[str]:
-        """The cross-attention layers' plain parameters copy by name; the rest loads as `VisionCausalLM` does."""
+        """The cross-attention layers load by name (their `q_proj`/`gate_proj` are not fused as the self-attention
+        layers' are); the rest loads as `VisionCausalLM` does."""
         weights = list(weights)
         cross = self._cross_layer_names(weights)
-        own = dict(self.named_parameters())
+        modules, consumed = dict(self.named_modules()), set()
         for name, tensor in weights:
-            if name in cross and name in own:
-                copy_checked(own[name], tensor, name)
-        consumed = {n for n in cross if n in own}
+            path, _, attr = name.rpartition(".")
+            owner = modules.get(path)
+            if name not in cross or owner is None:
+                continue
+            if isinstance(owner, Linear):
+                owner.load_weight(attr, tensor, None)
+            elif isinstance(getattr(owner, attr, None), nn.Parameter):
+                copy_checked(getattr(owner, attr), tensor, name)
+            else:
+                continue
+            consumed.add(name)
         return consumed | super().load_weights((n, t) for n, t in weights if n not in cross)
 
     def expected_weight_names(self) -> set[str]:

@@ -197,3 +197,22 @@ def test_cross_attention_state_is_computed_once_and_freed_with_the_sequence(mode
     assert calls == [len(PROMPT_ONE)] and cache.has_cross_attention(1)
     cache.forget_except({2})
     assert not cache.has_cross_attention(1)
+
+
+def test_in_situ_quant_reaches_the_cross_attention_layers(models):
+    """ISQ quantizes every Linear of the text decoder, the cross-attention layers' included, not the vision tower;
+    the quantized model still follows the f32 logits closely."""
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+    from tests.loading import load_which
+
+    _, ours, path = models
+    quantized = load_which(Which.VisionPlain(model_id=path, arch=VisionArchitecture.VLlama, dtype=ModelDType.F32),
+                           in_situ_quant="Q8_0", show_progress=False).model
+    cross = quantized.language_model.model.layers[1]
+    assert isinstance(cross.cross_attn.q_proj, Linear) and isinstance(cross.mlp.down_proj, Linear)
+    decoder = [m for m in quantized.language_model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder)
+    assert not any(isinstance(m, Linear) for m in quantized.vision_model.modules())
+    got = our_logits(quantized, PROMPT_ONE, IMAGES[:1], 64)
+    torch.testing.assert_close(got, our_logits(ours, PROMPT_ONE, IMAGES[:1], 64), rtol=0, atol=0.1)

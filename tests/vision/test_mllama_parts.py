@@ -120,10 +120,10 @@ def test_cross_attention_layer_matches_transformers():
     with torch.no_grad():
         expected = hf(x, cross_attention_states=states, cross_attention_mask=mask, attention_mask=None,
                       full_text_row_masked_out_mask=row)[0]
-        ours = MllamaCrossAttentionDecoderLayer(32, 64, 4, 2, 1e-5, dtype=torch.float32, device="cpu")
+        ours = MllamaCrossAttentionDecoderLayer(1, 32, 64, 4, 2, 1e-5, dtype=torch.float32, device="cpu")
         ours.load_state_dict(hf.state_dict())
         allowed = sparse[0].repeat_interleave(patches, dim=2).reshape(tokens, -1).bool()
         our_mask, our_row = ours.masks(allowed, torch.float32)
-        got = ours(x[0], ours.cross_attn.image_kv(states[0]), our_mask, our_row)
+        got = ours.attend(x[0], ours.cross_attn.image_kv(states[0]), our_mask, our_row)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert our_row[:2].eq(0).all() and our_row[2:].eq(1).all()
