@@ -1,5 +1,5 @@
 """Llama 3.2 Vision (`MllamaForConditionalGeneration`, VisionArchitecture.VLlama): the image processor, the vision
-encoder and projector, and the gated cross-attention decoder layer.
+encoder and projector, the gated cross-attention decoder layer and the model (docs/vision/vllama.md).
 
 Preprocessing (as transformers' `MllamaImageProcessorPil`): each image picks the tile canvas (`rows x cols` tiles of
 `size` px, `rows * cols <= max_image_tiles`) that needs the smallest upscaling (else the least downscaling; ties: the
@@ -11,14 +11,15 @@ into tiles (row-major), padded with zero tiles to `max_image_tiles`. `aspect_rat
 Vision encoder (`MllamaVisionModel`): patch conv, a gated pre-tile aspect-ratio embedding, a class token, gated
 positional + tile-position embeddings, pre-norm, patches padded to a multiple of 8, local layers, post-norm, a gated
 post-tile embedding, gated global layers over all tiles; the output is the global layers' output concatenated with
-the local layers' outputs at `intermediate_layers_indices`, interleaved feature by feature (`vision_output_dim` wide). The projector maps it to the
-text width: the cross-attention states of an image are its `tiles * patches` rows.
+the local layers' outputs at `intermediate_layers_indices`, interleaved feature by feature (`vision_output_dim`
+wide). The projector maps it to the text width: the cross-attention states of an image are its `tiles * patches`
+rows.
 
 Cross-attention (`MllamaCrossAttentionDecoderLayer`): a text token attends to the patch rows of the images its
 cross-attention mask allows (transformers: a token from the first `<|image|>` on attends to that image's real tiles, up
 to the next image token, consecutive image tokens sharing a range); a token that attends to nothing (text before the
-first image) gets a zero cross-attention MLP output (the "full text row" mask) and a uniform attention that the gate
-scales as transformers computes it.
+first image) gets a zero cross-attention MLP output (the "full text row" mask) and an unmasked attention over all
+image rows (scaled by the gate), as transformers computes it.
 """
 
 from __future__ import annotations
@@ -494,8 +495,8 @@ class MllamaForConditionalGeneration(VisionCausalLM):
         text = {**MLLAMA_TEXT_DEFAULTS, **(config.get("text_config") or {})}
         text.pop("model_type", None)
         self.cross_layers = tuple(int(i) for i in text["cross_attention_layers"])
-        if any(not 0 <= i < text["num_hidden_layers"] for i in self.cross_layers):
-            raise ValueError(f"text_config cross_attention_layers {self.cross_layers} must name decoder layers")
+        if not self.cross_layers or any(not 0 <= i < text["num_hidden_layers"] for i in self.cross_layers):
+            raise ValueError(f"text_config cross_attention_layers {self.cross_layers} must name one or more decoder layers")
         self.language_model = build_text_model({**text, "architectures": ["LlamaForCausalLM"]}, {},
                                                dtype=dtype, device=device)
         hidden, kw = text["hidden_size"], dict(dtype=dtype, device=device)

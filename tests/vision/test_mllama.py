@@ -216,3 +216,15 @@ def test_in_situ_quant_reaches_the_cross_attention_layers(models):
     assert not any(isinstance(m, Linear) for m in quantized.vision_model.modules())
     got = our_logits(quantized, PROMPT_ONE, IMAGES[:1], 64)
     torch.testing.assert_close(got, our_logits(ours, PROMPT_ONE, IMAGES[:1], 64), rtol=0, atol=0.1)
+
+
+def test_config_errors():
+    config = {"vision_config": VISION, "text_config": {**TEXT, "cross_attention_layers": [4]}}
+    with pytest.raises(ValueError, match="cross_attention_layers"):
+        MllamaForConditionalGeneration(config, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="vision_output_dim"):
+        MllamaForConditionalGeneration({"vision_config": {**VISION, "vision_output_dim": 40}, "text_config": TEXT},
+                                       dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="square"):
+        MllamaProcessor.from_checkpoint(ProcessorFiles(preprocessor_config={"size": {"height": 14, "width": 28}}),
+                                        {}, None)

@@ -45,7 +45,8 @@ def test_processor_matches_transformers():
 
 
 def test_canvas_prefers_least_upscaling_then_least_downscaling():
-    assert optimal_canvas(20, 45, 4, 14) == (14, 42)  # no canvas upscales: the largest scale (0.7), 1x3 and 1x4 tie, 1x3 is smaller
+    # no canvas upscales: the largest scale (0.7), where 1x3 and 1x4 tie and 1x3 is smaller
+    assert optimal_canvas(20, 45, 4, 14) == (14, 42)
     assert optimal_canvas(5, 6, 4, 14) == (14, 14)  # every canvas upscales: the smallest scale, 1x1
     assert optimal_canvas(14, 14, 4, 14) == (14, 14)  # scale 1 exactly
 
