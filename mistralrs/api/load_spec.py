@@ -25,7 +25,6 @@ from mistralrs.loader.spec import (
     AdapterKind, AdapterSpec, AnyMoeSpec, IsqSpec, LoadKind, LoadSpec, LoraExpertSpec,
 )
 from mistralrs.quant.isq_types import IsqType, parse_isq_type
-from mistralrs.vision.registry import supported_vision_archs
 from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.options import ExecutionOptions
 
@@ -183,10 +182,6 @@ def _ggml_adapters(which: Which.LoraGGML | Which.XLoraGGML, _isq_type: None, com
 
 
 def _vision_plain(which: Which.VisionPlain, isq_type: IsqType | None, common: dict[str, Any]) -> LoadSpec:
-    built = supported_vision_archs()
-    if which.arch.name.lower() not in {name.lower() for name in built}:
-        raise ValueError(f"Which.VisionPlain: vision architecture {which.arch.name} is not built in this version "
-                         f"(supported: {', '.join(built)})")
     isq = IsqSpec(isq_type, imatrix=which.imatrix, calibration_file=which.calibration_file)
     return LoadSpec(LoadKind.VISION, model_id=which.model_id, tokenizer_json=which.tokenizer_json,
                     dtype=_DTYPES[which.dtype], arch=which.arch.name, topology=which.topology, isq=isq,

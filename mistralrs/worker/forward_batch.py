@@ -141,6 +141,10 @@ class ForwardBatch:
     # block in one chunk see each other both ways (Gemma 3's image-token runs). Set by a model for its decoder with
     # `with_bidirectional_blocks`; read by `attention_mask` and the reference attention. None: causal everywhere.
     bidirectional_blocks: torch.Tensor | None = None
+    # cross-attention models (Mllama): per sequence of the step, the model's cross-attention context of its chunk
+    # (image keys/values kept for the request and the chunk's mask rows), None for a sequence without images; set by
+    # the model runner from the model's `cross_attention_state`. None: no sequence has images.
+    cross_attention: list[object | None] | None = None
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)  # per window
     _placed: dict[torch.device, ForwardBatch] = field(default_factory=dict, init=False, repr=False)  # see `on`
 

@@ -8,6 +8,11 @@ k of `encode_images`). A sequence's features are computed once, at the first chu
 image tokens (a chunk may split an image's run), and freed once a chunk passed its last image token. Positions the
 prefix cache already holds are never computed, so a sequence whose images are all cached never encodes them.
 
+Cross-attention models (`cross_attention_state`, Mllama) splice nothing: a sequence's state (its image keys/values
+and prompt mask, `cross_attention_state(prompt_ids, inputs)`) is computed once, at its first step, kept for its whole
+life (its decode tokens attend to the images too) and freed with the sequence; each step's chunk contexts go to
+`ForwardBatch.cross_attention` (`cross_attention_for`).
+
 M-RoPE models (`rope_positions` not None) get `[3, num_tokens]` positions per step (`rope_positions_for`), from a
 table computed once per sequence and kept for its life (decode tokens continue it by the table's delta).
 
@@ -43,10 +48,11 @@ class ImageFeatureCache:
     model: nn.Module
     _seqs: dict[int, _SeqImages] = field(default_factory=dict)
     _rope: dict[int, tuple[torch.Tensor, int] | None] = field(default_factory=dict)  # seq_id -> (table, delta)
+    _cross: dict[int, object] = field(default_factory=dict)  # seq_id -> the model's cross-attention state
 
     def forget_except(self, live_seq_ids) -> None:
         """Drops the state of sequences that are gone (finished, aborted, failed)."""
-        for table in (self._seqs, self._rope):
+        for table in (self._seqs, self._rope, self._cross):
             for seq_id in [s for s in table if s not in live_seq_ids]:
                 del table[seq_id]
 
@@ -59,6 +65,8 @@ class ImageFeatureCache:
                    query_start_locs: list[int]) -> torch.Tensor | None:
         """The step's input embeddings with image features spliced in; None when no chunk holds an image token
         (the model then embeds the tokens itself). `images`: seq_id -> ImageInputs of the sequences with images."""
+        if self.uses_cross_attention:
+            return None
         wanted = []  # (packed index, seq state, feature row)
         needs_encoding = []
         for s, scheduled in enumerate(output.scheduled):
@@ -84,6 +92,32 @@ class ImageFeatureCache:
         embeds = embeds.index_copy(0, index, rows.to(device=embeds.device, dtype=embeds.dtype))
         self._free_done()
         return embeds
+
+    @property
+    def uses_cross_attention(self) -> bool:
+        """Whether the model reads images through cross-attention (nothing spliced into the embeddings)."""
+        return hasattr(self.model, "cross_attention_state")
+
+    def has_cross_attention(self, seq_id: int) -> bool:
+        """Whether the sequence's cross-attention state is held now (tests check that it is freed)."""
+        return seq_id in self._cross
+
+    def cross_attention_for(self, output: SchedulerOutput, images: dict[int, object]) -> list[object | None] | None:
+        """Each scheduled sequence's cross-attention context of its chunk (None for a sequence without images);
+        None when the model has no cross-attention or no sequence has images."""
+        if not self.uses_cross_attention or not any(s.seq.seq_id in images for s in output.scheduled):
+            return None
+        contexts = []
+        for scheduled in output.scheduled:
+            seq = scheduled.seq
+            inputs = images.get(seq.seq_id)
+            if inputs is None:
+                contexts.append(None)
+                continue
+            if seq.seq_id not in self._cross:
+                self._cross[seq.seq_id] = self.model.cross_attention_state(seq.prompt_token_ids, inputs)
+            contexts.append(self._cross[seq.seq_id].chunk(seq.num_computed_tokens, scheduled.num_new_tokens))
+        return contexts
 
     def _state(self, seq_id: int, prompt: list[int], inputs) -> _SeqImages:
         state = self._seqs.get(seq_id)

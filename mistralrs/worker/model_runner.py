@@ -103,9 +103,11 @@ class ModelRunner:
     def _image_inputs(self, batch: ForwardBatch, output: SchedulerOutput,
                       sampling: dict[int, SeqSampling]) -> torch.Tensor | None:
         """A vision model's step: its input embeddings with image features spliced in (None: plain token
-        embeddings), and `batch.rope_positions` for M-RoPE models (worker/image_features.py)."""
+        embeddings), `batch.rope_positions` for M-RoPE models and `batch.cross_attention` for cross-attention
+        models (worker/image_features.py)."""
         self.images.forget_except(sampling)
         images = {s.seq.seq_id: sampling[s.seq.seq_id].images for s in output.scheduled
                   if sampling[s.seq.seq_id].images is not None}
         batch.rope_positions = self.images.rope_positions_for(output, images, batch.positions)
+        batch.cross_attention = self.images.cross_attention_for(output, images)
         return self.images.embeddings(batch.input_ids, output, images, batch.query_start_locs)

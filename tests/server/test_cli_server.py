@@ -59,7 +59,7 @@ def test_server_options_make_the_server_config():
     (["lora", "-a", "ADAPTERS", "-o", "order.json"], "order.json"),
     (["x-lora", "-x", "XLORA", "-o", "order.json"], "order.json"),
     (["ggml", "-t", "TOK", "-m", "DIR", "-f", "model.bin"], "model.bin"),
-    (["vision-plain", "-m", "ID", "-a", "vllama"], "vision architecture VLlama is not built"),
+    (["vision-plain", "-m", "/no/such/vllama", "-a", "vllama"], "neither a local directory"),
     (["diffusion-plain", "-m", "/no/such/flux", "-a", "flux"], "neither a local directory"),
     (["toml", "-f", "model.toml"], "toml selector 'model.toml': cannot read it"),
     (["--isq", "Q9K", "plain", "-m", "ID"], "ISQ type Q9K unknown"),
