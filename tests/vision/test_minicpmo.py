@@ -244,6 +244,56 @@ def test_greedy_tokens_through_a_runner(checkpoint):
     assert runner_greedy(runner, [{"type": "text", "text": "Hello."}], banned, 16) == expected_text
 
 
+
+def test_batched_image_and_text_requests_give_their_lone_results(checkpoint):
+    """Two image requests (a sliced and an unsliced image) and a text-only request, sent together from three
+    threads, answer as each does alone."""
+    import threading
+
+    tokenizer, path = checkpoint
+    banned = {i: -1e9 for i in range(len(CHARACTERS), tokenizer.get_vocab_size())}
+    contents = [[data_url(image), {"type": "text", "text": "(<image>./</image>)Describe."}] for image in IMAGES]
+    contents.append([{"type": "text", "text": "Hello."}])
+    runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.MiniCpmO, dtype=ModelDType.F32))
+    try:
+        alone = [runner_greedy(runner, content, banned, 8) for content in contents]
+        together: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(
+            i, runner_greedy(runner, contents[i], banned, 8))) for i in range(len(contents))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        runner.close()
+    assert alone[0] != alone[1]
+    assert [together[i] for i in range(len(contents))] == alone
+
+
+def test_write_uqff_then_from_uqff_gives_the_same_model(checkpoint, tmp_path):
+    """ISQ quantizes the text decoder only; the UQFF it writes loads back to identical logits."""
+    import shutil
+
+    from mistralrs.layers.linear import Linear
+    from mistralrs.quant.isq import IsqLinearMethod
+    from tests.loading import load_which
+
+    tokenizer, path = checkpoint
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    quantized = load_which(Which.VisionPlain(model_id=str(model_dir), arch=VisionArchitecture.MiniCpmO,
+                                             dtype=ModelDType.F32, write_uqff=str(tmp_path / "out" / "m-q8_0.uqff")),
+                           in_situ_quant="Q8_0", show_progress=False)
+    decoder = [m for m in quantized.model.language_model.modules() if isinstance(m, Linear)]
+    assert decoder and all(isinstance(m.quant_method, IsqLinearMethod) for m in decoder)
+    assert not any(isinstance(m, Linear) for m in quantized.model.vpm.modules())
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path / "out"), arch=VisionArchitecture.MiniCpmO,
+                                            dtype=ModelDType.F32, from_uqff="m-q8_0.uqff"), show_progress=False)
+    inputs = quantized.vision_processor.preprocess(IMAGES[:1])
+    ids = _prompt(quantized.vision_processor, tokenizer, inputs, "(<image>./</image>)Look.")
+    expected = vision_prompt_logits(quantized.model, ids, inputs)
+    assert torch.equal(vision_prompt_logits(reloaded.model, ids, inputs), expected)
+
 def _greedy_banned(driver: VisionDriver, bias: torch.Tensor, num_tokens: int) -> list[int]:
     out = []
     logits = driver.step([(0, len(driver.prompts[0]))])[0]

@@ -218,6 +218,24 @@ def test_in_situ_quant_reaches_the_cross_attention_layers(models):
     torch.testing.assert_close(got, our_logits(ours, PROMPT_ONE, IMAGES[:1], 64), rtol=0, atol=0.1)
 
 
+
+def test_write_uqff_then_from_uqff_gives_the_same_model(models, tmp_path):
+    """A UQFF written with ISQ (the cross-attention layers' Linears included) loads back to identical logits."""
+    import shutil
+
+    from tests.loading import load_which
+
+    _, _, path = models
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    quantized = load_which(Which.VisionPlain(model_id=str(model_dir), arch=VisionArchitecture.VLlama,
+                                             dtype=ModelDType.F32, write_uqff=str(tmp_path / "out" / "m-q8_0.uqff")),
+                           in_situ_quant="Q8_0", show_progress=False).model
+    reloaded = load_which(Which.VisionPlain(model_id=str(tmp_path / "out"), arch=VisionArchitecture.VLlama,
+                                            dtype=ModelDType.F32, from_uqff="m-q8_0.uqff"), show_progress=False).model
+    expected = our_logits(quantized, PROMPT_ONE, IMAGES[:1], 64)
+    assert torch.equal(our_logits(reloaded, PROMPT_ONE, IMAGES[:1], 64), expected)
+
 def test_config_errors():
     config = {"vision_config": VISION, "text_config": {**TEXT, "cross_attention_layers": [4]}}
     with pytest.raises(ValueError, match="cross_attention_layers"):
