@@ -9,6 +9,8 @@ import torch
 from mistralrs import ModelDType, Runner, VisionArchitecture, Which
 from mistralrs.vision.base import ProcessorFiles
 from mistralrs.vision.idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
+from tests.loading import load_which
+from tests.models.family_harness import TinyRunner
 from tests.vision.siglip_helpers import (VisionDriver, idefics_greedy_matches, idefics_runner_matches, load_ours,
                                          random_image, save_checkpoint, sharpen, tiny_hf_tokenizer)
 
@@ -116,3 +118,15 @@ def test_greedy_tokens_through_a_runner(tokenizer, models):
     hf, _, path = models
     runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.Idefics3, dtype=ModelDType.F32))
     idefics_runner_matches(runner, hf, hf_processor(tokenizer), tokenizer, IMAGES)
+
+
+def test_checkpoint_loads_text_only_with_plain(tokenizer, models):
+    """`Which.Plain` on the Idefics3 checkpoint loads its Llama text decoder alone, with transformers' text logits."""
+    hf, _, path = models
+    loaded = load_which(Which.Plain(model_id=path, dtype=ModelDType.F32), show_progress=False)
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    text_ids = tokenizer("User:hello there<end_of_utterance>\n")["input_ids"]
+    (logits,) = TinyRunner(loaded.model).step([(0, text_ids)])
+    with torch.inference_mode():
+        expected = hf(input_ids=torch.tensor([text_ids])).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
