@@ -23,7 +23,8 @@ from mistralrs.vision.minicpmo import (MiniCPMO, MiniCpmOProcessor, Resampler, f
                                        sincos_2d, sliced_grid)
 from tests.tiny_models import CHARACTERS, CHATML
 from tests.vision.siglip_helpers import VisionDriver, data_url, load_ours, random_image, runner_greedy
-from tests.vision.tiny_vision import char_tokenizer_with, vision_prompt_logits, write_tokenizer_files
+from tests.vision.tiny_vision import (alone_and_together, char_tokenizer_with, vision_prompt_logits,
+                                      write_tokenizer_files)
 
 SPECIALS = ["<image>", "</image>", "<slice>", "</slice>", "<unk>"]
 PREPROCESSOR = {"scale_resolution": 28, "patch_size": 7, "max_slice_nums": 9, "image_feature_size": 4}
@@ -248,26 +249,17 @@ def test_greedy_tokens_through_a_runner(checkpoint):
 def test_batched_image_and_text_requests_give_their_lone_results(checkpoint):
     """Two image requests (a sliced and an unsliced image) and a text-only request, sent together from three
     threads, answer as each does alone."""
-    import threading
-
     tokenizer, path = checkpoint
     banned = {i: -1e9 for i in range(len(CHARACTERS), tokenizer.get_vocab_size())}
     contents = [[data_url(image), {"type": "text", "text": "(<image>./</image>)Describe."}] for image in IMAGES]
     contents.append([{"type": "text", "text": "Hello."}])
     runner = Runner(Which.VisionPlain(model_id=path, arch=VisionArchitecture.MiniCpmO, dtype=ModelDType.F32))
     try:
-        alone = [runner_greedy(runner, content, banned, 8) for content in contents]
-        together: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(
-            i, runner_greedy(runner, contents[i], banned, 8))) for i in range(len(contents))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        alone, together = alone_and_together(lambda content: runner_greedy(runner, content, banned, 8), contents)
     finally:
         runner.close()
     assert alone[0] != alone[1]
-    assert [together[i] for i in range(len(contents))] == alone
+    assert together == alone
 
 
 def test_write_uqff_then_from_uqff_gives_the_same_model(checkpoint, tmp_path):

@@ -21,6 +21,7 @@ from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_c
 from tests.models.family_harness import sharpen
 from tests.tiny_models import CHARACTERS, CHATML, EOS_TOKEN_ID, char_tokenizer
 from tests.vision.test_mistral3_parts import pixtral_replace_image_token
+from tests.vision.tiny_vision import alone_and_together
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil  # noqa: E402
@@ -249,8 +250,6 @@ def test_greedy_tokens_match_transformers_through_a_runner(checkpoint, tmp_path)
 def test_batched_image_and_text_requests_give_their_lone_results(checkpoint, tmp_path):
     """Two image requests whose images share a size (encoded in one tower call, attention kept per image) and a
     text-only request, sent together, answer as each does alone."""
-    import threading
-
     from mistralrs import ChatCompletionRequest, ModelDType, Runner, VisionArchitecture, Which
 
     path, hf = checkpoint
@@ -269,18 +268,11 @@ def test_batched_image_and_text_requests_give_their_lone_results(checkpoint, tmp
             logit_bias=bias)).choices[0].message.content
 
     try:
-        alone = [answer(content) for content in contents]
-        together: dict[int, str] = {}
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, answer(contents[i])))
-                   for i in range(len(contents))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        alone, together = alone_and_together(answer, contents)
     finally:
         runner.close()
     assert alone[0] != alone[1]
-    assert [together[i] for i in range(len(contents))] == alone
+    assert together == alone
 
 
 def test_text_only_refuses_uqff(checkpoint, tmp_path):

@@ -20,8 +20,8 @@ from mistralrs.vision.phi3v import (
 from tests.loading import load_which
 from tests.tiny_models import CHATML, EOS_TOKEN_ID
 from tests.vision.tiny_vision import (
-    LLAVA_BANNED, NUM_GREEDY_TOKENS, chat_tokens, char_tokenizer_with, image_part, vision_prompt_logits,
-    write_tokenizer_files,
+    LLAVA_BANNED, NUM_GREEDY_TOKENS, alone_and_together, chat_tokens, char_tokenizer_with, image_part,
+    vision_prompt_logits, write_tokenizer_files,
 )
 
 CROP, PATCH, NUM_CROPS = 28, 7, 4  # the tiny tower: 4x4 patches per crop, 2x2 merged tokens per crop
@@ -346,8 +346,6 @@ def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_phi3v):
 
 def test_batched_image_and_text_requests_give_their_lone_results(tiny_phi3v, tmp_path):
     """Two image requests (different HD grids) and a text-only request, sent together, answer as each does alone."""
-    import threading
-
     files = []
     for i, (w, h) in enumerate([(40, 30), (20, 50)]):
         files.append(str(tmp_path / f"image{i}.png"))
@@ -357,18 +355,11 @@ def test_batched_image_and_text_requests_give_their_lone_results(tiny_phi3v, tmp
     runner = Runner(Which.VisionPlain(model_id=str(tiny_phi3v[0]), arch=VisionArchitecture.Phi3V,
                                       dtype=ModelDType.F32))
     try:
-        alone = [chat_tokens(runner, content) for content in contents]
-        together: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, chat_tokens(runner, contents[i])))
-                   for i in range(len(contents))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        alone, together = alone_and_together(lambda content: chat_tokens(runner, content), contents)
     finally:
         runner.close()
     assert alone[0] != alone[1]
-    assert [together[i] for i in range(len(contents))] == alone
+    assert together == alone
 
 
 def test_write_uqff_then_from_uqff_gives_the_same_model(tiny_phi3v, tmp_path):

@@ -19,8 +19,8 @@ from mistralrs.vision.phi4mm import IMAGE_TOKEN, Phi4MMForCausalLM, Phi4MMProces
 from tests.loading import load_which
 from tests.tiny_models import CHATML, EOS_TOKEN_ID
 from tests.vision.tiny_vision import (
-    LLAVA_BANNED, NUM_GREEDY_TOKENS, chat_tokens, char_tokenizer_with, image_part, vision_prompt_logits,
-    write_tokenizer_files,
+    LLAVA_BANNED, NUM_GREEDY_TOKENS, alone_and_together, chat_tokens, char_tokenizer_with, image_part,
+    vision_prompt_logits, write_tokenizer_files,
 )
 
 CROP, PATCH, MAX_CROPS = 56, 14, 4  # the tiny tower: 4x4 patches per crop, 2x2 pooled tokens per crop
@@ -267,8 +267,6 @@ def test_published_config_builds_the_published_sizes():
 def test_batched_image_and_text_requests_give_their_lone_results(tiny_phi4mm, tmp_path):
     """Image requests (two with the same crop count, whose tensors stack, and one with more crops) and a text-only
     request, sent together, answer as each does alone."""
-    import threading
-
     files = []
     for i, (size, seed) in enumerate([((40, 30), 10), ((30, 40), 11), ((120, 20), 12)]):
         files.append(str(tmp_path / f"image{i}.png"))
@@ -277,18 +275,11 @@ def test_batched_image_and_text_requests_give_their_lone_results(tiny_phi4mm, tm
     runner = Runner(Which.VisionPlain(model_id=str(tiny_phi4mm[0]), arch=VisionArchitecture.Phi4MM,
                                       dtype=ModelDType.F32))
     try:
-        alone = [chat_tokens(runner, content) for content in contents]
-        together: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, chat_tokens(runner, contents[i])))
-                   for i in range(len(contents))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        alone, together = alone_and_together(lambda content: chat_tokens(runner, content), contents)
     finally:
         runner.close()
     assert len(set(map(tuple, alone))) == len(alone)
-    assert [together[i] for i in range(len(contents))] == alone
+    assert together == alone
 
 
 def test_in_situ_quant_applies_to_the_text_decoder_only(tiny_phi4mm):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,17 @@ def data_url(image: Image.Image) -> str:
 def image_part(url: str) -> dict:
     """An OpenAI image content part."""
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+def alone_and_together(answer: Callable[[object], object], contents: list) -> tuple[list, list]:
+    """`answer` of each of `contents` one after another, then of all of them at once (one thread each, so the engine
+    batches them): the two lists of answers, in the order of `contents`."""
+    alone = [answer(content) for content in contents]
+    together: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, answer(contents[i])))
+               for i in range(len(contents))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return alone, [together[i] for i in range(len(contents))]
