@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,23 @@ from mistralrs.vision.registry import register_vision
 IMAGE_TOKEN = "<|image|>"  # the token each image feature row takes in the expanded prompt (id 32044 published)
 DEFAULT_IMAGE_TOKEN_ID = 32044
 PLACEHOLDER_PATTERN = re.compile(r"<\|image_(\d+)\|>")
+
+
+def count_numbered_placeholders(prompt: str) -> int:
+    """The `<|image_N|>` placeholders in `prompt` (the Phi families' numbered form)."""
+    return len(PLACEHOLDER_PATTERN.findall(prompt))
+
+
+def expand_numbered_placeholders(prompt: str, num_images: int, expansion: Callable[[int], str]) -> str:
+    """`prompt` with each `<|image_N|>` replaced by `expansion(N - 1)`; a ValueError unless the placeholders are
+    `<|image_1|>` to `<|image_{num_images}|>` in order, one per image."""
+    numbers = [int(n) for n in PLACEHOLDER_PATTERN.findall(prompt)]
+    if numbers != list(range(1, num_images + 1)):
+        raise ValueError(f"the prompt's image placeholders {['<|image_%d|>' % n for n in numbers]} must be "
+                         f"<|image_1|> to <|image_{num_images}|> in order, one per image")
+    return PLACEHOLDER_PATTERN.sub(lambda m: expansion(int(m.group(1)) - 1), prompt)
+
+
 # the published tower: CLIP ViT-L/14 at 336 px (the checkpoint's config names it by model_name only)
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -186,15 +204,11 @@ class Phi3VProcessor(VisionProcessor):
                            image_digest(images))
 
     def count_placeholders(self, prompt: str) -> int:
-        return len(PLACEHOLDER_PATTERN.findall(prompt))
+        return count_numbered_placeholders(prompt)
 
     def expand_prompt(self, prompt: str, inputs: ImageInputs) -> str:
-        numbers = [int(n) for n in PLACEHOLDER_PATTERN.findall(prompt)]
-        if numbers != list(range(1, inputs.num_images + 1)):
-            raise ValueError(f"the prompt's image placeholders {['<|image_%d|>' % n for n in numbers]} must be "
-                             f"<|image_1|> to <|image_{inputs.num_images}|> in order, one per image")
-        return PLACEHOLDER_PATTERN.sub(
-            lambda m: IMAGE_TOKEN * inputs.num_image_tokens[int(m.group(1)) - 1] + self.after_image, prompt)
+        return expand_numbered_placeholders(
+            prompt, inputs.num_images, lambda i: IMAGE_TOKEN * inputs.num_image_tokens[i] + self.after_image)
 
 
 def merge_2x2(features: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,12 @@ from torch import nn
 
 from mistralrs.vision.base import ImageInputs, ProcessorFiles, VisionCausalLM, VisionProcessor, build_text_model
 from mistralrs.vision.images import image_digest
+from mistralrs.vision.phi3v import count_numbered_placeholders, expand_numbered_placeholders
 from mistralrs.vision.registry import register_vision
 from mistralrs.vision.siglip import SiglipVisionConfig, SiglipVisionTransformer
 
 IMAGE_TOKEN = "<|endoftext10|>"  # the token each image feature row takes in the expanded prompt
 DEFAULT_IMAGE_TOKEN_ID = 200010
-PLACEHOLDER_PATTERN = re.compile(r"<\|image_(\d+)\|>")
 # the published tower (SigLIP so400m at 448 px; the published config.json does not describe it)
 SIGLIP_SO400M_448 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          image_size=448, patch_size=14)
@@ -164,14 +164,11 @@ class Phi4MMProcessor(VisionProcessor):
                             "image_attention_mask": attention}, list(tokens), image_digest(images))
 
     def count_placeholders(self, prompt: str) -> int:
-        return len(PLACEHOLDER_PATTERN.findall(prompt))
+        return count_numbered_placeholders(prompt)
 
     def expand_prompt(self, prompt: str, inputs: ImageInputs) -> str:
-        numbers = [int(n) for n in PLACEHOLDER_PATTERN.findall(prompt)]
-        if numbers != list(range(1, inputs.num_images + 1)):
-            raise ValueError(f"the prompt's image placeholders {['<|image_%d|>' % n for n in numbers]} must be "
-                             f"<|image_1|> to <|image_{inputs.num_images}|> in order, one per image")
-        return PLACEHOLDER_PATTERN.sub(lambda m: IMAGE_TOKEN * inputs.num_image_tokens[int(m.group(1)) - 1], prompt)
+        return expand_numbered_placeholders(prompt, inputs.num_images,
+                                            lambda i: IMAGE_TOKEN * inputs.num_image_tokens[i])
 
 
 def vision_settings(config: dict[str, Any]) -> tuple[SiglipVisionConfig, int, int, int]:
