@@ -12,7 +12,8 @@ from pathlib import Path
 import mistralrs
 
 PACKAGE_DIR = Path(mistralrs.__file__).parent
-LOWER_FLOORS = ("core", "worker", "models", "layers", "sample", "quant", "adapters", "vision", "diffusion")
+LOWER_FLOORS = ("core", "worker", "models", "layers", "sample", "quant", "adapters", "vision", "diffusion",
+                "distributed")
 # floor -> the floors (first package below mistralrs) it must not import
 FORBIDDEN = {
     "formats": {*LOWER_FLOORS, "loader", "engine", "api", "server", "cli"},  # file formats: the bottom floor
