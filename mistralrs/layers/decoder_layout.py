@@ -32,3 +32,9 @@ class PreNormDecoderLayout:
     feedforward_norms: tuple[nn.Module, nn.Module] | None = None  # sandwich (pre-, post-feedforward) norms
     qk_norms: tuple[nn.Module, nn.Module] | None = None  # per-head (q, k) norms before RoPE
     concat_qk: bool = False  # RoPE over cat(q, k) of the split heads (Gemma) rather than the q/k slice of qkv
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether a linear layer is tensor-parallel (the fused C++ layer has no collectives: its twin is not
+        attached and the plain modules run)."""
+        return any(linear.tp is not None for linear in self.linears)

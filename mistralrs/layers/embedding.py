@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import all_reduce, narrow_rows, vocab_ranges
 from mistralrs.layers.linear import CheckpointModule, Linear, copy_checked
 from mistralrs.quant.ggml_tensor import GGMLTensor
 
@@ -19,6 +21,11 @@ class VocabEmbedding(CheckpointModule):
     `lm_head.weight = embed_tokens.weight`) or, once a quant config has given the head its own method, is
     registered with `tie_head` and loaded from the same checkpoint tensor; the table then reuses the head's
     dense weight when it keeps one.
+
+    Built for a tensor-parallel group (`distributed.group.building_for`), the table holds only its rank's rows
+    (`row_start`, `num_rows`: `distributed.parallel.vocab_ranges`); a lookup embeds the ids in that range, zeros
+    the others and sums over the ranks (an all-reduce). The LM head splits its rows the same way
+    (`vocab_shard`), so a tied head still shares the table.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device | str):
@@ -27,8 +34,11 @@ class VocabEmbedding(CheckpointModule):
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.params_device = torch.device(device)
+        self.tp_group = current_group()  # the tensor-parallel group, or None: the whole table
+        self.row_start, self.num_rows = vocab_ranges(vocab_size, self.tp_group)[
+            0 if self.tp_group is None else self.tp_group.rank]  # this rank's rows of the table
         self.weight: nn.Parameter | torch.Tensor | None = nn.Parameter(
-            torch.empty(vocab_size, hidden_size, dtype=dtype, device=device), requires_grad=False)
+            torch.empty(self.num_rows, hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.keep_quantized = False  # set by a QuantConfig: keep GGML blocks rather than a dense copy
         self.quantized: GGMLTensor | None = None  # the table as GGML blocks, when kept
         self.tied_heads: list[Linear] = []  # LM heads loaded from this table's checkpoint tensor (not submodules)
@@ -43,20 +53,21 @@ class VocabEmbedding(CheckpointModule):
     def load_weight(self, param_name: str, loaded: torch.Tensor | GGMLTensor, shard_index: int | None = None) -> None:
         if param_name != "weight" or shard_index is not None:
             raise ValueError(f"embedding: unexpected checkpoint tensor {param_name!r} (shard {shard_index})")
+        if tuple(loaded.shape) != (self.vocab_size, self.hidden_size):
+            raise ValueError(f"embedding weight has shape {tuple(loaded.shape)}, "
+                             f"expected {(self.vocab_size, self.hidden_size)}")
         for head in self.tied_heads:
             head.load_weight("weight", loaded)
+        rows = narrow_rows(loaded, self.row_start, self.num_rows)  # all of them without a group
         shared = next((w for w in (h.quant_method.dense_weight(h) for h in self.tied_heads) if w is not None), None)
-        if shared is not None and shared.dtype == self.dtype and tuple(shared.shape) == tuple(loaded.shape):
+        if shared is not None and shared.dtype == self.dtype and tuple(shared.shape) == tuple(rows.shape):
             self._drop_dense()
             self.weight = shared  # the head's dense weight, one copy for both
-        elif isinstance(loaded, GGMLTensor) and self.keep_quantized:
-            if tuple(loaded.shape) != (self.vocab_size, self.hidden_size):
-                raise ValueError(f"embedding weight has shape {tuple(loaded.shape)}, "
-                                 f"expected {(self.vocab_size, self.hidden_size)}")
+        elif isinstance(rows, GGMLTensor) and self.keep_quantized:
             self._drop_dense()
-            self.quantized = loaded.to(self.params_device)
+            self.quantized = rows.to(self.params_device)
         else:
-            copy_checked(self.weight, loaded, "embedding weight")
+            copy_checked(self.weight, rows, "embedding weight")
 
     def _drop_dense(self) -> None:
         if "weight" in self._parameters:
@@ -64,10 +75,20 @@ class VocabEmbedding(CheckpointModule):
         self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return self._lookup(input_ids)
+        local_ids = input_ids - self.row_start
+        outside = (local_ids < 0) | (local_ids >= self.num_rows)
+        rows = self._lookup(local_ids.masked_fill(outside, 0)).masked_fill(outside.unsqueeze(-1), 0.0)
+        return all_reduce(rows, self.tp_group)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of this rank's table."""
         if self.quantized is not None:
-            return self.quantized.dequantize_selected_rows(input_ids, self.dtype)
-        return F.embedding(input_ids, self.weight)
+            return self.quantized.dequantize_selected_rows(ids, self.dtype)
+        return F.embedding(ids, self.weight)
 
     def extra_repr(self) -> str:
         table = f", quantized={self.quantized.ggml_type}" if self.quantized is not None else ""
-        return f"{self.vocab_size}, {self.hidden_size}{table}"
+        rows = "" if self.tp_group is None else f", rows=[{self.row_start}, {self.row_start + self.num_rows})"
+        return f"{self.vocab_size}, {self.hidden_size}{table}{rows}"

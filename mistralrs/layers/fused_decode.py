@@ -218,7 +218,7 @@ def fused_twin(layer: nn.Module) -> FusedDecoderLayer | None:
 def attach_fused_decode(model: nn.Module, enabled: bool) -> None:
     """With `enabled`, puts the fused twin in front of the forward of every layer of `model` whose class declares
     its layout (`decoder_layout()`, mistralrs/layers/decoder_layout.py; a layer whose `decoder_layout()` returns
-    None keeps its plain modules), keeping twins already attached; without,
+    None, or whose linear layers are tensor-parallel, keeps its plain modules), keeping twins already attached; without,
     removes every twin, so that the layers' own modules run."""
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled must be True or False, got {enabled!r}")
@@ -228,7 +228,8 @@ def attach_fused_decode(model: nn.Module, enabled: bool) -> None:
         attached = fused_twin(module) is not None
         if enabled and not attached:
             layout = module.decoder_layout()
-            if layout is not None:   # None: the layer's modules are not those of its layout (an AnyMoE MLP)
+            # None: the layer's modules are not those of its layout (an AnyMoE MLP); sharded: no collectives in C++
+            if layout is not None and not layout.is_sharded:
                 module.forward = FusedForward(module, FusedDecoderLayer(layout))
         elif attached and not enabled:
             del module.forward

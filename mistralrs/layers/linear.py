@@ -4,6 +4,10 @@ Quantization (GGUF blocks, ISQ) enters by giving a `Linear` another `LinearMetho
 does so for a whole model through `Linear.set_quant_method` before loading); LoRA and X-LoRA enter through
 `Linear.adapters`. A fused projection (qkv_proj, gate_up_proj) is one `Linear` whose output
 rows are the concatenation of `output_partition_sizes`; each checkpoint tensor is loaded into its shard.
+A tensor-parallel `Linear` (`tp`, a `LinearShard` of mistralrs/distributed/parallel.py) holds only its rank's
+rows (column-parallel) or input columns (row-parallel): it narrows each checkpoint tensor before its quant method
+sees it, so every quant method stores and quantizes just that piece, and combines the ranks' outputs after the
+adapters (all-reduce, or all-gather for the LM head).
 
 The helpers at the bottom route `(hf_name, tensor)` checkpoint pairs into a module tree through a
 declarative `StackedParam` table, so checkpoint names stay the truth.
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralrs.distributed.parallel import LinearShard, narrow_rows
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.packed import FusedLinearPart, LinearKind
 
@@ -140,6 +145,8 @@ class Linear(CheckpointModule):
         bias: whether the layer has a bias vector.
         quant_method: storage and math; `UnquantizedLinearMethod()` when None.
         prefix: the layer's module path (for error messages and quantization rules).
+        tp: the tensor-parallel split (None: the whole weight). `in_features` and `output_partition_sizes` are
+            the full layer's; the layer's own become this rank's (`checkpoint_partition_sizes` keeps the full ones).
     """
 
     def __init__(
@@ -152,9 +159,14 @@ class Linear(CheckpointModule):
         device: torch.device | str,
         quant_method: LinearMethodBase | None = None,
         prefix: str = "",
+        tp: LinearShard | None = None,
     ):
         super().__init__()
         sizes = [output_partition_sizes] if isinstance(output_partition_sizes, int) else list(output_partition_sizes)
+        self.checkpoint_partition_sizes = sizes  # the full layer's fused parts, as the checkpoint stores them
+        self.tp = tp
+        if tp is not None:
+            sizes, in_features = tp.local_sizes(sizes, in_features)
         self.in_features = in_features
         self.output_partition_sizes = sizes
         self.out_features = sum(sizes)
@@ -185,18 +197,28 @@ class Linear(CheckpointModule):
         return ["weight", "bias"] if self.has_bias else ["weight"]
 
     def load_weight(self, param_name: str, loaded: torch.Tensor | GGMLTensor, shard_index: int | None = None) -> None:
-        """Loads a checkpoint tensor through the quant method."""
-        self.quant_method.load_weight(self, param_name, loaded, shard_index)
+        """Loads a checkpoint tensor through the quant method (this rank's piece of it when split)."""
+        if self.tp is None:
+            self.quant_method.load_weight(self, param_name, loaded, shard_index)
+        elif shard_index is None and len(self.checkpoint_partition_sizes) > 1:  # fused in the checkpoint (Phi-3)
+            offset = 0
+            for part, size in enumerate(self.checkpoint_partition_sizes):
+                self.load_weight(param_name, narrow_rows(loaded, offset, size), part)
+                offset += size
+        else:
+            piece = self.tp.local_piece(param_name, loaded, shard_index or 0, self.params_dtype)
+            self.quant_method.load_weight(self, param_name, piece, shard_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x)
         for adapter in self.adapters:
             y = y + adapter(x)
-        return y
+        return y if self.tp is None else self.tp.combine(y)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, output_partition_sizes={self.output_partition_sizes}, "
-                f"bias={self.has_bias}, quant_method={type(self.quant_method).__name__}")
+                f"bias={self.has_bias}, quant_method={type(self.quant_method).__name__}"
+                + ("" if self.tp is None else f", tp={self.tp.kind}"))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ Expert adapters (LoRA on `experts.{e}.{proj}`, `adapters/moe_lora.py`) sit in `F
 `FusedMoE.bound_adapters` binds them to the step's per-token adapter weights, and both paths add each bound
 adapter's delta to a stack's product (`"w13"`: gate then up rows, `"w2"`: down) for exactly the tokens routed to
 that expert. Without adapters (the list is empty) nothing is bound and the paths run as before.
+
+Tensor parallelism (a `FusedMoE` built inside `distributed.group.building_for`): every rank holds a range of every
+expert's intermediate width (`distributed.parallel.aligned_range`: gate/up rows, down columns) and the ranks'
+outputs are summed by one all-reduce. Splitting the intermediate width rather than the experts keeps every rank
+busy on every token whatever the router picks (with experts split, a step's work lands on the ranks that own the
+chosen experts, and the ranks wait for the busiest), and the router and routing stay replicated and identical.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import aligned_range, all_reduce, narrow_columns, narrow_rows
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.linear import CheckpointModule, copy_checked, dense_device
 
@@ -227,7 +235,9 @@ class FusedMoE(CheckpointModule):
         self.num_experts = num_experts
         self.top_k = top_k
         self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
+        self.tp_group = current_group()  # the tensor-parallel group; None: whole experts
+        self.tp_rows = aligned_range(intermediate_size, self.tp_group)  # this rank's range of the intermediate width
+        self.intermediate_size = self.tp_rows[1]  # this rank's intermediate width per expert
         self.routing = routing
         self.jitter_eps = jitter_eps
         self.act_fn = get_act_fn(hidden_act)
@@ -272,7 +282,8 @@ class FusedMoE(CheckpointModule):
 
     def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts for a routing already made: `topk_weights`/`topk_ids` `[num_tokens, top_k]`."""
-        return self.quant_method.apply(self, x, topk_weights, topk_ids)
+        out = self.quant_method.apply(self, x, topk_weights, topk_ids)
+        return out if self.tp_group is None else all_reduce(out, self.tp_group)
 
     def projection_of(self, checkpoint_name: str) -> str | None:
         """The role ("gate", "up" or "down") of a checkpoint projection name (`w1`, ...); None for another name."""
@@ -292,7 +303,12 @@ class FusedMoE(CheckpointModule):
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard_index: int | None = None) -> None:
         """Loads `"{expert}.{projection}.weight"` (a name from `checkpoint_param_names`)."""
         expert, name, _ = param_name.split(".")
-        self.quant_method.load_expert_weight(self, int(expert), self._projection_of[name], loaded)
+        projection = self._projection_of[name]
+        if self.tp_group is not None:
+            start, size = self.tp_rows
+            loaded = (narrow_columns(loaded, start, size, self.dtype) if projection == "down"
+                      else narrow_rows(loaded, start, size))
+        self.quant_method.load_expert_weight(self, int(expert), projection, loaded)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "

@@ -8,6 +8,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import head_shard, vocab_shard
 from mistralrs.layers.linear import Linear, StackedParam, expected_checkpoint_names, load_checkpoint_weights
 from mistralrs.layers.rotary import context_lens_per_token
 from mistralrs.worker.forward_batch import ForwardBatch, KVCacheSpec
@@ -30,9 +32,17 @@ class CausalLM(nn.Module):
 
     A family sets `self.config`, `self.model` and `self.lm_head`, and lists in `STACKED_PARAMS` how checkpoint
     shards fuse into its projections; it overrides a method only where it really differs.
+
+    Built inside `distributed.group.building_for(group)`, every layer holds its rank's shard (see
+    mistralrs/distributed/parallel.py) and `tp_group` keeps the group; the model's outputs are then the whole
+    model's on every rank (the ranks run each step on the same inputs).
     """
 
     STACKED_PARAMS: ClassVar[tuple[StackedParam, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tp_group = current_group()  # the tensor-parallel group the model is sharded over; None: whole
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,8 +50,10 @@ class CausalLM(nn.Module):
 
     def tied_lm_head(self, config, *, dtype: torch.dtype, device: torch.device | str, bias: bool = False) -> Linear:
         """The LM head `[hidden_size -> vocab_size]`, sharing `self.model.embed_tokens`' weight when the config ties
-        them (build `self.model` first)."""
-        head = Linear(config.hidden_size, config.vocab_size, bias=bias, dtype=dtype, device=device, prefix="lm_head")
+        them (build `self.model` first). Under a tensor-parallel group each rank holds its vocabulary rows and the
+        logits are gathered."""
+        head = Linear(config.hidden_size, config.vocab_size, bias=bias, dtype=dtype, device=device, prefix="lm_head",
+                      tp=vocab_shard(self.tp_group, config.vocab_size))
         if config.tie_word_embeddings:
             head.weight = self.model.embed_tokens.weight
         return head
@@ -51,8 +63,9 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """Shape of the paged KV cache this model reads."""
-        return KVCacheSpec(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+        """Shape of the paged KV cache this model reads (this rank's KV heads when sharded)."""
+        heads = head_shard(self.config.num_attention_heads, self.config.num_key_value_heads, self.tp_group)
+        return KVCacheSpec(self.config.num_hidden_layers, heads.num_kv_heads, self.config.head_dim)
 
     def _not_in_checkpoint(self, name: str) -> bool:
         """Checkpoint names that are accepted and dropped (rotary buffers; the LM head when tied)."""

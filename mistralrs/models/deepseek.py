@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import aligned_range, column_shard, head_shard, row_shard
 from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
@@ -132,15 +134,18 @@ def softmax_scale(config: TextModelConfig, dims: DeepseekDims) -> float:
 
 
 class DeepseekMLP(nn.Module):
-    """Gated MLP (dense layers and the shared experts), gate and up fused."""
+    """Gated MLP (dense layers and the shared experts), gate and up fused (tensor-parallel: the intermediate width
+    split, gate/up column- and down row-parallel)."""
 
     def __init__(self, config: TextModelConfig, intermediate_size: int, *, prefix: str, dtype: torch.dtype,
                  device: torch.device | str):
         super().__init__()
+        group = current_group()
+        rows = aligned_range(intermediate_size, group)
         self.gate_up_proj = Linear(config.hidden_size, [intermediate_size] * 2, bias=False, dtype=dtype,
-                                   device=device, prefix=f"{prefix}.gate_up_proj")
+                                   device=device, prefix=f"{prefix}.gate_up_proj", tp=column_shard(group, [rows, rows]))
         self.down_proj = Linear(intermediate_size, config.hidden_size, bias=False, dtype=dtype, device=device,
-                                prefix=f"{prefix}.down_proj")
+                                prefix=f"{prefix}.down_proj", tp=row_shard(group, rows))
         self.act_fn = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,30 +217,39 @@ class DeepseekMoE(nn.Module):
 
 
 class DeepseekAttention(nn.Module):
-    """MLA projections around `MultiHeadLatentAttention` (see the module docstring)."""
+    """MLA projections around `MultiHeadLatentAttention` (see the module docstring). Tensor-parallel: the heads are
+    split (q_proj / q_b_proj and kv_b_proj column-parallel by heads, o_proj row-parallel); the low-rank q_a_proj
+    and kv_a_proj_with_mqa, and so the cached latent, stay whole on every rank."""
 
     def __init__(self, config: TextModelConfig, dims: DeepseekDims, layer_idx: int, *, prefix: str,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.dims = dims
-        self.num_heads = config.num_attention_heads
-        hidden, bias = config.hidden_size, config.attention_bias
-        q_size = self.num_heads * dims.qk_head_dim
+        group = current_group()
+        heads = head_shard(config.num_attention_heads, config.num_attention_heads, group)
+        self.num_heads = heads.num_heads
+        num_heads, hidden, bias = config.num_attention_heads, config.hidden_size, config.attention_bias
+        kv_b_width = dims.qk_nope_head_dim + dims.v_head_dim
 
-        def linear(name: str, n_in: int, n_out: int, has_bias: bool = False) -> Linear:
-            return Linear(n_in, n_out, bias=has_bias, dtype=dtype, device=device, prefix=f"{prefix}.{name}")
+        def linear(name: str, n_in: int, n_out: int, has_bias: bool = False, tp=None) -> Linear:
+            return Linear(n_in, n_out, bias=has_bias, dtype=dtype, device=device, prefix=f"{prefix}.{name}", tp=tp)
 
+        def by_heads(width: int) -> tuple[int, int]:
+            return heads.q_start * width, heads.num_heads * width
+
+        q_size, q_tp = num_heads * dims.qk_head_dim, column_shard(group, [by_heads(dims.qk_head_dim)])
         if dims.q_lora_rank is None:
-            self.q_proj = linear("q_proj", hidden, q_size)
+            self.q_proj = linear("q_proj", hidden, q_size, tp=q_tp)
         else:
             self.q_a_proj = linear("q_a_proj", hidden, dims.q_lora_rank, bias)
             self.q_a_layernorm = RMSNorm(dims.q_lora_rank, 1e-6, dtype=dtype, device=device)
-            self.q_b_proj = linear("q_b_proj", dims.q_lora_rank, q_size)
+            self.q_b_proj = linear("q_b_proj", dims.q_lora_rank, q_size, tp=q_tp)
         self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", hidden, dims.kv_lora_rank + dims.qk_rope_head_dim, bias)
         self.kv_a_layernorm = RMSNorm(dims.kv_lora_rank, 1e-6, dtype=dtype, device=device)
-        self.kv_b_proj = linear("kv_b_proj", dims.kv_lora_rank,
-                                self.num_heads * (dims.qk_nope_head_dim + dims.v_head_dim))
-        self.o_proj = linear("o_proj", self.num_heads * dims.v_head_dim, hidden, bias)
+        self.kv_b_proj = linear("kv_b_proj", dims.kv_lora_rank, num_heads * kv_b_width,
+                                tp=column_shard(group, [by_heads(kv_b_width)]))
+        self.o_proj = linear("o_proj", num_heads * dims.v_head_dim, hidden, bias,
+                             tp=row_shard(group, by_heads(dims.v_head_dim)))
         self.attn = MultiHeadLatentAttention(self.num_heads, dims.qk_nope_head_dim, dims.qk_rope_head_dim,
                                              dims.v_head_dim, dims.kv_lora_rank, layer_idx=layer_idx,
                                              scale=softmax_scale(config, dims))

@@ -30,7 +30,7 @@ from mistralrs.layers.linear import Linear
 from mistralrs.layers.norm import GemmaRMSNorm
 from mistralrs.layers.rotary import RotaryEmbedding, apply_rotary, rope_type_of
 from mistralrs.models.config import TextModelConfig, extra_key, read_family_extras
-from mistralrs.models.llama import STACKED_PARAMS, LlamaMLP
+from mistralrs.models.llama import STACKED_PARAMS, LlamaMLP, attention_projections
 from mistralrs.models.registry import register
 from mistralrs.worker.forward_batch import ForwardBatch
 
@@ -87,15 +87,10 @@ class GemmaAttention(nn.Module):
     def __init__(self, config: TextModelConfig, layer_idx: int, options: GemmaLayerOptions, *, prefix: str,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = config.attention_bias
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias, dtype=dtype,
-                               device=device, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(q_size, config.hidden_size, bias=bias, dtype=dtype, device=device,
-                             prefix=f"{prefix}.o_proj")
+        self.qkv_proj, self.o_proj, heads = attention_projections(config, qkv_bias=bias, o_bias=bias, o_name="o_proj",
+                                                                  prefix=prefix, dtype=dtype, device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, config.head_dim
         self.q_norm = self.k_norm = None
         if options.qk_norm:
             self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)

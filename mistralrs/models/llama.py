@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import HeadShard, aligned_range, column_shard, head_shard, qkv_ranges, row_shard
 from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS, QKV_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.attention import PagedAttention
@@ -28,19 +30,36 @@ STACKED_PARAMS = QKV_PARAMS + GATE_UP_PARAMS
 
 
 class LlamaMLP(nn.Module):
-    """Gated MLP: `down(act(gate(x)) * up(x))` with gate and up fused into one projection."""
+    """Gated MLP: `down(act(gate(x)) * up(x))` with gate and up fused into one projection (tensor-parallel: each
+    rank a range of the intermediate width, gate/up column-parallel and down row-parallel)."""
 
     def __init__(self, config: TextModelConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        inter = config.intermediate_size
+        inter, group = config.intermediate_size, current_group()
+        rows = aligned_range(inter, group)
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=config.mlp_bias, dtype=dtype,
-                                   device=device, prefix=f"{prefix}.gate_up_proj")
+                                   device=device, prefix=f"{prefix}.gate_up_proj", tp=column_shard(group, [rows, rows]))
         self.down_proj = Linear(inter, config.hidden_size, bias=config.mlp_bias, dtype=dtype, device=device,
-                                prefix=f"{prefix}.down_proj")
+                                prefix=f"{prefix}.down_proj", tp=row_shard(group, rows))
         self.act_fn = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
+
+
+def attention_projections(config: TextModelConfig, *, qkv_bias: bool, o_bias: bool, o_name: str, prefix: str,
+                          dtype: torch.dtype, device: torch.device | str) -> tuple[Linear, Linear, HeadShard]:
+    """The fused qkv projection and the output projection (named `o_name`) of a multi-head attention, and the
+    heads they compute: all of them, or under a tensor-parallel group this rank's (qkv column-parallel by heads,
+    the output row-parallel over the same heads)."""
+    group, head_dim = current_group(), config.head_dim
+    heads = head_shard(config.num_attention_heads, config.num_key_value_heads, group)
+    q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias, dtype=dtype, device=device,
+                      prefix=f"{prefix}.qkv_proj", tp=column_shard(group, qkv_ranges(heads, head_dim)))
+    o_proj = Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype, device=device, prefix=f"{prefix}.{o_name}",
+                    tp=row_shard(group, (heads.q_start * head_dim, heads.num_heads * head_dim)))
+    return qkv_proj, o_proj, heads
 
 
 class LlamaAttention(nn.Module):
@@ -59,14 +78,10 @@ class LlamaAttention(nn.Module):
         device: torch.device | str,
     ):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias, dtype=dtype,
-                               device=device, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype, device=device,
-                             prefix=f"{prefix}.o_proj")
+        self.qkv_proj, self.o_proj, heads = attention_projections(config, qkv_bias=qkv_bias, o_bias=o_bias,
+                                                                  o_name="o_proj", prefix=prefix, dtype=dtype,
+                                                                  device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, config.head_dim
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx=layer_idx,
                                    scale=self.head_dim**-0.5, sliding_window=sliding_window)
 

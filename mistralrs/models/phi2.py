@@ -13,7 +13,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import aligned_range, column_shard, row_shard
 from mistralrs.models.base import CausalLM, QKV_PARAMS
+from mistralrs.models.llama import attention_projections
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.attention import PagedAttention
 from mistralrs.layers.embedding import VocabEmbedding
@@ -49,14 +52,9 @@ class PhiAttention(nn.Module):
     def __init__(self, config: TextModelConfig, layer_idx: int, *, prefix: str, dtype: torch.dtype,
                  device: torch.device | str):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=True, dtype=dtype,
-                               device=device, prefix=f"{prefix}.qkv_proj")
-        self.dense = Linear(q_size, config.hidden_size, bias=True, dtype=dtype, device=device,
-                            prefix=f"{prefix}.dense")
+        self.qkv_proj, self.dense, heads = attention_projections(config, qkv_bias=True, o_bias=True, o_name="dense",
+                                                                 prefix=prefix, dtype=dtype, device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, config.head_dim
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx=layer_idx,
                                    scale=self.head_dim**-0.5)
 
@@ -70,14 +68,16 @@ class PhiAttention(nn.Module):
 
 
 class PhiMLP(nn.Module):
-    """`fc2(act(fc1(x)))` with biases."""
+    """`fc2(act(fc1(x)))` with biases (tensor-parallel: fc1 column-, fc2 row-parallel)."""
 
     def __init__(self, config: TextModelConfig, *, prefix: str, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
+        group = current_group()
+        rows = aligned_range(config.intermediate_size, group)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=True, dtype=dtype, device=device,
-                          prefix=f"{prefix}.fc1")
+                          prefix=f"{prefix}.fc1", tp=column_shard(group, [rows]))
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=True, dtype=dtype, device=device,
-                          prefix=f"{prefix}.fc2")
+                          prefix=f"{prefix}.fc2", tp=row_shard(group, rows))
         self.act_fn = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mistralrs.distributed.group import current_group
+from mistralrs.distributed.parallel import aligned_range, column_shard, row_shard
 from mistralrs.models.base import CausalLM, DecoderModel, QKV_PARAMS
 from mistralrs.layers.activation import get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
@@ -43,15 +45,17 @@ class Starcoder2Extras:
 
 
 class Starcoder2MLP(nn.Module):
-    """`c_proj(act(c_fc(x)))`, biases when `use_bias`."""
+    """`c_proj(act(c_fc(x)))`, biases when `use_bias` (tensor-parallel: c_fc column-, c_proj row-parallel)."""
 
     def __init__(self, config: TextModelConfig, bias: bool, *, prefix: str, dtype: torch.dtype,
                  device: torch.device | str):
         super().__init__()
+        group = current_group()
+        rows = aligned_range(config.intermediate_size, group)
         self.c_fc = Linear(config.hidden_size, config.intermediate_size, bias=bias, dtype=dtype, device=device,
-                           prefix=f"{prefix}.c_fc")
+                           prefix=f"{prefix}.c_fc", tp=column_shard(group, [rows]))
         self.c_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype, device=device,
-                             prefix=f"{prefix}.c_proj")
+                             prefix=f"{prefix}.c_proj", tp=row_shard(group, rows))
         self.act_fn = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

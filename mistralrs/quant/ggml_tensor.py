@@ -64,6 +64,19 @@ class GGMLTensor:
         """Applies a row permutation/selection `fn` (written for a `[num_rows, ...]` tensor) to the block rows."""
         return self.with_rows(fn(self.data))
 
+    def columns_aligned(self, start: int, size: int) -> bool:
+        """Whether columns `[start, start + size)` are whole blocks."""
+        block = block_type(self.ggml_type).block_size
+        return start % block == 0 and size % block == 0 and size > 0
+
+    def narrow_columns(self, start: int, size: int) -> GGMLTensor:
+        """Columns `[start, start + size)` as whole blocks of every row (`columns_aligned` must hold)."""
+        if not self.columns_aligned(start, size):
+            raise ValueError(f"columns [{start}, {start + size}) of a {self.ggml_type} tensor are not whole blocks")
+        fmt = block_type(self.ggml_type)
+        first, count = start // fmt.block_size * fmt.type_size, size // fmt.block_size * fmt.type_size
+        return GGMLTensor(self.data[:, first:first + count].contiguous(), self.ggml_type, (self.num_rows, size))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All weights as a dense `dtype` tensor of `shape` (float32 math, cast per chunk of rows)."""
         out = torch.empty(self.num_rows, self.num_cols, dtype=dtype, device=self.device)
