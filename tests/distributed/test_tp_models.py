@@ -22,6 +22,7 @@ from mistralrs.loader.default_model import default_model_path
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
+from mistralrs.quant.isq import IsqQuantConfig
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 from tests.distributed.tp_harness import run_on_ranks
@@ -34,9 +35,9 @@ BLOCK_SIZE = 4
 NUM_DECODE_STEPS = 4
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=128)
-DEEPSEEK = dict(COMMON, num_key_value_heads=4, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
+DEEPSEEK = dict(COMMON, num_key_value_heads=4, moe_intermediate_size=64, num_hidden_layers=3, n_routed_experts=8,
                 n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, q_lora_rank=24)
+                kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=32)
 
 # name -> (transformers config class, model class, config fields)
 CASES = {
@@ -64,6 +65,9 @@ CASES = {
     "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
                     dict(DEEPSEEK, routed_scaling_factor=2.5, norm_topk_prob=True)),
 }
+# ISQ Q8_0 quantizes each rank's shards; the row-parallel splits of these configs fall on 32-column blocks, so the
+# ranks quantize the very blocks the single process does (a split inside a block quantizes other blocks)
+ISQ_CASES = ("llama", "mixtral", "deepseek_v2")
 
 
 def _write_checkpoint(name: str, path: str) -> None:
@@ -75,9 +79,9 @@ def _write_checkpoint(name: str, path: str) -> None:
     hf.save_pretrained(path)
 
 
-def _load(case: tuple[str, str]) -> torch.nn.Module:
-    """Our model for a checkpoint: ("hf", directory) or ("gguf", file)."""
-    kind, path = case
+def _load(case: tuple[str, str, str | None]) -> torch.nn.Module:
+    """Our model for a checkpoint: ("hf", directory, ISQ type or None) or ("gguf", file, None)."""
+    kind, path, isq = case
     if kind == "gguf":
         gguf = open_gguf(path)
         return load_model(gguf.config, gguf.iter_weights(torch.float32, keep_quantized=True), dtype=torch.float32,
@@ -85,7 +89,8 @@ def _load(case: tuple[str, str]) -> torch.nn.Module:
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    return load_model(config, iter_safetensors(files, torch.float32), dtype=torch.float32, device="cpu")
+    return load_model(config, iter_safetensors(files, torch.float32), dtype=torch.float32, device="cpu",
+                      quant_config=None if isq is None else IsqQuantConfig(isq=isq))
 
 
 def _step(model, kv_caches, tables: dict[int, list[int]], done: dict[int, int], work, free: list[int]):
@@ -101,7 +106,7 @@ def _step(model, kv_caches, tables: dict[int, list[int]], done: dict[int, int], 
         return model.compute_logits(model(fb.input_ids, fb.positions, fb)).split(fb.query_lens)
 
 
-def run_case(case: tuple[str, str], prompts: list[list[int]]) -> dict:
+def run_case(case: tuple[str, str, str | None], prompts: list[list[int]]) -> dict:
     """A chunked prefill of prompt 0 packed with prompt 1, then greedy decode of both: every step's logits and the
     greedy tokens."""
     model = _load(case)
@@ -143,15 +148,17 @@ def runs(tmp_path_factory):
     for name in CASES:
         path = str(tmp_path_factory.mktemp(name))
         _write_checkpoint(name, path)
-        cases[name] = ("hf", path)
-    cases["smollm2_gguf"] = ("gguf", str(default_model_path()))
+        cases[name] = ("hf", path, None)
+    for name in ISQ_CASES:  # each rank quantizes its own shards (whole Q8_0 blocks: the same blocks as unsharded)
+        cases[f"{name}_isq_q8_0"] = ("hf", cases[name][1], "Q8_0")
+    cases["smollm2_gguf"] = ("gguf", str(default_model_path()), None)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 128, (n,), generator=gen).tolist() for n in (11, 6)]
     sharded = run_on_ranks(_run_all, dict(cases=cases, prompts=prompts))
     return {name: (sharded[name], run_case(case, prompts)) for name, case in cases.items()}
 
 
-@pytest.mark.parametrize("name", [*CASES, "smollm2_gguf"])
+@pytest.mark.parametrize("name", [*CASES, *(f"{n}_isq_q8_0" for n in ISQ_CASES), "smollm2_gguf"])
 def test_two_ranks_equal_one_process(runs, name):
     sharded, whole = runs[name]
     assert sharded["sharded"] and not whole["sharded"]
