@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors.torch import load_file
@@ -112,19 +112,49 @@ def model_module_names(model: nn.Module) -> set[str]:
     return {name.rpartition(".")[0] for name in model.expected_weight_names()}
 
 
-def resolve_target(model: nn.Module, modules: dict[str, nn.Module], stacked, hf_module: str,
-                   adapter: str) -> tuple[Linear, int, int]:
-    """HF module name -> (our Linear, first output row, row count)."""
+def _linear_of(modules: dict[str, nn.Module], stacked, hf_module: str) -> tuple[Linear, int | None] | None:
+    """HF module name -> (our Linear, its fused shard index or None for the whole layer); None when not a Linear."""
     module = modules.get(hf_module)
     if isinstance(module, Linear):
-        return module, 0, module.out_features
+        return module, None
     parent, _, local = hf_module.rpartition(".")
     for entry in stacked:
         fused = modules.get(f"{parent}.{entry.fused_name}" if parent else entry.fused_name)
         if entry.shard_name == local and isinstance(fused, Linear):
-            offset, size = fused.shard_range(entry.shard_index)
-            return fused, offset, size
-    raise ValueError(f"adapter {adapter!r}: module {hf_module!r} is not a linear layer of this model")
+            return fused, entry.shard_index
+    return None
+
+
+def resolve_target(model: nn.Module, modules: dict[str, nn.Module], stacked, hf_module: str,
+                   adapter: str) -> tuple[Linear, int, int]:
+    """HF module name -> (our Linear, first output row, row count)."""
+    found = _linear_of(modules, stacked, hf_module)
+    if found is None:
+        raise ValueError(f"adapter {adapter!r}: module {hf_module!r} is not a linear layer of this model")
+    linear, shard_index = found
+    if shard_index is None:
+        return linear, 0, linear.out_features
+    offset, size = linear.shard_range(shard_index)
+    return linear, offset, size
+
+
+def shard_adapter(model: nn.Module, adapter: LoraAdapter) -> LoraAdapter:
+    """`adapter` with each module's A/B cut to what the (tensor-parallel) layer it targets holds on this rank:
+    B's rows of a column-parallel layer's part, A's columns of a row-parallel layer (its partial delta is summed with
+    the product), an expert projection's intermediate range. Modules of unsplit layers keep their A/B."""
+    modules, stacked = dict(model.named_modules()), stacked_params_of(model)
+    weights = {}
+    for hf_module, (a, b) in adapter.weights.items():
+        expert = resolve_expert_target(modules, hf_module)
+        found = _linear_of(modules, stacked, hf_module)
+        if expert is not None and expert.moe.tp_group is not None:
+            start, size = expert.moe.tp_rows
+            a, b = (a.narrow(1, start, size), b) if expert.projection == "down" else (a, b.narrow(0, start, size))
+        elif expert is None and found is not None and found[0].tp is not None:
+            linear, shard_index = found
+            a, b = linear.tp.lora_factors(a, b, shard_index, linear.checkpoint_partition_sizes)
+        weights[hf_module] = (a.contiguous(), b.contiguous())
+    return replace(adapter, weights=weights)
 
 
 def check_targets(adapter: LoraAdapter, names: set[str]) -> None:
@@ -349,7 +379,7 @@ def apply_lora(model: nn.Module, ordering, adapter_files: list[AdapterFiles], *,
     merged into the base without `preload_adapters` (when `mergeable`, i.e. the base weights are dense), otherwise
     all kept separate with those in `order` active."""
     names = check_ordering_layers(model, ordering)
-    adapters = [load_lora_adapter(files, dtype=dtype, device=device) for files in adapter_files]
+    adapters = [shard_adapter(model, load_lora_adapter(files, dtype=dtype, device=device)) for files in adapter_files]
     for adapter in adapters:
         check_targets(adapter, names)
     if not ordering.preload_adapters and mergeable:

@@ -26,7 +26,7 @@ from torch import nn
 
 from mistralrs.adapters.lora import (
     AdapterFiles, LoraState, check_ordering_layers, check_targets, hook_adapter, load_lora_adapter,
-    lora_layer_indices,
+    lora_layer_indices, shard_adapter,
 )
 from mistralrs.adapters.ordering import same_model_id
 
@@ -206,7 +206,8 @@ def apply_xlora(model: nn.Module, ordering, files: XLoraFiles, *, dtype: torch.d
     config = files.config
     _check_consistency(config, ordering, model)
     names = check_ordering_layers(model, ordering)
-    adapters = [load_lora_adapter(files.experts[n], dtype=dtype, device=device) for n in ordering.order]
+    adapters = [shard_adapter(model, load_lora_adapter(files.experts[n], dtype=dtype, device=device))
+                for n in ordering.order]
     for adapter in adapters:
         check_targets(adapter, names)
     used = {module for adapter in adapters for module in adapter.weights}

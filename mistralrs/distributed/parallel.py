@@ -142,6 +142,18 @@ class LinearShard:
         start, size = self.ranges[0]
         return narrow_columns(loaded, start, size, dtype)
 
+    def lora_factors(self, a: torch.Tensor, b: torch.Tensor, part: int | None,
+                     partition_sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's LoRA factors `A [r, in]`, `B [out, r]` of fused part `part` (None: the whole layer, every
+        part stacked in B as the checkpoint stores it; `partition_sizes` are the full parts). Row-parallel: A's
+        input columns (each rank's delta is partial, summed with the product); column-parallel: B's rows."""
+        if self.kind == "row":
+            return a.narrow(1, *self.ranges[0]), b
+        if part is not None:
+            return a, b.narrow(0, *self.ranges[part])
+        offsets = [sum(partition_sizes[:i]) for i in range(len(partition_sizes))]
+        return a, torch.cat([b.narrow(0, offset + start, size) for offset, (start, size) in zip(offsets, self.ranges)])
+
     def combine(self, y: torch.Tensor) -> torch.Tensor:
         """The layer's output from this rank's product `y`: summed over the ranks (row), gathered (column with
         `gather_sizes`), or `y` itself."""
