@@ -56,11 +56,10 @@ def aligned_range(total: int, group: TPGroup | None) -> Range:
     `total` and still gives every rank at least one unit. The whole width without a group."""
     if group is None:
         return 0, total
-    unit = next(u for u in ALIGNMENTS if total % u == 0 and total // u >= group.world_size)
-    start, size = balanced_ranges(total, group.world_size, unit)[group.rank]
-    if size == 0:
+    unit = next((u for u in ALIGNMENTS if total % u == 0 and total // u >= group.world_size), None)
+    if unit is None:
         raise ValueError(f"cannot split a width of {total} over {group.world_size} tensor-parallel ranks")
-    return start, size
+    return balanced_ranges(total, group.world_size, unit)[group.rank]
 
 
 def vocab_ranges(vocab_size: int, group: TPGroup | None) -> list[Range]:

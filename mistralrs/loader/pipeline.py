@@ -15,6 +15,7 @@ from torch import nn
 from mistralrs.adapters.lora import apply_lora
 from mistralrs.adapters.ordering import OrderingFile, read_ordering, same_model_id
 from mistralrs.adapters.xlora import apply_xlora
+from mistralrs.distributed.group import current_group
 from mistralrs.loader.adapter_files import lora_files, xlora_files
 from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
 from mistralrs.loader.diffusion_loader import LoadedDiffusion, load_flux
@@ -377,7 +378,12 @@ def _load_with_anymoe(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 def load(spec: LoadSpec) -> LoadedModel | LoadedDiffusion:
     """Load the model and tokenizer that `spec` describes, quantized in situ if it asks, its decoder layers spread
     over devices as `num_device_layers` and the topology's `device` entries say (a DIFFUSION spec: the image
-    pipeline, `LoadedDiffusion`)."""
+    pipeline, `LoadedDiffusion`).
+
+    Called inside `distributed.group.building_for(group)` (on the thread that loads), the model is built for that
+    tensor-parallel group: every rank calls `load` with the same spec and holds its shard of each weight, on the
+    spec's device (no device map); see docs/architecture.md, "Tensor parallelism"."""
+    _check_tensor_parallel(spec)
     device_map = _device_map_spec(spec)
     if spec.adapters is not None:
         return _load_with_adapters(spec, device_map)
@@ -386,20 +392,44 @@ def load(spec: LoadSpec) -> LoadedModel | LoadedDiffusion:
     return _LOADERS[spec.kind](spec, device_map)
 
 
+def _check_tensor_parallel(spec: LoadSpec) -> None:
+    """ValueError naming the option when a tensor-parallel load asks for something not sharded."""
+    group = current_group()
+    if group is None:
+        return
+    refused = {
+        "image generation (a diffusion model)": spec.kind is LoadKind.DIFFUSION,
+        "from_uqff": spec.from_uqff is not None,
+        "write_uqff": spec.write_uqff is not None,
+        "anymoe_config": spec.anymoe is not None,
+        "num_device_layers": spec.num_device_layers is not None,
+    }
+    for option, asked in refused.items():
+        if asked:
+            raise ValueError(f"{spec.label}: {option} cannot be combined with tensor parallelism "
+                             f"({group.world_size} ranks)")
+
+
 def _device_map_spec(spec: LoadSpec) -> DeviceMapSpec:
     """The model's device with the spec's topology (parsed once: its `isq` entries drive ISQ, its `device`
     entries the device map), `num_device_layers`, and the automatic map's parameters (the defaults when the
     spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13; never an adapter or
-    AnyMoE model, whose adapters and experts live on the model's device)."""
+    AnyMoE model, whose adapters and experts live on the model's device, nor a tensor-parallel rank's shard)."""
     topology = Topology.from_yaml(spec.topology) if spec.topology is not None else None
     if spec.kind is LoadKind.GGUF and topology is not None and any(
             entry is not None and entry.isq is not None for entry in topology.layers):
         raise ValueError(f"{spec.label}: topology {spec.topology!r} has `isq` entries; a GGUF model's weights are "
                          "quantized already (only `device` entries apply)")
     main = spec.device or default_device()
-    on_one_device = spec.adapters is not None or spec.anymoe is not None
+    sharded = current_group() is not None
+    if sharded and topology is not None and topology.devices() - {main}:
+        raise ValueError(f"{spec.label}: topology {spec.topology!r} has `device` entries; a tensor-parallel rank "
+                         f"keeps its whole shard on {main}")
+    on_one_device = spec.adapters is not None or spec.anymoe is not None or sharded
     if spec.auto_map is not None and (main.type != "cuda" or on_one_device):
-        reason = f"the model runs on {main}" if main.type != "cuda" else "adapters need every layer on one device"
+        reason = (f"the model runs on {main}" if main.type != "cuda" else
+                  "a tensor-parallel rank keeps its shard on its device" if sharded else
+                  "adapters need every layer on one device")
         logger.info("%s: auto_map_params plan a map over CUDA devices; %s, every layer on %s", spec.label, reason,
                     main)
     auto_map = None if on_one_device else spec.auto_map or AutoMapParams()
