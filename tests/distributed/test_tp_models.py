@@ -28,6 +28,8 @@ from mistralrs.quant.isq import IsqQuantConfig
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 from tests.distributed.tp_harness import run_on_ranks
+from tests.loader import test_gguf_archs as gguf_archs
+from tests.loader.gguf_fixtures import write_converted_gguf
 from tests.models import family_harness as harness
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -74,6 +76,10 @@ CASES = {
 # ISQ Q8_0 quantizes each rank's shards; the row-parallel splits of these configs fall on 32-column blocks, so the
 # ranks quantize the very blocks the single process does (a split inside a block quantizes other blocks)
 ISQ_CASES = ("llama", "mixtral", "deepseek_v2")
+# GGUF files of tests/loader/test_gguf_archs.py: experts kept in blocks (Mixtral); Phi-3's fused qkv/gate_up cut per
+# part; DeepSeek V2's widths (experts 32 -> 16 + 16 columns, o_proj 48 -> 24 + 24) split inside Q8_0 blocks, so
+# those row-parallel shards are dequantized
+GGUF_CASES = ("mixtral", "phi3_sliding", "deepseek_v2_kv_b")
 
 
 def _write_checkpoint(name: str, path: str) -> None:
@@ -157,6 +163,11 @@ def runs(tmp_path_factory):
         cases[name] = ("hf", path, None)
     for name in ISQ_CASES:  # each rank quantizes its own shards (whole Q8_0 blocks: the same blocks as unsharded)
         cases[f"{name}_isq_q8_0"] = ("hf", cases[name][1], "Q8_0")
+    for name in GGUF_CASES:  # llama.cpp's layout, Q8_0 blocks
+        path = tmp_path_factory.mktemp(name)
+        config, checkpoint = gguf_archs._checkpoint(name, str(path))
+        cases[f"{name}_q8_0_gguf"] = ("gguf", write_converted_gguf(checkpoint, config, path / f"{name}.gguf", "Q8_0",
+                                                                   **gguf_archs.CASES[name][3]), None)
     cases["smollm2_gguf"] = ("gguf", str(default_model_path()), None)
     cases["gemma3_270m_gguf"] = ("gguf", str(gemma3_gguf.assemble()), None)
     gen = torch.Generator().manual_seed(0)
@@ -165,8 +176,8 @@ def runs(tmp_path_factory):
     return {name: (sharded[name], run_case(case, prompts)) for name, case in cases.items()}
 
 
-@pytest.mark.parametrize("name", [*CASES, *(f"{n}_isq_q8_0" for n in ISQ_CASES), "smollm2_gguf",
-                                  "gemma3_270m_gguf"])
+@pytest.mark.parametrize("name", [*CASES, *(f"{n}_isq_q8_0" for n in ISQ_CASES),
+                                  *(f"{n}_q8_0_gguf" for n in GGUF_CASES), "smollm2_gguf", "gemma3_270m_gguf"])
 def test_two_ranks_equal_one_process(runs, name):
     sharded, whole = runs[name]
     assert sharded["sharded"] and not whole["sharded"]
