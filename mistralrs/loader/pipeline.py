@@ -402,6 +402,8 @@ def _check_tensor_parallel(spec: LoadSpec) -> None:
         "from_uqff": spec.from_uqff is not None,
         "write_uqff": spec.write_uqff is not None,
         "anymoe_config": spec.anymoe is not None,
+        "imatrix": spec.isq.imatrix is not None,
+        "calibration_file": spec.isq.calibration_file is not None,
         "num_device_layers": spec.num_device_layers is not None,
     }
     for option, asked in refused.items():

@@ -1,9 +1,10 @@
 """Tensor-parallel loading through the loader (`pipeline.load` inside `building_for`), with LoRA and X-LoRA adapters
-cut to each rank's shard: 2 gloo ranks give the single-process logits.
+cut to each rank's shard, and a vision model (its tower whole on every rank, its text decoder sharded): 2 gloo
+ranks give the single-process logits.
 
 Cases: LoRA merged into the base; LoRA kept separate (preloaded, then switched); X-LoRA (layerwise, depth 2); LoRA on
-Mixtral's experts (each rank a range of every expert's intermediate width) kept separate. Each adapter touches the
-column-parallel (q/k/v, gate/up) and the row-parallel (o, down) projections.
+Mixtral's experts (each rank a range of every expert's intermediate width) kept separate; LLaVA with two images.
+Each adapter touches the column-parallel (q/k/v, gate/up) and the row-parallel (o, down) projections.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import pytest
 import torch
 import transformers
 
-from mistralrs import ModelDType, Which
+from mistralrs import ModelDType, VisionArchitecture, Which
 from mistralrs.adapters import activate_adapters
 from mistralrs.adapters.runtime import adapter_runtime_of
 from mistralrs.distributed.group import TPGroup, building_for
-from mistralrs.loader.spec import LoadKind, LoadSpec
+from mistralrs.loader.spec import IsqSpec, LoadKind, LoadSpec
 from tests.adapters import test_moe_adapters as moe_lora
 from tests.adapters.adapter_fixtures import (
     make_base_and_adapters, packed_logits, peft_xlora_model, scheduled, write_config_base, write_ordering,
@@ -26,24 +27,30 @@ from tests.distributed.tp_harness import run_on_ranks
 from tests.loading import load_which
 from tests.models import family_harness as harness
 from tests.models import test_mixtral
+from tests.vision.tiny_vision import make_tiny_llava_dir, sample_images, vision_prompt_logits
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TOKENS = list(range(3, 60, 3))
 OTHER = [7, 9, 44, 2, 5, 61, 30, 30, 12]
 ATOL = 1e-4
+LLAVA_PROMPT = "<|im_start|>user\nCompare <image> with\n<image>\nplease.<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _plain(loaded) -> list[torch.Tensor]:
     return packed_logits(loaded, [TOKENS, OTHER], lambda b: loaded.model(b.input_ids, b.positions, b))
 
 
-def run_cases(cases: dict[str, tuple[Which, list[list[str]] | None]]) -> dict[str, list[torch.Tensor]]:
+def run_cases(cases: dict[str, tuple[Which, list]]) -> dict[str, list[torch.Tensor]]:
     """name -> logits of both prompts (for each adapter set in turn when sets are given; X-LoRA through its
-    runtime)."""
+    runtime); for "llava" the logits of its prompt (token ids given) with the sample images."""
     results = {}
     for name, (which, sets) in cases.items():
         loaded = load_which(which, show_progress=False)
+        if name == "llava":
+            inputs = loaded.vision_processor.preprocess(sample_images()[:2])
+            results[name] = [vision_prompt_logits(loaded.model, sets, inputs)]
+            continue
         if name == "xlora":
             runtime = adapter_runtime_of(loaded.model)
             results[name] = packed_logits(loaded, [TOKENS, OTHER], lambda b: runtime.forward(
@@ -81,7 +88,12 @@ def runs(tmp_path_factory):
         return Which.Lora(adapters_model_id=str(adapters_dir), dtype=ModelDType.F32,
                           order=write_ordering(root / file, base_dir, **ordering))
 
+    llava = root / "llava"
+    _, llava_processor = make_tiny_llava_dir(llava)
+    llava_ids = llava_processor(images=sample_images()[:2], text=LLAVA_PROMPT, return_tensors="pt")["input_ids"]
     cases = {
+        "llava": (Which.VisionPlain(model_id=str(llava), arch=VisionArchitecture.LLaVA, dtype=ModelDType.F32),
+                  llava_ids[0].tolist()),
         "lora_merged": (lora("merged.json", adapters, base, order=["a1", "a3"]), None),
         "lora_preloaded": (lora("preloaded.json", adapters, base, order=["a1"], preload_adapters=[
             {"name": "a3", "adapter_model_id": str(adapters)}]), [["a3"], ["a1", "a3"]]),
@@ -94,7 +106,7 @@ def runs(tmp_path_factory):
     return {name: (sharded[name], run_cases({name: case})[name]) for name, case in cases.items()}
 
 
-@pytest.mark.parametrize("name", ["lora_merged", "lora_preloaded", "xlora", "moe_lora_preloaded"])
+@pytest.mark.parametrize("name", ["lora_merged", "lora_preloaded", "xlora", "moe_lora_preloaded", "llava"])
 def test_two_ranks_equal_one_process(runs, name):
     sharded, whole = runs[name]
     assert len(sharded) == len(whole)
@@ -119,3 +131,5 @@ def test_options_not_sharded_are_refused_by_name():
     assert "from_uqff cannot be combined with tensor parallelism (2 ranks)" in _refused(group, spec)
     spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "unused", num_device_layers=("1",))
     assert "num_device_layers cannot be combined with tensor parallelism" in _refused(group, spec)
+    spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "unused", isq=IsqSpec(imatrix="model.imatrix"))
+    assert "imatrix cannot be combined with tensor parallelism" in _refused(group, spec)
