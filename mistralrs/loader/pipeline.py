@@ -15,6 +15,7 @@ from torch import nn
 from mistralrs.adapters.lora import apply_lora
 from mistralrs.adapters.ordering import OrderingFile, read_ordering, same_model_id
 from mistralrs.adapters.xlora import apply_xlora
+from mistralrs.distributed.group import current_group
 from mistralrs.loader.adapter_files import lora_files, xlora_files
 from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
 from mistralrs.loader.diffusion_loader import LoadedDiffusion, load_flux
@@ -390,14 +391,18 @@ def _device_map_spec(spec: LoadSpec) -> DeviceMapSpec:
     """The model's device with the spec's topology (parsed once: its `isq` entries drive ISQ, its `device`
     entries the device map), `num_device_layers`, and the automatic map's parameters (the defaults when the
     spec gives none: a CUDA model without a manual map is always planned, REFERENCE §8.13; never an adapter or
-    AnyMoE model, whose adapters and experts live on the model's device)."""
+    AnyMoE model, whose adapters and experts live on the model's device, nor a tensor-parallel rank's shard)."""
     topology = Topology.from_yaml(spec.topology) if spec.topology is not None else None
     if spec.kind is LoadKind.GGUF and topology is not None and any(
             entry is not None and entry.isq is not None for entry in topology.layers):
         raise ValueError(f"{spec.label}: topology {spec.topology!r} has `isq` entries; a GGUF model's weights are "
                          "quantized already (only `device` entries apply)")
     main = spec.device or default_device()
-    on_one_device = spec.adapters is not None or spec.anymoe is not None
+    sharded = current_group() is not None   # a tensor-parallel rank holds its shard on its own device
+    if sharded and topology is not None and topology.devices() - {main}:
+        raise ValueError(f"{spec.label}: topology {spec.topology!r} places layers on other devices; a device map "
+                         "does not apply under tensor parallelism (each rank holds its shard on its own device)")
+    on_one_device = spec.adapters is not None or spec.anymoe is not None or sharded
     if spec.auto_map is not None and (main.type != "cuda" or on_one_device):
         reason = f"the model runs on {main}" if main.type != "cuda" else "adapters need every layer on one device"
         logger.info("%s: auto_map_params plan a map over CUDA devices; %s, every layer on %s", spec.label, reason,
