@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 WORKER_MODULE = "mistralrs.engine.tp_rank"  # what a child rank runs (`python -m`): `main` below
 POLL_S = 0.05  # how often a rank checks the store while waiting for the others
 LOAD_TIMEOUT_S = 3600.0  # longest wait for the other ranks to start and load the model
+EXIT_GRACE_S = 1.0  # after a failed collective, how long to wait for a child's exit to explain it
 STOP_TIMEOUT_S = 10.0  # a child that has not exited this long after the shutdown message is killed
 _generations = itertools.count()  # one store prefix per runtime of this process (torchrun: same order everywhere)
 _live: weakref.WeakSet = weakref.WeakSet()  # runtimes whose children are killed at interpreter exit
@@ -205,13 +206,25 @@ class TPRuntime:
             destroy_group()
             raise TPError(self.error)
 
+    def _collective_failed(self, what: str, exc: Exception) -> None:
+        """A collective raised: name the child rank that died if one did (its watch thread may report it a moment
+        after the closed connection), else the error; then raise."""
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while self.error is None and not self.children.exited() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        exited = self.children.exited()
+        if exited:
+            rank, code = min(exited.items())
+            self._fail(f"rank {rank} exited with code {code}")
+        self._fail(f"{what} failed ({type(exc).__name__}: {exc})")
+        self._raise_if_broken()
+
     def _send(self, message: object) -> None:
         self._raise_if_broken()
         try:
             self.channel.send(message)
         except Exception as exc:
-            self._fail(f"sending to the other ranks failed ({type(exc).__name__}: {exc})")
-            self._raise_if_broken()
+            self._collective_failed("sending to the other ranks", exc)
 
     def send_step(self, step: StepInputs) -> None:
         """Hand the step to every other rank (TPError when the runtime broke)."""
@@ -219,8 +232,7 @@ class TPRuntime:
 
     def step_failed(self, exc: Exception) -> None:
         """A step raised on the head: the ranks may have parted ways in their collectives, so the runtime breaks."""
-        self._fail(f"a step failed ({type(exc).__name__}: {exc})")
-        self._raise_if_broken()
+        self._collective_failed("a step", exc)
 
     def keep_alive(self) -> None:
         """Tell the other ranks the head is alive; a broken runtime only logs (the next request gets the error)."""
