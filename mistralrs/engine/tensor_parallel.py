@@ -127,6 +127,9 @@ class TPRuntime:
             plan = dataclasses.replace(plan, master_port=store.port)
         self.plan = plan
         self._store = store
+        logger.info("tensor parallelism: %d ranks (%s), this process runs ranks %d..%d, store at %s:%d",
+                    plan.world_size, plan.backend, plan.rank, plan.rank + plan.num_local_ranks - 1,
+                    plan.master_addr, plan.master_port)
         self.keys = dist.PrefixStore(self.prefix, store)
         self.children = RankProcesses(self._rank_exited)
         _live.add(self)
