@@ -59,9 +59,13 @@ def init_group(plan: TPPlan, rank: int, store: dist.Store, prefix: str, device: 
 
 
 def destroy_group() -> None:
-    """Leave the default process group (nothing when it is gone already)."""
-    if dist.is_initialized():
+    """Leave the default process group (nothing when it is gone already; a broken group is dropped all the same)."""
+    if not dist.is_initialized():
+        return
+    try:
         dist.destroy_process_group()
+    except Exception as exc:   # the group broke with a rank: torch forgets it anyway, which is all we need
+        logger.warning("tensor parallelism: destroying the process group: %s", exc)
 
 
 class Channel:

@@ -177,14 +177,23 @@ class TPRuntime:
 
     def load(self) -> LoadedModel:
         """Head: load rank 0's model and wait until every rank loaded its own (TPError naming a rank that could
-        not)."""
+        not, or one that exited)."""
         loaded = self._load()
-        ranks = range(1, self.plan.world_size)
-        self._await([f"loaded/{rank}" for rank in ranks], "load the model")
-        for rank in ranks:
-            status = self.keys.get(f"loaded/{rank}").decode()
-            if status != "ok":
-                raise TPError(f"tensor parallelism: rank {rank} could not load the model: {status}")
+        waiting = set(range(1, self.plan.world_size))
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while waiting:
+            for rank in sorted(waiting):
+                if self.keys.check([f"loaded/{rank}"]):
+                    status = self.keys.get(f"loaded/{rank}").decode()
+                    if status != "ok":
+                        raise TPError(f"tensor parallelism: rank {rank} could not load the model: {status}")
+                    waiting.discard(rank)
+            if waiting and self.error is not None:
+                raise TPError(self.error)
+            if waiting and time.monotonic() > deadline:
+                raise TPError(f"tensor parallelism: ranks {sorted(waiting)} did not load the model within "
+                              f"{LOAD_TIMEOUT_S:.0f} s")
+            time.sleep(POLL_S if waiting else 0)
         return loaded
 
     def publish_kv_blocks(self, num_blocks: int, block_size: int) -> None:
@@ -241,8 +250,8 @@ class TPRuntime:
         """Tell the other ranks the head is alive; a broken runtime only logs (the next request gets the error)."""
         try:
             self._send(KeepAlive())
-        except TPError:
-            pass
+        except TPError as exc:
+            logger.warning("%s", exc)
 
     def send_command(self, command: Command) -> None:
         """Hand a control command (ReIsq, ActivateAdapters) to every other rank, before the head runs it."""
@@ -251,9 +260,10 @@ class TPRuntime:
     def close(self) -> None:
         """Head: tell the ranks to exit, wait for the children (killing any that linger), leave the group."""
         _live.discard(self)
-        if not self._kv_published:
+        if not self._kv_published:   # the other ranks wait on the store, not on the channel: they exit on "abort"
             self.keys.set("kv", "abort")
-        if self.error is None:
+            self.children.kill()
+        elif self.error is None:
             try:
                 self.channel.send(Shutdown())
             except Exception as exc:   # a rank is gone already: the children are killed below

@@ -135,3 +135,11 @@ def test_unsupported_combinations_are_refused_before_any_rank_starts(tiny_dir, m
         with pytest.raises(ValueError, match="MISTRALRS_TP_SIZE='0'; accepted values: an integer >= 1"):
             tiny_runner(tiny_dir)
     assert rank_children() == []
+
+
+def test_a_load_error_is_the_single_process_error_and_stops_the_ranks(tmp_path, monkeypatch):
+    with pytest.raises(Exception) as alone:
+        tiny_runner(tmp_path / "missing")
+    with pytest.raises(type(alone.value), match="missing"):
+        tp_runner(lambda: tiny_runner(tmp_path / "missing"), monkeypatch)
+    assert rank_children() == []
