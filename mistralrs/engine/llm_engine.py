@@ -332,9 +332,7 @@ class LLMEngine:
 
     def _re_isq(self, command: ReIsq) -> None:
         """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""
-        if self._tp is not None:
-            self._tp.send_command(command)
-        apply_re_isq(self._loaded, command, self.execution.fast_kernels)
+        self._on_every_rank(command, lambda: apply_re_isq(self._loaded, command, self.execution.fast_kernels))
         self._engine.scheduler.reset_prefix_cache()   # K/V cached under the old weights must not be reused
 
     def activate_adapters(self, adapter_names: list[str]) -> None:
@@ -344,9 +342,14 @@ class LLMEngine:
         self._engine.call(ActivateAdapters(tuple(adapter_names)))
 
     def _activate_adapters(self, command: ActivateAdapters) -> None:
-        if self._tp is not None:
-            self._tp.send_command(command)
-        activate_adapters(self._loaded.model, list(command.names))
+        self._on_every_rank(command, lambda: activate_adapters(self._loaded.model, list(command.names)))
+
+    def _on_every_rank(self, command, apply) -> None:
+        """Engine thread: `apply()` a command that changes the model, on every rank under tensor parallelism."""
+        if self._tp is None:
+            apply()
+        else:
+            self._tp.run_command(command, apply)
 
     def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280):
         """One image for `prompt` (diffusion models only): an `ImageGenerationResponse` holding a saved PNG's path

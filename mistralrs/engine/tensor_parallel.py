@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,13 @@ def apply_re_isq(loaded: LoadedModel, command: ReIsq, fast_kernels: bool) -> Non
     config = re_isq_config(loaded.isq, command.isq_type, fast_kernels)
     config.quantize_loaded(loaded.model)
     loaded.isq = config
+
+
+def _count_failures(failed: bool, group: object) -> int:
+    """Every rank: how many ranks report a failure (a sum over the message group)."""
+    count = torch.tensor([int(failed)], dtype=torch.int64)
+    dist.all_reduce(count, group=group)
+    return int(count.item())
 
 
 def _load_for(group, spec: LoadSpec) -> LoadedModel:
@@ -253,9 +261,26 @@ class TPRuntime:
         except TPError as exc:
             logger.warning("%s", exc)
 
-    def send_command(self, command: Command) -> None:
-        """Hand a control command (ReIsq, ActivateAdapters) to every other rank, before the head runs it."""
+    def run_command(self, command: Command, apply: Callable[[], None]) -> None:
+        """Run a control command (ReIsq, ActivateAdapters) on every rank: hand it to the others, `apply` it here,
+        then count the ranks it failed on. Failing everywhere raises the head's error (the ranks still agree);
+        failing on some ranks only breaks the runtime (their models differ now)."""
         self._send(command)
+        error: Exception | None = None
+        try:
+            apply()
+        except Exception as exc:
+            error = exc
+        try:
+            failed = _count_failures(error is not None, self.channel.group)
+        except Exception as exc:
+            self._collective_failed(f"the ranks' report on {type(command).__name__}", exc)
+        if 0 < failed < self.plan.world_size:
+            self._fail(f"{type(command).__name__} failed on {failed} of {self.plan.world_size} ranks"
+                       + (f" (the head's error: {error})" if error is not None else ""))
+            self._raise_if_broken()
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Head: tell the ranks to exit, wait for the children (killing any that linger), leave the group."""
@@ -318,15 +343,32 @@ class TPRuntime:
                 return 1
             if isinstance(message, Shutdown):
                 return 0
-            try:
-                if isinstance(message, StepInputs):
+            if isinstance(message, StepInputs):
+                try:
                     runner.replay(message)
-                elif isinstance(message, ReIsq):
-                    apply_re_isq(loaded, message, self.spec.execution.fast_kernels)
-                elif isinstance(message, ActivateAdapters):
-                    activate_adapters(loaded.model, list(message.names))
-            except Exception:   # the head fails the same step or command and breaks the runtime
-                logger.exception("tensor-parallel rank %d: %s failed", self.plan.rank, type(message).__name__)
+                except Exception:   # the head's step fails too (or waits on this rank) and breaks the runtime
+                    logger.exception("tensor-parallel rank %d: a step failed", self.plan.rank)
+            elif isinstance(message, (ReIsq, ActivateAdapters)):
+                if not self._apply_command(loaded, message):
+                    return 1
+
+    def _apply_command(self, loaded: LoadedModel, command: Command) -> bool:
+        """A worker rank: apply the command and report to the head whether it failed (False: the report failed)."""
+        failed = False
+        try:
+            if isinstance(command, ReIsq):
+                apply_re_isq(loaded, command, self.spec.execution.fast_kernels)
+            else:
+                activate_adapters(loaded.model, list(command.names))
+        except Exception:
+            logger.exception("tensor-parallel rank %d: %s failed", self.plan.rank, type(command).__name__)
+            failed = True
+        try:
+            _count_failures(failed, self.channel.group)
+        except Exception as exc:
+            logger.error("tensor-parallel rank %d: reporting to the head failed (%s); exiting", self.plan.rank, exc)
+            return False
+        return True
 
 
 def run_node(plan: TPPlan, spec: LoadSpec) -> None:

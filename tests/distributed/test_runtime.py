@@ -12,6 +12,7 @@ import pytest
 
 from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, Which
 from mistralrs.loader.default_model import default_model_path
+from tests.adapters.adapter_fixtures import make_base_and_adapters, write_ordering
 from tests.distributed.tp_helpers import is_alive, rank_children
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS, make_tiny_model_dir
 
@@ -142,4 +143,31 @@ def test_a_load_error_is_the_single_process_error_and_stops_the_ranks(tmp_path, 
         tiny_runner(tmp_path / "missing")
     with pytest.raises(type(alone.value), match="missing"):
         tp_runner(lambda: tiny_runner(tmp_path / "missing"), monkeypatch)
+    assert rank_children() == []
+
+
+def test_lora_sets_per_request_and_activation_reach_every_rank(tmp_path, monkeypatch):
+    """Per-request sets travel with each step, `activate_adapters` as a command every rank applies (the ranks count
+    their failures: an unknown name fails everywhere and the runtime goes on)."""
+    base, adapters = make_base_and_adapters(tmp_path, ["a1", "a2"])
+    preload = [{"name": n, "adapter_model_id": str(adapters)} for n in ("a1", "a2")]
+    order = write_ordering(tmp_path / "ordering.json", base, order=["a1"], preload_adapters=preload)
+
+    def make():
+        return Runner(Which.Lora(adapters_model_id=str(adapters), order=order, dtype=ModelDType.F32))
+
+    def session(runner: Runner) -> list:
+        replies = [chat(runner, PROMPTS[0], max_tokens=8, adapters=names, logit_bias=NO_SPECIAL)
+                   for names in (["a1"], ["a2"], None)]
+        with pytest.raises(ValueError, match="nope"):   # refused on every rank: they still agree
+            runner.activate_adapters(["nope"])
+        runner.activate_adapters(["a2"])   # the active set: what a request without `adapters` gets
+        replies.append(chat(runner, PROMPTS[0], max_tokens=8, logit_bias=NO_SPECIAL))
+        runner.close()
+        return replies
+
+    want = session(make())
+    assert [e.token for e in want[0].logprobs.content] != [e.token for e in want[1].logprobs.content]
+    for got, expected in zip(session(tp_runner(make, monkeypatch)), want):
+        assert_same_choice(got, expected)
     assert rank_children() == []
