@@ -51,7 +51,10 @@ def init_group(plan: TPPlan, rank: int, store: dist.Store, prefix: str, device: 
     if dist.is_initialized():
         raise TPError("tensor parallelism: this process runs a tensor-parallel model already (torch.distributed's "
                       "default process group is taken); close that Runner first")
-    options = dict(device_id=device) if plan.backend == "nccl" else {}
+    options = {}
+    if plan.backend == "nccl":   # one GPU per rank: bind it before the first collective
+        torch.cuda.set_device(device)
+        options = dict(device_id=device)
     dist.init_process_group(plan.backend, store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=plan.world_size, timeout=timeout, **options)
     control = dist.new_group(backend="gloo", timeout=timeout) if plan.backend == "nccl" else None
