@@ -132,7 +132,7 @@ class ModelRunner:
         batch = self.build_batch(step.chunks)
         with self.cpu_threads.step(batch.num_tokens):
             try:
-                return self._forward_and_sample(batch, output, sampling)
+                return self._forward_and_sample(batch, output, sampling, step.adapter_sets)
             except Exception as exc:
                 if self.peers is not None:
                     self.peers.step_failed(exc)
@@ -167,9 +167,8 @@ class ModelRunner:
                 return self.model(batch.input_ids, batch.positions, batch)
             return self.model(batch.input_ids, batch.positions, batch, inputs_embeds=inputs_embeds)
 
-    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
-                            sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
-        sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
+    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput, sampling: dict[int, SeqSampling],
+                            sets: list[tuple[str, ...] | None]) -> dict[int, list[SampledToken]]:
         embeds = self._image_inputs(batch, output, sampling) if self.images is not None else None
         hidden = self.hidden_states(batch, output.scheduled, sets, embeds)
         sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
