@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -386,8 +387,15 @@ def _kill_children_at_exit() -> None:
 
 
 def main() -> None:
-    """A child rank's process: read its `ChildPayload`, serve, exit."""
+    """A child rank's process: read its `ChildPayload`, serve, exit. Ctrl-C in a terminal reaches the whole process
+    group; the head handles it and shuts the ranks down, so a child ignores it. Once served, the process ends at
+    once (nothing of it outlives the group; the interpreter's teardown of torch would take seconds)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(process)d %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     payload: ChildPayload = pickle.load(sys.stdin.buffer)
     exit_with_parent(payload.parent_pid)
-    sys.exit(TPRuntime(payload.plan, payload.spec, payload.prefix).serve())
+    code = TPRuntime(payload.plan, payload.spec, payload.prefix).serve()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
