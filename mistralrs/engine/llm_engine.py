@@ -115,7 +115,7 @@ class LLMEngine:
         self._diffusion: LoadedDiffusion | None = None  # the image pipeline of a diffusion model, else None
         plan = tp_plan(spec.execution, os.environ, torch.cuda.device_count())
         if plan is not None:
-            check_supported(spec, draft is not None, config.no_kv_cache)
+            check_supported(spec, draft is not None)
             if not plan.is_head:
                 run_node(plan, spec)   # serves as a rank until the head shuts down, then exits the process
             self._tp = TPRuntime(plan, spec)

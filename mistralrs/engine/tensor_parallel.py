@@ -80,7 +80,7 @@ class ChildPayload:
     parent_pid: int  # it exits when this process is gone
 
 
-def check_supported(spec: LoadSpec, has_draft: bool, no_kv_cache: bool) -> None:
+def check_supported(spec: LoadSpec, has_draft: bool) -> None:
     """ValueError for what tensor parallelism does not run (yet)."""
     what = "tensor parallelism (MISTRALRS_TP_SIZE, --tp-size, several CUDA GPUs or cluster variables)"
     if spec.kind in (LoadKind.VISION, LoadKind.DIFFUSION):
@@ -93,8 +93,6 @@ def check_supported(spec: LoadSpec, has_draft: bool, no_kv_cache: bool) -> None:
     if spec.num_device_layers is not None:
         raise ValueError(f"num_device_layers: a device map does not apply with {what} (each rank holds its shard "
                          "on its own device)")
-    if no_kv_cache:
-        raise ValueError(f"no_kv_cache: not supported with {what}")
 
 
 def rank_device(plan: TPPlan) -> torch.device:
