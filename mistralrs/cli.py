@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from mistralrs.api.enums import ImageGenerationResponseFormat, TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.requests import ChatCompletionRequest
@@ -225,6 +225,9 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     add("--allow-special-tokens-in-messages", action="store_true",
         help="special-token text typed in a chat message becomes a control token (default: it stays text)")
     add("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    add("--tp-size", type=int, default=None, metavar="N",
+        help="tensor parallelism over N ranks (GPUs with NCCL, CPU processes with gloo; default: "
+             "$MISTRALRS_TP_SIZE, else every GPU when there are several)")
 
 
 def runner_from_args(args: argparse.Namespace, which, **selected) -> Runner:
@@ -233,6 +236,9 @@ def runner_from_args(args: argparse.Namespace, which, **selected) -> Runner:
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     layers = args.num_device_layers.split(";") if args.num_device_layers else None
+    execution = ExecutionOptions.from_env()
+    if args.tp_size is not None:
+        execution = replace(execution, tp_size=args.tp_size)
     return Runner(which, max_seqs=args.max_seqs, no_kv_cache=args.no_kv_cache, prefix_cache_n=args.prefix_cache_n,
                   token_source=args.token_source, chat_template=args.chat_template,
                   jinja_explicit=args.jinja_explicit, num_device_layers=layers, in_situ_quant=args.isq,
@@ -240,7 +246,7 @@ def runner_from_args(args: argparse.Namespace, which, **selected) -> Runner:
                   pa_blk_size=args.pa_blk_size, no_paged_attn=args.no_paged_attn, paged_attn=args.paged_attn,
                   prompt_chunksize=args.prompt_chunksize, seed=args.seed, truncate_sequence=args.truncate_sequence,
                   allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
-                  execution=ExecutionOptions.from_env(), **selected)
+                  execution=execution, **selected)
 
 
 def _add_server_options(parser: argparse.ArgumentParser, default_host: str) -> None:

@@ -9,7 +9,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -24,6 +24,9 @@ from mistralrs.worker.device_map import layer_devices
 from mistralrs.worker.model_runner import ModelRunner
 from mistralrs.worker.options import ExecutionOptions
 from mistralrs.worker.speculative import SpeculativeRunner
+
+if TYPE_CHECKING:
+    from mistralrs.engine.tensor_parallel import TPRuntime
 
 T = TypeVar("T")
 
@@ -118,11 +121,13 @@ def main_device_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
 def build_engine(loaded: LoadedModel, config: EngineConfig,
                  handlers: CommandHandlers | None = None,
                  options: ExecutionOptions | None = None,
-                 draft: LoadedModel | None = None) -> tuple[Engine, InputProcessor]:
+                 draft: LoadedModel | None = None,
+                 peers: TPRuntime | None = None) -> tuple[Engine, InputProcessor]:
     """Size the KV cache, start the engine thread (running control commands with `handlers`), and return it with
     its input processor. `options`: how the model runs (None: `ExecutionOptions.from_env()`, a library's
     defaults with the environment's choices). `draft`: a draft model for speculative decoding (its KV cache has
-    the target's block layout, so each block costs both)."""
+    the target's block layout, so each block costs both). `peers`: the head's tensor-parallel runtime, which
+    hands the KV size to the other ranks and every step to their models."""
     adapters = adapter_runtime_of(loaded.model)
     xlora = adapters.state.xlora if adapters is not None else None
     if xlora is not None and xlora.non_granular_index is not None and config.max_seqs != 1:
@@ -137,6 +142,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
         raise ValueError("the KV cache sizing leaves no room for a single block; raise pa_ctxt_len / pa_gpu_mem")
     capacity = num_blocks * config.block_size
     logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size, capacity)
+    if peers is not None:
+        peers.publish_kv_blocks(num_blocks, config.block_size)
     scheduler = Scheduler(SchedulerConfig(
         max_num_seqs=config.max_seqs,
         max_num_batched_tokens=config.prompt_chunksize + config.max_seqs,
@@ -153,7 +160,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig,
     ))
     options = ExecutionOptions.from_env() if options is None else options
     runner = ModelRunner(loaded.model, num_blocks=num_blocks, block_size=config.block_size,
-                         kv_dtype=loaded.dtype, device=loaded.device, options=options)
+                         kv_dtype=loaded.dtype, device=loaded.device, options=options, peers=peers)
     if draft is not None:
         draft_runner = ModelRunner(draft.model, num_blocks=num_blocks, block_size=config.block_size,
                                    kv_dtype=draft.dtype, device=draft.device, options=options)

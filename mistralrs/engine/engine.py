@@ -128,12 +128,17 @@ class Engine:
                 self._fail_requests(exc, output)
 
     def _drain_commands(self, block: bool) -> bool:
+        # a blocking wait wakes every `idle_interval` seconds to call the runner's `idle` (tensor parallelism)
+        interval = getattr(self.model_runner, "idle_interval", None) if block else None
         while True:
             try:
-                kind, payload = self._commands.get(block=block)
+                kind, payload = self._commands.get(block=block, timeout=interval)
             except queue.Empty:
-                return True
-            block = False
+                if not block:
+                    return True
+                self.model_runner.idle()
+                continue
+            block, interval = False, None
             if kind == "add":
                 self._add_safely(payload)
             elif kind == "abort":

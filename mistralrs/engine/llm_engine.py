@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,11 +35,12 @@ from mistralrs.engine.image_prompt import ImagePrompter
 from mistralrs.engine.images import image_response, parse_response_format
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
+from mistralrs.engine.tensor_parallel import TPRuntime, apply_re_isq, check_supported, run_node
 from mistralrs.engine.tool_calls import forced_call_schema
+from mistralrs.distributed.launch import tp_plan
 from mistralrs.loader.diffusion_loader import LoadedDiffusion
 from mistralrs.loader.pipeline import LoadedModel, load
 from mistralrs.loader.spec import LoadKind, LoadSpec
-from mistralrs.quant.isq import re_isq_config
 from mistralrs.quant.isq_types import parse_isq_type
 from mistralrs.sample.grammar import json_schema_source
 from mistralrs.vision.base import ImageInputs
@@ -108,22 +110,41 @@ class LLMEngine:
             raise ValueError("which_draft: speculative decoding needs the KV cache (no_kv_cache=True)")
         if draft is not None and spec.kind in (LoadKind.VISION, LoadKind.DIFFUSION):
             raise ValueError(f"which_draft: speculative decoding applies to text models, not {spec.label}")
-        loaded = on_short_lived_thread(lambda: load(spec))
-        self.model_id = loaded.model_id  # the `model` of every response
+        self._tp: TPRuntime | None = None  # the tensor-parallel runtime when the model is sharded over ranks
         self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
         self._diffusion: LoadedDiffusion | None = None  # the image pipeline of a diffusion model, else None
+        plan = tp_plan(spec.execution, os.environ, torch.cuda.device_count())
+        if plan is not None:
+            check_supported(spec, draft is not None)
+            if not plan.is_head:
+                run_node(plan, spec)   # serves as a rank until the head shuts down, then exits the process
+            self._tp = TPRuntime(plan, spec)
+            try:
+                self._start(self._tp.load(), config, None)
+            except BaseException:
+                self._tp.close()
+                raise
+            return
+        loaded = on_short_lived_thread(lambda: load(spec))
         if isinstance(loaded, LoadedDiffusion):
+            self.model_id = loaded.model_id
             self._diffusion = loaded
             self._image_generator = (torch.Generator(loaded.device).manual_seed(config.seed)
                                      if config.seed is not None else None)   # seeded once: the device RNG
             self._engine = build_command_engine({GenerateImage: self._generate_image}, config.seed)
             return
-        self._loaded = loaded
         draft_model = None if draft is None else on_short_lived_thread(lambda: load(draft))
         if draft_model is not None:
-            check_same_vocabulary(self._loaded, draft_model)
+            check_same_vocabulary(loaded, draft_model)
+        self._start(loaded, config, draft_model)
+
+    def _start(self, loaded: LoadedModel, config: EngineConfig, draft_model: LoadedModel | None) -> None:
+        """Size the KV cache and start the engine thread for a loaded text or vision model."""
+        self.model_id = loaded.model_id  # the `model` of every response
+        self._loaded = loaded
         handlers = {ReIsq: self._re_isq, ActivateAdapters: self._activate_adapters}
-        self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution, draft_model)
+        self._engine, self._inputs = build_engine(self._loaded, config, handlers, self.execution, draft_model,
+                                                  peers=self._tp)
         processor = self._loaded.vision_processor
         # a vision model's image side of the front door (engine/image_prompt.py); None for a text model
         self._images = None if processor is None else ImagePrompter(processor, self._inputs,
@@ -311,9 +332,7 @@ class LLMEngine:
 
     def _re_isq(self, command: ReIsq) -> None:
         """Engine thread: the new type with the load's topology, MoQE and imatrix; the prefix cache is dropped."""
-        config = re_isq_config(self._loaded.isq, command.isq_type, self.execution.fast_kernels)
-        config.quantize_loaded(self._loaded.model)
-        self._loaded.isq = config
+        self._on_every_rank(command, lambda: apply_re_isq(self._loaded, command, self.execution.fast_kernels))
         self._engine.scheduler.reset_prefix_cache()   # K/V cached under the old weights must not be reused
 
     def activate_adapters(self, adapter_names: list[str]) -> None:
@@ -323,7 +342,14 @@ class LLMEngine:
         self._engine.call(ActivateAdapters(tuple(adapter_names)))
 
     def _activate_adapters(self, command: ActivateAdapters) -> None:
-        activate_adapters(self._loaded.model, list(command.names))
+        self._on_every_rank(command, lambda: activate_adapters(self._loaded.model, list(command.names)))
+
+    def _on_every_rank(self, command, apply) -> None:
+        """Engine thread: `apply()` a command that changes the model, on every rank under tensor parallelism."""
+        if self._tp is None:
+            apply()
+        else:
+            self._tp.run_command(command, apply)
 
     def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280):
         """One image for `prompt` (diffusion models only): an `ImageGenerationResponse` holding a saved PNG's path
@@ -344,5 +370,11 @@ class LLMEngine:
                                                  generator=self._image_generator)
 
     def close(self) -> None:
-        """Stop the engine thread (in-flight requests are canceled)."""
-        self._engine.shutdown()
+        """Stop the engine thread (in-flight requests are canceled) and, under tensor parallelism, the other ranks
+        and the process group. Idempotent."""
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+        tp, self._tp = getattr(self, "_tp", None), None
+        if tp is not None:
+            tp.close()

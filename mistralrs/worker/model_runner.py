@@ -1,20 +1,29 @@
-"""Runs one scheduled step: packed tensors in, one sampled token per finished chunk out."""
+"""Runs one scheduled step: packed tensors in, one sampled token per finished chunk out.
+
+Under tensor parallelism (mistralrs/engine/tensor_parallel.py) the head's runner sends each step's `StepInputs`
+to the other ranks over its `peers` channel before computing it, and every other rank's runner `replay`s them:
+the same model calls (the forward, then the logits of the sampled rows, which a vocab-parallel LM head gathers),
+without sampling.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from mistralrs.adapters.runtime import adapter_runtime_of
-from mistralrs.core import SchedulerOutput
+from mistralrs.core import ScheduledSequence, SchedulerOutput
 from mistralrs.worker.device_map import layer_devices
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
 from mistralrs.worker.image_features import ImageFeatureCache
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
+
+KEEP_ALIVE_INTERVAL_S = 5.0  # a tensor-parallel head idle this long tells the other ranks it is alive
 
 
 @dataclass
@@ -28,6 +37,58 @@ class SeqSampling:
     images: object | None = None  # the request's ImageInputs (mistralrs/vision/base.py); None: no image
 
 
+@dataclass(frozen=True)
+class ChunkOwner:
+    """What the model's side of a step reads of a chunk's sequence (the X-LoRA runtime's per-sequence state)."""
+
+    seq_id: int
+    num_output_tokens: int
+
+
+@dataclass
+class StepInputs:
+    """Everything a rank's model needs to compute one step (what the head broadcasts under tensor parallelism):
+    per scheduled chunk, in the step's order, its tokens and block table, its sequence, its adapter set and
+    whether it ends in a sampled row."""
+
+    chunks: list[SeqChunk]
+    owners: list[ChunkOwner]
+    adapter_sets: list[tuple[str, ...] | None]  # None: the model's active set
+    sample: list[bool]
+
+    @classmethod
+    def of(cls, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> StepInputs:
+        """The inputs of the scheduled step `output`."""
+        chunks, owners = [], []
+        for scheduled in output.scheduled:
+            seq = scheduled.seq
+            start = seq.num_computed_tokens
+            tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
+            chunks.append(SeqChunk(tokens, start, list(seq.block_ids), seq.num_prompt_tokens))
+            owners.append(ChunkOwner(seq.seq_id, seq.num_output_tokens))
+        return cls(chunks, owners, [sampling[s.seq.seq_id].adapters for s in output.scheduled],
+                   [s.sample for s in output.scheduled])
+
+    def scheduled(self) -> list[ScheduledSequence]:
+        """Stand-ins for the step's ScheduledSequences on a rank that holds no sequences (the adapter runtime reads
+        `seq.seq_id` and `seq.num_output_tokens`)."""
+        return [ScheduledSequence(owner, len(chunk.token_ids), sample)
+                for chunk, owner, sample in zip(self.chunks, self.owners, self.sample)]
+
+
+class StepPeers(Protocol):
+    """The other ranks of a tensor-parallel group, as the head's runner sees them."""
+
+    def send_step(self, step: StepInputs) -> None:
+        """Hand the step to every other rank before the head computes it."""
+
+    def step_failed(self, exc: Exception) -> None:
+        """The head's step raised `exc` (the ranks may have parted ways); raises the group's error."""
+
+    def keep_alive(self) -> None:
+        """Tell the other ranks, while no step runs, that the head is alive."""
+
+
 class ModelRunner:
     """Owns the model, its paged KV cache and the sampler, and runs the model the way `options` say (applied to
     the model here: MoE backend, fused decoder layers; per step: attention backend, CPU thread policy)."""
@@ -35,8 +96,9 @@ class ModelRunner:
     max_draft_tokens = 0  # draft tokens a decoding sequence may verify per step (speculative runners only)
 
     def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device, options: ExecutionOptions) -> None:
+                 device: torch.device, options: ExecutionOptions, peers: StepPeers | None = None) -> None:
         self.model = model
+        self.peers = peers  # the head of a tensor-parallel group: the other ranks; None: a single process
         self.options = options
         apply_execution_options(model, options)
         self.block_size = block_size
@@ -50,19 +112,43 @@ class ModelRunner:
         # a vision model's per-sequence image features and M-RoPE tables; None for a text model
         self.images = ImageFeatureCache(model) if hasattr(model, "encode_images") else None
 
+    @property
+    def idle_interval(self) -> float | None:
+        """Seconds the engine thread may wait for work before calling `idle` (None: it may wait for ever)."""
+        return None if self.peers is None else KEEP_ALIVE_INTERVAL_S
+
+    def idle(self) -> None:
+        """Called by the engine thread every `idle_interval` seconds while no step runs."""
+        if self.peers is not None:
+            self.peers.keep_alive()
+
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
         """Compute the scheduled chunks and sample for those that reached their sequence's end: the tokens each
         sequence gained in the step, in order (one here; a speculative runner may give several)."""
-        chunks = []
-        for scheduled in output.scheduled:
-            seq = scheduled.seq
-            start = seq.num_computed_tokens
-            tokens = seq.all_token_ids[start:start + scheduled.num_new_tokens]
-            chunks.append(SeqChunk(tokens, start, seq.block_ids, seq.num_prompt_tokens))
-        batch = self.build_batch(chunks)
+        step = StepInputs.of(output, sampling)
+        if self.peers is not None:
+            self.peers.send_step(step)
+        batch = self.build_batch(step.chunks)
         with self.cpu_threads.step(batch.num_tokens):
-            return self._forward_and_sample(batch, output, sampling)
+            try:
+                return self._forward_and_sample(batch, output, sampling, step.adapter_sets)
+            except Exception as exc:
+                if self.peers is not None:
+                    self.peers.step_failed(exc)
+                raise
+
+    @torch.inference_mode()
+    def replay(self, step: StepInputs) -> None:
+        """A rank other than the head: the model calls of the head's step (forward, then the sampled rows'
+        logits), whose results the head samples from."""
+        batch = self.build_batch(step.chunks)
+        with self.cpu_threads.step(batch.num_tokens):
+            hidden = self.hidden_states(batch, step.scheduled(), step.adapter_sets)
+            rows = [i for i, sample in enumerate(step.sample) if sample]
+            if rows:
+                self.model.compute_logits(hidden[batch.last_token_indices[torch.tensor(
+                    rows, device=batch.last_token_indices.device)]])
 
     def build_batch(self, chunks: list[SeqChunk]) -> ForwardBatch:
         """The step's `ForwardBatch` of `chunks` over this runner's KV cache."""
@@ -81,9 +167,8 @@ class ModelRunner:
                 return self.model(batch.input_ids, batch.positions, batch)
             return self.model(batch.input_ids, batch.positions, batch, inputs_embeds=inputs_embeds)
 
-    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput,
-                            sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
-        sets = [sampling[s.seq.seq_id].adapters for s in output.scheduled]
+    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput, sampling: dict[int, SeqSampling],
+                            sets: list[tuple[str, ...] | None]) -> dict[int, list[SampledToken]]:
         embeds = self._image_inputs(batch, output, sampling) if self.images is not None else None
         hidden = self.hidden_states(batch, output.scheduled, sets, embeds)
         sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]

@@ -17,6 +17,11 @@ default, and an unset or empty one leaves it. Any other value than those below i
   size, set on the engine thread alone (the default everywhere; see mistralrs/worker/cpu_threads.py); "fixed"
   never changes a thread count (the steps run on the count torch gives the engine thread). The `Runner`
   arguments are the reference API's, so this is how a library user opts out.
+- `MISTRALRS_TP_SIZE`: N >= 1 processes (ranks) the model is sharded over with tensor parallelism (one CUDA GPU
+  each with NCCL, CPU processes with gloo; mistralrs/engine/tensor_parallel.py); unset: every visible CUDA GPU
+  when there are several and NCCL is on, else 1. The CLI's `--tp-size N` sets the same field.
+- `MISTRALRS_NO_NCCL`: "1" (or "true", "on", "yes") turns off the automatic tensor parallelism over several GPUs
+  (the device map applies instead), as in the reference.
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ from mistralrs.worker.forward_batch import ATTENTION_BACKENDS
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 # environment variable -> (the field it sets, its accepted values, lower case -> the field's value)
+_BOOL = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
 ENVIRONMENT = {
-    "MISTRALRS_FUSED_DECODE": ("fused_decode", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}),
+    "MISTRALRS_FUSED_DECODE": ("fused_decode", _BOOL),
     "MISTRALRS_CPU_THREADS": ("cpu_threads", {policy: policy for policy in CPU_THREAD_POLICIES}),
+    "MISTRALRS_NO_NCCL": ("nccl", {key: not value for key, value in _BOOL.items()}),
 }
+TP_SIZE_VARIABLE = "MISTRALRS_TP_SIZE"  # a positive integer: ExecutionOptions.tp_size
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class ExecutionOptions:
     fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU, bit-exact)
     fast_kernels: bool = True  # quantized matmul kernels; False: weights dequantized at load, F.linear (plain)
     cpu_threads: str = "auto"  # "auto": engine thread's count chosen per step; "fixed": never touched
+    tp_size: int | None = None  # ranks of tensor parallelism; None: every CUDA GPU when several (and nccl), else 1
+    nccl: bool = True  # several visible CUDA GPUs and no tp_size: tensor parallelism over all of them (NCCL)
 
     def __post_init__(self) -> None:
         for name, value, accepted in (("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
@@ -61,9 +71,12 @@ class ExecutionOptions:
                                       ("cpu_threads", self.cpu_threads, CPU_THREAD_POLICIES)):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}; accepted values: {list(accepted)}")
-        for name in ("fused_decode", "fast_kernels"):
+        for name in ("fused_decode", "fast_kernels", "nccl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.tp_size is not None and (isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int)
+                                         or self.tp_size < 1):
+            raise ValueError(f"tp_size must be an int >= 1 or None, got {self.tp_size!r}")
 
     @classmethod
     def from_env(cls, defaults: ExecutionOptions | None = None,
@@ -79,8 +92,12 @@ class ExecutionOptions:
             if raw not in accepted:
                 raise ValueError(f"{variable}={environ[variable]!r}; accepted values: {list(accepted)}")
             values[name] = accepted[raw]
+        raw = environ.get(TP_SIZE_VARIABLE, "").strip()
+        if raw:
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{TP_SIZE_VARIABLE}={environ[TP_SIZE_VARIABLE]!r}; accepted values: an integer >= 1")
+            values["tp_size"] = int(raw)
         return replace(cls() if defaults is None else defaults, **values)
-
 
 
 def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:
