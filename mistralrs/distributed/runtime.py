@@ -44,13 +44,18 @@ def open_store(plan: TPPlan, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -
                          wait_for_workers=False)
 
 
+def check_group_free() -> None:
+    """TPError when torch.distributed's default process group is taken (one tensor-parallel model per process)."""
+    if dist.is_initialized():
+        raise TPError("tensor parallelism: this process runs a tensor-parallel model already (torch.distributed's "
+                      "default process group is taken); close that Runner first")
+
+
 def init_group(plan: TPPlan, rank: int, store: dist.Store, prefix: str, device: torch.device,
                timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> tuple[TPGroup, object]:
     """Join the default process group as `rank` (blocks until every rank joined); returns the models' `TPGroup`
     and the group the head's messages travel on (gloo: the default group; NCCL: a gloo group beside it)."""
-    if dist.is_initialized():
-        raise TPError("tensor parallelism: this process runs a tensor-parallel model already (torch.distributed's "
-                      "default process group is taken); close that Runner first")
+    check_group_free()
     options = {}
     if plan.backend == "nccl":   # one GPU per rank: bind it before the first collective
         torch.cuda.set_device(device)

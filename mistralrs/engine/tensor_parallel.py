@@ -40,7 +40,7 @@ from mistralrs.adapters.lora import activate_adapters
 from mistralrs.distributed.group import building_for
 from mistralrs.distributed.launch import TPPlan
 from mistralrs.distributed.runtime import (
-    COLLECTIVE_TIMEOUT, Channel, RankProcesses, TPError, destroy_group, exit_with_parent, init_group, open_store,
+    Channel, RankProcesses, TPError, check_group_free, destroy_group, exit_with_parent, init_group, open_store,
 )
 from mistralrs.engine.builder import on_short_lived_thread
 from mistralrs.engine.commands import ActivateAdapters, Command, ReIsq
@@ -124,6 +124,7 @@ class TPRuntime:
     `run_command`, `close`), or a worker node's first rank (`serve`)."""
 
     def __init__(self, plan: TPPlan, spec: LoadSpec, prefix: str | None = None) -> None:
+        check_group_free()
         self.spec = dataclasses.replace(spec, device=rank_device(plan))  # every rank loads this
         self.prefix = prefix or f"mistralrs-tp/{next(_generations)}/"
         self.error: str | None = None  # why the runtime broke; None while it serves
