@@ -44,13 +44,18 @@ def open_store(plan: TPPlan, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -
                          wait_for_workers=False)
 
 
+def check_group_free() -> None:
+    """TPError when torch.distributed's default process group is taken (one tensor-parallel model per process)."""
+    if dist.is_initialized():
+        raise TPError("tensor parallelism: this process runs a tensor-parallel model already (torch.distributed's "
+                      "default process group is taken); close that Runner first")
+
+
 def init_group(plan: TPPlan, rank: int, store: dist.Store, prefix: str, device: torch.device,
                timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> tuple[TPGroup, object]:
     """Join the default process group as `rank` (blocks until every rank joined); returns the models' `TPGroup`
     and the group the head's messages travel on (gloo: the default group; NCCL: a gloo group beside it)."""
-    if dist.is_initialized():
-        raise TPError("tensor parallelism: this process runs a tensor-parallel model already (torch.distributed's "
-                      "default process group is taken); close that Runner first")
+    check_group_free()
     options = {}
     if plan.backend == "nccl":   # one GPU per rank: bind it before the first collective
         torch.cuda.set_device(device)
@@ -74,21 +79,35 @@ def destroy_group() -> None:
 class Channel:
     """The head's messages to the other ranks: any picklable object, one broadcast of `CHANNEL_CAPACITY` bytes
     (a second one carries the rest of a longer message). Every rank calls `send` (the head) or `receive` (the
-    others) in the same order."""
+    others) in the same order.
+
+    The head's broadcasts are asynchronous: `send` returns once the message is queued, so the head computes its
+    step while the others are still receiving (or finishing the previous step); the next `send` (or `flush`) first
+    waits for the previous message to be delivered and raises its error."""
 
     def __init__(self, group: object = None) -> None:
         self.group = group  # None: the default group
         self._buffer = torch.zeros(CHANNEL_CAPACITY, dtype=torch.uint8)
+        self._in_flight: list[tuple[object, torch.Tensor]] = []  # (work, tensor it reads) of the last message
+
+    def flush(self) -> None:
+        """Head: wait until the last message was delivered (raises the broadcast's error)."""
+        in_flight, self._in_flight = self._in_flight, []
+        for work, _tensor in in_flight:
+            work.wait()
 
     def send(self, message: object) -> None:
-        """Head: broadcast `message`."""
+        """Head: broadcast `message` (after the previous one was delivered)."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.flush()
         head = len(data).to_bytes(_HEADER, "little") + data[:CHANNEL_CAPACITY - _HEADER]
         self._buffer[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.broadcast(self._buffer, src=0, group=self.group)
+        tensors = [self._buffer]
         rest = data[CHANNEL_CAPACITY - _HEADER:]
         if rest:
-            dist.broadcast(torch.frombuffer(bytearray(rest), dtype=torch.uint8), src=0, group=self.group)
+            tensors.append(torch.frombuffer(bytearray(rest), dtype=torch.uint8))
+        self._in_flight = [(dist.broadcast(tensor, src=0, group=self.group, async_op=True), tensor)
+                           for tensor in tensors]
 
     def receive(self) -> object:
         """Another rank: the head's next message (waits at most the group's timeout)."""

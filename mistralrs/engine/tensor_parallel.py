@@ -40,7 +40,7 @@ from mistralrs.adapters.lora import activate_adapters
 from mistralrs.distributed.group import building_for
 from mistralrs.distributed.launch import TPPlan
 from mistralrs.distributed.runtime import (
-    COLLECTIVE_TIMEOUT, Channel, RankProcesses, TPError, destroy_group, exit_with_parent, init_group, open_store,
+    Channel, RankProcesses, TPError, check_group_free, destroy_group, exit_with_parent, init_group, open_store,
 )
 from mistralrs.engine.builder import on_short_lived_thread
 from mistralrs.engine.commands import ActivateAdapters, Command, ReIsq
@@ -121,9 +121,10 @@ def _load_for(group, spec: LoadSpec) -> LoadedModel:
 
 class TPRuntime:
     """One process's side of a tensor-parallel run: the head's (`load`, then the `StepPeers` of its model runner,
-    `send_command`, `close`), or a worker node's first rank (`serve`)."""
+    `run_command`, `close`), or a worker node's first rank (`serve`)."""
 
     def __init__(self, plan: TPPlan, spec: LoadSpec, prefix: str | None = None) -> None:
+        check_group_free()
         self.spec = dataclasses.replace(spec, device=rank_device(plan))  # every rank loads this
         self.prefix = prefix or f"mistralrs-tp/{next(_generations)}/"
         self.error: str | None = None  # why the runtime broke; None while it serves
@@ -265,6 +266,10 @@ class TPRuntime:
         then count the ranks it failed on. Failing everywhere raises the head's error (the ranks still agree);
         failing on some ranks only breaks the runtime (their models differ now)."""
         self._send(command)
+        try:
+            self.channel.flush()
+        except Exception as exc:
+            self._collective_failed("sending to the other ranks", exc)
         error: Exception | None = None
         try:
             apply()
@@ -290,6 +295,7 @@ class TPRuntime:
         elif self.error is None:
             try:
                 self.channel.send(Shutdown())
+                self.channel.flush()
             except Exception as exc:   # a rank is gone already: the children are killed below
                 logger.warning("tensor parallelism: shutdown message not delivered (%s)", exc)
             self.children.stop(STOP_TIMEOUT_S)

@@ -76,6 +76,9 @@ def test_tiny_llama_tp2_equals_one_process(tiny_dir, monkeypatch):
     runner = tp_runner(lambda: tiny_runner(tiny_dir, prompt_chunksize=16), monkeypatch)
     pids = runner.llm_engine._tp.children.pids
     assert sorted(pids.values()) == sorted(rank_children()) and len(pids) == 1
+    with pytest.raises(RuntimeError, match="runs a tensor-parallel model already"):   # one per process
+        tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
+    assert sorted(pids.values()) == sorted(rank_children())
     for prompt in PROMPTS:   # alone, then all at once (several chunks per step, prompts in several chunks)
         assert_same_choice(chat(runner, prompt, logit_bias=NO_SPECIAL), want[prompt])
     for prompt, got in replies_from_threads(runner, PROMPTS).items():

@@ -81,7 +81,7 @@ def test_one_script_under_torchrun_serves_from_rank_0_only(tiny, tmp_path):
     script = tmp_path / "script.py"
     script.write_text(TORCHRUN_SCRIPT)
     env, marker = marked_env()
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", str(script), str(path)], capture_output=True,
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script), str(path)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["SERVED BY 0", f"REPLY {want!r}"]
