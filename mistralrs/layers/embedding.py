@@ -58,7 +58,7 @@ class VocabEmbedding(CheckpointModule):
                              f"expected {(self.vocab_size, self.hidden_size)}")
         for head in self.tied_heads:
             head.load_weight("weight", loaded)
-        rows = narrow_rows(loaded, self.row_start, self.num_rows)  # all of them without a group
+        rows = loaded if self.tp_group is None else narrow_rows(loaded, self.row_start, self.num_rows)
         shared = next((w for w in (h.quant_method.dense_weight(h) for h in self.tied_heads) if w is not None), None)
         if shared is not None and shared.dtype == self.dtype and tuple(shared.shape) == tuple(rows.shape):
             self._drop_dense()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mistralrs.distributed.group import current_group
-from mistralrs.distributed.parallel import aligned_range, column_shard, head_shard, row_shard
+from mistralrs.distributed.parallel import LinearShard, aligned_range, column_shard, head_shard, row_shard
 from mistralrs.models.base import CausalLM, DecoderModel, GATE_UP_PARAMS
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.embedding import VocabEmbedding
@@ -231,7 +231,7 @@ class DeepseekAttention(nn.Module):
         num_heads, hidden, bias = config.num_attention_heads, config.hidden_size, config.attention_bias
         kv_b_width = dims.qk_nope_head_dim + dims.v_head_dim
 
-        def linear(name: str, n_in: int, n_out: int, has_bias: bool = False, tp=None) -> Linear:
+        def linear(name: str, n_in: int, n_out: int, has_bias: bool = False, tp: LinearShard | None = None) -> Linear:
             return Linear(n_in, n_out, bias=has_bias, dtype=dtype, device=device, prefix=f"{prefix}.{name}", tp=tp)
 
         def by_heads(width: int) -> tuple[int, int]:

@@ -1,10 +1,11 @@
 """Tensor-parallel models (2 gloo ranks on the CPU) give the single-process model's logits and greedy tokens.
 
-Every checkpoint is written once (tiny random `transformers` models, and the real SmolLM2 GGUF), one spawn of two
-ranks builds each model inside `building_for(group)` and runs the same steps (a chunked prefill packed with a second
-prompt, then greedy decode of both), and rank 0's logits are compared with the same steps on the unsharded model:
-float32 logits within 1e-4 (the real Gemma 3: 5e-4, see `CASE_ATOL`), greedy tokens exactly. The GGUF models keep their blocks (SmolLM2 Q4_1; Gemma 3 270M
-Q4_K_M: K-quant row splits of whole 256-column blocks, Q5_0/Q8_0 shards, a quantized tied embedding, one KV head).
+Every checkpoint is written once (tiny random `transformers` models, tiny GGUF files, the real SmolLM2 and Gemma 3
+270M GGUFs), one spawn of two ranks builds each model inside `building_for(group)` and runs the same steps (a chunked
+prefill packed with a second prompt, then greedy decode of both), and rank 0's logits are compared with the same
+steps on the unsharded model: float32 logits within 1e-4 (the real Gemma 3: 5e-4, see `CASE_ATOL`), greedy tokens
+exactly. The GGUF models keep their blocks (SmolLM2 Q4_1; Gemma 3 270M Q4_K_M: K-quant row splits of whole
+256-column blocks, Q5_0/Q8_0 shards, a quantized tied embedding, one KV head).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import transformers
 
 from mistralrs.distributed.group import TPGroup, building_for
+from mistralrs.layers.fused_decode import fused_layer_counts
 from mistralrs.layers.linear import Linear
 from mistralrs.loader.default_model import default_model_path
 from mistralrs.loader.gguf_loader import open_gguf
@@ -42,7 +44,8 @@ CASE_ATOL = {"gemma3_270m_gguf": 5e-4}
 BLOCK_SIZE = 4
 NUM_DECODE_STEPS = 4
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=128)
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+              vocab_size=128)
 DEEPSEEK = dict(COMMON, num_key_value_heads=4, moe_intermediate_size=64, num_hidden_layers=3, n_routed_experts=8,
                 n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                 kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=32)
@@ -138,7 +141,8 @@ def run_case(case: tuple[str, str, str | None], prompts: list[list[int]]) -> dic
         logits += out
         last = {0: out[0][-1], 1: out[1][-1]}
     return dict(logits=[t.clone() for t in logits], tokens=tokens, kv_heads=spec.num_kv_heads,
-                sharded=any(m.tp is not None for m in model.modules() if isinstance(m, Linear)))
+                sharded=any(m.tp is not None for m in model.modules() if isinstance(m, Linear)),
+                fused_twins=fused_layer_counts(model)[1])
 
 
 def _run_all(group: TPGroup, payload: dict) -> dict:
@@ -186,6 +190,13 @@ def test_two_ranks_equal_one_process(runs, name):
     for ours, ref in zip(sharded["logits"], whole["logits"]):
         assert ours.shape == ref.shape
         torch.testing.assert_close(ours, ref, atol=CASE_ATOL.get(name, ATOL), rtol=0)
+
+
+def test_sharded_layers_keep_their_plain_modules(runs):
+    """The fused C++ decoder layer has no collectives: it is attached to the whole model's layers only."""
+    for name in ("llama", "gemma2", "smollm2_gguf"):
+        sharded, whole = runs[name]
+        assert sharded["fused_twins"] == 0 and whole["fused_twins"] > 0
 
 
 def test_kv_cache_spec_reports_each_ranks_heads(runs):
