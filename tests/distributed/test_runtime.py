@@ -99,6 +99,7 @@ def test_smollm2_gguf_tp2_equals_one_process(monkeypatch):
     want = chat(alone, prompt, max_tokens=6)
     alone.close()
     runner = tp_runner(make, monkeypatch)
+    assert runner.llm_engine._loaded.model.kv_cache_spec().num_kv_heads == 2   # the head holds its shard: 2 of 3
     got = chat(runner, prompt, max_tokens=6)
     runner.close()
     assert_same_choice(got, want)
