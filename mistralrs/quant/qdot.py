@@ -1,13 +1,15 @@
 """GGML blocks multiplied as they are in the file, against int8-quantized activations (llama.cpp's decode scheme).
 
-`QdotWeight` keeps a weight's GGML blocks (a view of the memory-mapped file when the loader gives one: nothing is
-copied or repacked) and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into the fused
-decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to blocks of 32
-int8 codes with a float32 scale d = max|x| / 127 (and d * sum(codes), for the types with an offset or a bias),
-and each output is a sum over blocks of integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or
-portable C++, the best the CPU has, chosen at run time) scaled in float32. Output rows are split across the
-engine thread's intra-op threads. The fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two
-agree bit for bit.
+`QdotWeight` keeps a weight's GGML blocks, repacked once at load into groups of 8 interleaved rows (the same
+bytes for Q4_0, Q4_1 and Q8_0; about 1.5x for Q5_0 and Q5_1, whose codes are stored a byte each; layout in
+mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into
+the fused decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to
+blocks of 32 int8 codes with a float32 scale d = max|x| / 127, and each output is a sum over blocks of exact
+integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or portable C++: the best the CPU has, chosen at
+run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 32
+activation rows on (prefill), row tiles are dequantized as gguf does and multiplied by `F.linear` instead. The
+fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two agree bit for bit. A tied embedding
+table looks its rows up in the same packed weight (`embedding_rows`): the table is held once.
 
 `QDOT_TYPES` lists the GGML types with a kernel. `qdot_reference` is the same int8 arithmetic in plain PyTorch
 (exact integer sums, float64 scaling): the kernels match it to float32 rounding, and it bounds their distance
@@ -34,28 +36,39 @@ ACTIVATION_BLOCK = 32  # activation values per int8 block (one scale each)
 
 
 class QdotWeight(PackedWeight):
-    """A `[out_features, in_features]` weight as GGML blocks, multiplied by the quantized dot-product kernels."""
+    """A `[out_features, in_features]` weight of GGML blocks repacked for the quantized dot-product kernels.
+
+    `matmul` runs the integer kernels for a few activation rows (decode) and, from `kDenseRows` rows on
+    (mistralrs/layers/qdot/qdot.h), dequantizes tiles of rows and multiplies them with `F.linear` as the plain path
+    does. `embedding_rows` looks rows up for a tied embedding table, bit for bit gguf's dequantization.
+    """
 
     def __init__(self, tensor: GGMLTensor):
         if tensor.ggml_type not in QDOT_TYPES:
             raise ValueError(f"ggml_type {tensor.ggml_type!r} has no quantized dot product; "
                              f"supported: {', '.join(QDOT_TYPES)}")
-        self.tensor = tensor  # type, shape, and the blocks below
-        self.blocks = tensor.data.contiguous()  # uint8 [out_features, row_bytes], the blocks as in the file
+        self.ggml_type = tensor.ggml_type
         self.type_number = QDOT_TYPES[tensor.ggml_type]
         self.out_features = tensor.num_rows
+        self.in_features = tensor.num_cols
+        self.packed = EXTENSION.get().qdot_pack(tensor.data, self.type_number)  # uint8, the kernels' layout
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.blocks, self.type_number,
+        y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.packed, self.type_number,
                                         self.out_features)
         return y.reshape(*lead, self.out_features)
 
+    def embedding_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` (any shape) of the weight in `dtype`: gguf's float32 dequantization, then cast."""
+        rows = EXTENSION.get().qdot_dequantize(self.packed, self.type_number, ids.reshape(-1), self.in_features)
+        return rows.to(dtype).reshape(*ids.shape, self.in_features)
+
     def nbytes(self) -> int:
-        return self.blocks.numel()
+        return self.packed.numel()
 
     def fused_part(self) -> FusedLinearPart:
-        return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.blocks, None)
+        return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.packed, None)
 
 
 def qdot_available() -> bool:
@@ -63,9 +76,9 @@ def qdot_available() -> bool:
     return EXTENSION.get() is not None
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`x` `[M, K]` as the kernels quantize it: (int8 codes `[M, K]`, float32 scales d `[M, K / 32]`, float32
-    d * sum(codes) `[M, K / 32]`). q = round half to even of x * (1 / d), d = max|x| / 127 per block (q = 0 for
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`x` `[M, K]` as the kernels quantize it: (int8 codes `[M, K]`, float32 scales d `[M, K / 32]`, int32
+    sum(codes) `[M, K / 32]`, float32 d * sum(codes) `[M, K / 32]`). q = round half to even of x * (1 / d), d = max|x| / 127 per block (q = 0 for
     an all-zero block): float32 operations in the kernel's order, so the two agree bit for bit."""
     rows, cols = x.shape
     if cols % ACTIVATION_BLOCK:
@@ -74,14 +87,14 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     scale = blocks.abs().amax(dim=-1) / 127
     inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
     codes = torch.round(blocks * inverse.unsqueeze(-1)).to(torch.int8)
-    sums = scale * codes.sum(dim=-1, dtype=torch.int32).float()
-    return codes.reshape(rows, cols), scale, sums
+    sums = codes.sum(dim=-1, dtype=torch.int32)
+    return codes.reshape(rows, cols), scale, sums, scale * sums.float()
 
 
 def qdot_reference(x: torch.Tensor, tensor: GGMLTensor) -> torch.Tensor:
     """float64 `x @ W^T` with `x` quantized as the kernels do and exact integer block sums: the kernels' result
     before their float32 rounding. `tensor`: GGML blocks of a `QDOT_TYPES` type, `[out_features, K]`."""
-    codes, scale, _ = quantize_activations(x)
+    codes, scale, _, _ = quantize_activations(x)
     fmt = block_type(tensor.ggml_type)
     affine = fmt.decode(tensor.data.reshape(-1, fmt.type_size))
     rows = tensor.num_rows
