@@ -59,6 +59,9 @@ class QdotWeight(PackedWeight):
                                         self.out_features)
         return y.reshape(*lead, self.out_features)
 
+    def row_lookup(self):
+        return self.embedding_rows
+
     def embedding_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` (any shape) of the weight in `dtype`: gguf's float32 dequantization, then cast."""
         rows = EXTENSION.get().qdot_dequantize(self.packed, self.type_number, ids.reshape(-1), self.in_features)
@@ -78,8 +81,9 @@ def qdot_available() -> bool:
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`x` `[M, K]` as the kernels quantize it: (int8 codes `[M, K]`, float32 scales d `[M, K / 32]`, int32
-    sum(codes) `[M, K / 32]`, float32 d * sum(codes) `[M, K / 32]`). q = round half to even of x * (1 / d), d = max|x| / 127 per block (q = 0 for
-    an all-zero block): float32 operations in the kernel's order, so the two agree bit for bit."""
+    sum(codes) `[M, K / 32]`, float32 d * sum(codes) `[M, K / 32]`). q = round half to even of x * (1 / d),
+    d = max|x| / 127 per block (q = 0 for an all-zero block): float32 operations in the kernel's order, so the two
+    agree bit for bit."""
     rows, cols = x.shape
     if cols % ACTIVATION_BLOCK:
         raise ValueError(f"in_features={cols} is not a multiple of {ACTIVATION_BLOCK}")
