@@ -58,6 +58,9 @@ if TYPE_CHECKING:
     from mistralrs.worker.forward_batch import ForwardBatch
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
+# the quantized dot-product kernels it includes (mistralrs/layers/qdot/qdot.h); every file there is in the cache key
+QDOT_HEADERS = tuple(sorted(path for path in Path(__file__).with_name("qdot").iterdir()
+                            if path.suffix in (".h", ".inc")))
 
 
 class NormKind(enum.IntEnum):
@@ -74,7 +77,8 @@ class Activation(enum.IntEnum):
     GELU_TANH = 1  # F.gelu(approximate="tanh")
 
 
-EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode")  # the process's one copy of the compiled module
+# the process's one copy of the compiled module
+EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode", QDOT_HEADERS)
 
 
 def linear_spec(linear: Linear) -> tuple[list[FusedLinearPart], torch.Tensor | None] | None:

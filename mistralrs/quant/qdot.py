@@ -1,0 +1,106 @@
+"""GGML blocks multiplied as they are in the file, against int8-quantized activations (llama.cpp's decode scheme).
+
+`QdotWeight` keeps a weight's GGML blocks (a view of the memory-mapped file when the loader gives one: nothing is
+copied or repacked) and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into the fused
+decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to blocks of 32
+int8 codes with a float32 scale d = max|x| / 127 (and d * sum(codes), for the types with an offset or a bias),
+and each output is a sum over blocks of integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or
+portable C++, the best the CPU has, chosen at run time) scaled in float32. Output rows are split across the
+engine thread's intra-op threads. The fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two
+agree bit for bit.
+
+`QDOT_TYPES` lists the GGML types with a kernel. `qdot_reference` is the same int8 arithmetic in plain PyTorch
+(exact integer sums, float64 scaling): the kernels match it to float32 rounding, and it bounds their distance
+from the exact product (`activation_error_bound`), which the tests check against the `gguf` package's
+dequantizer.
+
+A weight takes this form at load on the CPU with bfloat16 activations when the extension is built
+(mistralrs/quant/gguf_linear.py); while it is not (its first build runs in the background), the weight takes
+torch's int4 form as before (mistralrs/quant/cpu_int4.py), for the life of the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mistralrs.layers.fused_decode import EXTENSION
+from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.quant.ggml_types import block_type
+from mistralrs.quant.packed import FusedLinearPart, LinearKind, PackedWeight
+
+# GGML type name -> its number in ggml.h, as the kernels take it
+QDOT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
+ACTIVATION_BLOCK = 32  # activation values per int8 block (one scale each)
+
+
+class QdotWeight(PackedWeight):
+    """A `[out_features, in_features]` weight as GGML blocks, multiplied by the quantized dot-product kernels."""
+
+    def __init__(self, tensor: GGMLTensor):
+        if tensor.ggml_type not in QDOT_TYPES:
+            raise ValueError(f"ggml_type {tensor.ggml_type!r} has no quantized dot product; "
+                             f"supported: {', '.join(QDOT_TYPES)}")
+        self.tensor = tensor  # type, shape, and the blocks below
+        self.blocks = tensor.data.contiguous()  # uint8 [out_features, row_bytes], the blocks as in the file
+        self.type_number = QDOT_TYPES[tensor.ggml_type]
+        self.out_features = tensor.num_rows
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.blocks, self.type_number,
+                                        self.out_features)
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def fused_part(self) -> FusedLinearPart:
+        return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.blocks, None)
+
+
+def qdot_available() -> bool:
+    """Whether the kernels can run now (the extension is built and imported); starts its build otherwise."""
+    return EXTENSION.get() is not None
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`x` `[M, K]` as the kernels quantize it: (int8 codes `[M, K]`, float32 scales d `[M, K / 32]`, float32
+    d * sum(codes) `[M, K / 32]`). q = round half to even of x * (1 / d), d = max|x| / 127 per block (q = 0 for
+    an all-zero block): float32 operations in the kernel's order, so the two agree bit for bit."""
+    rows, cols = x.shape
+    if cols % ACTIVATION_BLOCK:
+        raise ValueError(f"in_features={cols} is not a multiple of {ACTIVATION_BLOCK}")
+    blocks = x.float().reshape(rows, -1, ACTIVATION_BLOCK)
+    scale = blocks.abs().amax(dim=-1) / 127
+    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round(blocks * inverse.unsqueeze(-1)).to(torch.int8)
+    sums = scale * codes.sum(dim=-1, dtype=torch.int32).float()
+    return codes.reshape(rows, cols), scale, sums
+
+
+def qdot_reference(x: torch.Tensor, tensor: GGMLTensor) -> torch.Tensor:
+    """float64 `x @ W^T` with `x` quantized as the kernels do and exact integer block sums: the kernels' result
+    before their float32 rounding. `tensor`: GGML blocks of a `QDOT_TYPES` type, `[out_features, K]`."""
+    codes, scale, _ = quantize_activations(x)
+    fmt = block_type(tensor.ggml_type)
+    affine = fmt.decode(tensor.data.reshape(-1, fmt.type_size))
+    rows = tensor.num_rows
+    weight_codes = affine.codes.reshape(rows, -1, ACTIVATION_BLOCK).double()  # [N, blocks, 32]
+    q = codes.reshape(codes.shape[0], -1, ACTIVATION_BLOCK).double()  # [M, blocks, 32]
+    sums = torch.einsum("nbi,mbi->mnb", weight_codes, q)  # integers, exact in float64
+    w_scale = affine.scale.reshape(rows, -1).double()
+    y = (sums * w_scale * scale.double().unsqueeze(1)).sum(-1)
+    if affine.bias is not None:
+        y = y + (affine.bias.reshape(rows, -1).double() * (scale.double() * q.sum(-1)).unsqueeze(1)).sum(-1)
+    return y
+
+
+def activation_error_bound(x: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:
+    """A bound on |qdot_reference(x, W) - x @ W^T| per output `[M, N]`, W = `dequantized` `[N, K]` (float): each
+    activation block is off by at most d / 2 per value (d = max|x| / 127 of the block; the product by 1/d and
+    its rounding add at most a few units of float32 rounding of x, covered by the factor 0.51), so an output
+    is off by at most sum over blocks of 0.51 d * sum |w| of the weights in the block."""
+    rows = x.shape[0]
+    scale = x.double().reshape(rows, -1, ACTIVATION_BLOCK).abs().amax(-1) / 127  # [M, blocks]
+    weight_mass = dequantized.double().abs().reshape(dequantized.shape[0], -1, ACTIVATION_BLOCK).sum(-1)
+    return 0.51 * scale @ weight_mass.T
