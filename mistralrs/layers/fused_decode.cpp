@@ -259,6 +259,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qdot_unpack", &qdot::unpack, py::arg("blocks"), py::arg("ggml_type"), py::arg("isa") = int64_t{-1});
   m.def("qdot_quantize_activations", &qdot::quantize_activations);
   m.def("qdot_isas", &qdot::supported_isas);
+  m.def("qdot_kquant_unpack", [](const Tensor& blocks, int64_t type, int64_t isa) {
+    TORCH_CHECK(qdot::is_kquant(type), "GGML type ", type, " is not a K-quant type");
+    return qdot::kquant_unpack(blocks, type, qdot::checked_isa(isa));
+  }, py::arg("blocks"), py::arg("ggml_type"), py::arg("isa") = int64_t{-1});
+  m.def("qdot_kquant_quantize_activations", [](const Tensor& x, int64_t isa) {
+    return qdot::kquant_quantize_activations(x, qdot::checked_isa(isa));
+  }, py::arg("x"), py::arg("isa") = int64_t{-1});
+  m.def("qdot_kquant_dequantize", [](const Tensor& blocks, int64_t type, int64_t in_features, at::ScalarType dtype,
+                                     int64_t isa) {
+    TORCH_CHECK(qdot::is_kquant(type), "GGML type ", type, " is not a K-quant type");
+    return qdot::kquant_dequantize(blocks, type, in_features, dtype, qdot::checked_isa(isa));
+  }, py::arg("blocks"), py::arg("ggml_type"), py::arg("in_features"), py::arg("dtype"), py::arg("isa") = int64_t{-1},
+     py::call_guard<py::gil_scoped_release>());
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,
                        LinearPlan gate_up, LinearPlan down, int64_t num_heads, int64_t num_kv_heads,

@@ -6,7 +6,8 @@
 // Layout of this folder (every file is part of the extension's cache key, mistralrs/layers/fused_decode.py):
 // - qdot.h (this file): instruction sets, the int8 activation blocks, the row-parallel driver, dispatch by type;
 // - legacy.h: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-weight blocks, Q8_0-style activations with their sums);
-// - a K-quant family (Q4_K, Q5_K, Q6_K against Q8_K activations) goes in its own header beside legacy.h.
+// - kquants.h: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks against Q8_K-style activations, and the
+//   dequantized tiles of large batches).
 //
 // How a block type plugs in:
 // 1. Legacy-style types (32 weights, weight = d * (u - offset) + m with unsigned codes u, or signed codes):
@@ -149,6 +150,7 @@ inline Tensor store_outputs(const Tensor& out, const Tensor& x) {
 }  // namespace qdot
 
 #include "legacy.h"
+#include "kquants.h"
 
 namespace qdot {
 
@@ -165,6 +167,7 @@ inline Tensor matmul(const Tensor& x, const Tensor& w, int64_t type, int64_t out
     case kQ5_0: return legacy_matmul<Q5_0>(x, w, isa);
     case kQ5_1: return legacy_matmul<Q5_1>(x, w, isa);
     case kQ8_0: return legacy_matmul<Q8_0>(x, w, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return kquant_matmul(x, w, type, isa);
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
