@@ -21,7 +21,7 @@ import torch
 from mistralrs.layers.fused_decode import EXTENSION
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import block_type
-from mistralrs.quant.qdot import (QDOT_TYPES, QdotWeight, activation_error_bound, qdot_reference,
+from mistralrs.quant.qdot import (LEGACY_TYPES, QDOT_TYPES, QdotWeight, activation_error_bound, qdot_reference,
                                   quantize_activations)
 from tests.quant.test_cpu_int4 import quantized
 
@@ -52,7 +52,7 @@ def test_every_path_is_listed_and_scalar_is_always_there(extension):
     assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2}
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 def test_block_decoding_is_gguf_bit_for_bit(extension, ggml_type):
     tensor = quantized(ggml_type, 37, 96, seed=3)
     fmt = block_type(ggml_type)
@@ -85,7 +85,7 @@ def test_activation_quantization_is_the_reference_bit_for_bit(extension):
     assert not got[0][1, :32].any() and not got[1][1, 0]
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 @pytest.mark.parametrize("num_rows, num_cols", [(1, 32), (17, 96), (70, 288)])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
 def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type, num_rows, num_cols, m):
@@ -114,7 +114,7 @@ def test_the_error_bound_is_tight_enough_to_mean_something():
     assert error.max() > 0.05 * activation_error_bound(x, dequantized).max()
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 def test_bfloat16_activations_give_the_float32_result_rounded(extension, ggml_type):
     tensor = quantized(ggml_type, 33, 64, seed=5)
     x = torch.randn(3, 64).to(torch.bfloat16)
@@ -142,10 +142,10 @@ def test_bad_input_names_the_field(extension):
     tensor = quantized("Q4_0", 8, 64, seed=0)
     with pytest.raises(RuntimeError, match="in_features=96"):
         extension.qdot_matmul(torch.randn(1, 96), tensor.data, QDOT_TYPES["Q4_0"], 8)
-    with pytest.raises(RuntimeError, match="GGML type 12"):
-        extension.qdot_matmul(torch.randn(1, 64), tensor.data, 12, 8)
-    with pytest.raises(ValueError, match="ggml_type 'Q4_K'"):
-        QdotWeight(quantized("Q4_K", 8, 256, seed=0))
+    with pytest.raises(RuntimeError, match="GGML type 15"):
+        extension.qdot_matmul(torch.randn(1, 64), tensor.data, 15, 8)
+    with pytest.raises(ValueError, match="ggml_type 'IQ4_XS'"):
+        QdotWeight(quantized("IQ4_XS", 8, 256, seed=0))
 
 
 def test_the_execution_option_takes_int4_as_the_third_choice():
