@@ -1,19 +1,19 @@
 """GGML blocks multiplied as they are in the file, against int8-quantized activations (llama.cpp's decode scheme).
 
-`QdotWeight` keeps a weight's GGML blocks (a view of the memory-mapped file when the loader gives one: nothing is
-copied or repacked) and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into the fused
-decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to blocks of 32
-int8 codes with a float32 scale d = max|x| / 127 (and d * sum(codes), for the types with an offset or a bias),
-and each output is a sum over blocks of integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or
-portable C++, the best the CPU has, chosen at run time) scaled in float32. Output rows are split across the
-engine thread's intra-op threads. The fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two
-agree bit for bit.
+`QdotWeight` keeps a weight's GGML blocks, repacked once at load into groups of 8 interleaved rows (the same
+bytes for Q4_0, Q4_1 and Q8_0; about 1.5x for Q5_0 and Q5_1, whose codes are stored a byte each; layout in
+mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into
+the fused decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to
+blocks of 32 int8 codes with a float32 scale d = max|x| / 127, and each output is a sum over blocks of exact
+integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or portable C++: the best the CPU has, chosen at
+run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 32
+activation rows on (prefill), row tiles are dequantized as gguf does and multiplied by `F.linear` instead. The
+fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two agree bit for bit. A tied embedding
+table looks its rows up in the same packed weight (`embedding_rows`): the table is held once.
 
-The K-quant types (Q2_K..Q6_K, `KQUANT_TYPES`) quantize activations in blocks of 256 with the sum of each 16
-codes (llama.cpp's Q8_K) and multiply them with vpdpwssd / pmaddwd against the 16- or 32-weight scales of a
-super-block (mistralrs/layers/qdot/kquants.h). From `KQUANT_DEQUANTIZE_ROWS` activation rows on (prefill), they
-instead dequantize the weight tile by tile with the plain path's float32 operations and multiply with a bfloat16
-GEMM, which is then several times faster than the dot products (bit for bit the plain path's product).
+The K-quant types (Q2_K..Q6_K, `KQUANT_TYPES`) keep their blocks as they are in the file, quantize activations
+in blocks of 256 with the sum of each 16 codes (llama.cpp's Q8_K), and multiply the codes with pmaddubsw and the
+scales of each 16 or 32 weights with vpdpwssd / pmaddwd (mistralrs/layers/qdot/kquants.h).
 
 `QDOT_TYPES` lists the GGML types with a kernel. `qdot_reference` is the same int8 arithmetic in plain PyTorch
 (exact integer sums, float64 scaling): the kernels match it to float32 rounding, and it bounds their distance
@@ -42,9 +42,6 @@ KQUANT_TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 QDOT_TYPES = LEGACY_TYPES | KQUANT_TYPES
 ACTIVATION_BLOCK = 32  # activation values per int8 block (one scale each) of the legacy types
 KQUANT_ACTIVATION_BLOCK = 256  # ... of the K-quant types, which also keep the sum of the codes of each 16
-# K-quant weights multiplied by at least this many activation rows are dequantized per tile (bit for bit as the
-# plain path) and multiplied by a bfloat16 GEMM instead (kquants.h kDequantizeRows)
-KQUANT_DEQUANTIZE_ROWS = 32
 
 
 def activation_block(ggml_type: str) -> int:
@@ -53,28 +50,39 @@ def activation_block(ggml_type: str) -> int:
 
 
 class QdotWeight(PackedWeight):
-    """A `[out_features, in_features]` weight as GGML blocks, multiplied by the quantized dot-product kernels."""
+    """A `[out_features, in_features]` weight of GGML blocks repacked for the quantized dot-product kernels.
+
+    `matmul` runs the integer kernels for a few activation rows (decode) and, from `kDenseRows` rows on
+    (mistralrs/layers/qdot/qdot.h), dequantizes tiles of rows and multiplies them with `F.linear` as the plain path
+    does. `embedding_rows` looks rows up for a tied embedding table, bit for bit gguf's dequantization.
+    """
 
     def __init__(self, tensor: GGMLTensor):
         if tensor.ggml_type not in QDOT_TYPES:
             raise ValueError(f"ggml_type {tensor.ggml_type!r} has no quantized dot product; "
                              f"supported: {', '.join(QDOT_TYPES)}")
-        self.tensor = tensor  # type, shape, and the blocks below
-        self.blocks = tensor.data.contiguous()  # uint8 [out_features, row_bytes], the blocks as in the file
+        self.ggml_type = tensor.ggml_type
         self.type_number = QDOT_TYPES[tensor.ggml_type]
         self.out_features = tensor.num_rows
+        self.in_features = tensor.num_cols
+        self.packed = EXTENSION.get().qdot_pack(tensor.data, self.type_number)  # uint8, the kernels' layout
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.blocks, self.type_number,
+        y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.packed, self.type_number,
                                         self.out_features)
         return y.reshape(*lead, self.out_features)
 
+    def embedding_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` (any shape) of the weight in `dtype`: gguf's float32 dequantization, then cast."""
+        rows = EXTENSION.get().qdot_dequantize(self.packed, self.type_number, ids.reshape(-1), self.in_features)
+        return rows.to(dtype).reshape(*ids.shape, self.in_features)
+
     def nbytes(self) -> int:
-        return self.blocks.numel()
+        return self.packed.numel()
 
     def fused_part(self) -> FusedLinearPart:
-        return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.blocks, None)
+        return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.packed, None)
 
 
 def qdot_available() -> bool:
@@ -83,11 +91,11 @@ def qdot_available() -> bool:
 
 
 def quantize_activations(x: torch.Tensor, block: int = ACTIVATION_BLOCK
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`x` `[M, K]` as the kernels quantize it in blocks of `block` values: (int8 codes `[M, K]`, float32 scales
-    d `[M, K / block]`, float32 d * sum(codes) `[M, K / block]`). q = round half to even of x * (1 / d),
-    d = max|x| / 127 per block (q = 0 for an all-zero block): float32 operations in the kernel's order, so the two
-    agree bit for bit."""
+    d `[M, K / block]`, int32 sum(codes) `[M, K / block]`, float32 d * sum(codes) `[M, K / block]`).
+    q = round half to even of x * (1 / d), d = max|x| / 127 per block (q = 0 for an all-zero block): float32
+    operations in the kernel's order, so the two agree bit for bit."""
     rows, cols = x.shape
     if cols % block:
         raise ValueError(f"in_features={cols} is not a multiple of {block}")
@@ -95,16 +103,16 @@ def quantize_activations(x: torch.Tensor, block: int = ACTIVATION_BLOCK
     scale = blocks.abs().amax(dim=-1) / 127
     inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
     codes = torch.round(blocks * inverse.unsqueeze(-1)).to(torch.int8)
-    sums = scale * codes.sum(dim=-1, dtype=torch.int32).float()
-    return codes.reshape(rows, cols), scale, sums
+    sums = codes.sum(dim=-1, dtype=torch.int32)
+    return codes.reshape(rows, cols), scale, sums, scale * sums.float()
 
 
 def qdot_reference(x: torch.Tensor, tensor: GGMLTensor) -> torch.Tensor:
     """float64 `x @ W^T` with `x` quantized as the kernels do and exact integer sums per group of weights sharing
-    a scale: the kernels' result before their float32 rounding (for the K-quant types, below
-    KQUANT_DEQUANTIZE_ROWS activation rows). `tensor`: GGML blocks of a `QDOT_TYPES` type, `[out_features, K]`."""
+    a scale: the kernels' result before their float32 rounding. `tensor`: GGML blocks of a `QDOT_TYPES` type,
+    `[out_features, K]`."""
     block = activation_block(tensor.ggml_type)
-    codes, scale, _ = quantize_activations(x, block)
+    codes, scale, _, _ = quantize_activations(x, block)
     fmt = block_type(tensor.ggml_type)
     affine = fmt.decode(tensor.data.reshape(-1, fmt.type_size))
     rows, group = tensor.num_rows, affine.group_size

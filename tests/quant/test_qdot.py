@@ -1,12 +1,13 @@
 """The int8-activation dot-product kernels (mistralrs/layers/qdot/, mistralrs/quant/qdot.py) against references
 nobody here wrote: the `gguf` package's quantizer and dequantizer.
 
-- Block decoding: the codes, scales and biases each instruction-set path reads equal mistralrs's decoders, and
-  scale * code + bias equals gguf's dequantization bit for bit.
+- Packing: the packed layout dequantizes to gguf's values bit for bit (every row, in any order: the tied
+  embedding's lookup).
 - Activations: the kernel's int8 blocks equal `quantize_activations` (plain PyTorch) bit for bit.
 - Products: every path within float32 accumulation rounding of `qdot_reference` (exact integer sums), and within
   the derived activation-rounding bound (`activation_error_bound`) of gguf's dequantized weight times x in
-  float64, on odd shapes (rows not a multiple of 16 or 64, K a multiple of 32 but not of 256, M = 1..16).
+  float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16);
+  from 32 rows on, the dequantized tiles times x equal the plain path's `F.linear` bit for bit.
 """
 
 from __future__ import annotations
@@ -53,23 +54,25 @@ def test_every_path_is_listed_and_scalar_is_always_there(extension):
 
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
-def test_block_decoding_is_gguf_bit_for_bit(extension, ggml_type):
-    tensor = quantized(ggml_type, 37, 96, seed=3)
-    fmt = block_type(ggml_type)
-    blocks = tensor.data.reshape(-1, fmt.type_size)
-    affine = fmt.decode(blocks)
-    want = gguf_dequantized(tensor).reshape(-1, 32)
-    for isa in extension.qdot_isas():
-        codes, scale, bias = extension.qdot_unpack(blocks, QDOT_TYPES[ggml_type], isa)
-        assert torch.equal(codes, affine.codes), isa
-        assert torch.equal(scale, affine.scale.reshape(-1)), isa
-        values = scale[:, None] * codes.float()
-        if affine.bias is not None:
-            assert torch.equal(bias, affine.bias.reshape(-1)), isa
-            values = values + bias[:, None]
-        else:
-            assert not bias.any()
-        assert torch.equal(values.view(torch.int32), want.view(torch.int32)), isa
+@pytest.mark.parametrize("num_rows", [1, 8, 37])
+def test_packed_blocks_dequantize_to_gguf_bit_for_bit(extension, ggml_type, num_rows):
+    """Packing (rows interleaved by 8, codes re-laid) loses nothing: every row, looked up in any order, is gguf's."""
+    tensor = quantized(ggml_type, num_rows, 96, seed=num_rows)
+    number = QDOT_TYPES[ggml_type]
+    packed = extension.qdot_pack(tensor.data, number)
+    assert packed.dtype == torch.uint8 and packed.shape[0] == -(-num_rows // 8)
+    want = gguf_dequantized(tensor)
+    rows = torch.arange(num_rows).flip(0).repeat(2)
+    got = extension.qdot_dequantize(packed, number, rows, 96)
+    assert torch.equal(got.view(torch.int32), want[rows].view(torch.int32))
+    with pytest.raises(RuntimeError, match="out of range"):
+        extension.qdot_dequantize(packed, number, torch.tensor([-(-num_rows // 8) * 8]), 96)
+
+
+def test_packing_keeps_the_size_of_the_4_and_8_bit_blocks(extension):
+    for ggml_type, ratio in [("Q4_0", 1.0), ("Q4_1", 1.0), ("Q8_0", 1.0), ("Q5_0", 272 / 176), ("Q5_1", 288 / 192)]:
+        tensor = quantized(ggml_type, 64, 256, seed=0)
+        assert QdotWeight(tensor).nbytes() == ratio * tensor.data.numel(), ggml_type
 
 
 def test_activation_quantization_is_the_reference_bit_for_bit(extension):
@@ -82,7 +85,7 @@ def test_activation_quantization_is_the_reference_bit_for_bit(extension):
     want = quantize_activations(x)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    assert not got[0][1, :32].any() and not got[1][1, 0]
+    assert not got[0][1, :32].any() and not got[1][1, 0] and not got[2][1, 0]
 
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
@@ -98,8 +101,9 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
     exact = x.double() @ dequantized.double().T
     bound = activation_error_bound(x, dequantized)
     assert ((reference - exact).abs() <= bound + 1e-12 * magnitude).all()
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES[ggml_type])
     for isa in extension.qdot_isas():
-        got = extension.qdot_matmul(x, tensor.data, QDOT_TYPES[ggml_type], num_rows, isa)
+        got = extension.qdot_matmul(x, packed, QDOT_TYPES[ggml_type], num_rows, isa, dense=0)
         assert got.dtype == torch.float32 and got.shape == (m, num_rows)
         assert ((got.double() - reference).abs() <= ACCUMULATION_TOLERANCE * magnitude + 1e-30).all(), isa
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
@@ -138,12 +142,45 @@ def test_the_thread_count_does_not_change_the_result(extension):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_type):
+    """From 32 activation rows on (prefill) the product is F.linear of the dequantized weight: the plain path's."""
+    tensor = quantized(ggml_type, 40, 64, seed=4)
+    weight = QdotWeight(tensor)
+    x = torch.randn(33, 64).to(torch.bfloat16)
+    plain = torch.nn.functional.linear(x, tensor.dequantize(torch.bfloat16))
+    assert torch.equal(weight.matmul(x), plain)
+    tiles = extension.qdot_matmul(x, weight.packed, weight.type_number, 40, dense=1)
+    assert torch.equal(tiles, plain)
+    exact = x.double() @ gguf_dequantized(tensor).double().T
+    kernels = extension.qdot_matmul(x, weight.packed, weight.type_number, 40, dense=0)
+    assert ((kernels.double() - exact).abs() <= activation_error_bound(x.float(), gguf_dequantized(tensor)) +
+            2.0**-8 * exact.abs() + 1e-6).all()
+
+
+def test_tiles_cover_a_weight_larger_than_one_tile(extension):
+    tensor = quantized("Q8_0", 4104, 512, seed=6)  # 2048 rows a tile at K = 512: three tiles, the last one short
+    weight = QdotWeight(tensor)
+    x = torch.randn(40, 512).to(torch.bfloat16)
+    dense = tensor.dequantize(torch.bfloat16)
+    want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 2048]) for start in range(0, 4104, 2048)], 1)
+    assert torch.equal(weight.matmul(x), want)
+
+
+def test_embedding_rows_are_the_dequantized_table(extension):
+    tensor = quantized("Q8_0", 50, 64, seed=7)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    got = QdotWeight(tensor).embedding_rows(ids, torch.bfloat16)
+    assert torch.equal(got, tensor.dequantize_selected_rows(ids, torch.bfloat16))
+
+
 def test_bad_input_names_the_field(extension):
     tensor = quantized("Q4_0", 8, 64, seed=0)
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES["Q4_0"])
     with pytest.raises(RuntimeError, match="in_features=96"):
-        extension.qdot_matmul(torch.randn(1, 96), tensor.data, QDOT_TYPES["Q4_0"], 8)
+        extension.qdot_matmul(torch.randn(1, 96), packed, QDOT_TYPES["Q4_0"], 8)
     with pytest.raises(RuntimeError, match="GGML type 15"):
-        extension.qdot_matmul(torch.randn(1, 64), tensor.data, 15, 8)
+        extension.qdot_pack(tensor.data, 15)
     with pytest.raises(ValueError, match="ggml_type 'IQ4_XS'"):
         QdotWeight(quantized("IQ4_XS", 8, 256, seed=0))
 

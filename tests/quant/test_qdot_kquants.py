@@ -5,11 +5,11 @@ the `gguf` package's dequantizer, and PyTorch's own GEMM for the large-batch pat
   dequantization bit for bit (and equal mistralrs's torch decoders).
 - Activations: each path's Q8_K blocks equal `quantize_activations(x, 256)` (plain PyTorch) bit for bit, with
   the group sums of 16 codes.
-- Products below KQUANT_DEQUANTIZE_ROWS rows: every path within float32 accumulation rounding of
+- Products (below 32 rows): every path within float32 accumulation rounding of
   `qdot_reference` (exact integer sums), and within the activation-rounding bound of gguf's dequantized weight
   times x in float64, on odd shapes (rows not a multiple of 16 or 64, M = 1, 2, 3, 7, 16, K = 256 n).
-- From KQUANT_DEQUANTIZE_ROWS rows: the weight dequantized per tile, bit for bit as the plain path, so the product
-  is the plain path's (`F.linear` of the dequantized weight) bit for bit when the weight is one tile.
+- Dequantized rows (the large-M tiles and the embedding lookup) equal gguf's values bit for bit on every path,
+  so from 32 rows on the product is the plain path's `F.linear` bit for bit.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import block_type
-from mistralrs.quant.qdot import (KQUANT_ACTIVATION_BLOCK, KQUANT_DEQUANTIZE_ROWS, KQUANT_TYPES, QdotWeight,
-                                  activation_error_bound, qdot_reference, quantize_activations)
+from mistralrs.quant.qdot import (KQUANT_ACTIVATION_BLOCK, KQUANT_TYPES, QdotWeight, activation_error_bound,
+                                  qdot_reference, quantize_activations)
 from tests.quant.test_cpu_int4 import quantized
 from tests.quant.test_ggml_types import random_blocks
 from tests.quant.test_qdot import ACCUMULATION_TOLERANCE, extension, gguf_dequantized  # noqa: F401  (fixture)
@@ -63,14 +63,21 @@ def test_block_decoding_is_gguf_bit_for_bit(extension, ggml_type):
 
 
 @pytest.mark.parametrize("ggml_type", K_TYPES)
-def test_dequantized_tiles_are_gguf_bit_for_bit(extension, ggml_type):
+def test_dequantized_rows_are_gguf_bit_for_bit(extension, ggml_type):
     tensor = wide_blocks(ggml_type, 19, 768, seed=4)
+    number = KQUANT_TYPES[ggml_type]
+    packed = extension.qdot_pack(tensor.data, number)
+    assert torch.equal(packed, tensor.data)  # the blocks as they are
     want = gguf_dequantized(tensor)
-    for isa in extension.qdot_isas():
-        got = extension.qdot_kquant_dequantize(tensor.data, KQUANT_TYPES[ggml_type], 768, torch.float32, isa)
-        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), isa
-        half = extension.qdot_kquant_dequantize(tensor.data, KQUANT_TYPES[ggml_type], 768, torch.bfloat16, isa)
-        assert torch.equal(half.view(torch.int16), want.to(torch.bfloat16).view(torch.int16)), isa
+    rows = torch.arange(19).flip(0).repeat(2)
+    got = extension.qdot_dequantize(packed, number, rows, 768)
+    assert torch.equal(got.view(torch.int32), want[rows].view(torch.int32))
+    with pytest.raises(RuntimeError, match="out of range"):
+        extension.qdot_dequantize(packed, number, torch.tensor([19]), 768)
+    x = torch.randn(3, 768)
+    for isa in extension.qdot_isas():  # the large-M tiles of every path
+        tiles = extension.qdot_matmul(x, packed, number, 19, isa, dense=1)
+        assert torch.equal(tiles, F.linear(x, want)), isa
 
 
 def test_activation_quantization_is_the_reference_bit_for_bit(extension):
@@ -79,7 +86,7 @@ def test_activation_quantization_is_the_reference_bit_for_bit(extension):
     x[1, :256] = 0  # an all-zero block: scale 0, codes 0
     x[2, 256:512] = torch.arange(256) * 0.5 - 64  # ties at half a step, rounded to even
     x[3, 512:] = 1e-30
-    codes, scale, _ = quantize_activations(x, KQUANT_ACTIVATION_BLOCK)
+    codes, scale, _, _ = quantize_activations(x, KQUANT_ACTIVATION_BLOCK)
     sums = codes.reshape(5, -1, 16).sum(-1, dtype=torch.int16)
     for isa in extension.qdot_isas():
         got = extension.qdot_kquant_quantize_activations(x, isa)
@@ -102,7 +109,7 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
     bound = activation_error_bound(x, dequantized, KQUANT_ACTIVATION_BLOCK)
     assert ((reference - exact).abs() <= bound + 1e-12 * magnitude).all()
     for isa in extension.qdot_isas():
-        got = extension.qdot_matmul(x, tensor.data, KQUANT_TYPES[ggml_type], num_rows, isa)
+        got = extension.qdot_matmul(x, tensor.data, KQUANT_TYPES[ggml_type], num_rows, isa, dense=0)
         assert got.dtype == torch.float32 and got.shape == (m, num_rows)
         assert ((got.double() - reference).abs() <= ACCUMULATION_TOLERANCE * magnitude + 1e-30).all(), isa
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
@@ -118,25 +125,20 @@ def test_the_error_bound_is_tight_enough_to_mean_something():
 
 
 @pytest.mark.parametrize("ggml_type", K_TYPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_large_batches_are_the_plain_path_bit_for_bit(extension, ggml_type, dtype):
+def test_large_batches_are_the_plain_path_bit_for_bit(extension, ggml_type):
     tensor = quantized(ggml_type, 45, 512, seed=7)
-    plain = tensor.dequantize(dtype)
-    for rows in (KQUANT_DEQUANTIZE_ROWS, 70):
-        x = torch.randn(rows, 512).to(dtype)
-        for isa in extension.qdot_isas():
-            got = extension.qdot_matmul(x, tensor.data, KQUANT_TYPES[ggml_type], 45, isa)
-            assert got.dtype == dtype and torch.equal(got, F.linear(x, plain)), (rows, isa)
+    plain = tensor.dequantize(torch.bfloat16)
+    weight = QdotWeight(tensor)
+    for rows in (32, 70):
+        x = torch.randn(rows, 512).to(torch.bfloat16)
+        assert torch.equal(weight.matmul(x), F.linear(x, plain)), rows
 
 
-def test_large_batches_over_several_tiles(extension):
-    """A weight larger than one dequantized tile (2^21 / K rows) is multiplied tile by tile."""
-    tensor = quantized("Q4_K", 8192 + 40, 256, seed=8)
-    x = torch.randn(KQUANT_DEQUANTIZE_ROWS, 256).to(torch.bfloat16)
-    got = QdotWeight(tensor).matmul(x)
-    want = F.linear(x.float(), tensor.dequantize(torch.bfloat16).float())
-    assert got.shape == (KQUANT_DEQUANTIZE_ROWS, 8232)
-    assert ((got.float() - want).abs() <= 2.0**-7 * want.abs() + 1e-3).all()
+def test_embedding_rows_are_the_dequantized_table(extension):
+    tensor = quantized("Q6_K", 50, 512, seed=7)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    got = QdotWeight(tensor).embedding_rows(ids, torch.bfloat16)
+    assert torch.equal(got, tensor.dequantize_selected_rows(ids, torch.bfloat16))
 
 
 @pytest.mark.parametrize("ggml_type", K_TYPES)

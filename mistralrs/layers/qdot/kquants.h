@@ -18,10 +18,9 @@
 // Activation codes: a_i = round_half_even(x_i / da) with da = max|x| / 127 over the 256 values (the float32
 // operations of the legacy blocks' quantizer, qdot.h), so each activation is off by at most da / 2.
 //
-// Large batches (at least kDequantizeRows activation rows, i.e. prefill) do not use the dot products: the
-// weight is dequantized tile by tile to the activations' dtype with the float32 operations of the plain path
-// (scale * code + bias, as mistralrs/quant/block_types.py AffineBlocks, so the tile is bit for bit the plain
-// path's weight) and multiplied by at::linear, whose bfloat16 GEMM is several times faster at those sizes.
+// The weight is kept as the file's blocks (`pack` returns them unchanged). `kquant_dequantize_rows` gives gguf's
+// float32 values bit for bit (scale * code + bias with scale = d * sc, bias = -(dmin * mn), two roundings as
+// mistralrs/quant/block_types.py AffineBlocks), for the large-M tiles of qdot.h and for embedding lookups.
 #pragma once
 
 namespace qdot {
@@ -30,9 +29,6 @@ namespace qdot {
 enum KQuantType : int64_t { kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 constexpr int64_t kSuperBlock = 256;  // weights per super-block, values per activation block
-
-// Activation rows at and above which the weight is dequantized per tile and multiplied by at::linear.
-constexpr int64_t kDequantizeRows = 32;
 
 inline bool is_kquant(int64_t type) { return type >= kQ2_K && type <= kQ6_K; }
 
@@ -216,13 +212,6 @@ inline V kept(V value) {
   return value;
 }
 
-// bfloat16 bits of a float32, rounded to nearest even (as torch's cast; the weights are finite).
-inline uint16_t bfloat16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 // Dequantizes `count` super-blocks (consecutive in memory) to float32 values (scale * code + bias, with
 // scale = d * sc and bias = -(dmin * mn): AffineBlocks.dequantize's operations), portable.
 inline void kquant_dequantize_scalar(int64_t type, const uint8_t* w, int64_t count, float* out) {
@@ -309,64 +298,58 @@ inline void check_kquant_weight(int64_t in_features, const Tensor& w, int64_t ty
               " bytes do not hold in_features=", in_features, " weights of ", kquant_bytes(type), "-byte blocks");
 }
 
-// Rows [n0, n1) of the weight dequantized into `out` ([n1 - n0, K], float32 or bfloat16, contiguous).
-inline void kquant_dequantize_into(const Tensor& w, int64_t type, int64_t n0, int64_t n1, Tensor& out, Isa isa) {
-  const int64_t blocks_per_row = out.size(1) / kSuperBlock, row_bytes = w.size(1);
-  const uint8_t* src = w.data_ptr<uint8_t>() + n0 * row_bytes;
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
-  uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
-  const int64_t value_bytes = bf16 ? 2 : 4;
-  at::parallel_for(0, (n1 - n0) * blocks_per_row, 64, [&](int64_t begin, int64_t end) {
-    const int64_t count = end - begin;
-    const uint8_t* blocks = src + begin * kquant_bytes(type);  // rows are whole blocks, back to back
-    uint8_t* values = dst + begin * kSuperBlock * value_bytes;
+// float32 values of `count` consecutive super-blocks starting at `blocks`, on the path `isa`.
+inline void kquant_dequantize_blocks(int64_t type, const uint8_t* blocks, int64_t count, float* out, Isa isa) {
 #if QDOT_X86
-    if (isa == kAvx512Vnni) return vnni::kquant_dequantize(type, blocks, count, values, bf16);
-    if (isa == kAvx2) return avx2::kquant_dequantize(type, blocks, count, values, bf16);
+  if (isa == kAvx512Vnni) return vnni::kquant_dequantize(type, blocks, count, out);
+  if (isa == kAvx2) return avx2::kquant_dequantize(type, blocks, count, out);
 #endif
-    std::vector<float> tile(kSuperBlock);
-    for (int64_t b = 0; b < count; ++b) {
-      float* target = bf16 ? tile.data() : reinterpret_cast<float*>(values) + b * kSuperBlock;
-      kquant_dequantize_scalar(type, blocks + b * kquant_bytes(type), 1, target);
-      if (bf16)
-        for (int64_t i = 0; i < kSuperBlock; ++i)
-          reinterpret_cast<uint16_t*>(values)[b * kSuperBlock + i] = bfloat16_bits(tile[i]);
-    }
+  kquant_dequantize_scalar(type, blocks, count, out);
+}
+
+// float32 rows [start, stop) of K-quant blocks [N, row bytes], gguf's values bit for bit (every path).
+inline Tensor kquant_dequantize_rows(const Tensor& w, int64_t type, int64_t start, int64_t stop, int64_t in_features,
+                                     Isa isa) {
+  check_kquant_weight(in_features, w, type);
+  TORCH_CHECK(0 <= start && start <= stop && stop <= w.size(0), "rows [", start, ", ", stop, ") out of range");
+  const int64_t blocks_per_row = in_features / kSuperBlock;
+  Tensor out = at::empty({stop - start, in_features}, w.options().dtype(at::kFloat));
+  const uint8_t* src = w.data_ptr<uint8_t>() + start * w.size(1);  // rows are whole blocks, back to back
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, (stop - start) * blocks_per_row, 64, [&](int64_t begin, int64_t end) {
+    kquant_dequantize_blocks(type, src + begin * kquant_bytes(type), end - begin, dst + begin * kSuperBlock, isa);
   });
+  return out;
 }
 
-// Output rows per dequantized tile of the large-batch path: about 4 MiB of bfloat16 weights.
-inline int64_t dequantize_tile_rows(int64_t in_features) {
-  return std::max<int64_t>(16, (int64_t{1} << 21) / in_features);
+// float32 rows `rows` (int64 ids, any order) of K-quant blocks [N, row bytes]: an embedding lookup.
+inline Tensor kquant_dequantize_ids(const Tensor& w, int64_t type, const Tensor& rows, int64_t in_features) {
+  check_kquant_weight(in_features, w, type);
+  Tensor ids = rows.to(at::kLong).contiguous();
+  const int64_t count = ids.numel(), blocks_per_row = in_features / kSuperBlock;
+  Tensor out = at::empty({count, in_features}, w.options().dtype(at::kFloat));
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(0 <= id[i] && id[i] < w.size(0), "row ", id[i], " out of range for ", w.size(0), " rows");
+  const Isa isa = best_isa();
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      kquant_dequantize_blocks(type, w.data_ptr<uint8_t>() + id[i] * w.size(1), blocks_per_row,
+                               out.data_ptr<float>() + i * in_features, isa);
+  });
+  return out;
 }
 
-// y [M, out_features] = x [M, K] @ W^T for K-quant blocks W [out_features, row bytes].
+// y [M, out_features] = x [M, K] @ W^T for K-quant blocks W [out_features, row bytes], with the integer kernels
+// (qdot.h `matmul` sends large M to its dequantized tiles before this).
 inline Tensor kquant_matmul(const Tensor& x, const Tensor& w, int64_t type, Isa isa) {
   check_kquant_weight(x.size(1), w, type);
   const int64_t num_rows = w.size(0), in_features = x.size(1), rows = x.size(0);
-  if (rows >= kDequantizeRows) {
-    const at::ScalarType dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-    Tensor input = x.to(dtype).contiguous();
-    const int64_t tile_rows = std::min(num_rows, dequantize_tile_rows(in_features));
-    Tensor tile = at::empty({tile_rows, in_features}, x.options().dtype(dtype));
-    if (tile_rows == num_rows) {
-      kquant_dequantize_into(w, type, 0, num_rows, tile, isa);
-      return at::linear(input, tile).to(x.scalar_type());
-    }
-    Tensor out = at::empty({rows, num_rows}, x.options().dtype(dtype));
-    for (int64_t n0 = 0; n0 < num_rows; n0 += tile_rows) {
-      const int64_t n1 = std::min(num_rows, n0 + tile_rows);
-      Tensor part = tile.narrow(0, 0, n1 - n0);
-      kquant_dequantize_into(w, type, n0, n1, part, isa);
-      out.narrow(1, n0, n1 - n0).copy_(at::linear(input, part));
-    }
-    return out.to(x.scalar_type());
-  }
   const Tensor storage = kquant_quantize_rows(x, isa);
   const auto* act = reinterpret_cast<const BlockQ8K*>(storage.data_ptr<uint8_t>());
   const uint8_t* blocks = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1), blocks_per_row = in_features / kSuperBlock;
-  Tensor out = run_rows(num_rows, in_features, rows, x, [&](int64_t n0, int64_t n1, float* y) {
+  Tensor out = run_rows(num_rows, in_features, num_rows, rows, x, [&](int64_t n0, int64_t n1, float* y) {
 #if QDOT_X86
     if (isa == kAvx512Vnni)
       return vnni::kquant_rows(type, blocks, row_bytes, n0, n1, act, rows, blocks_per_row, y, num_rows);
@@ -427,16 +410,6 @@ inline std::vector<Tensor> kquant_quantize_activations(const Tensor& x, Isa isa)
     std::memcpy(sums.data_ptr<int16_t>() + b * 16, act[b].bsums, 32);
   }
   return {codes, scales, sums};
-}
-
-// Super-blocks [N, row bytes] of `type` dequantized to `dtype` (float32 or bfloat16) [N, in_features].
-inline Tensor kquant_dequantize(const Tensor& w, int64_t type, int64_t in_features, at::ScalarType dtype, Isa isa) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "weight blocks must be uint8 [out_features, row_bytes]");
-  check_kquant_weight(in_features, w, type);
-  Tensor out = at::empty({w.size(0), in_features}, w.options().dtype(dtype));
-  kquant_dequantize_into(w.contiguous(), type, 0, w.size(0), out, isa);
-  return out;
 }
 
 }  // namespace qdot

@@ -4,20 +4,23 @@
 // which exposes `matmul` to Python (mistralrs/quant/qdot.py QdotWeight) and calls it for LinearKind kQdot.
 //
 // Layout of this folder (every file is part of the extension's cache key, mistralrs/layers/fused_decode.py):
-// - qdot.h (this file): instruction sets, the int8 activation blocks, the row-parallel driver, dispatch by type;
-// - legacy.h: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-weight blocks, Q8_0-style activations with their sums);
-// - kquants.h: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks against Q8_K-style activations, and the
-//   dequantized tiles of large batches).
+// - qdot.h (this file): instruction sets, the int8 activation blocks, the row-parallel driver, the large-M path,
+//   dispatch by GGML type;
+// - legacy.h (+ legacy_simd.inc, its vector kernel, compiled once per instruction set): Q4_0, Q4_1, Q5_0, Q5_1,
+//   Q8_0 (32-weight blocks, repacked at load in groups of 8 rows, against Q8_0-style activations);
+// - kquants.h (+ kquants_simd.inc): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks kept as in the file,
+//   against Q8_K-style activations: 256 codes, a scale and 16 group sums a block).
 //
-// How a block type plugs in:
-// 1. Legacy-style types (32 weights, weight = d * (u - offset) + m with unsigned codes u, or signed codes):
-//    a struct in legacy.h with the layout constants and a scalar `code`, a `codes` overload in its AVX2 region,
-//    and a `case` in `matmul` below calling `legacy_matmul<Type>`.
-// 2. A family with its own activation format: its header defines the activation quantizer and a function
-//    `Tensor family_matmul(const Tensor& x, const Tensor& w, int64_t type, int64_t out_features, Isa isa)`
-//    built on `ActivationRows`, `run_rows` and `store_outputs` below, and `matmul` gets a `case` per type.
-//    Every ISA path of a type gives the same integer sums; only the float accumulation order may differ.
-// 3. The type's name and number in mistralrs/quant/qdot.py QDOT_TYPES, and the tests of tests/quant/test_qdot.py.
+// Every type provides three operations, reached through the `switch`es of `pack`, `matmul` and `dequantize`
+// below (and its name and number in mistralrs/quant/qdot.py QDOT_TYPES):
+// - pack(GGUF blocks [N, row bytes]) -> uint8 tensor: the layout its kernel reads (or the blocks unchanged);
+// - matmul over that layout for small M (decode): a row-range kernel driven by `run_rows`, per instruction set;
+// - dequantize(packed, row ids) -> float32 rows, bit for bit gguf's dequantizer (the embedding lookup of a tied
+//   table, and the large-M path: `dense_tiles` multiplies dequantized row tiles with at::linear).
+// A family with its own activation format (K-quants: Q8_K, 256 values and 16 sums a block) writes its own
+// quantizer beside `quantize_rows`. Every instruction-set path of a type must give the same integer sums; only
+// the float accumulation order may differ between them (tests/quant/test_qdot.py holds each to the exact
+// integer arithmetic of mistralrs/quant/qdot.py qdot_reference).
 #pragma once
 
 #include <torch/extension.h>
@@ -52,6 +55,11 @@ enum Isa : int64_t {
 // GGML type numbers (ggml.h `enum ggml_type`).
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
 
+// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (measured
+// faster than the integer kernels from about here on the development CPU: docs/benchmarks.md).
+constexpr int64_t kDenseRows = 32;
+constexpr int64_t kTileElements = int64_t{1} << 20;  // weights dequantized per tile (4 MiB of float32)
+
 inline bool isa_supported(int64_t isa) {
   if (isa == kScalar) return true;
 #if QDOT_X86 && (defined(__GNUC__) || defined(__clang__))
@@ -83,12 +91,13 @@ inline float half_to_float(const uint8_t* p) {
 }
 
 // Activation rows [M, K] quantized in blocks of `block` values: q = round_half_even(x / d) with d = max|x| / 127
-// (q = 0 where the block is all zeros), and per block the float32 scale d and d * sum(q).
+// (q = 0 where the block is all zeros), and per block the float32 scale d, sum(q) and d * sum(q).
 struct ActivationRows {
-  Tensor q_storage, d_storage, s_storage;  // own the buffers
-  const int8_t* q = nullptr;               // [M, K]
-  const float* d = nullptr;                // [M, K / block]
-  const float* s = nullptr;                // [M, K / block]: d * sum(q) of the block
+  Tensor q_storage, d_storage, sums_storage, s_storage;  // own the buffers
+  const int8_t* q = nullptr;                             // [M, K]
+  const float* d = nullptr;                              // [M, K / block]
+  const int32_t* sums = nullptr;                         // [M, K / block]: sum(q) of the block
+  const float* s = nullptr;                              // [M, K / block]: d * sum(q)
   int64_t rows = 0, cols = 0, blocks = 0;  // M, K, K / block
 };
 
@@ -102,10 +111,12 @@ inline ActivationRows quantize_rows(const Tensor& x, int64_t block) {
   act.blocks = act.cols / block;
   act.q_storage = at::empty({act.rows, act.cols}, x.options().dtype(at::kChar));
   act.d_storage = at::empty({act.rows, act.blocks}, x.options().dtype(at::kFloat));
+  act.sums_storage = at::empty({act.rows, act.blocks}, x.options().dtype(at::kInt));
   act.s_storage = at::empty({act.rows, act.blocks}, x.options().dtype(at::kFloat));
   const float* src = xf.data_ptr<float>();
   int8_t* q = act.q_storage.data_ptr<int8_t>();
   float* d = act.d_storage.data_ptr<float>();
+  int32_t* sums = act.sums_storage.data_ptr<int32_t>();
   float* s = act.s_storage.data_ptr<float>();
   const int64_t total = act.rows * act.blocks;
   at::parallel_for(0, total, 256, [&](int64_t begin, int64_t end) {
@@ -122,29 +133,46 @@ inline ActivationRows quantize_rows(const Tensor& x, int64_t block) {
         sum += code;
       }
       d[b] = scale;
+      sums[b] = sum;
       s[b] = scale * static_cast<float>(sum);
     }
   });
   act.q = q;
   act.d = d;
+  act.sums = sums;
   act.s = s;
   return act;
 }
 
-// Calls `rows(n0, n1, out)` over the output rows in parallel; `out` is float32 [M, N], row-major. Each output row
-// is computed by one thread from start to end, so the result does not depend on the thread count.
-template <class Rows>
-Tensor run_rows(int64_t num_rows, int64_t in_features, int64_t m, const Tensor& like, Rows rows) {
-  Tensor out = at::empty({m, num_rows}, like.options().dtype(at::kFloat));
+// Calls `items(i0, i1, out)` over [0, num_items) in parallel (an item: a group of output rows doing `item_work`
+// multiply-adds per activation row); `out` is float32 [M, out_features], row-major. Each item is computed by one
+// thread from start to end, so the result does not depend on the thread count.
+template <class Items>
+Tensor run_rows(int64_t num_items, int64_t item_work, int64_t out_features, int64_t m, const Tensor& like,
+                Items items) {
+  Tensor out = at::empty({m, out_features}, like.options().dtype(at::kFloat));
   float* y = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, in_features * m));
-  at::parallel_for(0, num_rows, grain, [&](int64_t n0, int64_t n1) { rows(n0, n1, y); });
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, item_work * m));
+  at::parallel_for(0, num_items, grain, [&](int64_t i0, int64_t i1) { items(i0, i1, y); });
   return out;
 }
 
 // The float32 result in the activations' dtype.
 inline Tensor store_outputs(const Tensor& out, const Tensor& x) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// x [M, K] @ W^T for large M: W's rows dequantized a tile at a time (`dequantize(start, stop)` -> float32
+// [stop - start, K]), cast to x's dtype and multiplied with at::linear, as the plain path multiplies its dense
+// weight.
+template <class Dequantize>
+Tensor dense_tiles(const Tensor& x, int64_t out_features, Dequantize dequantize) {
+  const int64_t tile = std::max<int64_t>(8, kTileElements / x.size(1) / 8 * 8);
+  if (tile >= out_features) return at::linear(x, dequantize(0, out_features).to(x.scalar_type()));
+  std::vector<Tensor> outputs;
+  for (int64_t start = 0; start < out_features; start += tile)
+    outputs.push_back(at::linear(x, dequantize(start, std::min(start + tile, out_features)).to(x.scalar_type())));
+  return at::cat(outputs, 1);
 }
 
 }  // namespace qdot
@@ -154,42 +182,81 @@ inline Tensor store_outputs(const Tensor& out, const Tensor& x) {
 
 namespace qdot {
 
-// y [M, out_features] = x [M, K] @ W^T, W the GGML blocks [out_features, row bytes] (uint8, contiguous) of `type`.
-inline Tensor matmul(const Tensor& x, const Tensor& w, int64_t type, int64_t out_features, int64_t isa_choice) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
-              "weight blocks must be contiguous uint8 [out_features, row_bytes]");
-  TORCH_CHECK(w.size(0) == out_features, "weight has ", w.size(0), " rows, expected ", out_features);
+// GGUF blocks [out_features, row bytes] (uint8) of `type` -> the layout `matmul` and `dequantize` read.
+inline Tensor pack(const Tensor& blocks, int64_t type) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2, "blocks must be uint8 [rows, row_bytes]");
+  switch (type) {
+    case kQ4_0: return legacy_pack<Q4_0>(blocks);
+    case kQ4_1: return legacy_pack<Q4_1>(blocks);
+    case kQ5_0: return legacy_pack<Q5_0>(blocks);
+    case kQ5_1: return legacy_pack<Q5_1>(blocks);
+    case kQ8_0: return legacy_pack<Q8_0>(blocks);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return blocks.contiguous();  // read as they are
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// float32 [len(rows), in_features]: the rows `rows` (int64 ids) of a packed weight, dequantized as gguf does.
+inline Tensor dequantize(const Tensor& packed, int64_t type, const Tensor& rows, int64_t in_features) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [groups, bytes]");
+  switch (type) {
+    case kQ4_0: return legacy_dequantize<Q4_0>(packed, rows, in_features);
+    case kQ4_1: return legacy_dequantize<Q4_1>(packed, rows, in_features);
+    case kQ5_0: return legacy_dequantize<Q5_0>(packed, rows, in_features);
+    case kQ5_1: return legacy_dequantize<Q5_1>(packed, rows, in_features);
+    case kQ8_0: return legacy_dequantize<Q8_0>(packed, rows, in_features);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      return kquant_dequantize_ids(packed, type, rows, in_features);
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// float32 rows [start, stop) of a packed weight (`start` a multiple of 8), the values `dequantize` gives.
+inline Tensor dequantize_range(const Tensor& packed, int64_t type, int64_t start, int64_t stop, int64_t in_features,
+                               Isa isa) {
+  switch (type) {
+    case kQ4_0: return legacy_dequantize_range<Q4_0>(packed, start, stop, in_features, isa);
+    case kQ4_1: return legacy_dequantize_range<Q4_1>(packed, start, stop, in_features, isa);
+    case kQ5_0: return legacy_dequantize_range<Q5_0>(packed, start, stop, in_features, isa);
+    case kQ5_1: return legacy_dequantize_range<Q5_1>(packed, start, stop, in_features, isa);
+    case kQ8_0: return legacy_dequantize_range<Q8_0>(packed, start, stop, in_features, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      return kquant_dequantize_rows(packed, type, start, stop, in_features, isa);
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// y [M, out_features] = x [M, K] @ W^T, W packed by `pack`: the integer kernels of the best (or the given)
+// instruction set below kDenseRows activation rows, dequantized tiles and at::linear from there on (`dense` -1),
+// or as `dense` forces (0: kernels, 1: tiles).
+inline Tensor matmul(const Tensor& x, const Tensor& packed, int64_t type, int64_t out_features, int64_t isa_choice,
+                     int64_t dense) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [groups, bytes]");
   TORCH_CHECK(x.dim() == 2, "activations must be [rows, in_features]");
   const Isa isa = checked_isa(isa_choice);
+  if (dense == 1 || (dense < 0 && x.size(0) >= kDenseRows)) {
+    return dense_tiles(x, out_features, [&](int64_t start, int64_t stop) {
+      return dequantize_range(packed, type, start, stop, x.size(1), isa);
+    });
+  }
   switch (type) {
-    case kQ4_0: return legacy_matmul<Q4_0>(x, w, isa);
-    case kQ4_1: return legacy_matmul<Q4_1>(x, w, isa);
-    case kQ5_0: return legacy_matmul<Q5_0>(x, w, isa);
-    case kQ5_1: return legacy_matmul<Q5_1>(x, w, isa);
-    case kQ8_0: return legacy_matmul<Q8_0>(x, w, isa);
-    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return kquant_matmul(x, w, type, isa);
+    case kQ4_0: return legacy_matmul<Q4_0>(x, packed, out_features, isa);
+    case kQ4_1: return legacy_matmul<Q4_1>(x, packed, out_features, isa);
+    case kQ5_0: return legacy_matmul<Q5_0>(x, packed, out_features, isa);
+    case kQ5_1: return legacy_matmul<Q5_1>(x, packed, out_features, isa);
+    case kQ8_0: return legacy_matmul<Q8_0>(x, packed, out_features, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return kquant_matmul(x, packed, type, isa);
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
 
-// The codes (offset removed: the GGML decoding's integers), scales and biases the `isa` path reads from blocks
-// [n, type bytes] of `type`: (int16 [n, 32], float32 [n], float32 [n]). For the bit-level tests.
-inline std::vector<Tensor> unpack(const Tensor& blocks, int64_t type, int64_t isa_choice) {
-  const Isa isa = checked_isa(isa_choice);
-  switch (type) {
-    case kQ4_0: return legacy_unpack<Q4_0>(blocks, isa);
-    case kQ4_1: return legacy_unpack<Q4_1>(blocks, isa);
-    case kQ5_0: return legacy_unpack<Q5_0>(blocks, isa);
-    case kQ5_1: return legacy_unpack<Q5_1>(blocks, isa);
-    case kQ8_0: return legacy_unpack<Q8_0>(blocks, isa);
-    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
-  }
-}
-
-// The activation quantization the legacy kernels use: (int8 q [M, K], float32 d [M, K/32], float32 d*sum [M, K/32]).
+// The activation quantization the legacy kernels use: (int8 q [M, K], float32 d [M, K/32], int32 sum(q)
+// [M, K/32], float32 d*sum [M, K/32]).
 inline std::vector<Tensor> quantize_activations(const Tensor& x) {
   ActivationRows act = quantize_rows(x, 32);
-  return {act.q_storage, act.d_storage, act.s_storage};
+  return {act.q_storage, act.d_storage, act.sums_storage, act.s_storage};
 }
 
 inline std::vector<int64_t> supported_isas() {
