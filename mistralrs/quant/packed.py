@@ -14,7 +14,7 @@ not compute (the layer then runs its plain modules).
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -63,6 +63,11 @@ class PackedWeight:
     def fused_part(self) -> FusedLinearPart | None:
         """This weight as the fused C++ decoder layer computes it, bit for bit as `matmul` does; None (the
         default) when the C++ side has no such kernel."""
+        return None
+
+    def row_lookup(self) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
+        """`(ids, dtype) -> [*ids.shape, in_features]`: rows of this weight read from its own storage, bit for bit
+        the dequantized checkpoint rows, for a tied embedding table; None (the default) when the form has none."""
         return None
 
 

@@ -6,8 +6,9 @@ mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mis
 the fused decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to
 blocks of 32 int8 codes with a float32 scale d = max|x| / 127, and each output is a sum over blocks of exact
 integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or portable C++: the best the CPU has, chosen at
-run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 32
-activation rows on (prefill), row tiles are dequantized as gguf does and multiplied by `F.linear` instead. The
+run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 64
+activation rows on (prefill; the extension's `QDOT_DENSE_ROWS`), row tiles are dequantized as gguf does and
+multiplied by `F.linear` instead. The
 fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two agree bit for bit. A tied embedding
 table looks its rows up in the same packed weight (`embedding_rows`): the table is held once.
 
@@ -52,8 +53,8 @@ def activation_block(ggml_type: str) -> int:
 class QdotWeight(PackedWeight):
     """A `[out_features, in_features]` weight of GGML blocks repacked for the quantized dot-product kernels.
 
-    `matmul` runs the integer kernels for a few activation rows (decode) and, from `kDenseRows` rows on
-    (mistralrs/layers/qdot/qdot.h), dequantizes tiles of rows and multiplies them with `F.linear` as the plain path
+    `matmul` runs the integer kernels for a few activation rows (decode) and, from `QDOT_DENSE_ROWS` rows on
+    (mistralrs/layers/qdot/qdot.h kDenseRows), dequantizes tiles of rows and multiplies them with `F.linear` as the plain path
     does. `embedding_rows` looks rows up for a tied embedding table, bit for bit gguf's dequantization.
     """
 
@@ -72,6 +73,9 @@ class QdotWeight(PackedWeight):
         y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.packed, self.type_number,
                                         self.out_features)
         return y.reshape(*lead, self.out_features)
+
+    def row_lookup(self):
+        return self.embedding_rows
 
     def embedding_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` (any shape) of the weight in `dtype`: gguf's float32 dequantization, then cast."""

@@ -7,7 +7,7 @@ nobody here wrote: the `gguf` package's quantizer and dequantizer.
 - Products: every path within float32 accumulation rounding of `qdot_reference` (exact integer sums), and within
   the derived activation-rounding bound (`activation_error_bound`) of gguf's dequantized weight times x in
   float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16);
-  from 32 rows on, the dequantized tiles times x equal the plain path's `F.linear` bit for bit.
+  from QDOT_DENSE_ROWS rows on, the dequantized tiles times x equal the plain path's `F.linear` bit for bit.
 """
 
 from __future__ import annotations
@@ -144,10 +144,12 @@ def test_the_thread_count_does_not_change_the_result(extension):
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_type):
-    """From 32 activation rows on (prefill) the product is F.linear of the dequantized weight: the plain path's."""
+    """From QDOT_DENSE_ROWS activation rows on (prefill) the product is F.linear of the dequantized weight: the
+    plain path's."""
     tensor = quantized(ggml_type, 40, 64, seed=4)
     weight = QdotWeight(tensor)
-    x = torch.randn(33, 64).to(torch.bfloat16)
+    x = torch.randn(extension.QDOT_DENSE_ROWS, 64).to(torch.bfloat16)
+    assert not torch.equal(weight.matmul(x[:-1]), torch.nn.functional.linear(x[:-1], tensor.dequantize(torch.bfloat16)))
     plain = torch.nn.functional.linear(x, tensor.dequantize(torch.bfloat16))
     assert torch.equal(weight.matmul(x), plain)
     tiles = extension.qdot_matmul(x, weight.packed, weight.type_number, 40, dense=1)
@@ -161,7 +163,7 @@ def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_
 def test_tiles_cover_a_weight_larger_than_one_tile(extension):
     tensor = quantized("Q8_0", 4104, 512, seed=6)  # 2048 rows a tile at K = 512: three tiles, the last one short
     weight = QdotWeight(tensor)
-    x = torch.randn(40, 512).to(torch.bfloat16)
+    x = torch.randn(extension.QDOT_DENSE_ROWS, 512).to(torch.bfloat16)
     dense = tensor.dequantize(torch.bfloat16)
     want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 2048]) for start in range(0, 4104, 2048)], 1)
     assert torch.equal(weight.matmul(x), want)

@@ -5,11 +5,11 @@ the `gguf` package's dequantizer, and PyTorch's own GEMM for the large-batch pat
   dequantization bit for bit (and equal mistralrs's torch decoders).
 - Activations: each path's Q8_K blocks equal `quantize_activations(x, 256)` (plain PyTorch) bit for bit, with
   the group sums of 16 codes.
-- Products (below 32 rows): every path within float32 accumulation rounding of
+- Products (below QDOT_DENSE_ROWS rows): every path within float32 accumulation rounding of
   `qdot_reference` (exact integer sums), and within the activation-rounding bound of gguf's dequantized weight
   times x in float64, on odd shapes (rows not a multiple of 16 or 64, M = 1, 2, 3, 7, 16, K = 256 n).
 - Dequantized rows (the large-M tiles and the embedding lookup) equal gguf's values bit for bit on every path,
-  so from 32 rows on the product is the plain path's `F.linear` bit for bit.
+  so from QDOT_DENSE_ROWS rows on the product is the plain path's `F.linear` bit for bit.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_large_batches_are_the_plain_path_bit_for_bit(extension, ggml_type):
     tensor = quantized(ggml_type, 45, 512, seed=7)
     plain = tensor.dequantize(torch.bfloat16)
     weight = QdotWeight(tensor)
-    for rows in (32, 70):
+    for rows in (extension.QDOT_DENSE_ROWS, extension.QDOT_DENSE_ROWS + 7):
         x = torch.randn(rows, 512).to(torch.bfloat16)
         assert torch.equal(weight.matmul(x), F.linear(x, plain)), rows
 

@@ -55,9 +55,9 @@ enum Isa : int64_t {
 // GGML type numbers (ggml.h `enum ggml_type`).
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
 
-// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (measured
-// faster than the integer kernels from about here on the development CPU: docs/benchmarks.md).
-constexpr int64_t kDenseRows = 32;
+// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (the two
+// cross over at about 64 rows on SmolLM2's Q4_1 shapes on the development CPU: docs/benchmarks.md).
+constexpr int64_t kDenseRows = 64;
 constexpr int64_t kTileElements = int64_t{1} << 20;  // weights dequantized per tile (4 MiB of float32)
 
 inline bool isa_supported(int64_t isa) {
