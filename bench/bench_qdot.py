@@ -5,7 +5,8 @@ times `F.linear` ("tiles"); it runs the kernels below 32 activation rows, the ti
 
     .venv/bin/python bench/bench_qdot.py [--threads 2] [--rows 1,8,512] [--repeats 30]
 
-Weights are random, quantized with the `gguf` package to the type the real file uses for that matrix. For every
+Weights are random, quantized with the `gguf` package (K-quants: mistralrs/quant/quantize.py) to the type the
+real file uses for that matrix. For every
 (shape, M) the three forms are timed in turn, round after round (so that the machine's load hits them alike), and
 the median per call is printed in microseconds as a Markdown table.
 """
@@ -25,6 +26,7 @@ from mistralrs.layers.fused_decode import EXTENSION
 from mistralrs.quant.cpu_int4 import int4_cpu_from_ggml
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.qdot import QdotWeight, qdot_available
+from mistralrs.quant.quantize import quantize_ggml
 
 # (model, matrix, GGML type, out_features, in_features)
 SHAPES = [
@@ -35,13 +37,17 @@ SHAPES = [
     ("SmolLM2", "head", "Q8_0", 49152, 576),
     ("Gemma 3", "q+k", "Q5_0", 1280, 640),
     ("Gemma 3", "v", "Q8_0", 256, 640),
-    ("Gemma 3", "o", "Q4_1", 640, 1024),
+    ("Gemma 3", "o", "Q4_K", 640, 1024),
+    ("Gemma 3", "down", "Q4_K", 640, 2048),
+    ("Gemma 3", "down", "Q6_K", 640, 2048),
     ("Gemma 3", "head", "Q8_0", 262144, 640),
 ]
 
 
 def ggml_tensor(ggml_type: str, rows: int, cols: int) -> GGMLTensor:
     weights = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * 0.05
+    if ggml_type.endswith("_K"):  # gguf has no K-quant quantizer; mistralrs's follows llama.cpp's
+        return quantize_ggml(torch.from_numpy(weights), ggml_type)
     blocks = gguf.quantize(weights, getattr(gguf.GGMLQuantizationType, ggml_type))
     data = torch.from_numpy(np.ascontiguousarray(blocks)).view(torch.uint8).reshape(rows, -1)
     return GGMLTensor(data, ggml_type, (rows, cols))

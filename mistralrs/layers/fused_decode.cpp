@@ -263,6 +263,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_features"), py::call_guard<py::gil_scoped_release>());
   m.def("qdot_quantize_activations", &qdot::quantize_activations);
   m.def("qdot_isas", &qdot::supported_isas);
+  m.def("qdot_kquant_unpack", [](const Tensor& blocks, int64_t type, int64_t isa) {
+    TORCH_CHECK(qdot::is_kquant(type), "GGML type ", type, " is not a K-quant type");
+    return qdot::kquant_unpack(blocks, type, qdot::checked_isa(isa));
+  }, py::arg("blocks"), py::arg("ggml_type"), py::arg("isa") = int64_t{-1});
+  m.def("qdot_kquant_quantize_activations", [](const Tensor& x, int64_t isa) {
+    return qdot::kquant_quantize_activations(x, qdot::checked_isa(isa));
+  }, py::arg("x"), py::arg("isa") = int64_t{-1});
   m.attr("QDOT_DENSE_ROWS") = qdot::kDenseRows;
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,

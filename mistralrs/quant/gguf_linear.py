@@ -5,7 +5,7 @@ collects the layer's checkpoint tensors (one per fused shard: q/k/v or gate/up),
 builds the layer's `PackedWeight`s from their types (`build_packed_weight`):
 
 - CPU, bfloat16 activations: the types with an int8-activation dot-product kernel (`QDOT_TYPES`: Q4_0, Q4_1,
-  Q5_0, Q5_1, Q8_0) keep their blocks as they are and run that kernel (`QdotWeight`, mistralrs/quant/qdot.py)
+  Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) keep their blocks as they are and run that kernel (`QdotWeight`, mistralrs/quant/qdot.py)
   when the C++ extension is built at load; every other type with an int4 form (all quantized types but
   MXFP4/NVFP4), and those too with `use_fast_kernels="int4"` or before the extension is built, is repacked for
   torch's CPU int4 kernel (`FAST_CPU_BF16_KERNELS`, see mistralrs/quant/cpu_int4.py);

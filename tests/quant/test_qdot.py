@@ -22,7 +22,7 @@ import torch
 from mistralrs.layers.fused_decode import EXTENSION
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import block_type
-from mistralrs.quant.qdot import (QDOT_TYPES, QdotWeight, activation_error_bound, qdot_reference,
+from mistralrs.quant.qdot import (LEGACY_TYPES, QDOT_TYPES, QdotWeight, activation_error_bound, qdot_reference,
                                   quantize_activations)
 from tests.quant.test_cpu_int4 import quantized
 
@@ -53,7 +53,7 @@ def test_every_path_is_listed_and_scalar_is_always_there(extension):
     assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2}
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 @pytest.mark.parametrize("num_rows", [1, 8, 37])
 def test_packed_blocks_dequantize_to_gguf_bit_for_bit(extension, ggml_type, num_rows):
     """Packing (rows interleaved by 8, codes re-laid) loses nothing: every row, looked up in any order, is gguf's."""
@@ -88,7 +88,7 @@ def test_activation_quantization_is_the_reference_bit_for_bit(extension):
     assert not got[0][1, :32].any() and not got[1][1, 0] and not got[2][1, 0]
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 @pytest.mark.parametrize("num_rows, num_cols", [(1, 32), (17, 96), (70, 288)])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
 def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type, num_rows, num_cols, m):
@@ -118,7 +118,7 @@ def test_the_error_bound_is_tight_enough_to_mean_something():
     assert error.max() > 0.05 * activation_error_bound(x, dequantized).max()
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 def test_bfloat16_activations_give_the_float32_result_rounded(extension, ggml_type):
     tensor = quantized(ggml_type, 33, 64, seed=5)
     x = torch.randn(3, 64).to(torch.bfloat16)
@@ -142,7 +142,7 @@ def test_the_thread_count_does_not_change_the_result(extension):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_type):
     """From QDOT_DENSE_ROWS activation rows on (prefill) the product is F.linear of the dequantized weight: the
     plain path's."""
@@ -181,10 +181,10 @@ def test_bad_input_names_the_field(extension):
     packed = extension.qdot_pack(tensor.data, QDOT_TYPES["Q4_0"])
     with pytest.raises(RuntimeError, match="in_features=96"):
         extension.qdot_matmul(torch.randn(1, 96), packed, QDOT_TYPES["Q4_0"], 8)
-    with pytest.raises(RuntimeError, match="GGML type 12"):
-        extension.qdot_pack(tensor.data, 12)
-    with pytest.raises(ValueError, match="ggml_type 'Q4_K'"):
-        QdotWeight(quantized("Q4_K", 8, 256, seed=0))
+    with pytest.raises(RuntimeError, match="GGML type 15"):
+        extension.qdot_pack(tensor.data, 15)
+    with pytest.raises(ValueError, match="ggml_type 'IQ4_XS'"):
+        QdotWeight(quantized("IQ4_XS", 8, 256, seed=0))
 
 
 def test_the_execution_option_takes_int4_as_the_third_choice():

@@ -8,7 +8,8 @@
 //   dispatch by GGML type;
 // - legacy.h (+ legacy_simd.inc, its vector kernel, compiled once per instruction set): Q4_0, Q4_1, Q5_0, Q5_1,
 //   Q8_0 (32-weight blocks, repacked at load in groups of 8 rows, against Q8_0-style activations);
-// - a K-quant family (Q4_K, Q5_K, Q6_K against Q8_K activations) goes in its own header beside legacy.h.
+// - kquants.h (+ kquants_simd.inc): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks kept as in the file,
+//   against Q8_K-style activations: 256 codes, a scale and 16 group sums a block).
 //
 // Every type provides three operations, reached through the `switch`es of `pack`, `matmul` and `dequantize`
 // below (and its name and number in mistralrs/quant/qdot.py QDOT_TYPES):
@@ -177,6 +178,7 @@ Tensor dense_tiles(const Tensor& x, int64_t out_features, Dequantize dequantize)
 }  // namespace qdot
 
 #include "legacy.h"
+#include "kquants.h"
 
 namespace qdot {
 
@@ -189,6 +191,7 @@ inline Tensor pack(const Tensor& blocks, int64_t type) {
     case kQ5_0: return legacy_pack<Q5_0>(blocks);
     case kQ5_1: return legacy_pack<Q5_1>(blocks);
     case kQ8_0: return legacy_pack<Q8_0>(blocks);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return blocks.contiguous();  // read as they are
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
@@ -203,6 +206,8 @@ inline Tensor dequantize(const Tensor& packed, int64_t type, const Tensor& rows,
     case kQ5_0: return legacy_dequantize<Q5_0>(packed, rows, in_features);
     case kQ5_1: return legacy_dequantize<Q5_1>(packed, rows, in_features);
     case kQ8_0: return legacy_dequantize<Q8_0>(packed, rows, in_features);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      return kquant_dequantize_ids(packed, type, rows, in_features);
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
@@ -216,6 +221,8 @@ inline Tensor dequantize_range(const Tensor& packed, int64_t type, int64_t start
     case kQ5_0: return legacy_dequantize_range<Q5_0>(packed, start, stop, in_features, isa);
     case kQ5_1: return legacy_dequantize_range<Q5_1>(packed, start, stop, in_features, isa);
     case kQ8_0: return legacy_dequantize_range<Q8_0>(packed, start, stop, in_features, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      return kquant_dequantize_rows(packed, type, start, stop, in_features, isa);
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
@@ -240,6 +247,7 @@ inline Tensor matmul(const Tensor& x, const Tensor& packed, int64_t type, int64_
     case kQ5_0: return legacy_matmul<Q5_0>(x, packed, out_features, isa);
     case kQ5_1: return legacy_matmul<Q5_1>(x, packed, out_features, isa);
     case kQ8_0: return legacy_matmul<Q8_0>(x, packed, out_features, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return kquant_matmul(x, packed, type, isa);
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
