@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from mistralrs.distributed.group import TPGroup, building_for
+from mistralrs.layers.embedding import VocabEmbedding
 from mistralrs.layers.fused_decode import fused_layer_counts
 from mistralrs.layers.linear import Linear
 from mistralrs.loader.default_model import default_model_path
@@ -94,12 +95,18 @@ def _write_checkpoint(name: str, path: str) -> None:
     hf.save_pretrained(path)
 
 
+def _dtype(case: tuple) -> torch.dtype:
+    """The model dtype of a case: float32, or the bfloat16 of a ("gguf-bf16", file, None) case (the CPU int8
+    dot-product kernels run for bfloat16 activations only)."""
+    return torch.bfloat16 if case[0] == "gguf-bf16" else torch.float32
+
+
 def _load(case: tuple[str, str, str | None]) -> torch.nn.Module:
-    """Our model for a checkpoint: ("hf", directory, ISQ type or None) or ("gguf", file, None)."""
+    """Our model for a checkpoint: ("hf", directory, ISQ type or None) or ("gguf" / "gguf-bf16", file, None)."""
     kind, path, isq = case
-    if kind == "gguf":
+    if kind.startswith("gguf"):
         gguf = open_gguf(path)
-        return load_model(gguf.config, gguf.iter_weights(torch.float32, keep_quantized=True), dtype=torch.float32,
+        return load_model(gguf.config, gguf.iter_weights(_dtype(case), keep_quantized=True), dtype=_dtype(case),
                           device="cpu", quant_config=GGUFModelQuantConfig())
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
@@ -127,7 +134,7 @@ def run_case(case: tuple[str, str, str | None], prompts: list[list[int]]) -> dic
     model = _load(case)
     apply_execution_options(model, ExecutionOptions())
     spec = model.kv_cache_spec()
-    kv_caches = allocate_kv_caches(spec, 64, BLOCK_SIZE, torch.float32, "cpu")
+    kv_caches = allocate_kv_caches(spec, 64, BLOCK_SIZE, _dtype(case), "cpu")
     tables, done, free = {}, {}, list(range(63, -1, -1))
     first, rest = prompts[0][:5], prompts[0][5:]
     logits = list(_step(model, kv_caches, tables, done, [(0, first), (1, prompts[1])], free))
@@ -140,7 +147,8 @@ def run_case(case: tuple[str, str, str | None], prompts: list[list[int]]) -> dic
         out = _step(model, kv_caches, tables, done, [(s, [tokens[s][-1]]) for s in (0, 1)], free)
         logits += out
         last = {0: out[0][-1], 1: out[1][-1]}
-    return dict(logits=[t.clone() for t in logits], tokens=tokens, kv_heads=spec.num_kv_heads,
+    return dict(logits=[t.float() for t in logits], tokens=tokens, kv_heads=spec.num_kv_heads,
+                table_from_head=any(m.row_lookup is not None for m in model.modules() if isinstance(m, VocabEmbedding)),
                 sharded=any(m.tp is not None for m in model.modules() if isinstance(m, Linear)),
                 fused_twins=fused_layer_counts(model)[1])
 
@@ -174,6 +182,7 @@ def runs(tmp_path_factory):
                                                                    **gguf_archs.CASES[name][3]), None)
     cases["smollm2_gguf"] = ("gguf", str(default_model_path()), None)
     cases["gemma3_270m_gguf"] = ("gguf", str(gemma3_gguf.assemble()), None)
+    cases["smollm2_gguf_bf16"] = ("gguf-bf16", str(default_model_path()), None)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 128, (n,), generator=gen).tolist() for n in (11, 6)]
     sharded = run_on_ranks(_run_all, dict(cases=cases, prompts=prompts))
@@ -190,6 +199,20 @@ def test_two_ranks_equal_one_process(runs, name):
     for ours, ref in zip(sharded["logits"], whole["logits"]):
         assert ours.shape == ref.shape
         torch.testing.assert_close(ours, ref, atol=CASE_ATOL.get(name, ATOL), rtol=0)
+
+
+def test_bf16_int8_kernels_under_two_ranks(runs):
+    """In bfloat16 the CPU runs the int8 dot-product kernels, each rank on its shard, and the tied embedding reads
+    its rank's rows from its head's packed blocks. The row-parallel partial sums round to bfloat16 before the
+    all-reduce, so the two ranks are not bit for bit the one process: measured against the float32 model on the
+    same prompts, their error is that of the one bfloat16 process."""
+    sharded, whole = runs["smollm2_gguf_bf16"]
+    exact = runs["smollm2_gguf"][1]  # the float32 model, one process
+    assert sharded["sharded"] and sharded["table_from_head"] and whole["table_from_head"]
+    prefill = 3  # the logits of the two prefill steps (prompt 1, prompt 0 in two chunks): the same inputs everywhere
+    for ours, alone, ref in zip(sharded["logits"][:prefill], whole["logits"][:prefill], exact["logits"][:prefill]):
+        rms = lambda t: float((t - ref).pow(2).mean().sqrt())  # noqa: E731
+        assert rms(ours) <= 1.5 * rms(alone) + 1e-3, (rms(ours), rms(alone))
 
 
 def test_sharded_layers_keep_their_plain_modules(runs):
