@@ -263,6 +263,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_features"), py::call_guard<py::gil_scoped_release>());
   m.def("qdot_quantize_activations", &qdot::quantize_activations);
   m.def("qdot_isas", &qdot::supported_isas);
+  m.def("qdot_packed_shape", &qdot::packed_shape);
   m.attr("QDOT_DENSE_ROWS") = qdot::kDenseRows;
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,
