@@ -199,13 +199,19 @@ def _try_lock(fd: int) -> bool:
 
 
 def _compile_flags() -> list[str]:
-    """Compiler, include and library flags for an extension of this torch (those torch's own builder uses)."""
+    """Compiler, include and library flags for an extension of this torch (those torch's own builder uses).
+
+    `-fopenmp` when torch runs its intra-op threads on OpenMP: `at::parallel_for` is a header template whose
+    `#pragma omp parallel` an extension compiled without it drops, running every split serially (the quantized
+    dot products of mistralrs/layers/qdot/ took the same time on two threads as on one). The extension's
+    libgomp.so.1 is torch's own where torch ships it under that name (one thread pool, sized by torch)."""
     from torch.utils import cpp_extension
 
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     libraries = cpp_extension.library_paths()
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [os.environ.get("CXX", "c++"), "-shared", "-fPIC", "-O2", "-std=c++20", "-w",
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    return [os.environ.get("CXX", "c++"), "-shared", "-fPIC", "-O2", *openmp, "-std=c++20", "-w",
             "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in includes),
             *(f"-L{p}" for p in libraries), *(f"-Wl,-rpath,{p}" for p in libraries),
             "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]

@@ -270,6 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qdot_kquant_quantize_activations", [](const Tensor& x, int64_t isa) {
     return qdot::kquant_quantize_activations(x, qdot::checked_isa(isa));
   }, py::arg("x"), py::arg("isa") = int64_t{-1});
+  m.def("qdot_packed_shape", &qdot::packed_shape);
   m.attr("QDOT_DENSE_ROWS") = qdot::kDenseRows;
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,

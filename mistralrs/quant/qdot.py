@@ -29,6 +29,7 @@ torch's int4 form as before (mistralrs/quant/cpu_int4.py), for the life of the m
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from mistralrs.layers.fused_decode import EXTENSION
 from mistralrs.quant.ggml_tensor import GGMLTensor
@@ -66,10 +67,20 @@ class QdotWeight(PackedWeight):
         self.type_number = QDOT_TYPES[tensor.ggml_type]
         self.out_features = tensor.num_rows
         self.in_features = tensor.num_cols
-        self.packed = EXTENSION.get().qdot_pack(tensor.data, self.type_number)  # uint8, the kernels' layout
+        extension = EXTENSION.get()
+        # shape propagation (FakeTensorMode: device-map planning) has no bytes to pack or multiply: the weight then
+        # only gives its outputs' shapes, and the fused layer runs the plain modules
+        self.fake = is_fake(tensor.data)
+        if self.fake:
+            shape = extension.qdot_packed_shape(self.type_number, self.out_features, self.in_features)
+            self.packed = tensor.data.new_empty(shape)
+        else:
+            self.packed = extension.qdot_pack(tensor.data, self.type_number)  # uint8, the kernels' layout
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.fake:
+            return x.new_empty(*lead, self.out_features)
         y = EXTENSION.get().qdot_matmul(x.reshape(-1, x.shape[-1]), self.packed, self.type_number,
                                         self.out_features)
         return y.reshape(*lead, self.out_features)
@@ -79,13 +90,17 @@ class QdotWeight(PackedWeight):
 
     def embedding_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` (any shape) of the weight in `dtype`: gguf's float32 dequantization, then cast."""
+        if self.fake:
+            return self.packed.new_empty(*ids.shape, self.in_features, dtype=dtype)
         rows = EXTENSION.get().qdot_dequantize(self.packed, self.type_number, ids.reshape(-1), self.in_features)
         return rows.to(dtype).reshape(*ids.shape, self.in_features)
 
     def nbytes(self) -> int:
         return self.packed.numel()
 
-    def fused_part(self) -> FusedLinearPart:
+    def fused_part(self) -> FusedLinearPart | None:
+        if self.fake:
+            return None
         return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.packed, None)
 
 

@@ -68,6 +68,7 @@ def test_dequantized_rows_are_gguf_bit_for_bit(extension, ggml_type):
     number = KQUANT_TYPES[ggml_type]
     packed = extension.qdot_pack(tensor.data, number)
     assert torch.equal(packed, tensor.data)  # the blocks as they are
+    assert extension.qdot_packed_shape(number, 19, 768) == list(packed.shape)
     want = gguf_dequantized(tensor)
     rows = torch.arange(19).flip(0).repeat(2)
     got = extension.qdot_dequantize(packed, number, rows, 768)

@@ -211,8 +211,8 @@ def test_a_split_forward_runs_every_op_on_one_device(tiny_dir, placement):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_split_gguf_forward_runs_every_op_on_one_device(tmp_path, dtype):
-    """As above for GGUF Q8_0 blocks: the stand-in device's layer is packed there; the CPU layer (bfloat16: int4
-    kernel form) on the CPU."""
+    """As above for GGUF Q8_0 blocks: the stand-in device's layer is packed there; the CPU layer (bfloat16: the int8
+    dot-product form, which under FakeTensorMode only propagates shapes) on the CPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mistralrs.loader.gguf_loader import open_gguf

@@ -25,7 +25,6 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -192,6 +191,21 @@ inline Tensor pack(const Tensor& blocks, int64_t type) {
     case kQ5_1: return legacy_pack<Q5_1>(blocks);
     case kQ8_0: return legacy_pack<Q8_0>(blocks);
     case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return blocks.contiguous();  // read as they are
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// The shape of `pack`'s result for a weight of `rows` x `in_features` of `type`.
+inline std::vector<int64_t> packed_shape(int64_t type, int64_t rows, int64_t in_features) {
+  const int64_t groups = (rows + kGroupRows - 1) / kGroupRows, blocks = in_features / 32;
+  switch (type) {
+    case kQ4_0: return {groups, blocks * Packed<Q4_0>::kBytes};
+    case kQ4_1: return {groups, blocks * Packed<Q4_1>::kBytes};
+    case kQ5_0: return {groups, blocks * Packed<Q5_0>::kBytes};
+    case kQ5_1: return {groups, blocks * Packed<Q5_1>::kBytes};
+    case kQ8_0: return {groups, blocks * Packed<Q8_0>::kBytes};
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:  // the blocks as they are
+      return {rows, in_features / kSuperBlock * kquant_bytes(type)};
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
 }
