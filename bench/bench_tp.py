@@ -5,8 +5,8 @@ For each rank count (`--ranks`, 1 first) a `Runner` greedily decodes `--n-decode
 streams; the head's `Channel.send` is timed and the pickled size of each message recorded. Prints one JSON line per
 rank count: tokens/s, milliseconds per step, the broadcast's median and 90th percentile in microseconds and the
 message's median and largest size in bytes. On CPU the ranks are gloo processes (MISTRALRS_TP_SIZE); with several
-GPUs, NCCL. Until the model shards itself every rank computes the whole model, so N ranks cost the broadcast and
-the extra processes' share of the machine, nothing else. Example:
+GPUs, NCCL. Each rank holds and computes its shard of the model; the ranks' partial sums meet in all-reduces (every
+row-parallel layer, the embedding) and the logits in an all-gather. Example:
     python bench/bench_tp.py --ranks 1 2 --streams 1 8
 """
 
