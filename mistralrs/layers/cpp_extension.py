@@ -2,8 +2,8 @@
 
 An extension is cached under `~/.cache/mistralrs/extensions` (`$XDG_CACHE_HOME` respected) by a hash of its
 source and the project headers it includes (`includes`), the compiler flags and the torch and Python versions; a
-process that finds its build there imports it (~40 ms). Otherwise it is compiled with the system C++ compiler (`$CXX`, else `c++`) against the installed torch,
-at most once at a time per cache key on the machine:
+process that finds its build there imports it (~40 ms). Otherwise it is compiled with the system C++ compiler
+(`$CXX`, else `c++`) against the installed torch, at most once at a time per cache key on the machine:
 
 - Builds of one key are serialised by an flock on `<name>.lock` beside the cache entry. The kernel releases it
   when its holder dies, so a crashed build never blocks the next one (torch's `FileBaton`, an O_EXCL file, stays
