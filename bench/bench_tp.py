@@ -74,7 +74,8 @@ def main() -> None:
         os.environ["MISTRALRS_TP_SIZE"] = str(ranks)
         runner = Runner(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name),
                         show_progress=False)
-        decode(runner, 1, 4)   # warm-up: the thread-count trial, the first steps
+        for streams in args.streams:   # warm-up: each batch size's thread-count trial, the first steps
+            decode(runner, streams, 8)
         for streams in args.streams:
             sends.clear()
             seconds = decode(runner, streams, args.n_decode)
