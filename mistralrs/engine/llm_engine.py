@@ -18,6 +18,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,25 +26,24 @@ from mistralrs.adapters.lora import activate_adapters
 from mistralrs.adapters.runtime import request_adapter_set
 from mistralrs.api.enums import ToolChoice
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
-from mistralrs.diffusion.pipeline import check_image_size, check_prompt
 from mistralrs.engine.assembly import ChatAssembler, CompletionAssembler, EngineMessage
 from mistralrs.engine.builder import EngineConfig, build_command_engine, build_engine, on_short_lived_thread
 from mistralrs.engine.chat_messages import template_messages
 from mistralrs.engine.commands import ActivateAdapters, GenerateImage, ReIsq
-from mistralrs.engine.image_prompt import ImagePrompter
-from mistralrs.engine.images import image_response, parse_response_format
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
 from mistralrs.engine.tool_calls import forced_call_schema
-from mistralrs.loader.diffusion_loader import LoadedDiffusion
 from mistralrs.loader.pipeline import LoadedModel, load
 from mistralrs.loader.spec import LoadKind, LoadSpec
 from mistralrs.quant.isq import re_isq_config
 from mistralrs.quant.isq_types import parse_isq_type
 from mistralrs.sample.grammar import json_schema_source
-from mistralrs.vision.base import ImageInputs
 from mistralrs.vision.images import ImageSourcePolicy
 from mistralrs.worker.speculative import SpeculationStats, SpeculativeRunner
+
+if TYPE_CHECKING:  # the image and diffusion sides are imported by the models that have them (PIL among them)
+    from mistralrs.loader.diffusion_loader import LoadedDiffusion
+    from mistralrs.vision.base import ImageInputs
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class LLMEngine:
         self.model_id = loaded.model_id  # the `model` of every response
         self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
         self._diffusion: LoadedDiffusion | None = None  # the image pipeline of a diffusion model, else None
-        if isinstance(loaded, LoadedDiffusion):
+        if not isinstance(loaded, LoadedModel):  # a diffusion model's LoadedDiffusion
             self._diffusion = loaded
             self._image_generator = (torch.Generator(loaded.device).manual_seed(config.seed)
                                      if config.seed is not None else None)   # seeded once: the device RNG
@@ -126,8 +126,11 @@ class LLMEngine:
         self._engine, self._inputs = build_engine(self._loaded, config, handlers, spec.execution, draft_model)
         processor = self._loaded.vision_processor
         # a vision model's image side of the front door (engine/image_prompt.py); None for a text model
-        self._images = None if processor is None else ImagePrompter(processor, self._inputs,
-                                                                     self._loaded.model.image_token_id)
+        self._images = None
+        if processor is not None:
+            from mistralrs.engine.image_prompt import ImagePrompter
+
+            self._images = ImagePrompter(processor, self._inputs, self._loaded.model.image_token_id)
 
     def _text_model(self, what: str) -> None:
         """ValueError for a token request (`what`) to a diffusion model."""
@@ -332,6 +335,9 @@ class LLMEngine:
         if self._diffusion is None:
             raise ValueError("generate_image: this is a text model; image generation needs a diffusion model "
                              "(Which.DiffusionPlain)")
+        from mistralrs.diffusion.pipeline import check_image_size, check_prompt
+        from mistralrs.engine.images import image_response, parse_response_format
+
         response_format = parse_response_format(response_format)
         check_prompt(prompt)
         check_image_size(height, width)

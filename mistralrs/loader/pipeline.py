@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,18 +18,12 @@ from mistralrs.adapters.ordering import OrderingFile, read_ordering, same_model_
 from mistralrs.adapters.xlora import apply_xlora
 from mistralrs.loader.adapter_files import lora_files, xlora_files
 from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
-from mistralrs.loader.diffusion_loader import LoadedDiffusion, load_flux
 from mistralrs.loader.ggml_loader import open_ggml
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
-from mistralrs.loader.text_only import text_only_config, text_only_weights
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
-from mistralrs.loader.vision_loader import (
-    build_vision_model, canonical_weights, read_processor_files, vision_context_length, vision_family,
-    vision_processor,
-)
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
 from mistralrs.quant.isq import IsqQuantConfig, isq_config_from_options
@@ -36,9 +31,12 @@ from mistralrs.quant.topology import Topology
 from mistralrs.quant.uqff import (
     COPIED_FILES, RESIDUAL_FILENAME, UqffQuantConfig, check_uqff_path, resolve_uqff_path, write_model_uqff,
 )
-from mistralrs.vision.base import VisionProcessor
 from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.device_map import DeviceMapSpec
+
+if TYPE_CHECKING:  # the vision and diffusion loaders are imported by the loaders of those kinds only
+    from mistralrs.loader.diffusion_loader import LoadedDiffusion
+    from mistralrs.vision.base import VisionProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +158,8 @@ def _calibrate(model: nn.Module, tokenizer: TokenizerBundle, config: dict, isq: 
 
 def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     """A safetensors model, quantized in situ (`spec.isq`, the topology) or read from UQFF as the spec asks."""
+    from mistralrs.loader.text_only import text_only_config, text_only_weights
+
     source = ModelSource(spec.model_id, token=spec.token)
     checkpoint_config = _read_json(source.get("config.json"))
     config = text_only_config(checkpoint_config)  # a vision checkpoint loads as its text decoder
@@ -278,6 +278,9 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), UQFF, the
     imatrix or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
+    from mistralrs.loader.vision_loader import (build_vision_model, canonical_weights, read_processor_files,
+                                                vision_context_length, vision_family, vision_processor)
+
     source = ModelSource(spec.model_id, token=spec.token)
     config = _read_json(source.get("config.json"))
     family = vision_family(config, spec.arch)
@@ -302,6 +305,8 @@ def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 
 def _load_diffusion(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedDiffusion:
     """A FLUX image model (diffusers layout) on the model's device."""
+    from mistralrs.loader.diffusion_loader import load_flux
+
     return load_flux(spec, device_map.main, resolve_dtype(spec.dtype, device_map.main))
 
 
