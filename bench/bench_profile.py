@@ -6,17 +6,18 @@ The engine runs as bench_smollm2.py runs it (`MISTRALRS_CPU_THREADS=auto`, the f
 first). Two greedy requests of `--tokens` tokens each, on the engine thread:
 
 1. without a profiler, timers around `ModelRunner.execute` (the step), the model forward inside it (decoder
-   layers, embedding, final norm), `compute_logits` (the LM head) and the sampler: ms per token of each, the rest
-   of the step (batch tensors, Python), and the time between tokens outside the step (scheduling, output
-   processing);
+   layers, embedding, final norm), `compute_logits` (the LM head) and the sampler: the median ms per token of
+   each, the rest of the step (batch tensors, Python), and the mean time between tokens outside the step
+   (scheduling, output processing);
 2. under `torch.profiler`, the model forward's ATen ops grouped by self time (time inside the op, less its child
    ops): weight-matmul kernels, attention (every op inside `scaled_dot_product_attention`, or Gemma 2's
    soft-capped matmuls), small ops (norms, RoPE, activations, copies, the KV write), and the time outside any op;
 3. after the profiled steps, still on the engine thread and on its thread count, every packed weight's
    `matmul` replayed on a one-token input in model order (layer by layer, as a decode step reads them), timed
-   one call at a time: ms per token for each kind of layer weight (module name and packed form, e.g.
-   `gate_up_proj Int4CpuWeight`) and for the LM head's weights. A replayed call includes its Python wrapper
-   (a few µs), which the fused decoder layer's C++ calls do not pay.
+   one call at a time, the fastest of 10 passes: ms per token for each kind of layer weight (module name and
+   packed form, e.g. `gate_up_proj Int4CpuWeight`) and for the LM head's weights. A replayed call includes its
+   Python wrapper and input preparation (a few µs; a two-plane form's doubled input), which the fused decoder
+   layer's C++ calls count among the small ops.
 
 The profiler adds a few µs to every op, which inflates the small ops and the time between ops more than the large
 kernels: the table gives the forward's unprofiled time, the replayed matmuls, and the rest of the forward split
@@ -103,8 +104,8 @@ class StepRecorder:
                 self.profiled.set()
         return result
 
-    def mean_ms(self, name: str) -> float:
-        return 1000 * statistics.fmean(self.seconds[name])
+    def median_ms(self, name: str) -> float:
+        return 1000 * statistics.median(self.seconds[name])
 
 
 def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
@@ -129,8 +130,11 @@ def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
     complete(16)  # warm-up (the engine also picks its decode thread count here)
     recorder.seconds.clear()
     usage = complete(tokens)
-    token_ms = 1000 * usage.total_completion_time_sec / (usage.completion_tokens - 1)  # first to last token
-    unprofiled = {name: recorder.mean_ms(name) for name in StepRecorder.PARTS}
+    # between two tokens: the median step, and the mean time outside the steps (first to last token, less the steps)
+    outside_ms = 1000 * (usage.total_completion_time_sec / (usage.completion_tokens - 1)
+                         - statistics.fmean(recorder.seconds["step"]))
+    unprofiled = {name: recorder.median_ms(name) for name in StepRecorder.PARTS}
+    token_ms = unprofiled["step"] + outside_ms
     recorder.profile_steps = tokens - 2
     complete(tokens)
     if not recorder.profiled.wait(timeout=60):
@@ -156,7 +160,7 @@ def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
     rows += [("sampler", unprofiled["sampler"]),
              ("rest of the step (batch tensors, Python)",
               unprofiled["step"] - unprofiled["forward"] - unprofiled["lm_head"] - unprofiled["sampler"]),
-             ("outside the step (scheduler, output processing)", token_ms - unprofiled["step"])]
+             ("outside the step (scheduler, output processing)", outside_ms)]
     print("| where (ms per token) | ms | share |")
     print("|---|---|---|")
     for name, ms in rows:
@@ -190,8 +194,9 @@ def forward_breakdown(profiler, steps: int) -> dict[str, float]:
 
 
 def replay_matmuls(model, passes: int = 10) -> dict[str, float]:
-    """ms per token of each kind of packed weight (`module_name FormClass`), its `matmul` replayed on a one-token
-    input for every weight in model order, `passes` times after one warm-up pass (see the module doc)."""
+    """ms per token of each kind of packed weight (`module_name FormClass`): its `matmul` replayed on a one-token
+    input for every weight in model order, `passes` times after one warm-up pass; each kind's fastest pass (the
+    one least disturbed by other processes on the machine)."""
     import torch
 
     calls = []
@@ -199,15 +204,18 @@ def replay_matmuls(model, passes: int = 10) -> dict[str, float]:
         for weight in getattr(getattr(module, "quant_method", None), "weights", None) or ():
             calls.append((f"{name.split('.')[-1]} {type(weight).__name__}", weight,
                           torch.randn(1, module.in_features, dtype=torch.bfloat16)))
-    seconds: dict[str, float] = defaultdict(float)
+    per_pass: dict[str, list[float]] = defaultdict(list)
     with torch.inference_mode():
         for i in range(passes + 1):
+            seconds: dict[str, float] = defaultdict(float)
             for kind, weight, x in calls:
                 start = time.perf_counter()
                 weight.matmul(x)
+                seconds[kind] += time.perf_counter() - start
+            for kind, s in seconds.items():
                 if i:
-                    seconds[kind] += time.perf_counter() - start
-    return {kind: 1000 * s / passes for kind, s in seconds.items()}
+                    per_pass[kind].append(s)
+    return {kind: 1000 * min(s) for kind, s in per_pass.items()}
 
 
 def _ancestors(event):

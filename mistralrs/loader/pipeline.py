@@ -235,12 +235,14 @@ def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     device = device_map.main
     gguf = open_gguf([source.get(name) for name in spec.filenames])
     dtype = resolve_dtype(spec.dtype, device)
+    # the tokenizer first: building a large vocabulary's (Gemma 3: 262k tokens, 513k merges) takes ~100 MB for a
+    # moment, which then does not come on top of the packed weights
+    tokenizer = _quantized_file_tokenizer(spec, gguf.metadata)
     weights = _progress(gguf.iter_weights(dtype, keep_quantized=True), len(gguf.tensor_types), spec.show_progress,
                         "loading")
     model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device, device_map=device_map,
                        quant_config=GGUFModelQuantConfig(use_fast_kernels=spec.execution.fast_kernels),
                        stored_types=gguf.tensor_types)
-    tokenizer = _quantized_file_tokenizer(spec, gguf.metadata)
     max_len = int(gguf.config.get("max_position_embeddings", 4096))
     return LoadedModel(model, tokenizer, spec.model_id, max_len, dtype, device, quantized_file=True)
 
