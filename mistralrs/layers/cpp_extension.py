@@ -1,8 +1,8 @@
 """C++ extensions compiled once per machine, cached on disk and imported once per process (`LazyExtension`).
 
 An extension is cached under `~/.cache/mistralrs/extensions` (`$XDG_CACHE_HOME` respected) by a hash of its
-source, the compiler flags and the torch and Python versions; a process that finds its build there imports it
-(~40 ms). Otherwise it is compiled with the system C++ compiler (`$CXX`, else `c++`) against the installed torch,
+source and the project headers it includes (`includes`), the compiler flags and the torch and Python versions; a
+process that finds its build there imports it (~40 ms). Otherwise it is compiled with the system C++ compiler (`$CXX`, else `c++`) against the installed torch,
 at most once at a time per cache key on the machine:
 
 - Builds of one key are serialised by an flock on `<name>.lock` beside the cache entry. The kernel releases it
@@ -39,6 +39,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -59,8 +60,9 @@ class LazyExtension:
     until the build has finished; `build()` too, and compiles at normal priority when this process builds.
     """
 
-    def __init__(self, source: Path, stem: str):
+    def __init__(self, source: Path, stem: str, includes: Sequence[Path] = ()):
         self.source = source  # the .cpp file
+        self.includes = tuple(includes)  # the project headers it includes: part of the cache key
         self.stem = stem  # module name prefix; the full name carries the cache key
         self._module: ModuleType | None = None  # once imported
         self._failed = False  # a build or import failed (warned once); never retried in this process
@@ -88,6 +90,8 @@ class LazyExtension:
     def cache_entry(self) -> tuple[str, Path]:
         """`(module name, path of its build in the cache)`; the name carries the cache key."""
         key = hashlib.sha256(self.source.read_bytes())
+        for header in self.includes:
+            key.update(header.name.encode() + b"\0" + header.read_bytes())
         key.update(" ".join([torch.__version__, sys.version, sys.platform, *_compile_flags()]).encode())
         name = f"{self.stem}_{key.hexdigest()[:16]}"
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mistralrs" / "extensions"

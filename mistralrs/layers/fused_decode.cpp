@@ -7,6 +7,8 @@
 // Loaded by mistralrs/layers/fused_decode.py.
 #include <torch/extension.h>
 
+#include "qdot/qdot.h"
+
 #include <limits>
 #include <optional>
 #include <vector>
@@ -16,28 +18,33 @@ using at::Tensor;
 namespace {
 
 // How one weight of a linear layer computes `x @ W^T` (the kinds of mistralrs/quant/packed.py LinearKind).
-enum LinearKind : int64_t { kDense = 0, kInt4 = 1, kInt4Pair = 2 };
+enum LinearKind : int64_t { kDense = 0, kInt4 = 1, kInt4Pair = 2, kQdot = 3 };
 
-// One packed weight: a dense matrix (at::linear, as F.linear) or torch's CPU int4 packing
-// (mistralrs/quant/cpu_int4.py Int4CpuWeight.matmul).
+// One packed weight: a dense matrix (at::linear, as F.linear), torch's CPU int4 packing
+// (mistralrs/quant/cpu_int4.py Int4CpuWeight.matmul), or GGML blocks multiplied by the quantized dot products of
+// qdot/qdot.h (mistralrs/quant/qdot.py QdotWeight.matmul), packed by qdot::pack.
 struct LinearPart {
   int64_t kind = kDense;
-  int64_t group_size = 0;    // int4 kinds: inputs per (scale, zero) pair
+  int64_t group_size = 0;    // int4 kinds: inputs per (scale, zero) pair; kQdot: the GGML type number
   int64_t out_features = 0;  // int4 kinds: rows beyond it are padding and dropped
-  Tensor weight;             // dense [out, in], or packed uint8 codes
+  Tensor weight;             // dense [out, in], packed uint8 codes, or qdot::pack's layout of GGML blocks
   Tensor scales_and_zeros;   // int4 kinds: [K / group_size, padded_out, 2]
 
   Tensor operator()(const Tensor& x, const std::optional<Tensor>& bias) const {
     if (kind == kDense) return at::linear(x, weight, bias);
     Tensor rows = x.reshape({-1, x.size(-1)});
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = out_features;
+    if (kind == kQdot) {
+      Tensor y = qdot::matmul(rows, weight, group_size, out_features, -1, -1).reshape(shape);
+      return bias ? y + *bias : y;
+    }
     if (kind == kInt4Pair) {  // Int4CpuPairWeight.kernel_input: each sub-block fed as 16 x then x
       Tensor sub_blocks = rows.reshape({rows.size(0), -1, group_size / 2});
       rows = at::cat({sub_blocks * 16, sub_blocks}, -1).reshape({rows.size(0), -1});
     }
     Tensor y = at::_weight_int4pack_mm_for_cpu(rows.contiguous(), weight, group_size, scales_and_zeros);
     if (y.size(-1) != out_features) y = y.slice(1, 0, out_features);
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = out_features;
     y = y.reshape(shape);
     return bias ? y + *bias : y;
   }
@@ -211,8 +218,8 @@ struct DecoderLayerPlan {
 
 LinearPart make_linear_part(int64_t kind, int64_t group_size, int64_t out_features, Tensor weight,
                             std::optional<Tensor> scales_and_zeros) {
-  TORCH_CHECK(kind == kDense || kind == kInt4 || kind == kInt4Pair, "unknown linear kind ", kind);
-  TORCH_CHECK(kind == kDense || scales_and_zeros, "an int4 weight needs its scales and zeros");
+  TORCH_CHECK(kind == kDense || kind == kInt4 || kind == kInt4Pair || kind == kQdot, "unknown linear kind ", kind);
+  TORCH_CHECK(kind == kDense || kind == kQdot || scales_and_zeros, "an int4 weight needs its scales and zeros");
   LinearPart part;
   part.kind = kind;
   part.group_size = group_size;
@@ -247,6 +254,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("make_linear_part", &make_linear_part);
   m.def("make_linear", &make_linear);
   m.def("make_norm", &make_norm);
+  m.def("qdot_pack", &qdot::pack, py::arg("blocks"), py::arg("ggml_type"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("qdot_matmul", &qdot::matmul, py::arg("x"), py::arg("packed"), py::arg("ggml_type"),
+        py::arg("out_features"), py::arg("isa") = int64_t{-1}, py::arg("dense") = int64_t{-1},
+        py::call_guard<py::gil_scoped_release>());
+  m.def("qdot_dequantize", &qdot::dequantize, py::arg("packed"), py::arg("ggml_type"), py::arg("rows"),
+        py::arg("in_features"), py::call_guard<py::gil_scoped_release>());
+  m.def("qdot_quantize_activations", &qdot::quantize_activations);
+  m.def("qdot_isas", &qdot::supported_isas);
+  m.def("qdot_kquant_unpack", [](const Tensor& blocks, int64_t type, int64_t isa) {
+    TORCH_CHECK(qdot::is_kquant(type), "GGML type ", type, " is not a K-quant type");
+    return qdot::kquant_unpack(blocks, type, qdot::checked_isa(isa));
+  }, py::arg("blocks"), py::arg("ggml_type"), py::arg("isa") = int64_t{-1});
+  m.def("qdot_kquant_quantize_activations", [](const Tensor& x, int64_t isa) {
+    return qdot::kquant_quantize_activations(x, qdot::checked_isa(isa));
+  }, py::arg("x"), py::arg("isa") = int64_t{-1});
+  m.attr("QDOT_DENSE_ROWS") = qdot::kDenseRows;
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,
                        LinearPlan gate_up, LinearPlan down, int64_t num_heads, int64_t num_kv_heads,

@@ -24,15 +24,17 @@ of each such layer's forward (`attach_fused_decode`) when the one switch, `Execu
 (mistralrs/worker/options.py; `MISTRALRS_FUSED_DECODE=0` turns it off), is on. The plain modules stay the
 reference twin: they alone run when the switch is off, and in place of the fused call whenever it cannot run:
 the extension is not built (yet), a linear layer has adapters or a weight form the C++ side does not know (only
-dense weights and torch's CPU int4 forms are handled), a norm or activation other than those above, a forward
+dense weights, torch's CPU int4 forms and the int8 dot-product form of mistralrs/quant/qdot.py, whose kernels
+live in this extension, are handled), a norm or activation other than those above, a forward
 hook watches one of the layer's modules (imatrix collection), the step uses the "reference" attention backend,
 or the layer is not on the CPU.
 
 The extension (`EXTENSION`, a `LazyExtension` of mistralrs/layers/cpp_extension.py) is compiled with the system
 C++ compiler against the installed torch, once per machine: by `make chat` / `make test` up front, or else on
 first use at low priority in the background while the plain path serves (about 30 s on the development machine);
-it is cached under `~/.cache/mistralrs/extensions` and later processes import the cached build (~40 ms). A build
-that fails logs one warning and the plain path is used from then on.
+it is cached under `~/.cache/mistralrs/extensions` (keyed by the .cpp file and the headers of layers/qdot/ it
+includes) and later processes import the cached build (~40 ms). A build that fails logs one warning and the plain
+path is used from then on.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
     from mistralrs.worker.forward_batch import ForwardBatch
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
+# the quantized dot-product kernels it includes (mistralrs/layers/qdot/qdot.h); every file there is in the cache key
+QDOT_HEADERS = tuple(sorted(path for path in Path(__file__).with_name("qdot").iterdir()
+                            if path.suffix in (".h", ".inc")))
 
 
 class NormKind(enum.IntEnum):
@@ -74,7 +79,8 @@ class Activation(enum.IntEnum):
     GELU_TANH = 1  # F.gelu(approximate="tanh")
 
 
-EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode")  # the process's one copy of the compiled module
+# the process's one copy of the compiled module
+EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode", QDOT_HEADERS)
 
 
 def linear_spec(linear: Linear) -> tuple[list[FusedLinearPart], torch.Tensor | None] | None:

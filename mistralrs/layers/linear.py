@@ -48,6 +48,11 @@ class LinearMethodBase:
         (a tied embedding then shares it); None otherwise."""
         return None
 
+    def row_lookup(self, layer: Linear) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
+        """`(ids, dtype) -> [*ids.shape, in_features]`: rows of the layer's weight read from its own storage, when
+        its form has such a lookup (a tied embedding then uses it instead of a second copy); None otherwise."""
+        return None
+
     def fused_parts(self, layer: Linear) -> list[FusedLinearPart] | None:
         """What `apply` computes before the bias, as the weights the fused C++ decoder layer multiplies in turn
         (their outputs concatenated, then the bias added), bit for bit the same; None (the default) when the C++

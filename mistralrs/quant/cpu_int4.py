@@ -21,6 +21,10 @@ rounding of the scales and zeros to bfloat16:
 
 The zeros with a bias (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K) also round once more. MXFP4/NVFP4 scales reach 2^127,
 where 16 x would overflow the products: those two types take the tiled path.
+
+Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 take these forms only with `use_fast_kernels="int4"` or while the C++ extension is
+not built: by default they run the int8-activation dot products of mistralrs/quant/qdot.py, which are faster at
+decode sizes and hold Q8_0 in its own 8.5 bits a weight (mistralrs/quant/gguf_linear.py chooses).
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@
 collects the layer's checkpoint tensors (one per fused shard: q/k/v or gate/up), and once all have arrived
 builds the layer's `PackedWeight`s from their types (`build_packed_weight`):
 
-- CPU, bfloat16 activations: every type with an int4 form (all quantized types but MXFP4/NVFP4) is repacked
-  for torch's CPU int4 kernel (`FAST_CPU_BF16_KERNELS`, see mistralrs/quant/cpu_int4.py);
+- CPU, bfloat16 activations: the types with an int8-activation dot-product kernel (`QDOT_TYPES`: Q4_0, Q4_1,
+  Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) keep their blocks as they are and run that kernel (`QdotWeight`, mistralrs/quant/qdot.py)
+  when the C++ extension is built at load; every other type with an int4 form (all quantized types but
+  MXFP4/NVFP4), and those too with `use_fast_kernels="int4"` or before the extension is built, is repacked for
+  torch's CPU int4 kernel (`FAST_CPU_BF16_KERNELS`, see mistralrs/quant/cpu_int4.py);
 - every other quantized case (those two types, float32/float16 activations, CUDA): `BlockTiledWeight` keeps the
   blocks and dequantizes them tile by tile inside the matmul (mistralrs/quant/packed.py);
 - float tensors (F32/F16/BF16, dense or GGML-typed): a dense weight in the activation dtype;
@@ -40,6 +43,7 @@ from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import BLOCK_TYPES, FLOAT_TYPES
 from mistralrs.quant.packed import BlockTiledWeight, DenseWeight, PackedWeight, runs_by_key
 from mistralrs.quant.packed_linear import PackedLinearMethod
+from mistralrs.quant.qdot import QDOT_TYPES, QdotWeight, qdot_available
 
 # GGML type → builder of its fast form on the CPU with bfloat16 activations.
 FAST_CPU_BF16_KERNELS: dict[str, Callable[[GGMLTensor, torch.dtype], PackedWeight]] = {
@@ -55,17 +59,21 @@ def _kind(tensor: CheckpointTensor) -> str:
 
 
 def build_packed_weight(tensor: CheckpointTensor, dtype: torch.dtype, device: torch.device,
-                        use_fast_kernels: bool) -> PackedWeight:
-    """The compute form of one weight for `dtype` activations on `device` (see the module doc): an int4 form,
-    blocks dequantized per tile, or (float tensors, and everything when `use_fast_kernels` is False) dense."""
+                        use_fast_kernels: bool | str) -> PackedWeight:
+    """The compute form of one weight for `dtype` activations on `device` (see the module doc): the blocks with
+    the int8 dot-product kernel, an int4 form, blocks dequantized per tile, or (float tensors, and everything
+    when `use_fast_kernels` is False) dense. `use_fast_kernels="int4"` leaves out the int8 dot-product form."""
     device = torch.device(device)
     if not isinstance(tensor, GGMLTensor):
         return DenseWeight(tensor.to(device=device, dtype=dtype))
     if not use_fast_kernels or tensor.ggml_type in FLOAT_TYPES:
         return DenseWeight(tensor.to(device).dequantize(dtype))
-    fast = FAST_CPU_BF16_KERNELS.get(tensor.ggml_type)
-    if fast is not None and device.type == "cpu" and dtype == torch.bfloat16:
-        return fast(tensor, dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        if use_fast_kernels != "int4" and tensor.ggml_type in QDOT_TYPES and qdot_available():
+            return QdotWeight(tensor.to(device))
+        fast = FAST_CPU_BF16_KERNELS.get(tensor.ggml_type)
+        if fast is not None:
+            return fast(tensor, dtype)
     on_device = tensor.to(device)
     if on_device is tensor:  # own the bytes: the loader's tensors are views of the memory-mapped file
         on_device = tensor.with_rows(tensor.data.clone())
@@ -81,7 +89,7 @@ def _cat_shards(shards: Sequence[CheckpointTensor]) -> CheckpointTensor:
 
 
 def pack_checkpoint_tensors(shards: Sequence[CheckpointTensor], dtype: torch.dtype, device: torch.device,
-                            use_fast_kernels: bool) -> list[PackedWeight]:
+                            use_fast_kernels: bool | str) -> list[PackedWeight]:
     """The compute forms of a weight's consecutive shards: runs of one kind, each concatenated and packed."""
     return [build_packed_weight(_cat_shards(run), dtype, device, use_fast_kernels)
             for run in runs_by_key(shards, [_kind(shard) for shard in shards])]
@@ -93,7 +101,7 @@ class GGUFLinearMethod(PackedLinearMethod):
     One instance per layer. After loading, `weights` lists the layer's `PackedWeight`s in output-row order.
     """
 
-    def __init__(self, use_fast_kernels: bool = True):
+    def __init__(self, use_fast_kernels: bool | str = True):
         super().__init__(use_fast_kernels)
         self._pending: list[CheckpointTensor | None] = []  # per fused shard, until all have arrived
 
@@ -115,7 +123,8 @@ class GGUFLinearMethod(PackedLinearMethod):
 class GGUFQuantConfig(QuantConfig):
     """Every Linear loads through a `GGUFLinearMethod`; the one switch between fast kernels and the plain path."""
 
-    use_fast_kernels: bool = True  # False: dequantize every weight at load and use F.linear (the reference)
+    # False: dequantize every weight at load and use F.linear (the reference); "int4": no int8 dot products
+    use_fast_kernels: bool | str = True
 
     def linear_method(self, layer: Linear) -> LinearMethodBase:
         return GGUFLinearMethod(self.use_fast_kernels)

@@ -14,7 +14,7 @@ not compute (the layer then runs its plain modules).
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -34,15 +34,16 @@ class LinearKind(enum.IntEnum):
     DENSE = 0  # at::linear(x, weight, bias)
     INT4 = 1  # torch's CPU int4 kernel, one plane (Int4CpuWeight)
     INT4_PAIR = 2  # the same kernel over two planes fed 16 x then x (Int4CpuPairWeight)
+    QDOT = 3  # GGML blocks against int8-quantized activations (QdotWeight, mistralrs/quant/qdot.py)
 
 
 class FusedLinearPart(NamedTuple):
     """One packed weight as the fused C++ decoder layer takes it (the arguments of its `make_linear_part`)."""
 
     kind: LinearKind  # how the C++ side computes it
-    group_size: int  # int4 kinds: inputs per (scale, zero) pair; 0 for a dense weight
+    group_size: int  # int4 kinds: inputs per (scale, zero) pair; QDOT: the GGML type number; 0 for a dense weight
     out_features: int  # output rows (int4 kinds: rows of `weight` beyond it are padding, dropped)
-    weight: torch.Tensor  # the dense weight, or the int4 codes in torch's packed layout
+    weight: torch.Tensor  # the dense weight, the int4 codes in torch's packed layout, or GGML blocks (QDOT)
     scales_and_zeros: torch.Tensor | None  # int4 kinds: [K / group_size, padded_out, 2]; None for dense
 
 
@@ -62,6 +63,11 @@ class PackedWeight:
     def fused_part(self) -> FusedLinearPart | None:
         """This weight as the fused C++ decoder layer computes it, bit for bit as `matmul` does; None (the
         default) when the C++ side has no such kernel."""
+        return None
+
+    def row_lookup(self) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None:
+        """`(ids, dtype) -> [*ids.shape, in_features]`: rows of this weight read from its own storage, bit for bit
+        the dequantized checkpoint rows, for a tied embedding table; None (the default) when the form has none."""
         return None
 
 

@@ -75,6 +75,9 @@ class PackedLinearMethod(LinearMethodBase):
             return self.weights[0].weight
         return None
 
+    def row_lookup(self, layer: Linear):
+        return self.weights[0].row_lookup() if len(self.weights) == 1 else None
+
     def fused_parts(self, layer: Linear) -> list[FusedLinearPart] | None:
         """Each packed weight's own fused form (`PackedWeight.fused_part`); None when one has none."""
         parts = [weight.fused_part() for weight in self.weights]

