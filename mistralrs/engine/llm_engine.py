@@ -39,6 +39,7 @@ from mistralrs.quant.isq import re_isq_config
 from mistralrs.quant.isq_types import parse_isq_type
 from mistralrs.sample.grammar import json_schema_source
 from mistralrs.vision.images import ImageSourcePolicy
+from mistralrs.worker.host_memory import bound_heap_retention
 from mistralrs.worker.speculative import SpeculationStats, SpeculativeRunner
 
 if TYPE_CHECKING:  # the image and diffusion sides are imported by the models that have them (PIL among them)
@@ -108,6 +109,7 @@ class LLMEngine:
             raise ValueError("which_draft: speculative decoding needs the KV cache (no_kv_cache=True)")
         if draft is not None and spec.kind in (LoadKind.VISION, LoadKind.DIFFUSION):
             raise ValueError(f"which_draft: speculative decoding applies to text models, not {spec.label}")
+        bound_heap_retention()  # freed activations and load temporaries go back to the system (worker/host_memory.py)
         loaded = on_short_lived_thread(lambda: load(spec))
         self.model_id = loaded.model_id  # the `model` of every response
         self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
