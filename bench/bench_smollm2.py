@@ -80,7 +80,9 @@ def main() -> None:
                str(PROMPT_TOKENS), str(DECODE_TOKENS), str(CONCURRENT)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads),
                    MISTRALRS_NO_PROGRESS="1", MISTRALRS_CPU_THREADS="auto")
-        if engine != "reference":
+        if engine == "reference":  # its own mistralrs, not this tree's (nor one a PYTHONPATH of the caller names)
+            env.pop("PYTHONPATH", None)
+        else:
             env["PYTHONPATH"] = os.path.dirname(HERE)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
