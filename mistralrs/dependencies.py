@@ -11,8 +11,8 @@ include `llguidance.py`, `gguf.py`, `regex.py` and `lark.py`, side by side. `imp
   behind it.
 
 `import mistralrs` imports the packages every model needs (`CORE_DEPENDENCIES`) this way; the others are
-imported at first use (llguidance when a grammar is compiled, PyYAML when a topology file is read). GGUF files
-are read without the `gguf` package (mistralrs/formats/gguf_format.py).
+imported at first use (jinja2 when a chat template is compiled, llguidance when a grammar is, PyYAML when a
+topology file is read). GGUF files are read without the `gguf` package (mistralrs/formats/gguf_format.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DEPENDENCIES: dict[str, Dependency] = {dep.name: dep for dep in (
     Dependency("llguidance", "LLMatcher", "grammar-constrained generation"),
     Dependency("yaml", "safe_load", "topology files"),
 )}
-CORE_DEPENDENCIES = ("torch", "numpy", "safetensors", "tokenizers", "jinja2")  # imported by `import mistralrs`
+CORE_DEPENDENCIES = ("torch", "numpy", "safetensors", "tokenizers")  # imported by `import mistralrs`
 
 
 def import_dependency(name: str) -> ModuleType:

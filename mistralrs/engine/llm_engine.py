@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,26 +27,26 @@ from mistralrs.adapters.lora import activate_adapters
 from mistralrs.adapters.runtime import request_adapter_set
 from mistralrs.api.enums import ToolChoice
 from mistralrs.api.requests import ChatCompletionRequest, CompletionRequest
-from mistralrs.diffusion.pipeline import check_image_size, check_prompt
 from mistralrs.engine.assembly import ChatAssembler, CompletionAssembler, EngineMessage
 from mistralrs.engine.builder import EngineConfig, build_command_engine, build_engine, on_short_lived_thread
 from mistralrs.engine.chat_messages import template_messages
 from mistralrs.engine.commands import ActivateAdapters, GenerateImage, ReIsq
-from mistralrs.engine.image_prompt import ImagePrompter
-from mistralrs.engine.images import image_response, parse_response_format
 from mistralrs.engine.input_processor import GenerationOptions
 from mistralrs.engine.request import EngineRequest, RequestFinished
 from mistralrs.engine.tensor_parallel import TPRuntime, apply_re_isq, check_supported, run_node
 from mistralrs.engine.tool_calls import forced_call_schema
 from mistralrs.distributed.launch import tp_plan
-from mistralrs.loader.diffusion_loader import LoadedDiffusion
 from mistralrs.loader.pipeline import LoadedModel, load
 from mistralrs.loader.spec import LoadKind, LoadSpec
 from mistralrs.quant.isq_types import parse_isq_type
 from mistralrs.sample.grammar import json_schema_source
-from mistralrs.vision.base import ImageInputs
 from mistralrs.vision.images import ImageSourcePolicy
+from mistralrs.worker.host_memory import bound_heap_retention
 from mistralrs.worker.speculative import SpeculationStats, SpeculativeRunner
+
+if TYPE_CHECKING:  # the image and diffusion sides are imported by the models that have them (PIL among them)
+    from mistralrs.loader.diffusion_loader import LoadedDiffusion
+    from mistralrs.vision.base import ImageInputs
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class LLMEngine:
         self._tp: TPRuntime | None = None  # the tensor-parallel runtime when the model is sharded over ranks
         self.image_policy = ImageSourcePolicy.for_library()  # image sources a request may name (the Python API's)
         self._diffusion: LoadedDiffusion | None = None  # the image pipeline of a diffusion model, else None
+        bound_heap_retention()  # freed activations and load temporaries go back to the system (worker/host_memory.py)
         plan = tp_plan(spec.execution, os.environ, torch.cuda.device_count())
         if plan is not None:
             check_supported(spec, draft is not None)
@@ -126,7 +128,7 @@ class LLMEngine:
                 raise
             return
         loaded = on_short_lived_thread(lambda: load(spec))
-        if isinstance(loaded, LoadedDiffusion):
+        if not isinstance(loaded, LoadedModel):  # a diffusion model's LoadedDiffusion
             self.model_id = loaded.model_id
             self._diffusion = loaded
             self._image_generator = (torch.Generator(loaded.device).manual_seed(config.seed)
@@ -147,8 +149,11 @@ class LLMEngine:
                                                   peers=self._tp)
         processor = self._loaded.vision_processor
         # a vision model's image side of the front door (engine/image_prompt.py); None for a text model
-        self._images = None if processor is None else ImagePrompter(processor, self._inputs,
-                                                                     self._loaded.model.image_token_id)
+        self._images = None
+        if processor is not None:
+            from mistralrs.engine.image_prompt import ImagePrompter
+
+            self._images = ImagePrompter(processor, self._inputs, self._loaded.model.image_token_id)
 
     def _text_model(self, what: str) -> None:
         """ValueError for a token request (`what`) to a diffusion model."""
@@ -358,6 +363,9 @@ class LLMEngine:
         if self._diffusion is None:
             raise ValueError("generate_image: this is a text model; image generation needs a diffusion model "
                              "(Which.DiffusionPlain)")
+        from mistralrs.diffusion.pipeline import check_image_size, check_prompt
+        from mistralrs.engine.images import image_response, parse_response_format
+
         response_format = parse_response_format(response_format)
         check_prompt(prompt)
         check_image_size(height, width)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mistralrs.engine.stop_strings import StopStringMatcher, check_stop_strings
 from mistralrs.sample import SamplingParams
 from mistralrs.sample.grammar import CompiledGrammar
-from mistralrs.vision.base import ImageInputs
+
+if TYPE_CHECKING:
+    from mistralrs.vision.base import ImageInputs
 
 
 @dataclass

@@ -9,33 +9,51 @@ its body. Sources of templates (files, JSON, `tokenizer_config.json` lists) are 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime, timezone
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from mistralrs.dependencies import import_dependency
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
-class _GenerationBlock(jinja2.ext.Extension):
+@functools.cache
+def _jinja() -> ModuleType:
+    """The jinja2 package with the submodules used here, imported when the first template is compiled (a model
+    without a chat template, and `import mistralrs`, leave it out)."""
+    jinja2 = import_dependency("jinja2")  # the installed package, never a user's file of that name
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.sandbox
+    return jinja2
+
+
+@functools.cache
+def _generation_block() -> type:
     """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): renders the body."""
+    jinja2 = _jinja()
 
-    tags = {"generation"}
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
 
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+        def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
 
-    def _render_body(self, caller: Any) -> str:
-        return caller()
+        def _render_body(self, caller: Any) -> str:
+            return caller()
+
+    return GenerationBlock
 
 
 def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
+    raise _jinja().exceptions.TemplateError(message)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -48,8 +66,9 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    jinja2 = _jinja()
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[_generation_block(), jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -69,7 +88,7 @@ class ChatTemplate:
         self.unk_token = unk_token
         try:
             self._template = _environment().from_string(source)
-        except jinja2.TemplateError as e:
+        except _jinja().TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
@@ -87,7 +106,7 @@ class ChatTemplate:
             context["tools"] = tools
         try:
             return self._template.render(**context)
-        except jinja2.TemplateError as e:
+        except _jinja().TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
 
 

@@ -443,6 +443,11 @@ class GGUFModel:
                 for name, part in zip(entry.target.hf_names, self._split(entry, weight)):
                     yield name, self._transform(name, part)
             _release_pages(entry.data, entry.info.offset, entry.info.nbytes)
+        # Once more for every tensor, after the consumer has taken the last one: a fused projection's shards are
+        # packed when the last shard arrives, which reads the earlier shards' pages again after their release
+        # (SmolLM2: 29 MB of q/k/v and gate/up blocks left resident otherwise).
+        for entry in self._entries:
+            _release_pages(entry.data, entry.info.offset, entry.info.nbytes)
 
     @staticmethod
     def _read(entry: TensorEntry, dtype: torch.dtype, keep_quantized: bool) -> torch.Tensor | GGMLTensor:

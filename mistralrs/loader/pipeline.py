@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,18 +19,12 @@ from mistralrs.adapters.xlora import apply_xlora
 from mistralrs.distributed.group import current_group
 from mistralrs.loader.adapter_files import lora_files, xlora_files
 from mistralrs.loader.anymoe_training import apply_anymoe, check_anymoe
-from mistralrs.loader.diffusion_loader import LoadedDiffusion, load_flux
 from mistralrs.loader.ggml_loader import open_ggml
 from mistralrs.loader.gguf_loader import open_gguf
 from mistralrs.loader.safetensors_loader import iter_safetensors, load_model
 from mistralrs.loader.source import ModelSource
 from mistralrs.loader.spec import AdapterKind, IsqSpec, LoadKind, LoadSpec
-from mistralrs.loader.text_only import text_only_config, text_only_weights
 from mistralrs.loader.tokenizer import TokenizerBundle, load_tokenizer_bundle
-from mistralrs.loader.vision_loader import (
-    build_vision_model, canonical_weights, read_processor_files, vision_context_length, vision_family,
-    vision_processor,
-)
 from mistralrs.quant.gguf_linear import GGUFQuantConfig
 from mistralrs.quant.gguf_moe import GGUFModelQuantConfig
 from mistralrs.quant.isq import IsqQuantConfig, isq_config_from_options
@@ -37,9 +32,12 @@ from mistralrs.quant.topology import Topology
 from mistralrs.quant.uqff import (
     COPIED_FILES, RESIDUAL_FILENAME, UqffQuantConfig, check_uqff_path, resolve_uqff_path, write_model_uqff,
 )
-from mistralrs.vision.base import VisionProcessor
 from mistralrs.worker.auto_device_map import AutoMapParams
 from mistralrs.worker.device_map import DeviceMapSpec
+
+if TYPE_CHECKING:  # the vision and diffusion loaders are imported by the loaders of those kinds only
+    from mistralrs.loader.diffusion_loader import LoadedDiffusion
+    from mistralrs.vision.base import VisionProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +159,8 @@ def _calibrate(model: nn.Module, tokenizer: TokenizerBundle, config: dict, isq: 
 
 def _load_plain(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     """A safetensors model, quantized in situ (`spec.isq`, the topology) or read from UQFF as the spec asks."""
+    from mistralrs.loader.text_only import text_only_config, text_only_weights
+
     source = ModelSource(spec.model_id, token=spec.token)
     checkpoint_config = _read_json(source.get("config.json"))
     config = text_only_config(checkpoint_config)  # a vision checkpoint loads as its text decoder
@@ -236,12 +236,14 @@ def _load_gguf(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     device = device_map.main
     gguf = open_gguf([source.get(name) for name in spec.filenames])
     dtype = resolve_dtype(spec.dtype, device)
+    # the tokenizer first: building a large vocabulary's (Gemma 3: 262k tokens, 513k merges) takes ~100 MB for a
+    # moment, which then does not come on top of the packed weights
+    tokenizer = _quantized_file_tokenizer(spec, gguf.metadata)
     weights = _progress(gguf.iter_weights(dtype, keep_quantized=True), len(gguf.tensor_types), spec.show_progress,
                         "loading")
     model = load_model(gguf.config, weights, arch_name=None, dtype=dtype, device=device, device_map=device_map,
                        quant_config=GGUFModelQuantConfig(use_fast_kernels=spec.execution.fast_kernels),
                        stored_types=gguf.tensor_types)
-    tokenizer = _quantized_file_tokenizer(spec, gguf.metadata)
     max_len = int(gguf.config.get("max_position_embeddings", 4096))
     return LoadedModel(model, tokenizer, spec.model_id, max_len, dtype, device, quantized_file=True)
 
@@ -279,6 +281,9 @@ def _load_ggml(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
     """A safetensors vision-language model and its image processor; ISQ (`spec.isq`, the topology), UQFF, the
     imatrix or calibration, and the device map apply to its text decoder (mistralrs/loader/vision_loader.py)."""
+    from mistralrs.loader.vision_loader import (build_vision_model, canonical_weights, read_processor_files,
+                                                vision_context_length, vision_family, vision_processor)
+
     source = ModelSource(spec.model_id, token=spec.token)
     config = _read_json(source.get("config.json"))
     family = vision_family(config, spec.arch)
@@ -303,6 +308,8 @@ def _load_vision(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedModel:
 
 def _load_diffusion(spec: LoadSpec, device_map: DeviceMapSpec) -> LoadedDiffusion:
     """A FLUX image model (diffusers layout) on the model's device."""
+    from mistralrs.loader.diffusion_loader import load_flux
+
     return load_flux(spec, device_map.main, resolve_dtype(spec.dtype, device_map.main))
 
 

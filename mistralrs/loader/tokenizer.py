@@ -194,17 +194,19 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[in
     differ only when two equal-score merges compete inside one piece of text).
     """
     mergeable = [i for i, kind in enumerate(types) if kind == TOKEN_TYPE_NORMAL]
-    pieces = {tokens[i] for i in mergeable}
+    # each piece maps to the vocabulary's own string, so that a merge holds no copies (Gemma 3: 513k merges of
+    # 262k tokens, about 100 MB more while the tokenizer is built if every merge kept its two slices)
+    pieces = {tokens[i]: tokens[i] for i in mergeable}
     mergeable.sort(key=lambda i: (-scores[i], i))
     merges = []
     append = merges.append
     for i in mergeable:
         token = tokens[i]
         for cut in range(1, len(token)):
-            left = token[:cut]
-            if left in pieces:
-                right = token[cut:]
-                if right in pieces:
+            left = pieces.get(token[:cut])
+            if left is not None:
+                right = pieces.get(token[cut:])
+                if right is not None:
                     append((left, right))
     return merges
 

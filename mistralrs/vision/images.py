@@ -24,8 +24,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, UnidentifiedImageError
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # encoded bytes of one image (a 4K PNG is ~10 MiB)
 DEFAULT_MAX_PIXELS = 40_000_000  # pixels of one image (7680 x 5200); PIL's own bomb check starts at ~89M
@@ -80,6 +82,8 @@ class ImageSourcePolicy:
 
 def load_image(source: object, policy: ImageSourcePolicy, where: str) -> Image.Image:
     """The RGB image `source` names (see the module docstring); ImageInputError naming `where` otherwise."""
+    from PIL import Image  # imported here: an engine that never reads an image leaves PIL out
+
     if isinstance(source, Image.Image):
         _check_pixels(source, policy, where)
         return source.convert("RGB")
@@ -189,6 +193,8 @@ def _check_pixels(image: Image.Image, policy: ImageSourcePolicy, where: str) -> 
 
 def _decode(data: bytes, policy: ImageSourcePolicy, where: str) -> Image.Image:
     """The RGB image encoded in `data`; its size is checked from the header before the pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
     if len(data) > policy.max_bytes:
         raise ImageInputError(f"{where}: the image has {len(data)} bytes; at most {policy.max_bytes} are accepted",
                               where)

@@ -1,7 +1,8 @@
 """Vision model registry: the `*ForConditionalGeneration` class and processor of each vision architecture.
 
-Each family file under `mistralrs/vision/` calls `register_vision(...)` at import time; `mistralrs/vision/__init__.py`
-imports every family file, so importing this package fills the registry. Keys: the `VisionArchitecture` enum name
+Each family file under `mistralrs/vision/` calls `register_vision(...)` at import time; the lookups below import
+every family file first (`_register_families`), so the registry is full whenever it is read, and nothing of the
+vision models is imported before a lookup. Keys: the `VisionArchitecture` enum name
 (lower-cased, as `api/enums.py` spells it) and the HF `architectures` string.
 """
 
@@ -38,14 +39,24 @@ def register_vision(arch_name: str, hf_architectures: tuple[str, ...], model_cls
     return family
 
 
+def _register_families() -> None:
+    """Imports every family file (each registers itself on its first import)."""
+    from mistralrs.vision import (  # noqa: F401  (imported to register)
+        gemma3, idefics2, idefics3, llava, llava_next, minicpmo, mistral3, mllama, phi3v, phi4mm, qwen2_5_vl,
+        qwen2_vl,
+    )
+
+
 def supported_vision_archs() -> list[str]:
     """The registered VisionArchitecture names."""
+    _register_families()
     return sorted(family.arch_name for family in set(_BY_ARCH_NAME.values()))
 
 
 def vision_family_for(architectures: list[str] | None, arch_name: str | None) -> VisionFamily:
     """The family of a forced `arch_name` (a VisionArchitecture name), else of the config's `architectures`;
     ValueError naming what is supported when there is none."""
+    _register_families()
     if arch_name is not None:
         family = _BY_ARCH_NAME.get(str(arch_name).lower())
         if family is None:
