@@ -85,7 +85,8 @@ def test_disconnect_during_prefill_cancels(slow_prefill, stream, monkeypatch):
 
 def test_keep_alive_comments_while_waiting(slow_prefill):
     server, _runner = slow_prefill
-    conn, response = open_stream(server, "/v1/completions", {"prompt": "p" * 400, "max_tokens": 2})
+    # a prompt of its own: the cancelled requests above may have left "p" * 400 in the prefix cache
+    conn, response = open_stream(server, "/v1/completions", {"prompt": "q" * 400, "max_tokens": 2})
     lines = response.read().split(b"\n\n")
     conn.close()
     assert lines[0] == b": keep-alive"   # sent during the prefill, before the first token
