@@ -22,8 +22,8 @@ import torch
 from mistralrs.layers.fused_decode import EXTENSION
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import block_type
-from mistralrs.quant.qdot import (LEGACY_TYPES, QDOT_TYPES, QdotWeight, activation_error_bound, qdot_reference,
-                                  quantize_activations)
+from mistralrs.quant.qdot import (KQUANT_TYPES, LEGACY_TYPES, QDOT_TYPES, QdotWeight, activation_error_bound,
+                                  qdot_reference, quantize_activations)
 from tests.quant.test_cpu_int4 import quantized
 
 ACCUMULATION_TOLERANCE = 2.0**-20  # kernel vs qdot_reference, relative to sum |x| |w| (float32 sums of ~100 terms)
@@ -118,20 +118,21 @@ def test_the_error_bound_is_tight_enough_to_mean_something():
     assert error.max() > 0.05 * activation_error_bound(x, dequantized).max()
 
 
-@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+@pytest.mark.parametrize("ggml_type", [*sorted(LEGACY_TYPES), *sorted(KQUANT_TYPES)])
 def test_bfloat16_activations_give_the_float32_result_rounded(extension, ggml_type):
-    tensor = quantized(ggml_type, 33, 64, seed=5)
-    x = torch.randn(3, 64).to(torch.bfloat16)
+    tensor = quantized(ggml_type, 33, 512, seed=5)   # 512 inputs: whole blocks of every type, legacy and K
+    x = torch.randn(3, 512).to(torch.bfloat16)
     weight = QdotWeight(tensor)
     got = weight.matmul(x)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, weight.matmul(x.float()).to(torch.bfloat16))
-    assert torch.equal(weight.matmul(x.reshape(3, 1, 64)), got.reshape(3, 1, 33))
+    assert torch.equal(weight.matmul(x.reshape(3, 1, 512)), got.reshape(3, 1, 33))
 
 
-def test_the_thread_count_does_not_change_the_result(extension):
-    tensor = quantized("Q4_1", 300, 128, seed=2)
-    x = torch.randn(5, 128)
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q6_K"])
+def test_the_thread_count_does_not_change_the_result(extension, ggml_type):
+    tensor = quantized(ggml_type, 300, 512, seed=2)
+    x = torch.randn(5, 512)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -142,30 +142,6 @@ def test_embedding_rows_are_the_dequantized_table(extension):
     assert torch.equal(got, tensor.dequantize_selected_rows(ids, torch.bfloat16))
 
 
-@pytest.mark.parametrize("ggml_type", K_TYPES)
-def test_bfloat16_activations_give_the_float32_result_rounded(extension, ggml_type):
-    tensor = quantized(ggml_type, 33, 512, seed=5)
-    x = torch.randn(3, 512).to(torch.bfloat16)
-    weight = QdotWeight(tensor)
-    got = weight.matmul(x)
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, weight.matmul(x.float()).to(torch.bfloat16))
-    assert torch.equal(weight.matmul(x.reshape(3, 1, 512)), got.reshape(3, 1, 33))
-
-
-def test_the_thread_count_does_not_change_the_result(extension):
-    tensor = quantized("Q6_K", 300, 512, seed=2)
-    x = torch.randn(5, 512)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = QdotWeight(tensor).matmul(x)
-        torch.set_num_threads(max(2, before))
-        assert torch.equal(QdotWeight(tensor).matmul(x), one)
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_bad_input_names_the_field(extension):
     tensor = quantized("Q4_K", 8, 512, seed=0)
     with pytest.raises(RuntimeError, match="in_features=320 is not a multiple of 256"):
