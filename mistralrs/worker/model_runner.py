@@ -144,11 +144,7 @@ class ModelRunner:
         logits), whose results the head samples from."""
         batch = self.build_batch(step.chunks)
         with self.cpu_threads.step(batch.num_tokens):
-            hidden = self.hidden_states(batch, step.scheduled(), step.adapter_sets)
-            rows = [i for i, sample in enumerate(step.sample) if sample]
-            if rows:
-                self.model.compute_logits(hidden[batch.last_token_indices[torch.tensor(
-                    rows, device=batch.last_token_indices.device)]])
+            self._sampled_logits(batch, self.hidden_states(batch, step.scheduled(), step.adapter_sets), step.sample)
 
     def build_batch(self, chunks: list[SeqChunk]) -> ForwardBatch:
         """The step's `ForwardBatch` of `chunks` over this runner's KV cache."""
@@ -171,11 +167,9 @@ class ModelRunner:
                             sets: list[tuple[str, ...] | None]) -> dict[int, list[SampledToken]]:
         embeds = self._image_inputs(batch, output, sampling) if self.images is not None else None
         hidden = self.hidden_states(batch, output.scheduled, sets, embeds)
-        sample_rows = [i for i, s in enumerate(output.scheduled) if s.sample]
-        if not sample_rows:
+        sample_rows, logits = self._sampled_logits(batch, hidden, [s.sample for s in output.scheduled])
+        if logits is None:
             return {}
-        rows_index = batch.last_token_indices[torch.tensor(sample_rows, device=batch.last_token_indices.device)]
-        logits = self.model.compute_logits(hidden[rows_index])
         rows = []
         for i in sample_rows:
             seq = output.scheduled[i].seq
@@ -184,6 +178,16 @@ class ModelRunner:
                                     seq_sampling.generator))
         tokens = self.sampler(logits, rows)
         return {output.scheduled[i].seq.seq_id: [tok] for i, tok in zip(sample_rows, tokens)}
+
+    def _sampled_logits(self, batch: ForwardBatch, hidden: torch.Tensor,
+                        sample: list[bool]) -> tuple[list[int], torch.Tensor | None]:
+        """The chunks that end in a sampled row (indices into the step) and their rows' logits; None when no chunk
+        does. Every rank of a tensor-parallel group makes this call (a vocab-parallel LM head gathers)."""
+        rows = [i for i, sampled in enumerate(sample) if sampled]
+        if not rows:
+            return rows, None
+        index = batch.last_token_indices[torch.tensor(rows, device=batch.last_token_indices.device)]
+        return rows, self.model.compute_logits(hidden[index])
 
     def _image_inputs(self, batch: ForwardBatch, output: SchedulerOutput,
                       sampling: dict[int, SeqSampling]) -> torch.Tensor | None:
