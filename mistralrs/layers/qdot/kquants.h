@@ -235,40 +235,21 @@ inline void kquant_dequantize_scalar(int64_t type, const uint8_t* w, int64_t cou
 }  // namespace qdot
 
 #if QDOT_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+QDOT_TARGET_BEGIN("avx2,fma,f16c")
 namespace qdot::avx2 {
 #define KQUANT_VNNI 0
 #include "kquants_simd.inc"
 #undef KQUANT_VNNI
 }  // namespace qdot::avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+QDOT_TARGET_END
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
-#endif
+QDOT_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
 namespace qdot::vnni {
 #define KQUANT_VNNI 1
 #include "kquants_simd.inc"
 #undef KQUANT_VNNI
 }  // namespace qdot::vnni
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+QDOT_TARGET_END
 #endif  // QDOT_X86
 
 namespace qdot {

@@ -157,12 +157,7 @@ void legacy_groups_scalar(const uint8_t* packed, int64_t g0, int64_t g1, const A
 }  // namespace qdot
 
 #if QDOT_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+QDOT_TARGET_BEGIN("avx2,fma,f16c")
 namespace qdot::avx2 {
 // acc + per 32-bit lane the sum of 4 products u8 * s8. Codes reaching 255 (Q8_0) would saturate pmaddubsw's
 // 16-bit pairs: those are turned back into signed bytes w = u - 128 and multiplied as |w| * sign(q, w), so the
@@ -179,20 +174,11 @@ struct Dot {
 };
 #include "legacy_simd.inc"
 }  // namespace qdot::avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+QDOT_TARGET_END
 
 // Rows [8 g0, 8 g1) dequantized into `out` (row-major, `in_features` a row; rows past `num_rows` skipped), the
 // values of legacy_dequantize_row. Compiled without FMA, so that d * (u - offset) + m rounds twice, as gguf's.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c")
-#endif
+QDOT_TARGET_BEGIN("avx2,f16c")
 namespace qdot::avx2_exact {
 template <class T>
 void legacy_dequantize_groups(const uint8_t* packed, int64_t num_blocks, int64_t g0, int64_t g1, int64_t num_rows,
@@ -243,19 +229,9 @@ void legacy_dequantize_groups(const uint8_t* packed, int64_t num_blocks, int64_t
   }
 }
 }  // namespace qdot::avx2_exact
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+QDOT_TARGET_END
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
-#endif
+QDOT_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
 namespace qdot::vnni {
 // vpdpbusd: 32-bit sums without saturation, for every code width.
 struct Dot {
@@ -265,11 +241,7 @@ struct Dot {
 };
 #include "legacy_simd.inc"
 }  // namespace qdot::vnni
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+QDOT_TARGET_END
 #endif  // QDOT_X86
 
 namespace qdot {

@@ -35,6 +35,18 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+
+// Code between QDOT_TARGET_BEGIN("avx2,...") and QDOT_TARGET_END is compiled for those instruction sets (the
+// translation unit itself is not), and runs only where the CPU has them (chosen at run time).
+#define QDOT_PRAGMA(text) _Pragma(#text)
+#if defined(__clang__)
+#define QDOT_TARGET_BEGIN(targets) \
+  QDOT_PRAGMA(clang attribute push(__attribute__((target(targets))), apply_to = function))
+#define QDOT_TARGET_END QDOT_PRAGMA(clang attribute pop)
+#else
+#define QDOT_TARGET_BEGIN(targets) QDOT_PRAGMA(GCC push_options) QDOT_PRAGMA(GCC target(targets))
+#define QDOT_TARGET_END QDOT_PRAGMA(GCC pop_options)
+#endif
 #define QDOT_X86 1
 #else
 #define QDOT_X86 0
