@@ -16,6 +16,7 @@ from mistralrs import AnyMoeExpertType, Architecture, IsqOrganization, ModelDTyp
 from mistralrs.api.enums import TextAutoMapParams, VisionAutoMapParams
 from mistralrs.api.toml_selector import parse_toml_selector, read_toml_selector
 from mistralrs.cli import build_server_parser, main, server_main, which_from_args
+from tests.terminal import prompts_shown
 from tests.tiny_models import make_tiny_model_dir
 
 GGUF_FIELDS = 'quantized_model_id = "Q"\nquantized_filename = "m.gguf"\n'
@@ -163,7 +164,7 @@ def test_mistralrs_toml_chats_with_a_plain_model(tiny, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
     main(["toml", "-f", str(selector)])
     out = capsys.readouterr().out
-    assert "Chatting with" in out and out.count("> ") == 2
+    assert "Chatting with" in out and prompts_shown(out) == 2
 
 
 def test_mistralrs_server_toml_serves_a_gguf_model_in_the_terminal(tiny, monkeypatch, capsys):
@@ -181,7 +182,7 @@ def test_mistralrs_server_toml_serves_a_gguf_model_in_the_terminal(tiny, monkeyp
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\\exit\n"))
     server_main(["-i", "toml", "-f", str(selector)])
     out = capsys.readouterr().out
-    assert "Chatting with tiny.gguf" in out and out.count("> ") == 2
+    assert "Chatting with tiny.gguf" in out and prompts_shown(out) == 2
 
 
 def test_a_bad_selector_file_stops_the_command_naming_the_field(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from mistralrs import Which
 from mistralrs.cli import build_parser, build_server_parser, server_config_from_args, server_main, which_from_args
 from tests.server.conftest import wait_until
+from tests.terminal import prompts_shown
 
 
 def test_reference_argument_order_selects_the_model():
@@ -76,7 +77,7 @@ def test_interactive_mode_chats_in_the_terminal(tiny_model, monkeypatch, capsys)
     server_main(["-i", "plain", "-m", str(tiny_model[0]), "-d", "f32"])
     out = capsys.readouterr().out
     assert "Chatting with" in out
-    assert out.count("> ") == 4   # a reply, the \system line, the error, then the prompt at which \exit was typed
+    assert prompts_shown(out) == 4   # a reply, the \system line, the error, then the prompt at which \exit was typed
     assert "error: Prompt sequence length is greater than" in out
 
 

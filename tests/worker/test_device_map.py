@@ -271,7 +271,11 @@ def test_a_cpu_model_runs_with_settings_that_name_only_the_cpu(tiny_dir, tmp_pat
     plain = _greedy(Runner(Which.Plain(model_id=str(tiny_dir), dtype=ModelDType.F32), show_progress=False))
     if torch.cuda.is_available():
         pytest.skip("the model's device is CUDA here (covered by the CUDA tests below)")
-    assert _greedy(Runner(which, num_device_layers=["1"], show_progress=False)) == plain
+    text, logprobs = _greedy(Runner(which, num_device_layers=["1"], show_progress=False))
+    # The engine's thread chooser may pick another thread count for either run on a busy machine, which moves
+    # float32 sums in the last bits.
+    assert text == plain[0]
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(plain[1]), atol=1e-5, rtol=0)
 
 
 def test_gguf_topology_accepts_devices_and_refuses_isq(tmp_path):
