@@ -173,9 +173,14 @@ class IsqLinearMethod(PackedLinearMethod):
             self._adopt(layer)
             return
         num_shards = self.num_shards or len(layer.output_partition_sizes)
-        if num_shards not in (1, len(layer.output_partition_sizes)):
-            raise ValueError(f"{layer.prefix}: {num_shards} checkpoint shards for a layer of "
-                             f"{len(layer.output_partition_sizes)} partitions")
+        partitions = len(layer.output_partition_sizes)
+        if num_shards not in (1, partitions):
+            raise ValueError(f"{layer.prefix}: {num_shards} checkpoint shards for a layer of {partitions} partitions")
+        if layer.tp is not None and num_shards < partitions:
+            # a tensor-parallel layer gets a fused checkpoint tensor cut per part (`Linear.local_pieces`); every part
+            # has the whole input, so the tensor's importances
+            num_shards = partitions
+            self.imatrix = None if self.imatrix is None else list(self.imatrix) * partitions
         self.num_shards = num_shards
         self.states = [None] * num_shards
         self._biases = [None] * num_shards

@@ -79,7 +79,7 @@ CASES = {
 }
 # ISQ Q8_0 quantizes each rank's shards; the row-parallel splits of these configs fall on 32-column blocks, so the
 # ranks quantize the very blocks the single process does (a split inside a block quantizes other blocks)
-ISQ_CASES = ("llama", "mixtral", "deepseek_v2")
+ISQ_CASES = ("llama", "mixtral", "deepseek_v2", "phi3")  # Phi-3: qkv_proj and gate_up_proj stored fused, cut per part
 # GGUF files of tests/loader/test_gguf_archs.py: experts kept in blocks (Mixtral); Phi-3's fused qkv/gate_up cut per
 # part; DeepSeek V2's widths (experts 32 -> 16 + 16 columns, o_proj 48 -> 24 + 24) split inside Q8_0 blocks, so
 # those row-parallel shards are dequantized
