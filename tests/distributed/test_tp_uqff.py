@@ -14,7 +14,8 @@ reference wheel wrote (tests/fixtures/uqff: Phi-3, whose qkv/gate_up are one sto
   tied head's rows are dequantized: the embedding keeps its own table).
 - imatrix with Q4K: every input 512 columns wide, so each rank quantizes whole super-blocks.
 
-Rank 0's float32 logits within 1e-4 of the one process on the same file, greedy tokens equal.
+Rank 0's float32 logits within 1e-4 of the one process on the same file, greedy tokens equal. Through a `Runner`
+(MISTRALRS_TP_SIZE=2), a file a one-process `Runner` wrote gives that `Runner`'s tokens and logprobs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 import torch
 import transformers
 
+from mistralrs import Runner
 from mistralrs.api.enums import IsqOrganization, ModelDType
 from mistralrs.api.which import Which
 from mistralrs.distributed.group import TPGroup, building_for
@@ -33,11 +35,13 @@ from mistralrs.quant.imatrix import write_cimatrix
 from mistralrs.quant.isq import isq_layers
 from mistralrs.quant.uqff import UqffLinearMethod, UqffMoEMethod
 from tests.distributed.test_tp_loader import _refused
+from tests.distributed.test_runtime import NO_SPECIAL, PROMPTS, assert_same_choice, chat, tp_runner
 from tests.distributed.test_tp_models import run_model
 from tests.distributed.tp_harness import run_on_ranks
 from tests.fixtures.uqff import make_reference_uqff as ref
 from tests.loading import load_which
 from tests.models import family_harness as harness
+from tests.tiny_models import make_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -183,3 +187,29 @@ def test_imatrix_under_two_ranks_quantizes_each_shard_with_its_columns(runs):
     without = runs["llama_q4k_no_imatrix"][1]
     assert sharded["forms"] == {}  # ISQ, not a file
     assert (whole["logits"][0] - without["logits"][0]).abs().max() > 100 * ATOL
+
+
+def test_runner_serves_a_uqff_file_under_two_ranks(tmp_path, monkeypatch):
+    """Through the public API: the file a one-process `Runner` writes (ISQ Q4K), served by a `Runner` with
+    MISTRALRS_TP_SIZE=2, gives the one-process `Runner`'s greedy tokens and logprobs on that file."""
+    make_tiny_model_dir(tmp_path / "llama", "llama")
+    out = tmp_path / "uqff" / "llama-q4k.uqff"
+    Runner(Which.Plain(model_id=str(tmp_path / "llama"), write_uqff=str(out), dtype=ModelDType.F32),
+           in_situ_quant="Q4K", show_progress=False).close()
+
+    def reader() -> Runner:
+        return Runner(Which.Plain(model_id=str(out.parent), from_uqff=out.name, dtype=ModelDType.F32),
+                      show_progress=False)
+
+    alone = reader()
+    try:
+        want = [chat(alone, prompt, logit_bias=NO_SPECIAL) for prompt in PROMPTS[:2]]
+    finally:
+        alone.close()
+    runner = tp_runner(reader, monkeypatch)
+    try:
+        assert runner.llm_engine._tp is not None
+        for prompt, reply in zip(PROMPTS[:2], want):
+            assert_same_choice(chat(runner, prompt, logit_bias=NO_SPECIAL), reply)
+    finally:
+        runner.close()
