@@ -178,7 +178,7 @@ class IsqLinearMethod(PackedLinearMethod):
             raise ValueError(f"{layer.prefix}: {num_shards} checkpoint shards for a layer of {partitions} partitions")
         if layer.tp is not None and num_shards < partitions:
             # a tensor-parallel layer gets a fused checkpoint tensor cut per part (`Linear.local_pieces`); every part
-            # has the whole input, so the tensor's importances
+            # has the whole input, so each takes the tensor's importances
             num_shards = partitions
             self.imatrix = None if self.imatrix is None else list(self.imatrix) * partitions
         self.num_shards = num_shards
