@@ -12,6 +12,8 @@ reference wheel wrote (tests/fixtures/uqff: Phi-3, whose qkv/gate_up are one sto
 - FP8: one scale per tensor, every shard kept in FP8.
 - Mixtral: the experts' intermediate range (gate/up rows, down columns) with a tied LM head, and MoQE (HQQ8, whose
   tied head's rows are dequantized: the embedding keeps its own table).
+- DeepSeek V2 Q4_0: MLA (q_b, kv_b column-parallel, o row-parallel, the latent projections whole), a shared expert and
+  routed experts.
 - imatrix with Q4K: every input 512 columns wide, so each rank quantizes whole super-blocks.
 
 Rank 0's float32 logits within 1e-4 of the one process on the same file, greedy tokens equal. Through a `Runner`
@@ -36,6 +38,7 @@ from mistralrs.quant.isq import isq_layers
 from mistralrs.quant.uqff import UqffLinearMethod, UqffMoEMethod
 from tests.distributed.test_tp_loader import _refused
 from tests.distributed.test_runtime import NO_SPECIAL, PROMPTS, assert_same_choice, chat, tp_runner
+from tests.distributed import test_tp_models as tp_models
 from tests.distributed.test_tp_models import run_model
 from tests.distributed.tp_harness import run_on_ranks
 from tests.fixtures.uqff import make_reference_uqff as ref
@@ -53,10 +56,13 @@ LLAMA = dict(COMMON, intermediate_size=256)  # Q4K's down_proj: one 256-column b
 # Q4K everywhere (inputs of 512 columns): o_proj and down_proj split 256 + 256, one super-block per rank
 LLAMA_K512 = dict(COMMON, hidden_size=512, intermediate_size=512)
 MIXTRAL = dict(COMMON, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True)
+# MLA (q_b, kv_b column-parallel, o row-parallel; the latent whole), a shared expert and routed experts
+DEEPSEEK_V2 = dict(tp_models.DEEPSEEK, vocab_size=99, topk_method="group_limited_greedy", routed_scaling_factor=1.5)
 LLAMA_TYPES = ("Q4_0", "Q8_0", "Q4K", "HQQ4", "FP8")
 # name -> (checkpoint, ISQ type, organization) of the files written here
 WRITTEN = {**{f"llama_{isq.lower()}": ("llama", isq, None) for isq in LLAMA_TYPES},
-           "mixtral_q8_0": ("mixtral", "Q8_0", None), "mixtral_moqe_hqq8": ("mixtral", "HQQ8", IsqOrganization.MoQE)}
+           "mixtral_q8_0": ("mixtral", "Q8_0", None), "mixtral_moqe_hqq8": ("mixtral", "HQQ8", IsqOrganization.MoQE),
+           "deepseek_v2_q4_0": ("deepseek_v2", "Q4_0", None)}
 # name -> (fixture directory, file) of the reference's files
 REFERENCE = {"phi3_reference_q4k": ("small", "small-q4k.uqff"), "phi3_reference_hqq4": ("small", "small-hqq4.uqff"),
              "phi3_reference_fp8": ("small", "small-fp8.uqff"), "k256_reference_q4k": ("k256", "k256-q4k.uqff")}
@@ -65,7 +71,8 @@ REFERENCE = {"phi3_reference_q4k": ("small", "small-q4k.uqff"), "phi3_reference_
 def _write_checkpoint(name: str, path) -> None:
     config = {"llama": lambda: transformers.LlamaConfig(**LLAMA),
               "llama_k512": lambda: transformers.LlamaConfig(**LLAMA_K512),
-              "mixtral": lambda: transformers.MixtralConfig(**MIXTRAL)}[name]()
+              "mixtral": lambda: transformers.MixtralConfig(**MIXTRAL),
+              "deepseek_v2": lambda: transformers.DeepseekV2Config(**DEEPSEEK_V2)}[name]()
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config)
     harness.sharpen(hf, seed=1)
@@ -116,7 +123,7 @@ def _on_rank(group: TPGroup, payload: dict) -> dict:
 def runs(tmp_path_factory):
     """name -> (two-rank result, single-process result)."""
     root = tmp_path_factory.mktemp("tp_uqff")
-    for checkpoint in ("llama", "mixtral"):
+    for checkpoint in ("llama", "mixtral", "deepseek_v2"):
         _write_checkpoint(checkpoint, root / checkpoint)
     _write_checkpoint("llama_k512", root / "llama_k512")
     cases = {"llama_q4k_imatrix": (Which.Plain(model_id=str(root / "llama_k512"), dtype=ModelDType.F32,
