@@ -6,7 +6,7 @@ the u32 version and a type byte (0 GGML blocks, 1 unquantized, 2 HQQ, 3 FP8); th
 REFERENCE §4.2 (all little-endian). Next to it, `residual.safetensors` holds every other tensor of the
 model under its checkpoint name, plus copies of the config and tokenizer files.
 
-`serialize_layer` / `deserialize_layer` convert one `IsqLayerState`; `write_uqff_file` / `read_uqff_file`
+`serialize_layer` / `deserialize_layer` convert one `IsqLayerState`; `write_uqff_file` / `iter_uqff_file`
 a whole file; `write_uqff_dir` the whole directory.
 """
 
@@ -307,11 +307,13 @@ def write_uqff_file(path: str, states: Sequence[IsqLayerState], model_dtype: tor
     save_file(tensors, path)
 
 
-def read_uqff_file(path: str, num_layers: int) -> list[IsqLayerState]:
-    """The layer states of a `.uqff` file, index i for ISQ layer i (on the CPU).
+def iter_uqff_file(path: str, num_layers: int) -> Iterator[IsqLayerState]:
+    """The layer states of a `.uqff` file in order, index i for ISQ layer i (on the CPU), each blob read as its state
+    is asked for (a tensor-parallel rank then holds one whole layer at a time besides its pieces).
 
     ValueError when the file's artifact count differs from `num_layers` (naming both), when tensor names are
-    not exactly "0".."num_layers-1", or when a blob does not decode (naming the file and the layer index).
+    not exactly "0".."num_layers-1" (both before the first state), or when a blob does not decode (naming the
+    file and the layer index).
     """
     with safe_open(path, framework="pt", device="cpu") as f:
         names = list(f.keys())
@@ -323,17 +325,16 @@ def read_uqff_file(path: str, num_layers: int) -> list[IsqLayerState]:
             odd = sorted(set(names) - expected)[:5]
             raise ValueError(f"from_uqff {path!r}: artifact names must be the layer indices 0..{num_layers - 1}, "
                              f"found {odd}")
-        states = []
         for index in range(num_layers):
             blob = f.get_tensor(str(index))
             if blob.dtype != torch.uint8 or blob.dim() != 1:
                 raise ValueError(f"from_uqff {path!r}: artifact {index} must be a 1-D U8 tensor, got "
                                  f"{blob.dtype} {list(blob.shape)}")
             try:
-                states.append(deserialize_layer(blob))
+                state = deserialize_layer(blob)
             except ValueError as error:
                 raise ValueError(f"from_uqff {path!r}: layer {index}: {error}") from error
-    return states
+            yield state
 
 
 def write_uqff_dir(path: str, states: Sequence[IsqLayerState], residual: Iterable[tuple[str, torch.Tensor]],
@@ -405,12 +406,15 @@ class UqffQuantConfig(QuantConfig):
         """Reads the UQFF file and gives each ISQ layer its states (ValueError on a count or blob mismatch)."""
         layers = isq_layers(model, self.moqe)
         names = [name for layer in layers for name in layer.names]
-        states = read_uqff_file(self.path, len(names))
+        states = iter_uqff_file(self.path, len(names))
         embeddings = [m for m in model.modules() if isinstance(m, VocabEmbedding)]
-        start = 0
+        shapes: dict[str, tuple[int, ...]] = {}  # checkpoint tensor name -> its shape
         for layer in layers:
-            layer_states = states[start:start + len(layer.names)]
-            start += len(layer.names)
+            layer_states = list(itertools.islice(states, len(layer.names)))
+            for name, state in zip(layer.names, layer_states):
+                shapes[f"{name}.weight"] = dequantized_shape(state)
+                if state.bias is not None:
+                    shapes[f"{name}.bias"] = tuple(state.bias.shape)
             if isinstance(layer.module, FusedMoE):
                 layer.module.set_quant_method(UqffMoEMethod.from_states(
                     _local_expert_states(layer.module, layer_states), self.use_fast_kernels))
@@ -424,9 +428,6 @@ class UqffQuantConfig(QuantConfig):
             if tied_to is not None:
                 tied_to.tie_head(layer.module)
         self._isq_tensor_names = {f"{name}.{attr}" for name in names for attr in ("weight", "bias")}
-        shapes = {f"{name}.weight": dequantized_shape(state) for name, state in zip(names, states)}
-        shapes.update({f"{name}.bias": tuple(state.bias.shape) for name, state in zip(names, states)
-                       if state.bias is not None})
         expected = model.expected_weight_names()
         self._needed_shapes = {name: shape for name, shape in shapes.items() if name in expected}
 
