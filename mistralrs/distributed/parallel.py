@@ -24,17 +24,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from mistralrs.distributed.group import TPGroup
-from mistralrs.quant.ggml_tensor import GGMLTensor
 
 # Split units tried for inner widths, largest first: K-quant blocks (256), the other GGML blocks (32), one column.
 ALIGNMENTS = (256, 32, 1)
 
 Range = tuple[int, int]  # (first index, count)
+
+
+class QuantizedPiece(Protocol):
+    """A quantized `[rows, columns]` weight that cuts itself: `GGMLTensor` (a GGUF tensor, an ISQ or UQFF layer's
+    blocks) and the HQQ and FP8 forms of an ISQ / UQFF layer (`quant/isq_state.py`). A form that cannot keep a
+    range in its own encoding (HQQ rows) returns it as a dense tensor."""
+
+    shape: tuple[int, ...]
+
+    def narrow_rows(self, start: int, size: int) -> torch.Tensor | QuantizedPiece:
+        """Rows `[start, start + size)`."""
+
+    def columns_aligned(self, start: int, size: int) -> bool:
+        """Whether columns `[start, start + size)` fall on the encoding's block or group boundaries."""
+
+    def narrow_columns(self, start: int, size: int) -> QuantizedPiece:
+        """Columns `[start, start + size)` in the same encoding (`columns_aligned` must hold)."""
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight as a dense `dtype` tensor."""
 
 
 def balanced_ranges(total: int, parts: int, unit: int = 1) -> list[Range]:
@@ -129,10 +149,11 @@ class LinearShard:
             raise ValueError(f"column-parallel split has {len(self.ranges)} ranges for {len(partition_sizes)} parts")
         return [size for _, size in self.ranges], in_features
 
-    def local_piece(self, param_name: str, loaded: torch.Tensor | GGMLTensor, part: int,
-                    dtype: torch.dtype) -> torch.Tensor | GGMLTensor:
+    def local_piece(self, param_name: str, loaded: torch.Tensor | QuantizedPiece, part: int,
+                    dtype: torch.dtype) -> torch.Tensor | QuantizedPiece:
         """This rank's piece of checkpoint tensor `loaded` ("weight" or "bias" of fused part `part`). A row split
-        of GGML blocks that does not fall on block boundaries is dequantized to `dtype` (that piece only)."""
+        of a quantized weight that does not fall on its block or group boundaries is dequantized to `dtype` (that
+        piece only)."""
         if self.kind == "column":
             start, size = self.ranges[part]
             return narrow_rows(loaded, start, size)
@@ -187,18 +208,19 @@ def vocab_shard(group: TPGroup | None, vocab_size: int) -> LinearShard | None:
     return LinearShard(group, "column", (ranges[group.rank],), tuple(size for _, size in ranges))
 
 
-def narrow_rows(tensor: torch.Tensor | GGMLTensor, start: int, size: int) -> torch.Tensor | GGMLTensor:
-    """Rows `[start, start + size)` of a dense tensor or of GGML blocks (whole block rows, no copy)."""
-    if isinstance(tensor, GGMLTensor):
-        return tensor.map_rows(lambda data: data[start:start + size])
-    return tensor.narrow(0, start, size)
+def narrow_rows(tensor: torch.Tensor | QuantizedPiece, start: int, size: int) -> torch.Tensor | QuantizedPiece:
+    """Rows `[start, start + size)` of a dense tensor or of a quantized weight, which cuts itself (GGML blocks:
+    whole block rows, no copy)."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.narrow(0, start, size)
+    return tensor.narrow_rows(start, size)
 
 
-def narrow_columns(tensor: torch.Tensor | GGMLTensor, start: int, size: int,
-                   dtype: torch.dtype) -> torch.Tensor | GGMLTensor:
-    """Columns `[start, start + size)`: whole GGML blocks when the range falls on block boundaries, else the
-    blocks dequantized to `dtype` and narrowed."""
-    if not isinstance(tensor, GGMLTensor):
+def narrow_columns(tensor: torch.Tensor | QuantizedPiece, start: int, size: int,
+                   dtype: torch.dtype) -> torch.Tensor | QuantizedPiece:
+    """Columns `[start, start + size)`: the quantized weight's own columns when the range falls on its block or
+    group boundaries, else the weight dequantized to `dtype` and narrowed."""
+    if isinstance(tensor, torch.Tensor):
         return tensor.narrow(-1, start, size)
     if tensor.columns_aligned(start, size):
         return tensor.narrow_columns(start, size)

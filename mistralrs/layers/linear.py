@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistralrs.distributed.parallel import LinearShard, narrow_rows
+from mistralrs.distributed.parallel import LinearShard, QuantizedPiece, narrow_rows
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.packed import FusedLinearPart, LinearKind
 
@@ -203,16 +203,23 @@ class Linear(CheckpointModule):
 
     def load_weight(self, param_name: str, loaded: torch.Tensor | GGMLTensor, shard_index: int | None = None) -> None:
         """Loads a checkpoint tensor through the quant method (this rank's piece of it when split)."""
+        for piece, index in self.local_pieces(param_name, loaded, shard_index):
+            self.quant_method.load_weight(self, param_name, piece, index)
+
+    def local_pieces(self, param_name: str, loaded: torch.Tensor | QuantizedPiece, shard_index: int | None = None
+                     ) -> Iterator[tuple[torch.Tensor | QuantizedPiece, int | None]]:
+        """(this rank's piece, its shard index) of checkpoint tensor `loaded` ("weight" or "bias" of shard
+        `shard_index`): the tensor itself without a split; one piece per part of a projection the checkpoint stores
+        fused (Phi-3's qkv_proj)."""
         if self.tp is None:
-            self.quant_method.load_weight(self, param_name, loaded, shard_index)
-        elif shard_index is None and len(self.checkpoint_partition_sizes) > 1:  # fused in the checkpoint (Phi-3)
+            yield loaded, shard_index
+        elif shard_index is None and len(self.checkpoint_partition_sizes) > 1:
             offset = 0
             for part, size in enumerate(self.checkpoint_partition_sizes):
-                self.load_weight(param_name, narrow_rows(loaded, offset, size), part)
+                yield from self.local_pieces(param_name, narrow_rows(loaded, offset, size), part)
                 offset += size
         else:
-            piece = self.tp.local_piece(param_name, loaded, shard_index or 0, self.params_dtype)
-            self.quant_method.load_weight(self, param_name, piece, shard_index)
+            yield self.tp.local_piece(param_name, loaded, shard_index or 0, self.params_dtype), shard_index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x)

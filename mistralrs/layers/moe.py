@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs.distributed.group import current_group
-from mistralrs.distributed.parallel import aligned_range, all_reduce, narrow_columns, narrow_rows
+from mistralrs.distributed.parallel import QuantizedPiece, aligned_range, all_reduce, narrow_columns, narrow_rows
 from mistralrs.layers.activation import act_and_mul, get_act_fn
 from mistralrs.layers.linear import CheckpointModule, copy_checked, dense_device
 
@@ -304,11 +304,17 @@ class FusedMoE(CheckpointModule):
         """Loads `"{expert}.{projection}.weight"` (a name from `checkpoint_param_names`)."""
         expert, name, _ = param_name.split(".")
         projection = self._projection_of[name]
-        if self.tp_group is not None:
-            start, size = self.tp_rows
-            loaded = (narrow_columns(loaded, start, size, self.dtype) if projection == "down"
-                      else narrow_rows(loaded, start, size))
-        self.quant_method.load_expert_weight(self, int(expert), projection, loaded)
+        self.quant_method.load_expert_weight(self, int(expert), projection, self.local_piece(projection, loaded))
+
+    def local_piece(self, projection: str, loaded: torch.Tensor | QuantizedPiece) -> torch.Tensor | QuantizedPiece:
+        """This rank's piece of an expert's `projection` weight: its range of the intermediate width (gate/up rows,
+        down columns; a down split inside a quantized block dequantized to the model dtype)."""
+        if self.tp_group is None:
+            return loaded
+        start, size = self.tp_rows
+        if projection == "down":
+            return narrow_columns(loaded, start, size, self.dtype)
+        return narrow_rows(loaded, start, size)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "

@@ -404,12 +404,13 @@ def _check_tensor_parallel(spec: LoadSpec) -> None:
     group = current_group()
     if group is None:
         return
+    if spec.write_uqff is not None:
+        raise ValueError(f"{spec.label}: write_uqff cannot be combined with tensor parallelism ({group.world_size} "
+                         "ranks; each holds a shard, and the file is the whole model): write it in one process "
+                         "without tensor parallelism, then load it with from_uqff under tensor parallelism")
     refused = {
         "image generation (a diffusion model)": spec.kind is LoadKind.DIFFUSION,
-        "from_uqff": spec.from_uqff is not None,
-        "write_uqff": spec.write_uqff is not None,
         "anymoe_config": spec.anymoe is not None,
-        "imatrix": spec.isq.imatrix is not None,
         "calibration_file": spec.isq.calibration_file is not None,
         "num_device_layers": spec.num_device_layers is not None,
     }

@@ -64,6 +64,10 @@ class GGMLTensor:
         """Applies a row permutation/selection `fn` (written for a `[num_rows, ...]` tensor) to the block rows."""
         return self.with_rows(fn(self.data))
 
+    def narrow_rows(self, start: int, size: int) -> GGMLTensor:
+        """Rows `[start, start + size)` (their blocks, no copy)."""
+        return self.with_rows(self.data[start:start + size])
+
     def columns_aligned(self, start: int, size: int) -> bool:
         """Whether columns `[start, start + size)` are whole blocks."""
         block = block_type(self.ggml_type).block_size

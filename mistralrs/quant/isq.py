@@ -173,9 +173,14 @@ class IsqLinearMethod(PackedLinearMethod):
             self._adopt(layer)
             return
         num_shards = self.num_shards or len(layer.output_partition_sizes)
-        if num_shards not in (1, len(layer.output_partition_sizes)):
-            raise ValueError(f"{layer.prefix}: {num_shards} checkpoint shards for a layer of "
-                             f"{len(layer.output_partition_sizes)} partitions")
+        partitions = len(layer.output_partition_sizes)
+        if num_shards not in (1, partitions):
+            raise ValueError(f"{layer.prefix}: {num_shards} checkpoint shards for a layer of {partitions} partitions")
+        if layer.tp is not None and num_shards < partitions:
+            # a tensor-parallel layer gets a fused checkpoint tensor cut per part (`Linear.local_pieces`); every part
+            # has the whole input, so each takes the tensor's importances
+            num_shards = partitions
+            self.imatrix = None if self.imatrix is None else list(self.imatrix) * partitions
         self.num_shards = num_shards
         self.states = [None] * num_shards
         self._biases = [None] * num_shards
@@ -376,7 +381,7 @@ class IsqQuantConfig(QuantConfig):
             if isq is None:
                 continue
             found = [vectors.get(name) for name in layer.names]
-            yield layer, isq, (found if any(v is not None for v in found) else None)
+            yield layer, isq, (local_importances(layer.module, found) if any(v is not None for v in found) else None)
 
     def prepare(self, model: nn.Module) -> None:
         """Gives each ISQ layer whose type is not None its ISQ method (a tied LM head loads from the embedding's
@@ -402,6 +407,22 @@ class IsqQuantConfig(QuantConfig):
                 _requantize_linear(layer.module, isq, imatrix, self.use_fast_kernels, len(layer.names))
             count += 1
         return count
+
+
+def local_importances(module: Linear | FusedMoE, vectors: Sequence[torch.Tensor | None]
+                      ) -> list[torch.Tensor | None]:
+    """Each `[in_features]` importance vector of `module`'s checkpoint layers (in `IsqLayer.names` order) narrowed
+    to the input columns this tensor-parallel rank's piece of the layer holds: a row-parallel `Linear`'s range, an
+    expert down projection's range of the intermediate width; the vectors themselves for whole inputs."""
+    if isinstance(module, FusedMoE):
+        from mistralrs.quant.isq_moe import ROLES
+        if module.tp_group is None:
+            return list(vectors)
+        return [v.narrow(0, *module.tp_rows) if v is not None and ROLES[i % len(ROLES)] == "down" else v
+                for i, v in enumerate(vectors)]
+    if module.tp is None or module.tp.kind == "column":
+        return list(vectors)
+    return [None if v is None else v.narrow(0, *module.tp.ranges[0]) for v in vectors]
 
 
 def _set_linear_method(model: nn.Module, linear: Linear, method: IsqLinearMethod) -> None:

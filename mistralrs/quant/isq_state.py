@@ -7,7 +7,7 @@ reference's `get_layers()` list), in one of the four forms of REFERENCE §4.2. T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,38 @@ class HqqParams:
     round_zeros: bool = False
     channel_wise: bool = True
 
+    # A tensor-parallel rank's piece (the `QuantizedPiece` cuts of mistralrs/distributed/parallel.py). Group j of the
+    # `[group_size, N]` code view holds the element at one position of each band of `rows / group_size` weight rows,
+    # so a range of columns keeps whole groups (when the rows make whole bands) and a range of rows never does.
+
+    def narrow_rows(self, start: int, size: int) -> torch.Tensor:
+        """Rows `[start, start + size)` of the weight, dequantized to float32 (no row range is whole groups)."""
+        return self.dequantize(torch.float32).narrow(0, start, size)
+
+    def columns_aligned(self, start: int, size: int) -> bool:
+        """Whether columns `[start, start + size)` keep whole groups: a 2-D weight whose rows are whole bands."""
+        return len(self.shape) == 2 and self.shape[0] % self.group_size == 0 and size > 0
+
+    def narrow_columns(self, start: int, size: int) -> HqqParams:
+        """Columns `[start, start + size)` as HQQ groups (`columns_aligned` must hold): each code row is its band's
+        rows back to back, so every code row keeps the same columns of each of its weight rows."""
+        if not self.columns_aligned(start, size):
+            raise ValueError(f"columns [{start}, {start + size}) of an HQQ weight {list(self.shape)} are not whole "
+                             f"groups of {self.group_size}")
+        band, width = self.shape[0] // self.group_size, self.shape[1]
+
+        def cut(tensor: torch.Tensor) -> torch.Tensor:  # [..., band * width] -> [..., band * size]
+            lead = tensor.shape[:-1]
+            return tensor.reshape(*lead, band, width)[..., start:start + size].reshape(*lead, band * size)
+
+        return replace(self, w_q=cut(self.w_q), scales=cut(self.scales), zeros=cut(self.zeros),
+                       shape=(self.shape[0], size))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense `dtype` tensor."""
+        from mistralrs.quant.hqq import hqq_dequantize
+        return hqq_dequantize(self, dtype)
+
 
 @dataclass
 class Fp8Params:
@@ -39,6 +71,31 @@ class Fp8Params:
     dequant_x_scale: float
     quant_scale: float          # 448 / absmax of the bf16 weight, clamped to the F8E4M3 range
     layer_dtype: torch.dtype    # the blob's layer dtype: v0.5.0's ISQ records float8_e4m3fn; not used in the math
+
+    # A tensor-parallel rank's piece (the `QuantizedPiece` cuts of mistralrs/distributed/parallel.py): one scale for
+    # the whole tensor, so any range of rows or columns keeps it.
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape `[out_features, in_features]`."""
+        return tuple(self.weight.shape)
+
+    def narrow_rows(self, start: int, size: int) -> Fp8Params:
+        """Rows `[start, start + size)`, with the same scales."""
+        return replace(self, weight=self.weight.narrow(0, start, size))
+
+    def columns_aligned(self, start: int, size: int) -> bool:
+        """Always: the scale is per tensor."""
+        return size > 0
+
+    def narrow_columns(self, start: int, size: int) -> Fp8Params:
+        """Columns `[start, start + size)`, with the same scales."""
+        return replace(self, weight=self.weight.narrow(-1, start, size).contiguous())
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense `dtype` tensor."""
+        from mistralrs.quant.fp8 import fp8_dequantize
+        return fp8_dequantize(self, dtype)
 
 
 @dataclass
@@ -60,3 +117,29 @@ class IsqLayerState:
     def kind(self) -> str:
         """'ggml', 'dense', 'hqq' or 'fp8'."""
         return next(name for name in ("ggml", "dense", "hqq", "fp8") if getattr(self, name) is not None)
+
+    @property
+    def weight(self) -> GGMLTensor | torch.Tensor | HqqParams | Fp8Params:
+        """The weight in its form."""
+        return getattr(self, self.kind)
+
+    @classmethod
+    def of(cls, weight: GGMLTensor | torch.Tensor | HqqParams | Fp8Params, bias: torch.Tensor | None
+           ) -> IsqLayerState:
+        """The state holding `weight` in the form its type says (a tensor: unquantized) and `bias`."""
+        forms = {GGMLTensor: "ggml", HqqParams: "hqq", Fp8Params: "fp8"}
+        return cls(bias=bias, **{forms.get(type(weight), "dense"): weight})
+
+    def owned(self) -> IsqLayerState:
+        """A copy whose tensors share no storage with this one's (a piece cut from a layer read from a file then
+        does not keep the whole layer's bytes alive)."""
+        weight = self.weight
+        if isinstance(weight, GGMLTensor):
+            weight = weight.with_rows(weight.data.clone())
+        elif isinstance(weight, HqqParams):
+            weight = replace(weight, w_q=weight.w_q.clone(), scales=weight.scales.clone(), zeros=weight.zeros.clone())
+        elif isinstance(weight, Fp8Params):
+            weight = replace(weight, weight=weight.weight.clone())
+        else:
+            weight = weight.clone()
+        return IsqLayerState.of(weight, None if self.bias is None else self.bias.clone())

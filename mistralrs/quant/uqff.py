@@ -6,12 +6,13 @@ the u32 version and a type byte (0 GGML blocks, 1 unquantized, 2 HQQ, 3 FP8); th
 REFERENCE §4.2 (all little-endian). Next to it, `residual.safetensors` holds every other tensor of the
 model under its checkpoint name, plus copies of the config and tokenizer files.
 
-`serialize_layer` / `deserialize_layer` convert one `IsqLayerState`; `write_uqff_file` / `read_uqff_file`
+`serialize_layer` / `deserialize_layer` convert one `IsqLayerState`; `write_uqff_file` / `iter_uqff_file`
 a whole file; `write_uqff_dir` the whole directory.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -28,8 +29,10 @@ from mistralrs.layers.moe import FusedMoE
 from mistralrs.quant.config import QuantConfig
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import block_type
-from mistralrs.quant.isq import IsqLinearMethod, isq_layer_names, isq_layer_states, isq_layers
-from mistralrs.quant.isq_moe import IsqMoEMethod
+from mistralrs.quant.isq import (
+    IsqLinearMethod, dequantized_shape, isq_layer_names, isq_layer_states, isq_layers,
+)
+from mistralrs.quant.isq_moe import ROLES, IsqMoEMethod
 from mistralrs.quant.isq_state import Fp8Params, HqqParams, IsqLayerState
 
 UQFF_VERSION = (0 << 16) | (1 << 8) | 2  # 0.1.2: (major << 16) | (minor << 8) | patch
@@ -304,11 +307,13 @@ def write_uqff_file(path: str, states: Sequence[IsqLayerState], model_dtype: tor
     save_file(tensors, path)
 
 
-def read_uqff_file(path: str, num_layers: int) -> list[IsqLayerState]:
-    """The layer states of a `.uqff` file, index i for ISQ layer i (on the CPU).
+def iter_uqff_file(path: str, num_layers: int) -> Iterator[IsqLayerState]:
+    """The layer states of a `.uqff` file in order, index i for ISQ layer i (on the CPU), each blob read as its state
+    is asked for (a tensor-parallel rank then holds one whole layer at a time besides its pieces).
 
     ValueError when the file's artifact count differs from `num_layers` (naming both), when tensor names are
-    not exactly "0".."num_layers-1", or when a blob does not decode (naming the file and the layer index).
+    not exactly "0".."num_layers-1" (both before the first state), or when a blob does not decode (naming the
+    file and the layer index).
     """
     with safe_open(path, framework="pt", device="cpu") as f:
         names = list(f.keys())
@@ -320,17 +325,16 @@ def read_uqff_file(path: str, num_layers: int) -> list[IsqLayerState]:
             odd = sorted(set(names) - expected)[:5]
             raise ValueError(f"from_uqff {path!r}: artifact names must be the layer indices 0..{num_layers - 1}, "
                              f"found {odd}")
-        states = []
         for index in range(num_layers):
             blob = f.get_tensor(str(index))
             if blob.dtype != torch.uint8 or blob.dim() != 1:
                 raise ValueError(f"from_uqff {path!r}: artifact {index} must be a 1-D U8 tensor, got "
                                  f"{blob.dtype} {list(blob.shape)}")
             try:
-                states.append(deserialize_layer(blob))
+                state = deserialize_layer(blob)
             except ValueError as error:
                 raise ValueError(f"from_uqff {path!r}: layer {index}: {error}") from error
-    return states
+            yield state
 
 
 def write_uqff_dir(path: str, states: Sequence[IsqLayerState], residual: Iterable[tuple[str, torch.Tensor]],
@@ -360,9 +364,16 @@ class UqffLinearMethod(IsqLinearMethod):
     """An `IsqLinearMethod` holding states read from a UQFF file: the checkpoint's own copy of the layer (a full
     checkpoint beside the UQFF file, or `UqffQuantConfig.checkpoint_weights`' placeholder) is dropped."""
 
+    stored_quantized = False  # whether the file stores the layer quantized (a rank's piece may be dequantized)
+
     def load_weight(self, layer: Linear, param_name: str, loaded: torch.Tensor | GGMLTensor,
                     shard_index: int | None) -> None:
         return None
+
+    def dense_weight(self, layer: Linear) -> torch.Tensor | None:
+        """None for a layer the file stores quantized: a piece dequantized for a tensor-parallel split is not the
+        checkpoint's weight, so a tied embedding keeps its own table."""
+        return None if self.stored_quantized else super().dense_weight(layer)
 
 
 class UqffMoEMethod(IsqMoEMethod):
@@ -376,7 +387,9 @@ class UqffQuantConfig(QuantConfig):
     """Loads the ISQ layers of a model from a `.uqff` file (REFERENCE §4.1, `from_uqff`).
 
     `prepare(model)` reads the file (its artifact count must equal the model's ISQ layer count) and gives every
-    ISQ layer a method holding its states; the other layers stay dense. The residual weights come from the
+    ISQ layer a method holding its states; the other layers stay dense. In a model built for a tensor-parallel group
+    each layer keeps only its rank's piece of every state, cut as the layer cuts a checkpoint tensor
+    (`Linear.local_pieces`, `FusedMoE.local_piece`). The residual weights come from the
     checkpoint files: wrap their `(name, tensor)` stream in `checkpoint_weights`, which drops the tensors of ISQ
     layers (the UQFF blob wins) and stands in for the ones the files lack (residual.safetensors has none).
     Any ISQ type setting is ignored.
@@ -387,37 +400,70 @@ class UqffQuantConfig(QuantConfig):
         self.moqe = moqe                      # IsqOrganization.MoQE: the layer list of only the LM head and experts
         self.use_fast_kernels = use_fast_kernels
         self._isq_tensor_names: set[str] = set()   # checkpoint names of the ISQ layers' weights and biases
-        self._needed_names: set[str] = set()       # of those, the ones the model expects to be loaded
+        self._needed_shapes: dict[str, tuple[int, ...]] = {}  # of those, the ones the model expects: their shapes
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Reads the UQFF file and gives each ISQ layer its states (ValueError on a count or blob mismatch)."""
         layers = isq_layers(model, self.moqe)
         names = [name for layer in layers for name in layer.names]
-        states = read_uqff_file(self.path, len(names))
+        states = iter_uqff_file(self.path, len(names))
         embeddings = [m for m in model.modules() if isinstance(m, VocabEmbedding)]
-        start = 0
+        shapes: dict[str, tuple[int, ...]] = {}  # checkpoint tensor name -> its shape
         for layer in layers:
-            layer_states = states[start:start + len(layer.names)]
-            start += len(layer.names)
+            layer_states = list(itertools.islice(states, len(layer.names)))
+            for name, state in zip(layer.names, layer_states):
+                shapes[f"{name}.weight"] = dequantized_shape(state)
+                if state.bias is not None:
+                    shapes[f"{name}.bias"] = tuple(state.bias.shape)
             if isinstance(layer.module, FusedMoE):
-                layer.module.set_quant_method(UqffMoEMethod.from_states(layer_states, self.use_fast_kernels))
+                layer.module.set_quant_method(UqffMoEMethod.from_states(
+                    _local_expert_states(layer.module, layer_states), self.use_fast_kernels))
                 continue
             weight = layer.module._parameters.get("weight")
             tied_to = next((e for e in embeddings if weight is not None and e.weight is weight), None)
-            layer.module.set_quant_method(UqffLinearMethod.from_states(layer_states, self.use_fast_kernels))
+            method = UqffLinearMethod.from_states(_local_linear_states(layer.module, layer_states),
+                                                  self.use_fast_kernels)
+            method.stored_quantized = any(state.dense is None for state in layer_states)
+            layer.module.set_quant_method(method)
             if tied_to is not None:
                 tied_to.tie_head(layer.module)
         self._isq_tensor_names = {f"{name}.{attr}" for name in names for attr in ("weight", "bias")}
-        self._needed_names = self._isq_tensor_names & model.expected_weight_names()
+        expected = model.expected_weight_names()
+        self._needed_shapes = {name: shape for name, shape in shapes.items() if name in expected}
 
     def checkpoint_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        """`weights` without the ISQ layers' tensors, then a placeholder for each ISQ tensor the model expects
-        (consumed and dropped by the UQFF methods). Iterate only after `prepare`."""
+        """`weights` without the ISQ layers' tensors, then a placeholder of its shape on the meta device for each
+        ISQ tensor the model expects (cut like the real tensor under tensor parallelism, then dropped by the UQFF
+        methods). Iterate only after `prepare`."""
         for name, tensor in weights:
             if name not in self._isq_tensor_names:
                 yield name, tensor
-        for name in sorted(self._needed_names):
-            yield name, torch.empty(0, device="meta")
+        for name in sorted(self._needed_shapes):
+            yield name, torch.empty(self._needed_shapes[name], device="meta")
+
+
+def _local_linear_states(linear: Linear, states: Sequence[IsqLayerState]) -> list[IsqLayerState]:
+    """This rank's pieces of a `Linear`'s states (the states themselves without a split): each weight and bias cut
+    by `Linear.local_pieces`, so a state the file stores for a fused projection becomes one per part."""
+    if linear.tp is None:
+        return list(states)
+    local = []
+    for index, state in enumerate(states):
+        shard_index = None if len(states) == 1 else index
+        weights = linear.local_pieces("weight", state.weight, shard_index)
+        biases = (linear.local_pieces("bias", state.bias, shard_index) if state.bias is not None
+                  else itertools.repeat((None, None)))
+        local += [IsqLayerState.of(weight, None if bias is None else bias.float()).owned()
+                  for (weight, _), (bias, _) in zip(weights, biases)]
+    return local
+
+
+def _local_expert_states(moe: FusedMoE, states: Sequence[IsqLayerState]) -> list[IsqLayerState]:
+    """This rank's pieces of a `FusedMoE`'s expert states (ROLES order), cut by `FusedMoE.local_piece`."""
+    if moe.tp_group is None:
+        return list(states)
+    return [IsqLayerState.of(moe.local_piece(ROLES[index % len(ROLES)], state.weight), state.bias).owned()
+            for index, state in enumerate(states)]
 
 
 def resolve_uqff_path(source, from_uqff: str) -> str:

@@ -1,5 +1,6 @@
 """The shard arithmetic of mistralrs/distributed/parallel.py (no processes): balanced splits, heads, vocabulary,
-GGML column slices (whole blocks, or the dequantized fallback), LoRA factors, and the plain case without a group."""
+GGML, HQQ and FP8 slices (in their own encoding, or the dequantized fallback), LoRA factors, and the plain case without
+a group."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from mistralrs.distributed.parallel import (
     HeadShard, LinearShard, aligned_range, balanced_ranges, head_shard, narrow_columns, narrow_rows, vocab_ranges,
 )
 from mistralrs.layers.linear import Linear
+from mistralrs.layers.moe import FusedMoE
 from mistralrs.quant.ggml_tensor import GGMLTensor
 from mistralrs.quant.ggml_types import dequantize_rows
+from mistralrs.quant.hqq import hqq_quantize
+from mistralrs.quant.fp8 import fp8_quantize
+from mistralrs.quant.isq import local_importances
+from mistralrs.quant.isq_state import Fp8Params, HqqParams, IsqLayerState
 from tests.quant.test_ggml_types import random_blocks
 
 
@@ -70,6 +76,61 @@ def test_ggml_column_slices(ggml_type):
         assert isinstance(split, GGMLTensor) and torch.equal(split.dequantize(), dense[:, 96:160])
     rows = narrow_rows(tensor, 2, 3)
     assert torch.equal(rows.dequantize(), dense[2:5])
+
+
+@pytest.mark.parametrize(("bits", "rows"), [(4, 128), (8, 64), (4, 96)])
+def test_hqq_slices(bits, rows):
+    """Columns keep whole HQQ groups when the rows are whole bands of `rows / 64` (else dequantized); rows never do."""
+    params = hqq_quantize(torch.randn(rows, 96), bits)
+    dense = params.dequantize(torch.float32)
+    columns = narrow_columns(params, 32, 48, torch.float32)
+    assert isinstance(columns, HqqParams) == (rows % 64 == 0)
+    restored = columns.dequantize(torch.float32) if isinstance(columns, HqqParams) else columns
+    assert torch.equal(restored, dense[:, 32:80])
+    assert torch.equal(narrow_rows(params, 5, 40), dense[5:45])
+
+
+def test_fp8_slices_keep_the_tensor_scale():
+    params = fp8_quantize(torch.randn(12, 40), torch.float8_e4m3fn)
+    dense = params.dequantize(torch.float32)
+    rows, columns = narrow_rows(params, 3, 4), narrow_columns(params, 7, 9, torch.float32)
+    assert isinstance(rows, Fp8Params) and isinstance(columns, Fp8Params)
+    assert torch.equal(rows.dequantize(torch.float32), dense[3:7])
+    assert torch.equal(columns.dequantize(torch.float32), dense[:, 7:16])
+
+
+def _tensors(weight) -> list[torch.Tensor]:
+    return [weight] if isinstance(weight, torch.Tensor) else [t for t in vars(weight).values()
+                                                              if isinstance(t, torch.Tensor)]
+
+
+def test_an_owned_piece_shares_no_storage_with_the_layer():
+    ggml = GGMLTensor(torch.from_numpy(random_blocks("Q8_0", 8, 64, seed=1)), "Q8_0", (8, 64))
+    for weight in (ggml, fp8_quantize(torch.randn(8, 64), torch.float8_e4m3fn), torch.randn(8, 64)):
+        piece = IsqLayerState.of(narrow_rows(weight, 2, 3), torch.randn(3))
+        owned = piece.owned()
+        assert owned.kind == piece.kind and torch.equal(owned.bias, piece.bias)
+        for ours, theirs in zip(_tensors(owned.weight), _tensors(piece.weight), strict=True):
+            assert ours.untyped_storage().data_ptr() != theirs.untyped_storage().data_ptr()
+            assert torch.equal(ours.view(torch.uint8), theirs.contiguous().view(torch.uint8))
+
+
+def test_importances_follow_the_input_columns():
+    """An imatrix vector per checkpoint layer: a row-parallel layer's range, an expert down projection's range of the
+    intermediate width; column-parallel layers and gate/up see whole inputs."""
+    vectors = [torch.arange(64.0), None]
+    with building_for(TPGroup(1, 2)):
+        moe = FusedMoE(2, 1, 64, 64, hidden_act="silu", routing="softmax_renorm", checkpoint_names=("w1", "w3", "w2"),
+                       dtype=torch.float32, device="cpu")
+    gate, down, up = torch.randn(64), torch.randn(64), torch.randn(64)
+    assert [v is None or v.tolist() for v in local_importances(moe, [gate, down, up, None, None, None])] == [
+        gate.tolist(), down[32:].tolist(), up.tolist(), True, True, True]
+    row = Linear(64, 8, bias=False, dtype=torch.float32, device="cpu",
+                 tp=LinearShard(TPGroup(1, 2), "row", ((40, 24),)))
+    assert torch.equal(local_importances(row, vectors)[0], vectors[0][40:])
+    column = Linear(64, [4, 4], bias=False, dtype=torch.float32, device="cpu",
+                    tp=LinearShard(TPGroup(1, 2), "column", ((2, 2), (2, 2))))
+    assert local_importances(column, vectors) == vectors
 
 
 def test_lora_factors_follow_the_split():

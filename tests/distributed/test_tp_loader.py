@@ -127,9 +127,7 @@ def _refused(group: TPGroup, spec: LoadSpec) -> str:
 
 def test_options_not_sharded_are_refused_by_name():
     group = TPGroup(0, 2)
-    spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "unused", from_uqff="model.uqff")
-    assert "from_uqff cannot be combined with tensor parallelism (2 ranks)" in _refused(group, spec)
     spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "unused", num_device_layers=("1",))
     assert "num_device_layers cannot be combined with tensor parallelism" in _refused(group, spec)
-    spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "unused", isq=IsqSpec(imatrix="model.imatrix"))
-    assert "imatrix cannot be combined with tensor parallelism" in _refused(group, spec)
+    spec = LoadSpec(LoadKind.PLAIN, "Which.Plain", "unused", isq=IsqSpec(calibration_file="calibration.txt"))
+    assert "calibration_file cannot be combined with tensor parallelism" in _refused(group, spec)

@@ -79,7 +79,7 @@ CASES = {
 }
 # ISQ Q8_0 quantizes each rank's shards; the row-parallel splits of these configs fall on 32-column blocks, so the
 # ranks quantize the very blocks the single process does (a split inside a block quantizes other blocks)
-ISQ_CASES = ("llama", "mixtral", "deepseek_v2")
+ISQ_CASES = ("llama", "mixtral", "deepseek_v2", "phi3")  # Phi-3: qkv_proj and gate_up_proj stored fused, cut per part
 # GGUF files of tests/loader/test_gguf_archs.py: experts kept in blocks (Mixtral); Phi-3's fused qkv/gate_up cut per
 # part; DeepSeek V2's widths (experts 32 -> 16 + 16 columns, o_proj 48 -> 24 + 24) split inside Q8_0 blocks, so
 # those row-parallel shards are dequantized
@@ -129,12 +129,16 @@ def _step(model, kv_caches, tables: dict[int, list[int]], done: dict[int, int], 
 
 
 def run_case(case: tuple[str, str, str | None], prompts: list[list[int]]) -> dict:
+    """`run_model` on our model for `case`."""
+    return run_model(_load(case), prompts, _dtype(case))
+
+
+def run_model(model: torch.nn.Module, prompts: list[list[int]], dtype: torch.dtype) -> dict:
     """A chunked prefill of prompt 0 packed with prompt 1, then greedy decode of both: every step's logits and the
     greedy tokens."""
-    model = _load(case)
     apply_execution_options(model, ExecutionOptions())
     spec = model.kv_cache_spec()
-    kv_caches = allocate_kv_caches(spec, 64, BLOCK_SIZE, _dtype(case), "cpu")
+    kv_caches = allocate_kv_caches(spec, 64, BLOCK_SIZE, dtype, "cpu")
     tables, done, free = {}, {}, list(range(63, -1, -1))
     first, rest = prompts[0][:5], prompts[0][5:]
     logits = list(_step(model, kv_caches, tables, done, [(0, first), (1, prompts[1])], free))

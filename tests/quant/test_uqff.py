@@ -30,7 +30,7 @@ from mistralrs.quant.uqff import (
     STD_DTYPE_CODES,
     UQFF_VERSION,
     deserialize_layer,
-    read_uqff_file,
+    iter_uqff_file,
     serialize_layer,
     write_uqff_file,
 )
@@ -149,7 +149,7 @@ def test_reference_blobs_decode_and_reencode_byte_for_byte(uqff):
     path = os.path.join(FIXTURES, entry["model"], uqff)
     with safe_open(path, framework="pt") as f:
         blobs = [f.get_tensor(str(i)) for i in range(len(list(f.keys())))]
-    states = read_uqff_file(path, len(blobs))
+    states = list(iter_uqff_file(path, len(blobs)))
     for blob, state in zip(blobs, states):
         assert serialize_layer(state) == blob.numpy().tobytes()
     kinds = {state.kind for state in states}
@@ -195,9 +195,9 @@ def test_truncated_and_corrupted_blobs_are_errors_naming_file_and_layer(tmp_path
     save_file({"0": torch.frombuffer(bytearray(good[0]), dtype=torch.uint8),
                "1": torch.frombuffer(bytearray(good[1][:-3]), dtype=torch.uint8)}, path)
     with pytest.raises(ValueError, match=r"bad\.uqff.*layer 1: blob truncated"):
-        read_uqff_file(path, 2)
+        list(iter_uqff_file(path, 2))
     with pytest.raises(ValueError, match=r"number of artifacts \(2\) does not match the number of ISQ layers \(3\)"):
-        read_uqff_file(path, 3)
+        list(iter_uqff_file(path, 3))
 
 
 def test_write_uqff_file_layout(tmp_path):
