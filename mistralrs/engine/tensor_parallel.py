@@ -83,7 +83,7 @@ class ChildPayload:
 def check_supported(spec: LoadSpec, has_draft: bool) -> None:
     """ValueError for what tensor parallelism does not run (yet)."""
     what = "tensor parallelism (MISTRALRS_TP_SIZE, --tp-size, several CUDA GPUs or cluster variables)"
-    if spec.kind in (LoadKind.VISION, LoadKind.DIFFUSION):
+    if spec.kind == LoadKind.DIFFUSION:
         raise ValueError(f"{what}: {spec.label} models are not supported; run them in one process "
                          "(MISTRALRS_TP_SIZE=1, or MISTRALRS_NO_NCCL=1 on several GPUs)")
     if has_draft:
