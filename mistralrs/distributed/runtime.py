@@ -27,7 +27,6 @@ from mistralrs.distributed.launch import TPPlan
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # longest wait in one collective: a hung rank's bound
 CHANNEL_CAPACITY = 16 * 1024  # bytes of the one broadcast a message takes (a longer one takes a second)
 _HEADER = 8  # the message's length, little-endian, in front of it
 PARENT_POLL_S = 0.5  # how often a child process checks that its parent is alive
@@ -37,9 +36,9 @@ class TPError(RuntimeError):
     """A tensor-parallel rank died, hung or failed: the runtime that saw it can no longer serve."""
 
 
-def open_store(plan: TPPlan, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> dist.TCPStore:
+def open_store(plan: TPPlan, timeout: datetime.timedelta) -> dist.TCPStore:
     """The rank-0 store: opened by the head (on a free port when the plan's is 0) unless torchrun's agent hosts
-    it; every other process connects to it."""
+    it; every other process connects to it (`timeout`: its longest wait in one operation)."""
     is_master = plan.is_head and not plan.agent_store
     return dist.TCPStore(plan.master_addr, plan.master_port, plan.world_size, is_master, timeout=timeout,
                          wait_for_workers=False)
@@ -53,9 +52,10 @@ def check_group_free() -> None:
 
 
 def init_group(plan: TPPlan, rank: int, store: dist.Store, prefix: str, device: torch.device,
-               timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> tuple[TPGroup, object]:
+               timeout: datetime.timedelta) -> tuple[TPGroup, object]:
     """Join the default process group as `rank` (blocks until every rank joined); returns the models' `TPGroup`
-    and the group the head's messages travel on (gloo: the default group; NCCL: a gloo group beside it)."""
+    and the group the head's messages travel on (gloo: the default group; NCCL: a gloo group beside it), both
+    with `timeout` as the longest wait in one collective (a hung rank's bound)."""
     check_group_free()
     options = {}
     if plan.backend == "nccl":   # one GPU per rank: bind it before the first collective

@@ -25,6 +25,7 @@ from mistralrs.worker.image_features import ImageFeatureCache, StepImages
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 KEEP_ALIVE_INTERVAL_S = 5.0  # a tensor-parallel head idle this long tells the other ranks it is alive
+KEEP_ALIVES_PER_TIMEOUT = 4  # keep-alives the head sends at least within the ranks' collective timeout
 
 
 @dataclass
@@ -119,7 +120,9 @@ class ModelRunner:
     @property
     def idle_interval(self) -> float | None:
         """Seconds the engine thread may wait for work before calling `idle` (None: it may wait for ever)."""
-        return None if self.peers is None else KEEP_ALIVE_INTERVAL_S
+        if self.peers is None:
+            return None
+        return min(KEEP_ALIVE_INTERVAL_S, self.options.tp_timeout_s / KEEP_ALIVES_PER_TIMEOUT)
 
     def idle(self) -> None:
         """Called by the engine thread every `idle_interval` seconds while no step runs."""

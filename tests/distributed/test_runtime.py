@@ -1,12 +1,13 @@
 """Tensor parallelism end to end on CPU processes (gloo, 2 ranks): the Runner with MISTRALRS_TP_SIZE=2 gives the
-single-process tokens and logprobs, a killed rank ends the request with an error, and no rank outlives its
-Runner."""
+single-process tokens and logprobs, a killed rank ends the request with an error, a hung (stopped) rank ends it
+within the collective timeout MISTRALRS_TP_TIMEOUT, and no rank outlives its Runner."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -124,6 +125,37 @@ def test_killed_rank_ends_the_request_with_an_error_and_a_new_runner_works(tiny_
     again = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
     alone = tiny_runner(tiny_dir)
     assert_same_choice(chat(again, PROMPTS[0], logit_bias=NO_SPECIAL), chat(alone, PROMPTS[0], logit_bias=NO_SPECIAL))
+    alone.close()
+    again.close()
+    assert rank_children() == []
+
+
+def test_a_stopped_rank_ends_the_request_within_the_timeout_and_a_new_runner_works(tiny_dir, monkeypatch):
+    timeout = 5
+    with monkeypatch.context() as patch:
+        patch.setenv("MISTRALRS_TP_TIMEOUT", str(timeout))
+        runner = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
+    assert runner.llm_engine._engine.model_runner.idle_interval == timeout / 4   # keep-alives within the bound
+    (rank, pid), = runner.llm_engine._tp.children.pids.items()
+    stream = runner.send_completion_request(CompletionRequest(
+        prompt="ab", model="m", max_tokens=480, temperature=0.0, logit_bias=NO_SPECIAL, stream=True))
+    next(stream)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match=r"tensor parallelism: .*failed .*create a new one"):
+            for _chunk in stream:
+                pass
+        waited = time.monotonic() - stopped
+    finally:
+        if is_alive(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert waited < 6 * timeout   # the set bound, not the default 60 s, with room for a loaded machine
+    runner.close()
+    assert rank_children() == [] and not is_alive(pid)
+    again = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
+    alone = tiny_runner(tiny_dir)
+    assert_same_choice(chat(again, PROMPTS[2], logit_bias=NO_SPECIAL), chat(alone, PROMPTS[2], logit_bias=NO_SPECIAL))
     alone.close()
     again.close()
     assert rank_children() == []
