@@ -12,7 +12,9 @@ import time
 import pytest
 
 from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, Which
+from mistralrs.engine.tensor_parallel import check_supported
 from mistralrs.loader.default_model import default_model_path
+from mistralrs.loader.spec import LoadKind, LoadSpec
 from tests.adapters.adapter_fixtures import make_base_and_adapters, write_ordering
 from tests.distributed.tp_helpers import is_alive, rank_children
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS, make_tiny_model_dir
@@ -168,6 +170,9 @@ def test_unsupported_combinations_are_refused_before_any_rank_starts(tiny_dir, m
             tiny_runner(tiny_dir, which_draft=Which.Plain(model_id=str(tiny_dir), dtype=ModelDType.F32))
         with pytest.raises(ValueError, match="num_device_layers: a device map does not apply"):
             tiny_runner(tiny_dir, num_device_layers=["1"])
+        with pytest.raises(ValueError, match="tensor parallelism .*: Which.DiffusionPlain models are not supported"):
+            check_supported(LoadSpec(LoadKind.DIFFUSION, "Which.DiffusionPlain", "unused", arch="Flux"), False)
+        check_supported(LoadSpec(LoadKind.VISION, "Which.VisionPlain", "unused"), False)   # vision runs sharded
         patch.setenv("MISTRALRS_TP_SIZE", "0")
         with pytest.raises(ValueError, match="MISTRALRS_TP_SIZE='0'; accepted values: an integer >= 1"):
             tiny_runner(tiny_dir)

@@ -1,5 +1,6 @@
 """Vision models under tensor parallelism: a tiny LLaVA (image features spliced into the embeddings, a prefill
-chunked across the image) and a tiny Mllama (cross-attention state kept per request) through a Runner with
+chunked across the image), a tiny Qwen2-VL (M-RoPE tables per request, chunked too) and a tiny Mllama
+(cross-attention state kept per request) through a Runner with
 MISTRALRS_TP_SIZE=2 (gloo) give the one-process greedy tokens for an image request, a text-only request, two image
 requests at once and an image request after those finished. In one process, a runner that only replays the head's
 steps computes the head's logits and holds the same image state, each request's image tensors sent once."""
@@ -14,15 +15,20 @@ from mistralrs.worker.model_runner import ModelRunner, StepInputs
 from tests.distributed.test_runtime import tp_runner
 from tests.distributed.test_runtime_replay import ReplayingPeers
 from tests.distributed.tp_helpers import rank_children
-from tests.vision import test_mllama
+from tests.tiny_models import CHARACTERS
+from tests.vision import test_mllama, test_qwen2_vl
 from tests.vision.siglip_helpers import banned_ids, data_url, random_image
-from tests.vision.tiny_vision import LLAVA_BANNED, make_tiny_llava_dir, sample_images
+from tests.vision.tiny_vision import LLAVA_BANNED, make_tiny_llava_dir, sample_images, write_tokenizer_files
 
 NUM_TOKENS = 8
 
 
 def llava_content(image) -> list[dict]:
     return [data_url(image), {"type": "text", "text": "Describe it."}]
+
+
+def qwen_content(image) -> list[dict]:
+    return [{"type": "text", "text": "Compare"}, data_url(image), {"type": "text", "text": " please."}]
 
 
 def mllama_content(image) -> list[dict]:
@@ -38,11 +44,21 @@ def families(tmp_path_factory):
     test_mllama.write_tiny_mllama(mllama)
     images = sample_images()
     mllama_images = [random_image(45, 20, seed=1), random_image(11, 40, seed=2), random_image(30, 30, seed=3)]
+    qwen = tmp_path_factory.mktemp("qwen2_vl")
+    test_qwen2_vl.write_tiny_qwen("qwen2_vl", qwen)
+    qwen_tokenizer, _ = test_qwen2_vl.tokenizer_and_ids()
+    write_tokenizer_files(qwen, qwen_tokenizer, test_qwen2_vl.QWEN_CHAT_TEMPLATE)
+    qwen_images = test_qwen2_vl.tiny_images()
     return {
         "llava": (lambda: Runner(Which.VisionPlain(model_id=str(llava), arch=VisionArchitecture.LLaVA,
                                                    dtype=ModelDType.F32), prompt_chunksize=8),
                   LLAVA_BANNED, [llava_content(images[0]), "Describe nothing.", llava_content(images[1]),
                                  llava_content(images[2])]),
+        "qwen2_vl": (lambda: Runner(Which.VisionPlain(model_id=str(qwen), arch=VisionArchitecture.Qwen2VL,
+                                                      dtype=ModelDType.F32), prompt_chunksize=7),
+                     {i: -1e9 for i in range(len(CHARACTERS), qwen_tokenizer.get_vocab_size())},
+                     [qwen_content(qwen_images[0]), "Just text.", qwen_content(qwen_images[1]),
+                      qwen_content(qwen_images[3])]),
         "mllama": (lambda: Runner(Which.VisionPlain(model_id=mllama, arch=VisionArchitecture.VLlama,
                                                     dtype=ModelDType.F32)),
                    banned_ids(test_mllama.TOKENIZER), [mllama_content(mllama_images[0]), "Hello there.",
@@ -74,11 +90,11 @@ def session(runner: Runner, banned, contents: list) -> list[tuple[list[int], lis
     return answers
 
 
-@pytest.mark.parametrize("name", ["llava", "mllama"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "mllama"])
 def test_tp2_runner_equals_one_process(families, name, monkeypatch):
     make, banned, contents = families[name]
     want = session(make(), banned, contents)
-    assert len({tuple(want[i][0]) for i in (0, 2, 3)}) == 3 and want[4] == want[0]   # the images matter
+    assert len({tuple(want[i][0]) for i in (0, 2, 3)}) == 3 and want[4][0] == want[0][0]   # the images matter
     got = session(tp_runner(make, monkeypatch), banned, contents)
     assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
     for (_, logprobs), (_, expected) in zip(got, want):
@@ -111,7 +127,7 @@ class RecordingPeers(ReplayingPeers):
         super().send_step(step)
 
 
-@pytest.mark.parametrize("name", ["llava", "mllama"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "mllama"])
 def test_a_replaying_runner_holds_the_heads_image_state(families, name):
     make, banned, contents = families[name]
     runner = make()
