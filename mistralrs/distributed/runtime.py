@@ -9,6 +9,7 @@ closes, and the next one opens a fresh store and group.
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import os
 import pickle
@@ -26,7 +27,6 @@ from mistralrs.distributed.launch import TPPlan
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # longest wait in one collective: a hung rank's bound
 CHANNEL_CAPACITY = 16 * 1024  # bytes of the one broadcast a message takes (a longer one takes a second)
 _HEADER = 8  # the message's length, little-endian, in front of it
 PARENT_POLL_S = 0.5  # how often a child process checks that its parent is alive
@@ -36,9 +36,9 @@ class TPError(RuntimeError):
     """A tensor-parallel rank died, hung or failed: the runtime that saw it can no longer serve."""
 
 
-def open_store(plan: TPPlan, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> dist.TCPStore:
+def open_store(plan: TPPlan, timeout: datetime.timedelta) -> dist.TCPStore:
     """The rank-0 store: opened by the head (on a free port when the plan's is 0) unless torchrun's agent hosts
-    it; every other process connects to it."""
+    it; every other process connects to it (`timeout`: its longest wait in one operation)."""
     is_master = plan.is_head and not plan.agent_store
     return dist.TCPStore(plan.master_addr, plan.master_port, plan.world_size, is_master, timeout=timeout,
                          wait_for_workers=False)
@@ -52,9 +52,10 @@ def check_group_free() -> None:
 
 
 def init_group(plan: TPPlan, rank: int, store: dist.Store, prefix: str, device: torch.device,
-               timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> tuple[TPGroup, object]:
+               timeout: datetime.timedelta) -> tuple[TPGroup, object]:
     """Join the default process group as `rank` (blocks until every rank joined); returns the models' `TPGroup`
-    and the group the head's messages travel on (gloo: the default group; NCCL: a gloo group beside it)."""
+    and the group the head's messages travel on (gloo: the default group; NCCL: a gloo group beside it), both
+    with `timeout` as the longest wait in one collective (a hung rank's bound)."""
     check_group_free()
     options = {}
     if plan.backend == "nccl":   # one GPU per rank: bind it before the first collective
@@ -76,10 +77,47 @@ def destroy_group() -> None:
         logger.warning("tensor parallelism: destroying the process group: %s", exc)
 
 
+class _TensorPickler(pickle.Pickler):
+    """Pickles a message with its tensors left out: each becomes a reference (index, dtype, shape) into `tensors`."""
+
+    def __init__(self, file, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors = tensors
+
+    def persistent_id(self, obj: object) -> object:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        self.tensors.append(obj)
+        return len(self.tensors) - 1, obj.dtype, tuple(obj.shape)
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles a `_TensorPickler` message: each tensor reference becomes an empty tensor in `tensors`, whose bytes
+    arrive afterwards."""
+
+    def __init__(self, file, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: object) -> torch.Tensor:
+        index, dtype, shape = pid
+        if index != len(self.tensors):
+            raise pickle.UnpicklingError(f"tensor reference {index} out of order (expected {len(self.tensors)})")
+        tensor = torch.empty(shape, dtype=dtype)
+        self.tensors.append(tensor)
+        return tensor
+
+
+def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor's bytes as a flat uint8 view (what one broadcast carries, whatever the dtype)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 class Channel:
     """The head's messages to the other ranks: any picklable object, one broadcast of `CHANNEL_CAPACITY` bytes
-    (a second one carries the rest of a longer message). Every rank calls `send` (the head) or `receive` (the
-    others) in the same order.
+    (a second one carries the rest of a longer message), then one broadcast of its raw bytes per tensor the message
+    holds (image inputs: the pickle carries only each tensor's dtype and shape). Every rank calls `send` (the head)
+    or `receive` (the others) in the same order.
 
     The head's broadcasts are asynchronous: `send` returns once the message is queued, so the head computes its
     step while the others are still receiving (or finishing the previous step); the next `send` (or `flush`) first
@@ -98,16 +136,19 @@ class Channel:
 
     def send(self, message: object) -> None:
         """Head: broadcast `message` (after the previous one was delivered)."""
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        file, tensors = io.BytesIO(), []
+        _TensorPickler(file, tensors).dump(message)
+        data = file.getvalue()
         self.flush()
         head = len(data).to_bytes(_HEADER, "little") + data[:CHANNEL_CAPACITY - _HEADER]
         self._buffer[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        tensors = [self._buffer]
+        broadcasts = [self._buffer]
         rest = data[CHANNEL_CAPACITY - _HEADER:]
         if rest:
-            tensors.append(torch.frombuffer(bytearray(rest), dtype=torch.uint8))
+            broadcasts.append(torch.frombuffer(bytearray(rest), dtype=torch.uint8))
+        broadcasts += [_raw_bytes(t.detach().to("cpu").contiguous()) for t in tensors if t.numel()]
         self._in_flight = [(dist.broadcast(tensor, src=0, group=self.group, async_op=True), tensor)
-                           for tensor in tensors]
+                           for tensor in broadcasts]
 
     def receive(self) -> object:
         """Another rank: the head's next message (waits at most the group's timeout)."""
@@ -118,7 +159,12 @@ class Channel:
             rest = torch.empty(size - len(data), dtype=torch.uint8)
             dist.broadcast(rest, src=0, group=self.group)
             data += rest.numpy().tobytes()
-        return pickle.loads(data)
+        tensors: list[torch.Tensor] = []
+        message = _TensorUnpickler(io.BytesIO(data), tensors).load()
+        for tensor in tensors:
+            if tensor.numel():
+                dist.broadcast(_raw_bytes(tensor), src=0, group=self.group)
+        return message
 
 
 class RankProcesses:

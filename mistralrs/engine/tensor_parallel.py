@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import datetime
 import itertools
 import logging
 import os
@@ -62,7 +63,7 @@ _live: weakref.WeakSet = weakref.WeakSet()  # runtimes whose children are killed
 
 @dataclass(frozen=True)
 class KeepAlive:
-    """Head -> ranks while no step runs: it is alive (a rank gives up after COLLECTIVE_TIMEOUT of silence)."""
+    """Head -> ranks while no step runs: it is alive (a rank gives up after `tp_timeout_s` of silence)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ChildPayload:
 def check_supported(spec: LoadSpec, has_draft: bool) -> None:
     """ValueError for what tensor parallelism does not run (yet)."""
     what = "tensor parallelism (MISTRALRS_TP_SIZE, --tp-size, several CUDA GPUs or cluster variables)"
-    if spec.kind in (LoadKind.VISION, LoadKind.DIFFUSION):
+    if spec.kind == LoadKind.DIFFUSION:
         raise ValueError(f"{what}: {spec.label} models are not supported; run them in one process "
                          "(MISTRALRS_TP_SIZE=1, or MISTRALRS_NO_NCCL=1 on several GPUs)")
     if has_draft:
@@ -130,7 +131,8 @@ class TPRuntime:
         self.error: str | None = None  # why the runtime broke; None while it serves
         self._lock = threading.Lock()
         self._kv_published = False
-        store = open_store(plan)
+        timeout = datetime.timedelta(seconds=spec.execution.tp_timeout_s)
+        store = open_store(plan, timeout)
         if plan.master_port == 0:   # the head opened its store on a free port: its children connect there
             plan = dataclasses.replace(plan, master_port=store.port)
         self.plan = plan
@@ -145,7 +147,8 @@ class TPRuntime:
             self._start_children()
             if not plan.is_head:
                 self.keys.set(f"up/{plan.rank}", "1")
-            self.group, control = init_group(plan, plan.rank, store, self.prefix + "pg/", self.spec.device)
+            self.group, control = init_group(plan, plan.rank, store, self.prefix + "pg/", self.spec.device,
+                                             timeout)
         except BaseException:
             self.children.kill()
             raise

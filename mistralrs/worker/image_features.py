@@ -16,6 +16,11 @@ life (its decode tokens attend to the images too) and freed with the sequence; e
 M-RoPE models (`rope_positions` not None) get `[3, num_tokens]` positions per step (`rope_positions_for`), from a
 table computed once per sequence and kept for its life (decode tokens continue it by the table's delta).
 
+The runner's steps read a sequence's prompt and images from the cache's record of it (`SeqImagePrompt`), made at
+the sequence's first step from a `StepImages` message: the head of a tensor-parallel group sends that message to the
+other ranks with the step (its image tensors once per sequence), so every rank keeps, computes and frees the same
+state in the same steps (`ImageFeatureCache.changes` on the head, `apply` everywhere).
+
 Only the model's contract is used here (duck-typed, the worker floor does not import `vision`): `image_token_id`,
 `encode_images(inputs)`, `embed(input_ids)`, `rope_positions(prompt_ids, inputs)`, and the inputs'
 `num_image_tokens` and `tensors`.
@@ -28,7 +33,38 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mistralrs.core import SchedulerOutput
+
+@dataclass(frozen=True)
+class SeqImagePrompt:
+    """What the image side of a step reads of a sequence besides its chunk (sent to the other ranks once)."""
+
+    prompt_token_ids: list[int]  # its prompt (image token positions, M-RoPE tables, cross-attention masks)
+    images: object | None  # its ImageInputs (tensors on the CPU); None: a sequence without images
+
+
+@dataclass(frozen=True)
+class StepImages:
+    """How a step changes the cache's sequences: the message the head sends with the step's `StepInputs`."""
+
+    new: dict[int, SeqImagePrompt]  # seq_id -> sequences scheduled for the first time
+    finished_seq_ids: list[int]  # sequences gone since the previous step: their state is freed
+
+
+@dataclass(frozen=True)
+class _ImageSeq:
+    """A sequence as the cache's steps read it: its id, its prompt and where its chunk starts."""
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class _ImageChunk:
+    """One scheduled chunk as the cache's steps read it (the fields of a ScheduledSequence they use)."""
+
+    seq: _ImageSeq
+    num_new_tokens: int
 
 
 @dataclass
@@ -49,33 +85,62 @@ class ImageFeatureCache:
     _seqs: dict[int, _SeqImages] = field(default_factory=dict)
     _rope: dict[int, tuple[torch.Tensor, int] | None] = field(default_factory=dict)  # seq_id -> (table, delta)
     _cross: dict[int, object] = field(default_factory=dict)  # seq_id -> the model's cross-attention state
+    _prompts: dict[int, SeqImagePrompt] = field(default_factory=dict)  # seq_id -> every live sequence's record
 
-    def forget_except(self, live_seq_ids) -> None:
+    def changes(self, scheduled: list, live_seq_ids) -> StepImages:
+        """The head: the step's message, before it runs: the records of the `scheduled` sequences (with their
+        ImageInputs in `live_seq_ids[seq_id].images`) seen for the first time, and the sequences no longer live."""
+        new = {s.seq.seq_id: SeqImagePrompt(s.seq.prompt_token_ids, live_seq_ids[s.seq.seq_id].images)
+               for s in scheduled if s.seq.seq_id not in self._prompts}
+        return StepImages(new, [seq_id for seq_id in self._prompts if seq_id not in live_seq_ids])
+
+    def apply(self, step: StepImages) -> None:
+        """Every rank: frees the finished sequences' state and records the new ones."""
+        self.forget(step.finished_seq_ids)
+        self._prompts.update(step.new)
+
+    def forget(self, seq_ids) -> None:
         """Drops the state of sequences that are gone (finished, aborted, failed)."""
-        for table in (self._seqs, self._rope, self._cross):
-            for seq_id in [s for s in table if s not in live_seq_ids]:
-                del table[seq_id]
+        for seq_id in seq_ids:
+            for table in (self._seqs, self._rope, self._cross, self._prompts):
+                table.pop(seq_id, None)
+
+    def step_inputs(self, seq_ids: list[int], chunks: list) -> tuple[list[_ImageChunk], dict[int, object]]:
+        """The step's chunks (`SeqChunk`s of the recorded sequences `seq_ids`) as the methods below read them, and
+        seq_id -> ImageInputs of those with images."""
+        scheduled = [_ImageChunk(_ImageSeq(seq_id, self._prompts[seq_id].prompt_token_ids, chunk.start_pos),
+                                 len(chunk.token_ids)) for seq_id, chunk in zip(seq_ids, chunks)]
+        images = {seq_id: self._prompts[seq_id].images for seq_id in seq_ids
+                  if self._prompts[seq_id].images is not None}
+        return scheduled, images
+
+    @property
+    def seq_ids(self) -> set[int]:
+        """The sequences whose record the cache holds (tests check that every rank holds the same)."""
+        return set(self._prompts)
 
     def has_features(self, seq_id: int) -> bool:
         """Whether the sequence's features are held now (tests check that they are freed)."""
         state = self._seqs.get(seq_id)
         return state is not None and state.features is not None
 
-    def embeddings(self, input_ids: torch.Tensor, output: SchedulerOutput, images: dict[int, object],
+    def embeddings(self, input_ids: torch.Tensor, scheduled: list, images: dict[int, object],
                    query_start_locs: list[int]) -> torch.Tensor | None:
         """The step's input embeddings with image features spliced in; None when no chunk holds an image token
-        (the model then embeds the tokens itself). `images`: seq_id -> ImageInputs of the sequences with images."""
+        (the model then embeds the tokens itself). `scheduled`: the step's chunks (ScheduledSequence-like: `seq` with
+        `seq_id`, `prompt_token_ids`, `num_computed_tokens`, and `num_new_tokens`); `images`: seq_id -> ImageInputs
+        of the sequences with images."""
         if self.uses_cross_attention:
             return None
         wanted = []  # (packed index, seq state, feature row)
         needs_encoding = []
-        for s, scheduled in enumerate(output.scheduled):
-            seq = scheduled.seq
+        for s, chunk in enumerate(scheduled):
+            seq = chunk.seq
             inputs = images.get(seq.seq_id)
             if inputs is None:
                 continue
             state = self._state(seq.seq_id, seq.prompt_token_ids, inputs)
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + scheduled.num_new_tokens
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_new_tokens
             rows = [(k, p) for k, p in enumerate(state.token_positions) if start <= p < end]
             if rows and state.features is None:
                 needs_encoding.append(state)
@@ -102,21 +167,21 @@ class ImageFeatureCache:
         """Whether the sequence's cross-attention state is held now (tests check that it is freed)."""
         return seq_id in self._cross
 
-    def cross_attention_for(self, output: SchedulerOutput, images: dict[int, object]) -> list[object | None] | None:
+    def cross_attention_for(self, scheduled: list, images: dict[int, object]) -> list[object | None] | None:
         """Each scheduled sequence's cross-attention context of its chunk (None for a sequence without images);
         None when the model has no cross-attention or no sequence has images."""
-        if not self.uses_cross_attention or not any(s.seq.seq_id in images for s in output.scheduled):
+        if not self.uses_cross_attention or not any(s.seq.seq_id in images for s in scheduled):
             return None
         contexts = []
-        for scheduled in output.scheduled:
-            seq = scheduled.seq
+        for chunk in scheduled:
+            seq = chunk.seq
             inputs = images.get(seq.seq_id)
             if inputs is None:
                 contexts.append(None)
                 continue
             if seq.seq_id not in self._cross:
                 self._cross[seq.seq_id] = self.model.cross_attention_state(seq.prompt_token_ids, inputs)
-            contexts.append(self._cross[seq.seq_id].chunk(seq.num_computed_tokens, scheduled.num_new_tokens))
+            contexts.append(self._cross[seq.seq_id].chunk(seq.num_computed_tokens, chunk.num_new_tokens))
         return contexts
 
     def _state(self, seq_id: int, prompt: list[int], inputs) -> _SeqImages:
@@ -154,21 +219,21 @@ class ImageFeatureCache:
             if state.done:
                 state.features = None
 
-    def rope_positions_for(self, output: SchedulerOutput, images: dict[int, object],
+    def rope_positions_for(self, scheduled: list, images: dict[int, object],
                            positions: torch.Tensor) -> torch.Tensor | None:
         """`[3, num_tokens]` M-RoPE positions of the step (None when the model has none for any sequence)."""
         tables = []
-        for scheduled in output.scheduled:
-            seq = scheduled.seq
+        for chunk in scheduled:
+            seq = chunk.seq
             if seq.seq_id not in self._rope:
                 self._rope[seq.seq_id] = self.model.rope_positions(seq.prompt_token_ids, images.get(seq.seq_id))
             tables.append(self._rope[seq.seq_id])
         if all(t is None for t in tables):
             return None
         pieces = []
-        for scheduled, table in zip(output.scheduled, tables):
-            start = scheduled.seq.num_computed_tokens
-            index = torch.arange(start, start + scheduled.num_new_tokens)
+        for chunk, table in zip(scheduled, tables):
+            start = chunk.seq.num_computed_tokens
+            index = torch.arange(start, start + chunk.num_new_tokens)
             if table is None:
                 pieces.append(index.expand(3, -1))
                 continue

@@ -3,7 +3,8 @@
 Under tensor parallelism (mistralrs/engine/tensor_parallel.py) the head's runner sends each step's `StepInputs`
 to the other ranks over its `peers` channel before computing it, and every other rank's runner `replay`s them:
 the same model calls (the forward, then the logits of the sampled rows, which a vocab-parallel LM head gathers),
-without sampling.
+without sampling. A vision model's step carries its `StepImages` (worker/image_features.py): the sequences seen for
+the first time, with their image tensors, and those gone, so every rank keeps the same image state.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from mistralrs.worker.device_map import layer_devices
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
-from mistralrs.worker.image_features import ImageFeatureCache
+from mistralrs.worker.image_features import ImageFeatureCache, StepImages
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
 KEEP_ALIVE_INTERVAL_S = 5.0  # a tensor-parallel head idle this long tells the other ranks it is alive
+KEEP_ALIVES_PER_TIMEOUT = 4  # keep-alives the head sends at least within the ranks' collective timeout
 
 
 @dataclass
@@ -49,16 +51,18 @@ class ChunkOwner:
 class StepInputs:
     """Everything a rank's model needs to compute one step (what the head broadcasts under tensor parallelism):
     per scheduled chunk, in the step's order, its tokens and block table, its sequence, its adapter set and
-    whether it ends in a sampled row."""
+    whether it ends in a sampled row; for a vision model, how the step changes the image state."""
 
     chunks: list[SeqChunk]
     owners: list[ChunkOwner]
     adapter_sets: list[tuple[str, ...] | None]  # None: the model's active set
     sample: list[bool]
+    images: StepImages | None = None  # a vision model's new and finished sequences; None: a text model
 
     @classmethod
-    def of(cls, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> StepInputs:
-        """The inputs of the scheduled step `output`."""
+    def of(cls, output: SchedulerOutput, sampling: dict[int, SeqSampling],
+           images: ImageFeatureCache | None = None) -> StepInputs:
+        """The inputs of the scheduled step `output` (`images`: a vision model's cache, whose changes it carries)."""
         chunks, owners = [], []
         for scheduled in output.scheduled:
             seq = scheduled.seq
@@ -67,7 +71,8 @@ class StepInputs:
             chunks.append(SeqChunk(tokens, start, list(seq.block_ids), seq.num_prompt_tokens))
             owners.append(ChunkOwner(seq.seq_id, seq.num_output_tokens))
         return cls(chunks, owners, [sampling[s.seq.seq_id].adapters for s in output.scheduled],
-                   [s.sample for s in output.scheduled])
+                   [s.sample for s in output.scheduled],
+                   None if images is None else images.changes(output.scheduled, sampling))
 
     def scheduled(self) -> list[ScheduledSequence]:
         """Stand-ins for the step's ScheduledSequences on a rank that holds no sequences (the adapter runtime reads
@@ -115,7 +120,9 @@ class ModelRunner:
     @property
     def idle_interval(self) -> float | None:
         """Seconds the engine thread may wait for work before calling `idle` (None: it may wait for ever)."""
-        return None if self.peers is None else KEEP_ALIVE_INTERVAL_S
+        if self.peers is None:
+            return None
+        return min(KEEP_ALIVE_INTERVAL_S, self.options.tp_timeout_s / KEEP_ALIVES_PER_TIMEOUT)
 
     def idle(self) -> None:
         """Called by the engine thread every `idle_interval` seconds while no step runs."""
@@ -126,13 +133,13 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput, sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
         """Compute the scheduled chunks and sample for those that reached their sequence's end: the tokens each
         sequence gained in the step, in order (one here; a speculative runner may give several)."""
-        step = StepInputs.of(output, sampling)
+        step = StepInputs.of(output, sampling, self.images)
         if self.peers is not None:
             self.peers.send_step(step)
         batch = self.build_batch(step.chunks)
         with self.cpu_threads.step(batch.num_tokens):
             try:
-                return self._forward_and_sample(batch, output, sampling, step.adapter_sets)
+                return self._forward_and_sample(batch, step, output, sampling)
             except Exception as exc:
                 if self.peers is not None:
                     self.peers.step_failed(exc)
@@ -144,7 +151,9 @@ class ModelRunner:
         logits), whose results the head samples from."""
         batch = self.build_batch(step.chunks)
         with self.cpu_threads.step(batch.num_tokens):
-            self._sampled_logits(batch, self.hidden_states(batch, step.scheduled(), step.adapter_sets), step.sample)
+            embeds = self._image_inputs(batch, step)
+            hidden = self.hidden_states(batch, step.scheduled(), step.adapter_sets, embeds)
+            self._sampled_logits(batch, hidden, step.sample)
 
     def build_batch(self, chunks: list[SeqChunk]) -> ForwardBatch:
         """The step's `ForwardBatch` of `chunks` over this runner's KV cache."""
@@ -163,10 +172,10 @@ class ModelRunner:
                 return self.model(batch.input_ids, batch.positions, batch)
             return self.model(batch.input_ids, batch.positions, batch, inputs_embeds=inputs_embeds)
 
-    def _forward_and_sample(self, batch: ForwardBatch, output: SchedulerOutput, sampling: dict[int, SeqSampling],
-                            sets: list[tuple[str, ...] | None]) -> dict[int, list[SampledToken]]:
-        embeds = self._image_inputs(batch, output, sampling) if self.images is not None else None
-        hidden = self.hidden_states(batch, output.scheduled, sets, embeds)
+    def _forward_and_sample(self, batch: ForwardBatch, step: StepInputs, output: SchedulerOutput,
+                            sampling: dict[int, SeqSampling]) -> dict[int, list[SampledToken]]:
+        embeds = self._image_inputs(batch, step)
+        hidden = self.hidden_states(batch, output.scheduled, step.adapter_sets, embeds)
         sample_rows, logits = self._sampled_logits(batch, hidden, [s.sample for s in output.scheduled])
         if logits is None:
             return {}
@@ -189,14 +198,14 @@ class ModelRunner:
         index = batch.last_token_indices[torch.tensor(rows, device=batch.last_token_indices.device)]
         return rows, self.model.compute_logits(hidden[index])
 
-    def _image_inputs(self, batch: ForwardBatch, output: SchedulerOutput,
-                      sampling: dict[int, SeqSampling]) -> torch.Tensor | None:
-        """A vision model's step: its input embeddings with image features spliced in (None: plain token
-        embeddings), `batch.rope_positions` for M-RoPE models and `batch.cross_attention` for cross-attention
-        models (worker/image_features.py)."""
-        self.images.forget_except(sampling)
-        images = {s.seq.seq_id: sampling[s.seq.seq_id].images for s in output.scheduled
-                  if sampling[s.seq.seq_id].images is not None}
-        batch.rope_positions = self.images.rope_positions_for(output, images, batch.positions)
-        batch.cross_attention = self.images.cross_attention_for(output, images)
-        return self.images.embeddings(batch.input_ids, output, images, batch.query_start_locs)
+    def _image_inputs(self, batch: ForwardBatch, step: StepInputs) -> torch.Tensor | None:
+        """A vision model's step (None for a text model): its input embeddings with image features spliced in (None:
+        plain token embeddings), `batch.rope_positions` for M-RoPE models and `batch.cross_attention` for
+        cross-attention models (worker/image_features.py). Head and replaying ranks alike."""
+        if self.images is None:
+            return None
+        self.images.apply(step.images)
+        scheduled, images = self.images.step_inputs([owner.seq_id for owner in step.owners], step.chunks)
+        batch.rope_positions = self.images.rope_positions_for(scheduled, images, batch.positions)
+        batch.cross_attention = self.images.cross_attention_for(scheduled, images)
+        return self.images.embeddings(batch.input_ids, scheduled, images, batch.query_start_locs)

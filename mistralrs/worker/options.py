@@ -20,12 +20,16 @@ default, and an unset or empty one leaves it. Any other value than those below i
 - `MISTRALRS_TP_SIZE`: N >= 1 processes (ranks) the model is sharded over with tensor parallelism (one CUDA GPU
   each with NCCL, CPU processes with gloo; mistralrs/engine/tensor_parallel.py); unset: every visible CUDA GPU
   when there are several and NCCL is on, else 1. The CLI's `--tp-size N` sets the same field.
+- `MISTRALRS_TP_TIMEOUT`: seconds (a positive number, default 60) a tensor-parallel rank waits in one collective
+  or for the head's next message: the bound on detecting a hung rank (or head). Every process of a run reads its
+  own; the head's child ranks get the head's.
 - `MISTRALRS_NO_NCCL`: "1" (or "true", "on", "yes") turns off the automatic tensor parallelism over several GPUs
   (the device map applies instead), as in the reference.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -47,6 +51,7 @@ ENVIRONMENT = {
     "MISTRALRS_NO_NCCL": ("nccl", {key: not value for key, value in _BOOL.items()}),
 }
 TP_SIZE_VARIABLE = "MISTRALRS_TP_SIZE"  # a positive integer: ExecutionOptions.tp_size
+TP_TIMEOUT_VARIABLE = "MISTRALRS_TP_TIMEOUT"  # positive seconds: ExecutionOptions.tp_timeout_s
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class ExecutionOptions:
     cpu_threads: str = "auto"  # "auto": engine thread's count chosen per step; "fixed": never touched
     tp_size: int | None = None  # ranks of tensor parallelism; None: every CUDA GPU when several (and nccl), else 1
     nccl: bool = True  # several visible CUDA GPUs and no tp_size: tensor parallelism over all of them (NCCL)
+    tp_timeout_s: float = 60.0  # longest wait of a tensor-parallel rank in one collective: a hung rank's bound
 
     def __post_init__(self) -> None:
         for name, value, accepted in (("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
@@ -82,6 +88,9 @@ class ExecutionOptions:
         if self.tp_size is not None and (isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int)
                                          or self.tp_size < 1):
             raise ValueError(f"tp_size must be an int >= 1 or None, got {self.tp_size!r}")
+        if isinstance(self.tp_timeout_s, bool) or not isinstance(self.tp_timeout_s, (int, float)) \
+                or not 0 < self.tp_timeout_s < math.inf:
+            raise ValueError(f"tp_timeout_s must be a positive number of seconds, got {self.tp_timeout_s!r}")
 
     @classmethod
     def from_env(cls, defaults: ExecutionOptions | None = None,
@@ -102,7 +111,23 @@ class ExecutionOptions:
             if not raw.isdigit() or int(raw) < 1:
                 raise ValueError(f"{TP_SIZE_VARIABLE}={environ[TP_SIZE_VARIABLE]!r}; accepted values: an integer >= 1")
             values["tp_size"] = int(raw)
+        raw = environ.get(TP_TIMEOUT_VARIABLE, "").strip()
+        if raw:
+            seconds = _positive_seconds(raw)
+            if seconds is None:
+                raise ValueError(f"{TP_TIMEOUT_VARIABLE}={environ[TP_TIMEOUT_VARIABLE]!r}; accepted values: a "
+                                 "positive number of seconds")
+            values["tp_timeout_s"] = seconds
         return replace(cls() if defaults is None else defaults, **values)
+
+
+def _positive_seconds(raw: str) -> float | None:
+    """`raw` as a positive, finite number of seconds; None when it is not one."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < math.inf else None
 
 
 def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None:

@@ -1,4 +1,5 @@
-"""The head's message channel between two gloo ranks: messages shorter and longer than one broadcast arrive whole."""
+"""The head's message channel between two gloo ranks: messages shorter and longer than one broadcast, and messages
+holding tensors (sent beside the pickle as raw bytes), arrive whole."""
 
 from __future__ import annotations
 

@@ -67,3 +67,14 @@ def test_environment_sets_tp_size_and_nccl():
             ExecutionOptions.from_env(environ={"MISTRALRS_TP_SIZE": bad})
     with pytest.raises(ValueError, match="tp_size must be an int >= 1"):
         ExecutionOptions(tp_size=0)
+
+
+def test_environment_sets_the_collective_timeout():
+    assert ExecutionOptions.from_env(environ={}).tp_timeout_s == 60.0
+    assert ExecutionOptions.from_env(environ={"MISTRALRS_TP_TIMEOUT": " 2.5 "}).tp_timeout_s == 2.5
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        with pytest.raises(ValueError, match=f"MISTRALRS_TP_TIMEOUT='{bad}'; accepted values: a positive number"):
+            ExecutionOptions.from_env(environ={"MISTRALRS_TP_TIMEOUT": bad})
+    for bad in (0, -1.0, True, "60"):
+        with pytest.raises(ValueError, match="tp_timeout_s must be a positive number of seconds"):
+            ExecutionOptions(tp_timeout_s=bad)

@@ -1,17 +1,20 @@
 """Tensor parallelism end to end on CPU processes (gloo, 2 ranks): the Runner with MISTRALRS_TP_SIZE=2 gives the
-single-process tokens and logprobs, a killed rank ends the request with an error, and no rank outlives its
-Runner."""
+single-process tokens and logprobs, a killed rank ends the request with an error, a hung (stopped) rank ends it
+within the collective timeout MISTRALRS_TP_TIMEOUT, and no rank outlives its Runner."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 import pytest
 
 from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, Which
+from mistralrs.engine.tensor_parallel import check_supported
 from mistralrs.loader.default_model import default_model_path
+from mistralrs.loader.spec import LoadKind, LoadSpec
 from tests.adapters.adapter_fixtures import make_base_and_adapters, write_ordering
 from tests.distributed.tp_helpers import is_alive, rank_children
 from tests.tiny_models import CHARACTERS, SPECIAL_TOKENS, make_tiny_model_dir
@@ -129,6 +132,37 @@ def test_killed_rank_ends_the_request_with_an_error_and_a_new_runner_works(tiny_
     assert rank_children() == []
 
 
+def test_a_stopped_rank_ends_the_request_within_the_timeout_and_a_new_runner_works(tiny_dir, monkeypatch):
+    timeout = 5
+    with monkeypatch.context() as patch:
+        patch.setenv("MISTRALRS_TP_TIMEOUT", str(timeout))
+        runner = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
+    assert runner.llm_engine._engine.model_runner.idle_interval == timeout / 4   # keep-alives within the bound
+    (rank, pid), = runner.llm_engine._tp.children.pids.items()
+    stream = runner.send_completion_request(CompletionRequest(
+        prompt="ab", model="m", max_tokens=480, temperature=0.0, logit_bias=NO_SPECIAL, stream=True))
+    next(stream)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match=r"tensor parallelism: .*failed .*create a new one"):
+            for _chunk in stream:
+                pass
+        waited = time.monotonic() - stopped
+    finally:
+        if is_alive(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert waited < 6 * timeout   # the set bound, not the default 60 s, with room for a loaded machine
+    runner.close()
+    assert rank_children() == [] and not is_alive(pid)
+    again = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
+    alone = tiny_runner(tiny_dir)
+    assert_same_choice(chat(again, PROMPTS[2], logit_bias=NO_SPECIAL), chat(alone, PROMPTS[2], logit_bias=NO_SPECIAL))
+    alone.close()
+    again.close()
+    assert rank_children() == []
+
+
 def test_unsupported_combinations_are_refused_before_any_rank_starts(tiny_dir, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setenv("MISTRALRS_TP_SIZE", "2")
@@ -136,6 +170,9 @@ def test_unsupported_combinations_are_refused_before_any_rank_starts(tiny_dir, m
             tiny_runner(tiny_dir, which_draft=Which.Plain(model_id=str(tiny_dir), dtype=ModelDType.F32))
         with pytest.raises(ValueError, match="num_device_layers: a device map does not apply"):
             tiny_runner(tiny_dir, num_device_layers=["1"])
+        with pytest.raises(ValueError, match="tensor parallelism .*: Which.DiffusionPlain models are not supported"):
+            check_supported(LoadSpec(LoadKind.DIFFUSION, "Which.DiffusionPlain", "unused", arch="Flux"), False)
+        check_supported(LoadSpec(LoadKind.VISION, "Which.VisionPlain", "unused"), False)   # vision runs sharded
         patch.setenv("MISTRALRS_TP_SIZE", "0")
         with pytest.raises(ValueError, match="MISTRALRS_TP_SIZE='0'; accepted values: an integer >= 1"):
             tiny_runner(tiny_dir)

@@ -36,8 +36,9 @@ IMAGES = [random_image(45, 20, seed=1), random_image(11, 40, seed=2)]
 BLOCK = 4
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def write_tiny_mllama(path: str):
+    """A random tiny Mllama checkpoint with its tokenizer (ChatML template) and processor config in `path`; returns
+    the transformers model (fp32, eval)."""
     from transformers import MllamaConfig
     from transformers import MllamaForConditionalGeneration as HFModel
 
@@ -48,7 +49,6 @@ def models(tmp_path_factory):
         for name, param in hf.named_parameters():
             if name.endswith("gate") or "gate_" in name and param.numel() == 1:
                 param.fill_(0.6)
-    path = str(tmp_path_factory.mktemp("mllama"))
     hf.save_pretrained(path)
     TOKENIZER.save_pretrained(path)
     with open(os.path.join(path, "tokenizer_config.json")) as f:
@@ -57,6 +57,13 @@ def models(tmp_path_factory):
         json.dump({**tokenizer_config, "chat_template": CHAT_TEMPLATE, "bos_token": None}, f)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump({**PREPROCESSOR, "image_processor_type": "MllamaImageProcessor"}, f)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mllama"))
+    hf = write_tiny_mllama(path)
     return hf, load_ours(MllamaForConditionalGeneration, path), path
 
 
@@ -184,10 +191,10 @@ def test_cross_attention_state_is_computed_once_and_freed_with_the_sequence(mode
 
     def step(done: int, count: int):
         image_seq.num_computed_tokens = done
-        output = SimpleNamespace(scheduled=[SimpleNamespace(seq=image_seq, num_new_tokens=count),
-                                            SimpleNamespace(seq=text_seq, num_new_tokens=1)])
-        assert cache.embeddings(torch.tensor([0]), output, {1: inputs}, [0, count, count + 1]) is None
-        return cache.cross_attention_for(output, {1: inputs})
+        scheduled = [SimpleNamespace(seq=image_seq, num_new_tokens=count),
+                     SimpleNamespace(seq=text_seq, num_new_tokens=1)]
+        assert cache.embeddings(torch.tensor([0]), scheduled, {1: inputs}, [0, count, count + 1]) is None
+        return cache.cross_attention_for(scheduled, {1: inputs})
 
     first = step(0, len(PROMPT_ONE))
     assert first[1] is None and first[0].mask.shape[0] == len(PROMPT_ONE)
@@ -195,7 +202,7 @@ def test_cross_attention_state_is_computed_once_and_freed_with_the_sequence(mode
     decode = step(len(PROMPT_ONE), 1)
     assert torch.equal(decode[0].mask, first[0].mask[-1:])  # decode tokens repeat the last prompt row
     assert calls == [len(PROMPT_ONE)] and cache.has_cross_attention(1)
-    cache.forget_except({2})
+    cache.forget([1])
     assert not cache.has_cross_attention(1)
 
 

@@ -84,6 +84,13 @@ def checkpoint(request, tmp_path_factory):
     """(family, transformers model, transformers processor, checkpoint dir)."""
     family = request.param
     path = tmp_path_factory.mktemp(family)
+    hf, processor = write_tiny_qwen(family, path)
+    return family, hf, processor, path
+
+
+def write_tiny_qwen(family: str, path: Path):
+    """A random tiny Qwen2-VL or Qwen2.5-VL checkpoint with its processor in `path` (the tokenizer files are written
+    by `write_tokenizer_files`); returns (transformers model, transformers processor)."""
     tokenizer, ids = tokenizer_and_ids()
     config = hf_config(family, tokenizer.get_vocab_size(), ids)
     model_cls = (transformers.Qwen2VLForConditionalGeneration if family == "qwen2_vl"
@@ -97,7 +104,7 @@ def checkpoint(request, tmp_path_factory):
     hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
     processor = ImageOnlyQwen2VLProcessor(image_processor, hf_tokenizer)
     processor.save_pretrained(path)  # transformers 5: the image processor's parameters in processor_config.json
-    return family, hf, processor, path
+    return hf, processor
 
 
 def our_processor(path: Path, max_edge: int | None = None) -> Qwen2VLImageProcessor:

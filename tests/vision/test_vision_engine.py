@@ -98,7 +98,8 @@ def test_features_are_computed_once_spliced_per_chunk_and_freed_after_the_image(
             seq.num_computed_tokens = start
             n = min(10, len(prompt) - start)
             output = SchedulerOutput([ScheduledSequence(seq, n, start + n == len(prompt))])
-            embeds = cache.embeddings(torch.tensor(prompt[start:start + n]), output, {0: inputs}, [0, n])
+            embeds = cache.embeddings(torch.tensor(prompt[start:start + n]), output.scheduled, {0: inputs},
+                                      [0, n])
             assert torch.equal(embeds, whole[start:start + n])
             held.append(cache.has_features(0))
     assert len(calls) == 1 and held == [True, True, True, False]   # freed once the chunk passed the last image
@@ -145,7 +146,7 @@ def test_the_images_of_a_step_are_encoded_in_one_call(llava):
     seqs = [Sequence(0, prompts[0]), Sequence(1, prompts[1])]
     output = SchedulerOutput([ScheduledSequence(seq, len(seq.prompt_token_ids), True) for seq in seqs])
     with torch.no_grad():
-        embeds = ImageFeatureCache(model).embeddings(torch.tensor(prompts[0] + prompts[1]), output,
+        embeds = ImageFeatureCache(model).embeddings(torch.tensor(prompts[0] + prompts[1]), output.scheduled,
                                                      {0: first, 1: second}, [0, 18, 54])
         expected = []
         for prompt, inputs in zip(prompts, (first, second)):
@@ -169,10 +170,10 @@ def test_m_rope_positions_follow_the_models_table_then_its_delta():
     with_table.num_computed_tokens = 4            # the last two prompt tokens
     without.num_computed_tokens = 2
     output = SchedulerOutput([ScheduledSequence(with_table, 2, True), ScheduledSequence(without, 2, True)])
-    positions = cache.rope_positions_for(output, {0: object()}, torch.zeros(4))
+    positions = cache.rope_positions_for(output.scheduled, {0: object()}, torch.zeros(4))
     assert positions.tolist() == [[0, 0, 2, 3], [2, 2, 2, 3], [0, 1, 2, 3]]
     with_table.output_token_ids = [9, 9]          # decode: index 7 has position 7 - 3 on every axis
     with_table.num_computed_tokens = 7
-    decode = cache.rope_positions_for(SchedulerOutput([ScheduledSequence(with_table, 1, True)]), {}, torch.zeros(1))
+    decode = cache.rope_positions_for([ScheduledSequence(with_table, 1, True)], {}, torch.zeros(1))
     assert decode.tolist() == [[4], [4], [4]]
-    assert ImageFeatureCache(MRopeModel()).rope_positions_for(output, {}, torch.zeros(4)) is None
+    assert ImageFeatureCache(MRopeModel()).rope_positions_for(output.scheduled, {}, torch.zeros(4)) is None
