@@ -121,6 +121,7 @@ class LLMEngine:
             if not plan.is_head:
                 run_node(plan, spec)   # serves as a rank until the head shuts down, then exits the process
             self._tp = TPRuntime(plan, spec)
+            self._tp.close_at_exit(self.close)
             try:
                 self._start(self._tp.load(), config, None)
             except BaseException:

@@ -142,6 +142,7 @@ class TPRuntime:
                     plan.master_addr, plan.master_port)
         self.keys = dist.PrefixStore(self.prefix, store)
         self.children = RankProcesses(self._rank_exited)
+        self._owner_close: weakref.WeakMethod | None = None  # its owner's close, called at interpreter exit
         _live.add(self)
         try:
             self._start_children()
@@ -289,6 +290,12 @@ class TPRuntime:
         if error is not None:
             raise error
 
+    def close_at_exit(self, owner_close: Callable[[], None]) -> None:
+        """Head: at interpreter exit, if still open, close through the owner's bound `close` (which stops the
+        engine thread before this runtime), so the ranks get the shutdown message; a script that never closes its
+        `Runner` (as the reference's examples) then ends every node cleanly. Held weakly."""
+        self._owner_close = weakref.WeakMethod(owner_close)
+
     def close(self) -> None:
         """Head: tell the ranks to exit, wait for the children (killing any that linger), leave the group."""
         _live.discard(self)
@@ -388,8 +395,16 @@ def run_node(plan: TPPlan, spec: LoadSpec) -> None:
 
 
 @atexit.register
-def _kill_children_at_exit() -> None:
+def _close_at_exit() -> None:
+    """Runtimes still open at interpreter exit: closed through their owner (the ranks are told to exit), else,
+    or if that fails, their children killed."""
     for runtime in list(_live):
+        owner_close = runtime._owner_close() if runtime._owner_close is not None else None
+        try:
+            if owner_close is not None:
+                owner_close()
+        except Exception as exc:
+            logger.warning("tensor parallelism: closing at exit failed (%s)", exc)
         runtime.children.kill()
 
 
