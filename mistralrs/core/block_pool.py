@@ -57,7 +57,10 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         self.blocks = [KVBlock(block_id) for block_id in range(num_blocks)]  # indexed by block_id
-        self._free_uncached: collections.deque[int] = collections.deque(range(num_blocks))  # FIFO
+        # LIFO: the last freed is the next taken, so the blocks in use stay among those used before (the KV cache's
+        # memory is committed when first written: a FIFO would walk every block of the cache, and the resident set
+        # would grow to the whole cache in a long-running server instead of the most ever used at once)
+        self._free_uncached: collections.deque[int] = collections.deque(range(num_blocks))
         self._free_cached: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU: oldest first
         self._cached_block_ids: dict[bytes, int] = {}  # block hash -> block holding that prefix
 
@@ -127,7 +130,7 @@ class BlockPool:
                 self._free_cached[block_id] = None
             else:
                 self._uncache(block)
-                self._free_uncached.append(block_id)
+                self._free_uncached.appendleft(block_id)
 
     def cache_block(self, block_id: int, block_hash: bytes) -> None:
         """Put a full, referenced block in the prefix-cache table under ``block_hash``.

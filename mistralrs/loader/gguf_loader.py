@@ -179,9 +179,17 @@ def _dequantize(info: GGUFTensorInfo, data: np.ndarray) -> np.ndarray:
 
 
 def _block_tensor(info: GGUFTensorInfo, data: np.ndarray) -> GGMLTensor:
-    """One block-quantized tensor as a `GGMLTensor` over the file bytes (no copy)."""
+    """One block-quantized tensor as a `GGMLTensor` over the file bytes (no copy), which can release the pages of
+    its rows (a packing consumer drops each chunk of rows once it has packed it)."""
     raw = torch.from_numpy(data[info.offset:info.offset + info.nbytes])
-    return GGMLTensor(raw.reshape(math.prod(info.shape[:-1]), -1), ggml_type_name(info), tuple(info.shape))
+    num_rows = math.prod(info.shape[:-1])
+    release = functools.partial(_release_rows, data, info.offset, info.nbytes // num_rows)
+    return GGMLTensor(raw.reshape(num_rows, -1), ggml_type_name(info), tuple(info.shape), release_pages=release)
+
+
+def _release_rows(data: np.ndarray, offset: int, row_bytes: int, start: int, stop: int) -> None:
+    """`_release_pages` of the rows `[start, stop)` of a tensor of `row_bytes` rows at file offset `offset`."""
+    _release_pages(data, offset + start * row_bytes, (stop - start) * row_bytes)
 
 
 def _release_pages(data: np.ndarray, offset: int, nbytes: int) -> None:
@@ -429,6 +437,9 @@ class GGUFModel:
         pending: dict[str, dict[int, torch.Tensor]] = {}  # merged HF name → parts read so far
         for entry in self._entries:
             _check_finite(entry.path, entry.info, entry.data)
+            # the check read every page of the tensor: dropped again, so that a consumer that reads the tensor in
+            # chunks (and releases them) holds one chunk of the file at a time, not the whole tensor
+            _release_pages(entry.data, entry.info.offset, entry.info.nbytes)
             weight = self._read(entry, dtype, keep_quantized and entry.target.merge is None)
             merge = entry.target.merge
             if merge is not None:

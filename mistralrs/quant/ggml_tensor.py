@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,10 @@ class GGMLTensor:
     data: torch.Tensor  # uint8 [num_rows, row_bytes]: logical row r as its blocks, back to back
     ggml_type: str  # block format, a key of mistralrs.quant.ggml_types.BLOCK_TYPES
     shape: tuple[int, ...]  # logical shape in PyTorch order; num_rows = prod(shape[:-1]), num_cols = shape[-1]
+    # Drops the pages of block rows [start, stop) from the resident set, for `data` over a memory-mapped file that
+    # is read again if a row is touched later (the GGUF loader's); None for other data. Row-derived tensors
+    # (`with_rows`, `map_rows`, ...) have none.
+    release_pages: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         fmt = block_type(self.ggml_type)
@@ -96,10 +100,15 @@ class GGMLTensor:
 
     @staticmethod
     def cat_rows(tensors: Sequence[GGMLTensor]) -> GGMLTensor:
-        """Concatenation along rows of tensors with the same type and columns."""
+        """Concatenation along rows of tensors with the same type and columns (a copy): the file pages of the
+        tensors with `release_pages` are released once copied."""
         first = tensors[0]
         for tensor in tensors[1:]:
             if (tensor.ggml_type, tensor.num_cols) != (first.ggml_type, first.num_cols):
                 raise ValueError(f"cannot concatenate {tensor.ggml_type} {tensor.shape} rows onto "
                                  f"{first.ggml_type} {first.shape}")
-        return first.with_rows(torch.cat([t.data for t in tensors]))
+        result = first.with_rows(torch.cat([t.data for t in tensors]))
+        for tensor in tensors:
+            if tensor.release_pages is not None:
+                tensor.release_pages(0, tensor.num_rows)
+        return result

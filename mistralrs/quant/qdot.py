@@ -43,6 +43,8 @@ LEGACY_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
 KQUANT_TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 QDOT_TYPES = LEGACY_TYPES | KQUANT_TYPES
 ACTIVATION_BLOCK = 32  # activation values per int8 block (one scale each) of the legacy types
+GROUP_ROWS = 8  # rows interleaved in one packed group of the legacy types (legacy.h kGroupRows)
+PACK_CHUNK_BYTES = 8 << 20  # file bytes of a legacy-type weight packed at a time
 KQUANT_ACTIVATION_BLOCK = 256  # ... of the K-quant types, which also keep the sum of the codes of each 16
 
 
@@ -74,8 +76,10 @@ class QdotWeight(PackedWeight):
         if self.fake:
             shape = extension.qdot_packed_shape(self.type_number, self.out_features, self.in_features)
             self.packed = tensor.data.new_empty(shape)
+        elif self.ggml_type in LEGACY_TYPES:
+            self.packed = _pack_in_chunks(extension, tensor, self.type_number)
         else:
-            self.packed = extension.qdot_pack(tensor.data, self.type_number)  # uint8, the kernels' layout
+            self.packed = extension.qdot_pack(tensor.data, self.type_number)  # the K-quant blocks as they are
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -102,6 +106,22 @@ class QdotWeight(PackedWeight):
         if self.fake:
             return None
         return FusedLinearPart(LinearKind.QDOT, self.type_number, self.out_features, self.packed, None)
+
+
+def _pack_in_chunks(extension, tensor: GGMLTensor, type_number: int) -> torch.Tensor:
+    """`qdot_pack` of a legacy-type tensor (uint8 `[groups of 8 rows, bytes]`, the kernels' layout), packed
+    `PACK_CHUNK_BYTES` of blocks at a time, each chunk's file pages released once it is packed (when the tensor has
+    `release_pages`): a tied 262144-row Q8_0 table (Gemma 3, 178 MB) never has its file pages and its packed copy
+    resident at once."""
+    shape = extension.qdot_packed_shape(type_number, tensor.num_rows, tensor.num_cols)
+    packed = torch.empty(shape, dtype=torch.uint8, device=tensor.device)
+    chunk_rows = max(1, PACK_CHUNK_BYTES // (GROUP_ROWS * tensor.data.shape[1])) * GROUP_ROWS
+    for start in range(0, tensor.num_rows, chunk_rows):
+        stop = min(start + chunk_rows, tensor.num_rows)
+        packed[start // GROUP_ROWS:-(-stop // GROUP_ROWS)] = extension.qdot_pack(tensor.data[start:stop], type_number)
+        if tensor.release_pages is not None:
+            tensor.release_pages(start, stop)
+    return packed
 
 
 def qdot_available() -> bool:

@@ -9,6 +9,8 @@ Pipeline per row (REFERENCE §8.1 with the reference's bugs fixed):
 3. sampled rows divide by the temperature, keep the top-k tokens, then the top-p nucleus of what is left,
    then the tokens with p >= min_p * max_p, and draw from the renormalised rest with the row's own
    generator (Gumbel-max: argmax of logits + Gumbel noise, which is an exact draw from the softmax).
+   A row with a top-k does all of step 3 on its k candidates (`draw_from_candidates`: k uniforms, no
+   vocab-sized mask); a row without one over the whole vocab (`draw_from_vocab`, the plain computation).
 
 All vocab-sized work is done as tensor ops over the whole batch with per-row parameter tensors; Python
 loops only build small index lists (bias, penalties) and run DRY's match search over a row's tokens.
@@ -131,14 +133,20 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float])
         sorted_logits, sorted_ids = logits.topk(num_candidates, dim=-1)  # [batch, num_candidates]
     else:
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # [batch, vocab]
-    ranks = torch.arange(num_candidates, device=logits.device)
-    keep = ranks[None, :] < _long_tensor(top_k, logits.device)[:, None]
-    sorted_probs = sorted_logits.masked_fill(~keep, -math.inf).softmax(dim=-1)
-    probability_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-    nucleus_limit = _float_tensor([p if p < 1 else math.inf for p in top_p], logits.device)
-    keep &= probability_before < nucleus_limit[:, None]
+    keep = sorted_keep(sorted_logits, top_k, top_p)
     keep_by_token = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, sorted_ids, keep)
     return logits.masked_fill(~keep_by_token, -math.inf)
+
+
+def sorted_keep(sorted_logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """The `[batch, n]` bool mask of the tokens that top-k and then top-p keep, for each row's n most likely
+    logits sorted in descending order (n >= the row's top_k; see `top_k_top_p_mask`)."""
+    ranks = torch.arange(sorted_logits.shape[1], device=sorted_logits.device)
+    keep = ranks[None, :] < _long_tensor(top_k, sorted_logits.device)[:, None]
+    sorted_probs = sorted_logits.masked_fill(~keep, -math.inf).softmax(dim=-1)
+    probability_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+    nucleus_limit = _float_tensor([p if p < 1 else math.inf for p in top_p], sorted_logits.device)
+    return keep & (probability_before < nucleus_limit[:, None])
 
 
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,7 @@ class Sampler:
             logits = apply_grammar_masks(logits, [row.params.grammar for row in rows])
         if all(row.params.is_greedy for row in rows):
             scaled = logits
-            chosen_ids = logits.argmax(dim=-1)
+            chosen_ids = _argmax(logits)
         else:
             temperatures = [1.0 if row.params.is_greedy else row.params.temperature for row in rows]
             scaled = logits / _float_column(temperatures, logits.device)
@@ -185,17 +193,52 @@ class Sampler:
         return collect_tokens(scaled, chosen_ids, rows)
 
     def _draw(self, scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Return `[batch]` token ids: truncate the sampled rows, then argmax of logits + Gumbel noise.
-
-        Greedy rows get no truncation and no noise, so they take the plain argmax.
-        """
+        """Return `[batch]` token ids. Greedy rows take the plain argmax; sampled rows with a top-k draw among
+        their top-k candidates (`draw_from_candidates`), the other sampled rows over the whole vocab
+        (`draw_from_vocab`). Each group reads only its own rows."""
         vocab_size = scaled.shape[1]
-        truncated = truncate(scaled, rows)
-        noise = torch.zeros_like(scaled)
-        sampled_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
-        uniforms = [_uniform(rows[i].generator, vocab_size, scaled.device) for i in sampled_rows]
-        noise[_long_tensor(sampled_rows, scaled.device)] = _gumbel(torch.stack(uniforms))
-        return (truncated + noise).argmax(dim=-1)
+        groups: dict = {_greedy: [], draw_from_candidates: [], draw_from_vocab: []}
+        for i, row in enumerate(rows):
+            if row.params.is_greedy:
+                groups[_greedy].append(i)
+            elif _top_k_or_all(row.params.top_k, vocab_size) < vocab_size:
+                groups[draw_from_candidates].append(i)
+            else:
+                groups[draw_from_vocab].append(i)
+        chosen = torch.empty(len(rows), dtype=torch.long, device=scaled.device)
+        for draw, members in groups.items():
+            if members:
+                index = _long_tensor(members, scaled.device)
+                part = scaled if len(members) == len(rows) else scaled[index]
+                chosen.index_copy_(0, index, draw(part, [rows[i] for i in members]))
+        return chosen
+
+
+def draw_from_vocab(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """`[batch]` token ids of sampled rows: `truncate`, then the argmax of the truncated logits plus Gumbel noise
+    from `[vocab]` uniforms of each row's generator (the plain full-vocabulary computation)."""
+    vocab_size = scaled.shape[1]
+    noise = torch.stack([_uniform(row.generator, vocab_size, scaled.device) for row in rows])
+    return _argmax(_gumbel_(noise).add_(truncate(scaled, rows)))
+
+
+def draw_from_candidates(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """`[batch]` token ids of sampled rows with a top-k below the vocab: the same draw as `draw_from_vocab` over
+    the top-k candidates only. Top-p and min-p are applied to the candidates (outside them every logit is -inf
+    after top-k, so they select the same tokens); each row takes k uniforms from its generator, one per
+    candidate in descending order of logit, for the Gumbel noise."""
+    vocab_size = scaled.shape[1]
+    top_k = [_top_k_or_all(row.params.top_k, vocab_size) for row in rows]
+    candidate_logits, candidate_ids = scaled.topk(max(top_k), dim=-1)  # [batch, max top_k], descending
+    keep = sorted_keep(candidate_logits, top_k, [row.params.top_p for row in rows])
+    candidate_logits = candidate_logits.masked_fill(~keep, -math.inf)
+    min_p = [row.params.min_p for row in rows]
+    if any(p > 0 for p in min_p):
+        candidate_logits = min_p_mask(candidate_logits, _float_tensor(min_p, scaled.device))
+    noise = torch.zeros_like(candidate_logits)
+    for i, (row, k) in enumerate(zip(rows, top_k)):
+        noise[i, :k] = _gumbel_(_uniform(row.generator, k, scaled.device))
+    return candidate_ids.gather(1, noise.add_(candidate_logits).argmax(dim=-1, keepdim=True))[:, 0]
 
 
 def scaled_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -265,15 +308,27 @@ def _top_k_or_all(top_k: int, vocab_size: int) -> int:
     return min(top_k, vocab_size) if top_k > 0 else vocab_size
 
 
-def _uniform(generator: torch.Generator, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Draw `[vocab]` uniforms in [0, 1) from the row's own generator, moved to `device`."""
-    return torch.rand(vocab_size, generator=generator, device=generator.device).to(device)
+def _greedy(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """`[batch]` token ids of greedy rows: the exact argmax."""
+    return _argmax(scaled)
 
 
-def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log(u)); u is clamped away from 0 so the result stays finite."""
+def _argmax(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmax(dim=-1)`, the same indices (the first of equal maxima, a NaN's when there is one), computed
+    by `max`, whose CPU kernel is vectorised: 3x faster over a 262,144-token vocab."""
+    return values.max(dim=-1).indices
+
+
+def _uniform(generator: torch.Generator, size: int, device: torch.device) -> torch.Tensor:
+    """Draw `[size]` uniforms in [0, 1) from the row's own generator, moved to `device`."""
+    return torch.rand(size, generator=generator, device=generator.device).to(device)
+
+
+def _gumbel_(uniform: torch.Tensor) -> torch.Tensor:
+    """Turns `uniform` in place into standard Gumbel noise -log(-log(u)) and returns it; u is clamped away from 0
+    so the result stays finite."""
     tiny = torch.finfo(uniform.dtype).tiny
-    return -torch.log(-torch.log(uniform.clamp(min=tiny)))
+    return uniform.clamp_(min=tiny).log_().neg_().log_().neg_()
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:

@@ -54,6 +54,21 @@ def test_allocate_and_free_keep_reference_counts():
         BlockPool(0)
 
 
+def test_freed_uncached_blocks_are_taken_again_before_blocks_never_used():
+    """The last freed uncached block is the next taken: the blocks in use stay among those written before, so the
+    KV cache's committed memory is the most ever used at once, not the whole cache over time."""
+    pool = BlockPool(100)
+    used = set()
+    for step in range(50):  # requests of 1..4 blocks, one after another
+        block_ids = pool.allocate(step % 4 + 1)
+        used.update(block_ids)
+        pool.free(block_ids)
+    assert used == set(range(4))
+    first = pool.allocate(2)
+    pool.free(first[:1])
+    assert pool.allocate(1) == first[:1]
+
+
 def test_cached_free_blocks_are_evicted_last_and_least_recently_freed_first():
     pool = BlockPool(4)
     block_ids = pool.allocate(4)

@@ -256,17 +256,41 @@ def test_kept_blocks_are_views_of_the_file_and_pages_are_released_after_use(tmp_
     entries = {entry.target.hf_names[0]: entry for entry in gguf._entries}
     weights = gguf.iter_weights(torch.float32, keep_quantized=True)
     name, first = next(weights)
-    assert released == []  # not before the consumer has taken the tensor
+    assert released == [entries[name].info.offset]  # the pages the finite check read, before the consumer reads
     assert np.shares_memory(first.data.numpy(), entries[name].data)  # no copy of the file bytes
     before = first.data.clone()
-    next(weights)
-    assert released == [entries[name].info.offset]
+    second, _ = next(weights)
+    assert released == [entries[name].info.offset] * 2 + [entries[second].info.offset]  # after use; next check
     assert torch.equal(first.data, before)  # released pages read back from the file
     assert len(list(weights)) == len(entries) - 2
-    # each tensor once after use, then every tensor again once the consumer has taken the last one (pages that
-    # packing a fused projection read after its shards' release)
+    # each tensor after its check and after use, then every tensor again once the consumer has taken the last
+    # one (pages that packing a fused projection read after its shards' release)
     offsets = [entry.info.offset for entry in gguf._entries]
-    assert released == offsets + offsets
+    assert released == [offset for offset in offsets for _ in range(2)] + offsets
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="needs Linux's /proc/self/pagemap")
+def test_a_kept_tensor_releases_the_file_pages_of_the_rows_asked(tmp_path):
+    """`GGMLTensor.release_pages(start, stop)` of a tensor over the file drops the pages of those block rows only;
+    the pages its finite check read are dropped before the tensor is handed out. (Reading a page also maps up to
+    16 cached neighbours, "fault-around": the figures are held to within 64 pages.)"""
+    model, config = tiny_model("llama", hidden_size=1024, intermediate_size=2048)
+    path = str(tmp_path / "tiny.gguf")
+    gguf = open_gguf(write_tiny_gguf(model, config, path, ggml_type="Q8_0"))
+    weights = gguf.iter_weights(torch.float32, keep_quantized=True)
+    tensor = next(w for name, w in weights if name.endswith("mlp.down_proj.weight"))
+    path = os.path.realpath(path)
+    slack = 64 * os.sysconf("SC_PAGE_SIZE")
+    nbytes = tensor.data.numel()  # 2.2 MB
+    untouched = _resident_bytes_of_file_maps(path)
+    assert untouched < slack < nbytes  # the checked tensor's pages (and those before it) are dropped
+    tensor.data.sum(dtype=torch.int64)  # every page of it resident
+    assert _resident_bytes_of_file_maps(path) >= untouched + nbytes - slack
+    half = tensor.num_rows // 2
+    tensor.release_pages(0, half)
+    assert abs(_resident_bytes_of_file_maps(path) - (untouched + nbytes - half * tensor.data.shape[1])) < slack
+    tensor.release_pages(half, tensor.num_rows)
+    assert _resident_bytes_of_file_maps(path) < untouched + slack
 
 
 def _resident_bytes_of_file_maps(path: str) -> int:

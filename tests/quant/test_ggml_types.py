@@ -136,9 +136,13 @@ def test_ggml_tensor_rows(ggml_type, monkeypatch):
     assert (tensor.num_rows, tensor.num_cols) == (40, num_cols)
     reversed_rows = tensor.map_rows(lambda rows: rows.flip(0))
     assert torch.equal(reversed_rows.dequantize(), dense.flip(0))
-    joined = GGMLTensor.cat_rows([tensor, reversed_rows.with_rows(reversed_rows.data[:8])])
+    released = []
+    over_file = GGMLTensor(raw, ggml_type, (40, num_cols), release_pages=lambda *rows: released.append(rows))
+    assert over_file.map_rows(lambda rows: rows.flip(0)).release_pages is None  # a derived tensor has its own rows
+    joined = GGMLTensor.cat_rows([over_file, reversed_rows.with_rows(reversed_rows.data[:8])])
     assert joined.shape == (48, num_cols)
     assert torch.equal(joined.dequantize(), torch.cat([dense, dense.flip(0)[:8]]))
+    assert released == [(0, 40)]  # a source over the file has its pages released once copied
 
 
 def test_ggml_tensor_validates_shapes_and_types():

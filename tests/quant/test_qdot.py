@@ -69,6 +69,27 @@ def test_packed_blocks_dequantize_to_gguf_bit_for_bit(extension, ggml_type, num_
         extension.qdot_dequantize(packed, number, torch.tensor([-(-num_rows // 8) * 8]), 96)
 
 
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+def test_packing_in_chunks_is_the_whole_packing_and_releases_each_chunk_once_packed(extension, ggml_type,
+                                                                                     monkeypatch):
+    """A legacy-type weight is packed a few rows at a time (chunks of whole groups of 8): the same bytes as one
+    `qdot_pack` of all its rows, and the source's pages of each chunk are released right after it is packed."""
+    from dataclasses import replace
+
+    import mistralrs.quant.qdot as qdot
+
+    tensor = quantized(ggml_type, 61, 96, seed=5)
+    monkeypatch.setattr(qdot, "PACK_CHUNK_BYTES", 3 * 8 * tensor.data.shape[1])  # 24 rows a chunk
+    events = []
+    real_pack = extension.qdot_pack
+    monkeypatch.setattr(extension, "qdot_pack", lambda blocks, number: events.append(("pack", blocks.shape[0]))
+                        or real_pack(blocks, number))
+    weight = QdotWeight(replace(tensor, release_pages=lambda start, stop: events.append(("release", start, stop))))
+    assert events == [("pack", 24), ("release", 0, 24), ("pack", 24), ("release", 24, 48), ("pack", 13),
+                      ("release", 48, 61)]
+    assert torch.equal(weight.packed, real_pack(tensor.data, QDOT_TYPES[ggml_type]))
+
+
 def test_packing_keeps_the_size_of_the_4_and_8_bit_blocks(extension):
     for ggml_type, ratio in [("Q4_0", 1.0), ("Q4_1", 1.0), ("Q8_0", 1.0), ("Q5_0", 272 / 176), ("Q5_1", 288 / 192)]:
         tensor = quantized(ggml_type, 64, 256, seed=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow, dry_penalties
-from mistralrs.sample.sampler import apply_logit_adjustments, min_p_mask, top_k_top_p_mask
+from mistralrs.sample.sampler import apply_logit_adjustments, min_p_mask, top_k_top_p_mask, truncate
 
 
 def _row(params: SamplingParams, token_ids=(0,), seed: int | None = 0) -> SamplingRow:
@@ -39,6 +39,14 @@ def test_greedy_is_exact_argmax(temperature):
     rows = [_row(SamplingParams(temperature=temperature, top_k=3, top_p=0.1, min_p=0.5)) for _ in range(6)]
     tokens = Sampler()(logits, rows)
     assert [t.token_id for t in tokens] == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("vocab_size", [7, 262144])
+def test_greedy_takes_the_first_of_tied_maxima_as_argmax(vocab_size):
+    logits = torch.randint(0, 3, (4, vocab_size), generator=torch.Generator().manual_seed(3)).float()
+    logits[2, vocab_size // 2] = math.nan
+    rows = [_row(SamplingParams(temperature=0)) for _ in range(4)]
+    assert [t.token_id for t in Sampler()(logits, rows)] == logits.argmax(dim=-1).tolist()
 
 
 def test_sampler_does_not_modify_input_logits():
@@ -187,6 +195,48 @@ def test_truncation_masks_match_reference():
         kept = set(torch.nonzero(masked[row] > -math.inf).flatten().tolist())
         assert kept == _reference_keep(logits[row].tolist(), k, p, m), (k, p, m)
         assert torch.equal(masked[row][list(kept)], logits[row][list(kept)])
+
+
+def test_top_k_rows_draw_as_the_full_vocabulary_computation():
+    """A sampled row with a top-k draws among its candidates only: the same token as the plain full-vocabulary
+    computation (`truncate` over the whole row, Gumbel noise on every kept token) given the same k uniforms of
+    its generator, one per candidate in descending order of logit."""
+    vocab_size = 3000
+    settings = [  # (temperature, top_k, top_p, min_p)
+        (0.7, 40, 0.9, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 200, 0.5, 0.0), (0.8, 50, 1.0, 0.05), (2.0, 2999, 0.95, 0.02),
+        (1.0, 1, 1.0, 0.0),
+    ]
+    logits = torch.randn(len(settings), vocab_size, generator=torch.Generator().manual_seed(11)) * 3
+    for step in range(20):
+        rows = [_row(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), seed=100 * step + i)
+                for i, (t, k, p, m) in enumerate(settings)]
+        chosen = [token.token_id for token in Sampler()(logits, rows)]
+        scaled = logits / torch.tensor([t for t, _, _, _ in settings])[:, None]
+        truncated = truncate(scaled, rows)
+        for i, (_, k, _, _) in enumerate(settings):
+            uniform = torch.rand(k, generator=torch.Generator().manual_seed(100 * step + i))
+            noise = torch.zeros(vocab_size)
+            noise[scaled[i].topk(k).indices] = -torch.log(-torch.log(uniform))
+            assert chosen[i] == (truncated[i] + noise).argmax().item(), (step, settings[i])
+
+
+def test_sampler_groups_rows_without_changing_any_row():
+    """Greedy rows, top-k rows and rows over the whole vocab in one batch: each row's token is the one it gets
+    alone (the groups are drawn apart), and a row over the whole vocab draws `[vocab]` uniforms for its noise."""
+    vocab_size = 500
+    logits = torch.randn(5, vocab_size, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_k=20, top_p=0.8),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=1.2, top_p=0.7, min_p=0.1),
+              SamplingParams(temperature=0.6, top_k=vocab_size)]
+    together = [t.token_id for t in Sampler()(logits, [_row(p, seed=i) for i, p in enumerate(params)])]
+    alone = [Sampler()(logits[i:i + 1], [_row(p, seed=i)])[0].token_id for i, p in enumerate(params)]
+    assert together == alone
+    assert together[0] == logits[0].argmax().item()
+    for i in (2, 3, 4):
+        uniform = torch.rand(vocab_size, generator=torch.Generator().manual_seed(i))
+        scaled = logits[i:i + 1] / params[i].temperature
+        expected = (truncate(scaled, [_row(params[i])]) - torch.log(-torch.log(uniform))).argmax().item()
+        assert together[i] == expected
 
 
 def test_top_p_sampling_keeps_nucleus_with_renormalised_probs():
