@@ -5,8 +5,9 @@
 // Activations live in float32 buffers; `Rounding` rounds a value to the model's dtype (bfloat16: round to nearest
 // even, as a bfloat16 ATen op stores its result) at the points where the plain path stores an op's result, so a
 // bfloat16 model sees the plain path's rounding steps, though not its accumulation order (sums are taken in
-// float32 in another order, exp/tanh are std::'s): results agree within a tolerance, not bit for bit.
-// The attention dot products are vectorized with AVX2 + FMA where the CPU has it (qdot.h's target regions).
+// float32 in another order, exp is a polynomial): results agree within a tolerance, not bit for bit.
+// The attention dot products, the softmax's exp and the activations are vectorized with AVX2 + FMA where the CPU
+// has it (qdot.h's target regions); the scalar loops beside them are the portable form.
 #pragma once
 
 #include "qdot/qdot.h"
@@ -101,8 +102,80 @@ inline void axpy_scalar(float* y, float a, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
+// The gated MLP's activation (the kinds of mistralrs/layers/fused_decode.py Activation).
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+
+// x[i] = exp(x[i] - top); returns their sum.
+inline float exp_shifted_scalar(float* x, int64_t n, float top) {
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += x[i] = std::exp(x[i] - top);
+  return total;
+}
+
+// out[i] = act(x[i]): silu x / (1 + exp(-x)), or tanh-gelu 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+inline void activate_scalar(const float* x, float* out, int64_t n, int64_t activation) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    out[i] = activation == kSilu ? v / (1.f + std::exp(-v))
+                                 : 0.5f * v * (1.f + std::tanh(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+  }
+}
+
 #if QDOT_X86
 QDOT_TARGET_BEGIN("avx2,fma")
+// exp of 8 floats (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; within ~2 ulp of std::exp),
+// inputs clamped to +-88.38.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+inline float exp_shifted_avx2(float* x, int64_t n, float top) {
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift));
+    _mm256_storeu_ps(x + i, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  float total = exp_shifted_scalar(x + i, n - i, top);
+  for (float lane : lanes) total += lane;
+  return total;
+}
+inline void activate_avx2(const float* x, float* out, int64_t n, int64_t activation) {
+  const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 a;
+    if (activation == kSilu) {
+      a = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+    } else {  // tanh(y) = 1 - 2 / (exp(2y) + 1)
+      const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+      const __m256 y = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
+                                     _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, v));
+      const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, y)), one)));
+      a = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tanh));
+    }
+    _mm256_storeu_ps(out + i, a);
+  }
+  activate_scalar(x + i, out + i, n - i, activation);
+}
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const BFloat16* p) {
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -154,6 +227,20 @@ QDOT_TARGET_END
 inline bool use_avx2() {
   static const bool avx2 = qdot::best_isa() >= qdot::kAvx2;
   return avx2;
+}
+
+inline float exp_shifted(float* x, int64_t n, float top) {
+#if QDOT_X86
+  if (use_avx2()) return exp_shifted_avx2(x, n, top);
+#endif
+  return exp_shifted_scalar(x, n, top);
+}
+
+inline void activate(const float* x, float* out, int64_t n, int64_t activation) {
+#if QDOT_X86
+  if (use_avx2()) return activate_avx2(x, out, n, activation);
+#endif
+  activate_scalar(x, out, n, activation);
 }
 
 template <class T>
@@ -219,8 +306,7 @@ void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const 
         scores[j - first] = score;
         top = std::max(top, score);
       }
-      float total = 0.f;
-      for (int64_t j = 0; j < context - first; ++j) total += scores[j] = std::exp(scores[j] - top);
+      const float total = exp_shifted(scores.data(), context - first, top);
       float* oh = out + s * heads * head_dim + h * head_dim;
       std::fill(oh, oh + head_dim, 0.f);
       const bool softcap = shape.softcap > 0.f;
@@ -235,24 +321,14 @@ void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const 
   });
 }
 
-// The gated MLP's activation (the kinds of mistralrs/layers/fused_decode.py Activation).
-enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
-
-// The gated MLP's activations on float32 rows: out = round(round(act(gate)) * up), gate and up the halves of each
-// `2 * n` row of gate_up.
-
+// The gated MLP on float32 rows: out = round(round(act(gate)) * up), gate and up the halves of each `2 * n` row
+// of gate_up.
 inline void gate(const float* gate_up, int64_t rows, int64_t n, int64_t activation, float* out, Rounding round) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* g = gate_up + r * 2 * n;
-    const float* u = g + n;
+    const float* up = gate_up + r * 2 * n + n;
     float* o = out + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = g[i];
-      const float a = activation == kSilu ? x / (1.f + std::exp(-x))
-                                          : 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
-      o[i] = round(round(a) * u[i]);
-    }
+    activate(gate_up + r * 2 * n, o, n, activation);
+    for (int64_t i = 0; i < n; ++i) o[i] = round(round(o[i]) * up[i]);
   }
 }
 
