@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace native_decode {
@@ -290,7 +291,8 @@ void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const 
   const int64_t num_seqs = static_cast<int64_t>(context_lens.size()), heads = shape.num_heads;
   const int64_t head_dim = shape.head_dim, group = heads / shape.num_kv_heads;
   const int64_t slot_stride = shape.num_kv_heads * head_dim;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, slots.max_context_len * head_dim));
+  const int64_t work = std::max<int64_t>(1, slots.max_context_len * head_dim);  // multiply-adds of an item, at most
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / work);
   at::parallel_for(0, num_seqs * heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(slots.max_context_len));
     for (int64_t item = begin; item < end; ++item) {
