@@ -75,6 +75,24 @@ def test_tiny_families_native_close_to_aten(extension, family, dtype):
     assert_native_close_to_aten(model, reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widths_off_the_vector_length_native_close_to_aten(extension, dtype):
+    """Head and MLP widths that are not multiples of 8 (head_dim 20, intermediate 100): the vector loops' scalar
+    tails."""
+    from mistralrs.models.config import TextModelConfig
+    from mistralrs.models.llama import LlamaForCausalLM
+    from tests.layers.test_fused_decode import TINY
+
+    config = TextModelConfig.from_hf_dict({**TINY, "hidden_size": 80, "intermediate_size": 100})
+    model = LlamaForCausalLM(config, dtype=dtype, device="cpu").eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_((1.0 if "norm" in name else 0.0) + 0.15 * torch.randn(param.shape, generator=gen))
+    assert model.model.layers[0].self_attn.attn.head_dim == 20
+    assert_native_close_to_aten(model)
+
+
 @pytest.mark.parametrize("arch, ggml_type", [("llama", "Q4_1"), ("qwen2", "Q8_0")])
 def test_tiny_gguf_int8_kernels_native_close_to_aten(extension, tmp_path, arch, ggml_type):
     """The int8 dot-product weights, which the native step calls directly on its float32 rows."""
