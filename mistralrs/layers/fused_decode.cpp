@@ -4,6 +4,8 @@
 // layers/{norm,rotary,attention,activation}.py and the linear methods), so that the results are bit for bit those
 // of the plain path. Only the Python interpreter's work between the calls goes away: at decode sizes each layer
 // is ~40 small kernels and 4 weight-only matmuls, and the interpreter costs about as much as the small kernels.
+// A decode step may instead take `native_forward`: the small kernels replaced by the loops of native_decode.h and
+// the int8 dot-product kernels called on float32 buffers (within a tolerance of the ATen calls, not bit for bit).
 // Loaded by mistralrs/layers/fused_decode.py.
 #include <torch/extension.h>
 
