@@ -4,9 +4,12 @@
 // layers/{norm,rotary,attention,activation}.py and the linear methods), so that the results are bit for bit those
 // of the plain path. Only the Python interpreter's work between the calls goes away: at decode sizes each layer
 // is ~40 small kernels and 4 weight-only matmuls, and the interpreter costs about as much as the small kernels.
+// A decode step may instead take `native_forward`: the small kernels replaced by the loops of native_decode.h and
+// the int8 dot-product kernels called on float32 buffers (within a tolerance of the ATen calls, not bit for bit).
 // Loaded by mistralrs/layers/fused_decode.py.
 #include <torch/extension.h>
 
+#include "native_decode.h"
 #include "qdot/qdot.h"
 
 #include <limits>
@@ -14,6 +17,9 @@
 #include <vector>
 
 using at::Tensor;
+using native_decode::kGeluTanh;
+using native_decode::kSilu;
+using native_decode::Rounding;
 
 namespace {
 
@@ -65,6 +71,19 @@ struct LinearPlan {
     Tensor y = at::cat(outputs, -1);
     return bias ? y + *bias : y;
   }
+
+  // The native decode step's form: float32 rows x [M, K] holding values of `dtype` -> contiguous float32 [M, N],
+  // the values `operator()` gives on x in `dtype`. One int8 dot-product weight without a bias reads x as it is
+  // (the kernels quantize float32 rows) and its float32 result is rounded as `store_outputs` would.
+  Tensor rows(const Tensor& x, at::ScalarType dtype, Rounding round) const {
+    if (parts.size() == 1 && parts[0].kind == kQdot && !bias && x.size(0) < qdot::kDenseRows) {
+      const LinearPart& part = parts[0];
+      Tensor y = qdot::matmul(x, part.weight, part.group_size, part.out_features, -1, -1);
+      round.row(y.data_ptr<float>(), y.numel());
+      return y;
+    }
+    return (*this)(dtype == at::kFloat ? x : x.to(dtype)).to(at::kFloat).contiguous();
+  }
 };
 
 // Which norm module a NormPlan reproduces (the kinds of mistralrs/layers/fused_decode.py NormKind).
@@ -77,6 +96,13 @@ struct NormPlan {
   Tensor weight;   // [hidden]: RMSNorm's weight, or GemmaRMSNorm.scale_weight()
   Tensor doubled;  // RMSNorm: cat(weight, weight), for half-precision inputs
   double eps = 0.0;
+  std::vector<float> weight_f32;  // the weight as float32, for the native decode step
+
+  // The native decode step's form: `rows` rows of float32 values `stride` apart, normalised into y (may be x).
+  void rows(const float* x, float* y, int64_t rows, int64_t stride, Rounding round) const {
+    native_decode::rms_norm(x, y, rows, static_cast<int64_t>(weight_f32.size()), stride, weight_f32.data(),
+                            static_cast<float>(eps), round);
+  }
 
   Tensor operator()(const Tensor& x) const {
     const int64_t hidden = weight.size(0);
@@ -86,9 +112,6 @@ struct NormPlan {
     return at::layer_norm(mirrored, {2 * hidden}, doubled, {}, eps).slice(-1, 0, hidden);
   }
 };
-
-// The gated MLP's activation (the kinds of mistralrs/layers/fused_decode.py Activation).
-enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
 
 // apply_rotary of mistralrs/layers/rotary.py: NeoX rotate-half with the sign folded into `sin`.
 Tensor apply_rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
@@ -134,6 +157,7 @@ struct LayerOptions {
   bool concat_qk = false;          // RoPE over cat(q, k) (Gemma) instead of the q/k slice of qkv (Llama)
   int64_t activation = kSilu;      // of the gate
   std::optional<double> softcap;   // tanh cap on the attention scores (Gemma 2)
+  int64_t sliding_window = 0;      // keys older than this many positions are not attended (0: none)
 };
 
 struct DecoderLayerPlan {
@@ -142,6 +166,7 @@ struct DecoderLayerPlan {
   int64_t num_heads, num_kv_heads, head_dim;
   double scale;
   LayerOptions options;
+  mutable int64_t native_steps = 0;  // steps `native_forward` ran (the tests' proof that it did)
 
   // PagedAttention.forward with the "sdpa" backend: write the new K/V, then attend over each context.
   Tensor attend(Tensor q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
@@ -193,18 +218,126 @@ struct DecoderLayerPlan {
     return down(gate * gate_and_up[1]);
   }
 
+  // Whether `native_forward` can run a step: one new token per sequence (fewer than qdot::kDenseRows), float32
+  // or bfloat16 activations, RoPE tables and caches of that dtype laid out as allocate_kv_caches makes them.
+  bool native_step(const Tensor& hidden, const Tensor& cos, const Tensor& sin, const Tensor& k_cache,
+                   const Tensor& v_cache, const AttentionStep& step, const std::vector<int64_t>& context_lens) const {
+    const at::ScalarType dtype = hidden.scalar_type();
+    const int64_t num_tokens = hidden.size(0);
+    const auto same = [&](const Tensor& t) { return t.scalar_type() == dtype && t.is_contiguous(); };
+    const bool slots = step.contiguous_start >= 0 ||
+                       (step.gather_indices && step.gather_indices->scalar_type() == at::kLong &&
+                        step.gather_indices->is_contiguous());
+    return (dtype == at::kFloat || dtype == at::kBFloat16) && hidden.dim() == 2 && same(hidden) &&
+           step.max_query_len == 1 && !step.query_pad_indices && step.num_seqs == num_tokens &&
+           num_tokens < qdot::kDenseRows && static_cast<int64_t>(context_lens.size()) == num_tokens &&
+           same(cos) && same(sin) && cos.numel() == num_tokens * cos.size(-1) && sin.sizes() == cos.sizes() &&
+           same(k_cache) && same(v_cache) && k_cache.dim() == 3 && v_cache.size(-1) == head_dim &&
+           step.slot_mapping.scalar_type() == at::kLong && step.slot_mapping.is_contiguous() && slots;
+  }
+
+  // The q/k norms (Gemma 3) and RoPE in place on each token's q and k heads of qkv rows [num_tokens, width], then
+  // each token's k and v heads stored at its cache slot.
+  template <class T>
+  void rotate_and_store(float* qkv_rows, int64_t num_tokens, int64_t width, const Tensor& cos, const Tensor& sin,
+                        Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping, Rounding round) const {
+    const int64_t rotary_dim = cos.size(-1), kv_width = num_kv_heads * head_dim;
+    const bool bf16 = cos.scalar_type() == at::kBFloat16;
+    const native_decode::Floats cos_rows{cos.data_ptr(), bf16}, sin_rows{sin.data_ptr(), bf16};
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    T* keys = static_cast<T*>(k_cache.data_ptr());
+    T* values = static_cast<T*>(v_cache.data_ptr());
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      float* row = qkv_rows + t * width;
+      float* k = row + num_heads * head_dim;
+      if (options.q_norm) {
+        options.q_norm->rows(row, row, num_heads, head_dim, round);
+        options.k_norm->rows(k, k, num_kv_heads, head_dim, round);
+      }
+      native_decode::rotate_half(row, num_heads + num_kv_heads, head_dim, cos_rows.at(t * rotary_dim),
+                                 sin_rows.at(t * rotary_dim), rotary_dim, round);
+      native_decode::store(keys + slots[t] * kv_width, k, kv_width);
+      native_decode::store(values + slots[t] * kv_width, k + kv_width, kv_width);
+    }
+  }
+
+  // The layer for a decode step (`native_step`) with hand-written loops for everything but the matmuls
+  // (native_decode.h): activations in float32 buffers, rounded to the model's dtype where the ATen path stores
+  // a result.
+  Tensor native_forward(const Tensor& hidden, const Tensor& cos, const Tensor& sin, Tensor& k_cache,
+                        Tensor& v_cache, const AttentionStep& step, const std::vector<int64_t>& context_lens) const {
+    const at::ScalarType dtype = hidden.scalar_type();
+    const Rounding round{dtype == at::kBFloat16};
+    const int64_t num_tokens = hidden.size(0), hidden_size = hidden.size(1);
+    Tensor h = hidden.to(at::kFloat, false, true);  // [num_tokens, hidden], the residual stream (a copy)
+    float* hp = h.data_ptr<float>();
+    Tensor normed = at::empty_like(h);
+    input_norm.rows(hp, normed.data_ptr<float>(), num_tokens, hidden_size, round);
+    Tensor qkv_out = qkv.rows(normed, dtype, round);  // [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+    const int64_t width = qkv_out.size(1);
+    Tensor attended = at::empty({num_tokens, num_heads * head_dim}, h.options());
+    const native_decode::ContextSlots slots{step.contiguous_start,
+                                            step.contiguous_start >= 0 ? nullptr
+                                                                       : step.gather_indices->data_ptr<int64_t>(),
+                                            step.max_context_len};
+    const native_decode::AttentionShape shape{num_heads, num_kv_heads, head_dim, static_cast<float>(scale),
+                                              options.softcap ? static_cast<float>(*options.softcap) : 0.f,
+                                              options.sliding_window};
+    if (round.bf16) {
+      rotate_and_store<c10::BFloat16>(qkv_out.data_ptr<float>(), num_tokens, width, cos, sin, k_cache, v_cache,
+                                      step.slot_mapping, round);
+      native_decode::decode_attention(qkv_out.data_ptr<float>(), width, k_cache.data_ptr<c10::BFloat16>(),
+                                      v_cache.data_ptr<c10::BFloat16>(), slots, context_lens, shape,
+                                      attended.data_ptr<float>(), round);
+    } else {
+      rotate_and_store<float>(qkv_out.data_ptr<float>(), num_tokens, width, cos, sin, k_cache, v_cache,
+                              step.slot_mapping, round);
+      native_decode::decode_attention(qkv_out.data_ptr<float>(), width, k_cache.data_ptr<float>(),
+                                      v_cache.data_ptr<float>(), slots, context_lens, shape,
+                                      attended.data_ptr<float>(), round);
+    }
+    Tensor projected = o.rows(attended, dtype, round);  // [num_tokens, hidden]
+    float* pp = projected.data_ptr<float>();
+    float* np = normed.data_ptr<float>();
+    const int64_t n = num_tokens * hidden_size;
+    if (options.pre_feedforward_norm) {
+      post_attention_norm.rows(pp, pp, num_tokens, hidden_size, round);
+      for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + pp[i]);
+      options.pre_feedforward_norm->rows(hp, np, num_tokens, hidden_size, round);
+    } else {
+      for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + pp[i]);
+      post_attention_norm.rows(hp, np, num_tokens, hidden_size, round);
+    }
+    Tensor gate_up_out = gate_up.rows(normed, dtype, round);  // [num_tokens, 2 * intermediate]
+    const int64_t intermediate = gate_up_out.size(1) / 2;
+    Tensor gated = at::empty({num_tokens, intermediate}, h.options());
+    native_decode::gate(gate_up_out.data_ptr<float>(), num_tokens, intermediate, options.activation,
+                        gated.data_ptr<float>(), round);
+    Tensor mlp_out = down.rows(gated, dtype, round);  // [num_tokens, hidden]
+    float* mp = mlp_out.data_ptr<float>();
+    if (options.post_feedforward_norm) options.post_feedforward_norm->rows(mp, mp, num_tokens, hidden_size, round);
+    for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + mp[i]);
+    return round.bf16 ? h.to(dtype) : h;
+  }
+
   // LlamaDecoderLayer.forward / GemmaDecoderLayer.forward: h += attn(norm(h)); h += mlp(norm(h)), or with
-  // sandwich norms h += post_attn_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h))).
+  // sandwich norms h += post_attn_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h))). With `native`,
+  // a step that `native_step` accepts runs `native_forward`; every other step the ATen calls below.
   Tensor forward(const Tensor& hidden, const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
                  const Tensor& slot_mapping, int64_t contiguous_start, const std::optional<Tensor>& gather_indices,
                  const std::optional<Tensor>& mask, const std::optional<Tensor>& query_pad_indices,
-                 int64_t num_seqs, int64_t max_query_len, int64_t max_context_len) const {
+                 int64_t num_seqs, int64_t max_query_len, int64_t max_context_len,
+                 const std::vector<int64_t>& context_lens, bool native) const {
+    AttentionStep step{slot_mapping, contiguous_start, gather_indices, mask, query_pad_indices,
+                       num_seqs, max_query_len, max_context_len};
+    if (native && native_step(hidden, cos, sin, k_cache, v_cache, step, context_lens)) {
+      ++native_steps;
+      return native_forward(hidden, cos, sin, k_cache, v_cache, step, context_lens);
+    }
     const int64_t num_tokens = hidden.size(0), rotated_heads = num_heads + num_kv_heads;
     Tensor qkv_out = qkv(input_norm(hidden)).view({num_tokens, rotated_heads + num_kv_heads, head_dim});
     Tensor rotated = rotate(qkv_out, cos, sin);
     Tensor v = qkv_out.slice(1, rotated_heads, rotated_heads + num_kv_heads);
-    AttentionStep step{slot_mapping, contiguous_start, gather_indices, mask, query_pad_indices,
-                       num_seqs, max_query_len, max_context_len};
     Tensor attended = o(attend(rotated.slice(1, 0, num_heads), rotated.slice(1, num_heads, rotated_heads), v,
                                k_cache, v_cache, step));
     if (!options.pre_feedforward_norm) {
@@ -242,6 +375,8 @@ NormPlan make_norm(int64_t kind, Tensor weight, std::optional<Tensor> doubled, d
   plan.weight = std::move(weight);
   if (doubled) plan.doubled = *doubled;
   plan.eps = eps;
+  Tensor weight_f32 = plan.weight.to(at::kFloat).contiguous();
+  plan.weight_f32.assign(weight_f32.data_ptr<float>(), weight_f32.data_ptr<float>() + weight_f32.numel());
   return plan;
 }
 
@@ -278,14 +413,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        int64_t head_dim, double scale, std::optional<NormPlan> pre_feedforward_norm,
                        std::optional<NormPlan> post_feedforward_norm, std::optional<NormPlan> q_norm,
                        std::optional<NormPlan> k_norm, bool concat_qk, int64_t activation,
-                       std::optional<double> softcap) {
+                       std::optional<double> softcap, int64_t sliding_window) {
              TORCH_CHECK(pre_feedforward_norm.has_value() == post_feedforward_norm.has_value(),
                          "sandwich norms come in pairs");
              TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q/k norms come in pairs");
              TORCH_CHECK(!q_norm || concat_qk, "q/k norms need concat_qk");
              TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "unknown activation ", activation);
+             TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none), got ", sliding_window);
              LayerOptions options{pre_feedforward_norm, post_feedforward_norm, q_norm, k_norm, concat_qk,
-                                  activation, softcap};
+                                  activation, softcap, sliding_window};
              return DecoderLayerPlan{input_norm, post_attention_norm, qkv, o, gate_up, down,
                                      num_heads, num_kv_heads, head_dim, scale, options};
            }),
@@ -294,6 +430,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("head_dim"), py::arg("scale"), py::arg("pre_feedforward_norm") = py::none(),
            py::arg("post_feedforward_norm") = py::none(), py::arg("q_norm") = py::none(),
            py::arg("k_norm") = py::none(), py::arg("concat_qk") = false, py::arg("activation") = int64_t{kSilu},
-           py::arg("softcap") = py::none())
-      .def("forward", &DecoderLayerPlan::forward, py::call_guard<py::gil_scoped_release>());
+           py::arg("softcap") = py::none(), py::arg("sliding_window") = int64_t{0})
+      .def("forward", &DecoderLayerPlan::forward, py::call_guard<py::gil_scoped_release>())
+      .def_readonly("native_steps", &DecoderLayerPlan::native_steps);
 }

@@ -7,8 +7,19 @@ small calls themselves. `FusedDecoderLayer` hands the layer's tensors once to a 
 (`fused_decode.cpp`) that makes the very same ATen calls in the same order, so its output is bit for bit the
 plain path's; only the interpreter's work between the calls goes away. On the 2-core development CPU a SmolLM2
 decode step (model forward and LM head) takes ~10 ms instead of ~14 ms, and single-stream decode through the
-Runner goes from ~73 to ~95 tok/s (bench/bench_smollm2.py --ab-fused). Replacing the small calls by hand-written
-loops as well (norms, RoPE, SiLU, decode attention) gained only ~7% more and gave up bit-exactness: not done.
+Runner goes from ~73 to ~95 tok/s (bench/bench_smollm2.py --ab-fused).
+
+Since the int8 dot-product kernels halved the matmuls, the small calls are about half of a decode step's forward.
+A decode step (one new token per sequence, fewer than 64 of them, float32 or bfloat16 activations) therefore runs
+by default without them (`DecoderLayerPlan::native_forward`): the norms, RoPE, the KV write, decode attention over
+each sequence's cached blocks (GQA, sliding window, soft-cap; parallel over sequences and heads), the gated
+activation and the residual adds are hand-written loops (mistralrs/layers/native_decode.h) over float32 buffers,
+and the int8 dot-product kernels are called on those buffers directly. The loops round to the model's dtype where
+the ATen calls store a result, but they sum in their own order, so they agree with the ATen calls within a
+tolerance instead of bit for bit (float32: 1e-5 of the largest magnitude; bfloat16: a few ulps, and equal greedy
+tokens on the real GGUFs: tests/layers/test_native_decode.py). The ATen calls stay as their twin: every other step
+(prefill, chunks, padded batches) takes them, and `ExecutionOptions.native_decode` (`MISTRALRS_NATIVE_DECODE=0`)
+sends decode steps to them too, bit for bit the plain modules. Figures: docs/benchmarks.md (issue 20).
 
 The same plan runs the Gemma family's layers (mistralrs/models/gemma.py): `(1 + w)` norms computed in float32,
 Gemma 2/3's sandwich norms, Gemma 3's per-head q/k norms, RoPE over `cat(q, k)`, the tanh-gelu MLP, and Gemma 2's
@@ -63,6 +74,8 @@ SOURCE = Path(__file__).with_name("fused_decode.cpp")
 # the quantized dot-product kernels it includes (mistralrs/layers/qdot/qdot.h); every file there is in the cache key
 QDOT_HEADERS = tuple(sorted(path for path in Path(__file__).with_name("qdot").iterdir()
                             if path.suffix in (".h", ".inc")))
+# the native decode step's loops (the extension's other header; in the cache key as well)
+NATIVE_HEADER = Path(__file__).with_name("native_decode.h")
 
 
 class NormKind(enum.IntEnum):
@@ -80,7 +93,7 @@ class Activation(enum.IntEnum):
 
 
 # the process's one copy of the compiled module
-EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode", QDOT_HEADERS)
+EXTENSION = LazyExtension(SOURCE, "mistralrs_fused_decode", (NATIVE_HEADER, *QDOT_HEADERS))
 
 
 def linear_spec(linear: Linear) -> tuple[list[FusedLinearPart], torch.Tensor | None] | None:
@@ -119,7 +132,8 @@ class FusedDecoderLayer:
     `forward` returns the layer's output, or None when the plain modules must run.
     """
 
-    def __init__(self, layout: PreNormDecoderLayout):
+    def __init__(self, layout: PreNormDecoderLayout, native: bool = True):
+        self.native = native  # decode steps through the hand-written loops (False: the ATen calls alone)
         self.layout = layout  # the layer's modules, as its class declares them; the three below are read often
         self.linears = layout.linears  # (qkv_proj, o_proj, gate_up_proj, down_proj)
         self.attn = layout.attn  # its geometry, scale, window, soft-cap and cache index
@@ -146,7 +160,7 @@ class FusedDecoderLayer:
         start = fb.contiguous_start
         return plan.forward(hidden, cos, sin, k_cache, v_cache, fb.slot_mapping, -1 if start is None else start,
                             fb.gather_indices, fb.attention_mask(attn.sliding_window), fb.query_pad_indices,
-                            fb.num_seqs, fb.max_query_len, fb.max_context_len)
+                            fb.num_seqs, fb.max_query_len, fb.max_context_len, fb.context_lens, self.native)
 
     def _observed(self) -> bool:
         """Whether a forward hook watches one of the fused modules (e.g. imatrix collection on the linear layers):
@@ -190,7 +204,8 @@ class FusedDecoderLayer:
         return extension.DecoderLayerPlan(
             *norms[:2], *linears, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale,
             pre_feedforward_norm=feedforward[0], post_feedforward_norm=feedforward[1], q_norm=qk[0], k_norm=qk[1],
-            concat_qk=layout.concat_qk, activation=int(activation), softcap=attn.logit_softcap)
+            concat_qk=layout.concat_qk, activation=int(activation), softcap=attn.logit_softcap,
+            sliding_window=attn.sliding_window or 0)
 
 
 class FusedForward:
@@ -221,23 +236,27 @@ def fused_twin(layer: nn.Module) -> FusedDecoderLayer | None:
     return forward.twin if isinstance(forward, FusedForward) else None
 
 
-def attach_fused_decode(model: nn.Module, enabled: bool) -> None:
+def attach_fused_decode(model: nn.Module, enabled: bool, native: bool = True) -> None:
     """With `enabled`, puts the fused twin in front of the forward of every layer of `model` whose class declares
     its layout (`decoder_layout()`, mistralrs/layers/decoder_layout.py; a layer whose `decoder_layout()` returns
-    None, or whose linear layers are tensor-parallel, keeps its plain modules), keeping twins already attached; without,
-    removes every twin, so that the layers' own modules run."""
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    None, or whose linear layers are tensor-parallel, keeps its plain modules), keeping twins already attached, and
+    sets every twin's `native` switch (decode steps through the hand-written loops); without, removes every twin,
+    so that the layers' own modules run."""
+    for name, value in (("enabled", enabled), ("native", native)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     for module in model.modules():
         if not callable(getattr(type(module), "decoder_layout", None)):
             continue
-        attached = fused_twin(module) is not None
-        if enabled and not attached:
+        twin = fused_twin(module)
+        if enabled and twin is None:
             layout = module.decoder_layout()
             # None: the layer's modules are not those of its layout (an AnyMoE MLP); sharded: no collectives in C++
             if layout is not None and not layout.is_sharded:
-                module.forward = FusedForward(module, FusedDecoderLayer(layout))
-        elif attached and not enabled:
+                module.forward = FusedForward(module, FusedDecoderLayer(layout, native))
+        elif enabled:
+            twin.native = native
+        elif twin is not None:
             del module.forward
 
 

@@ -13,6 +13,9 @@ default, and an unset or empty one leaves it. Any other value than those below i
 - `MISTRALRS_FUSED_DECODE`: "0" (or "false", "off", "no") keeps every decoder layer on its plain PyTorch modules
   instead of the fused C++ layer (mistralrs/layers/fused_decode.py); "1" (or "true", "on", "yes"): fused (the
   default everywhere).
+- `MISTRALRS_NATIVE_DECODE`: "0" (or "false", "off", "no") runs the fused layers' decode steps as the plain
+  modules' ATen calls (bit for bit the plain path) instead of the hand-written loops of
+  mistralrs/layers/native_decode.h (within a tolerance of it); "1" (or "true", "on", "yes"): the loops (the default).
 - `MISTRALRS_CPU_THREADS`: "auto" runs each step on the thread count the engine measures to be faster for its
   size, set on the engine thread alone (the default everywhere; see mistralrs/worker/cpu_threads.py); "fixed"
   never changes a thread count (the steps run on the count torch gives the engine thread). The `Runner`
@@ -47,6 +50,7 @@ _FALSE = ("0", "false", "off", "no")
 _BOOL = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
 ENVIRONMENT = {
     "MISTRALRS_FUSED_DECODE": ("fused_decode", _BOOL),
+    "MISTRALRS_NATIVE_DECODE": ("native_decode", _BOOL),
     "MISTRALRS_CPU_THREADS": ("cpu_threads", {policy: policy for policy in CPU_THREAD_POLICIES}),
     "MISTRALRS_NO_NCCL": ("nccl", {key: not value for key, value in _BOOL.items()}),
 }
@@ -64,7 +68,10 @@ class ExecutionOptions:
 
     attention_backend: str = "sdpa"  # "sdpa": batched attention; "reference": per-sequence float32 plain twin
     moe_backend: str = "fused"  # "fused": tokens grouped by expert; "reference": per-token plain twin
-    fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU, bit-exact)
+    fused_decode: bool = True  # fused C++ decoder layers where a layer declares its layout (CPU)
+    # the fused layers' decode steps (one token per sequence) through hand-written loops (a documented tolerance
+    # of the plain path); False: the plain modules' ATen calls from C++ (bit for bit the plain path)
+    native_decode: bool = True
     # quantized matmul kernels: True, the int8-activation dot products where a GGML type has one (CPU, bfloat16;
     # mistralrs/quant/qdot.py) and torch's int4 kernel for the others; "int4": torch's int4 kernel for every type
     # (the previous fast path); False: weights dequantized at load, F.linear (the plain twin)
@@ -80,7 +87,7 @@ class ExecutionOptions:
                                       ("cpu_threads", self.cpu_threads, CPU_THREAD_POLICIES)):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}; accepted values: {list(accepted)}")
-        for name in ("fused_decode", "nccl"):
+        for name in ("fused_decode", "native_decode", "nccl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.fast_kernels, bool) or self.fast_kernels == "int4"):
@@ -136,4 +143,4 @@ def apply_execution_options(model: nn.Module, options: ExecutionOptions) -> None
     for module in model.modules():
         if isinstance(module, FusedMoE):
             module.set_backend(options.moe_backend)
-    attach_fused_decode(model, options.fused_decode)
+    attach_fused_decode(model, options.fused_decode, options.native_decode)

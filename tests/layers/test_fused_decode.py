@@ -1,6 +1,7 @@
 """The fused decoder-layer path (mistralrs/layers/fused_decode.py) against its plain twin, the Python modules.
 
-The C++ side makes the same ATen calls in the same order as the modules, so the tolerance is zero: hidden states and
+The C++ side makes the same ATen calls in the same order as the modules (its native decode step switched off: that
+one is held to these ATen calls in tests/layers/test_native_decode.py), so the tolerance is zero: hidden states and
 logits must be equal bit for bit, on tiny random Llama / Mistral (sliding window) / Qwen2 (q/k/v bias) / Phi-3
 (Phi-4-mini's partial rotary, LongRoPE) and Gemma / Gemma 2 (sandwich norms, soft-capped attention, sliding window)
 / Gemma 3 (q/k norms, local and global RoPE) models with dense float32 and bfloat16 weights, tiny GGUF models in
@@ -115,9 +116,10 @@ def steps(prompts: list[list[int]], num_decode: int, vocab: int) -> list[list[tu
     return plan
 
 
-def run(model, fused: bool, step_plan, block_tables: list[list[int]]) -> list[torch.Tensor]:
-    """Hidden states and logits of every step with the switch set to `fused`, on a fresh KV cache."""
-    apply_execution_options(model, ExecutionOptions(fused_decode=fused))
+def run(model, fused: bool, step_plan, block_tables: list[list[int]], native: bool = False) -> list[torch.Tensor]:
+    """Hidden states and logits of every step with the switches set to `fused` and `native` (default: the ATen
+    calls, bit for bit the plain path), on a fresh KV cache."""
+    apply_execution_options(model, ExecutionOptions(fused_decode=fused, native_decode=native))
     num_blocks = 1 + max(max(t) for t in block_tables)
     kv = allocate_kv_caches(model.kv_cache_spec(), num_blocks, BLOCK_SIZE, model.dtype, "cpu")
     outputs = []

@@ -1,0 +1,337 @@
+// Hand-written loops for the small ops of a decode step of the fused decoder layer (fused_decode.cpp
+// `DecoderLayerPlan::native_forward`): RMSNorm rows, rotate-half RoPE, the paged KV write, decode attention over
+// each sequence's cached keys and values (GQA, sliding window, Gemma 2's soft-cap), the gated activations.
+//
+// Activations live in float32 buffers; `Rounding` rounds a value to the model's dtype (bfloat16: round to nearest
+// even, as a bfloat16 ATen op stores its result) at the points where the plain path stores an op's result, so a
+// bfloat16 model sees the plain path's rounding steps, though not its accumulation order (sums are taken in
+// float32 in another order, exp is a polynomial): results agree within a tolerance, not bit for bit.
+// The attention dot products, the softmax's exp and the activations are vectorized with AVX2 + FMA where the CPU
+// has it (qdot.h's target regions); the scalar loops beside them are the portable form.
+#pragma once
+
+#include "qdot/qdot.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace native_decode {
+
+using c10::BFloat16;
+
+// The model's dtype as stored results see it: float32 (unchanged) or bfloat16 (rounded).
+struct Rounding {
+  bool bf16 = false;
+  float operator()(float x) const { return bf16 ? static_cast<float>(BFloat16(x)) : x; }
+  void row(float* x, int64_t n) const {
+    if (bf16)
+      for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(BFloat16(x[i]));
+  }
+};
+
+// Reads a float32 or bfloat16 vector as floats.
+struct Floats {
+  const void* data = nullptr;
+  bool bf16 = false;
+  float operator[](int64_t i) const {
+    return bf16 ? static_cast<float>(static_cast<const BFloat16*>(data)[i]) : static_cast<const float*>(data)[i];
+  }
+  Floats at(int64_t offset) const {
+    return {bf16 ? static_cast<const void*>(static_cast<const BFloat16*>(data) + offset)
+                 : static_cast<const void*>(static_cast<const float*>(data) + offset), bf16};
+  }
+};
+
+// y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, rounded, for `rows` rows of `n` values `stride` apart (in
+// place when y == x).
+inline void rms_norm(const float* x, float* y, int64_t rows, int64_t n, int64_t stride, const float* weight,
+                     float eps, Rounding round) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * stride;
+    float* yr = y + r * stride;
+    float partial[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int64_t l = 0; l < 8; ++l) partial[l] += xr[i + l] * xr[i + l];
+    float sum = 0.f;
+    for (; i < n; ++i) sum += xr[i] * xr[i];
+    for (float p : partial) sum += p;
+    const float inverse = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+    for (int64_t j = 0; j < n; ++j) yr[j] = round(xr[j] * inverse * weight[j]);
+  }
+}
+
+// apply_rotary of mistralrs/layers/rotary.py in place on `heads` heads of `head_dim` at x (consecutive): the first
+// `rotary_dim` features become x * cos + rotate_half(x) * sin (sin's sign folded), rounded after the product and
+// after the sum as the plain path's `addcmul(x * cos, swapped, sin)`.
+inline void rotate_half(float* x, int64_t heads, int64_t head_dim, Floats cos, Floats sin, int64_t rotary_dim,
+                        Rounding round) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * head_dim;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xh[i], b = xh[i + half];
+      xh[i] = round(round(a * cos[i]) + b * sin[i]);
+      xh[i + half] = round(round(b * cos[i + half]) + a * sin[i + half]);
+    }
+  }
+}
+
+// Stores n floats as the cache's element type.
+inline void store(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
+inline void store(BFloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = BFloat16(src[i]);
+}
+
+inline float dot_scalar(const float* q, const float* k, int64_t n) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += q[i] * k[i];
+  return sum;
+}
+inline float dot_scalar(const float* q, const BFloat16* k, int64_t n) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += q[i] * static_cast<float>(k[i]);
+  return sum;
+}
+template <class T>
+inline void axpy_scalar(float* y, float a, const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+}
+
+// The gated MLP's activation (the kinds of mistralrs/layers/fused_decode.py Activation).
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+
+// x[i] = exp(x[i] - top); returns their sum.
+inline float exp_shifted_scalar(float* x, int64_t n, float top) {
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += x[i] = std::exp(x[i] - top);
+  return total;
+}
+
+// out[i] = act(x[i]): silu x / (1 + exp(-x)), or tanh-gelu 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+inline void activate_scalar(const float* x, float* out, int64_t n, int64_t activation) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    out[i] = activation == kSilu ? v / (1.f + std::exp(-v))
+                                 : 0.5f * v * (1.f + std::tanh(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+  }
+}
+
+#if QDOT_X86
+QDOT_TARGET_BEGIN("avx2,fma")
+// exp of 8 floats (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; within ~2 ulp of std::exp),
+// inputs clamped to +-88.38.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+inline float exp_shifted_avx2(float* x, int64_t n, float top) {
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift));
+    _mm256_storeu_ps(x + i, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  float total = exp_shifted_scalar(x + i, n - i, top);
+  for (float lane : lanes) total += lane;
+  return total;
+}
+inline void activate_avx2(const float* x, float* out, int64_t n, int64_t activation) {
+  const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 a;
+    if (activation == kSilu) {
+      a = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+    } else {  // tanh(y) = 1 - 2 / (exp(2y) + 1)
+      const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+      const __m256 y = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
+                                     _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, v));
+      const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, y)), one)));
+      a = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tanh));
+    }
+    _mm256_storeu_ps(out + i, a);
+  }
+  activate_scalar(x + i, out + i, n - i, activation);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline float dot_avx2(const float* q, const float* k, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+  a0 = _mm256_add_ps(a0, a1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s) + dot_scalar(q + i, k + i, n - i);
+}
+inline float dot_avx2(const float* q, const BFloat16* k, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+  a0 = _mm256_add_ps(a0, a1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s) + dot_scalar(q + i, k + i, n - i);
+}
+inline void axpy_avx2(float* y, float a, const float* x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
+  axpy_scalar(y + i, a, x + i, n - i);
+}
+inline void axpy_avx2(float* y, float a, const BFloat16* x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
+  axpy_scalar(y + i, a, x + i, n - i);
+}
+QDOT_TARGET_END
+#endif
+
+inline bool use_avx2() {
+  static const bool avx2 = qdot::best_isa() >= qdot::kAvx2;
+  return avx2;
+}
+
+inline float exp_shifted(float* x, int64_t n, float top) {
+#if QDOT_X86
+  if (use_avx2()) return exp_shifted_avx2(x, n, top);
+#endif
+  return exp_shifted_scalar(x, n, top);
+}
+
+inline void activate(const float* x, float* out, int64_t n, int64_t activation) {
+#if QDOT_X86
+  if (use_avx2()) return activate_avx2(x, out, n, activation);
+#endif
+  activate_scalar(x, out, n, activation);
+}
+
+template <class T>
+inline float dot(const float* q, const T* k, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return dot_avx2(q, k, n);
+#endif
+  return dot_scalar(q, k, n);
+}
+
+template <class T>
+inline void axpy(float* y, float a, const T* x, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return axpy_avx2(y, a, x, n);
+#endif
+  axpy_scalar(y, a, x, n);
+}
+
+// Where a decode step's sequences keep their keys and values: context position j of sequence s is flat cache slot
+// `first_slot + j` (one sequence over consecutive blocks) or `gather[s * max_context_len + j]`.
+struct ContextSlots {
+  int64_t first_slot = -1;         // -1: read `gather`
+  const int64_t* gather = nullptr;  // [num_seqs * max_context_len]
+  int64_t max_context_len = 0;
+  int64_t operator()(int64_t s, int64_t j) const {
+    return first_slot >= 0 ? first_slot + j : gather[s * max_context_len + j];
+  }
+};
+
+// The attention geometry of a layer.
+struct AttentionShape {
+  int64_t num_heads, num_kv_heads, head_dim;
+  float scale;
+  float softcap;           // 0: none
+  int64_t sliding_window;  // 0: none; else keys older than this many positions are not attended
+};
+
+// One query token per sequence: out[s, h] = softmax(q[s, h] . K_s^T * scale) V_s over the sequence's visible
+// keys (the last `sliding_window` of its `context_lens[s]`), with head h reading kv head h / (heads per kv head).
+// q rows are `q_stride` floats apart; the caches are [slots, num_kv_heads, head_dim] of T. Rounded at the end
+// (the plain path's attention output in the model's dtype); with a soft-cap also where _softcapped_attention
+// stores q . k and the probabilities. Parallel over (sequence, head).
+template <class T>
+void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, ContextSlots slots,
+                      const std::vector<int64_t>& context_lens, const AttentionShape& shape, float* out,
+                      Rounding round) {
+  const int64_t num_seqs = static_cast<int64_t>(context_lens.size()), heads = shape.num_heads;
+  const int64_t head_dim = shape.head_dim, group = heads / shape.num_kv_heads;
+  const int64_t slot_stride = shape.num_kv_heads * head_dim;
+  const int64_t work = std::max<int64_t>(1, slots.max_context_len * head_dim);  // multiply-adds of an item, at most
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / work);
+  at::parallel_for(0, num_seqs * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(slots.max_context_len));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / heads, h = item % heads, kv = h / group;
+      const int64_t context = context_lens[s];
+      const int64_t first = shape.sliding_window > 0 ? std::max<int64_t>(0, context - shape.sliding_window) : 0;
+      const float* qh = q + s * q_stride + h * head_dim;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = first; j < context; ++j) {
+        float score = dot(qh, k_cache + slots(s, j) * slot_stride + kv * head_dim, head_dim);
+        score = shape.softcap > 0.f ? std::tanh(round(score) * shape.scale / shape.softcap) * shape.softcap
+                                    : score * shape.scale;
+        scores[j - first] = score;
+        top = std::max(top, score);
+      }
+      const float total = exp_shifted(scores.data(), context - first, top);
+      float* oh = out + s * heads * head_dim + h * head_dim;
+      std::fill(oh, oh + head_dim, 0.f);
+      const bool softcap = shape.softcap > 0.f;
+      for (int64_t j = first; j < context; ++j) {
+        const float weight = softcap ? round(scores[j - first] / total) : round(scores[j - first]);
+        axpy(oh, weight, v_cache + slots(s, j) * slot_stride + kv * head_dim, head_dim);
+      }
+      if (!softcap)
+        for (int64_t i = 0; i < head_dim; ++i) oh[i] /= total;
+      round.row(oh, head_dim);
+    }
+  });
+}
+
+// The gated MLP on float32 rows: out = round(round(act(gate)) * up), gate and up the halves of each `2 * n` row
+// of gate_up.
+inline void gate(const float* gate_up, int64_t rows, int64_t n, int64_t activation, float* out, Rounding round) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* up = gate_up + r * 2 * n + n;
+    float* o = out + r * n;
+    activate(gate_up + r * 2 * n, o, n, activation);
+    for (int64_t i = 0; i < n; ++i) o[i] = round(round(o[i]) * up[i]);
+  }
+}
+
+}  // namespace native_decode
