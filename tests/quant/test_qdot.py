@@ -180,11 +180,11 @@ def test_every_path_dequantizes_tiles_to_the_plain_weight_bit_for_bit(extension,
 
 
 def test_tiles_cover_a_weight_larger_than_one_tile(extension):
-    tensor = quantized("Q8_0", 4104, 512, seed=6)  # 2048 rows a tile at K = 512: three tiles, the last one short
+    tensor = quantized("Q8_0", 8200, 512, seed=6)  # 4096 bfloat16 rows a tile at K = 512: three, the last one short
     weight = QdotWeight(tensor)
     x = torch.randn(extension.QDOT_DENSE_ROWS, 512).to(torch.bfloat16)
     dense = tensor.dequantize(torch.bfloat16)
-    want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 2048]) for start in range(0, 4104, 2048)], 1)
+    want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 4096]) for start in range(0, 8200, 4096)], 1)
     assert torch.equal(weight.matmul(x), want)
 
 

@@ -69,7 +69,9 @@ enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 
 // From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (the two
 // cross over at about 64 rows on SmolLM2's Q4_1 shapes on the development CPU: docs/benchmarks.md).
 constexpr int64_t kDenseRows = 64;
-constexpr int64_t kTileElements = int64_t{1} << 20;  // weights dequantized per tile (4 MiB of float32)
+// Bytes of dequantized weights per tile in the activations' dtype (2M bfloat16 weights: SmolLM2's gate_up
+// projection in one tile, multiplied by one at::linear with no concatenation of the outputs after it).
+constexpr int64_t kTileBytes = int64_t{4} << 20;
 // Output rows interleaved in the legacy types' packed layout (legacy.h), and dequantized together into a bfloat16
 // tile (`bfloat16_rows`).
 constexpr int64_t kGroupRows = 8;
@@ -181,7 +183,7 @@ inline Tensor store_outputs(const Tensor& out, const Tensor& x) {
 // multiplies its dense weight.
 template <class Dequantize>
 Tensor dense_tiles(const Tensor& x, int64_t out_features, Dequantize dequantize) {
-  const int64_t tile = std::max<int64_t>(8, kTileElements / x.size(1) / 8 * 8);
+  const int64_t tile = std::max<int64_t>(8, kTileBytes / (x.size(1) * x.element_size()) / 8 * 8);
   if (tile >= out_features) return at::linear(x, dequantize(0, out_features));
   std::vector<Tensor> outputs;
   for (int64_t start = 0; start < out_features; start += tile)
