@@ -67,7 +67,8 @@ enum Isa : int64_t {
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
 
 // From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (the two
-// cross over at about 64 rows on SmolLM2's Q4_1 shapes on the development CPU: docs/benchmarks.md).
+// cross over at about 64 rows on SmolLM2's Q4_1 shapes on the AMD development CPU, at 32-48 on the AMX Xeon:
+// docs/benchmarks.md).
 constexpr int64_t kDenseRows = 64;
 // Bytes of dequantized weights per tile in the activations' dtype (2M bfloat16 weights: SmolLM2's gate_up
 // projection in one tile, multiplied by one at::linear with no concatenation of the outputs after it).
