@@ -1,7 +1,7 @@
 """Per-matmul times of the int8-activation dot-product kernels (mistralrs/quant/qdot.py) against torch's CPU int4
 form (mistralrs/quant/cpu_int4.py) and a dense bfloat16 `F.linear`, on SmolLM2-135M's and Gemma 3 270M's shapes.
 `QdotWeight` is timed both ways it can multiply: its integer kernels ("kernels") and its dequantized row tiles
-times `F.linear` ("tiles"); it runs the kernels below `QDOT_DENSE_ROWS` (64) activation rows, the tiles from there
+times `F.linear` ("tiles"); it runs the kernels below `QDOT_DENSE_ROWS` (48) activation rows, the tiles from there
 on.
 
     .venv/bin/python bench/bench_qdot.py [--threads 2] [--rows 1,8,512] [--repeats 30] [--fastest]

@@ -66,10 +66,11 @@ enum Isa : int64_t {
 // GGML type numbers (ggml.h `enum ggml_type`).
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
 
-// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (the two
-// cross over at about 64 rows on SmolLM2's Q4_1 shapes on the AMD development CPU, at 32-48 on the AMX Xeon:
-// docs/benchmarks.md).
-constexpr int64_t kDenseRows = 64;
+// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear: at 48
+// rows the tiles are ahead of (or even with) the integer kernels on every SmolLM2 and Gemma 3 shape on the AMX
+// Xeon, and behind on SmolLM2's gate_up at 32 (docs/benchmarks.md; on the AMD CPU before AMX the two crossed
+// at about 64).
+constexpr int64_t kDenseRows = 48;
 // Bytes of dequantized weights per tile in the activations' dtype (2M bfloat16 weights: SmolLM2's gate_up
 // projection in one tile, multiplied by one at::linear with no concatenation of the outputs after it).
 constexpr int64_t kTileBytes = int64_t{4} << 20;
