@@ -1,19 +1,26 @@
 """Per-matmul times of the int8-activation dot-product kernels (mistralrs/quant/qdot.py) against torch's CPU int4
 form (mistralrs/quant/cpu_int4.py) and a dense bfloat16 `F.linear`, on SmolLM2-135M's and Gemma 3 270M's shapes.
 `QdotWeight` is timed both ways it can multiply: its integer kernels ("kernels") and its dequantized row tiles
-times `F.linear` ("tiles"); it runs the kernels below 32 activation rows, the tiles from there on.
+times `F.linear` ("tiles"); it runs the kernels below `QDOT_DENSE_ROWS` (48) activation rows, the tiles from there
+on.
 
-    .venv/bin/python bench/bench_qdot.py [--threads 2] [--rows 1,8,512] [--repeats 30]
+    .venv/bin/python bench/bench_qdot.py [--threads 2] [--rows 1,8,512] [--repeats 30] [--fastest]
+        [--baseline ~/.cache/mistralrs/extensions/mistralrs_fused_decode_<key>.so]
 
 Weights are random, quantized with the `gguf` package (K-quants: mistralrs/quant/quantize.py) to the type the
 real file uses for that matrix. For every
 (shape, M) the three forms are timed in turn, round after round (so that the machine's load hits them alike), and
-the median per call is printed in microseconds as a Markdown table.
+the median per call is printed in microseconds as a Markdown table (`--fastest`: the fastest call of all rounds,
+the steadier figure on a machine that other jobs load). `--baseline` loads another build of the extension (an
+earlier tree's, from the build cache) into the same process and times its tiles too, in turn with the others: a
+before/after of the tile path on the same packed weights, under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import time
 
@@ -53,13 +60,23 @@ def ggml_tensor(ggml_type: str, rows: int, cols: int) -> GGMLTensor:
     return GGMLTensor(data, ggml_type, (rows, cols))
 
 
-def median_us(fn, x: torch.Tensor, repeats: int) -> float:
+def call_us(fn, x: torch.Tensor, repeats: int, fastest: bool) -> float:
+    """The median (or the fastest) of `repeats` calls, in microseconds."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return (min(times) if fastest else statistics.median(times)) * 1e6
+
+
+def load_build(path: str):
+    """A build of the extension (a .so of the build cache) as a module of its own."""
+    name = os.path.basename(path).split(".")[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -69,13 +86,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="calls per form and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="a substring of 'model matrix' to select shapes")
+    parser.add_argument("--fastest", action="store_true", help="the fastest call instead of the median")
+    parser.add_argument("--baseline", default="", help="another build of the extension (.so) whose tiles to time")
     args = parser.parse_args()
+    baseline = load_build(os.path.expanduser(args.baseline)) if args.baseline else None
     torch.set_num_threads(args.threads)
     if not qdot_available():
         EXTENSION.get(wait=True)
-    print(f"threads={args.threads}; median us per call over {args.rounds} rounds x {args.repeats} calls\n")
-    print("| model | matrix | type | N x K | M | kernels | tiles | int4 | dense bf16 | int4 / best qdot |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    statistic = "fastest" if args.fastest else "median"
+    print(f"threads={args.threads}; {statistic} us per call over {args.rounds} rounds x {args.repeats} calls\n")
+    extra = " baseline tiles | tiles / baseline |" if baseline else ""
+    print(f"| model | matrix | type | N x K | M | kernels | tiles | int4 | dense bf16 | int4 / best qdot |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * bool(baseline))
     for model, matrix, ggml_type, rows, cols in SHAPES:
         if args.only and args.only not in f"{model} {matrix}":
             continue
@@ -88,6 +110,8 @@ def main() -> None:
         forms["int4"] = int4_cpu_from_ggml(tensor, torch.bfloat16).matmul
         dense = tensor.dequantize(torch.bfloat16)
         forms["dense"] = lambda x, dense=dense: F.linear(x, dense)
+        if baseline:
+            forms["baseline"] = lambda x: baseline.qdot_matmul(x, qdot.packed, qdot.type_number, rows, dense=1)
         for m in map(int, args.rows.split(",")):
             if m > 64 and rows > 100_000:
                 continue  # the LM head runs on the last token of each sequence only
@@ -96,11 +120,13 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, fn in forms.items():
                     fn(x)
-                    times[name].append(median_us(fn, x, args.repeats))
-            med = {name: statistics.median(values) for name, values in times.items()}
+                    times[name].append(call_us(fn, x, args.repeats, args.fastest))
+            pick = min if args.fastest else statistics.median
+            med = {name: pick(values) for name, values in times.items()}
             best = min(med["kernels"], med["tiles"])
+            extra = f" {med['baseline']:.0f} | {med['tiles'] / med['baseline']:.2f} |" if baseline else ""
             print(f"| {model} | {matrix} | {ggml_type} | {rows}x{cols} | {m} | {med['kernels']:.0f} | "
-                  f"{med['tiles']:.0f} | {med['int4']:.0f} | {med['dense']:.0f} | {med['int4'] / best:.2f} |",
+                  f"{med['tiles']:.0f} | {med['int4']:.0f} | {med['dense']:.0f} | {med['int4'] / best:.2f} |{extra}",
                   flush=True)
 
 

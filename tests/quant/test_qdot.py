@@ -182,12 +182,30 @@ def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_
             2.0**-8 * exact.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ggml_type", sorted(QDOT_TYPES))
+def test_every_path_dequantizes_tiles_to_the_plain_weight_bit_for_bit(extension, ggml_type, dtype):
+    """The tiles are the plain path's weight in x's dtype (bfloat16: rounded group by group to nearest even, as
+    Tensor.to rounds) on every instruction-set path, including the last, partial group of 8 rows: one-hot
+    activations pick each weight out of the product exactly. f16 scales over many magnitudes and random codes give
+    values with every low bit pattern, ties included."""
+    from tests.quant.test_ggml_types import random_blocks
+
+    tensor = GGMLTensor(torch.from_numpy(random_blocks(ggml_type, 45, 512, seed=3)), ggml_type, (45, 512))
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES[ggml_type])
+    plain = gguf_dequantized(tensor).to(dtype)
+    one_hot = torch.eye(512, dtype=dtype)
+    for isa in extension.qdot_isas():
+        tiles = extension.qdot_matmul(one_hot, packed, QDOT_TYPES[ggml_type], 45, isa=isa, dense=1)
+        assert tiles.dtype == dtype and torch.equal(tiles, plain.T), isa
+
+
 def test_tiles_cover_a_weight_larger_than_one_tile(extension):
-    tensor = quantized("Q8_0", 4104, 512, seed=6)  # 2048 rows a tile at K = 512: three tiles, the last one short
+    tensor = quantized("Q8_0", 8200, 512, seed=6)  # 4096 bfloat16 rows a tile at K = 512: three, the last one short
     weight = QdotWeight(tensor)
     x = torch.randn(extension.QDOT_DENSE_ROWS, 512).to(torch.bfloat16)
     dense = tensor.dequantize(torch.bfloat16)
-    want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 2048]) for start in range(0, 4104, 2048)], 1)
+    want = torch.cat([torch.nn.functional.linear(x, dense[start:start + 4096]) for start in range(0, 8200, 4096)], 1)
     assert torch.equal(weight.matmul(x), want)
 
 
@@ -203,6 +221,11 @@ def test_bad_input_names_the_field(extension):
     packed = extension.qdot_pack(tensor.data, QDOT_TYPES["Q4_0"])
     with pytest.raises(RuntimeError, match="in_features=96"):
         extension.qdot_matmul(torch.randn(1, 96), packed, QDOT_TYPES["Q4_0"], 8)
+    x = torch.randn(extension.QDOT_DENSE_ROWS, 64)
+    with pytest.raises(RuntimeError, match="does not hold out_features=16 rows of in_features=64"):
+        extension.qdot_matmul(x, packed, QDOT_TYPES["Q4_0"], 16)
+    with pytest.raises(RuntimeError, match="in_features=80 is not a multiple of 32"):
+        extension.qdot_matmul(torch.randn(extension.QDOT_DENSE_ROWS, 80), packed, QDOT_TYPES["Q4_0"], 8)
     with pytest.raises(RuntimeError, match="GGML type 15"):
         extension.qdot_pack(tensor.data, 15)
     with pytest.raises(ValueError, match="ggml_type 'IQ4_XS'"):

@@ -47,8 +47,6 @@ struct Q8_0 {
   static constexpr bool kSigned = true, kNibbles = false;
 };
 
-constexpr int64_t kGroupRows = 8;  // output rows interleaved in the packed layout
-
 template <class T>
 struct Packed {
   static constexpr int64_t kBiasAt = 16;                                   // after the 8 scales
@@ -176,8 +174,9 @@ struct Dot {
 }  // namespace qdot::avx2
 QDOT_TARGET_END
 
-// Rows [8 g0, 8 g1) dequantized into `out` (row-major, `in_features` a row; rows past `num_rows` skipped), the
-// values of legacy_dequantize_row. Compiled without FMA, so that d * (u - offset) + m rounds twice, as gguf's.
+// Rows [8 g0, 8 g1) dequantized into `out` (row-major, `in_features` a row, row 8 g0 first; rows past `num_rows`
+// skipped), the values of legacy_dequantize_row. Compiled without FMA, so that d * (u - offset) + m rounds twice,
+// as gguf's.
 QDOT_TARGET_BEGIN("avx2,f16c")
 namespace qdot::avx2_exact {
 template <class T>
@@ -220,9 +219,9 @@ void legacy_dequantize_groups(const uint8_t* packed, int64_t num_blocks, int64_t
           __m256 values = _mm256_mul_ps(_mm256_cvtepi32_ps(ints), scales[p]);
           if constexpr (T::kBias >= 0) values = _mm256_add_ps(values, biases[p]);
           const int64_t column = b * 32 + 4 * k;
-          if (2 * p < valid) _mm_storeu_ps(out + (n + 2 * p) * in_features + column, _mm256_castps256_ps128(values));
-          if (2 * p + 1 < valid)
-            _mm_storeu_ps(out + (n + 2 * p + 1) * in_features + column, _mm256_extractf128_ps(values, 1));
+          float* rows = out + (n - g0 * kGroupRows + 2 * p) * in_features + column;
+          if (2 * p < valid) _mm_storeu_ps(rows, _mm256_castps256_ps128(values));
+          if (2 * p + 1 < valid) _mm_storeu_ps(rows + in_features, _mm256_extractf128_ps(values, 1));
         }
       }
     }
@@ -266,22 +265,27 @@ Tensor legacy_matmul(const Tensor& x, const Tensor& packed, int64_t out_features
   return store_outputs(out, x);
 }
 
+// Rows [8 g0, min(8 g1, stop)) of the packed weight as float32 into `out` (row 8 g0 first) on the path `isa`.
+template <class T>
+void legacy_dequantize_groups(const uint8_t* packed, int64_t num_blocks, int64_t g0, int64_t g1, int64_t stop,
+                              Isa isa, float* out) {
+#if QDOT_X86
+  if (isa != kScalar) return avx2_exact::legacy_dequantize_groups<T>(packed, num_blocks, g0, g1, stop, out);
+#endif
+  for (int64_t n = g0 * kGroupRows; n < std::min(g1 * kGroupRows, stop); ++n)
+    legacy_dequantize_row<T>(packed, num_blocks, n, out + (n - g0 * kGroupRows) * num_blocks * 32);
+}
+
 // float32 rows [start, stop) of the packed weight (`start` a multiple of 8), for the large-M tiles.
 template <class T>
 Tensor legacy_dequantize_range(const Tensor& packed, int64_t start, int64_t stop, int64_t in_features, Isa isa) {
-  TORCH_CHECK(start % kGroupRows == 0 && start <= stop, "row range must start at a group of 8");
   const int64_t num_blocks = in_features / 32;
   Tensor out = at::empty({stop - start, in_features}, packed.options().dtype(at::kFloat));
   const uint8_t* data = packed.data_ptr<uint8_t>();
   float* dst = out.data_ptr<float>();
   const int64_t g0 = start / kGroupRows, g1 = (stop + kGroupRows - 1) / kGroupRows;
   at::parallel_for(g0, g1, std::max<int64_t>(1, 2048 / in_features), [&](int64_t a, int64_t z) {
-#if QDOT_X86
-    if (isa != kScalar)
-      return avx2_exact::legacy_dequantize_groups<T>(data, num_blocks, a, z, stop, dst - start * in_features);
-#endif
-    for (int64_t n = a * kGroupRows; n < std::min(z * kGroupRows, stop); ++n)
-      legacy_dequantize_row<T>(data, num_blocks, n, dst + (n - start) * in_features);
+    legacy_dequantize_groups<T>(data, num_blocks, a, z, stop, isa, dst + (a * kGroupRows - start) * in_features);
   });
   return out;
 }

@@ -66,10 +66,17 @@ enum Isa : int64_t {
 // GGML type numbers (ggml.h `enum ggml_type`).
 enum GgmlType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8 };
 
-// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear (the two
-// cross over at about 64 rows on SmolLM2's Q4_1 shapes on the development CPU: docs/benchmarks.md).
-constexpr int64_t kDenseRows = 64;
-constexpr int64_t kTileElements = int64_t{1} << 20;  // weights dequantized per tile (4 MiB of float32)
+// From this many activation rows on, `matmul` dequantizes row tiles and multiplies them with at::linear: at 48
+// rows the tiles are ahead of (or even with) the integer kernels on every SmolLM2 and Gemma 3 shape on the AMX
+// Xeon, and behind on SmolLM2's gate_up at 32 (docs/benchmarks.md; on the AMD CPU before AMX the two crossed
+// at about 64).
+constexpr int64_t kDenseRows = 48;
+// Bytes of dequantized weights per tile in the activations' dtype (2M bfloat16 weights: SmolLM2's gate_up
+// projection in one tile, multiplied by one at::linear with no concatenation of the outputs after it).
+constexpr int64_t kTileBytes = int64_t{4} << 20;
+// Output rows interleaved in the legacy types' packed layout (legacy.h), and dequantized together into a bfloat16
+// tile (`bfloat16_rows`).
+constexpr int64_t kGroupRows = 8;
 
 inline bool isa_supported(int64_t isa) {
   if (isa == kScalar) return true;
@@ -173,17 +180,79 @@ inline Tensor store_outputs(const Tensor& out, const Tensor& x) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
-// x [M, K] @ W^T for large M: W's rows dequantized a tile at a time (`dequantize(start, stop)` -> float32
-// [stop - start, K]), cast to x's dtype and multiplied with at::linear, as the plain path multiplies its dense
-// weight.
+// x [M, K] @ W^T for large M: W's rows dequantized a tile at a time (`dequantize(start, stop)` -> x's dtype
+// [stop - start, K], the plain path's dense weight rows) and multiplied with at::linear, as the plain path
+// multiplies its dense weight.
 template <class Dequantize>
 Tensor dense_tiles(const Tensor& x, int64_t out_features, Dequantize dequantize) {
-  const int64_t tile = std::max<int64_t>(8, kTileElements / x.size(1) / 8 * 8);
-  if (tile >= out_features) return at::linear(x, dequantize(0, out_features).to(x.scalar_type()));
+  const int64_t tile = std::max<int64_t>(8, kTileBytes / (x.size(1) * x.element_size()) / 8 * 8);
+  if (tile >= out_features) return at::linear(x, dequantize(0, out_features));
   std::vector<Tensor> outputs;
   for (int64_t start = 0; start < out_features; start += tile)
-    outputs.push_back(at::linear(x, dequantize(start, std::min(start + tile, out_features)).to(x.scalar_type())));
+    outputs.push_back(at::linear(x, dequantize(start, std::min(start + tile, out_features))));
   return at::cat(outputs, 1);
+}
+
+// bfloat16 bits of float32 values, rounded to nearest even as c10::BFloat16 and Tensor.to do (NaN: 0x7FC0).
+inline void round_to_bfloat16_scalar(const float* src, int64_t count, uint16_t* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = c10::detail::round_to_nearest_even(src[i]);
+}
+
+}  // namespace qdot
+
+#if QDOT_X86
+QDOT_TARGET_BEGIN("avx2")
+namespace qdot::avx2 {
+// round_to_bfloat16_scalar, 16 values a step: bits + 0x7FFF + (bit 16), the top half kept.
+inline void round_to_bfloat16(const float* src, int64_t count, uint16_t* dst) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), nan = _mm256_set1_epi32(0x7FC0);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    __m256i halves[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256 v = _mm256_loadu_ps(src + i + 8 * h);
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(bias, odd)), 16);
+      halves[h] = _mm256_blendv_epi8(rounded, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    }
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves[0], halves[1]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
+  }
+  round_to_bfloat16_scalar(src + i, count - i, dst + i);
+}
+}  // namespace qdot::avx2
+QDOT_TARGET_END
+#endif
+
+namespace qdot {
+
+// Rows [start, stop) of a weight as bfloat16 [stop - start, K]: each group of 8 rows dequantized to float32
+// (`group(g, out)`, rows [8 g, min(8 g + 8, stop)) into `out`) in a buffer of its thread's that stays in cache, then
+// rounded to bfloat16 into the tile: the values of the float32 rows cast with Tensor.to, without the float32 tile's
+// trip through memory and a second pass.
+template <class Group>
+Tensor bfloat16_rows(int64_t start, int64_t stop, int64_t in_features, const at::TensorOptions& options, Isa isa,
+                     Group group) {
+  Tensor out = at::empty({stop - start, in_features}, options.dtype(at::kBFloat16));
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t g0 = start / kGroupRows, g1 = (stop + kGroupRows - 1) / kGroupRows;
+  at::parallel_for(g0, g1, std::max<int64_t>(1, 2048 / in_features), [&](int64_t a, int64_t z) {
+    std::vector<float> buffer(kGroupRows * in_features);
+    for (int64_t g = a; g < z; ++g) {
+      group(g, buffer.data());
+      const int64_t count = (std::min(stop, (g + 1) * kGroupRows) - g * kGroupRows) * in_features;
+      uint16_t* rows = dst + (g * kGroupRows - start) * in_features;
+#if QDOT_X86
+      if (isa != kScalar) {
+        avx2::round_to_bfloat16(buffer.data(), count, rows);
+        continue;
+      }
+#endif
+      round_to_bfloat16_scalar(buffer.data(), count, rows);
+    }
+  });
+  return out;
 }
 
 }  // namespace qdot
@@ -238,19 +307,50 @@ inline Tensor dequantize(const Tensor& packed, int64_t type, const Tensor& rows,
   }
 }
 
-// float32 rows [start, stop) of a packed weight (`start` a multiple of 8), the values `dequantize` gives.
-inline Tensor dequantize_range(const Tensor& packed, int64_t type, int64_t start, int64_t stop, int64_t in_features,
-                               Isa isa) {
+// Rows [8 g, min(8 g + 8, stop)) of a packed weight as float32 into `out` (row-major), the values `dequantize`
+// gives.
+inline void dequantize_group(const Tensor& packed, int64_t type, int64_t g, int64_t stop, int64_t in_features, Isa isa,
+                             float* out) {
+  const uint8_t* data = packed.data_ptr<uint8_t>();
+  const int64_t num_blocks = in_features / 32;
   switch (type) {
-    case kQ4_0: return legacy_dequantize_range<Q4_0>(packed, start, stop, in_features, isa);
-    case kQ4_1: return legacy_dequantize_range<Q4_1>(packed, start, stop, in_features, isa);
-    case kQ5_0: return legacy_dequantize_range<Q5_0>(packed, start, stop, in_features, isa);
-    case kQ5_1: return legacy_dequantize_range<Q5_1>(packed, start, stop, in_features, isa);
-    case kQ8_0: return legacy_dequantize_range<Q8_0>(packed, start, stop, in_features, isa);
-    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
-      return kquant_dequantize_rows(packed, type, start, stop, in_features, isa);
+    case kQ4_0: return legacy_dequantize_groups<Q4_0>(data, num_blocks, g, g + 1, stop, isa, out);
+    case kQ4_1: return legacy_dequantize_groups<Q4_1>(data, num_blocks, g, g + 1, stop, isa, out);
+    case kQ5_0: return legacy_dequantize_groups<Q5_0>(data, num_blocks, g, g + 1, stop, isa, out);
+    case kQ5_1: return legacy_dequantize_groups<Q5_1>(data, num_blocks, g, g + 1, stop, isa, out);
+    case kQ8_0: return legacy_dequantize_groups<Q8_0>(data, num_blocks, g, g + 1, stop, isa, out);
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K: {  // rows are whole blocks, back to back
+      const int64_t n0 = g * kGroupRows, n1 = std::min(stop, n0 + kGroupRows);
+      return kquant_dequantize_blocks(type, data + n0 * packed.size(1), (n1 - n0) * (in_features / kSuperBlock), out,
+                                      isa);
+    }
     default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
   }
+}
+
+// Rows [start, stop) of a packed weight (`start` a multiple of 8) in `dtype`, the values `dequantize` gives cast
+// to it: bfloat16 rounded group by group (`bfloat16_rows`), other types from the float32 rows.
+inline Tensor dequantize_range(const Tensor& packed, int64_t type, int64_t start, int64_t stop, int64_t in_features,
+                               Isa isa, at::ScalarType dtype) {
+  TORCH_CHECK(start % kGroupRows == 0 && start <= stop, "row range must start at a group of 8");
+  if (dtype == at::kBFloat16) {
+    return bfloat16_rows(start, stop, in_features, packed.options(), isa, [&](int64_t g, float* out) {
+      dequantize_group(packed, type, g, stop, in_features, isa, out);
+    });
+  }
+  Tensor rows;
+  switch (type) {
+    case kQ4_0: rows = legacy_dequantize_range<Q4_0>(packed, start, stop, in_features, isa); break;
+    case kQ4_1: rows = legacy_dequantize_range<Q4_1>(packed, start, stop, in_features, isa); break;
+    case kQ5_0: rows = legacy_dequantize_range<Q5_0>(packed, start, stop, in_features, isa); break;
+    case kQ5_1: rows = legacy_dequantize_range<Q5_1>(packed, start, stop, in_features, isa); break;
+    case kQ8_0: rows = legacy_dequantize_range<Q8_0>(packed, start, stop, in_features, isa); break;
+    case kQ2_K: case kQ3_K: case kQ4_K: case kQ5_K: case kQ6_K:
+      rows = kquant_dequantize_rows(packed, type, start, stop, in_features, isa);
+      break;
+    default: TORCH_CHECK(false, "no quantized dot product for GGML type ", type);
+  }
+  return rows.to(dtype);
 }
 
 // y [M, out_features] = x [M, K] @ W^T, W packed by `pack`: the integer kernels of the best (or the given)
@@ -263,8 +363,15 @@ inline Tensor matmul(const Tensor& x, const Tensor& packed, int64_t type, int64_
   TORCH_CHECK(x.dim() == 2, "activations must be [rows, in_features]");
   const Isa isa = checked_isa(isa_choice);
   if (dense == 1 || (dense < 0 && x.size(0) >= kDenseRows)) {
+    const int64_t in_features = x.size(1), block = is_kquant(type) ? kSuperBlock : 32;
+    TORCH_CHECK(in_features % block == 0, "in_features=", in_features, " is not a multiple of ", block,
+                " (GGML type ", type, ")");
+    const std::vector<int64_t> shape = packed_shape(type, out_features, in_features);
+    TORCH_CHECK(packed.sizes() == at::IntArrayRef(shape), "packed weight ", packed.sizes(),
+                " does not hold out_features=", out_features, " rows of in_features=", in_features, " (GGML type ",
+                type, ")");
     return dense_tiles(x, out_features, [&](int64_t start, int64_t stop) {
-      return dequantize_range(packed, type, start, stop, x.size(1), isa);
+      return dequantize_range(packed, type, start, stop, x.size(1), isa, x.scalar_type());
     });
   }
   switch (type) {
