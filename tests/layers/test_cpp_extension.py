@@ -262,11 +262,13 @@ def test_the_make_step_reports_a_failed_build(tmp_path):
 
 
 def test_the_cache_key_covers_the_included_headers(tmp_path, monkeypatch):
-    """Editing a header the source includes (the fused layer's qdot/ kernels) gives a new build, not the old one."""
-    from mistralrs.layers.fused_decode import EXTENSION, QDOT_HEADERS
+    """Editing a header the source includes (the native decode loops, the qdot/ kernels) gives a new build, not
+    the old one."""
+    from mistralrs.layers.fused_decode import EXTENSION, NATIVE_HEADER, QDOT_HEADERS
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert {path.name for path in QDOT_HEADERS} >= {"qdot.h", "legacy.h"} and EXTENSION.includes == QDOT_HEADERS
+    assert {path.name for path in QDOT_HEADERS} >= {"qdot.h", "legacy.h"}
+    assert EXTENSION.includes == (NATIVE_HEADER, *QDOT_HEADERS)
     source, header = tmp_path / "mod.cpp", tmp_path / "part.h"
     source.write_text('#include "part.h"\n')
     header.write_text("// one\n")
