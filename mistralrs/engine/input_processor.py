@@ -146,7 +146,7 @@ class InputProcessor:
         return StopConditions(max_tokens=max_tokens, eos_token_ids=frozenset(self.bundle.eos_token_ids),
                               stop_token_ids=frozenset(stop_token_ids), stop_strings=stop_strings)
 
-    def sampling_params(self, opts: GenerationOptions) -> SamplingParams:
+    def sampling_params(self, opts: GenerationOptions, rank_by_logprob: bool = False) -> SamplingParams:
         breakers = ()
         if opts.dry_multiplier:
             words = DEFAULT_DRY_BREAKERS if opts.dry_sequence_breakers is None else opts.dry_sequence_breakers
@@ -165,12 +165,15 @@ class InputProcessor:
             dry_sequence_breaker_ids=breakers,
             logprobs=opts.logprobs,
             top_logprobs=(opts.top_logprobs or 0) if opts.logprobs else 0,
+            rank_by_logprob=rank_by_logprob,
             seed=opts.seed,
         )
 
     def build(self, request_id: str, prompt_ids: list[int], opts: GenerationOptions,
-              num_seqs: int, grammar: CompiledGrammar | None = None) -> EngineRequest:
-        """Check the prompt against the context and make the engine request."""
+              num_seqs: int, grammar: CompiledGrammar | None = None, *,
+              rank_by_logprob: bool = False) -> EngineRequest:
+        """Check the prompt against the context and make the engine request. `rank_by_logprob`: the sequences are
+        ranked by their summed logprobs (a completion's best_of), so the sampler computes them."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"Prompt sequence length is greater than {self.max_model_len - 1}, perhaps consider "
                              f"using `truncate_sequence`? (prompt has {len(prompt_ids)} tokens)")
@@ -178,5 +181,5 @@ class InputProcessor:
         for token_id in (opts.logit_bias or {}):
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})")
-        return EngineRequest(request_id, prompt_ids, self.sampling_params(opts),
+        return EngineRequest(request_id, prompt_ids, self.sampling_params(opts, rank_by_logprob),
                              self._stop_conditions(opts, len(prompt_ids)), num_seqs=num_seqs, grammar=grammar)

@@ -204,14 +204,15 @@ class LLMEngine:
         return self._inputs.grammars.compile(request.grammar_type, request.grammar)
 
     def _submit(self, prompt_ids: list[int], request, num_seqs: int, logprobs: bool, top_logprobs: int | None,
-                outputs, images: ImageInputs | None = None) -> EngineRequest:
+                outputs, images: ImageInputs | None = None, *, rank_by_logprob: bool = False) -> EngineRequest:
         grammar = self._grammar(request)
         adapters = request_adapter_set(self._loaded.model, request.adapters)
         prompt_ids = self._fit_prompt(prompt_ids, request.max_tokens)
         if images is not None:
             self._images.check_prompt(prompt_ids, images)
         options = _options(request, logprobs, top_logprobs)
-        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs, grammar)
+        engine_request = self._inputs.build(str(next(_request_ids)), prompt_ids, options, num_seqs, grammar,
+                                            rank_by_logprob=rank_by_logprob)
         engine_request.adapters = adapters
         engine_request.images = images
         if outputs is not None:
@@ -274,7 +275,9 @@ class LLMEngine:
         num_seqs = max(request.n_choices, request.best_of)
         if request.stream and num_seqs != request.n_choices:
             raise ValueError("best_of: cannot be larger than n_choices when streaming")
-        engine_request = self._submit(prompt_ids, request, num_seqs, logprobs is not None, logprobs, outputs)
+        # best_of > n_choices: the response keeps the n_choices sequences of the highest summed logprob
+        engine_request = self._submit(prompt_ids, request, num_seqs, logprobs is not None, logprobs, outputs,
+                                      rank_by_logprob=num_seqs > request.n_choices)
         assembler = CompletionAssembler(engine_request.request_id, self.model_id, request, logprobs is not None)
         return Submission(engine_request, assembler)
 

@@ -41,7 +41,8 @@ class SeqOutputState:
         """Account for one sampled token; return what the caller should see of it."""
         token_id = sampled.token_id
         self.token_ids.append(token_id)
-        self.cumulative_logprob += sampled.logprob
+        if sampled.logprob is not None:   # present when the request reports or ranks logprobs
+            self.cumulative_logprob += sampled.logprob
         new_logprobs: list[TokenLogprob] = []
         if token_id in self.stop.eos_token_ids or token_id in self.stop.stop_token_ids:
             self.finish_reason = "stop"

@@ -90,7 +90,8 @@ class SeqResult:
     text: str                                           # full visible text (stop strings cut)
     token_ids: list[int]                                # all generated token ids
     finish_reason: str
-    cumulative_logprob: float                           # sum of chosen-token logprobs (best_of ranking)
+    cumulative_logprob: float                           # sum of chosen-token logprobs (best_of ranking); 0 unless
+                                                        # the request reported or ranked them
     logprobs: list[TokenLogprob]
 
 

@@ -62,6 +62,7 @@ class SamplingParams:
     dry_allowed_length: int = 2  # repeats shorter than this are not penalised by DRY; >= 0
     dry_sequence_breaker_ids: frozenset[int] = frozenset()  # token ids that stop DRY matching
     logprobs: bool = False  # the caller wants the chosen token's log probability reported
+    rank_by_logprob: bool = False  # the engine ranks the request's sequences by their summed logprobs (best_of)
     top_logprobs: int = 0  # number of most likely alternatives to report per token; 0..20
     seed: int | None = None  # per-request seed (the engine seeds the sequence's generator from it)
     grammar: Any = None  # the sequence's GrammarState (sample/grammar.py); set on a per-sequence copy
@@ -82,6 +83,7 @@ class SamplingParams:
         self.logit_bias = _check_logit_bias(self.logit_bias)
         self._check_dry()
         _check_bool("logprobs", self.logprobs)
+        _check_bool("rank_by_logprob", self.rank_by_logprob)
         self.top_logprobs = _check_int("top_logprobs", self.top_logprobs)
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
@@ -109,6 +111,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the temperature selects exact argmax (below 1e-7, 0 included)."""
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def needs_logprob(self) -> bool:
+        """True when the sampler must compute the chosen token's logprob: it is reported or ranked."""
+        return self.logprobs or self.rank_by_logprob
 
     @property
     def modifies_logits(self) -> bool:
@@ -160,5 +167,7 @@ class SampledToken:
     """The sampler's answer for one row."""
 
     token_id: int  # the chosen token
-    logprob: float  # natural log probability of token_id (after penalties and temperature, before truncation)
+    # natural log probability of token_id (after penalties and temperature, before truncation); None unless the
+    # row's params.needs_logprob
+    logprob: float | None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first

@@ -169,8 +169,9 @@ class Sampler:
 
     Logprobs are natural logs: `log_softmax` of the logits after bias/DRY/penalties and after dividing
     by the temperature (1 for greedy rows), but before top-k/top-p/min-p truncation. The chosen token's
-    logprob is always filled (one batched log-sum-exp; the engine can sum it for best_of); the
-    `params.top_logprobs` most likely alternatives are listed only for rows that ask for them. The
+    logprob is filled only for rows whose `params.needs_logprob` (reported, or summed by the engine to rank
+    best_of sequences): its batched log-sum-exp over the vocab costs as much as the rest of a greedy step;
+    the `params.top_logprobs` most likely alternatives are listed only for rows that ask for them. The
     input logits are never modified.
     """
 
@@ -272,13 +273,15 @@ def truncate(scaled: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
 
 
 def collect_tokens(scaled: torch.Tensor, chosen_ids: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-    """Compute logprobs of `chosen_ids` (`[batch]`) under `scaled` (see `Sampler`), copy everything to the host
-    in one transfer and build the SampledTokens."""
-    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [batch, 1]
-    chosen_logprobs = scaled.gather(1, chosen_ids[:, None]) - log_normaliser
+    """Compute the logprobs of `chosen_ids` (`[batch]`) under `scaled` (see `Sampler`), copy everything to the host
+    in one transfer and build the SampledTokens. The vocab-sized log-sum-exp runs only when some row needs a
+    logprob (`params.needs_logprob`, or top logprobs); a row's logprob is None unless it needs it."""
     # One host sync: ids and logprobs travel together as float32 columns (ids < 2**24 are exact).
-    columns = [chosen_ids[:, None].to(torch.float32), chosen_logprobs]
+    columns = [chosen_ids[:, None].to(torch.float32)]
     num_top = min(max(row.params.top_logprobs for row in rows), scaled.shape[1])
+    if num_top or any(row.params.needs_logprob for row in rows):
+        log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [batch, 1]
+        columns.append(scaled.gather(1, chosen_ids[:, None]) - log_normaliser)
     if num_top:
         top_values, top_ids = scaled.topk(num_top, dim=-1)  # sorted, most likely first
         columns += [top_ids.to(torch.float32), top_values - log_normaliser]
@@ -287,7 +290,8 @@ def collect_tokens(scaled: torch.Tensor, chosen_ids: torch.Tensor, rows: Sequenc
     for row, values in zip(rows, host):
         wanted = min(row.params.top_logprobs, num_top)
         top_logprobs = [(int(values[2 + j]), values[2 + num_top + j]) for j in range(wanted)]
-        results.append(SampledToken(token_id=int(values[0]), logprob=values[1], top_logprobs=top_logprobs))
+        logprob = values[1] if row.params.needs_logprob else None
+        results.append(SampledToken(token_id=int(values[0]), logprob=logprob, top_logprobs=top_logprobs))
     return results
 
 

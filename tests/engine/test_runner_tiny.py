@@ -169,6 +169,25 @@ def test_sampling_seed_n_choices_best_of_and_stop(tiny):
     runner.close()
 
 
+def test_best_of_keeps_the_sequence_of_highest_summed_logprob(tiny):
+    # best_of=4 generates the 4 sequences that n=4 does (same seed): it must keep the one whose chosen tokens'
+    # logprobs (reported when n=4 asks for them) sum highest, so the sampler computes them for a ranked request
+    path, _ = tiny
+    runner = make_runner(path)
+    engine = runner.llm_engine
+
+    def complete(n, best_of, logprobs):
+        request = CompletionRequest(prompt="Once", model="tiny", max_tokens=10, temperature=1.5, n_choices=n,
+                                    best_of=best_of, seed=5, logit_bias=no_eos(runner))
+        return engine.wait(engine.submit_completion(request, logprobs=logprobs))
+
+    every = complete(4, 1, 0).choices
+    sums = [sum(entry.logprob for entry in choice.logprobs.content) for choice in every]
+    assert len({choice.text for choice in every}) > 1
+    assert complete(1, 4, None).choices[0].text == every[sums.index(max(sums))].text
+    runner.close()
+
+
 def test_bad_requests_fail_alone(tiny):
     path, _ = tiny
     runner = make_runner(path)

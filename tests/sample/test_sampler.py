@@ -1,5 +1,6 @@
 """Tests of the batched sampler against hand computations in plain torch/Python."""
 
+import dataclasses
 import math
 
 import pytest
@@ -331,6 +332,23 @@ def test_logprobs_are_natural_log_softmax_before_truncation():
     assert math.exp(tokens[0].logprob) == pytest.approx(torch.softmax(logits[0], -1).max().item(), rel=1e-5)
 
 
+def test_logprob_only_for_rows_that_report_or_rank_it():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(13))
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, rank_by_logprob=True),
+              SamplingParams(temperature=0.9, top_k=20), SamplingParams(temperature=0.9, logprobs=True)]
+    tokens = Sampler()(logits, [_row(p, seed=i) for i, p in enumerate(params)])
+    assert [t.logprob is None for t in tokens] == [True, False, True, False]
+    for token, row_logits, temperature in zip(tokens[1::2], logits[1::2], [1.0, 0.9]):
+        reference = torch.log_softmax(row_logits / temperature, dim=-1)
+        assert token.logprob == pytest.approx(reference[token.token_id].item(), abs=1e-5)
+    # the same draws as when every row computes its logprob; a batch where no row needs one computes none
+    everyone = [dataclasses.replace(p, rank_by_logprob=True) for p in params]
+    again = Sampler()(logits, [_row(p, seed=i) for i, p in enumerate(everyone)])
+    assert [t.token_id for t in again] == [t.token_id for t in tokens]
+    alone = Sampler()(logits[::2], [_row(p, seed=i) for i, p in list(enumerate(params))[::2]])
+    assert [(t.token_id, t.logprob) for t in alone] == [(t.token_id, None) for t in tokens[::2]]
+
+
 def test_top_logprobs_sorted_and_of_asked_length():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(12))
     asked = [0, 1, 20, 7]
@@ -401,6 +419,7 @@ def test_empty_batch():
         ({"dry_sequence_breaker_ids": "\n"}, TypeError, "dry_sequence_breaker_ids must be a set"),
         ({"dry_sequence_breaker_ids": {1.5}}, TypeError, "dry_sequence_breaker_ids entry must be an int"),
         ({"logprobs": 1}, TypeError, "logprobs must be a bool"),
+        ({"rank_by_logprob": None}, TypeError, "rank_by_logprob must be a bool"),
         ({"top_logprobs": 21}, ValueError, r"top_logprobs must be in 0\.\.20"),
         ({"seed": "1"}, TypeError, "seed must be an int"),
     ],
