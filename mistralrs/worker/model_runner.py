@@ -185,7 +185,7 @@ class ModelRunner:
             seq_sampling = sampling[seq.seq_id]
             rows.append(SamplingRow(seq_sampling.params, seq.all_token_ids, seq.num_prompt_tokens,
                                     seq_sampling.generator))
-        tokens = self.sampler(logits, rows)
+        tokens = self.sampler(logits, rows, private=True)  # the LM head's fresh output, read no more
         return {output.scheduled[i].seq.seq_id: [tok] for i, tok in zip(sample_rows, tokens)}
 
     def _sampled_logits(self, batch: ForwardBatch, hidden: torch.Tensor,

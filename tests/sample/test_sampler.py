@@ -58,6 +58,37 @@ def test_sampler_does_not_modify_input_logits():
     assert torch.equal(logits, before)
 
 
+def test_private_logits_are_adjusted_in_place_with_the_same_result():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=0, logit_bias={4: 9.0}, logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.8, presence_penalty=1.0, dry_multiplier=1.0, logprobs=True),
+              SamplingParams(temperature=0, frequency_penalty=0.5, logit_bias={7: -2.0})]
+    contexts = [[4, 5], [1, 2, 1, 2, 1], [3, 3, 9]]
+
+    def sample(batch, **kw):
+        return Sampler()(batch, [_row(p, c, seed=i) for i, (p, c) in enumerate(zip(params, contexts))], **kw)
+
+    plain = sample(logits)
+    adjusted = apply_logit_adjustments(logits, [_row(p, c) for p, c in zip(params, contexts)])
+    handed_over = logits.clone()
+    assert sample(handed_over, private=True) == plain
+    assert torch.equal(handed_over, adjusted)  # the bias and penalties went into the caller's tensor
+    half = logits.to(torch.bfloat16)
+    before = half.clone()
+    assert [t.token_id for t in sample(half)] == [t.token_id for t in sample(half.float())]
+    assert torch.equal(half, before)  # its float32 copy was the one adjusted
+
+
+def test_logit_adjustments_in_place_equal_the_copy():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(4))
+    rows = [_row(SamplingParams(temperature=0, logit_bias={2: 1.5}, presence_penalty=0.3), [2, 6, 6]),
+            _row(SamplingParams(temperature=0, dry_multiplier=0.8), [5, 1, 5, 1, 5])]
+    copy = apply_logit_adjustments(logits, rows)
+    target = logits.clone()
+    assert apply_logit_adjustments(target, rows, in_place=True) is target
+    assert torch.equal(target, copy) and not torch.equal(copy, logits)
+
+
 # --- penalties and bias -------------------------------------------------------------------------------
 
 
