@@ -173,12 +173,12 @@ class Sampler:
     Logprobs are natural logs: `log_softmax` of the logits after bias/DRY/penalties and after dividing
     by the temperature (1 for greedy rows), but before top-k/top-p/min-p truncation. The chosen token's
     logprob is filled only for rows whose `params.needs_logprob` (reported, or summed by the engine to rank
-    best_of sequences): its batched log-sum-exp over the vocab costs as much as the rest of a greedy step;
+    best_of sequences): its batched log-sum-exp over the vocab costs as much as the rest of a greedy call;
     the `params.top_logprobs` most likely alternatives are listed only for rows that ask for them.
 
     The input logits are not modified unless the caller passes `private=True`: it hands them over and reads them
     no more, so bias/DRY/penalties are added to them in place rather than to a copy (at 8 rows of a 262k vocab,
-    an 8 MB fresh mapping per step whose page faults cost twice the greedy step's other work). Logits of another
+    an 8 MB fresh mapping per step whose page faults cost twice the rest of a greedy call). Logits of another
     dtype than float32 are private either way: the float32 copy is the sampler's own.
     """
 
