@@ -252,10 +252,12 @@ inline __m256 sum8x8(const __m256* a) {
 template <class T>
 inline void block_scores_avx2(const float* q, const T* const* keys, int64_t n, float* scores) {
   __m256 acc[kKeyBlock];
+#pragma GCC unroll 8
   for (int64_t l = 0; l < kKeyBlock; ++l) acc[l] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
+#pragma GCC unroll 8
     for (int64_t l = 0; l < kKeyBlock; ++l) acc[l] = _mm256_fmadd_ps(qv, load8(keys[l] + i), acc[l]);
   }
   _mm256_storeu_ps(scores, sum8x8(acc));
@@ -273,6 +275,20 @@ template <class T>
 inline void block_accumulate_avx2(float* acc, const float* weights, const T* const* values, int64_t count,
                                   int64_t n) {
   int64_t i = 0;
+  if (count == kKeyBlock) {  // the weights held in registers, two chains of multiply-adds
+    __m256 w[kKeyBlock];
+#pragma GCC unroll 8
+    for (int64_t l = 0; l < kKeyBlock; ++l) w[l] = _mm256_set1_ps(weights[l]);
+    for (; i + 8 <= n; i += 8) {
+      __m256 even = _mm256_loadu_ps(acc + i), odd = _mm256_mul_ps(w[1], load8(values[1] + i));
+#pragma GCC unroll 4
+      for (int64_t l = 0; l < kKeyBlock; l += 2) {
+        even = _mm256_fmadd_ps(w[l], load8(values[l] + i), even);
+        if (l > 0) odd = _mm256_fmadd_ps(w[l + 1], load8(values[l + 1] + i), odd);
+      }
+      _mm256_storeu_ps(acc + i, _mm256_add_ps(even, odd));
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     __m256 a = _mm256_loadu_ps(acc + i);
     for (int64_t l = 0; l < count; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(weights[l]), load8(values[l] + i), a);
@@ -420,6 +436,13 @@ void attend_keys(const float* q, int64_t group, const T* k_cache, const T* v_cac
       const int64_t offset = slots(s, j + std::min(l, count - 1)) * slot_stride + kv * head_dim;
       keys[l] = k_cache + offset;
       values[l] = v_cache + offset;
+    }
+    for (int64_t l = j + kKeyBlock; l < std::min(end, j + 2 * kKeyBlock); ++l) {  // the next block, from memory
+      const int64_t offset = slots(s, l) * slot_stride + kv * head_dim;
+      for (int64_t byte = 0; byte < head_dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(k_cache + offset) + byte);
+        __builtin_prefetch(reinterpret_cast<const char*>(v_cache + offset) + byte);
+      }
     }
     for (int64_t g = 0; g < group; ++g) {
       block_scores(q + g * head_dim, keys, head_dim, scores);
