@@ -124,6 +124,26 @@ inline void activate_scalar(const float* x, float* out, int64_t n, int64_t activ
   }
 }
 
+// Decode attention takes keys 8 at a time (a key block): the scores of a query head against the block's keys, their
+// exps, and the block's values weighted into the head's accumulator. `keys` and `values` hold 8 pointers (a short
+// block repeats one: its extra lanes are computed and dropped).
+constexpr int64_t kKeyBlock = 8;
+
+template <class T>
+inline void block_scores_scalar(const float* q, const T* const* keys, int64_t n, float* scores) {
+  for (int64_t l = 0; l < kKeyBlock; ++l) scores[l] = dot_scalar(q, keys[l], n);
+}
+// x[l] = exp(x[l] - top) for the first `count` lanes, 0 after; returns their sum.
+inline float block_exp_scalar(float* x, int64_t count, float top) {
+  std::fill(x + count, x + kKeyBlock, 0.f);
+  return exp_shifted_scalar(x, count, top);
+}
+template <class T>
+inline void block_accumulate_scalar(float* acc, const float* weights, const T* const* values, int64_t count,
+                                    int64_t n) {
+  for (int64_t l = 0; l < count; ++l) axpy_scalar(acc, weights[l], values[l], n);
+}
+
 #if QDOT_X86
 QDOT_TARGET_BEGIN("avx2,fma")
 // exp of 8 floats (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; within ~2 ulp of std::exp),
@@ -222,6 +242,60 @@ inline void axpy_avx2(float* y, float a, const BFloat16* x, int64_t n) {
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
   axpy_scalar(y + i, a, x + i, n - i);
 }
+// The 8 lane sums of 8 vectors: [sum(a[0]), ..., sum(a[7])].
+inline __m256 sum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+template <class T>
+inline void block_scores_avx2(const float* q, const T* const* keys, int64_t n, float* scores) {
+  __m256 acc[kKeyBlock];
+#pragma GCC unroll 8
+  for (int64_t l = 0; l < kKeyBlock; ++l) acc[l] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+#pragma GCC unroll 8
+    for (int64_t l = 0; l < kKeyBlock; ++l) acc[l] = _mm256_fmadd_ps(qv, load8(keys[l] + i), acc[l]);
+  }
+  _mm256_storeu_ps(scores, sum8x8(acc));
+  if (i < n)
+    for (int64_t l = 0; l < kKeyBlock; ++l) scores[l] += dot_scalar(q + i, keys[l] + i, n - i);
+}
+inline float block_exp_avx2(float* x, int64_t count, float top) {
+  alignas(32) float lanes[kKeyBlock];
+  _mm256_store_ps(lanes, exp8(_mm256_sub_ps(_mm256_loadu_ps(x), _mm256_set1_ps(top))));
+  float total = 0.f;
+  for (int64_t l = 0; l < kKeyBlock; ++l) total += x[l] = l < count ? lanes[l] : 0.f;
+  return total;
+}
+template <class T>
+inline void block_accumulate_avx2(float* acc, const float* weights, const T* const* values, int64_t count,
+                                  int64_t n) {
+  int64_t i = 0;
+  if (count == kKeyBlock) {  // the weights held in registers, two chains of multiply-adds
+    __m256 w[kKeyBlock];
+#pragma GCC unroll 8
+    for (int64_t l = 0; l < kKeyBlock; ++l) w[l] = _mm256_set1_ps(weights[l]);
+    for (; i + 8 <= n; i += 8) {
+      __m256 even = _mm256_loadu_ps(acc + i), odd = _mm256_mul_ps(w[1], load8(values[1] + i));
+#pragma GCC unroll 4
+      for (int64_t l = 0; l < kKeyBlock; l += 2) {
+        even = _mm256_fmadd_ps(w[l], load8(values[l] + i), even);
+        if (l > 0) odd = _mm256_fmadd_ps(w[l + 1], load8(values[l + 1] + i), odd);
+      }
+      _mm256_storeu_ps(acc + i, _mm256_add_ps(even, odd));
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    __m256 a = _mm256_loadu_ps(acc + i);
+    for (int64_t l = 0; l < count; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(weights[l]), load8(values[l] + i), a);
+    _mm256_storeu_ps(acc + i, a);
+  }
+  for (int64_t l = 0; l < count; ++l) axpy_scalar(acc + i, weights[l], values[l] + i, n - i);
+}
 QDOT_TARGET_END
 #endif
 
@@ -260,6 +334,29 @@ inline void axpy(float* y, float a, const T* x, int64_t n) {
   axpy_scalar(y, a, x, n);
 }
 
+template <class T>
+inline void block_scores(const float* q, const T* const* keys, int64_t n, float* scores) {
+#if QDOT_X86
+  if (use_avx2()) return block_scores_avx2(q, keys, n, scores);
+#endif
+  block_scores_scalar(q, keys, n, scores);
+}
+
+inline float block_exp(float* x, int64_t count, float top) {
+#if QDOT_X86
+  if (use_avx2()) return block_exp_avx2(x, count, top);
+#endif
+  return block_exp_scalar(x, count, top);
+}
+
+template <class T>
+inline void block_accumulate(float* acc, const float* weights, const T* const* values, int64_t count, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return block_accumulate_avx2(acc, weights, values, count, n);
+#endif
+  block_accumulate_scalar(acc, weights, values, count, n);
+}
+
 // Where a decode step's sequences keep their keys and values: context position j of sequence s is flat cache slot
 // `first_slot + j` (one sequence over consecutive blocks) or `gather[s * max_context_len + j]`.
 struct ContextSlots {
@@ -279,15 +376,18 @@ struct AttentionShape {
   int64_t sliding_window;  // 0: none; else keys older than this many positions are not attended
 };
 
-// One query token per sequence: out[s, h] = softmax(q[s, h] . K_s^T * scale) V_s over the sequence's visible
-// keys (the last `sliding_window` of its `context_lens[s]`), with head h reading kv head h / (heads per kv head).
-// q rows are `q_stride` floats apart; the caches are [slots, num_kv_heads, head_dim] of T. Rounded at the end
-// (the plain path's attention output in the model's dtype); with a soft-cap also where _softcapped_attention
-// stores q . k and the probabilities. Parallel over (sequence, head).
+// The keys a query of sequence s sees: positions [first, context) of its context.
+inline int64_t first_visible(int64_t context, const AttentionShape& shape) {
+  return shape.sliding_window > 0 ? std::max<int64_t>(0, context - shape.sliding_window) : 0;
+}
+
+// Gemma 2's soft-capped attention, as _softcapped_attention computes it: the capped scores q . k rounded, the
+// probabilities normalized and rounded before they weight the values, so the whole row of scores is taken before
+// any value is read. Parallel over (sequence, head).
 template <class T>
-void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, ContextSlots slots,
-                      const std::vector<int64_t>& context_lens, const AttentionShape& shape, float* out,
-                      Rounding round) {
+void softcapped_attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, ContextSlots slots,
+                          const std::vector<int64_t>& context_lens, const AttentionShape& shape, float* out,
+                          Rounding round) {
   const int64_t num_seqs = static_cast<int64_t>(context_lens.size()), heads = shape.num_heads;
   const int64_t head_dim = shape.head_dim, group = heads / shape.num_kv_heads;
   const int64_t slot_stride = shape.num_kv_heads * head_dim;
@@ -297,30 +397,126 @@ void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const 
     std::vector<float> scores(static_cast<size_t>(slots.max_context_len));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / heads, h = item % heads, kv = h / group;
-      const int64_t context = context_lens[s];
-      const int64_t first = shape.sliding_window > 0 ? std::max<int64_t>(0, context - shape.sliding_window) : 0;
+      const int64_t context = context_lens[s], first = first_visible(context, shape);
       const float* qh = q + s * q_stride + h * head_dim;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t j = first; j < context; ++j) {
-        float score = dot(qh, k_cache + slots(s, j) * slot_stride + kv * head_dim, head_dim);
-        score = shape.softcap > 0.f ? std::tanh(round(score) * shape.scale / shape.softcap) * shape.softcap
-                                    : score * shape.scale;
-        scores[j - first] = score;
-        top = std::max(top, score);
+        const float score = dot(qh, k_cache + slots(s, j) * slot_stride + kv * head_dim, head_dim);
+        scores[j - first] = std::tanh(round(score) * shape.scale / shape.softcap) * shape.softcap;
+        top = std::max(top, scores[j - first]);
       }
       const float total = exp_shifted(scores.data(), context - first, top);
       float* oh = out + s * heads * head_dim + h * head_dim;
       std::fill(oh, oh + head_dim, 0.f);
-      const bool softcap = shape.softcap > 0.f;
-      for (int64_t j = first; j < context; ++j) {
-        const float weight = softcap ? round(scores[j - first] / total) : round(scores[j - first]);
-        axpy(oh, weight, v_cache + slots(s, j) * slot_stride + kv * head_dim, head_dim);
-      }
-      if (!softcap)
-        for (int64_t i = 0; i < head_dim; ++i) oh[i] /= total;
+      for (int64_t j = first; j < context; ++j)
+        axpy(oh, round(scores[j - first] / total), v_cache + slots(s, j) * slot_stride + kv * head_dim, head_dim);
       round.row(oh, head_dim);
     }
   });
+}
+
+// The online softmax of one kv head's query heads (`group` rows of `head_dim` at q) over the keys [begin, end) of
+// sequence s, a key block at a time: per head the running maximum score `top`, the running sum of exp(score - top)
+// `total` and the values weighted by those exps `acc` (rescaled when the maximum grows). In bfloat16 the weights
+// are rounded before they weight the values, as the flash attention kernel rounds its probabilities.
+template <class T>
+void attend_keys(const float* q, int64_t group, const T* k_cache, const T* v_cache, ContextSlots slots, int64_t s,
+                 int64_t kv, int64_t begin, int64_t end, const AttentionShape& shape, float* top, float* total,
+                 float* acc, Rounding round) {
+  const int64_t head_dim = shape.head_dim, slot_stride = shape.num_kv_heads * head_dim;
+  std::fill(top, top + group, -std::numeric_limits<float>::infinity());
+  std::fill(total, total + group, 0.f);
+  std::fill(acc, acc + group * head_dim, 0.f);
+  const T* keys[kKeyBlock];
+  const T* values[kKeyBlock];
+  float scores[kKeyBlock];
+  for (int64_t j = begin; j < end; j += kKeyBlock) {
+    const int64_t count = std::min(kKeyBlock, end - j);
+    for (int64_t l = 0; l < kKeyBlock; ++l) {
+      const int64_t offset = slots(s, j + std::min(l, count - 1)) * slot_stride + kv * head_dim;
+      keys[l] = k_cache + offset;
+      values[l] = v_cache + offset;
+    }
+    for (int64_t l = j + kKeyBlock; l < std::min(end, j + 2 * kKeyBlock); ++l) {  // the next block, from memory
+      const int64_t offset = slots(s, l) * slot_stride + kv * head_dim;
+      for (int64_t byte = 0; byte < head_dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(k_cache + offset) + byte);
+        __builtin_prefetch(reinterpret_cast<const char*>(v_cache + offset) + byte);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      block_scores(q + g * head_dim, keys, head_dim, scores);
+      float block_top = -std::numeric_limits<float>::infinity();
+      for (int64_t l = 0; l < count; ++l) block_top = std::max(block_top, scores[l] *= shape.scale);
+      float* ag = acc + g * head_dim;
+      if (block_top > top[g]) {
+        const float rescale = std::exp(top[g] - block_top);
+        total[g] *= rescale;
+        for (int64_t i = 0; i < head_dim; ++i) ag[i] *= rescale;
+        top[g] = block_top;
+      }
+      total[g] += block_exp(scores, count, top[g]);
+      if (round.bf16)
+        for (int64_t l = 0; l < count; ++l) scores[l] = round(scores[l]);
+      block_accumulate(ag, scores, values, count, head_dim);
+    }
+  }
+}
+
+// One query token per sequence: out[s, h] = softmax(q[s, h] . K_s^T * scale) V_s over the sequence's visible
+// keys (the last `sliding_window` of its `context_lens[s]`), with head h reading kv head h / (heads per kv head).
+// q rows are `q_stride` floats apart; the caches are [slots, num_kv_heads, head_dim] of T. Rounded at the end
+// (the plain path's attention output in the model's dtype). Each (sequence, kv head) reads its keys and values
+// once for all its query heads (`attend_keys`); when those pairs are too few to keep every thread busy (one
+// sequence), each pair's keys are split into parts taken in parallel, whose partial softmaxes are merged at the end
+// (flash-decoding). With a soft-cap: `softcapped_attention`.
+template <class T>
+void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, ContextSlots slots,
+                      const std::vector<int64_t>& context_lens, const AttentionShape& shape, float* out,
+                      Rounding round) {
+  if (shape.softcap > 0.f)
+    return softcapped_attention(q, q_stride, k_cache, v_cache, slots, context_lens, shape, out, round);
+  constexpr int64_t kMinPartKeys = 64;  // keys of a part of a split sequence, at least
+  const int64_t num_seqs = static_cast<int64_t>(context_lens.size()), kv_heads = shape.num_kv_heads;
+  const int64_t head_dim = shape.head_dim, group = shape.num_heads / kv_heads, pairs = num_seqs * kv_heads;
+  const int64_t most_keys = shape.sliding_window > 0 ? std::min(shape.sliding_window, slots.max_context_len)
+                                                     : slots.max_context_len;
+  const int64_t wanted = (4 * at::get_num_threads() + pairs - 1) / pairs;  // parts per pair for 4 items a thread
+  const int64_t parts = std::max<int64_t>(1, std::min(wanted, most_keys / kMinPartKeys));
+  const int64_t items = pairs * parts;
+  std::vector<float> tops(items * group), totals(items * group), accs(items * group * head_dim);
+  const int64_t work = std::max<int64_t>(1, (most_keys + parts - 1) / parts * head_dim * group);  // per item
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / work);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / parts, part = item % parts, s = pair / kv_heads, kv = pair % kv_heads;
+      const int64_t context = context_lens[s], first = first_visible(context, shape);
+      const int64_t length = (context - first + parts - 1) / parts;
+      const int64_t from = std::min(context, first + part * length), to = std::min(context, from + length);
+      attend_keys(q + s * q_stride + kv * group * head_dim, group, k_cache, v_cache, slots, s, kv, from, to, shape,
+                  tops.data() + item * group, totals.data() + item * group,
+                  accs.data() + item * group * head_dim, round);
+    }
+  });
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t s = pair / kv_heads, kv = pair % kv_heads;
+    for (int64_t g = 0; g < group; ++g) {
+      float* oh = out + (s * shape.num_heads + kv * group + g) * head_dim;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t part = 0; part < parts; ++part) top = std::max(top, tops[(pair * parts + part) * group + g]);
+      std::fill(oh, oh + head_dim, 0.f);
+      float total = 0.f;
+      for (int64_t part = 0; part < parts; ++part) {
+        const int64_t at = (pair * parts + part) * group + g;
+        if (totals[at] == 0.f) continue;  // an empty part (a short sequence beside long ones)
+        const float rescale = std::exp(tops[at] - top);
+        total += totals[at] * rescale;
+        axpy(oh, rescale, accs.data() + at * head_dim, head_dim);
+      }
+      for (int64_t i = 0; i < head_dim; ++i) oh[i] /= total;
+      round.row(oh, head_dim);
+    }
+  }
 }
 
 // The gated MLP on float32 rows: out = round(round(act(gate)) * up), gate and up the halves of each `2 * n` row

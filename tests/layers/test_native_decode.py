@@ -41,16 +41,18 @@ def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
 
 
-def assert_native_close_to_aten(model, reference=None) -> None:
+def assert_native_close_to_aten(model, reference=None, prompt_lens=(10, 6, 3)) -> None:
     """Hidden states and logits of every step with the native loops within the dtype's tolerance of the ATen twin's;
     every decode step native. With `reference` (the model in float32), the native outputs are no further from the
     reference's than the ATen twin's are (at most twice, plus 1e-3 of the magnitude)."""
     vocab = model.config.vocab_size
     gen = random.Random(2)
-    prompts = [[gen.randrange(vocab) for _ in range(n)] for n in (10, 6, 3)]
-    blocks = list(range(24))
+    prompts = [[gen.randrange(vocab) for _ in range(n)] for n in prompt_lens]
+    per_seq = [-(-(n + 2 * NUM_DECODE) // BLOCK_SIZE) for n in prompt_lens]
+    blocks = list(range(sum(per_seq[1:])))
     gen.shuffle(blocks)
-    tables = [list(range(24, 36)), blocks[:12], blocks[12:]]  # the first over consecutive blocks
+    first = list(range(len(blocks), len(blocks) + per_seq[0]))
+    tables = [first, blocks[:per_seq[1]], blocks[per_seq[1]:]]  # the first over consecutive blocks
     step_plan = steps(prompts, NUM_DECODE, vocab)
     aten = run(model, True, step_plan, tables, native=False)
     assert native_steps(model) == [0] * model.config.num_hidden_layers
@@ -102,6 +104,29 @@ def test_tiny_gguf_int8_kernels_native_close_to_aten(extension, tmp_path, arch, 
     model = load(tiny_gguf(tmp_path, arch, ggml_type, tie=False), torch.bfloat16,
                  GGUFQuantConfig(use_fast_kernels=True)).eval()
     assert_native_close_to_aten(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, window", [
+    (2, 2, 64, None), (3, 1, 80, None), (6, 2, 128, None), (4, 1, 256, None), (3, 1, 64, 200)])
+def test_long_contexts_native_close_to_aten(extension, dtype, heads, kv_heads, head_dim, window):
+    """Contexts of 1100, 300 and 1 tokens (hundreds of KV blocks, key blocks cut short at every length, a sequence
+    shorter than the parts its keys are split into), GQA ratios 1, 3 and 4, head widths 64 to 256 (Gemma 3's), a
+    sliding window shorter than the contexts; then the longest alone, its keys split across the threads."""
+    from mistralrs.models.config import TextModelConfig
+    from mistralrs.models.llama import MistralForCausalLM
+    from tests.layers.test_fused_decode import TINY
+
+    config = TextModelConfig.from_hf_dict({**TINY, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                                           "head_dim": head_dim, "max_position_embeddings": 2048,
+                                           "sliding_window": window})
+    model = MistralForCausalLM(config, dtype=dtype, device="cpu").eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_((1.0 if "norm" in name else 0.0) + 0.15 * torch.randn(param.shape, generator=gen))
+    assert model.model.layers[0].self_attn.attn.head_dim == head_dim
+    assert_native_close_to_aten(model, prompt_lens=(1100, 300, 1))
 
 
 def greedy(model, prompt: list[int], num_tokens: int, native: bool,
