@@ -184,7 +184,9 @@ class SpeculativeRunner:
             offset += len(rows)
         if plain_items:
             plain_logits = logits[torch.tensor(plain_rows, device=logits.device)]
-            tokens = self.target.sampler(plain_logits, [_row(item, sampling, []) for item in plain_items])
+            # an index gather: a fresh copy, read no more, so the sampler may adjust it in place
+            tokens = self.target.sampler(plain_logits, [_row(item, sampling, []) for item in plain_items],
+                                         private=True)
             result.update((item.seq.seq_id, [token]) for item, token in zip(plain_items, tokens))
         if owners:
             scaled = torch.cat(kept_scaled)
