@@ -257,7 +257,7 @@ inline __m512 two_halves(const uint8_t* first, const uint8_t* second) {
 template <class T, int kCount>
 inline void legacy_pairs_chunk(const uint8_t* packed, int64_t g0, int64_t g1, const ActivationRows& x, int64_t m0,
                                float* y, int64_t num_rows) {
-  constexpr bool kOffsetTerm = T::kOffset != 0;
+  constexpr bool kOffsetTerm = T::kOffset != 0, kSplit = kCount <= 4;
   const int64_t blocks = x.blocks, next = blocks * Packed<T>::kBytes;
   int64_t g = g0;
   for (; g + 2 <= g1; g += 2) {
@@ -295,13 +295,14 @@ inline void legacy_pairs_chunk(const uint8_t* packed, int64_t g0, int64_t g1, co
           std::memcpy(&first, q + 4 * k, 4);
           std::memcpy(&second, q + 16 + 4 * k, 4);
           low[j] = _mm512_dpbusd_epi32(low[j], c[k], _mm512_set1_epi32(first));
-          high[j] = _mm512_dpbusd_epi32(high[j], c[k + 4], _mm512_set1_epi32(second));
+          if constexpr (kSplit) high[j] = _mm512_dpbusd_epi32(high[j], c[k + 4], _mm512_set1_epi32(second));
+          else low[j] = _mm512_dpbusd_epi32(low[j], c[k + 4], _mm512_set1_epi32(second));
         }
       }
       #pragma GCC unroll 8
       for (int j = 0; j < kCount; ++j) {
         const int64_t a = (m0 + j) * blocks + b;
-        __m512i sum = _mm512_add_epi32(low[j], high[j]);
+        __m512i sum = kSplit ? _mm512_add_epi32(low[j], high[j]) : low[j];
         if constexpr (kOffsetTerm) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(T::kOffset * x.sums[a]));
         acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(scale, _mm512_set1_ps(x.d[a])), acc[j]);
         if constexpr (T::kBias >= 0) acc[j] = _mm512_fmadd_ps(bias, _mm512_set1_ps(x.s[a]), acc[j]);
@@ -324,6 +325,7 @@ void legacy_pairs(const uint8_t* packed, int64_t g0, int64_t g1, const Activatio
   for (int64_t ga = g0; ga < g1; ga += per_pass) {
     const int64_t gb = std::min(g1, ga + per_pass);
     int64_t m0 = 0;
+    for (; m0 + 8 <= x.rows; m0 += 8) legacy_pairs_chunk<T, 8>(packed, ga, gb, x, m0, y, num_rows);
     for (; m0 + 4 <= x.rows; m0 += 4) legacy_pairs_chunk<T, 4>(packed, ga, gb, x, m0, y, num_rows);
     switch (x.rows - m0) {
       case 3: legacy_pairs_chunk<T, 3>(packed, ga, gb, x, m0, y, num_rows); break;
