@@ -243,6 +243,8 @@ struct Dot {
 // The kernel on 512-bit vectors (kAvx512): two groups a vector, group g in lanes 0-7 and group g + 1 in lanes 8-15,
 // each lane's integer sums and float accumulation exactly those of legacy_groups_chunk (the same operations in the
 // same order), so the outputs are the 256-bit path's bit for bit. An odd last group goes to legacy_groups_chunk.
+// Chunks of 8 activation rows keep one vpdpbusd chain a row (8 independent chains already; the registers would not
+// hold two a row), smaller ones two as the 256-bit kernel: the integer sums are exact either way.
 inline __m512i two_blocks(const uint8_t* first, const uint8_t* second) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first))),
                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second)), 1);
@@ -316,7 +318,7 @@ inline void legacy_pairs_chunk(const uint8_t* packed, int64_t g0, int64_t g1, co
   if (g < g1) legacy_groups_chunk<T, kCount>(packed, g, g1, x, m0, y, num_rows);
 }
 
-// legacy_groups on 512-bit vectors: the same passes (an even number of groups each) and chunks.
+// legacy_groups on 512-bit vectors: the same passes (an even number of groups each), chunks of 8 rows first.
 template <class T>
 void legacy_pairs(const uint8_t* packed, int64_t g0, int64_t g1, const ActivationRows& x, float* y,
                   int64_t num_rows) {
