@@ -14,6 +14,12 @@ the median per call is printed in microseconds as a Markdown table (`--fastest`:
 the steadier figure on a machine that other jobs load). `--baseline` loads another build of the extension (an
 earlier tree's, from the build cache) into the same process and times its tiles too, in turn with the others: a
 before/after of the tile path on the same packed weights, under the same load.
+
+    .venv/bin/python bench/bench_qdot.py --isas 2,3 [--rows 1,2,4,8] [--fastest]
+
+instead times the integer kernels (`dense=0`) on the listed instruction-set paths (`extension.qdot_isas()`: 2 is
+AVX512-VNNI on 256-bit vectors, 3 on 512-bit vectors for the legacy types), in turn round after round as above,
+with each path's time over the first's.
 """
 
 from __future__ import annotations
@@ -88,7 +94,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="a substring of 'model matrix' to select shapes")
     parser.add_argument("--fastest", action="store_true", help="the fastest call instead of the median")
     parser.add_argument("--baseline", default="", help="another build of the extension (.so) whose tiles to time")
+    parser.add_argument("--isas", default="", help="instruction-set paths whose kernels to time, comma-separated")
     args = parser.parse_args()
+    if args.isas:
+        return compare_isas(args, [int(isa) for isa in args.isas.split(",")])
     baseline = load_build(os.path.expanduser(args.baseline)) if args.baseline else None
     torch.set_num_threads(args.threads)
     if not qdot_available():
@@ -128,6 +137,38 @@ def main() -> None:
             print(f"| {model} | {matrix} | {ggml_type} | {rows}x{cols} | {m} | {med['kernels']:.0f} | "
                   f"{med['tiles']:.0f} | {med['int4']:.0f} | {med['dense']:.0f} | {med['int4'] / best:.2f} |{extra}",
                   flush=True)
+
+
+
+def compare_isas(args: argparse.Namespace, isas: list[int]) -> None:
+    """The kernels of each path in `isas` on every shape, timed in turn round after round."""
+    torch.set_num_threads(args.threads)
+    extension = EXTENSION.get(wait=True)
+    statistic = "fastest" if args.fastest else "median"
+    print(f"threads={args.threads}; {statistic} us per call over {args.rounds} rounds x {args.repeats} calls\n")
+    names = " | ".join(f"isa {isa}" for isa in isas)
+    ratios = " | ".join(f"{isa} / {isas[0]}" for isa in isas[1:])
+    print(f"| model | matrix | type | N x K | M | {names} | {ratios} |")
+    print("|---|---|---|---|---|" + "---|" * (2 * len(isas) - 1))
+    for model, matrix, ggml_type, rows, cols in SHAPES:
+        if args.only and args.only not in f"{model} {matrix}":
+            continue
+        qdot = QdotWeight(ggml_tensor(ggml_type, rows, cols))
+        forms = {isa: (lambda x, isa=isa: extension.qdot_matmul(x, qdot.packed, qdot.type_number, rows, isa=isa,
+                                                                 dense=0))
+                 for isa in isas}
+        for m in map(int, args.rows.split(",")):
+            x = torch.randn(m, cols).to(torch.bfloat16)
+            times: dict[int, list[float]] = {isa: [] for isa in isas}
+            for _ in range(args.rounds):
+                for isa, fn in forms.items():
+                    fn(x)
+                    times[isa].append(call_us(fn, x, args.repeats, args.fastest))
+            pick = min if args.fastest else statistics.median
+            med = {isa: pick(values) for isa, values in times.items()}
+            cells = " | ".join(f"{med[isa]:.1f}" for isa in isas)
+            shares = " | ".join(f"{med[isa] / med[isas[0]]:.2f}" for isa in isas[1:])
+            print(f"| {model} | {matrix} | {ggml_type} | {rows}x{cols} | {m} | {cells} | {shares} |", flush=True)
 
 
 if __name__ == "__main__":

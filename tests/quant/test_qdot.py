@@ -50,7 +50,7 @@ def gguf_dequantized(tensor: GGMLTensor) -> torch.Tensor:
 
 def test_every_path_is_listed_and_scalar_is_always_there(extension):
     isas = extension.qdot_isas()
-    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2}
+    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
@@ -111,7 +111,8 @@ def test_activation_quantization_is_the_reference_bit_for_bit(extension):
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 # (203, 1024): beyond 4 activation rows the kernels take a few row groups a pass (legacy_simd.inc kPassBytes):
-# here several passes for every type, the last one partial
+# here several passes for every type, the last one partial. The 512-bit path takes groups in pairs: at 17 rows a
+# pair and a last, partial group alone; at 203 a last pair whose second group is partial
 @pytest.mark.parametrize("num_rows, num_cols", [(1, 32), (17, 96), (70, 288), (203, 1024)])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
 def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type, num_rows, num_cols, m):
@@ -125,11 +126,14 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
     bound = activation_error_bound(x, dequantized)
     assert ((reference - exact).abs() <= bound + 1e-12 * magnitude).all()
     packed = extension.qdot_pack(tensor.data, QDOT_TYPES[ggml_type])
+    products = {}
     for isa in extension.qdot_isas():
-        got = extension.qdot_matmul(x, packed, QDOT_TYPES[ggml_type], num_rows, isa, dense=0)
+        got = products[isa] = extension.qdot_matmul(x, packed, QDOT_TYPES[ggml_type], num_rows, isa, dense=0)
         assert got.dtype == torch.float32 and got.shape == (m, num_rows)
         assert ((got.double() - reference).abs() <= ACCUMULATION_TOLERANCE * magnitude + 1e-30).all(), isa
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
+    if 3 in products:  # 512-bit vectors, two groups of 8 rows a vector: the 256-bit VNNI path's floats bit for bit
+        assert torch.equal(products[3].view(torch.int32), products[2].view(torch.int32))
 
 
 def test_the_error_bound_is_tight_enough_to_mean_something():

@@ -264,7 +264,7 @@ inline Tensor kquant_quantize_rows(const Tensor& x, Isa isa) {
   at::parallel_for(0, rows * blocks, 64, [&](int64_t begin, int64_t end) {
     const int64_t count = end - begin;
 #if QDOT_X86
-    if (isa == kAvx512Vnni) return vnni::quantize_q8k(src + begin * kSuperBlock, count * kSuperBlock, out + begin);
+    if (isa >= kAvx512Vnni) return vnni::quantize_q8k(src + begin * kSuperBlock, count * kSuperBlock, out + begin);
     if (isa == kAvx2) return avx2::quantize_q8k(src + begin * kSuperBlock, count * kSuperBlock, out + begin);
 #endif
     quantize_q8k_scalar(src + begin * kSuperBlock, count * kSuperBlock, out + begin);
@@ -282,7 +282,7 @@ inline void check_kquant_weight(int64_t in_features, const Tensor& w, int64_t ty
 // float32 values of `count` consecutive super-blocks starting at `blocks`, on the path `isa`.
 inline void kquant_dequantize_blocks(int64_t type, const uint8_t* blocks, int64_t count, float* out, Isa isa) {
 #if QDOT_X86
-  if (isa == kAvx512Vnni) return vnni::kquant_dequantize(type, blocks, count, out);
+  if (isa >= kAvx512Vnni) return vnni::kquant_dequantize(type, blocks, count, out);
   if (isa == kAvx2) return avx2::kquant_dequantize(type, blocks, count, out);
 #endif
   kquant_dequantize_scalar(type, blocks, count, out);
@@ -332,7 +332,7 @@ inline Tensor kquant_matmul(const Tensor& x, const Tensor& w, int64_t type, Isa 
   const int64_t row_bytes = w.size(1), blocks_per_row = in_features / kSuperBlock;
   Tensor out = run_rows(num_rows, in_features, num_rows, rows, x, [&](int64_t n0, int64_t n1, float* y) {
 #if QDOT_X86
-    if (isa == kAvx512Vnni)
+    if (isa >= kAvx512Vnni)
       return vnni::kquant_rows(type, blocks, row_bytes, n0, n1, act, rows, blocks_per_row, y, num_rows);
     if (isa == kAvx2)
       return avx2::kquant_rows(type, blocks, row_bytes, n0, n1, act, rows, blocks_per_row, y, num_rows);
@@ -357,7 +357,7 @@ inline std::vector<Tensor> kquant_unpack(const Tensor& blocks, int64_t type, Isa
     const uint8_t* block = data.data_ptr<uint8_t>() + b * kquant_bytes(type);
     KDecoded decoded;
 #if QDOT_X86
-    if (isa == kAvx512Vnni) vnni::kquant_unpack_block(type, block, decoded);
+    if (isa >= kAvx512Vnni) vnni::kquant_unpack_block(type, block, decoded);
     else if (isa == kAvx2) avx2::kquant_unpack_block(type, block, decoded);
     else
 #endif

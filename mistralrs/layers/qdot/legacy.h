@@ -239,6 +239,104 @@ struct Dot {
   static inline __m256i add_wide(__m256i acc, __m256i u, __m256i q) { return _mm256_dpbusd_epi32(acc, u, q); }
 };
 #include "legacy_simd.inc"
+
+// The kernel on 512-bit vectors (kAvx512): two groups a vector, group g in lanes 0-7 and group g + 1 in lanes 8-15,
+// each lane's integer sums and float accumulation exactly those of legacy_groups_chunk (the same operations in the
+// same order), so the outputs are the 256-bit path's bit for bit. An odd last group goes to legacy_groups_chunk.
+// Chunks of 8 activation rows keep one vpdpbusd chain a row (8 independent chains already; the registers would not
+// hold two a row), smaller ones two as the 256-bit kernel: the integer sums are exact either way.
+inline __m512i two_blocks(const uint8_t* first, const uint8_t* second) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second)), 1);
+}
+
+inline __m512 two_halves(const uint8_t* first, const uint8_t* second) {
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(second)), 1));
+}
+
+template <class T, int kCount>
+inline void legacy_pairs_chunk(const uint8_t* packed, int64_t g0, int64_t g1, const ActivationRows& x, int64_t m0,
+                               float* y, int64_t num_rows) {
+  constexpr bool kOffsetTerm = T::kOffset != 0, kSplit = kCount <= 4;
+  const int64_t blocks = x.blocks, next = blocks * Packed<T>::kBytes;
+  int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) {
+    __m512 acc[kCount];
+    #pragma GCC unroll 8
+    for (int j = 0; j < kCount; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = packed + (g * blocks + b) * Packed<T>::kBytes;
+      const __m512 scale = two_halves(block, block + next);
+      __m512 bias = _mm512_setzero_ps();
+      if constexpr (T::kBias >= 0) bias = two_halves(block + Packed<T>::kBiasAt, block + next + Packed<T>::kBiasAt);
+      const uint8_t* codes = block + Packed<T>::kCodesAt;
+      __m512i c[8];
+      if constexpr (T::kNibbles) {
+        const __m512i mask = _mm512_set1_epi8(15);
+        #pragma GCC unroll 8
+        for (int k = 0; k < 4; ++k) {
+          const __m512i v = two_blocks(codes + 32 * k, codes + next + 32 * k);
+          c[k] = _mm512_and_si512(v, mask);
+          c[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        }
+      } else {
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) c[k] = two_blocks(codes + 32 * k, codes + next + 32 * k);
+      }
+      __m512i low[kCount], high[kCount];
+      #pragma GCC unroll 8
+      for (int j = 0; j < kCount; ++j) low[j] = high[j] = _mm512_setzero_si512();
+      #pragma GCC unroll 8
+      for (int k = 0; k < 4; ++k) {
+        #pragma GCC unroll 8
+        for (int j = 0; j < kCount; ++j) {
+          const int8_t* q = x.q + ((m0 + j) * blocks + b) * 32;
+          int32_t first, second;
+          std::memcpy(&first, q + 4 * k, 4);
+          std::memcpy(&second, q + 16 + 4 * k, 4);
+          low[j] = _mm512_dpbusd_epi32(low[j], c[k], _mm512_set1_epi32(first));
+          if constexpr (kSplit) high[j] = _mm512_dpbusd_epi32(high[j], c[k + 4], _mm512_set1_epi32(second));
+          else low[j] = _mm512_dpbusd_epi32(low[j], c[k + 4], _mm512_set1_epi32(second));
+        }
+      }
+      #pragma GCC unroll 8
+      for (int j = 0; j < kCount; ++j) {
+        const int64_t a = (m0 + j) * blocks + b;
+        __m512i sum = kSplit ? _mm512_add_epi32(low[j], high[j]) : low[j];
+        if constexpr (kOffsetTerm) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(T::kOffset * x.sums[a]));
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(scale, _mm512_set1_ps(x.d[a])), acc[j]);
+        if constexpr (T::kBias >= 0) acc[j] = _mm512_fmadd_ps(bias, _mm512_set1_ps(x.s[a]), acc[j]);
+      }
+    }
+    const int64_t n = g * kGroupRows, valid = std::min<int64_t>(2 * kGroupRows, num_rows - n);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << valid) - 1);
+    #pragma GCC unroll 8
+    for (int j = 0; j < kCount; ++j) _mm512_mask_storeu_ps(y + (m0 + j) * num_rows + n, lanes, acc[j]);
+  }
+  if (g < g1) legacy_groups_chunk<T, kCount>(packed, g, g1, x, m0, y, num_rows);
+}
+
+// legacy_groups on 512-bit vectors: the same passes (an even number of groups each), chunks of 8 rows first.
+template <class T>
+void legacy_pairs(const uint8_t* packed, int64_t g0, int64_t g1, const ActivationRows& x, float* y,
+                  int64_t num_rows) {
+  const int64_t group_bytes = x.blocks * Packed<T>::kBytes;
+  const int64_t per_pass = x.rows > 4 ? std::max<int64_t>(2, kPassBytes / group_bytes / 2 * 2) : g1 - g0;
+  for (int64_t ga = g0; ga < g1; ga += per_pass) {
+    const int64_t gb = std::min(g1, ga + per_pass);
+    int64_t m0 = 0;
+    for (; m0 + 8 <= x.rows; m0 += 8) legacy_pairs_chunk<T, 8>(packed, ga, gb, x, m0, y, num_rows);
+    for (; m0 + 4 <= x.rows; m0 += 4) legacy_pairs_chunk<T, 4>(packed, ga, gb, x, m0, y, num_rows);
+    switch (x.rows - m0) {
+      case 3: legacy_pairs_chunk<T, 3>(packed, ga, gb, x, m0, y, num_rows); break;
+      case 2: legacy_pairs_chunk<T, 2>(packed, ga, gb, x, m0, y, num_rows); break;
+      case 1: legacy_pairs_chunk<T, 1>(packed, ga, gb, x, m0, y, num_rows); break;
+      default: break;
+    }
+  }
+}
 }  // namespace qdot::vnni
 QDOT_TARGET_END
 #endif  // QDOT_X86
@@ -257,6 +355,7 @@ Tensor legacy_matmul(const Tensor& x, const Tensor& packed, int64_t out_features
   Tensor out = run_rows(groups, kGroupRows * in_features, out_features, act.rows, x,
                         [&](int64_t g0, int64_t g1, float* y) {
 #if QDOT_X86
+    if (isa == kAvx512) return vnni::legacy_pairs<T>(data, g0, g1, act, y, out_features);
     if (isa == kAvx512Vnni) return vnni::legacy_groups<T>(data, g0, g1, act, y, out_features);
     if (isa == kAvx2) return avx2::legacy_groups<T>(data, g0, g1, act, y, out_features);
 #endif

@@ -61,6 +61,7 @@ enum Isa : int64_t {
   kScalar = 0,      // portable C++
   kAvx2 = 1,        // AVX2 + FMA + F16C: pmaddubsw / pmaddwd
   kAvx512Vnni = 2,  // AVX512-VNNI on 256-bit vectors (AVX512VL): vpdpbusd
+  kAvx512 = 3,      // AVX512-VNNI on 512-bit vectors for the legacy types, kAvx512Vnni for the others
 };
 
 // GGML type numbers (ggml.h `enum ggml_type`).
@@ -84,21 +85,21 @@ inline bool isa_supported(int64_t isa) {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
   if (isa == kAvx2) return avx2;
-  if (isa == kAvx512Vnni)
-    return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw");
+  if (isa == kAvx512Vnni || isa == kAvx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
 #endif
   return false;
 }
 
 inline Isa best_isa() {
-  static const Isa best = isa_supported(kAvx512Vnni) ? kAvx512Vnni : isa_supported(kAvx2) ? kAvx2 : kScalar;
+  static const Isa best = isa_supported(kAvx512) ? kAvx512 : isa_supported(kAvx2) ? kAvx2 : kScalar;
   return best;
 }
 
 inline Isa checked_isa(int64_t isa) {
   if (isa < 0) return best_isa();
-  TORCH_CHECK(isa <= kAvx512Vnni && isa_supported(isa), "isa ", isa, " is not supported on this CPU");
+  TORCH_CHECK(isa <= kAvx512 && isa_supported(isa), "isa ", isa, " is not supported on this CPU");
   return static_cast<Isa>(isa);
 }
 
@@ -394,7 +395,7 @@ inline std::vector<Tensor> quantize_activations(const Tensor& x) {
 
 inline std::vector<int64_t> supported_isas() {
   std::vector<int64_t> isas;
-  for (int64_t isa = kScalar; isa <= kAvx512Vnni; ++isa)
+  for (int64_t isa = kScalar; isa <= kAvx512; ++isa)
     if (isa_supported(isa)) isas.push_back(isa);
   return isas;
 }
