@@ -124,9 +124,15 @@ def test_killed_rank_ends_the_request_with_an_error_and_a_new_runner_works(tiny_
         chat(runner, "abc")
     runner.close()
     assert rank_children() == []
+    assert_a_new_runner_answers_as_one_process(tiny_dir, monkeypatch, PROMPTS[0])
+
+
+def assert_a_new_runner_answers_as_one_process(tiny_dir, monkeypatch, prompt: str) -> None:
+    """After a broken runtime was closed: a new tensor-parallel Runner gives the one-process reply, and no rank
+    is left once both are closed."""
     again = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
     alone = tiny_runner(tiny_dir)
-    assert_same_choice(chat(again, PROMPTS[0], logit_bias=NO_SPECIAL), chat(alone, PROMPTS[0], logit_bias=NO_SPECIAL))
+    assert_same_choice(chat(again, prompt, logit_bias=NO_SPECIAL), chat(alone, prompt, logit_bias=NO_SPECIAL))
     alone.close()
     again.close()
     assert rank_children() == []
@@ -155,12 +161,7 @@ def test_a_stopped_rank_ends_the_request_within_the_timeout_and_a_new_runner_wor
     assert waited < 6 * timeout   # the set bound, not the default 60 s, with room for a loaded machine
     runner.close()
     assert rank_children() == [] and not is_alive(pid)
-    again = tp_runner(lambda: tiny_runner(tiny_dir), monkeypatch)
-    alone = tiny_runner(tiny_dir)
-    assert_same_choice(chat(again, PROMPTS[2], logit_bias=NO_SPECIAL), chat(alone, PROMPTS[2], logit_bias=NO_SPECIAL))
-    alone.close()
-    again.close()
-    assert rank_children() == []
+    assert_a_new_runner_answers_as_one_process(tiny_dir, monkeypatch, PROMPTS[2])
 
 
 def test_unsupported_combinations_are_refused_before_any_rank_starts(tiny_dir, monkeypatch):

@@ -34,6 +34,15 @@ class ReplayingPeers:
 
         head.model.compute_logits = recording
 
+    @classmethod
+    def attached_to(cls, head: ModelRunner):
+        """Peers that replay `head`'s steps on a twin runner of the same model and KV capacity, set as its peers."""
+        num_blocks = head.kv_caches[0][0].shape[0] // head.block_size
+        twin = ModelRunner(head.model, num_blocks=num_blocks, block_size=head.block_size,
+                           kv_dtype=head.kv_caches[0][0].dtype, device=head.device, options=head.options)
+        head.peers = peers = cls(head, twin)
+        return peers
+
     def send_step(self, step: StepInputs) -> None:
         self.steps += 1
         self._current = self.twin_logits
@@ -56,11 +65,7 @@ def test_replayed_steps_write_the_same_kv_and_logits(tmp_path):
     runner = Runner(Which.Lora(adapters_model_id=str(adapters), order=order, dtype=ModelDType.F32),
                     prompt_chunksize=8)
     head = runner.llm_engine._engine.model_runner
-    num_blocks = head.kv_caches[0][0].shape[0] // head.block_size
-    twin = ModelRunner(head.model, num_blocks=num_blocks, block_size=head.block_size,
-                       kv_dtype=head.kv_caches[0][0].dtype, device=head.device, options=head.options)
-    peers = ReplayingPeers(head, twin)
-    head.peers = peers
+    peers = ReplayingPeers.attached_to(head)
 
     def send(prompt: str, names):
         runner.send_chat_completion_request(ChatCompletionRequest(
@@ -77,6 +82,6 @@ def test_replayed_steps_write_the_same_kv_and_logits(tmp_path):
     assert peers.steps > 3 and len(peers.head_logits) == len(peers.twin_logits) > 0
     for got, want in zip(peers.twin_logits, peers.head_logits):
         assert torch.equal(got, want)
-    for (k_twin, v_twin), (k_head, v_head) in zip(twin.kv_caches, head.kv_caches):
+    for (k_twin, v_twin), (k_head, v_head) in zip(peers.twin.kv_caches, head.kv_caches):
         assert torch.equal(k_twin, k_head) and torch.equal(v_twin, v_head)
     assert head.kv_caches[0][0].abs().sum() > 0

@@ -132,16 +132,12 @@ def test_a_replaying_runner_holds_the_heads_image_state(families, name):
     make, banned, contents = families[name]
     runner = make()
     head = runner.llm_engine._engine.model_runner
-    num_blocks = head.kv_caches[0][0].shape[0] // head.block_size
-    twin = ModelRunner(head.model, num_blocks=num_blocks, block_size=head.block_size,
-                       kv_dtype=head.kv_caches[0][0].dtype, device=head.device, options=head.options)
-    peers = RecordingPeers(head, twin)
-    head.peers = peers
+    peers = RecordingPeers.attached_to(head)
     session(runner, banned, contents)
     assert len(peers.head_logits) == len(peers.twin_logits) > 0
     for got, want in zip(peers.twin_logits, peers.head_logits):
         assert torch.equal(got, want)
     assert sorted(peers.image_sends.values()) == [1, 1, 1, 1]   # four image requests, their tensors sent once each
-    assert image_state(twin) == image_state(head)
+    assert image_state(peers.twin) == image_state(head)
     assert set(image_state(head)) == {max(peers.image_sends)}   # the finished requests' state is freed
     assert peers.states_compared >= 4 * NUM_TOKENS   # one per step: four rounds of NUM_TOKENS steps at least
