@@ -48,6 +48,12 @@ class LinearMethodBase:
         """`x` `[..., in_features]` -> `[..., out_features]`."""
         raise NotImplementedError
 
+    def apply_float(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """`apply` with a float32 result. By default `apply(x).float()`; a method whose kernels sum in float32
+        whatever the activation dtype returns those sums as they are, not rounded to the model dtype first (the
+        LM head's logits: llama.cpp's and the reference's quantized heads give float32 logits too)."""
+        return self.apply(layer, x).float()
+
     def dense_weight(self, layer: Linear) -> torch.Tensor | None:
         """The layer's whole weight as one dense `[out_features, in_features]` tensor, if that is how it is stored
         (a tied embedding then shares it); None otherwise."""
@@ -225,6 +231,13 @@ class Linear(CheckpointModule):
         y = self.quant_method.apply(self, x)
         for adapter in self.adapters:
             y = y + adapter(x)
+        return y if self.tp is None else self.tp.combine(y)
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with a float32 result (`LinearMethodBase.apply_float`): the LM head's logits."""
+        if self.adapters:
+            return self.forward(x).float()
+        y = self.quant_method.apply_float(self, x)
         return y if self.tp is None else self.tp.combine(y)
 
     def extra_repr(self) -> str:

@@ -60,7 +60,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
-        return self.lm_head(hidden).float()
+        return self.lm_head.forward_float(hidden)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """Shape of the paged KV cache this model reads (this rank's KV heads when sharded)."""

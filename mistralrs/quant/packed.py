@@ -51,6 +51,9 @@ class PackedWeight:
     """A `[out_features, in_features]` weight stored for one kernel; `matmul(x)` is `x @ W^T`."""
 
     out_features: int  # output rows covered by this weight
+    # True when `matmul` sums in float32 whatever the activation dtype and quantizes bfloat16 and float32
+    # activations alike (their values are the same): `matmul(x.float())` is then the unrounded float32 result
+    float_sums: bool = False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[..., in_features]` (the model dtype) -> `[..., out_features]`."""

@@ -70,6 +70,12 @@ class PackedLinearMethod(LinearMethodBase):
         y = matmul_all(self.weights, x)
         return y if layer.bias is None else y + layer.bias
 
+    def apply_float(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if not self.weights or not all(weight.float_sums for weight in self.weights):
+            return super().apply_float(layer, x)
+        y = matmul_all(self.weights, x.float())
+        return y if layer.bias is None else y + layer.bias.float()
+
     def dense_weight(self, layer: Linear) -> torch.Tensor | None:
         if len(self.weights) == 1 and isinstance(self.weights[0], DenseWeight):
             return self.weights[0].weight

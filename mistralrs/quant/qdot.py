@@ -63,6 +63,8 @@ class QdotWeight(PackedWeight):
     does. `embedding_rows` looks rows up for a tied embedding table, bit for bit gguf's dequantization.
     """
 
+    float_sums = True  # the int8 sums are scaled in float32; float32 and bfloat16 rows quantize alike
+
     def __init__(self, tensor: GGMLTensor):
         if tensor.ggml_type not in QDOT_TYPES:
             raise ValueError(f"ggml_type {tensor.ggml_type!r} has no quantized dot product; "

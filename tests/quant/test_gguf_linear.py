@@ -203,3 +203,27 @@ def test_tied_head_loads_from_the_embedding_tensor(fast):
     x = torch.randn(2, 64).to(torch.bfloat16)
     want = torch.nn.functional.linear(x, table.dequantize(torch.bfloat16))
     assert relative_error(model.head(x), want) < PATHS_TOLERANCE
+
+
+@pytest.mark.parametrize("fast", [True, "int4", False])
+def test_float_output_is_the_kernels_float32_sums(fast):
+    """`forward_float` (the LM head's logits): the int8 dot-product form returns its float32 sums unrounded (the
+    product of the float32 activations, which quantize as the bfloat16 ones do); other forms round to the model
+    dtype first, as `forward(x).float()`."""
+    from mistralrs.quant.qdot import QdotWeight, qdot_available
+
+    if fast is True and not qdot_available():
+        pytest.skip("the int8 dot-product extension is not built")
+    layer = gguf_linear([80], 64, fast=fast, bias=True)
+    layer.load_weight("weight", quantized("Q8_0", 80, 64, 3))
+    layer.load_weight("bias", torch.randn(80).to(torch.bfloat16))
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    y = layer.forward_float(x)
+    assert y.dtype == torch.float32
+    if fast is True:
+        assert isinstance(layer.quant_method.weights[0], QdotWeight)
+        assert torch.equal(y, layer.quant_method.weights[0].matmul(x.float()) + layer.bias.float())
+        assert not torch.equal(y, layer(x).float())  # forward rounds the product and the sum to bfloat16
+        assert relative_error(y, layer(x).float()) < 2.0**-7
+    else:
+        assert torch.equal(y, layer(x).float())

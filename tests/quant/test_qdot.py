@@ -170,6 +170,28 @@ def test_the_thread_count_does_not_change_the_result(extension, ggml_type):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q6_K"])
+def test_a_large_output_block_is_handed_out_again_only_once_released(extension, ggml_type):
+    """Outputs from 1 MiB on (an LM head's logits) reuse the previous one's block when nothing holds it."""
+    weight = QdotWeight(quantized(ggml_type, 36864, 256, seed=4))  # 8 rows x 36864 float32: 1.1 MiB
+    x, other = torch.randn(8, 256), torch.randn(8, 256)
+    held = weight.matmul(x)
+    kept = held.clone()
+    second = weight.matmul(other)
+    assert second.data_ptr() != held.data_ptr() and torch.equal(held, kept)
+    view = second[2:]
+    del second
+    address = weight.matmul(x).data_ptr()  # a new block: a view still holds the old one; this one is free again
+    assert address != view.data_ptr() - 2 * 36864 * 4
+    del view, held
+    third = weight.matmul(x[:7])  # 7 rows: 1008 KiB, below the threshold
+    assert third.data_ptr() != address and torch.equal(third, kept[:7])
+    fourth = weight.matmul(x)
+    assert fourth.data_ptr() == address and torch.equal(fourth, kept)
+    small = weight.matmul(x[:1])  # an allocation of its own
+    assert small.data_ptr() != fourth.data_ptr()
+
+
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 def test_many_rows_multiply_dequantized_tiles_as_the_plain_path(extension, ggml_type):
     """From QDOT_DENSE_ROWS activation rows on (prefill) the product is F.linear of the dequantized weight: the

@@ -163,13 +163,30 @@ inline ActivationRows quantize_rows(const Tensor& x, int64_t block) {
   return act;
 }
 
+// A float32 [m, n] output. From kReusedOutputBytes on (an LM head's logits, every step) the block of the thread's
+// previous such output is handed out again once nothing else holds it: a fresh block of that size is a mapping of
+// its own (mistralrs/worker/host_memory.py) whose pages would fault in again on every step (~1.8 ms of CPU for
+// Gemma 3's 8 x 262,144 logits). The block is kept at the largest size asked.
+constexpr int64_t kReusedOutputBytes = int64_t{1} << 20;
+
+inline Tensor output_rows(int64_t m, int64_t n, const Tensor& like) {
+  const auto options = like.options().dtype(at::kFloat);
+  if (m * n * static_cast<int64_t>(sizeof(float)) < kReusedOutputBytes) return at::empty({m, n}, options);
+  static thread_local Tensor block;
+  if (!block.defined() || block.storage().use_count() > 1 || block.numel() < m * n) {
+    block = Tensor();  // a block still held stays with its holder
+    block = at::empty({m * n}, options);
+  }
+  return block.narrow(0, 0, m * n).view({m, n});
+}
+
 // Calls `items(i0, i1, out)` over [0, num_items) in parallel (an item: a group of output rows doing `item_work`
 // multiply-adds per activation row); `out` is float32 [M, out_features], row-major. Each item is computed by one
 // thread from start to end, so the result does not depend on the thread count.
 template <class Items>
 Tensor run_rows(int64_t num_items, int64_t item_work, int64_t out_features, int64_t m, const Tensor& like,
                 Items items) {
-  Tensor out = at::empty({m, out_features}, like.options().dtype(at::kFloat));
+  Tensor out = output_rows(m, out_features, like);
   float* y = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, item_work * m));
   at::parallel_for(0, num_items, grain, [&](int64_t i0, int64_t i1) { items(i0, i1, y); });
