@@ -187,6 +187,7 @@ class Linear(CheckpointModule):
         self.params_device = torch.device(device)
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.adapters: list[Adapter] = []  # each called as y = y + adapter(x); LoRA / X-LoRA hook
+        self.float_output = False  # True: float32 results (`LinearMethodBase.apply_float`; the LM head's logits)
         self.quant_method.create_weights(self, dtype, device)
 
     def set_quant_method(self, quant_method: LinearMethodBase) -> None:
@@ -228,16 +229,9 @@ class Linear(CheckpointModule):
             yield self.tp.local_piece(param_name, loaded, shard_index or 0, self.params_dtype), shard_index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant_method.apply(self, x)
+        y = self.quant_method.apply_float(self, x) if self.float_output else self.quant_method.apply(self, x)
         for adapter in self.adapters:
             y = y + adapter(x)
-        return y if self.tp is None else self.tp.combine(y)
-
-    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` with a float32 result (`LinearMethodBase.apply_float`): the LM head's logits."""
-        if self.adapters:
-            return self.forward(x).float()
-        y = self.quant_method.apply_float(self, x)
         return y if self.tp is None else self.tp.combine(y)
 
     def extra_repr(self) -> str:

@@ -54,13 +54,14 @@ class CausalLM(nn.Module):
         logits are gathered."""
         head = Linear(config.hidden_size, config.vocab_size, bias=bias, dtype=dtype, device=device, prefix="lm_head",
                       tp=vocab_shard(self.tp_group, config.vocab_size))
+        head.float_output = True  # logits in float32, unrounded where the kernels sum in float32
         if config.tie_word_embeddings:
             head.weight = self.model.embed_tokens.weight
         return head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden_size]` -> `[rows, vocab_size]` float32."""
-        return self.lm_head.forward_float(hidden)
+        return self.lm_head(hidden).float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """Shape of the paged KV cache this model reads (this rank's KV heads when sharded)."""

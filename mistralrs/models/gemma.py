@@ -264,7 +264,7 @@ class GemmaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden_size]` -> `[rows, vocab_size]` float32, `cap * tanh(logits / cap)` when capped."""
-        logits = self.lm_head.forward_float(hidden)
+        logits = self.lm_head(hidden).float()
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits

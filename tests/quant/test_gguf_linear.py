@@ -207,7 +207,7 @@ def test_tied_head_loads_from_the_embedding_tensor(fast):
 
 @pytest.mark.parametrize("fast", [True, "int4", False])
 def test_float_output_is_the_kernels_float32_sums(fast):
-    """`forward_float` (the LM head's logits): the int8 dot-product form returns its float32 sums unrounded (the
+    """`float_output` (the LM head's logits): the int8 dot-product form returns its float32 sums unrounded (the
     product of the float32 activations, which quantize as the bfloat16 ones do); other forms round to the model
     dtype first, as `forward(x).float()`."""
     from mistralrs.quant.qdot import QdotWeight, qdot_available
@@ -218,12 +218,14 @@ def test_float_output_is_the_kernels_float32_sums(fast):
     layer.load_weight("weight", quantized("Q8_0", 80, 64, 3))
     layer.load_weight("bias", torch.randn(80).to(torch.bfloat16))
     x = torch.randn(5, 64).to(torch.bfloat16)
-    y = layer.forward_float(x)
+    rounded = layer(x)
+    layer.float_output = True
+    y = layer(x)
     assert y.dtype == torch.float32
     if fast is True:
         assert isinstance(layer.quant_method.weights[0], QdotWeight)
         assert torch.equal(y, layer.quant_method.weights[0].matmul(x.float()) + layer.bias.float())
-        assert not torch.equal(y, layer(x).float())  # forward rounds the product and the sum to bfloat16
-        assert relative_error(y, layer(x).float()) < 2.0**-7
+        assert not torch.equal(y, rounded.float())  # the bfloat16 form rounds the product and the sum
+        assert relative_error(y, rounded.float()) < 2.0**-7
     else:
-        assert torch.equal(y, layer(x).float())
+        assert torch.equal(y, rounded.float())
