@@ -2,11 +2,12 @@
 nobody here wrote: the `gguf` package's quantizer and dequantizer.
 
 - Packing: the packed layout dequantizes to gguf's values bit for bit (every row, in any order: the tied
-  embedding's lookup).
+  embedding's lookup), takes the file's bytes, and lays Q5_0 / Q5_1 out as legacy.h describes.
 - Activations: the kernel's int8 blocks equal `quantize_activations` (plain PyTorch) bit for bit.
 - Products: every path within float32 accumulation rounding of `qdot_reference` (exact integer sums), and within
   the derived activation-rounding bound (`activation_error_bound`) of gguf's dequantized weight times x in
-  float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16);
+  float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16), and
+  the vector paths (AVX2, 256- and 512-bit VNNI) equal to each other bit for bit;
   from QDOT_DENSE_ROWS rows on, the dequantized tiles times x equal the plain path's `F.linear` bit for bit.
 """
 
@@ -158,6 +159,8 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
     if 3 in products:  # 512-bit vectors, two groups of 8 rows a vector: the 256-bit VNNI path's floats bit for bit
         assert torch.equal(products[3].view(torch.int32), products[2].view(torch.int32))
+    if 2 in products:  # AVX2 and VNNI: the same integer sums (codes rebuilt each its own way), the same float order
+        assert torch.equal(products[2].view(torch.int32), products[1].view(torch.int32))
 
 
 def test_the_error_bound_is_tight_enough_to_mean_something():
