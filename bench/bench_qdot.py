@@ -12,8 +12,8 @@ real file uses for that matrix. For every
 (shape, M) the three forms are timed in turn, round after round (so that the machine's load hits them alike), and
 the median per call is printed in microseconds as a Markdown table (`--fastest`: the fastest call of all rounds,
 the steadier figure on a machine that other jobs load). `--baseline` loads another build of the extension (an
-earlier tree's, from the build cache) into the same process and times its tiles too, in turn with the others: a
-before/after of the tile path on the same packed weights, under the same load.
+earlier tree's, from the build cache) into the same process, packs the weight with it (its own layout) and times
+its kernels and tiles too, in turn with the others: a before/after of both paths under the same load.
 
     .venv/bin/python bench/bench_qdot.py --isas 2,3 [--rows 1,2,4,8] [--fastest]
 
@@ -49,6 +49,7 @@ SHAPES = [
     ("SmolLM2", "down", "Q4_1", 576, 1536),
     ("SmolLM2", "head", "Q8_0", 49152, 576),
     ("Gemma 3", "q+k", "Q5_0", 1280, 640),
+    ("Gemma 3", "gate_up", "Q5_0", 4096, 640),
     ("Gemma 3", "v", "Q8_0", 256, 640),
     ("Gemma 3", "o", "Q4_K", 640, 1024),
     ("Gemma 3", "down", "Q4_K", 640, 2048),
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="a substring of 'model matrix' to select shapes")
     parser.add_argument("--fastest", action="store_true", help="the fastest call instead of the median")
-    parser.add_argument("--baseline", default="", help="another build of the extension (.so) whose tiles to time")
+    parser.add_argument("--baseline", default="", help="another build of the extension (.so) to time as well")
     parser.add_argument("--isas", default="", help="instruction-set paths whose kernels to time, comma-separated")
     args = parser.parse_args()
     if args.isas:
@@ -104,9 +105,9 @@ def main() -> None:
         EXTENSION.get(wait=True)
     statistic = "fastest" if args.fastest else "median"
     print(f"threads={args.threads}; {statistic} us per call over {args.rounds} rounds x {args.repeats} calls\n")
-    extra = " baseline tiles | tiles / baseline |" if baseline else ""
+    extra = " baseline kernels | kernels / baseline | baseline tiles | tiles / baseline |" if baseline else ""
     print(f"| model | matrix | type | N x K | M | kernels | tiles | int4 | dense bf16 | int4 / best qdot |{extra}")
-    print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * bool(baseline))
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|---|---|" * bool(baseline))
     for model, matrix, ggml_type, rows, cols in SHAPES:
         if args.only and args.only not in f"{model} {matrix}":
             continue
@@ -120,7 +121,10 @@ def main() -> None:
         dense = tensor.dequantize(torch.bfloat16)
         forms["dense"] = lambda x, dense=dense: F.linear(x, dense)
         if baseline:
-            forms["baseline"] = lambda x: baseline.qdot_matmul(x, qdot.packed, qdot.type_number, rows, dense=1)
+            base_packed = baseline.qdot_pack(tensor.data, qdot.type_number)
+            for name, dense in (("base kernels", 0), ("base tiles", 1)):
+                forms[name] = (lambda x, dense=dense, base_packed=base_packed:
+                               baseline.qdot_matmul(x, base_packed, qdot.type_number, rows, dense=dense))
         for m in map(int, args.rows.split(",")):
             if m > 64 and rows > 100_000:
                 continue  # the LM head runs on the last token of each sequence only
@@ -133,7 +137,8 @@ def main() -> None:
             pick = min if args.fastest else statistics.median
             med = {name: pick(values) for name, values in times.items()}
             best = min(med["kernels"], med["tiles"])
-            extra = f" {med['baseline']:.0f} | {med['tiles'] / med['baseline']:.2f} |" if baseline else ""
+            extra = (f" {med['base kernels']:.0f} | {med['kernels'] / med['base kernels']:.2f} |"
+                     f" {med['base tiles']:.0f} | {med['tiles'] / med['base tiles']:.2f} |") if baseline else ""
             print(f"| {model} | {matrix} | {ggml_type} | {rows}x{cols} | {m} | {med['kernels']:.0f} | "
                   f"{med['tiles']:.0f} | {med['int4']:.0f} | {med['dense']:.0f} | {med['int4'] / best:.2f} |{extra}",
                   flush=True)

@@ -1,8 +1,8 @@
 """GGML blocks multiplied as they are in the file, against int8-quantized activations (llama.cpp's decode scheme).
 
-`QdotWeight` keeps a weight's GGML blocks, repacked once at load into groups of 8 interleaved rows (the same
-bytes for Q4_0, Q4_1 and Q8_0; about 1.5x for Q5_0 and Q5_1, whose codes are stored a byte each; layout in
-mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into
+`QdotWeight` keeps a weight's GGML blocks, repacked once at load into groups of 8 interleaved rows (as many
+bytes as the file's blocks for every type: Q5_0 and Q5_1 keep their codes' low nibbles as Q4_0 does and their
+fifth bits in a plane of their own; layout in mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into
 the fused decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to
 blocks of 32 int8 codes with a float32 scale d = max|x| / 127, and each output is a sum over blocks of exact
 integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or portable C++: the best the CPU has, chosen at

@@ -2,11 +2,12 @@
 nobody here wrote: the `gguf` package's quantizer and dequantizer.
 
 - Packing: the packed layout dequantizes to gguf's values bit for bit (every row, in any order: the tied
-  embedding's lookup).
+  embedding's lookup), takes the file's bytes, and lays Q5_0 / Q5_1 out as legacy.h describes.
 - Activations: the kernel's int8 blocks equal `quantize_activations` (plain PyTorch) bit for bit.
 - Products: every path within float32 accumulation rounding of `qdot_reference` (exact integer sums), and within
   the derived activation-rounding bound (`activation_error_bound`) of gguf's dequantized weight times x in
-  float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16);
+  float64, on odd shapes (rows not a multiple of 8, 16 or 64, K a multiple of 32 but not of 256, M = 1..16), and
+  the vector paths (AVX2, 256- and 512-bit VNNI) equal to each other bit for bit;
   from QDOT_DENSE_ROWS rows on, the dequantized tiles times x equal the plain path's `F.linear` bit for bit.
 """
 
@@ -90,10 +91,33 @@ def test_packing_in_chunks_is_the_whole_packing_and_releases_each_chunk_once_pac
     assert torch.equal(weight.packed, real_pack(tensor.data, QDOT_TYPES[ggml_type]))
 
 
-def test_packing_keeps_the_size_of_the_4_and_8_bit_blocks(extension):
-    for ggml_type, ratio in [("Q4_0", 1.0), ("Q4_1", 1.0), ("Q8_0", 1.0), ("Q5_0", 272 / 176), ("Q5_1", 288 / 192)]:
-        tensor = quantized(ggml_type, 64, 256, seed=0)
-        assert QdotWeight(tensor).nbytes() == ratio * tensor.data.numel(), ggml_type
+@pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
+def test_packing_keeps_the_size_of_the_blocks(extension, ggml_type):
+    tensor = quantized(ggml_type, 64, 256, seed=0)
+    assert QdotWeight(tensor).nbytes() == tensor.data.numel()
+
+
+@pytest.mark.parametrize("ggml_type", ["Q5_0", "Q5_1"])
+def test_5_bit_codes_pack_as_the_4_bit_type_and_a_plane_of_fifth_bits(extension, ggml_type):
+    """legacy.h's layout of Q5_0 / Q5_1, written out here from its description: a group's block is the 4-bit type's
+    packed block of the same scales (and biases) and low nibbles, then 8 little-endian 32-bit words, bit 4 r + j
+    of word k the fifth bit of code 4 k + j of row r (rows past the last zero)."""
+    from tests.quant.test_ggml_types import random_blocks
+
+    rows, cols, head = 21, 96, {"Q5_0": 2, "Q5_1": 4}[ggml_type]  # head: the bytes of d (and m)
+    blocks = random_blocks(ggml_type, rows, cols, seed=8).reshape(rows, cols // 32, -1)
+    nibbles = np.concatenate([blocks[..., :head], blocks[..., head + 4:]], -1).reshape(rows, -1)
+    four_bit = {"Q5_0": "Q4_0", "Q5_1": "Q4_1"}[ggml_type]
+    want_head = extension.qdot_pack(torch.from_numpy(nibbles), QDOT_TYPES[four_bit]).reshape(3, cols // 32, -1)
+    high = np.ascontiguousarray(blocks[..., head:head + 4]).view("<u4")[..., 0].astype(np.int64)  # [rows, blocks]
+    fifth = (high[..., None] >> np.arange(32)) & 1  # [rows, blocks, code]
+    fifth = np.concatenate([fifth, np.zeros((3 * 8 - rows, *fifth.shape[1:]), np.int64)])
+    fifth = fifth.reshape(3, 8, cols // 32, 8, 4)  # [group, r, block, k, j]
+    words = (fifth << (4 * np.arange(8)[:, None, None, None] + np.arange(4))).sum((1, 4))  # [group, block, k]
+    want_plane = torch.from_numpy(words.astype("<u4").view(np.uint8).reshape(3, cols // 32, 32))
+    packed = extension.qdot_pack(torch.from_numpy(blocks.reshape(rows, -1)), QDOT_TYPES[ggml_type])
+    got = packed.reshape(3, cols // 32, -1)
+    assert torch.equal(got[..., :-32], want_head) and torch.equal(got[..., -32:], want_plane)
 
 
 def test_activation_quantization_is_the_reference_bit_for_bit(extension):
@@ -112,8 +136,9 @@ def test_activation_quantization_is_the_reference_bit_for_bit(extension):
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
 # (203, 1024): beyond 4 activation rows the kernels take a few row groups a pass (legacy_simd.inc kPassBytes):
 # here several passes for every type, the last one partial. The 512-bit path takes groups in pairs: at 17 rows a
-# pair and a last, partial group alone; at 203 a last pair whose second group is partial
-@pytest.mark.parametrize("num_rows, num_cols", [(1, 32), (17, 96), (70, 288), (203, 1024)])
+# pair and a last, partial group alone; at 203 a last pair whose second group is partial; at 16 one whole pair; at
+# 40 two pairs and a last, whole group alone
+@pytest.mark.parametrize("num_rows, num_cols", [(1, 32), (16, 64), (17, 96), (40, 160), (70, 288), (203, 1024)])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16])
 def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type, num_rows, num_cols, m):
     tensor = quantized(ggml_type, num_rows, num_cols, seed=num_rows + m)
@@ -134,6 +159,8 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
     if 3 in products:  # 512-bit vectors, two groups of 8 rows a vector: the 256-bit VNNI path's floats bit for bit
         assert torch.equal(products[3].view(torch.int32), products[2].view(torch.int32))
+    if 2 in products:  # AVX2 and VNNI: the same integer sums (codes rebuilt each its own way), the same float order
+        assert torch.equal(products[2].view(torch.int32), products[1].view(torch.int32))
 
 
 def test_the_error_bound_is_tight_enough_to_mean_something():

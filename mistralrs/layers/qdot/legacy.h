@@ -10,17 +10,21 @@
 // group's block holds the 8 rows' d (float16 x 8), their m (float16 x 8, types with m), then their codes so that
 // 32-bit lane r of the k-th 32-byte vector holds codes 4k..4k+3 of row r: one vpdpbusd (or pmaddubsw + pmaddwd)
 // against the activation's bytes 4k..4k+3 broadcast adds 4 products to each of the 8 rows' sums, and the 8
-// rows' results stay in the 8 lanes (no horizontal sums). 4-bit codes are stored two steps a byte (step k in
-// the low nibbles, step k + 4 in the high ones: 128 bytes); 5- and 8-bit codes a byte each (256 bytes). Q4_0,
-// Q4_1 and Q8_0 take exactly the bytes of their blocks; Q5_0 and Q5_1 about 1.5 times. Rows past the last group
-// are zero (and their outputs dropped).
+// rows' results stay in the 8 lanes (no horizontal sums). 4- and 5-bit codes store their low 4 bits two steps a
+// byte (step k in the low nibbles, step k + 4 in the high ones: 128 bytes); 8-bit codes a byte each (256
+// bytes). Q5_0 and Q5_1 then hold the fifth bits in 8 32-bit little-endian words (32 bytes), one a step: bit p
+// of word k is the fifth bit of byte p of step k's vector (code 4k + p % 4 of row p / 4), so that the word is a
+// byte mask of that vector (AVX512BW: one masked vpaddb of 16; AVX2: the bits spread to bytes and compared).
+// Every type takes exactly the bytes of its blocks. Rows past the last group are zero (and their outputs
+// dropped).
 //
 // A new type of this shape is one more struct below and a case in qdot.h `pack` / `matmul` / `dequantize`.
 #pragma once
 
 namespace qdot {
 
-// Byte offsets of a GGUF block's fields (-1: absent), and the code convention.
+// Byte offsets of a GGUF block's fields (-1: absent), and the code convention (kNibbles: the packed layout stores
+// the codes' low 4 bits two steps a byte; kHighBits >= 0: and their fifth bits in a plane of 8 words).
 struct Q4_0 {
   static constexpr int64_t kBytes = 18, kCodes = 2, kHighBits = -1, kBias = -1;
   static constexpr int32_t kOffset = 8;
@@ -34,12 +38,12 @@ struct Q4_1 {
 struct Q5_0 {
   static constexpr int64_t kBytes = 22, kCodes = 6, kHighBits = 2, kBias = -1;
   static constexpr int32_t kOffset = 16;
-  static constexpr bool kSigned = false, kNibbles = false;
+  static constexpr bool kSigned = false, kNibbles = true;
 };
 struct Q5_1 {
   static constexpr int64_t kBytes = 24, kCodes = 8, kHighBits = 4, kBias = 2;
   static constexpr int32_t kOffset = 0;
-  static constexpr bool kSigned = false, kNibbles = false;
+  static constexpr bool kSigned = false, kNibbles = true;
 };
 struct Q8_0 {
   static constexpr int64_t kBytes = 34, kCodes = 2, kHighBits = -1, kBias = -1;
@@ -49,15 +53,20 @@ struct Q8_0 {
 
 template <class T>
 struct Packed {
+  static constexpr bool kHigh = T::kHighBits >= 0;                         // a plane of fifth bits (Q5)
   static constexpr int64_t kBiasAt = 16;                                   // after the 8 scales
   static constexpr int64_t kCodesAt = T::kBias >= 0 ? 32 : 16;             // after the scales (and biases)
-  static constexpr int64_t kBytes = kCodesAt + (T::kNibbles ? 128 : 256);  // one block of a group
-  // byte (and nibble shift) of code i of row r in a group's block
+  static constexpr int64_t kHighAt = kCodesAt + 128;                       // after the nibbles (kHigh)
+  static constexpr int64_t kBytes = kCodesAt + (T::kNibbles ? 128 : 256) + (kHigh ? 32 : 0);  // a group's block
+  // byte (and nibble shift) of code i of row r in a group's block (its low 4 bits for the nibble types)
   static constexpr int64_t byte(int64_t r, int64_t i) {
     const int64_t k = i / 4;
     return kCodesAt + ((T::kNibbles ? k % 4 : k) * kGroupRows + r) * 4 + i % 4;
   }
   static constexpr int shift(int64_t i) { return T::kNibbles && i >= 16 ? 4 : 0; }
+  // byte and bit of code i of row r's fifth bit: bit p = 4 r + i % 4 of word i / 4 of the plane (kHigh)
+  static constexpr int64_t high_byte(int64_t r, int64_t i) { return kHighAt + i / 4 * 4 + r / 2; }
+  static constexpr int high_bit(int64_t r, int64_t i) { return static_cast<int>(r % 2 * 4 + i % 4); }
 };
 
 // u_i of a GGUF block (byte j of the nibbles holds weight j low, weight j + 16 high; bit i of the 32-bit
@@ -77,7 +86,10 @@ inline int32_t file_code(const uint8_t* block, int64_t i) {
 
 template <class T>
 inline int32_t packed_code(const uint8_t* group_block, int64_t r, int64_t i) {
-  return (group_block[Packed<T>::byte(r, i)] >> Packed<T>::shift(i)) & (T::kNibbles ? 15 : 255);
+  int32_t code = (group_block[Packed<T>::byte(r, i)] >> Packed<T>::shift(i)) & (T::kNibbles ? 15 : 255);
+  if constexpr (Packed<T>::kHigh)
+    code |= ((group_block[Packed<T>::high_byte(r, i)] >> Packed<T>::high_bit(r, i)) & 1) << 4;
+  return code;
 }
 
 // GGUF blocks [N, K / 32 * kBytes] -> packed [ceil(N / 8), K / 32 * Packed::kBytes].
@@ -100,8 +112,12 @@ Tensor legacy_pack(const Tensor& blocks) {
           uint8_t* out = dst + (g * num_blocks + b) * Packed<T>::kBytes;
           std::memcpy(out + 2 * r, block, 2);
           if constexpr (T::kBias >= 0) std::memcpy(out + Packed<T>::kBiasAt + 2 * r, block + T::kBias, 2);
-          for (int64_t i = 0; i < 32; ++i)
-            out[Packed<T>::byte(r, i)] |= static_cast<uint8_t>(file_code<T>(block, i) << Packed<T>::shift(i));
+          for (int64_t i = 0; i < 32; ++i) {
+            const int32_t code = file_code<T>(block, i), low = T::kNibbles ? code & 15 : code;
+            out[Packed<T>::byte(r, i)] |= static_cast<uint8_t>(low << Packed<T>::shift(i));
+            if constexpr (Packed<T>::kHigh)
+              out[Packed<T>::high_byte(r, i)] |= static_cast<uint8_t>((code >> 4) << Packed<T>::high_bit(r, i));
+          }
         }
       }
     }
@@ -155,6 +171,22 @@ void legacy_groups_scalar(const uint8_t* packed, int64_t g0, int64_t g1, const A
 }  // namespace qdot
 
 #if QDOT_X86
+// One step's fifth bits (a word of the plane, legacy.h's layout) as bytes: 16 in byte p where bit p of the word is
+// set, 0 elsewhere (byte p / 8 of the word spread to byte p, then each byte's own bit tested). Compiled for AVX2
+// alone, so that both the kernel's and the exact dequantizer's target regions inline it.
+QDOT_TARGET_BEGIN("avx2")
+namespace qdot::avx2_bits {
+inline __m256i fifth_bits(const uint8_t* word) {
+  int32_t bits;
+  std::memcpy(&bits, word, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(bits), _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select), _mm256_set1_epi8(16));
+}
+}  // namespace qdot::avx2_bits
+QDOT_TARGET_END
+
 QDOT_TARGET_BEGIN("avx2,fma,f16c")
 namespace qdot::avx2 {
 // acc + per 32-bit lane the sum of 4 products u8 * s8. Codes reaching 255 (Q8_0) would saturate pmaddubsw's
@@ -168,6 +200,10 @@ struct Dot {
   static inline __m256i add_wide(__m256i acc, __m256i u, __m256i q) {
     const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
     return add(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+  }
+  // the 5-bit codes of one step: its low nibbles plus 16 where its word of fifth bits says so
+  static inline __m256i with_fifth_bits(__m256i nibbles, const uint8_t* word) {
+    return _mm256_or_si256(nibbles, avx2_bits::fifth_bits(word));
   }
 };
 #include "legacy_simd.inc"
@@ -208,6 +244,8 @@ void legacy_dequantize_groups(const uint8_t* packed, int64_t num_blocks, int64_t
         if constexpr (T::kNibbles) {
           const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * (k % 4)));
           v = _mm256_and_si256(k < 4 ? raw : _mm256_srli_epi16(raw, 4), _mm256_set1_epi8(15));
+          if constexpr (Packed<T>::kHigh)
+            v = _mm256_or_si256(v, avx2_bits::fifth_bits(block + Packed<T>::kHighAt + 4 * k));
         } else {
           v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k));
         }
@@ -237,6 +275,12 @@ struct Dot {
   static constexpr bool kSignedWide = false;
   static inline __m256i add(__m256i acc, __m256i u, __m256i q) { return _mm256_dpbusd_epi32(acc, u, q); }
   static inline __m256i add_wide(__m256i acc, __m256i u, __m256i q) { return _mm256_dpbusd_epi32(acc, u, q); }
+  // the word of fifth bits is the byte mask of the step's vector: one masked vpaddb of 16
+  static inline __m256i with_fifth_bits(__m256i nibbles, const uint8_t* word) {
+    uint32_t bits;
+    std::memcpy(&bits, word, 4);
+    return _mm256_mask_add_epi8(nibbles, _cvtu32_mask32(bits), nibbles, _mm256_set1_epi8(16));
+  }
 };
 #include "legacy_simd.inc"
 
@@ -284,6 +328,17 @@ inline void legacy_pairs_chunk(const uint8_t* packed, int64_t g0, int64_t g1, co
       } else {
         #pragma GCC unroll 8
         for (int k = 0; k < 8; ++k) c[k] = two_blocks(codes + 32 * k, codes + next + 32 * k);
+      }
+      if constexpr (Packed<T>::kHigh) {  // the two groups' words of a step: the byte mask of its 64 bytes
+        const uint8_t* words = block + Packed<T>::kHighAt;
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          uint32_t first, second;
+          std::memcpy(&first, words + 4 * k, 4);
+          std::memcpy(&second, words + next + 4 * k, 4);
+          const __mmask64 bits = _cvtu64_mask64(first | static_cast<uint64_t>(second) << 32);
+          c[k] = _mm512_mask_add_epi8(c[k], bits, c[k], _mm512_set1_epi8(16));
+        }
       }
       __m512i low[kCount], high[kCount];
       #pragma GCC unroll 8
