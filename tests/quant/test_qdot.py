@@ -50,7 +50,20 @@ def gguf_dequantized(tensor: GGMLTensor) -> torch.Tensor:
 
 def test_every_path_is_listed_and_scalar_is_always_there(extension):
     isas = extension.qdot_isas()
-    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2, 3}
+    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2, 3, 4}
+
+
+def test_the_amx_path_is_listed_where_the_cpu_has_amx_int8(extension):
+    """Path 4 (AMX tiles for Q8_0) needs the CPU's AMX-INT8 and Linux's permission to use the tile state, which the
+    extension asks for: on a CPU that has it, the path must be there (or the products tests would skip it)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "amx_int8" not in flags or "avx512_vnni" not in flags:
+        pytest.skip("no AMX-INT8 here")
+    assert 4 in extension.qdot_isas()
 
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
@@ -134,6 +147,8 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
     if 3 in products:  # 512-bit vectors, two groups of 8 rows a vector: the 256-bit VNNI path's floats bit for bit
         assert torch.equal(products[3].view(torch.int32), products[2].view(torch.int32))
+    if 4 in products:  # AMX tiles (Q8_0, 2..16 rows): the same integer sums, then the 512-bit path's float work
+        assert torch.equal(products[4].view(torch.int32), products[3].view(torch.int32))
 
 
 def test_the_error_bound_is_tight_enough_to_mean_something():
