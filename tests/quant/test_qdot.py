@@ -151,6 +151,29 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
         assert torch.equal(products[4].view(torch.int32), products[3].view(torch.int32))
 
 
+# 1100 rows: 138 groups of 8, 69 a thread at 2 threads (above legacy_amx.h kAmxGroups), an odd last group each; 1, 3
+# and 9 blocks a row (the tile loop's block parities); 4..16 rows take the tiles on path 4
+@pytest.mark.parametrize("num_cols", [32, 96, 288])
+@pytest.mark.parametrize("m", [4, 7, 16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_tiles_give_the_512_bit_path_bit_for_bit(extension, num_cols, m, threads):
+    if 4 not in extension.qdot_isas():
+        pytest.skip("no AMX-INT8 here")
+    tensor = quantized("Q8_0", 1100, num_cols, seed=m + num_cols)
+    x = torch.randn(m, num_cols, generator=torch.Generator().manual_seed(m)) * 3
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES["Q8_0"])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        tiles = extension.qdot_matmul(x, packed, QDOT_TYPES["Q8_0"], 1100, 4, dense=0)
+        vectors = extension.qdot_matmul(x, packed, QDOT_TYPES["Q8_0"], 1100, 3, dense=0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(tiles.view(torch.int32), vectors.view(torch.int32))
+    magnitude = x.double().abs() @ gguf_dequantized(tensor).double().abs().T
+    assert ((tiles.double() - qdot_reference(x, tensor)).abs() <= ACCUMULATION_TOLERANCE * magnitude + 1e-30).all()
+
+
 def test_the_error_bound_is_tight_enough_to_mean_something():
     """On random data the activation rounding error is a sizeable fraction of the bound (the bound is not vacuous)."""
     tensor = quantized("Q8_0", 64, 256, seed=1)

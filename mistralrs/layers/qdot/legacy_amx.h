@@ -17,10 +17,10 @@
 // issued before block b's float work (two C tiles and three copy buffers in turn), and the packed stream is
 // prefetched kAhead bytes ahead.
 //
-// A tile holds at most 16 rows: 2..16 activation rows take this kernel (the dispatch `legacy_amx`); one row, more
-// than 16, the other types and an odd last group take the 512-bit kernel. Linux hands the tile state to a process
-// that asks for it (qdot.h `amx_permitted`, once, from isa_supported); each call loads its tile configuration
-// (LDTILECFG) on its own thread and releases the tiles (TILERELEASE) when done.
+// A tile holds at most 16 rows: 4..16 activation rows take this kernel on large weights (the dispatch `legacy_amx`);
+// fewer rows, more than 16, small weights, the other types and an odd last group take the 512-bit kernel. Linux
+// hands the tile state to a process that asks for it (qdot.h `amx_permitted`, once, from isa_supported); each call
+// loads its tile configuration (LDTILECFG) on its own thread and releases the tiles (TILERELEASE) when done.
 #pragma once
 
 #if QDOT_X86
@@ -154,17 +154,17 @@ QDOT_TARGET_END
 
 namespace qdot {
 
-// From this many activation rows on (to 16) the Q8_0 kernel runs on tiles under kAmx.
-constexpr int64_t kAmxRows = 2;
+// The tiles take Q8_0 from kAmxRows activation rows on (to 16) and ranges of at least kAmxGroups groups of 8
+// output rows (a thread's share of the weight). Measured on the 2-core Xeon (docs/benchmarks.md, issue 20): at 2-4
+// rows the two kernels are even (the packed stream's speed), from 6 rows on the tiles are ahead; a call on tiles
+// costs about 2 us more (the tile configuration and release on each thread), more than a 256-row weight gains.
+constexpr int64_t kAmxRows = 4, kAmxGroups = 64;
 
-// legacy_matmul's row range under kAmx: the tiles for Q8_0 at kAmxRows..16 activation rows, the 512-bit kernel
-// otherwise.
+// legacy_matmul's row range under kAmx: the tiles where they pay (above), the 512-bit kernel otherwise.
 template <class T>
 void legacy_amx(const uint8_t* packed, int64_t g0, int64_t g1, const ActivationRows& x, float* y, int64_t num_rows) {
   if constexpr (std::is_same_v<T, Q8_0>) {
-    switch (x.rows < kAmxRows ? 0 : x.rows) {
-      case 2: return amx::legacy_tiles<T, 2>(packed, g0, g1, x, y, num_rows);
-      case 3: return amx::legacy_tiles<T, 3>(packed, g0, g1, x, y, num_rows);
+    switch (x.rows < kAmxRows || g1 - g0 < kAmxGroups ? 0 : x.rows) {
       case 4: return amx::legacy_tiles<T, 4>(packed, g0, g1, x, y, num_rows);
       case 5: return amx::legacy_tiles<T, 5>(packed, g0, g1, x, y, num_rows);
       case 6: return amx::legacy_tiles<T, 6>(packed, g0, g1, x, y, num_rows);
