@@ -18,8 +18,8 @@ its kernels and tiles too, in turn with the others: a before/after of both paths
     .venv/bin/python bench/bench_qdot.py --isas 2,3 [--rows 1,2,4,8] [--fastest]
 
 instead times the integer kernels (`dense=0`) on the listed instruction-set paths (`extension.qdot_isas()`: 2 is
-AVX512-VNNI on 256-bit vectors, 3 on 512-bit vectors for the legacy types), in turn round after round as above,
-with each path's time over the first's.
+AVX512-VNNI on 256-bit vectors, 3 on 512-bit vectors for the legacy types, 4 AMX-INT8 tiles for large Q8_0 weights
+at 4-16 rows), in turn round after round as above, with each path's time over the first's.
 """
 
 from __future__ import annotations

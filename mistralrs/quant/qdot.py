@@ -5,8 +5,8 @@ bytes as the file's blocks for every type: Q5_0 and Q5_1 keep their codes' low n
 fifth bits in a plane of their own; layout in mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into
 the fused decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to
 blocks of 32 int8 codes with a float32 scale d = max|x| / 127, and each output is a sum over blocks of exact
-integer dot products (AVX512-VNNI `vpdpbusd`, AVX2 `pmaddubsw`, or portable C++: the best the CPU has, chosen at
-run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 48
+integer dot products (AVX512-VNNI `vpdpbusd`, AMX-INT8 `tdpbssd` for large Q8_0 weights at 4-16 rows, AVX2
+`pmaddubsw`, or portable C++: the best the CPU has, chosen at run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 48
 activation rows on (prefill; the extension's `QDOT_DENSE_ROWS`), row tiles are dequantized as gguf does and
 multiplied by `F.linear` instead (bfloat16 activations: each group of 8 rows dequantized into a float32 buffer of
 its thread's and rounded to bfloat16 into the tile, the plain path's weight bit for bit; on a CPU with AMX,

@@ -51,7 +51,20 @@ def gguf_dequantized(tensor: GGMLTensor) -> torch.Tensor:
 
 def test_every_path_is_listed_and_scalar_is_always_there(extension):
     isas = extension.qdot_isas()
-    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2, 3}
+    assert isas[0] == 0 and isas == sorted(set(isas)) and set(isas) <= {0, 1, 2, 3, 4}
+
+
+def test_the_amx_path_is_listed_where_the_cpu_has_amx_int8(extension):
+    """Path 4 (AMX tiles for Q8_0) needs the CPU's AMX-INT8 and Linux's permission to use the tile state, which the
+    extension asks for: on a CPU that has it, the path must be there (or the products tests would skip it)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "amx_int8" not in flags or "avx512_vnni" not in flags:
+        pytest.skip("no AMX-INT8 here")
+    assert 4 in extension.qdot_isas()
 
 
 @pytest.mark.parametrize("ggml_type", sorted(LEGACY_TYPES))
@@ -161,6 +174,31 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
         assert torch.equal(products[3].view(torch.int32), products[2].view(torch.int32))
     if 2 in products:  # AVX2 and VNNI: the same integer sums (codes rebuilt each its own way), the same float order
         assert torch.equal(products[2].view(torch.int32), products[1].view(torch.int32))
+    if 4 in products:  # AMX tiles (Q8_0, 2..16 rows): the same integer sums, then the 512-bit path's float work
+        assert torch.equal(products[4].view(torch.int32), products[3].view(torch.int32))
+
+
+# 1100 rows: 138 groups of 8, 69 a thread at 2 threads (above legacy_amx.h kAmxGroups), an odd last group each; 1, 3
+# and 9 blocks a row (the tile loop's block parities); 4..16 rows take the tiles on path 4
+@pytest.mark.parametrize("num_cols", [32, 96, 288])
+@pytest.mark.parametrize("m", [4, 7, 16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_tiles_give_the_512_bit_path_bit_for_bit(extension, num_cols, m, threads):
+    if 4 not in extension.qdot_isas():
+        pytest.skip("no AMX-INT8 here")
+    tensor = quantized("Q8_0", 1100, num_cols, seed=m + num_cols)
+    x = torch.randn(m, num_cols, generator=torch.Generator().manual_seed(m)) * 3
+    packed = extension.qdot_pack(tensor.data, QDOT_TYPES["Q8_0"])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        tiles = extension.qdot_matmul(x, packed, QDOT_TYPES["Q8_0"], 1100, 4, dense=0)
+        vectors = extension.qdot_matmul(x, packed, QDOT_TYPES["Q8_0"], 1100, 3, dense=0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(tiles.view(torch.int32), vectors.view(torch.int32))
+    magnitude = x.double().abs() @ gguf_dequantized(tensor).double().abs().T
+    assert ((tiles.double() - qdot_reference(x, tensor)).abs() <= ACCUMULATION_TOLERANCE * magnitude + 1e-30).all()
 
 
 def test_the_error_bound_is_tight_enough_to_mean_something():

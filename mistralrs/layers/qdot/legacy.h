@@ -396,6 +396,8 @@ void legacy_pairs(const uint8_t* packed, int64_t g0, int64_t g1, const Activatio
 QDOT_TARGET_END
 #endif  // QDOT_X86
 
+#include "legacy_amx.h"
+
 namespace qdot {
 
 template <class T>
@@ -410,6 +412,7 @@ Tensor legacy_matmul(const Tensor& x, const Tensor& packed, int64_t out_features
   Tensor out = run_rows(groups, kGroupRows * in_features, out_features, act.rows, x,
                         [&](int64_t g0, int64_t g1, float* y) {
 #if QDOT_X86
+    if (isa == kAmx) return legacy_amx<T>(data, g0, g1, act, y, out_features);
     if (isa == kAvx512) return vnni::legacy_pairs<T>(data, g0, g1, act, y, out_features);
     if (isa == kAvx512Vnni) return vnni::legacy_groups<T>(data, g0, g1, act, y, out_features);
     if (isa == kAvx2) return avx2::legacy_groups<T>(data, g0, g1, act, y, out_features);

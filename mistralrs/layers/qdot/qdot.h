@@ -9,7 +9,8 @@
 // - legacy.h (+ legacy_simd.inc, its vector kernel, compiled once per instruction set): Q4_0, Q4_1, Q5_0, Q5_1,
 //   Q8_0 (32-weight blocks, repacked at load in groups of 8 rows, against Q8_0-style activations);
 // - kquants.h (+ kquants_simd.inc): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks kept as in the file,
-//   against Q8_K-style activations: 256 codes, a scale and 16 group sums a block).
+//   against Q8_K-style activations: 256 codes, a scale and 16 group sums a block);
+// - legacy_amx.h: the Q8_0 kernel on AMX tiles (kAmx), included by legacy.h.
 //
 // Every type provides three operations, reached through the `switch`es of `pack`, `matmul` and `dequantize`
 // below (and its name and number in mistralrs/quant/qdot.py QDOT_TYPES):
@@ -31,10 +32,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // Code between QDOT_TARGET_BEGIN("avx2,...") and QDOT_TARGET_END is compiled for those instruction sets (the
 // translation unit itself is not), and runs only where the CPU has them (chosen at run time).
@@ -62,6 +69,7 @@ enum Isa : int64_t {
   kAvx2 = 1,        // AVX2 + FMA + F16C: pmaddubsw / pmaddwd
   kAvx512Vnni = 2,  // AVX512-VNNI on 256-bit vectors (AVX512VL): vpdpbusd
   kAvx512 = 3,      // AVX512-VNNI on 512-bit vectors for the legacy types, kAvx512Vnni for the others
+  kAmx = 4,         // kAvx512, and AMX-INT8 tiles for large Q8_0 weights at 4..16 activation rows (legacy_amx.h)
 };
 
 // GGML type numbers (ggml.h `enum ggml_type`).
@@ -79,27 +87,47 @@ constexpr int64_t kTileBytes = int64_t{4} << 20;
 // tile (`bfloat16_rows`).
 constexpr int64_t kGroupRows = 8;
 
+// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24 and 25) and Linux lets this process use
+// the tile data (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, asked once; then granted to every thread).
+inline bool amx_permitted() {
+#if QDOT_X86 && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool permitted = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return permitted;
+#else
+  return false;
+#endif
+}
+
 inline bool isa_supported(int64_t isa) {
   if (isa == kScalar) return true;
 #if QDOT_X86 && (defined(__GNUC__) || defined(__clang__))
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
   if (isa == kAvx2) return avx2;
-  if (isa == kAvx512Vnni || isa == kAvx512)
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  if (isa == kAvx512Vnni || isa == kAvx512) return avx512;
+  if (isa == kAmx) return avx512 && amx_permitted();
 #endif
   return false;
 }
 
 inline Isa best_isa() {
-  static const Isa best = isa_supported(kAvx512) ? kAvx512 : isa_supported(kAvx2) ? kAvx2 : kScalar;
+  static const Isa best = isa_supported(kAmx)      ? kAmx
+                          : isa_supported(kAvx512) ? kAvx512
+                          : isa_supported(kAvx2)   ? kAvx2
+                                                   : kScalar;
   return best;
 }
 
 inline Isa checked_isa(int64_t isa) {
   if (isa < 0) return best_isa();
-  TORCH_CHECK(isa <= kAvx512 && isa_supported(isa), "isa ", isa, " is not supported on this CPU");
+  TORCH_CHECK(isa <= kAmx && isa_supported(isa), "isa ", isa, " is not supported on this CPU");
   return static_cast<Isa>(isa);
 }
 
@@ -412,7 +440,7 @@ inline std::vector<Tensor> quantize_activations(const Tensor& x) {
 
 inline std::vector<int64_t> supported_isas() {
   std::vector<int64_t> isas;
-  for (int64_t isa = kScalar; isa <= kAvx512; ++isa)
+  for (int64_t isa = kScalar; isa <= kAmx; ++isa)
     if (isa_supported(isa)) isas.push_back(isa);
   return isas;
 }
