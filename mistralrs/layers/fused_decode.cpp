@@ -302,10 +302,10 @@ struct DecoderLayerPlan {
     const int64_t n = num_tokens * hidden_size;
     if (options.pre_feedforward_norm) {
       post_attention_norm.rows(pp, pp, num_tokens, hidden_size, round);
-      for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + pp[i]);
+      native_decode::add_rounded(hp, pp, n, round);
       options.pre_feedforward_norm->rows(hp, np, num_tokens, hidden_size, round);
     } else {
-      for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + pp[i]);
+      native_decode::add_rounded(hp, pp, n, round);
       post_attention_norm.rows(hp, np, num_tokens, hidden_size, round);
     }
     Tensor gate_up_out = gate_up.rows(normed, dtype, round);  // [num_tokens, 2 * intermediate]
@@ -316,7 +316,7 @@ struct DecoderLayerPlan {
     Tensor mlp_out = down.rows(gated, dtype, round);  // [num_tokens, hidden]
     float* mp = mlp_out.data_ptr<float>();
     if (options.post_feedforward_norm) options.post_feedforward_norm->rows(mp, mp, num_tokens, hidden_size, round);
-    for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + mp[i]);
+    native_decode::add_rounded(hp, mp, n, round);
     return round.bf16 ? h.to(dtype) : h;
   }
 
@@ -396,7 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("qdot_dequantize", &qdot::dequantize, py::arg("packed"), py::arg("ggml_type"), py::arg("rows"),
         py::arg("in_features"), py::call_guard<py::gil_scoped_release>());
-  m.def("qdot_quantize_activations", &qdot::quantize_activations);
+  m.def("qdot_quantize_activations", &qdot::quantize_activations, py::arg("x"), py::arg("isa") = int64_t{-1});
   m.def("qdot_isas", &qdot::supported_isas);
   m.def("qdot_kquant_unpack", [](const Tensor& blocks, int64_t type, int64_t isa) {
     TORCH_CHECK(qdot::is_kquant(type), "GGML type ", type, " is not a K-quant type");
@@ -407,6 +407,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("x"), py::arg("isa") = int64_t{-1});
   m.def("qdot_packed_shape", &qdot::packed_shape);
   m.attr("QDOT_DENSE_ROWS") = qdot::kDenseRows;
+  // The native decode step's elementwise loops on their own, for the tests: float32 rows in, float32 rows out,
+  // `bf16` rounding as a bfloat16 model's; `native_portable(True)` makes every loop take its portable form.
+  m.def("native_portable", [](bool portable) { native_decode::portable_loops() = portable; });
+  m.def("native_round", [](const Tensor& x) {
+    Tensor y = x.to(at::kFloat).contiguous().clone();
+    Rounding{true}.row(y.data_ptr<float>(), y.numel());
+    return y;
+  });
+  m.def("native_store_bf16", [](const Tensor& x) {
+    Tensor src = x.to(at::kFloat).contiguous();
+    Tensor y = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
+    native_decode::store(y.data_ptr<c10::BFloat16>(), src.data_ptr<float>(), src.numel());
+    return y;
+  });
+  m.def("native_rms_norm", [](const Tensor& x, const Tensor& weight, double eps, bool bf16) {
+    Tensor y = x.to(at::kFloat).contiguous().clone();
+    Tensor w = weight.to(at::kFloat).contiguous();
+    native_decode::rms_norm(y.data_ptr<float>(), y.data_ptr<float>(), y.size(0), y.size(1), y.size(1),
+                            w.data_ptr<float>(), static_cast<float>(eps), Rounding{bf16});
+    return y;
+  });
+  m.def("native_rotate_half", [](const Tensor& x, const Tensor& cos, const Tensor& sin, bool bf16) {
+    Tensor y = x.to(at::kFloat).contiguous().clone();  // [heads, head_dim]
+    Tensor c = cos.contiguous(), s = sin.contiguous();
+    const bool tables_bf16 = c.scalar_type() == at::kBFloat16;
+    native_decode::rotate_half(y.data_ptr<float>(), y.size(0), y.size(1), {c.data_ptr(), tables_bf16},
+                               {s.data_ptr(), tables_bf16}, c.numel(), Rounding{bf16});
+    return y;
+  });
+  m.def("native_add_rounded", [](const Tensor& y, const Tensor& x, bool bf16) {
+    Tensor out = y.to(at::kFloat).contiguous().clone();
+    Tensor in = x.to(at::kFloat).contiguous();
+    native_decode::add_rounded(out.data_ptr<float>(), in.data_ptr<float>(), out.numel(), Rounding{bf16});
+    return out;
+  });
+  m.def("native_gate_product", [](const Tensor& gate, const Tensor& up, bool bf16) {
+    Tensor out = gate.to(at::kFloat).contiguous().clone();
+    Tensor u = up.to(at::kFloat).contiguous();
+    native_decode::gate_product(out.data_ptr<float>(), u.data_ptr<float>(), out.numel(), Rounding{bf16});
+    return out;
+  });
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,
                        LinearPlan gate_up, LinearPlan down, int64_t num_heads, int64_t num_kv_heads,
