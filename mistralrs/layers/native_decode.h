@@ -85,6 +85,11 @@ inline void store_scalar(BFloat16* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = BFloat16(src[i]);
 }
 
+// Widens n bfloat16 values to floats.
+inline void widen_scalar(float* dst, const BFloat16* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 // y[i] = round(y[i] + x[i]): a residual add.
 inline void add_rounded_scalar(float* y, const float* x, int64_t n, Rounding round) {
   for (int64_t i = 0; i < n; ++i) y[i] = round(y[i] + x[i]);
@@ -233,6 +238,12 @@ inline void store(BFloat16* dst, const float* src, int64_t n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
   }
   store_scalar(dst + i, src + i, n - i);
+}
+
+inline void widen(float* dst, const BFloat16* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load(src + i));
+  widen_scalar(dst + i, src + i, n - i);
 }
 
 inline void add_rounded(float* y, const float* x, int64_t n, Rounding round) {
@@ -438,6 +449,13 @@ inline void store(BFloat16* dst, const float* src, int64_t n) {
   if (use_avx2()) return exact::store(dst, src, n);
 #endif
   store_scalar(dst, src, n);
+}
+
+inline void widen(float* dst, const BFloat16* src, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::widen(dst, src, n);
+#endif
+  widen_scalar(dst, src, n);
 }
 
 inline void add_rounded(float* y, const float* x, int64_t n, Rounding round) {

@@ -1,8 +1,9 @@
-"""The elementwise loops of the native decode step (mistralrs/layers/native_decode.h: bfloat16 rounding, the KV
-write, RMSNorm, rotate-half RoPE, the residual add, the gate product) in their AVX2 forms against their portable
-forms, bit for bit: the vector forms take the same products and sums in the same order, with no multiply-add
-fused. The rounding and the KV write are also Tensor.to(bfloat16) bit for bit (NaN aside: any NaN stays one). On a CPU without AVX2 both runs
-take the portable loops.
+"""The elementwise loops of the native decode step (mistralrs/layers/native_decode.h: bfloat16 rounding and
+widening, the KV write, RMSNorm, rotate-half RoPE, the residual add, the gate product) in their AVX2 forms against
+their portable forms, bit for bit: the vector forms take the same products and sums in the same order, with no
+multiply-add fused. The rounding, the widening and the KV write are also Tensor.to's bit for bit (NaN aside: a NaN
+stays a NaN). The int8 activation quantizer of the dot-product kernels (qdot.h) is the same on every path. On a CPU
+without AVX2 both runs take the portable loops.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def test_rounding_and_kv_write_are_tensor_to_bfloat16(extension, n):
         assert vector[nan].isnan().all()
     assert_same_bits(rounded[1][~nan], want[~nan].float())
     assert_same_bits(stored[1][~nan], want[~nan])
+    for widened in both_forms(extension, lambda: extension.native_widen(want)):
+        assert_same_bits(widened, want.float())
 
 
 @pytest.mark.parametrize("bf16", [False, True])
