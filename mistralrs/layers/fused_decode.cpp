@@ -474,6 +474,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     native_decode::add_rounded(out.data_ptr<float>(), in.data_ptr<float>(), out.numel(), Rounding{bf16});
     return out;
   });
+  m.def("native_scale", [](const Tensor& x, double a, bool divide) {
+    Tensor out = x.to(at::kFloat).contiguous().clone();
+    (divide ? native_decode::divide_row : native_decode::scale_row)(out.data_ptr<float>(), static_cast<float>(a),
+                                                                     out.numel());
+    return out;
+  });
   m.def("native_gate_product", [](const Tensor& gate, const Tensor& up, bool bf16) {
     Tensor out = gate.to(at::kFloat).contiguous().clone();
     Tensor u = up.to(at::kFloat).contiguous();

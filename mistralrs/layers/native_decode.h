@@ -85,6 +85,14 @@ inline void store_scalar(BFloat16* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = BFloat16(src[i]);
 }
 
+// x[i] *= a; x[i] /= a.
+inline void scale_row_scalar(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+inline void divide_row_scalar(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] /= a;
+}
+
 // Widens n bfloat16 values to floats.
 inline void widen_scalar(float* dst, const BFloat16* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -238,6 +246,19 @@ inline void store(BFloat16* dst, const float* src, int64_t n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
   }
   store_scalar(dst + i, src + i, n - i);
+}
+
+inline void scale_row(float* x, float a, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), va));
+  scale_row_scalar(x + i, a, n - i);
+}
+inline void divide_row(float* x, float a, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), va));
+  divide_row_scalar(x + i, a, n - i);
 }
 
 inline void widen(float* dst, const BFloat16* src, int64_t n) {
@@ -451,6 +472,19 @@ inline void store(BFloat16* dst, const float* src, int64_t n) {
   store_scalar(dst, src, n);
 }
 
+inline void scale_row(float* x, float a, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::scale_row(x, a, n);
+#endif
+  scale_row_scalar(x, a, n);
+}
+inline void divide_row(float* x, float a, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::divide_row(x, a, n);
+#endif
+  divide_row_scalar(x, a, n);
+}
+
 inline void widen(float* dst, const BFloat16* src, int64_t n) {
 #if QDOT_X86
   if (use_avx2()) return exact::widen(dst, src, n);
@@ -620,7 +654,7 @@ void attend_keys(const float* q, int64_t group, const T* k_cache, const T* v_cac
       if (block_top > top[g]) {
         const float rescale = std::exp(top[g] - block_top);
         total[g] *= rescale;
-        for (int64_t i = 0; i < head_dim; ++i) ag[i] *= rescale;
+        scale_row(ag, rescale, head_dim);
         top[g] = block_top;
       }
       total[g] += block_exp(scores, count, top[g]);
@@ -681,7 +715,7 @@ void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const 
         total += totals[at] * rescale;
         axpy(oh, rescale, accs.data() + at * head_dim, head_dim);
       }
-      for (int64_t i = 0; i < head_dim; ++i) oh[i] /= total;
+      divide_row(oh, total, head_dim);
       round.row(oh, head_dim);
     }
   }

@@ -1,9 +1,9 @@
 """The elementwise loops of the native decode step (mistralrs/layers/native_decode.h: bfloat16 rounding and
-widening, the KV write, RMSNorm, rotate-half RoPE, the residual add, the gate product) in their AVX2 forms against
-their portable forms, bit for bit: the vector forms take the same products and sums in the same order, with no
-multiply-add fused. The rounding, the widening and the KV write are also Tensor.to's bit for bit (NaN aside: a NaN
-stays a NaN). The int8 activation quantizer of the dot-product kernels (qdot.h) is the same on every path. On a CPU
-without AVX2 both runs take the portable loops.
+widening, the KV write, RMSNorm, rotate-half RoPE, the residual add, the gate product, the attention accumulators'
+scaling) in their AVX2 forms against their portable forms, bit for bit: the vector forms take the same products and
+sums in the same order, with no multiply-add fused. The rounding, the widening and the KV write are also
+Tensor.to's bit for bit (NaN aside: a NaN stays a NaN). The int8 activation quantizer of the dot-product kernels
+(qdot.h) is the same on every path. On a CPU without AVX2 both runs take the portable loops.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def test_elementwise_loops_vector_equal_portable(extension, bf16, width):
     weight = 1 + torch.randn(width, generator=gen) * 0.1
     for call in (lambda: extension.native_rms_norm(rows, weight, 1e-6, bf16),
                  lambda: extension.native_add_rounded(rows, other, bf16),
-                 lambda: extension.native_gate_product(rows, other, bf16)):
+                 lambda: extension.native_gate_product(rows, other, bf16),
+                 lambda: extension.native_scale(rows, 0.37, False),
+                 lambda: extension.native_scale(rows, 3.7, True)):
         portable, vector = both_forms(extension, call)
         assert_same_bits(portable, vector)
 
