@@ -7,7 +7,12 @@
 // bfloat16 model sees the plain path's rounding steps, though not its accumulation order (sums are taken in
 // float32 in another order, exp is a polynomial): results agree within a tolerance, not bit for bit.
 // The attention dot products, the softmax's exp and the activations are vectorized with AVX2 + FMA where the CPU
-// has it (qdot.h's target regions); the scalar loops beside them are the portable form.
+// has it (qdot.h's target regions); the scalar loops beside them are the portable form. The elementwise loops
+// (the bfloat16 rounding, widening and KV write, RMSNorm, RoPE, the residual adds, the gate product, the scaling
+// of the attention accumulators) have AVX2 forms in `exact`, compiled without FMA and taking the scalar loops'
+// products and sums in their order, so they are their portable twins bit for bit (tests/layers/
+// test_native_loops.py; `portable_loops` sends every loop to its portable form). At 8 rows of a bfloat16 Gemma
+// 3 layer these loops in scalar form had cost more than the attention (docs/benchmarks.md, issue 20).
 #pragma once
 
 #include "qdot/qdot.h"
@@ -85,7 +90,7 @@ inline void store_scalar(BFloat16* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = BFloat16(src[i]);
 }
 
-// x[i] *= a; x[i] /= a.
+// x[i] *= a (scale_row), x[i] /= a (divide_row): the attention accumulators rescaled, then normalized.
 inline void scale_row_scalar(float* x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }

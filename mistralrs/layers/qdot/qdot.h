@@ -110,7 +110,9 @@ inline float half_to_float(const uint8_t* p) {
 }
 
 // Activation rows [M, K] quantized in blocks of `block` values: q = round_half_even(x / d) with d = max|x| / 127
-// (q = 0 where the block is all zeros), and per block the float32 scale d, sum(q) and d * sum(q).
+// (q = 0 where the block is all zeros), and per block the float32 scale d, sum(q) and d * sum(q). Every path
+// other than kScalar quantizes a block 8 values at a time (`avx2::quantize_block`), the same codes and sums as
+// the scalar form (`quantize_block_scalar`).
 struct ActivationRows {
   Tensor q_storage, d_storage, sums_storage, s_storage;  // own the buffers
   const int8_t* q = nullptr;                             // [M, K]
