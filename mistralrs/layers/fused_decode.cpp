@@ -12,6 +12,7 @@
 #include "native_decode.h"
 #include "qdot/qdot.h"
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -73,16 +74,34 @@ struct LinearPlan {
   }
 
   // The native decode step's form: float32 rows x [M, K] holding values of `dtype` -> contiguous float32 [M, N],
-  // the values `operator()` gives on x in `dtype`. One int8 dot-product weight without a bias reads x as it is
-  // (the kernels quantize float32 rows) and its float32 result is rounded as `store_outputs` would.
+  // the values `operator()` gives on x in `dtype`. Int8 dot-product weights without a bias read x as it is (the
+  // kernels quantize float32 rows; x in `dtype` holds the same values) and their float32 results, side by side
+  // (the concatenation), are rounded as `store_outputs` would: no cast of x, no concatenation, no cast back.
   Tensor rows(const Tensor& x, at::ScalarType dtype, Rounding round) const {
-    if (parts.size() == 1 && parts[0].kind == kQdot && !bias && x.size(0) < qdot::kDenseRows) {
-      const LinearPart& part = parts[0];
-      Tensor y = qdot::matmul(x, part.weight, part.group_size, part.out_features, -1, -1);
-      round.row(y.data_ptr<float>(), y.numel());
-      return y;
+    const bool int8 = !bias && x.size(0) < qdot::kDenseRows &&
+                      std::all_of(parts.begin(), parts.end(), [](const LinearPart& p) { return p.kind == kQdot; });
+    if (!int8) return (*this)(dtype == at::kFloat ? x : x.to(dtype)).to(at::kFloat).contiguous();
+    const auto part_rows = [&](const LinearPart& part) {
+      return qdot::matmul(x, part.weight, part.group_size, part.out_features, -1, -1);
+    };
+    Tensor y;
+    if (parts.size() == 1) {
+      y = part_rows(parts[0]);
+    } else {
+      int64_t width = 0;
+      for (const LinearPart& part : parts) width += part.out_features;
+      y = at::empty({x.size(0), width}, x.options().dtype(at::kFloat));
+      float* out = y.data_ptr<float>();
+      for (const LinearPart& part : parts) {
+        const Tensor block = part_rows(part);
+        const float* in = block.data_ptr<float>();
+        for (int64_t r = 0; r < x.size(0); ++r)
+          std::copy(in + r * part.out_features, in + (r + 1) * part.out_features, out + r * width);
+        out += part.out_features;
+      }
     }
-    return (*this)(dtype == at::kFloat ? x : x.to(dtype)).to(at::kFloat).contiguous();
+    round.row(y.data_ptr<float>(), y.numel());
+    return y;
   }
 };
 
@@ -269,8 +288,13 @@ struct DecoderLayerPlan {
     const at::ScalarType dtype = hidden.scalar_type();
     const Rounding round{dtype == at::kBFloat16};
     const int64_t num_tokens = hidden.size(0), hidden_size = hidden.size(1);
-    Tensor h = hidden.to(at::kFloat, false, true);  // [num_tokens, hidden], the residual stream (a copy)
+    const int64_t n = num_tokens * hidden_size;
+    Tensor h = at::empty({num_tokens, hidden_size}, hidden.options().dtype(at::kFloat));  // the residual stream
     float* hp = h.data_ptr<float>();
+    if (round.bf16)
+      native_decode::widen(hp, hidden.data_ptr<c10::BFloat16>(), n);
+    else
+      std::copy(hidden.data_ptr<float>(), hidden.data_ptr<float>() + n, hp);
     Tensor normed = at::empty_like(h);
     input_norm.rows(hp, normed.data_ptr<float>(), num_tokens, hidden_size, round);
     Tensor qkv_out = qkv.rows(normed, dtype, round);  // [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
@@ -299,13 +323,12 @@ struct DecoderLayerPlan {
     Tensor projected = o.rows(attended, dtype, round);  // [num_tokens, hidden]
     float* pp = projected.data_ptr<float>();
     float* np = normed.data_ptr<float>();
-    const int64_t n = num_tokens * hidden_size;
     if (options.pre_feedforward_norm) {
       post_attention_norm.rows(pp, pp, num_tokens, hidden_size, round);
-      for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + pp[i]);
+      native_decode::add_rounded(hp, pp, n, round);
       options.pre_feedforward_norm->rows(hp, np, num_tokens, hidden_size, round);
     } else {
-      for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + pp[i]);
+      native_decode::add_rounded(hp, pp, n, round);
       post_attention_norm.rows(hp, np, num_tokens, hidden_size, round);
     }
     Tensor gate_up_out = gate_up.rows(normed, dtype, round);  // [num_tokens, 2 * intermediate]
@@ -316,8 +339,11 @@ struct DecoderLayerPlan {
     Tensor mlp_out = down.rows(gated, dtype, round);  // [num_tokens, hidden]
     float* mp = mlp_out.data_ptr<float>();
     if (options.post_feedforward_norm) options.post_feedforward_norm->rows(mp, mp, num_tokens, hidden_size, round);
-    for (int64_t i = 0; i < n; ++i) hp[i] = round(hp[i] + mp[i]);
-    return round.bf16 ? h.to(dtype) : h;
+    native_decode::add_rounded(hp, mp, n, round);
+    if (!round.bf16) return h;
+    Tensor out = at::empty({num_tokens, hidden_size}, hidden.options());  // h's values are bfloat16's already
+    native_decode::store(out.data_ptr<c10::BFloat16>(), hp, n);
+    return out;
   }
 
   // LlamaDecoderLayer.forward / GemmaDecoderLayer.forward: h += attn(norm(h)); h += mlp(norm(h)), or with
@@ -396,7 +422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("qdot_dequantize", &qdot::dequantize, py::arg("packed"), py::arg("ggml_type"), py::arg("rows"),
         py::arg("in_features"), py::call_guard<py::gil_scoped_release>());
-  m.def("qdot_quantize_activations", &qdot::quantize_activations);
+  m.def("qdot_quantize_activations", &qdot::quantize_activations, py::arg("x"), py::arg("isa") = int64_t{-1});
   m.def("qdot_isas", &qdot::supported_isas);
   m.def("qdot_kquant_unpack", [](const Tensor& blocks, int64_t type, int64_t isa) {
     TORCH_CHECK(qdot::is_kquant(type), "GGML type ", type, " is not a K-quant type");
@@ -407,6 +433,59 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("x"), py::arg("isa") = int64_t{-1});
   m.def("qdot_packed_shape", &qdot::packed_shape);
   m.attr("QDOT_DENSE_ROWS") = qdot::kDenseRows;
+  // The native decode step's elementwise loops on their own, for the tests: float32 rows in, float32 rows out,
+  // `bf16` rounding as a bfloat16 model's; `native_portable(True)` makes every loop take its portable form.
+  m.def("native_portable", [](bool portable) { native_decode::portable_loops() = portable; });
+  m.def("native_round", [](const Tensor& x) {
+    Tensor y = x.to(at::kFloat).contiguous().clone();
+    Rounding{true}.row(y.data_ptr<float>(), y.numel());
+    return y;
+  });
+  m.def("native_store_bf16", [](const Tensor& x) {
+    Tensor src = x.to(at::kFloat).contiguous();
+    Tensor y = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
+    native_decode::store(y.data_ptr<c10::BFloat16>(), src.data_ptr<float>(), src.numel());
+    return y;
+  });
+  m.def("native_widen", [](const Tensor& x) {
+    Tensor src = x.to(at::kBFloat16).contiguous();
+    Tensor y = at::empty(src.sizes(), src.options().dtype(at::kFloat));
+    native_decode::widen(y.data_ptr<float>(), src.data_ptr<c10::BFloat16>(), src.numel());
+    return y;
+  });
+  m.def("native_rms_norm", [](const Tensor& x, const Tensor& weight, double eps, bool bf16) {
+    Tensor y = x.to(at::kFloat).contiguous().clone();
+    Tensor w = weight.to(at::kFloat).contiguous();
+    native_decode::rms_norm(y.data_ptr<float>(), y.data_ptr<float>(), y.size(0), y.size(1), y.size(1),
+                            w.data_ptr<float>(), static_cast<float>(eps), Rounding{bf16});
+    return y;
+  });
+  m.def("native_rotate_half", [](const Tensor& x, const Tensor& cos, const Tensor& sin, bool bf16) {
+    Tensor y = x.to(at::kFloat).contiguous().clone();  // [heads, head_dim]
+    Tensor c = cos.contiguous(), s = sin.contiguous();
+    const bool tables_bf16 = c.scalar_type() == at::kBFloat16;
+    native_decode::rotate_half(y.data_ptr<float>(), y.size(0), y.size(1), {c.data_ptr(), tables_bf16},
+                               {s.data_ptr(), tables_bf16}, c.numel(), Rounding{bf16});
+    return y;
+  });
+  m.def("native_add_rounded", [](const Tensor& y, const Tensor& x, bool bf16) {
+    Tensor out = y.to(at::kFloat).contiguous().clone();
+    Tensor in = x.to(at::kFloat).contiguous();
+    native_decode::add_rounded(out.data_ptr<float>(), in.data_ptr<float>(), out.numel(), Rounding{bf16});
+    return out;
+  });
+  m.def("native_scale", [](const Tensor& x, double a, bool divide) {
+    Tensor out = x.to(at::kFloat).contiguous().clone();
+    (divide ? native_decode::divide_row : native_decode::scale_row)(out.data_ptr<float>(), static_cast<float>(a),
+                                                                     out.numel());
+    return out;
+  });
+  m.def("native_gate_product", [](const Tensor& gate, const Tensor& up, bool bf16) {
+    Tensor out = gate.to(at::kFloat).contiguous().clone();
+    Tensor u = up.to(at::kFloat).contiguous();
+    native_decode::gate_product(out.data_ptr<float>(), u.data_ptr<float>(), out.numel(), Rounding{bf16});
+    return out;
+  });
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,
                        LinearPlan gate_up, LinearPlan down, int64_t num_heads, int64_t num_kv_heads,

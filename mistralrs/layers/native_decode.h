@@ -7,7 +7,12 @@
 // bfloat16 model sees the plain path's rounding steps, though not its accumulation order (sums are taken in
 // float32 in another order, exp is a polynomial): results agree within a tolerance, not bit for bit.
 // The attention dot products, the softmax's exp and the activations are vectorized with AVX2 + FMA where the CPU
-// has it (qdot.h's target regions); the scalar loops beside them are the portable form.
+// has it (qdot.h's target regions); the scalar loops beside them are the portable form. The elementwise loops
+// (the bfloat16 rounding, widening and KV write, RMSNorm, RoPE, the residual adds, the gate product, the scaling
+// of the attention accumulators) have AVX2 forms in `exact`, compiled without FMA and taking the scalar loops'
+// products and sums in their order, so they are their portable twins bit for bit (tests/layers/
+// test_native_loops.py; `portable_loops` sends every loop to its portable form). At 8 rows of a bfloat16 Gemma
+// 3 layer these loops in scalar form had cost more than the attention (docs/benchmarks.md, issue 20).
 #pragma once
 
 #include "qdot/qdot.h"
@@ -28,10 +33,7 @@ using c10::BFloat16;
 struct Rounding {
   bool bf16 = false;
   float operator()(float x) const { return bf16 ? static_cast<float>(BFloat16(x)) : x; }
-  void row(float* x, int64_t n) const {
-    if (bf16)
-      for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(BFloat16(x[i]));
-  }
+  void row(float* x, int64_t n) const;  // x[i] = (*this)(x[i]), below
 };
 
 // Reads a float32 or bfloat16 vector as floats.
@@ -48,9 +50,9 @@ struct Floats {
 };
 
 // y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, rounded, for `rows` rows of `n` values `stride` apart (in
-// place when y == x).
-inline void rms_norm(const float* x, float* y, int64_t rows, int64_t n, int64_t stride, const float* weight,
-                     float eps, Rounding round) {
+// place when y == x). The sum of squares is taken in 8 lanes (x[i] into lane i % 8), then the tail, then the lanes.
+inline void rms_norm_scalar(const float* x, float* y, int64_t rows, int64_t n, int64_t stride, const float* weight,
+                            float eps, Rounding round) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * stride;
     float* yr = y + r * stride;
@@ -69,8 +71,8 @@ inline void rms_norm(const float* x, float* y, int64_t rows, int64_t n, int64_t 
 // apply_rotary of mistralrs/layers/rotary.py in place on `heads` heads of `head_dim` at x (consecutive): the first
 // `rotary_dim` features become x * cos + rotate_half(x) * sin (sin's sign folded), rounded after the product and
 // after the sum as the plain path's `addcmul(x * cos, swapped, sin)`.
-inline void rotate_half(float* x, int64_t heads, int64_t head_dim, Floats cos, Floats sin, int64_t rotary_dim,
-                        Rounding round) {
+inline void rotate_half_scalar(float* x, int64_t heads, int64_t head_dim, Floats cos, Floats sin,
+                               int64_t rotary_dim, Rounding round) {
   const int64_t half = rotary_dim / 2;
   for (int64_t h = 0; h < heads; ++h) {
     float* xh = x + h * head_dim;
@@ -83,9 +85,32 @@ inline void rotate_half(float* x, int64_t heads, int64_t head_dim, Floats cos, F
 }
 
 // Stores n floats as the cache's element type.
-inline void store(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
-inline void store(BFloat16* dst, const float* src, int64_t n) {
+inline void store_scalar(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_scalar(BFloat16* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = BFloat16(src[i]);
+}
+
+// x[i] *= a (scale_row), x[i] /= a (divide_row): the attention accumulators rescaled, then normalized.
+inline void scale_row_scalar(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+inline void divide_row_scalar(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] /= a;
+}
+
+// Widens n bfloat16 values to floats.
+inline void widen_scalar(float* dst, const BFloat16* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// y[i] = round(y[i] + x[i]): a residual add.
+inline void add_rounded_scalar(float* y, const float* x, int64_t n, Rounding round) {
+  for (int64_t i = 0; i < n; ++i) y[i] = round(y[i] + x[i]);
+}
+
+// o[i] = round(round(o[i]) * up[i]): the activated gate times up.
+inline void gate_product_scalar(float* o, const float* up, int64_t n, Rounding round) {
+  for (int64_t i = 0; i < n; ++i) o[i] = round(round(o[i]) * up[i]);
 }
 
 inline float dot_scalar(const float* q, const float* k, int64_t n) {
@@ -143,6 +168,127 @@ inline void block_accumulate_scalar(float* acc, const float* weights, const T* c
                                     int64_t n) {
   for (int64_t l = 0; l < count; ++l) axpy_scalar(acc, weights[l], values[l], n);
 }
+
+#if QDOT_X86
+// The loops above on 8 floats a step. Compiled for AVX2 without FMA, so that no product and sum is fused into a
+// multiply-add: every value is the scalar loop's, bit for bit.
+QDOT_TARGET_BEGIN("avx2")
+namespace exact {
+// c10::BFloat16(x) as float for 8 floats: round to nearest even (bits + 0x7FFF + bit 16, low half cleared), NaN to
+// 0x7FC0.
+inline __m256 round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)),
+                                           _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                          _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+inline __m256 round8(__m256 v, Rounding round) { return round.bf16 ? round_bf16(v) : v; }
+inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load(const BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline __m256 load(Floats f, int64_t i) {
+  return f.bf16 ? load(static_cast<const BFloat16*>(f.data) + i) : load(static_cast<const float*>(f.data) + i);
+}
+
+inline void round_row(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, round_bf16(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) x[i] = static_cast<float>(BFloat16(x[i]));
+}
+
+inline void rms_norm(const float* x, float* y, int64_t rows, int64_t n, int64_t stride, const float* weight,
+                     float eps, Rounding round) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * stride;
+    float* yr = y + r * stride;
+    __m256 lanes = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      lanes = _mm256_add_ps(lanes, _mm256_mul_ps(v, v));
+    }
+    alignas(32) float partial[8];
+    _mm256_store_ps(partial, lanes);
+    float sum = 0.f;
+    for (; i < n; ++i) sum += xr[i] * xr[i];
+    for (float p : partial) sum += p;
+    const float inverse = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+    const __m256 scale = _mm256_set1_ps(inverse);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      _mm256_storeu_ps(yr + j, round8(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j), scale),
+                                                    _mm256_loadu_ps(weight + j)), round));
+    for (; j < n; ++j) yr[j] = round(xr[j] * inverse * weight[j]);
+  }
+}
+
+inline void rotate_half(float* x, int64_t heads, int64_t head_dim, Floats cos, Floats sin, int64_t rotary_dim,
+                        Rounding round) {
+  const int64_t half = rotary_dim / 2;
+  if (half % 8 != 0) return rotate_half_scalar(x, heads, head_dim, cos, sin, rotary_dim, round);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * head_dim;
+    for (int64_t i = 0; i < half; i += 8) {
+      const __m256 a = _mm256_loadu_ps(xh + i), b = _mm256_loadu_ps(xh + i + half);
+      const __m256 first = _mm256_add_ps(round8(_mm256_mul_ps(a, load(cos, i)), round), _mm256_mul_ps(b, load(sin, i)));
+      const __m256 second = _mm256_add_ps(round8(_mm256_mul_ps(b, load(cos, i + half)), round),
+                                          _mm256_mul_ps(a, load(sin, i + half)));
+      _mm256_storeu_ps(xh + i, round8(first, round));
+      _mm256_storeu_ps(xh + i + half, round8(second, round));
+    }
+  }
+}
+
+inline void store(BFloat16* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(_mm256_loadu_ps(src + i))), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
+  }
+  store_scalar(dst + i, src + i, n - i);
+}
+
+inline void scale_row(float* x, float a, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), va));
+  scale_row_scalar(x + i, a, n - i);
+}
+inline void divide_row(float* x, float a, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), va));
+  divide_row_scalar(x + i, a, n - i);
+}
+
+inline void widen(float* dst, const BFloat16* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load(src + i));
+  widen_scalar(dst + i, src + i, n - i);
+}
+
+inline void add_rounded(float* y, const float* x, int64_t n, Rounding round) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, round8(_mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)), round));
+  add_rounded_scalar(y + i, x + i, n - i, round);
+}
+
+inline void gate_product(float* o, const float* up, int64_t n, Rounding round) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(o + i, round8(_mm256_mul_ps(round8(_mm256_loadu_ps(o + i), round), _mm256_loadu_ps(up + i)),
+                                   round));
+  gate_product_scalar(o + i, up + i, n - i, round);
+}
+}  // namespace exact
+QDOT_TARGET_END
+#endif
 
 #if QDOT_X86
 QDOT_TARGET_BEGIN("avx2,fma")
@@ -287,9 +433,82 @@ inline void block_accumulate_avx2(float* acc, const float* weights, const T* con
 QDOT_TARGET_END
 #endif
 
+// Whether the tests asked for the portable loops alone (`set_portable`); the AVX2 forms run otherwise, where the
+// CPU has them.
+inline bool& portable_loops() {
+  static bool portable = false;
+  return portable;
+}
+
 inline bool use_avx2() {
   static const bool avx2 = qdot::best_isa() >= qdot::kAvx2;
-  return avx2;
+  return avx2 && !portable_loops();
+}
+
+inline void Rounding::row(float* x, int64_t n) const {
+  if (!bf16) return;
+#if QDOT_X86
+  if (use_avx2()) return exact::round_row(x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(BFloat16(x[i]));
+}
+
+inline void rms_norm(const float* x, float* y, int64_t rows, int64_t n, int64_t stride, const float* weight,
+                     float eps, Rounding round) {
+#if QDOT_X86
+  if (use_avx2()) return exact::rms_norm(x, y, rows, n, stride, weight, eps, round);
+#endif
+  rms_norm_scalar(x, y, rows, n, stride, weight, eps, round);
+}
+
+inline void rotate_half(float* x, int64_t heads, int64_t head_dim, Floats cos, Floats sin, int64_t rotary_dim,
+                        Rounding round) {
+#if QDOT_X86
+  if (use_avx2()) return exact::rotate_half(x, heads, head_dim, cos, sin, rotary_dim, round);
+#endif
+  rotate_half_scalar(x, heads, head_dim, cos, sin, rotary_dim, round);
+}
+
+inline void store(float* dst, const float* src, int64_t n) { store_scalar(dst, src, n); }
+inline void store(BFloat16* dst, const float* src, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::store(dst, src, n);
+#endif
+  store_scalar(dst, src, n);
+}
+
+inline void scale_row(float* x, float a, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::scale_row(x, a, n);
+#endif
+  scale_row_scalar(x, a, n);
+}
+inline void divide_row(float* x, float a, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::divide_row(x, a, n);
+#endif
+  divide_row_scalar(x, a, n);
+}
+
+inline void widen(float* dst, const BFloat16* src, int64_t n) {
+#if QDOT_X86
+  if (use_avx2()) return exact::widen(dst, src, n);
+#endif
+  widen_scalar(dst, src, n);
+}
+
+inline void add_rounded(float* y, const float* x, int64_t n, Rounding round) {
+#if QDOT_X86
+  if (use_avx2()) return exact::add_rounded(y, x, n, round);
+#endif
+  add_rounded_scalar(y, x, n, round);
+}
+
+inline void gate_product(float* o, const float* up, int64_t n, Rounding round) {
+#if QDOT_X86
+  if (use_avx2()) return exact::gate_product(o, up, n, round);
+#endif
+  gate_product_scalar(o, up, n, round);
 }
 
 inline float exp_shifted(float* x, int64_t n, float top) {
@@ -440,7 +659,7 @@ void attend_keys(const float* q, int64_t group, const T* k_cache, const T* v_cac
       if (block_top > top[g]) {
         const float rescale = std::exp(top[g] - block_top);
         total[g] *= rescale;
-        for (int64_t i = 0; i < head_dim; ++i) ag[i] *= rescale;
+        scale_row(ag, rescale, head_dim);
         top[g] = block_top;
       }
       total[g] += block_exp(scores, count, top[g]);
@@ -501,7 +720,7 @@ void decode_attention(const float* q, int64_t q_stride, const T* k_cache, const 
         total += totals[at] * rescale;
         axpy(oh, rescale, accs.data() + at * head_dim, head_dim);
       }
-      for (int64_t i = 0; i < head_dim; ++i) oh[i] /= total;
+      divide_row(oh, total, head_dim);
       round.row(oh, head_dim);
     }
   }
@@ -514,7 +733,7 @@ inline void gate(const float* gate_up, int64_t rows, int64_t n, int64_t activati
     const float* up = gate_up + r * 2 * n + n;
     float* o = out + r * n;
     activate(gate_up + r * 2 * n, o, n, activation);
-    for (int64_t i = 0; i < n; ++i) o[i] = round(round(o[i]) * up[i]);
+    gate_product(o, up, n, round);
   }
 }
 

@@ -138,7 +138,9 @@ inline float half_to_float(const uint8_t* p) {
 }
 
 // Activation rows [M, K] quantized in blocks of `block` values: q = round_half_even(x / d) with d = max|x| / 127
-// (q = 0 where the block is all zeros), and per block the float32 scale d, sum(q) and d * sum(q).
+// (q = 0 where the block is all zeros), and per block the float32 scale d, sum(q) and d * sum(q). Every path
+// other than kScalar quantizes a block 8 values at a time (`avx2::quantize_block`), the same codes and sums as
+// the scalar form (`quantize_block_scalar`).
 struct ActivationRows {
   Tensor q_storage, d_storage, sums_storage, s_storage;  // own the buffers
   const int8_t* q = nullptr;                             // [M, K]
@@ -148,7 +150,58 @@ struct ActivationRows {
   int64_t rows = 0, cols = 0, blocks = 0;  // M, K, K / block
 };
 
-inline ActivationRows quantize_rows(const Tensor& x, int64_t block) {
+// One block of `block` values of quantize_rows: its codes into q, its scale d and sum(q) returned through d, sum.
+inline void quantize_block_scalar(const float* v, int64_t block, int8_t* q, float& d, int32_t& sum) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float scale = amax / 127.f;
+  const float inverse = scale != 0.f ? 1.f / scale : 0.f;
+  sum = 0;
+  for (int64_t i = 0; i < block; ++i) {
+    const int32_t code = static_cast<int32_t>(std::nearbyint(v[i] * inverse));
+    q[i] = static_cast<int8_t>(code);
+    sum += code;
+  }
+  d = scale;
+}
+
+}  // namespace qdot
+
+#if QDOT_X86
+QDOT_TARGET_BEGIN("avx2")
+namespace qdot::avx2 {
+// quantize_block_scalar for a block of a multiple of 8 values, 8 at a time: the same max, product and
+// round-half-even (vroundps in the nearest mode, as nearbyint in the default one), so the same codes and sums.
+inline void quantize_block(const float* v, int64_t block, int8_t* q, float& d, int32_t& sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < block; i += 8) amax = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)), amax);
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  const float scale = _mm_cvtss_f32(m) / 127.f;
+  const __m256 inverse = _mm256_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
+  __m256i sums = _mm256_setzero_si256();
+  for (int64_t i = 0; i < block; i += 8) {
+    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(v + i), inverse);
+    const __m256i codes = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sums = _mm256_add_epi32(sums, codes);
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(words, words));
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  sum = _mm_cvtsi128_si32(t);
+  d = scale;
+}
+}  // namespace qdot::avx2
+QDOT_TARGET_END
+#endif
+
+namespace qdot {
+
+inline ActivationRows quantize_rows(const Tensor& x, int64_t block, Isa isa = best_isa()) {
   TORCH_CHECK(x.dim() == 2, "activations must be [rows, in_features]");
   TORCH_CHECK(x.size(1) % block == 0, "in_features ", x.size(1), " is not a multiple of ", block);
   Tensor xf = x.to(at::kFloat).contiguous();
@@ -168,20 +221,13 @@ inline ActivationRows quantize_rows(const Tensor& x, int64_t block) {
   const int64_t total = act.rows * act.blocks;
   at::parallel_for(0, total, 256, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const float* v = src + b * block;
-      float amax = 0.f;
-      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(v[i]));
-      const float scale = amax / 127.f;
-      const float inverse = scale != 0.f ? 1.f / scale : 0.f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < block; ++i) {
-        const int32_t code = static_cast<int32_t>(std::nearbyint(v[i] * inverse));
-        q[b * block + i] = static_cast<int8_t>(code);
-        sum += code;
-      }
-      d[b] = scale;
-      sums[b] = sum;
-      s[b] = scale * static_cast<float>(sum);
+#if QDOT_X86
+      if (isa != kScalar && block % 8 == 0)
+        avx2::quantize_block(src + b * block, block, q + b * block, d[b], sums[b]);
+      else
+#endif
+        quantize_block_scalar(src + b * block, block, q + b * block, d[b], sums[b]);
+      s[b] = d[b] * static_cast<float>(sums[b]);
     }
   });
   act.q = q;
@@ -432,9 +478,9 @@ inline Tensor matmul(const Tensor& x, const Tensor& packed, int64_t type, int64_
 }
 
 // The activation quantization the legacy kernels use: (int8 q [M, K], float32 d [M, K/32], int32 sum(q)
-// [M, K/32], float32 d*sum [M, K/32]).
-inline std::vector<Tensor> quantize_activations(const Tensor& x) {
-  ActivationRows act = quantize_rows(x, 32);
+// [M, K/32], float32 d*sum [M, K/32]), on the path `isa` (-1: the best).
+inline std::vector<Tensor> quantize_activations(const Tensor& x, int64_t isa) {
+  ActivationRows act = quantize_rows(x, 32, checked_isa(isa));
   return {act.q_storage, act.d_storage, act.sums_storage, act.s_storage};
 }
 
