@@ -116,6 +116,22 @@ def test_products_match_the_exact_int8_arithmetic_and_gguf(extension, ggml_type,
         assert ((got.double() - exact).abs() <= bound + ACCUMULATION_TOLERANCE * magnitude).all(), isa
 
 
+@pytest.mark.parametrize("ggml_type", K_TYPES)
+@pytest.mark.parametrize("num_rows", [1, 17, 40])
+def test_the_512_bit_path_is_the_256_bit_path_bit_for_bit(extension, ggml_type, num_rows):
+    """Path 3 (two weight rows per zmm, the accumulators of up to 8 activation rows in registers) against path 2
+    (256-bit VNNI): the same integer sums and float32 operations per lane, so equal bit for bit at every M."""
+    if 3 not in extension.qdot_isas():
+        pytest.skip("no AVX512-VNNI on this CPU")
+    tensor = wide_blocks(ggml_type, num_rows, 768, seed=num_rows)
+    gen = torch.Generator().manual_seed(num_rows)
+    for m in range(1, 17):
+        x = torch.randn(m, 768, generator=gen) * torch.rand(1, 768, generator=gen) * 4
+        wide = extension.qdot_matmul(x, tensor.data, KQUANT_TYPES[ggml_type], num_rows, 3, dense=0)
+        narrow = extension.qdot_matmul(x, tensor.data, KQUANT_TYPES[ggml_type], num_rows, 2, dense=0)
+        assert torch.equal(wide.view(torch.int32), narrow.view(torch.int32)), m
+
+
 def test_the_error_bound_is_tight_enough_to_mean_something():
     """On random data the activation rounding error is a sizeable fraction of the bound (the bound is not vacuous)."""
     tensor = quantized("Q6_K", 64, 512, seed=1)

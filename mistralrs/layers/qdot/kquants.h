@@ -321,6 +321,10 @@ inline Tensor kquant_dequantize_ids(const Tensor& w, int64_t type, const Tensor&
   return out;
 }
 
+// From this many activation rows on, the kAvx512 path takes the 512-bit kernel (vnni::kquant_rows_wide); below, where
+// decoding two rows and joining their halves costs more than the wider products save, the 256-bit one.
+constexpr int64_t kWideKquantRows = 3;
+
 // y [M, out_features] = x [M, K] @ W^T for K-quant blocks W [out_features, row bytes], with the integer kernels
 // (qdot.h `matmul` sends large M to its dequantized tiles before this).
 inline Tensor kquant_matmul(const Tensor& x, const Tensor& w, int64_t type, Isa isa) {
@@ -332,6 +336,8 @@ inline Tensor kquant_matmul(const Tensor& x, const Tensor& w, int64_t type, Isa 
   const int64_t row_bytes = w.size(1), blocks_per_row = in_features / kSuperBlock;
   Tensor out = run_rows(num_rows, in_features, num_rows, rows, x, [&](int64_t n0, int64_t n1, float* y) {
 #if QDOT_X86
+    if (isa >= kAvx512 && rows >= kWideKquantRows)
+      return vnni::kquant_rows_wide(type, blocks, row_bytes, n0, n1, act, rows, blocks_per_row, y, num_rows);
     if (isa >= kAvx512Vnni)
       return vnni::kquant_rows(type, blocks, row_bytes, n0, n1, act, rows, blocks_per_row, y, num_rows);
     if (isa == kAvx2)
