@@ -8,6 +8,7 @@ the `gguf` package's dequantizer, and PyTorch's own GEMM for the large-batch pat
 - Products (below QDOT_DENSE_ROWS rows): every path within float32 accumulation rounding of
   `qdot_reference` (exact integer sums), and within the activation-rounding bound of gguf's dequantized weight
   times x in float64, on odd shapes (rows not a multiple of 16 or 64, M = 1, 2, 3, 7, 16, K = 256 n).
+- The 512-bit kernel (path 3) equals the 256-bit VNNI one (path 2) bit for bit at M = 1..16.
 - Dequantized rows (the large-M tiles and the embedding lookup) equal gguf's values bit for bit on every path,
   so from QDOT_DENSE_ROWS rows on the product is the plain path's `F.linear` bit for bit.
 """

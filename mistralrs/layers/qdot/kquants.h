@@ -14,6 +14,8 @@
 // both sums exact in int32: |u a| <= 63 * 127, so pmaddubsw's pair sums stay below 2^15, and pmaddwd /
 // vpdpwssd multiply them by the int16 scales. The SIMD paths accumulate those two integers, scaled, in float32
 // vectors across the row's blocks; the scalar path in one float32 per output (same integers, another order).
+// Path kAvx512 from kWideKquantRows activation rows on: two weight rows in the halves of 512-bit vectors, each half
+// the 256-bit VNNI kernel's operations in its order, so its outputs are kAvx512Vnni's bit for bit.
 //
 // Activation codes: a_i = round_half_even(x_i / da) with da = max|x| / 127 over the 256 values (the float32
 // operations of the legacy blocks' quantizer, qdot.h), so each activation is off by at most da / 2.

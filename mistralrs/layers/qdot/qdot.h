@@ -68,7 +68,7 @@ enum Isa : int64_t {
   kScalar = 0,      // portable C++
   kAvx2 = 1,        // AVX2 + FMA + F16C: pmaddubsw / pmaddwd
   kAvx512Vnni = 2,  // AVX512-VNNI on 256-bit vectors (AVX512VL): vpdpbusd
-  kAvx512 = 3,      // AVX512-VNNI on 512-bit vectors for the legacy types, kAvx512Vnni for the others
+  kAvx512 = 3,      // AVX512-VNNI on 512-bit vectors (the K-quants from 3 activation rows, kAvx512Vnni below)
   kAmx = 4,         // kAvx512, and AMX-INT8 tiles for large Q8_0 weights at 4..16 activation rows (legacy_amx.h)
 };
 
