@@ -75,31 +75,16 @@ struct LinearPlan {
 
   // The native decode step's form: float32 rows x [M, K] holding values of `dtype` -> contiguous float32 [M, N],
   // the values `operator()` gives on x in `dtype`. Int8 dot-product weights without a bias read x as it is (the
-  // kernels quantize float32 rows; x in `dtype` holds the same values) and their float32 results, side by side
-  // (the concatenation), are rounded as `store_outputs` would: no cast of x, no concatenation, no cast back.
+  // kernels quantize float32 rows; x in `dtype` holds the same values) and their float32 results, concatenated,
+  // are rounded once as `store_outputs` would: no cast of x to `dtype`, none of the results and back.
   Tensor rows(const Tensor& x, at::ScalarType dtype, Rounding round) const {
     const bool int8 = !bias && x.size(0) < qdot::kDenseRows &&
                       std::all_of(parts.begin(), parts.end(), [](const LinearPart& p) { return p.kind == kQdot; });
     if (!int8) return (*this)(dtype == at::kFloat ? x : x.to(dtype)).to(at::kFloat).contiguous();
-    const auto part_rows = [&](const LinearPart& part) {
-      return qdot::matmul(x, part.weight, part.group_size, part.out_features, -1, -1);
-    };
-    Tensor y;
-    if (parts.size() == 1) {
-      y = part_rows(parts[0]);
-    } else {
-      int64_t width = 0;
-      for (const LinearPart& part : parts) width += part.out_features;
-      y = at::empty({x.size(0), width}, x.options().dtype(at::kFloat));
-      float* out = y.data_ptr<float>();
-      for (const LinearPart& part : parts) {
-        const Tensor block = part_rows(part);
-        const float* in = block.data_ptr<float>();
-        for (int64_t r = 0; r < x.size(0); ++r)
-          std::copy(in + r * part.out_features, in + (r + 1) * part.out_features, out + r * width);
-        out += part.out_features;
-      }
-    }
+    std::vector<Tensor> outputs;
+    for (const LinearPart& part : parts)
+      outputs.push_back(qdot::matmul(x, part.weight, part.group_size, part.out_features, -1, -1));
+    Tensor y = outputs.size() == 1 ? outputs[0] : at::cat(outputs, 1);
     round.row(y.data_ptr<float>(), y.numel());
     return y;
   }

@@ -343,37 +343,27 @@ inline void activate_avx2(const float* x, float* out, int64_t n, int64_t activat
   }
   activate_scalar(x + i, out + i, n - i, activation);
 }
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const BFloat16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-// q . k for float32 or bfloat16 keys (`load8` widens them).
+// q . k for float32 or bfloat16 keys (`exact::load` widens them).
 template <class K>
 inline float dot_avx2(const float* q, const K* k, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), exact::load(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), exact::load(k + i + 8), a1);
   }
-  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), exact::load(k + i), a0);
   a0 = _mm256_add_ps(a0, a1);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s) + dot_scalar(q + i, k + i, n - i);
 }
-inline void axpy_avx2(float* y, float a, const float* x, int64_t n) {
+template <class T>
+inline void axpy_avx2(float* y, float a, const T* x, int64_t n) {
   const __m256 va = _mm256_set1_ps(a);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
-  axpy_scalar(y + i, a, x + i, n - i);
-}
-inline void axpy_avx2(float* y, float a, const BFloat16* x, int64_t n) {
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, exact::load(x + i), _mm256_loadu_ps(y + i)));
   axpy_scalar(y + i, a, x + i, n - i);
 }
 // The 8 lane sums of 8 vectors: [sum(a[0]), ..., sum(a[7])].
@@ -392,7 +382,7 @@ inline void block_scores_avx2(const float* q, const T* const* keys, int64_t n, f
   for (; i + 8 <= n; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-    for (int64_t l = 0; l < kKeyBlock; ++l) acc[l] = _mm256_fmadd_ps(qv, load8(keys[l] + i), acc[l]);
+    for (int64_t l = 0; l < kKeyBlock; ++l) acc[l] = _mm256_fmadd_ps(qv, exact::load(keys[l] + i), acc[l]);
   }
   _mm256_storeu_ps(scores, sum8x8(acc));
   if (i < n)
@@ -414,18 +404,18 @@ inline void block_accumulate_avx2(float* acc, const float* weights, const T* con
 #pragma GCC unroll 8
     for (int64_t l = 0; l < kKeyBlock; ++l) w[l] = _mm256_set1_ps(weights[l]);
     for (; i + 8 <= n; i += 8) {
-      __m256 even = _mm256_loadu_ps(acc + i), odd = _mm256_mul_ps(w[1], load8(values[1] + i));
+      __m256 even = _mm256_loadu_ps(acc + i), odd = _mm256_mul_ps(w[1], exact::load(values[1] + i));
 #pragma GCC unroll 4
       for (int64_t l = 0; l < kKeyBlock; l += 2) {
-        even = _mm256_fmadd_ps(w[l], load8(values[l] + i), even);
-        if (l > 0) odd = _mm256_fmadd_ps(w[l + 1], load8(values[l + 1] + i), odd);
+        even = _mm256_fmadd_ps(w[l], exact::load(values[l] + i), even);
+        if (l > 0) odd = _mm256_fmadd_ps(w[l + 1], exact::load(values[l + 1] + i), odd);
       }
       _mm256_storeu_ps(acc + i, _mm256_add_ps(even, odd));
     }
   }
   for (; i + 8 <= n; i += 8) {
     __m256 a = _mm256_loadu_ps(acc + i);
-    for (int64_t l = 0; l < count; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(weights[l]), load8(values[l] + i), a);
+    for (int64_t l = 0; l < count; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(weights[l]), exact::load(values[l] + i), a);
     _mm256_storeu_ps(acc + i, a);
   }
   for (int64_t l = 0; l < count; ++l) axpy_scalar(acc + i, weights[l], values[l] + i, n - i);
