@@ -21,6 +21,7 @@ from mistralrs.worker.device_map import layer_devices
 from mistralrs.sample import SampledToken, Sampler, SamplingParams, SamplingRow
 from mistralrs.worker.cpu_threads import CpuThreadChooser
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from mistralrs.worker.host_memory import release_after_step
 from mistralrs.worker.image_features import ImageFeatureCache, StepImages
 from mistralrs.worker.options import ExecutionOptions, apply_execution_options
 
@@ -144,6 +145,8 @@ class ModelRunner:
                 if self.peers is not None:
                     self.peers.step_failed(exc)
                 raise
+            finally:
+                release_after_step(batch.num_tokens, self.device)
 
     @torch.inference_mode()
     def replay(self, step: StepInputs) -> None:
@@ -154,6 +157,7 @@ class ModelRunner:
             embeds = self._image_inputs(batch, step)
             hidden = self.hidden_states(batch, step.scheduled(), step.adapter_sets, embeds)
             self._sampled_logits(batch, hidden, step.sample)
+        release_after_step(batch.num_tokens, self.device)
 
     def build_batch(self, chunks: list[SeqChunk]) -> ForwardBatch:
         """The step's `ForwardBatch` of `chunks` over this runner's KV cache."""
