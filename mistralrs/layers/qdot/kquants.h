@@ -25,6 +25,8 @@
 // mistralrs/quant/block_types.py AffineBlocks), for the large-M tiles of qdot.h and for embedding lookups.
 #pragma once
 
+#include <type_traits>
+
 namespace qdot {
 
 // GGML type numbers of the K-quant types (ggml.h `enum ggml_type`).
@@ -33,6 +35,19 @@ enum KQuantType : int64_t { kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_
 constexpr int64_t kSuperBlock = 256;  // weights per super-block, values per activation block
 
 inline bool is_kquant(int64_t type) { return type >= kQ2_K && type <= kQ6_K; }
+
+// `f(std::integral_constant<int64_t, T>{})` for the K-quant type `type` as the compile-time T (kQ6_K for any
+// other value): the one place a run-time type picks a kernel's template instance.
+template <class F>
+inline decltype(auto) with_kquant_type(int64_t type, F&& f) {
+  switch (type) {
+    case kQ2_K: return f(std::integral_constant<int64_t, kQ2_K>{});
+    case kQ3_K: return f(std::integral_constant<int64_t, kQ3_K>{});
+    case kQ4_K: return f(std::integral_constant<int64_t, kQ4_K>{});
+    case kQ5_K: return f(std::integral_constant<int64_t, kQ5_K>{});
+    default: return f(std::integral_constant<int64_t, kQ6_K>{});
+  }
+}
 
 // Bytes of one super-block of `type`.
 inline int64_t kquant_bytes(int64_t type) {
