@@ -23,6 +23,8 @@ from typing import Any
 
 from tokenizers import Encoding, Tokenizer
 
+from mistralrs.loader.spm_tokenizer import SentencePieceTokenizer
+
 Render = Callable[[list[dict], list[dict] | None], str]   # (messages, tools) -> rendered prompt
 
 
@@ -53,7 +55,11 @@ class ChatPromptEncoder:
     @functools.cached_property
     def _as_text(self) -> tuple[Tokenizer, Tokenizer]:
         """Copies of the tokenizer that read special-token text as text: for the prompt's start, and for text
-        after a special token (a Metaspace pre-tokenizer prepends its space only at the start of the input)."""
+        after a special token (a Metaspace pre-tokenizer prepends its space only at the start of the input; a GGUF
+        SentencePiece vocabulary's space prefix goes before every stretch of text, as in a whole-prompt encode)."""
+        if isinstance(self.tokenizer, SentencePieceTokenizer):
+            as_text = self.tokenizer.special_tokens_as_text()
+            return as_text, as_text
         config = self.tokenizer.to_str()
         first, middle = Tokenizer.from_str(config), Tokenizer.from_str(json.dumps(_never_prepend(json.loads(config))))
         first.encode_special_tokens = middle.encode_special_tokens = True

@@ -5,14 +5,14 @@ A GGUF vocabulary is rebuilt the way llama.cpp reads it, so ids match llama.cpp 
 - `gpt2` (byte-level BPE): the vocabulary and merges as stored, a byte-level pre-tokenizer whose split regex
   is the one llama.cpp uses for `tokenizer.ggml.pre` (gpt2, smollm, llama-bpe, qwen2, ...), and a byte-level
   decoder.
-- `llama` (SentencePiece): llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose concatenation
-  is the best-scoring vocabulary entry. That is BPE with every (left, right) split of every normal token as a
-  merge, ranked by the merged token's score, so it is built as a `tokenizers` BPE with byte fallback
-  (`<0xNN>` tokens). Spaces become `▁`; a `▁` is prepended only when `tokenizer.ggml.add_space_prefix` says
-  so (Gemma says no, and its whitespace runs are user-defined tokens matched whole, as llama.cpp does).
+- `llama` (SentencePiece): llama.cpp's SPM tokenizer, which repeatedly merges the adjacent pair whose
+  concatenation is the best-scoring vocabulary entry, run as it is (`spm_tokenizer.SentencePieceTokenizer`, with
+  the part of the `tokenizers.Tokenizer` interface the engine uses): byte fallback (`<0xNN>` tokens), `▁` for
+  spaces, a `▁` prepended only when `tokenizer.ggml.add_space_prefix` says so (Gemma says no, and its whitespace
+  runs are user-defined tokens matched whole, as llama.cpp does).
 
 In both, CONTROL tokens become special added tokens and USER_DEFINED tokens plain added tokens, so they are
-never split; BOS/EOS are added by a template post-processor per `add_bos_token`/`add_eos_token`.
+never split; BOS/EOS are added per `add_bos_token`/`add_eos_token` (a template post-processor for `gpt2`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mistralrs.loader.chat_template import read_chat_template_arg, read_jinja_file, select_named_templates
+from mistralrs.loader.spm_tokenizer import SentencePieceTokenizer, byte_token_value
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def _token_at(tokens: list[str], metadata: dict, key: str) -> str | None:
 def _token_types(metadata: dict, tokens: list[str]) -> list[int]:
     types = metadata.get("tokenizer.ggml.token_type")
     if types is None:  # old files: byte tokens by their spelling, everything else normal
-        return [TOKEN_TYPE_BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else TOKEN_TYPE_NORMAL
-                for t in tokens]
+        return [TOKEN_TYPE_NORMAL if byte_token_value(t) is None else TOKEN_TYPE_BYTE for t in tokens]
     if len(types) != len(tokens):
         raise ValueError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries but tokenizer.ggml.tokens has "
                          f"{len(tokens)}")
@@ -125,29 +125,36 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
     return vocab
 
 
-def _add_gguf_added_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int], metadata: dict) -> None:
-    """CONTROL tokens (and bos/eos/unk) become special added tokens, USER_DEFINED ones plain added tokens."""
+def _added_token_ids(tokens: list[str], types: list[int], metadata: dict) -> tuple[list[int], list[int]]:
+    """(special, user-defined) ids: CONTROL tokens and bos/eos/unk are special, USER_DEFINED ones plain."""
     special_ids = {int(metadata[key]) for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                                                   "tokenizer.ggml.unknown_token_id")
                    if key in metadata and 0 <= int(metadata[key]) < len(tokens)}
-    special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, kind in enumerate(types) if kind == TOKEN_TYPE_CONTROL or i in special_ids]
-    user_defined = [AddedToken(tokens[i], special=False, normalized=False)
-                    for i, kind in enumerate(types) if kind == TOKEN_TYPE_USER_DEFINED and i not in special_ids]
+    special = [i for i, kind in enumerate(types) if kind == TOKEN_TYPE_CONTROL or i in special_ids]
+    user_defined = [i for i, kind in enumerate(types) if kind == TOKEN_TYPE_USER_DEFINED and i not in special_ids]
+    return special, user_defined
+
+
+def _add_gguf_added_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int], metadata: dict) -> None:
+    special, user_defined = _added_token_ids(tokens, types, metadata)
     if special:
-        tokenizer.add_special_tokens(special)
+        tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     if user_defined:
-        tokenizer.add_tokens(user_defined)
+        tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
 
 
-def _template_processor(tokens: list[str], metadata: dict, add_bos: bool,
-                        add_eos: bool) -> processors.TemplateProcessing | None:
-    """`<bos> $A <eos>` with each end only when the metadata asks for it; None when neither is added."""
+def _ends(tokens: list[str], metadata: dict, add_bos: bool, add_eos: bool) -> dict[str, tuple[str, int]]:
+    """The "bos"/"eos" tokens (text, id) an encoding with special tokens gets, each only when asked for."""
     ends = {}
     for name, wanted in (("bos", add_bos), ("eos", add_eos)):
         token = _token_at(tokens, metadata, f"tokenizer.ggml.{name}_token_id") if wanted else None
         if token is not None:
             ends[name] = (token, int(metadata[f"tokenizer.ggml.{name}_token_id"]))
+    return ends
+
+
+def _template_processor(ends: dict[str, tuple[str, int]]) -> processors.TemplateProcessing | None:
+    """`<bos> $A <eos>` with the ends of `_ends`; None when there are none."""
     if not ends:
         return None
 
@@ -187,32 +194,8 @@ def _byte_level_bpe(metadata: dict, tokens: list[str]) -> tuple[Tokenizer, bool]
     return tokenizer, spec.add_bos
 
 
-def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """Every split of every normal token into two normal tokens, best merged-token score first.
-
-    Ties in score keep vocabulary order (llama.cpp breaks them by position in the text instead; the two can
-    differ only when two equal-score merges compete inside one piece of text).
-    """
-    mergeable = [i for i, kind in enumerate(types) if kind == TOKEN_TYPE_NORMAL]
-    # each piece maps to the vocabulary's own string, so that a merge holds no copies (Gemma 3: 513k merges of
-    # 262k tokens, about 100 MB more while the tokenizer is built if every merge kept its two slices)
-    pieces = {tokens[i]: tokens[i] for i in mergeable}
-    mergeable.sort(key=lambda i: (-scores[i], i))
-    merges = []
-    append = merges.append
-    for i in mergeable:
-        token = tokens[i]
-        for cut in range(1, len(token)):
-            left = pieces.get(token[:cut])
-            if left is not None:
-                right = pieces.get(token[cut:])
-                if right is not None:
-                    append((left, right))
-    return merges
-
-
-def _sentencepiece_bpe(metadata: dict, tokens: list[str], types: list[int]) -> tuple[Tokenizer, bool]:
-    """`tokenizer.ggml.model == "llama"`: SentencePiece as llama.cpp runs it; returns (tokenizer, add_bos default)."""
+def _sentencepiece(metadata: dict, tokens: list[str], types: list[int]) -> SentencePieceTokenizer:
+    """`tokenizer.ggml.model == "llama"`: SentencePiece as llama.cpp runs it (add_bos_token defaults to true)."""
     scores = metadata.get("tokenizer.ggml.scores")
     if scores is None:  # no scores: earlier tokens are better, as in a trained SentencePiece BPE
         scores = [-float(i) for i in range(len(tokens))]
@@ -222,43 +205,39 @@ def _sentencepiece_bpe(metadata: dict, tokens: list[str], types: list[int]) -> t
     unk = _token_at(tokens, metadata, "tokenizer.ggml.unknown_token_id")
     if unk is None and "<unk>" in tokens:
         unk = "<unk>"
-    byte_fallback = TOKEN_TYPE_BYTE in types
-    model = models.BPE(vocab=_vocab(tokens), merges=_sentencepiece_merges(tokens, scores, types), unk_token=unk,
-                       fuse_unk=True, byte_fallback=byte_fallback)
-    tokenizer = Tokenizer(model)
-    add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
-    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
-    decode_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:
-        decode_steps.append(decoders.Strip(" ", 1, 0))
-    tokenizer.decoder = decoders.Sequence(decode_steps)
-    return tokenizer, True
+    vocab = _vocab(tokens)
+    special, user_defined = _added_token_ids(tokens, types, metadata)
+    ends = _ends(tokens, metadata, bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+                 bool(metadata.get("tokenizer.ggml.add_eos_token", False)))
+    byte_ids = [i for i, kind in enumerate(types)
+                if kind == TOKEN_TYPE_BYTE and byte_token_value(tokens[i]) is not None]
+    return SentencePieceTokenizer(
+        tokens, scores, vocab=vocab, mergeable=bytes(kind == TOKEN_TYPE_NORMAL for kind in types), byte_ids=byte_ids,
+        special_ids=special, user_defined_ids=user_defined,
+        unk_id=None if unk is None else vocab[unk],
+        add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
+        bos_id=ends["bos"][1] if "bos" in ends else None, eos_id=ends["eos"][1] if "eos" in ends else None)
 
 
-def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
-    """Build the tokenizer a GGUF file describes (`tokenizer.ggml.model` "gpt2" or "llama")."""
+def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer | SentencePieceTokenizer:
+    """Build the tokenizer a GGUF file describes (`tokenizer.ggml.model` "gpt2", "llama" or "replit")."""
     kind = _required(metadata, "tokenizer.ggml.model")
     tokens = _required(metadata, "tokenizer.ggml.tokens")
     if not tokens:
         raise ValueError("GGUF tokenizer.ggml.tokens is empty")
     types = _token_types(metadata, tokens)
-    if kind == "gpt2":
-        tokenizer, add_bos_default = _byte_level_bpe(metadata, tokens)
-    elif kind in ("llama", "replit"):
-        tokenizer, add_bos_default = _sentencepiece_bpe(metadata, tokens, types)
-    else:
+    if kind in ("llama", "replit"):
+        return _sentencepiece(metadata, tokens, types)
+    if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_GGUF_TOKENIZER_MODELS)})")
+    tokenizer, add_bos_default = _byte_level_bpe(metadata, tokens)
     _add_gguf_added_tokens(tokenizer, tokens, types, metadata)
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
-    template = _template_processor(tokens, metadata, add_bos, add_eos)
-    if kind == "gpt2":
-        byte_level = processors.ByteLevel(add_prefix_space=False, trim_offsets=False)
-        tokenizer.post_processor = byte_level if template is None else processors.Sequence([byte_level, template])
-    elif template is not None:
-        tokenizer.post_processor = template
+    ends = _ends(tokens, metadata, bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+                 bool(metadata.get("tokenizer.ggml.add_eos_token", False)))
+    template = _template_processor(ends)
+    byte_level = processors.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    tokenizer.post_processor = byte_level if template is None else processors.Sequence([byte_level, template])
     return tokenizer
 
 

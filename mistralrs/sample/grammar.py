@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mistralrs.dependencies import import_dependency
+from mistralrs.loader.spm_tokenizer import SentencePieceTokenizer
 from mistralrs.sample.schema_termination import check_terminates
 
 if TYPE_CHECKING:
@@ -33,17 +34,20 @@ JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no free whitespac
 
 
 class _DecodedVocab:
-    """llguidance's generic tokenizer interface over a `tokenizers.Tokenizer` whose decoder it cannot read.
-
-    Token bytes are each token's own decoded text; right for character- and word-level vocabularies.
+    """llguidance's generic tokenizer interface over a tokenizer it cannot read from JSON: a `tokenizers.Tokenizer`
+    with a decoder it does not know (each token's bytes are its own decoded text; right for character- and
+    word-level vocabularies), or a GGUF SentencePiece vocabulary (loader/spm_tokenizer.py, which gives them).
     """
 
-    def __init__(self, tokenizer: Tokenizer, eos_token_id: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer | SentencePieceTokenizer, eos_token_id: int, vocab_size: int) -> None:
         self._tokenizer = tokenizer
         self.eos_token_id = eos_token_id  # llguidance's main EOS
         self.bos_token_id = None  # not needed for matching generated text
-        texts = tokenizer.decode_batch([[i] for i in range(vocab_size)], skip_special_tokens=False)
-        self.tokens = [text.encode("utf-8") for text in texts]  # bytes of every token id
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            self.tokens = tokenizer.token_bytes()
+        else:
+            texts = tokenizer.decode_batch([[i] for i in range(vocab_size)], skip_special_tokens=False)
+            self.tokens = [text.encode("utf-8") for text in texts]  # bytes of every token id
         specials = tokenizer.get_added_tokens_decoder()
         self.special_token_ids = [i for i, added in specials.items() if added.special]
 
@@ -57,16 +61,19 @@ def _llguidance() -> ModuleType:
     return import_dependency("llguidance")
 
 
-def build_ll_tokenizer(tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
-    """The llguidance tokenizer of a model: from its tokenizer.json, or from decoded tokens when that fails."""
+def build_ll_tokenizer(tokenizer: Tokenizer | SentencePieceTokenizer, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """The llguidance tokenizer of a model: from its tokenizer.json, or from decoded tokens when there is none or
+    llguidance cannot read it."""
     llguidance = _llguidance()
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eos = list(eos_token_ids)
-    try:
-        return llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=eos or None)
-    except ValueError:   # a decoder llguidance does not know (for instance Fuse)
-        wrapper = llguidance.TokenizerWrapper(_DecodedVocab(tokenizer, eos[0] if eos else 0, vocab_size))
-        return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos or None)
+    if isinstance(tokenizer, Tokenizer):
+        try:
+            return llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=eos or None)
+        except ValueError:   # a decoder llguidance does not know (for instance Fuse)
+            pass
+    wrapper = llguidance.TokenizerWrapper(_DecodedVocab(tokenizer, eos[0] if eos else 0, vocab_size))
+    return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos or None)
 
 
 def grammar_source(grammar_type: str, text: str) -> str:

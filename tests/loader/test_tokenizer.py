@@ -207,6 +207,99 @@ def test_sentencepiece_space_prefix_follows_metadata():
     assert without.decode(without.encode(" hello").ids) == " hello"
 
 
+TIE_TOKENS = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), "a", "b", "c", "ba", "ab", "cb", "bc",
+              "abc"]
+TIE_SCORES = [0.0] * 259 + [-1.0, -1.0, -1.0, -5.0, -5.0, -3.0, -3.0, -2.0]  # "ba" = "ab", "cb" = "bc"
+TIE_TYPES = [2, 3, 3] + [6] * 256 + [1] * 8
+
+
+def write_tie_gguf(path: str) -> None:
+    """TIE_TOKENS as a GGUF file llama.cpp loads (vocab_only)."""
+    import gguf
+    import numpy as np
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(1)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(TIE_TOKENS)
+    writer.add_token_scores(TIE_SCORES)
+    writer.add_token_types(TIE_TYPES)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_space_prefix(False)
+    writer.add_tensor("token_embd.weight", np.zeros((len(TIE_TOKENS), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("aba", ["ab", "a"]), ("abab", ["ab", "ab"]), ("babab", ["ba", "ba", "b"]), ("cbc", ["cb", "c"]),
+    ("bcb", ["bc", "b"]), ("abcb", ["abc", "b"]),
+])
+def test_sentencepiece_ties_go_to_the_leftmost_pair_as_in_llama_cpp(text, pieces, tmp_path):
+    """Of two equal-score pairs llama.cpp merges the leftmost (a merge table ranked by vocabulary order would merge
+    "ba" in "aba" first). The pieces are llama.cpp's (llama-cpp-python 0.3.36 on `write_tie_gguf`'s file), checked
+    again here when it is installed."""
+    path = str(tmp_path / "ties.gguf")
+    write_tie_gguf(path)
+    tokenizer = tokenizer_from_gguf_metadata(read_gguf_metadata(path))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert [tokenizer.id_to_token(i) for i in ids] == pieces
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    reference = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    assert reference.tokenize(text.encode(), add_bos=False, special=True) == ids
+
+
+def test_sentencepiece_offsets_and_decode_match_transformers(gemma, hf_reference):
+    path, _, loaded = gemma
+    tokenizer, reference = loaded.tokenizer, hf_reference(path).backend_tokenizer
+    for text in TEXTS + fuzz_texts(tokenizer, 200, seed=5):
+        ours = tokenizer.encode(text, add_special_tokens=False)
+        theirs = reference.encode(text, add_special_tokens=False)
+        assert (ours.ids, ours.offsets) == (theirs.ids, theirs.offsets), text
+    rng = random.Random(1)
+    byte_ids = [tokenizer.token_to_id(f"<0x{i:02X}>") for i in range(256)]
+    for _ in range(500):  # byte tokens half the time: complete and broken UTF-8 runs
+        ids = [rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(tokenizer.get_vocab_size())
+               for _ in range(rng.randint(1, 8))]
+        for skip in (False, True):
+            assert tokenizer.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+
+
+def test_special_token_text_reads_as_text_in_a_copy(gemma):
+    _, metadata, loaded = gemma
+    tokens = metadata["tokenizer.ggml.tokens"]
+    as_text = loaded.tokenizer.special_tokens_as_text()
+    ids = as_text.encode("<start_of_turn>a   b", add_special_tokens=False).ids
+    assert tokens.index("<start_of_turn>") not in ids and tokens.index("   ") in ids  # user-defined stays whole
+    special = loaded.tokenizer.encode("<start_of_turn>", add_special_tokens=False).ids
+    assert special == [tokens.index("<start_of_turn>")]
+
+
+def test_grammar_token_bytes_match_transformers_tokenizer(gemma, hf_reference):
+    """llguidance reads transformers' tokenizer JSON of the same file; ours hands it every token's bytes."""
+    llguidance = pytest.importorskip("llguidance")
+    from mistralrs.sample.grammar import build_ll_tokenizer
+
+    path, metadata, loaded = gemma
+    vocab_size = loaded.tokenizer.get_vocab_size()
+    ours = build_ll_tokenizer(loaded.tokenizer, [metadata["tokenizer.ggml.eos_token_id"]])
+    theirs = llguidance.LLTokenizer(hf_reference(path).backend_tokenizer.to_str(), n_vocab=vocab_size,
+                                    eos_token=[metadata["tokenizer.ggml.eos_token_id"]])
+    assert all(ours.decode_bytes([i]) == theirs.decode_bytes([i]) for i in range(vocab_size))
+
+
 @pytest.mark.parametrize("pre, expected", [
     ("gpt2", ["12345", "Ġab"]), ("smollm", ["1", "2", "3", "4", "5", "Ġab"]),
     ("llama-bpe", ["123", "45", "Ġab"]), ("qwen2", ["1", "2", "3", "4", "5", "Ġab"]),
