@@ -84,8 +84,9 @@ class InputProcessor:
                          f"model covers more than {self.max_token_chars}: at most {limit} characters can fit)")
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        """A prompt's token ids. `encode_batch` releases the GIL while it works (`encode` does not), so a long
-        prompt tokenized on a worker thread does not stall the server's event loop or the engine thread."""
+        """A prompt's token ids. A `tokenizers.Tokenizer`'s `encode_batch` releases the GIL while it works (`encode`
+        does not), and a SentencePieceTokenizer is Python, switched out at the interpreter's interval: either way a
+        long prompt tokenized on a worker thread does not stall the server's event loop or the engine thread."""
         return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, *,

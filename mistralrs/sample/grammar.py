@@ -40,10 +40,11 @@ class _DecodedVocab:
     """
 
     def __init__(self, tokenizer: Tokenizer | SentencePieceTokenizer, eos_token_id: int, vocab_size: int) -> None:
-        self._tokenizer = tokenizer
+        self._tokenizer = tokenizer  # encodes text llguidance forces, which continues the generated text
         self.eos_token_id = eos_token_id  # llguidance's main EOS
         self.bos_token_id = None  # not needed for matching generated text
         if isinstance(tokenizer, SentencePieceTokenizer):
+            self._tokenizer = tokenizer.without_space_prefix()
             self.tokens = tokenizer.token_bytes()
         else:
             texts = tokenizer.decode_batch([[i] for i in range(vocab_size)], skip_special_tokens=False)

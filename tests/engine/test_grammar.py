@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mistralrs import ChatCompletionRequest, CompletionRequest, ModelDType, Runner, ToolChoice, Which
+from mistralrs.loader.tokenizer import tokenizer_from_gguf_metadata
 from mistralrs.sample import Sampler, SamplingParams, SamplingRow
 from mistralrs.sample.grammar import GrammarCompiler, apply_grammar_masks
 from tests.tiny_models import CHARACTERS, EOS_TOKEN_ID, char_tokenizer, make_tiny_model_dir
@@ -210,3 +211,26 @@ def test_multi_turn_with_tool_message_renders(runner):
     response = chat(runner, messages=messages, tool_schemas=[WEATHER], max_tokens=5, temperature=0.0,
                     logit_bias={EOS_TOKEN_ID: -100.0})
     assert response.usage.prompt_tokens == len(runner.tokenize_text(prompt, add_special_tokens=False))
+
+
+def test_sentencepiece_gguf_vocabulary_masks_by_token_bytes():
+    """A GGUF SentencePiece tokenizer (no tokenizer.json for llguidance) constrains by each token's bytes: a byte
+    token is its byte (the lead byte of "é" alone is no text), `▁` a space; text the grammar forces is encoded as
+    a continuation (no `▁` prepended)."""
+    pieces = ["a", "b", "c", "ab", "bc", "x", "\u2581x"]
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *pieces]
+    tokenizer = tokenizer_from_gguf_metadata({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * len(tokens),
+        "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(pieces),
+        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_space_prefix": True})
+    compiler = GrammarCompiler(tokenizer, [2])
+
+    def allowed(grammar: str) -> set[str]:
+        masked = apply_grammar_masks(torch.zeros(1, len(tokens)), [compiler.compile("regex", grammar).new_state()])
+        return {tokenizer.id_to_token(i) for i in range(len(tokens)) if masked[0, i] > float("-inf")}
+
+    assert allowed("[ax]c?") == {"a", "x", "<0x61>", "<0x78>"}
+    assert allowed("\u00e9") == {"<0xC3>"}
+    assert allowed(" x") == {"\u2581x"}
