@@ -14,9 +14,10 @@ oneDNN multiplies the tile with AMX tiles). The
 fused decoder layer calls the same kernel (`LinearKind.QDOT`), so the two agree bit for bit. A tied embedding
 table looks its rows up in the same packed weight (`embedding_rows`): the table is held once.
 
-The K-quant types (Q2_K..Q6_K, `KQUANT_TYPES`) keep their blocks as they are in the file, quantize activations
-in blocks of 256 with the sum of each 16 codes (llama.cpp's Q8_K), and multiply the codes with pmaddubsw and the
-scales of each 16 or 32 weights with vpdpwssd / pmaddwd (mistralrs/layers/qdot/kquants.h).
+The K-quant types (Q2_K..Q6_K, `KQUANT_TYPES`) keep their blocks as they are in the file (copied out of its
+map), quantize activations in blocks of 256 with the sum of each 16 codes (llama.cpp's Q8_K), and multiply the
+codes with pmaddubsw and the scales of each 16 or 32 weights with vpdpwssd / pmaddwd
+(mistralrs/layers/qdot/kquants.h).
 
 `QDOT_TYPES` lists the GGML types with a kernel. `qdot_reference` is the same int8 arithmetic in plain PyTorch
 (exact integer sums, float64 scaling): the kernels match it to float32 rounding, and it bounds their distance
@@ -83,7 +84,7 @@ class QdotWeight(PackedWeight):
         elif self.ggml_type in LEGACY_TYPES:
             self.packed = _pack_in_chunks(extension, tensor, self.type_number)
         else:
-            self.packed = extension.qdot_pack(tensor.data, self.type_number)  # the K-quant blocks as they are
+            self.packed = _own_blocks(tensor)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -126,6 +127,18 @@ def _pack_in_chunks(extension, tensor: GGMLTensor, type_number: int) -> torch.Te
         if tensor.release_pages is not None:
             tensor.release_pages(start, stop)
     return packed
+
+
+def _own_blocks(tensor: GGMLTensor) -> torch.Tensor:
+    """A K-quant tensor's blocks as they are, in memory of their own and the file pages released (when the tensor
+    is a view of the file map): a weight read in place from the map would have as resident whatever its page
+    faults bring in around it (readahead, fault-around: Gemma 3's 22 MB of K-quant weights kept 51-64 MB of the
+    file resident, depending on what the page cache held)."""
+    if tensor.release_pages is None:
+        return tensor.data.contiguous()
+    blocks = tensor.data.clone()
+    tensor.release_pages(0, tensor.num_rows)
+    return blocks
 
 
 def qdot_available() -> bool:

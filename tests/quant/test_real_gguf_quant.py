@@ -37,6 +37,7 @@ from mistralrs.quant.cpu_int4 import Int4CpuWeight
 from mistralrs.quant.qdot import QdotWeight
 from mistralrs.quant.gguf_linear import GGUFLinearMethod, GGUFQuantConfig
 from mistralrs.worker.forward_batch import ForwardBatch, SeqChunk, allocate_kv_caches
+from tests.loader.test_gguf_loader import _resident_bytes_of_file_maps
 
 TEXT = ("The lighthouse stood at the end of a long stone pier, and every evening the keeper climbed its narrow "
         "stairs to light the lamp. Ships passing in the night relied on its steady beam to find the harbour "
@@ -122,7 +123,7 @@ def _child(path: str) -> None:
     packed_bytes = sum(w.nbytes() for m in linears for w in m.quant_method.weights)
     ppl = perplexity(model, token_ids, torch.bfloat16)
     print(json.dumps({"before": before, "peak_after_load": peak, "after_load": after_load, "all_fast": all_fast, "num_linears": len(linears),
-                      "packed_bytes": packed_bytes,
+                      "packed_bytes": packed_bytes, "file_resident_after_run": _resident_bytes_of_file_maps(path),
                       "ppl": ppl, "num_tokens": len(token_ids)}))
 
 
@@ -137,6 +138,8 @@ def test_fast_path_perplexity_matches_plain_float32_path(model_path):
     plain = perplexity(plain_model, token_ids, torch.float32)
     assert plain < 60, "the plain path itself must model the text"
     assert abs(math.log(fast["ppl"]) - math.log(plain)) < LOG_PPL_TOLERANCE
+    # no weight is read in place from the file's map (whose resident pages would follow readahead, not use)
+    assert fast["file_resident_after_run"] <= 64 * os.sysconf("SC_PAGE_SIZE")
     if model_path is gemma3_path:
         file_size = os.path.getsize(path)
         growth = fast["peak_after_load"] - fast["before"]
