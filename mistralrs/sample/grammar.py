@@ -23,7 +23,6 @@ import torch
 from tokenizers import Tokenizer
 
 from mistralrs.dependencies import import_dependency
-from mistralrs.loader.spm_tokenizer import SentencePieceTokenizer
 from mistralrs.sample.schema_termination import check_terminates
 
 if TYPE_CHECKING:
@@ -36,19 +35,20 @@ JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no free whitespac
 class _DecodedVocab:
     """llguidance's generic tokenizer interface over a tokenizer it cannot read from JSON: a `tokenizers.Tokenizer`
     with a decoder it does not know (each token's bytes are its own decoded text; right for character- and
-    word-level vocabularies), or a GGUF SentencePiece vocabulary (loader/spm_tokenizer.py, which gives them).
+    word-level vocabularies), or a GGUF SentencePiece vocabulary (loader/spm_tokenizer.py, which gives each
+    token's bytes, `token_bytes`, and a copy that encodes text continuing other text, `without_space_prefix`).
     """
 
-    def __init__(self, tokenizer: Tokenizer | SentencePieceTokenizer, eos_token_id: int, vocab_size: int) -> None:
-        self._tokenizer = tokenizer  # encodes text llguidance forces, which continues the generated text
+    def __init__(self, tokenizer: Tokenizer, eos_token_id: int, vocab_size: int) -> None:
         self.eos_token_id = eos_token_id  # llguidance's main EOS
         self.bos_token_id = None  # not needed for matching generated text
-        if isinstance(tokenizer, SentencePieceTokenizer):
-            self._tokenizer = tokenizer.without_space_prefix()
-            self.tokens = tokenizer.token_bytes()
-        else:
+        if isinstance(tokenizer, Tokenizer):
+            self._tokenizer = tokenizer  # encodes text llguidance forces, which continues the generated text
             texts = tokenizer.decode_batch([[i] for i in range(vocab_size)], skip_special_tokens=False)
             self.tokens = [text.encode("utf-8") for text in texts]  # bytes of every token id
+        else:
+            self._tokenizer = tokenizer.without_space_prefix()
+            self.tokens = tokenizer.token_bytes()
         specials = tokenizer.get_added_tokens_decoder()
         self.special_token_ids = [i for i, added in specials.items() if added.special]
 
@@ -62,9 +62,9 @@ def _llguidance() -> ModuleType:
     return import_dependency("llguidance")
 
 
-def build_ll_tokenizer(tokenizer: Tokenizer | SentencePieceTokenizer, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
-    """The llguidance tokenizer of a model: from its tokenizer.json, or from decoded tokens when there is none or
-    llguidance cannot read it."""
+def build_ll_tokenizer(tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """The llguidance tokenizer of a model (a `tokenizers.Tokenizer`, or a GGUF SentencePiece vocabulary's
+    tokenizer): from its tokenizer.json, or from its tokens' bytes when there is none or llguidance cannot read it."""
     llguidance = _llguidance()
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eos = list(eos_token_ids)
