@@ -391,6 +391,16 @@ NormPlan make_norm(int64_t kind, Tensor weight, std::optional<Tensor> doubled, d
   return plan;
 }
 
+// A test binding of an elementwise loop `loop(out, in, count, rounding)` that updates its first operand: float32
+// copies in, the updated copy of `out` back.
+Tensor two_operand_loop(void (*loop)(float*, const float*, int64_t, Rounding), const Tensor& out, const Tensor& in,
+                        bool bf16) {
+  Tensor y = out.to(at::kFloat).contiguous().clone();
+  Tensor x = in.to(at::kFloat).contiguous();
+  loop(y.data_ptr<float>(), x.data_ptr<float>(), y.numel(), Rounding{bf16});
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -454,10 +464,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return y;
   });
   m.def("native_add_rounded", [](const Tensor& y, const Tensor& x, bool bf16) {
-    Tensor out = y.to(at::kFloat).contiguous().clone();
-    Tensor in = x.to(at::kFloat).contiguous();
-    native_decode::add_rounded(out.data_ptr<float>(), in.data_ptr<float>(), out.numel(), Rounding{bf16});
-    return out;
+    return two_operand_loop(native_decode::add_rounded, y, x, bf16);
   });
   m.def("native_scale", [](const Tensor& x, double a, bool divide) {
     Tensor out = x.to(at::kFloat).contiguous().clone();
@@ -466,10 +473,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   });
   m.def("native_gate_product", [](const Tensor& gate, const Tensor& up, bool bf16) {
-    Tensor out = gate.to(at::kFloat).contiguous().clone();
-    Tensor u = up.to(at::kFloat).contiguous();
-    native_decode::gate_product(out.data_ptr<float>(), u.data_ptr<float>(), out.numel(), Rounding{bf16});
-    return out;
+    return two_operand_loop(native_decode::gate_product, gate, up, bf16);
   });
   py::class_<DecoderLayerPlan>(m, "DecoderLayerPlan")
       .def(py::init([](NormPlan input_norm, NormPlan post_attention_norm, LinearPlan qkv, LinearPlan o,

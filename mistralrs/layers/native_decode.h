@@ -423,8 +423,8 @@ inline void block_accumulate_avx2(float* acc, const float* weights, const T* con
 QDOT_TARGET_END
 #endif
 
-// Whether the tests asked for the portable loops alone (`set_portable`); the AVX2 forms run otherwise, where the
-// CPU has them.
+// Whether the tests asked for the portable loops alone (fused_decode.cpp `native_portable`); the AVX2 forms run
+// otherwise, where the CPU has them.
 inline bool& portable_loops() {
   static bool portable = false;
   return portable;

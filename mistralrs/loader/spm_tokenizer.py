@@ -112,6 +112,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> SpmEncoding:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
+        if add_special_tokens and self._bos_id is not None:
+            ids.append(self._bos_id)
+            offsets.append((0, 0))
         split = self._split_plain if self.encode_special_tokens else self._split_all
         position = 0
         for match in split.finditer(text) if split is not None else ():
@@ -122,13 +125,9 @@ class SentencePieceTokenizer:
             position = match.end()
         if position < len(text):
             self._encode_piece(text, position, len(text), ids, offsets)
-        if add_special_tokens:
-            if self._bos_id is not None:
-                ids.insert(0, self._bos_id)
-                offsets.insert(0, (0, 0))
-            if self._eos_id is not None:
-                ids.append(self._eos_id)
-                offsets.append((0, 0))
+        if add_special_tokens and self._eos_id is not None:
+            ids.append(self._eos_id)
+            offsets.append((0, 0))
         return SpmEncoding(ids, [self._tokens[i] for i in ids], offsets)
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[SpmEncoding]:

@@ -2,11 +2,13 @@
 
 `QdotWeight` keeps a weight's GGML blocks, repacked once at load into groups of 8 interleaved rows (as many
 bytes as the file's blocks for every type: Q5_0 and Q5_1 keep their codes' low nibbles as Q4_0 does and their
-fifth bits in a plane of their own; layout in mistralrs/layers/qdot/legacy.h), and multiplies them with the C++ kernels of mistralrs/layers/qdot/ (compiled into
-the fused decoder layer's extension, mistralrs/layers/fused_decode.py): each activation row is quantized to
-blocks of 32 int8 codes with a float32 scale d = max|x| / 127, and each output is a sum over blocks of exact
-integer dot products (AVX512-VNNI `vpdpbusd`, AMX-INT8 `tdpbssd` for large Q8_0 weights at 4-16 rows, AVX2
-`pmaddubsw`, or portable C++: the best the CPU has, chosen at run time) scaled in float32. Output rows are split across the engine thread's intra-op threads. From 48
+fifth bits in a plane of their own; layout in mistralrs/layers/qdot/legacy.h), and multiplies them with the C++
+kernels of mistralrs/layers/qdot/ (compiled into the fused decoder layer's extension,
+mistralrs/layers/fused_decode.py): each activation row is quantized to blocks of 32 int8 codes with a float32
+scale d = max|x| / 127, and each output is a sum over blocks of exact integer dot products (AVX512-VNNI
+`vpdpbusd`, AMX-INT8 `tdpbssd` for large Q8_0 weights at 4-16 rows, AVX2 `pmaddubsw`, or portable C++: the best
+the CPU has, chosen at run time) scaled in float32. Output rows are split across the engine thread's intra-op
+threads. From 48
 activation rows on (prefill; the extension's `QDOT_DENSE_ROWS`), row tiles are dequantized as gguf does and
 multiplied by `F.linear` instead (bfloat16 activations: each group of 8 rows dequantized into a float32 buffer of
 its thread's and rounded to bfloat16 into the tile, the plain path's weight bit for bit; on a CPU with AMX,
@@ -60,8 +62,8 @@ class QdotWeight(PackedWeight):
     """A `[out_features, in_features]` weight of GGML blocks repacked for the quantized dot-product kernels.
 
     `matmul` runs the integer kernels for a few activation rows (decode) and, from `QDOT_DENSE_ROWS` rows on
-    (mistralrs/layers/qdot/qdot.h kDenseRows), dequantizes tiles of rows and multiplies them with `F.linear` as the plain path
-    does. `embedding_rows` looks rows up for a tied embedding table, bit for bit gguf's dequantization.
+    (mistralrs/layers/qdot/qdot.h kDenseRows), dequantizes tiles of rows and multiplies them with `F.linear` as the
+    plain path does. `embedding_rows` looks rows up for a tied embedding table, bit for bit gguf's dequantization.
     """
 
     float_sums = True  # the int8 sums are scaled in float32; float32 and bfloat16 rows quantize alike
@@ -84,7 +86,7 @@ class QdotWeight(PackedWeight):
         elif self.ggml_type in LEGACY_TYPES:
             self.packed = _pack_in_chunks(extension, tensor, self.type_number)
         else:
-            self.packed = _own_blocks(tensor)
+            self.packed = _own_blocks(extension, tensor, self.type_number)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -129,16 +131,17 @@ def _pack_in_chunks(extension, tensor: GGMLTensor, type_number: int) -> torch.Te
     return packed
 
 
-def _own_blocks(tensor: GGMLTensor) -> torch.Tensor:
-    """A K-quant tensor's blocks as they are, in memory of their own and the file pages released (when the tensor
-    is a view of the file map): a weight read in place from the map would have as resident whatever its page
-    faults bring in around it (readahead, fault-around: Gemma 3's 22 MB of K-quant weights kept 51-64 MB of the
-    file resident, depending on what the page cache held)."""
+def _own_blocks(extension, tensor: GGMLTensor, type_number: int) -> torch.Tensor:
+    """`qdot_pack` of a K-quant tensor (its blocks as they are) in memory of its own, the file pages released,
+    when the tensor is a view of the file map: a weight read in place from the map would have as resident
+    whatever its page faults bring in around it (readahead, fault-around: Gemma 3's 22 MB of K-quant weights kept
+    51-64 MB of the file resident, depending on what the page cache held)."""
+    blocks = extension.qdot_pack(tensor.data, type_number)
     if tensor.release_pages is None:
-        return tensor.data.contiguous()
-    blocks = tensor.data.clone()
+        return blocks
+    owned = blocks.clone()
     tensor.release_pages(0, tensor.num_rows)
-    return blocks
+    return owned
 
 
 def qdot_available() -> bool:

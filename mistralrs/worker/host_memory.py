@@ -12,7 +12,8 @@ the heap. A process started with `MALLOC_MMAP_THRESHOLD_` in its environment kee
 Those smaller blocks are many in a large step (a 512-token prefill: per-layer activations of a few hundred KiB),
 and once freed they stay in the heap of the thread that ran the step. After a CPU step of `TRIM_AFTER_TOKENS`
 tokens or more the free pages of every heap go back to the system (glibc's `malloc_trim`, 0.4-1 ms against the
-50 ms and more of such a step): Gemma 3 270M through the benchmark 620-625 -> 617 MB peak, SmolLM2 406-408 -> 402.
+50 ms and more of such a step): after the benchmark's 512-token prompt 5-6 MB less stays resident (Gemma 3 270M,
+SmolLM2), within the peak's run-to-run spread at the time.
 """
 
 from __future__ import annotations
